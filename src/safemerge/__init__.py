@@ -1,0 +1,33 @@
+"""safemerge: safety-aware merging of large language models.
+
+The public API is a handful of functions; each CLI sub-command is a thin wrapper over one of them.
+Imports are lazy so that `import safemerge` stays cheap (no torch until a function is used).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_API = {
+    "merge": "safemerge.engine",
+    "mergealign": "safemerge.recipes",
+    "MergeConfig": "safemerge.config",
+    "load_config": "safemerge.config",
+    "build_testbed": "safemerge.testbed",
+    "evaluate_safety": "safemerge.evaluate",
+    "evaluate_domain": "safemerge.evaluate",
+    "similarity": "safemerge.evaluate",
+    "audit": "safemerge.evaluate",
+}
+
+__all__ = sorted(_API) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'safemerge' has no attribute {name!r}")

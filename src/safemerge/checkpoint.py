@@ -1,0 +1,314 @@
+"""Hugging Face checkpoints: a lazy reader and the atomic output directory.
+
+Reading goes through the safetensors *header* (JSON) and plain positional reads of each tensor's
+byte range, never through pickle (unless `allow_pickle=True`) and never through a memory map: mapped
+pages count towards the process's RSS, and a merge touches every page of every input, so a mapped
+reader's RSS grows with the model. `pread` keeps peak memory at a few tensors whatever the model size,
+and lets a reader fetch a row range of a tensor (a contiguous byte range) for chunked merging.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import struct
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from safemerge.errors import CheckpointError, OutputExistsError
+
+# safetensors dtype code -> (torch dtype, bytes per element)
+ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
+INDEX_NAME = "model.safetensors.index.json"
+PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.bin")
+MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: file, dtype, shape and absolute byte range [start, end)."""
+
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+def read_header(file: Path) -> dict[str, TensorInfo]:
+    """Parse a safetensors header and check it against the file size (catches truncation)."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{file}: not a safetensors file (only {size} bytes); re-download or re-save it")
+            (n,) = struct.unpack("<Q", raw)
+            if n > MAX_HEADER or 8 + n > size:
+                raise CheckpointError(f"{file}: corrupted or truncated safetensors header; re-download or re-save it")
+            header = json.loads(f.read(n))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file}: cannot read the safetensors header ({e}); re-download or re-save it") from None
+    header.pop("__metadata__", None)
+    infos, data_start = {}, 8 + n
+    for name, h in header.items():
+        try:
+            dtype = ST_DTYPES[h["dtype"]]
+            shape = tuple(int(d) for d in h["shape"])
+            begin, end = (int(x) for x in h["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{file}: tensor {name!r} has a malformed header entry; re-save the file") from None
+        numel = 1
+        for d in shape:
+            numel *= d
+        if end - begin != numel * dtype.itemsize:
+            raise CheckpointError(f"{file}: tensor {name!r} has {end - begin} bytes for shape {list(shape)} {h['dtype']}; the file is corrupted")
+        if data_start + end > size:
+            raise CheckpointError(
+                f"{file}: truncated: tensor {name!r} ends at byte {data_start + end} but the file has {size}; re-download it"
+            )
+        infos[name] = TensorInfo(file, dtype, shape, data_start + begin, data_start + end)
+    return infos
+
+
+class Checkpoint:
+    """A lazy, read-only view of an HF model directory (or one `.safetensors` file).
+
+    Tensors are read one at a time (`get`), or a range of rows (`get_rows`), into CPU memory in their
+    stored dtype. Nothing is loaded at construction besides `config.json` and the safetensors headers.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, allow_pickle: bool = False):
+        self.path = Path(path).expanduser()
+        self.allow_pickle = allow_pickle
+        self._pickled: dict[str, torch.Tensor] | None = None
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
+        self._fingerprint: str | None = None
+        self.config: dict = {}
+        self._infos = self._index()
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r})"
+
+    def _index(self) -> dict[str, TensorInfo]:
+        p = self.path
+        if not p.exists():
+            raise CheckpointError(f"{p}: no such model directory or file; check the path")
+        if p.is_file():
+            if p.suffix != ".safetensors":
+                return self._pickle_or_fail([p])
+            return read_header(p)
+        if (p / "config.json").exists():
+            try:
+                self.config = json.loads((p / "config.json").read_text())
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{p / 'config.json'}: invalid JSON ({e})") from None
+        if (p / INDEX_NAME).exists():
+            return self._sharded(p / INDEX_NAME)
+        if (p / "model.safetensors").exists():
+            return read_header(p / "model.safetensors")
+        files = sorted(p.glob("*.safetensors"))
+        if files:
+            infos: dict[str, TensorInfo] = {}
+            for f in files:
+                infos.update(read_header(f))
+            return infos
+        pickles = [p / n for n in PICKLE_NAMES if (p / n).exists()] + sorted(p.glob("pytorch_model-*.bin"))
+        if pickles:
+            return self._pickle_or_fail(pickles)
+        raise CheckpointError(f"{p}: no model weights found (expected model.safetensors or {INDEX_NAME})")
+
+    def _sharded(self, index_file: Path) -> dict[str, TensorInfo]:
+        try:
+            weight_map: dict[str, str] = json.loads(index_file.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise CheckpointError(f"{index_file}: invalid index (needs a 'weight_map' object)") from None
+        root = index_file.parent.resolve()
+        headers: dict[str, dict[str, TensorInfo]] = {}
+        infos = {}
+        for name, shard in weight_map.items():
+            file = (root / shard).resolve()
+            if root not in file.parents:
+                raise CheckpointError(
+                    f"{index_file}: weight_map entry for {name!r} points outside the model directory ({shard}); fix the index"
+                )
+            if shard not in headers:
+                if not file.exists():
+                    raise CheckpointError(f"{index_file}: shard {shard} (tensor {name!r}) is missing; re-download the model")
+                headers[shard] = read_header(file)
+            if name not in headers[shard]:
+                raise CheckpointError(f"{file}: tensor {name!r} listed in {index_file.name} is not in the shard")
+            infos[name] = headers[shard][name]
+        return infos
+
+    def _pickle_or_fail(self, files: list[Path]) -> dict[str, TensorInfo]:
+        if not self.allow_pickle:
+            raise CheckpointError(
+                f"{self.path}: {files[0].name} is a pickle checkpoint, which can run code when loaded; "
+                "convert it to safetensors, or pass --allow-pickle (allow_pickle=True) if you trust it"
+            )
+        tensors: dict[str, torch.Tensor] = {}
+        for f in files:
+            if f.name.endswith(".json"):
+                continue
+            tensors.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+        self._pickled = tensors
+        return {k: TensorInfo(files[0], v.dtype, tuple(v.shape), 0, 0) for k, v in tensors.items()}
+
+    # -- public reading API -------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return list(self._infos)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._infos
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: has no tensor {name!r}") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.info(name).shape
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.info(name).dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        """The whole tensor, CPU, stored dtype."""
+        info = self.info(name)
+        return self.get_rows(name, 0, info.shape[0] if info.shape else 1)
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of the tensor's first dimension (a contiguous byte range)."""
+        info = self.info(name)
+        if self._pickled is not None:
+            t = self._pickled[name]
+            return (t[start:stop] if t.dim() else t).clone()
+        row_shape = info.shape[1:]
+        row_bytes = info.dtype.itemsize
+        for d in row_shape:
+            row_bytes *= d
+        shape = (stop - start, *row_shape) if info.shape else ()
+        out = torch.empty(shape, dtype=info.dtype)
+        buf = out.view(torch.uint8).numpy().reshape(-1) if out.numel() else None
+        if buf is not None:
+            offset, want = info.start + start * row_bytes, buf.nbytes
+            fd = self._fd(info.file)
+            got = 0
+            while got < want:
+                n = os.preadv(fd, [memoryview(buf)[got:]], offset + got)
+                if n <= 0:
+                    raise CheckpointError(f"{info.file}: unexpected end of file reading tensor {name!r}; re-download it")
+                got += n
+        return out
+
+    def _fd(self, file: Path) -> int:
+        with self._lock:
+            if file not in self._fds:
+                self._fds[file] = os.open(file, os.O_RDONLY)
+            return self._fds[file]
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def weight_files(self) -> list[Path]:
+        return sorted({i.file for i in self._infos.values()})
+
+    def num_params(self) -> int:
+        total = 0
+        for info in self._infos.values():
+            n = 1
+            for d in info.shape:
+                n *= d
+            total += n
+        return total
+
+    def fingerprint(self) -> str:
+        """A content hash of the weights (blake2b over the weight files), cached per file size+mtime."""
+        if self._fingerprint is None:
+            h = hashlib.blake2b(digest_size=16)
+            for f in self.weight_files():
+                h.update(f.name.encode())
+                h.update(_file_digest(f).encode())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def _file_digest(file: Path) -> str:
+    st = file.stat()
+    key = (str(file.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.blake2b(digest_size=16)
+        with open(file, "rb") as f:
+            while chunk := f.read(8 << 20):
+                h.update(chunk)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
+# -- output ---------------------------------------------------------------------------------------
+@contextmanager
+def atomic_output(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces `out_dir`, on any error it is removed.
+
+    SIGTERM is turned into KeyboardInterrupt while the block runs, so `kill` cleans up like Ctrl-C.
+    """
+    out = Path(out_dir).expanduser().absolute()
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out}: already exists; choose another path or pass --overwrite (overwrite=True)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    restore = _sigterm_to_interrupt()
+    try:
+        yield tmp
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    finally:
+        restore()
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _sigterm_to_interrupt():
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,37 @@
+"""Shared CLI plumbing: one way to print results and one way to turn a user error into an exit."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import typer
+from rich.console import Console
+
+console = Console(stderr=True)
+out = Console()
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one clear message, exit code 2, no traceback."""
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Print SafemergeError/UserError (and Ctrl-C) as one line and exit non-zero."""
+    from safemerge.errors import SafemergeError
+
+    try:
+        yield
+    except (SafemergeError, UserError) as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted[/]: nothing was written at the target path")
+        raise typer.Exit(130) from None
+
+
+def emit_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")

@@ -1,0 +1,213 @@
+"""The merge config: mergekit's YAML keys, validated once with pydantic, and parameter resolution.
+
+A parameter value is a scalar, a layer gradient (a list of numbers, interpolated over the layer
+position t = i/(L−1)), or a list of `{filter, value}` entries (the first whose filter is a substring of
+the tensor name applies; an entry without filter is the default). Tensors outside the layer stack are
+resolved at t = 0 before the stack (embeddings) and t = 1 after it (final norm, lm_head), as mergekit's
+planner does.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from safemerge.errors import ConfigError
+from safemerge.methods import REQUIRED, get_method
+
+Scalar = Union[bool, int, float, str]
+
+
+class FilterValue(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    filter: Optional[str] = None
+    value: Union[Scalar, list[float], list["FilterValue"]]
+
+
+ParamValue = Union[Scalar, list[float], list[FilterValue]]
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
+          "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class InputModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+    @field_validator("model")
+    @classmethod
+    def _no_lora(cls, v: str) -> str:
+        if "+" in v and not Path(v).exists():
+            raise ValueError(f"model {v!r}: 'model+lora' references are not supported; merge the LoRA into the model first")
+        return v
+
+
+class MergeConfig(BaseModel):
+    """A mergekit-compatible merge config (the subset of keys safemerge supports, plus `seed`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    merge_method: str
+    base_model: Optional[str] = None
+    models: list[InputModel]
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    dtype: Optional[str] = None
+    out_dtype: Optional[str] = None
+    tokenizer_source: Optional[str] = None
+    chat_template: Optional[str] = None
+    seed: int = 0  # safemerge: seeds DARE's per-tensor randomness
+    name: Optional[str] = None
+
+    @field_validator("dtype", "out_dtype")
+    @classmethod
+    def _dtype(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and v not in DTYPES:
+            raise ValueError(f"dtype {v!r} is not one of {', '.join(DTYPES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _check_method(self) -> "MergeConfig":
+        spec = get_method(self.merge_method)
+        allowed = set(spec.global_params) | set(spec.model_params)
+        for key in self.parameters:
+            if key not in allowed:
+                raise ValueError(_unknown(key, allowed, f"parameters of {self.merge_method}"))
+        for m in self.models:
+            for key in m.parameters:
+                if key not in spec.model_params:
+                    where = "a global parameter (put it under top-level `parameters`)" if key in spec.global_params else None
+                    raise ValueError(where and f"models[{m.model}].parameters.{key}: {key!r} is {where}"
+                                     or _unknown(key, spec.model_params, f"per-model parameters of {self.merge_method}"))
+        if spec.needs_base and not self.base_model:
+            raise ValueError(f"merge_method {self.merge_method} needs base_model")
+        if spec.inputs == "pair" and len(self.input_models()) != 2:
+            raise ValueError(f"{self.merge_method} merges exactly two models (base_model and one other); got {len(self.input_models())}")
+        if self.tokenizer_source == "union":
+            raise ValueError("tokenizer_source 'union' is not supported; name a model (or 'base')")
+        return self
+
+    # -- derived ----------------------------------------------------------------------------------
+    def input_models(self) -> list[str]:
+        """Every model the merge reads, base first when there is one, without repeats."""
+        names = [self.base_model] if self.base_model else []
+        return names + [m.model for m in self.models if m.model not in names]
+
+    def others(self) -> list[InputModel]:
+        """The models other than the base, in config order."""
+        return [m for m in self.models if m.model != self.base_model]
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True, exclude_defaults=False)
+
+
+def _unknown(key: str, allowed, where: str) -> str:
+    close = difflib.get_close_matches(key, list(allowed), n=2)
+    hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+    return f"unknown key {key!r} in {where}{hint} (allowed: {', '.join(sorted(allowed)) or 'none'})"
+
+
+def load_config(source: Union[str, os.PathLike, dict, MergeConfig]) -> MergeConfig:
+    """Parse and validate a config from a YAML path, a dict or a MergeConfig.
+
+    Model paths that do not exist relative to the working directory are looked up relative to the
+    YAML file's directory.
+    """
+    if isinstance(source, MergeConfig):
+        return source
+    where = "config"
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        where = str(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read the merge config ({e.strerror})") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a merge config is a YAML mapping with merge_method, models, ...")
+        data = _relative_to(data, path.parent)
+    else:
+        data = source
+    if "slices" in data:
+        raise ConfigError(f"{where}: `slices` (layer surgery) is not supported; list whole `models` instead")
+    try:
+        return MergeConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{where}: " + "; ".join(_fmt(err) for err in e.errors())) from None
+
+
+def _fmt(err: dict) -> str:
+    loc = ".".join(str(x) for x in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return f"unknown key {loc!r}"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{loc}: {msg}" if loc else msg
+
+
+def _relative_to(data: dict, folder: Path) -> dict:
+    def fix(p: Any) -> Any:
+        if isinstance(p, str) and not Path(p).exists() and (folder / p).exists():
+            return str(folder / p)
+        return p
+
+    data = dict(data)
+    for key in ("base_model", "tokenizer_source"):
+        data[key] = fix(data.get(key))
+    if isinstance(data.get("models"), list):
+        data["models"] = [dict(m, model=fix(m.get("model"))) if isinstance(m, dict) else m for m in data["models"]]
+    return {k: v for k, v in data.items() if v is not None or k not in ("base_model", "tokenizer_source")}
+
+
+# -- parameter resolution ---------------------------------------------------------------------------
+def resolve(value: Any, *, tensor: str, t: float) -> Any:
+    """The value of one parameter for one tensor at layer position t ∈ [0, 1]; None if no filter matches."""
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, FilterValue) for v in value):
+        for entry in value:
+            if entry.filter is None or entry.filter in tensor:
+                return resolve(entry.value, tensor=tensor, t=t)
+        return None
+    if isinstance(value, list) and value:  # a gradient
+        x = t * (len(value) - 1)
+        i0 = int(math.floor(x))
+        i1 = min(len(value) - 1, i0 + 1)
+        frac = x - i0
+        return (1 - frac) * float(value[i0]) + frac * float(value[i1])
+    raise ConfigError(f"parameter value {value!r} for tensor {tensor} is empty or malformed")
+
+
+def method_params(config: MergeConfig, *, tensor: str, t: float) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+    """Resolve the method's global parameters and per-model parameters (in `others()` order, or all
+    models for whole-model methods) for one tensor. Raises ConfigError for a missing required one."""
+    spec = get_method(config.merge_method)
+
+    def pick(key: str, default: Any, sources: list[dict]) -> Any:
+        for src in sources:
+            if key in src:
+                v = resolve(src[key], tensor=tensor, t=t)
+                if v is not None:
+                    return v
+        return default
+
+    glob = {k: pick(k, d, [config.parameters]) for k, d in spec.global_params.items()}
+    for k, v in glob.items():
+        if v is REQUIRED:
+            raise ConfigError(f"parameter {k!r} of {config.merge_method} is required (tensor {tensor}); add it under `parameters`")
+    models = config.models if spec.inputs == "models" else config.others()
+    per: dict[str, list[Any]] = {k: [] for k in spec.model_params}
+    for m in models:
+        for k, d in spec.model_params.items():
+            v = pick(k, d, [m.parameters, config.parameters])
+            if v is REQUIRED:
+                raise ConfigError(f"models[{m.model}]: parameter {k!r} of {config.merge_method} is required (tensor {tensor})")
+            per[k].append(v)
+    return glob, per
+

@@ -1,0 +1,312 @@
+"""The streaming merge engine: one output tensor (or row chunk) at a time, bounded memory.
+
+The loop is plain: for each output tensor, fetch the inputs, resolve the parameters, call the method,
+write. Two threads wrap it: a reader that prefetches the next inputs while the method runs, and a
+writer that appends finished tensors to the output shards. Tensors of element-wise methods that are
+larger than `chunk_elements` are processed in row chunks, so peak memory is a few chunks, not a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import yaml
+
+from safemerge.checkpoint import Checkpoint, atomic_output
+from safemerge.config import DTYPES, MergeConfig, load_config, method_params
+from safemerge.errors import CheckpointError, ConfigError
+from safemerge.layout import num_layers, position, stream_order, tied_source
+from safemerge.methods import MethodSpec, get_method
+from safemerge.writer import ShardedWriter, copy_side_files, write_config, write_model_card
+
+DEFAULT_SHARD = 5 * 1000**3
+KWARG = {"lambda": "lambda_"}
+
+
+# -- one tensor ---------------------------------------------------------------------------------------
+def tensor_seed(seed: int, name: str) -> int:
+    """The per-tensor random seed: independent of thread order and of the other tensors."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest(), "little") >> 1
+
+
+def merge_tensor(config: MergeConfig, *, name: str, t: float, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Merge one tensor: `tensors` maps each input model (as named in the config) to its float32 values.
+
+    The inputs may be modified in place. Returns float32. This is the one place that turns a config
+    into a method call; the streaming engine and the in-memory search both go through it.
+    """
+    spec = get_method(config.merge_method)
+    glob, per = method_params(config, tensor=name, t=t)
+    kwargs: dict[str, Any] = {KWARG.get(k, k): v for k, v in glob.items()}
+    if spec.random:
+        kwargs["generator"] = torch.Generator(device=next(iter(tensors.values())).device).manual_seed(
+            tensor_seed(config.seed, name))
+    if spec.inputs == "models":
+        return spec.fn([tensors[m.model] for m in config.models], weights=per["weight"], **kwargs)
+    base = tensors[config.base_model]
+    others = [tensors[m.model] for m in config.others()]
+    if spec.inputs == "pair":
+        return spec.fn(base, others[0], **kwargs)
+    if spec.inputs == "stock":
+        return spec.fn(base, others, **kwargs)
+    deltas = [o.sub_(base) for o in others]  # τ_i = θ_i − θ_base, in place
+    model_kw = {k if k != "weight" else "weights": v for k, v in per.items()}
+    return spec.fn(base, deltas, **model_kw, **kwargs)
+
+
+# -- the plan -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Item:
+    name: str
+    start: int
+    stop: int
+
+
+@dataclass
+class _Plan:
+    config: MergeConfig
+    spec: MethodSpec
+    models: dict[str, Checkpoint]
+    reference: Checkpoint
+    names: list[str]
+    out_dtype: dict[str, torch.dtype]
+    n_layers: int
+
+    def items(self, chunk_elements: int) -> Iterator[_Item]:
+        for name in self.names:
+            shape = self.reference.shape(name)
+            rows = shape[0] if shape else 1
+            row_elems = max(1, _numel(shape) // max(rows, 1))
+            step = rows
+            if self.spec.elementwise and shape and _numel(shape) > chunk_elements:
+                step = max(1, chunk_elements // row_elems)
+            for start in range(0, rows, step):
+                yield _Item(name, start, min(rows, start + step))
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _plan(config: MergeConfig, *, allow_pickle: bool) -> _Plan:
+    spec = get_method(config.merge_method)
+    models = {m: Checkpoint(m, allow_pickle=allow_pickle) for m in config.input_models()}
+    reference = models[config.base_model or config.models[0].model]
+    names = stream_order(n for n in reference.names() if reference.dtype(n).is_floating_point)
+    for model, ckpt in models.items():
+        for name in names:
+            src = name if name in ckpt else tied_source(name, ckpt.names())
+            if src is None:
+                raise CheckpointError(f"{model}: tensor {name!r} is missing (it is in {reference.path}); "
+                                      "the models must share one architecture")
+            a, b = reference.shape(name), ckpt.shape(src)
+            if a != b:
+                hint = (" — the models have different vocabulary sizes; give them the same tokenizer "
+                        "(resize the embeddings of one to the other's vocabulary) before merging"
+                        if "embed" in name or "lm_head" in name or "wte" in name else "")
+                raise CheckpointError(f"{model}: tensor {name!r} has shape {list(b)} but {reference.path} has {list(a)}{hint}")
+    fixed = DTYPES.get(config.out_dtype or config.dtype or "")
+    out_dtype = {n: fixed or reference.dtype(n) for n in names}
+    return _Plan(config, spec, models, reference, names, out_dtype, num_layers(names, reference.config))
+
+
+# -- the streaming loop -------------------------------------------------------------------------------
+_DONE = object()
+
+
+def _read(plan: _Plan, item: _Item, device: str, allow_nonfinite: bool) -> dict[str, torch.Tensor]:
+    out = {}
+    for model, ckpt in plan.models.items():
+        src = item.name if item.name in ckpt else tied_source(item.name, ckpt.names())
+        x = ckpt.get_rows(src, item.start, item.stop)
+        x = x.to(device=device, dtype=torch.float32, non_blocking=True) if device != "cpu" else x.to(torch.float32)
+        if not torch.isfinite(x).all():
+            msg = f"{model}: tensor {item.name!r} contains NaN or Inf"
+            if not allow_nonfinite:
+                raise CheckpointError(msg + "; fix the checkpoint, or pass --allow-nonfinite to merge anyway")
+            warnings.warn(msg, stacklevel=2)
+        out[model] = x
+    return out
+
+
+def _run_thread(target, *args) -> tuple[threading.Thread, list[BaseException]]:
+    errors: list[BaseException] = []
+
+    def wrapped():
+        try:
+            target(*args)
+        except BaseException as e:  # reported to the main loop
+            errors.append(e)
+
+    th = threading.Thread(target=wrapped, daemon=True)
+    th.start()
+    return th, errors
+
+
+def _stream(plan: _Plan, writer: ShardedWriter, *, device: str, chunk_elements: int, allow_nonfinite: bool,
+            progress) -> None:
+    stop = threading.Event()
+    inbox: queue.Queue = queue.Queue(maxsize=2)
+    outbox: queue.Queue = queue.Queue(maxsize=2)
+
+    def reader():
+        for item in plan.items(chunk_elements):
+            if stop.is_set():
+                return
+            inbox.put((item, _read(plan, item, device, allow_nonfinite)))
+        inbox.put(_DONE)
+
+    def write_all():
+        while (got := outbox.get()) is not _DONE:
+            name, tensor = got
+            writer.write(name, tensor)
+            progress(tensor.numel() * tensor.dtype.itemsize)
+
+    r_thread, r_errors = _run_thread(reader)
+    w_thread, w_errors = _run_thread(write_all)
+    try:
+        while True:
+            got = _get(inbox, r_thread, r_errors, w_errors)
+            if got is _DONE:
+                break
+            item, tensors = got
+            t = position(item.name, plan.n_layers)
+            merged = merge_tensor(plan.config, name=item.name, t=t, tensors=tensors)
+            del tensors
+            _put(outbox, (item.name, merged.to(plan.out_dtype[item.name]).cpu()), w_thread, w_errors)
+        _put(outbox, _DONE, w_thread, w_errors)
+        w_thread.join()
+        if w_errors:
+            raise w_errors[0]
+    finally:
+        stop.set()
+        _drain(inbox)
+        if w_thread.is_alive():
+            _drain(outbox)
+            outbox.put(_DONE)
+            w_thread.join(timeout=5)
+
+
+def _get(q: queue.Queue, thread: threading.Thread, errors: list, other_errors: list):
+    while True:
+        if errors:
+            raise errors[0]
+        if other_errors:
+            raise other_errors[0]
+        try:
+            return q.get(timeout=0.1)
+        except queue.Empty:
+            if not thread.is_alive() and q.empty():
+                if errors:
+                    raise errors[0]
+                raise RuntimeError("reader thread stopped unexpectedly")
+
+
+def _put(q: queue.Queue, value, thread: threading.Thread, errors: list) -> None:
+    while True:
+        if errors:
+            raise errors[0]
+        try:
+            q.put(value, timeout=0.1)
+            return
+        except queue.Full:
+            if not thread.is_alive():
+                raise errors[0] if errors else RuntimeError("writer thread stopped unexpectedly")
+
+
+def _drain(q: queue.Queue) -> None:
+    try:
+        while True:
+            q.get_nowait()
+    except queue.Empty:
+        pass
+
+
+# -- public entry point -------------------------------------------------------------------------------
+def merge(
+    config: str | os.PathLike | dict | MergeConfig,
+    out_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    device: str = "cpu",
+    allow_pickle: bool = False,
+    allow_nonfinite: bool = False,
+    max_shard_size: int = DEFAULT_SHARD,
+    chunk_elements: int = 1 << 24,
+    progress: bool = True,
+    title: str | None = None,
+    card_extra: str = "",
+) -> Path:
+    """Merge the models of a mergekit-style config into a complete HF checkpoint at `out_dir`.
+
+    Computes in float32 on `device` ("cpu" or "cuda") and casts each tensor once to `out_dtype`
+    (else `dtype`, else the base model's). The output appears at `out_dir` only when complete.
+    """
+    cfg = load_config(config)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available here; use --device cpu")
+    plan = _plan(cfg, allow_pickle=allow_pickle)
+    specs = [(n, plan.reference.shape(n), plan.out_dtype[n]) for n in plan.names]
+    with atomic_output(out_dir, overwrite=overwrite) as tmp, _progress(progress, plan, specs) as advance:
+        writer = ShardedWriter(tmp, specs, max_shard_bytes=max_shard_size)
+        try:
+            _stream(plan, writer, device=device, chunk_elements=chunk_elements, allow_nonfinite=allow_nonfinite,
+                    progress=advance)
+            writer.finish()
+        finally:
+            writer.abort()
+        _finish(tmp, cfg, plan, title=title, card_extra=card_extra)
+    return Path(out_dir)
+
+
+def _finish(tmp: Path, cfg: MergeConfig, plan: _Plan, *, title: str | None, card_extra: str) -> None:
+    dtypes = set(plan.out_dtype.values())
+    main_dtype = DTYPES.get(cfg.out_dtype or cfg.dtype or "") or (dtypes.pop() if len(dtypes) == 1 else torch.float32)
+    write_config(tmp, plan.reference.config, dtype=main_dtype)
+    tok = cfg.tokenizer_source
+    tok_path = plan.reference.path if tok in (None, "base") else Path(tok)
+    if tok not in (None, "base") and not tok_path.is_dir():
+        raise ConfigError(f"tokenizer_source {tok!r} is not a model directory")
+    template = cfg.chat_template if cfg.chat_template and cfg.chat_template != "auto" else None
+    copy_side_files(tmp, tokenizer_source=tok_path, generation_source=plan.reference.path, chat_template=template)
+    as_yaml = cfg.to_yaml_dict()
+    (tmp / "mergekit_config.yml").write_text(yaml.safe_dump(as_yaml, sort_keys=False))
+    inputs = [{"model": m, "fingerprint": c.fingerprint()} for m, c in plan.models.items()]
+    write_model_card(tmp, base_model=cfg.base_model, merge_config=as_yaml, inputs=inputs,
+                     title=title or f"{cfg.merge_method} merge", extra=card_extra)
+
+
+class _progress:
+    """A rich progress bar over output bytes (or nothing), as a context manager yielding `advance`."""
+
+    def __init__(self, enabled: bool, plan: _Plan, specs):
+        self.enabled = enabled
+        self.total = sum(_numel(s) * d.itemsize for _, s, d in specs)
+        self.label = f"{plan.config.merge_method}: {len(plan.names)} tensors"
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda n: None
+        from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+        self.bar = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                            TransferSpeedColumn(), TimeRemainingColumn(), transient=True)
+        self.bar.__enter__()
+        task = self.bar.add_task(self.label, total=self.total)
+        return lambda n: self.bar.advance(task, n)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.bar.__exit__(*exc)
+        return False

@@ -1,0 +1,77 @@
+"""Merge methods: pure tensor functions and the registry that names them.
+
+A method never does I/O, device placement or config parsing. It declares how it takes its inputs and
+which parameters it has (global and per model, with defaults), and the engine, the search and the
+config validation all read that one declaration.
+
+    inputs="deltas":  fn(base, deltas, *, weights, <params>)   task vectors τ_i = θ_i − θ_base
+    inputs="models":  fn(tensors, *, weights, <params>)         whole weights (base included if given)
+    inputs="pair":    fn(a, b, *, t)                            two models, a is the base
+    inputs="stock":   fn(base, tensors)                         base plus the other models' weights
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+from safemerge.errors import ConfigError
+
+REQUIRED = object()  # default marker for a parameter that must be given
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    fn: Callable[..., Any]
+    inputs: Literal["deltas", "models", "pair", "stock"]
+    global_params: dict[str, Any] = field(default_factory=dict)
+    model_params: dict[str, Any] = field(default_factory=dict)
+    elementwise: bool = False  # output element j depends on input elements j only: may run in row chunks
+    random: bool = False  # takes a `generator` (seeded per tensor by the engine)
+
+    @property
+    def needs_base(self) -> bool:
+        return self.inputs in ("deltas", "pair", "stock")
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register(name: str, **spec: Any) -> Callable[[Callable], Callable]:
+    """Decorator that records `fn` under `name` with its declaration; it returns `fn` unchanged."""
+
+    def deco(fn: Callable) -> Callable:
+        METHODS[name] = MethodSpec(name=name, fn=fn, **spec)
+        return fn
+
+    return deco
+
+
+def get_method(name: str) -> MethodSpec:
+    if name not in METHODS:
+        close = difflib.get_close_matches(name, METHODS, n=3)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ConfigError(f"merge_method {name!r} is unknown{hint} (known: {', '.join(sorted(METHODS))})")
+    return METHODS[name]
+
+
+# importing the modules fills METHODS
+from safemerge.methods import linear, slerp, stock, task_arithmetic  # noqa: E402,F401
+from safemerge.methods.linear import linear as linear_merge  # noqa: E402
+from safemerge.methods.slerp import slerp as slerp_merge  # noqa: E402
+from safemerge.methods.stock import model_stock  # noqa: E402
+from safemerge.methods.task_arithmetic import (  # noqa: E402
+    breadcrumbs,
+    breadcrumbs_ties,
+    dare_linear,
+    dare_ties,
+    task_arithmetic as task_arithmetic_merge,
+    ties,
+)
+
+__all__ = [
+    "METHODS", "MethodSpec", "REQUIRED", "register", "get_method", "linear_merge", "slerp_merge",
+    "model_stock", "task_arithmetic_merge", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
+]
