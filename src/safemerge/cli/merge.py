@@ -1,0 +1,96 @@
+"""CLI: `merge`, `mergealign` and `methods`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from safemerge.cli._common import emit_json, out, user_errors
+
+
+def register(app: typer.Typer) -> None:
+    app.command("merge")(merge)
+    app.command("mergealign")(mergealign)
+    app.command("methods")(methods)
+
+
+def merge(
+    config: Annotated[Path, typer.Argument(help="Merge config (mergekit YAML: merge_method, base_model, models, parameters, dtype, ...).")],
+    out_dir: Annotated[Path, typer.Argument(help="Output model directory (written atomically).")],
+    device: Annotated[str, typer.Option(help="Compute on cpu or cuda.")] = "cpu",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+    allow_pickle: Annotated[bool, typer.Option(help="Allow reading .bin (pickle) checkpoints; only for inputs you trust.")] = False,
+    allow_nonfinite: Annotated[bool, typer.Option(help="Merge tensors with NaN/Inf (warn instead of failing).")] = False,
+    shard_size: Annotated[str, typer.Option(help="Maximum output shard size, e.g. 5GB, 500MB.")] = "5GB",
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Merge models as a mergekit-style YAML config describes; write a complete HF checkpoint."""
+    import safemerge
+
+    with user_errors():
+        path = safemerge.merge(config, out_dir, device=device, overwrite=overwrite, allow_pickle=allow_pickle,
+                               allow_nonfinite=allow_nonfinite, max_shard_size=parse_size(shard_size), progress=progress)
+        _report(path, json_out)
+
+
+def mergealign(
+    out_dir: Annotated[Path, typer.Argument(help="Output model directory.")],
+    base: Annotated[Path, typer.Option(help="The pre-trained base θ shared by all models.")],
+    domain: Annotated[list[Path], typer.Option(help="A domain expert θ_d (repeat for several).")],
+    aligned: Annotated[Path, typer.Option(help="The general aligned (instruct) model θ_a.")],
+    alpha: Annotated[float, typer.Option(help="Weight α of each domain vector.")] = 1.0,
+    beta: Annotated[float, typer.Option(help="Weight β of the alignment vector.")] = 1.0,
+    dtype: Annotated[Optional[str], typer.Option(help="Output dtype (default: the base model's).")] = None,
+    tokenizer_source: Annotated[Optional[Path], typer.Option(help="Tokenizer and chat template source (default: the aligned model).")] = None,
+    device: Annotated[str, typer.Option(help="Compute on cpu or cuda.")] = "cpu",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """MergeAlign: θ + α·Σ(θ_d − θ) + β·(θ_a − θ), a domain expert made safe by merging."""
+    import safemerge
+
+    with user_errors():
+        path = safemerge.mergealign(base=base, domains=domain, aligned=aligned, out=out_dir, alpha=alpha, beta=beta,
+                                    dtype=dtype, tokenizer_source=tokenizer_source, overwrite=overwrite,
+                                    device=device, progress=progress)
+        _report(path, json_out)
+
+
+def methods(json_out: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False) -> None:
+    """List the merge methods with their parameters and defaults."""
+    from rich.table import Table
+
+    from safemerge.methods import METHODS, REQUIRED
+
+    def fmt(params: dict) -> dict:
+        return {k: ("required" if v is REQUIRED else v) for k, v in params.items()}
+
+    rows = {n: {"inputs": s.inputs, "global": fmt(s.global_params), "per_model": fmt(s.model_params)}
+            for n, s in sorted(METHODS.items())}
+    if json_out:
+        return emit_json(rows)
+    table = Table("method", "takes", "global parameters", "per-model parameters")
+    for n, r in rows.items():
+        table.add_row(n, r["inputs"], ", ".join(f"{k}={v}" for k, v in r["global"].items()),
+                      ", ".join(f"{k}={v}" for k, v in r["per_model"].items()))
+    out.print(table)
+
+
+def parse_size(text: str) -> int:
+    units = {"KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "B": 1}
+    t = text.strip().upper()
+    for u in sorted(units, key=len, reverse=True):
+        if t.endswith(u):
+            return int(float(t[: -len(u)]) * units[u])
+    return int(t)
+
+
+def _report(path: Path, json_out: bool) -> None:
+    if json_out:
+        emit_json({"output": str(path)})
+    else:
+        out.print(f"[green]wrote[/] {path}")

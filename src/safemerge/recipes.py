@@ -1,0 +1,45 @@
+"""Recipes: named merges built from an ordinary config.
+
+MergeAlign (Sun et al., 2025, "MergeAlign: ... safety alignment of domain experts by merging"):
+θ̂ = θ + Σ_d α·τ_d + β·τ_a, with τ_d = θ_d − θ (domain experts) and τ_a = θ_a − θ (the general
+instruct model), all sharing the pre-trained base θ. It is task arithmetic with named roles; α = β = 1
+works best in the paper.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+from safemerge.config import MergeConfig, load_config
+from safemerge.engine import merge
+from safemerge.errors import ConfigError
+
+PathLike = str | os.PathLike
+
+
+def mergealign_config(*, base: PathLike, domains: Sequence[PathLike], aligned: PathLike, alpha: float = 1.0,
+                      beta: float = 1.0, dtype: str | None = None, tokenizer_source: PathLike | None = None) -> MergeConfig:
+    """The mergekit-compatible task_arithmetic config that MergeAlign is."""
+    if not domains:
+        raise ConfigError("MergeAlign needs at least one domain expert (--domain)")
+    models = [{"model": str(d), "parameters": {"weight": float(alpha)}} for d in domains]
+    models.append({"model": str(aligned), "parameters": {"weight": float(beta)}})
+    cfg = {"merge_method": "task_arithmetic", "base_model": str(base), "models": models,
+           "tokenizer_source": str(tokenizer_source or aligned), "name": "mergealign"}
+    if dtype:
+        cfg["dtype"] = dtype
+    return load_config(cfg)
+
+
+def mergealign(*, base: PathLike, domains: Sequence[PathLike], aligned: PathLike, out: PathLike, alpha: float = 1.0,
+               beta: float = 1.0, dtype: str | None = None, tokenizer_source: PathLike | None = None,
+               overwrite: bool = False, device: str = "cpu", progress: bool = True) -> Path:
+    """Write θ + Σ α·(θ_d − θ) + β·(θ_a − θ) to `out`, with the aligned model's tokenizer and chat template
+    (unless `tokenizer_source` names another) and the equivalent YAML as `mergekit_config.yml`."""
+    cfg = mergealign_config(base=base, domains=domains, aligned=aligned, alpha=alpha, beta=beta, dtype=dtype,
+                            tokenizer_source=tokenizer_source)
+    extra = (f"## MergeAlign\n\nθ̂ = θ + α·Σ τ_d + β·τ_a with α = {alpha}, β = {beta}; base `{base}`, "
+             f"domain experts {', '.join(f'`{d}`' for d in domains)}, aligned model `{aligned}`.")
+    return merge(cfg, out, overwrite=overwrite, device=device, progress=progress, title="MergeAlign", card_extra=extra)

@@ -1,0 +1,152 @@
+"""Closed-form and property checks of each merge method on small random tensors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from safemerge.methods import (
+    breadcrumbs, dare_linear, dare_ties, linear_merge, model_stock, slerp_merge, task_arithmetic_merge, ties,
+)
+from safemerge.methods.task_arithmetic import topk_mask, trim_magnitude
+
+shapes = st.sampled_from([(7,), (4, 5), (3, 2, 6)])
+seeds = st.integers(0, 10_000)
+
+
+def rand(shape, seed, n=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g) for _ in range(n)]
+
+
+@settings(max_examples=25, deadline=None)
+@given(shape=shapes, seed=seeds)
+def test_mergealign_alpha_beta_one_is_expert_plus_aligned_minus_base(shape, seed):
+    base, dom, ali = rand(shape, seed, 3)
+    out = task_arithmetic_merge(base.clone(), [dom - base, ali - base], weights=[1.0, 1.0])
+    torch.testing.assert_close(out, dom + ali - base, atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(shape=shapes, seed=seeds, alpha=st.floats(0, 2), beta=st.floats(0, 2))
+def test_task_arithmetic_weights_and_lambda(shape, seed, alpha, beta):
+    base, a, b = rand(shape, seed, 3)
+    out = task_arithmetic_merge(base.clone(), [a.clone(), b.clone()], weights=[alpha, beta], lambda_=0.5)
+    torch.testing.assert_close(out, base + 0.5 * (alpha * a + beta * b), atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(shape=shapes, seed=seeds, w=st.floats(0.1, 3))
+def test_ties_density_one_single_model_equals_task_arithmetic(shape, seed, w):
+    base, d = rand(shape, seed, 2)
+    expected = task_arithmetic_merge(base.clone(), [d.clone()], weights=[w])
+    out = ties(base.clone(), [d.clone()], weights=[w], density=[1.0], normalize=False)
+    torch.testing.assert_close(out, expected)
+    # normalised, one model: the disjoint mean of one vector is the vector itself
+    out = ties(base.clone(), [d.clone()], weights=[w], density=[1.0], normalize=True)
+    torch.testing.assert_close(out, base + d, atol=1e-5, rtol=1e-5)
+
+
+def test_ties_closed_form():
+    base = torch.zeros(4)
+    d1 = torch.tensor([3.0, -1.0, 0.5, -2.0])
+    d2 = torch.tensor([1.0, 2.0, -4.0, -1.0])
+    # density 0.5 keeps the 2 largest |τ| of each: d1 -> [3, 0, 0, -2], d2 -> [0, 2, -4, 0]
+    # elected signs of the sum [3, 2, -4, -2]: +, +, -, -; every kept entry agrees; disjoint mean
+    out = ties(base, [d1.clone(), d2.clone()], weights=[1.0, 1.0], density=[0.5, 0.5])
+    torch.testing.assert_close(out, torch.tensor([3.0, 2.0, -4.0, -2.0]))
+    # conflicting signs: the minority entry is dropped, the mean is over agreeing models only
+    a, b = torch.tensor([2.0, 1.0]), torch.tensor([-1.0, 3.0])
+    out = ties(torch.ones(2), [a.clone(), b.clone()], weights=[1.0, 1.0], density=[1.0, 1.0])
+    torch.testing.assert_close(out, torch.tensor([1 + 2.0, 1 + 2.0]))
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 300), seed=seeds, data=st.data())
+def test_topk_mask_keeps_exactly_k_and_nests(n, seed, data):
+    k1 = data.draw(st.integers(0, n))
+    k2 = data.draw(st.integers(k1, n))
+    x = torch.randint(0, 5, (n,), generator=torch.Generator().manual_seed(seed)).float()  # many ties
+    m1, m2 = topk_mask(x, k1), topk_mask(x, k2)
+    assert int(m1.sum()) == k1 and int(m2.sum()) == k2
+    assert not (m1 & ~m2).any()
+    if 0 < k1 < n:
+        assert x[m1].min() >= x[~m1].max()
+
+
+def test_trim_magnitude_keeps_largest():
+    d = torch.tensor([0.1, -5.0, 2.0, -0.3, 4.0])
+    trim_magnitude(d, 0.4)
+    torch.testing.assert_close(d, torch.tensor([0.0, -5.0, 0.0, 0.0, 4.0]))
+
+
+@pytest.mark.parametrize("t", [0.0, 1.0])
+@settings(max_examples=15, deadline=None)
+@given(shape=shapes, seed=seeds)
+def test_slerp_endpoints(t, shape, seed):
+    a, b = rand(shape, seed, 2)
+    torch.testing.assert_close(slerp_merge(a, b, t=t), a if t == 0 else b, atol=1e-5, rtol=1e-5)
+
+
+def test_slerp_midpoint_of_orthogonal_unit_vectors_is_on_the_sphere():
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    out = slerp_merge(a, b, t=0.5)
+    torch.testing.assert_close(out, torch.tensor([math.sqrt(0.5), math.sqrt(0.5)]))
+    # nearly parallel: falls back to linear interpolation
+    c = a + 1e-4 * b
+    torch.testing.assert_close(slerp_merge(a, c, t=0.3), torch.lerp(a, c, 0.3))
+
+
+def test_dare_keeps_the_mean_in_expectation():
+    torch.manual_seed(0)
+    delta = torch.randn(200_000) + 0.5
+    base = torch.zeros_like(delta)
+    g = torch.Generator().manual_seed(1)
+    out = dare_linear(base, [delta.clone()], weights=[1.0], density=[0.3], generator=g)
+    assert abs(float(out.mean()) - float(delta.mean())) < 0.02
+    kept = (out != 0).float().mean()
+    assert abs(float(kept) - 0.3) < 0.01
+    nz = out != 0
+    torch.testing.assert_close(out[nz], delta[nz] / 0.3)
+
+
+def test_dare_l1_rescale_keeps_the_l1_norm():
+    delta = torch.randn(10_000)
+    out = dare_linear(torch.zeros_like(delta), [delta.clone()], weights=[1.0], density=[0.5],
+                      generator=torch.Generator().manual_seed(0), rescale_mode="l1")
+    assert math.isclose(float(out.abs().sum()), float(delta.abs().sum()), rel_tol=1e-4)
+
+
+def test_dare_ties_is_deterministic_for_a_generator_seed():
+    base, a, b = rand((50, 20), 3, 3)
+    run = lambda s: dare_ties(base.clone(), [a.clone(), b.clone()], weights=[1.0, 0.5], density=[0.5, 0.5],
+                              generator=torch.Generator().manual_seed(s))
+    torch.testing.assert_close(run(7), run(7))
+    assert not torch.equal(run(7), run(8))
+
+
+@settings(max_examples=20, deadline=None)
+@given(shape=shapes, seed=seeds, w=st.lists(st.floats(0.1, 2), min_size=2, max_size=4))
+def test_linear_is_a_weighted_average(shape, seed, w):
+    xs = rand(shape, seed, len(w))
+    expected = sum(wi * x for wi, x in zip(w, xs)) / sum(w)
+    torch.testing.assert_close(linear_merge(xs, weights=w), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_breadcrumbs_drops_outliers_and_small_entries():
+    d = torch.arange(1.0, 101.0)  # magnitudes 1..100
+    out = breadcrumbs(torch.zeros(100), [d.clone()], weights=[1.0], density=[0.5], gamma=[0.1])
+    kept = out.nonzero().squeeze(1) + 1
+    assert kept.tolist() == list(range(41, 91))  # top 10 (91..100) dropped, then the 40 smallest
+
+
+def test_model_stock_closed_form():
+    base = torch.zeros(2)
+    w1, w2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])  # orthogonal task vectors: cos = 0
+    torch.testing.assert_close(model_stock(base, [w1, w2]), base)  # t = 0
+    w3 = torch.tensor([2.0, 0.0])  # parallel: cos = 1, t = 1, the plain average
+    torch.testing.assert_close(model_stock(base, [w1, w3]), (w1 + w3) / 2)

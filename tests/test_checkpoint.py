@@ -1,0 +1,95 @@
+"""Reading checkpoints lazily, and refusing corrupt, unsafe or inconsistent ones with a clear error."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from safemerge.checkpoint import Checkpoint, atomic_output
+from safemerge.errors import CheckpointError, OutputExistsError
+
+
+def test_reads_single_and_row_ranges(tiny_family):
+    c = Checkpoint(tiny_family["base"])
+    name = "model.embed_tokens.weight"
+    full = c.get(name)
+    assert full.shape == c.shape(name) == (64, 32) and c.dtype(name) == torch.float32
+    torch.testing.assert_close(c.get_rows(name, 10, 20), full[10:20])
+    assert c.config["model_type"] == "llama"
+    assert c.num_params() > 0
+
+
+def test_reads_sharded_with_index(tmp_path):
+    a, b = torch.randn(3, 4), torch.randn(5)
+    save_file({"a": a}, tmp_path / "s1.safetensors")
+    save_file({"b": b}, tmp_path / "s2.safetensors")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}))
+    c = Checkpoint(tmp_path)
+    assert sorted(c.names()) == ["a", "b"]
+    torch.testing.assert_close(c.get("b"), b)
+
+
+def test_fingerprint_tracks_content(tmp_path, tiny_family):
+    assert Checkpoint(tiny_family["base"]).fingerprint() == Checkpoint(tiny_family["base"]).fingerprint()
+    assert Checkpoint(tiny_family["base"]).fingerprint() != Checkpoint(tiny_family["expert"]).fingerprint()
+
+
+def test_truncated_file_is_named(tmp_path, tiny_family):
+    d = tmp_path / "m"
+    shutil.copytree(tiny_family["base"], d)
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=r"model.safetensors.*truncated"):
+        Checkpoint(d)
+    f.write_bytes(b"\x00\x01")
+    with pytest.raises(CheckpointError, match="not a safetensors file"):
+        Checkpoint(d)
+    f.write_bytes((10**9).to_bytes(8, "little") + b"{}")
+    with pytest.raises(CheckpointError, match="corrupted or truncated"):
+        Checkpoint(d)
+
+
+def test_index_pointing_outside_the_model_is_refused(tmp_path):
+    save_file({"a": torch.zeros(2)}, tmp_path / "outside.safetensors")
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "../outside.safetensors"}}))
+    with pytest.raises(CheckpointError, match="points outside the model directory"):
+        Checkpoint(d)
+
+
+def test_pickle_needs_allow_pickle(tmp_path):
+    torch.save({"w": torch.ones(3)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="--allow-pickle"):
+        Checkpoint(tmp_path)
+    c = Checkpoint(tmp_path, allow_pickle=True)
+    torch.testing.assert_close(c.get("w"), torch.ones(3))
+
+
+def test_missing_model_and_missing_weights(tmp_path):
+    with pytest.raises(CheckpointError, match="no such model"):
+        Checkpoint(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="no model weights"):
+        Checkpoint(tmp_path)
+
+
+def test_atomic_output_leaves_nothing_on_error_and_refuses_overwrite(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with atomic_output(out) as tmp:
+            (tmp / "partial").write_text("x")
+            raise RuntimeError("boom")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    with atomic_output(out) as tmp:
+        (tmp / "done").write_text("x")
+    assert (out / "done").exists()
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        with atomic_output(out):
+            pass
+    with atomic_output(out, overwrite=True) as tmp:
+        (tmp / "new").write_text("y")
+    assert sorted(p.name for p in out.iterdir()) == ["new"]

@@ -1,0 +1,43 @@
+"""The CLI parses, calls the library, prints; errors exit 2 with one readable line."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+from typer.testing import CliRunner
+
+from safemerge.cli import app
+
+runner = CliRunner()
+
+
+def test_merge_and_mergealign_commands(tmp_path, tiny_family):
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "ties", "base_model": str(tiny_family["base"]),
+                                   "models": [{"model": str(tiny_family["expert"]), "parameters": {"weight": 1, "density": 0.5}}]}))
+    r = runner.invoke(app, ["merge", str(cfg), str(tmp_path / "o"), "--json", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["output"] == str(tmp_path / "o")
+    r = runner.invoke(app, ["mergealign", str(tmp_path / "ma"), "--base", str(tiny_family["base"]),
+                            "--domain", str(tiny_family["expert"]), "--aligned", str(tiny_family["aligned"]),
+                            "--beta", "0.5", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    saved = yaml.safe_load((tmp_path / "ma" / "mergekit_config.yml").read_text())
+    assert saved["models"][1]["parameters"]["weight"] == 0.5
+    assert saved["tokenizer_source"] == str(tiny_family["aligned"])
+
+
+def test_errors_exit_2_with_a_message(tmp_path, tiny_family):
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "tie", "base_model": "x", "models": [{"model": "y"}]}))
+    r = runner.invoke(app, ["merge", str(cfg), str(tmp_path / "o")])
+    assert r.exit_code == 2
+    assert "did you mean 'ties'" in r.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_methods_lists_declared_parameters():
+    r = runner.invoke(app, ["methods", "--json"])
+    rows = json.loads(r.stdout)
+    assert rows["ties"]["per_model"]["density"] == 1.0 and rows["slerp"]["global"]["t"] == "required"

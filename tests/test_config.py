@@ -1,0 +1,86 @@
+"""The merge config: mergekit keys, parameter resolution, and errors that name what is wrong."""
+
+from __future__ import annotations
+
+import pytest
+
+from safemerge.config import load_config, method_params, resolve
+from safemerge.errors import ConfigError
+from safemerge.layout import layer_index, num_layers, position
+
+
+def cfg(**over):
+    base = {"merge_method": "ties", "base_model": "b",
+            "models": [{"model": "x", "parameters": {"weight": 1.0, "density": 0.5}}, {"model": "b"}]}
+    return load_config({**base, **over})
+
+
+def test_gradient_is_interpolated_over_layer_position():
+    grad = [0, 0.5, 1, 0.5, 0]
+    assert resolve(grad, tensor="x", t=0.0) == 0
+    assert resolve(grad, tensor="x", t=0.5) == 1
+    assert resolve(grad, tensor="x", t=1.0) == 0
+    assert resolve(grad, tensor="x", t=0.125) == pytest.approx(0.25)
+
+
+def test_filters_take_the_first_match_and_fall_back_to_the_default():
+    c = load_config({"merge_method": "slerp", "base_model": "a", "models": [{"model": "a"}, {"model": "b"}],
+                     "parameters": {"t": [{"filter": "self_attn", "value": [0, 1]}, {"filter": "mlp", "value": 0.7},
+                                          {"value": 0.3}]}})
+    t_of = lambda name, t: method_params(c, tensor=name, t=t)[0]["t"]
+    assert t_of("model.layers.1.self_attn.q_proj.weight", 0.5) == pytest.approx(0.5)
+    assert t_of("model.layers.1.mlp.up_proj.weight", 0.5) == 0.7
+    assert t_of("model.norm.weight", 1.0) == 0.3
+
+
+def test_layer_positions_follow_mergekit_pre_and_post_weights():
+    assert layer_index("model.layers.12.mlp.up_proj.weight") == 12
+    assert layer_index("transformer.h.3.attn.c_attn.weight") == 3
+    assert position("model.layers.0.x", 5) == 0 and position("model.layers.4.x", 5) == 1
+    assert position("model.layers.2.x", 5) == 0.5
+    assert position("model.embed_tokens.weight", 5) == 0.0
+    assert position("transformer.wte.weight", 5) == 0.0
+    assert position("model.norm.weight", 5) == 1.0 and position("lm_head.weight", 5) == 1.0
+    assert num_layers(["model.layers.0.a", "model.layers.7.a"], {}) == 8
+    assert num_layers([], {"num_hidden_layers": 3}) == 3
+
+
+def test_per_model_params_fall_back_to_global_then_default():
+    c = cfg(parameters={"density": 0.3})
+    glob, per = method_params(c, tensor="w", t=0)
+    assert per == {"weight": [1.0], "density": [0.5]}  # the base is not a task vector
+    assert glob["normalize"] is True and glob["lambda"] == 1.0
+    c = load_config({"merge_method": "ties", "base_model": "b", "parameters": {"density": 0.3},
+                     "models": [{"model": "x", "parameters": {"weight": 2}}]})
+    assert method_params(c, tensor="w", t=0)[1]["density"] == [0.3]
+
+
+@pytest.mark.parametrize("bad, words", [
+    ({"merge_method": "tis"}, ["'tis'", "did you mean", "'ties'"]),
+    ({"dtyp": "bfloat16"}, ["unknown key", "dtyp"]),
+    ({"parameters": {"densty": 0.5}}, ["densty", "did you mean", "'density'"]),
+    ({"models": [{"model": "x", "parameters": {"weight": 1, "normalize": True}}]}, ["normalize", "global"]),
+    ({"dtype": "float8"}, ["float8"]),
+    ({"base_model": None}, ["needs base_model"]),
+    ({"slices": []}, ["slices", "not supported"]),
+])
+def test_bad_configs_name_the_problem(bad, words):
+    with pytest.raises(ConfigError) as e:
+        cfg(**bad)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_missing_required_parameter_is_named():
+    c = load_config({"merge_method": "slerp", "base_model": "a", "models": [{"model": "a"}, {"model": "b"}]})
+    with pytest.raises(ConfigError, match="'t'.*required"):
+        method_params(c, tensor="w", t=0)
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    p = tmp_path / "c.yml"
+    p.write_text("merge_method: [unclosed")
+    with pytest.raises(ConfigError, match=str(p)):
+        load_config(p)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yml")

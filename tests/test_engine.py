@@ -1,0 +1,212 @@
+"""The streaming engine end to end on tiny checkpoints: complete HF outputs, and bad input refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+import safemerge
+from safemerge.checkpoint import Checkpoint
+from safemerge.errors import CheckpointError, ConfigError, OutputExistsError
+from safemerge.layout import position
+from safemerge.methods import slerp_merge
+from tiny import make_family
+
+
+def ta_config(fam, **over):
+    return {"merge_method": "task_arithmetic", "base_model": str(fam["base"]),
+            "models": [{"model": str(fam["expert"]), "parameters": {"weight": 1.0}},
+                       {"model": str(fam["aligned"]), "parameters": {"weight": 1.0}}], **over}
+
+
+def test_mergealign_output_is_a_complete_hf_model(tmp_path, tiny_family):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = safemerge.mergealign(base=tiny_family["base"], domains=[tiny_family["expert"]], aligned=tiny_family["aligned"],
+                               out=tmp_path / "ma", progress=False)
+    o, b, e, a = (Checkpoint(p) for p in (out, tiny_family["base"], tiny_family["expert"], tiny_family["aligned"]))
+    for name in b.names():
+        torch.testing.assert_close(o.get(name), e.get(name) + a.get(name) - b.get(name), atol=1e-6, rtol=1e-6)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.apply_chat_template([{"role": "user", "content": "the capital"}], tokenize=False,
+                                   add_generation_prompt=True).endswith("<|assistant|>")
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+    card = (out / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["base_model"] == str(tiny_family["base"]) and {"merge", "safemerge"} <= set(front["tags"])
+    for ck in (b, e, a):
+        assert ck.fingerprint() in card
+    again = safemerge.load_config(out / "mergekit_config.yml")
+    assert again.merge_method == "task_arithmetic" and [m.parameters["weight"] for m in again.models] == [1.0, 1.0]
+    assert (out / "generation_config.json").exists()
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+
+
+def test_chunked_sharded_bf16_output_matches_whole_tensor_merge(tmp_path, tiny_family):
+    cfg = ta_config(tiny_family, out_dtype="bfloat16")
+    whole = safemerge.merge(cfg, tmp_path / "whole", progress=False)
+    chunked = safemerge.merge(cfg, tmp_path / "chunked", chunk_elements=100, max_shard_size=20_000, progress=False)
+    assert (chunked / "model.safetensors.index.json").exists() and len(list(chunked.glob("*.safetensors"))) > 2
+    w, c = Checkpoint(whole), Checkpoint(chunked)
+    assert sorted(w.names()) == sorted(c.names())
+    for n in w.names():
+        assert c.dtype(n) == torch.bfloat16
+        assert torch.equal(w.get(n), c.get(n)), n
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(chunked).dtype == torch.bfloat16
+
+
+def test_slerp_gradient_uses_layer_positions(tmp_path, tiny_family):
+    grad = [0, 0.5, 1, 0.5, 0]
+    cfg = {"merge_method": "slerp", "base_model": str(tiny_family["base"]),
+           "models": [{"model": str(tiny_family["base"])}, {"model": str(tiny_family["expert"])}],
+           "parameters": {"t": grad}}
+    out = Checkpoint(safemerge.merge(cfg, tmp_path / "s", progress=False))
+    b, e = Checkpoint(tiny_family["base"]), Checkpoint(tiny_family["expert"])
+    for name in ("model.layers.1.mlp.up_proj.weight", "model.embed_tokens.weight", "lm_head.weight"):
+        t = safemerge.config.resolve(grad, tensor=name, t=position(name, 3))
+        torch.testing.assert_close(out.get(name), slerp_merge(b.get(name), e.get(name), t=t))
+    torch.testing.assert_close(out.get("model.layers.1.mlp.up_proj.weight"), e.get("model.layers.1.mlp.up_proj.weight"))
+
+
+def test_dare_is_seeded_per_tensor(tmp_path, tiny_family):
+    cfg = ta_config(tiny_family, merge_method="dare_ties", parameters={"density": 0.5}, seed=3)
+    a = Checkpoint(safemerge.merge(cfg, tmp_path / "a", progress=False))
+    b = Checkpoint(safemerge.merge(cfg, tmp_path / "b", progress=False))
+    c = Checkpoint(safemerge.merge({**cfg, "seed": 4}, tmp_path / "c", progress=False))
+    n = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(a.get(n), b.get(n)) and not torch.equal(a.get(n), c.get(n))
+
+
+def test_tied_embeddings_and_gpt2_layout(tmp_path):
+    fam = make_family(tmp_path / "tied", tie=True)
+    out = Checkpoint(safemerge.merge(ta_config(fam), tmp_path / "o", progress=False))
+    assert "lm_head.weight" not in out.names()
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=50, n_embd=16, n_layer=3, n_head=2, n_positions=32)
+    paths = {}
+    base = GPT2LMHeadModel(cfg)
+    for i, name in enumerate(["base", "expert"]):
+        m = GPT2LMHeadModel(cfg)
+        m.load_state_dict(base.state_dict())
+        if i:
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.add_(0.1 * torch.randn_like(p))
+        paths[name] = tmp_path / f"gpt2-{name}"
+        m.save_pretrained(paths[name])
+    cfg = {"merge_method": "slerp", "base_model": str(paths["base"]),
+           "models": [{"model": str(paths["base"])}, {"model": str(paths["expert"])}], "parameters": {"t": [0, 1]}}
+    out = Checkpoint(safemerge.merge(cfg, tmp_path / "g", progress=False))
+    b, e = Checkpoint(paths["base"]), Checkpoint(paths["expert"])
+    torch.testing.assert_close(out.get("transformer.h.0.attn.c_attn.weight"), b.get("transformer.h.0.attn.c_attn.weight"))
+    torch.testing.assert_close(out.get("transformer.h.2.attn.c_attn.weight"), e.get("transformer.h.2.attn.c_attn.weight"))
+    torch.testing.assert_close(out.get("transformer.wte.weight"), b.get("transformer.wte.weight"))  # t = 0 before the stack
+    torch.testing.assert_close(out.get("transformer.ln_f.weight"), e.get("transformer.ln_f.weight"))  # t = 1 after it
+
+
+# -- bad input --------------------------------------------------------------------------------------
+def assert_nothing_written(tmp_path, out):
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(f".{out.name}")]
+
+
+def test_missing_tensor_is_named(tmp_path, tiny_family):
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    import shutil
+
+    shutil.copytree(tiny_family["expert"], broken)
+    sd = load_file(broken / "model.safetensors")
+    del sd["model.layers.1.mlp.down_proj.weight"]
+    save_file(sd, broken / "model.safetensors")
+    fam = dict(tiny_family, expert=broken)
+    with pytest.raises(CheckpointError, match=r"broken.*model.layers.1.mlp.down_proj.weight.*missing"):
+        safemerge.merge(ta_config(fam), tmp_path / "out", progress=False)
+    assert_nothing_written(tmp_path, tmp_path / "out")
+
+
+def test_vocab_mismatch_says_so(tmp_path, tiny_family):
+    other = make_family(tmp_path / "v", names=("expert",), vocab=80)
+    with pytest.raises(CheckpointError, match="different vocabulary sizes"):
+        safemerge.merge(ta_config(dict(tiny_family, expert=other["expert"])), tmp_path / "out", progress=False)
+    assert_nothing_written(tmp_path, tmp_path / "out")
+
+
+def test_nonfinite_input_fails_unless_allowed(tmp_path, tiny_family):
+    from safetensors.torch import load_file, save_file
+    import shutil
+
+    bad = tmp_path / "nan"
+    shutil.copytree(tiny_family["expert"], bad)
+    sd = load_file(bad / "model.safetensors")
+    sd["model.layers.2.self_attn.q_proj.weight"][0, 0] = float("nan")
+    save_file(sd, bad / "model.safetensors")
+    cfg = ta_config(dict(tiny_family, expert=bad))
+    with pytest.raises(CheckpointError, match=r"nan.*q_proj.*NaN or Inf.*--allow-nonfinite"):
+        safemerge.merge(cfg, tmp_path / "out", progress=False)
+    assert_nothing_written(tmp_path, tmp_path / "out")
+    with pytest.warns(UserWarning, match="NaN or Inf"):
+        safemerge.merge(cfg, tmp_path / "out", allow_nonfinite=True, progress=False)
+
+
+def test_existing_output_needs_overwrite(tmp_path, tiny_family):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep").write_text("precious")
+    with pytest.raises(OutputExistsError):
+        safemerge.merge(ta_config(tiny_family), tmp_path / "out", progress=False)
+    assert (tmp_path / "out" / "keep").read_text() == "precious"
+    safemerge.merge(ta_config(tiny_family), tmp_path / "out", overwrite=True, progress=False)
+    assert not (tmp_path / "out" / "keep").exists() and (tmp_path / "out" / "config.json").exists()
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, tiny_family):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        safemerge.merge(ta_config(tiny_family), tmp_path / "out", device="cuda", progress=False)
+
+
+SLOW_MERGE = """
+import sys, time
+import safemerge.methods.task_arithmetic as ta
+from safemerge.methods import METHODS
+from dataclasses import replace
+orig = METHODS["task_arithmetic"]
+def slow(*a, **k):
+    time.sleep(0.2)
+    return orig.fn(*a, **k)
+METHODS["task_arithmetic"] = replace(orig, fn=slow)
+import safemerge
+safemerge.merge(sys.argv[1], sys.argv[2], progress=False, max_shard_size=10_000)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_interrupted_merge_leaves_nothing_at_the_target(tmp_path, tiny_family, sig):
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml.safe_dump(ta_config(tiny_family)))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_MERGE, str(cfg), str(out)])
+    deadline = time.time() + 60
+    while not any(p.name.startswith(".out.partial") and any(p.glob("*.safetensors")) for p in tmp_path.iterdir()):
+        assert time.time() < deadline and proc.poll() is None, "merge did not start"
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    proc.wait(timeout=30)
+    assert proc.returncode != 0
+    assert_nothing_written(tmp_path, out)

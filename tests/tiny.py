@@ -1,0 +1,61 @@
+"""Tiny random HF checkpoints for tests: a family sharing one base, with a real tokenizer and chat template."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+WORDS = ["the", "a", "capital", "of", "is", "drug", "for", "sorry", "I", "can't", "help", "with", "that", "."]
+
+
+def save_tokenizer(path: Path, *, vocab_size: int = 64, chat_template: str = CHAT_TEMPLATE) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<unk>", "<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|end|>"]
+    vocab = {t: i for i, t in enumerate(special + WORDS)}
+    for i in range(len(vocab), vocab_size):
+        vocab[f"w{i}"] = i
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>")
+    fast.chat_template = chat_template
+    fast.save_pretrained(path)
+
+
+def llama_config(*, vocab: int = 64, hidden: int = 32, layers: int = 3, tie: bool = False):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie, max_position_embeddings=64)
+
+
+def make_family(root: Path, *, names=("base", "expert", "aligned"), seed: int = 0, scale: float = 0.02,
+                dtype=torch.float32, tie: bool = False, vocab: int = 64, layers: int = 3) -> dict[str, Path]:
+    """`base` is random; every other model is base + scale·N(0, 1) noise. Returns name -> directory."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    base = LlamaForCausalLM(llama_config(vocab=vocab, tie=tie, layers=layers)).to(dtype)
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    paths = {}
+    for i, name in enumerate(names):
+        model = LlamaForCausalLM(llama_config(vocab=vocab, tie=tie, layers=layers)).to(dtype)
+        g = torch.Generator().manual_seed(seed * 100 + i)
+        with torch.no_grad():
+            model.load_state_dict(state)
+            if name != names[0]:
+                for p in model.parameters():
+                    p.add_((scale * torch.randn(p.shape, generator=g)).to(dtype))
+        paths[name] = root / name
+        model.save_pretrained(paths[name])
+        save_tokenizer(paths[name])
+        (paths[name] / "generation_config.json").write_text(json.dumps({"max_new_tokens": 8, "do_sample": False}))
+    return paths
