@@ -1,0 +1,9 @@
+"""CLI for the align area (owned by that area; registered in safemerge.cli)."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    pass
