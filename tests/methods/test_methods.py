@@ -150,3 +150,19 @@ def test_model_stock_closed_form():
     torch.testing.assert_close(model_stock(base, [w1, w2]), base)  # t = 0
     w3 = torch.tensor([2.0, 0.0])  # parallel: cos = 1, t = 1, the plain average
     torch.testing.assert_close(model_stock(base, [w1, w3]), (w1 + w3) / 2)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "few_values", "bf16_differences"])
+def test_radix_select_equals_kthvalue_on_large_tensors(kind):
+    from safemerge.methods.task_arithmetic import kth_smallest
+
+    g = torch.Generator().manual_seed(0)
+    n = 1_200_007  # above the radix threshold
+    if kind == "gaussian":
+        x = torch.randn(n, generator=g).abs()
+    elif kind == "few_values":
+        x = torch.randint(0, 7, (n,), generator=g).float()
+    else:
+        x = (torch.randn(n, generator=g).bfloat16().float() - torch.randn(n, generator=g).bfloat16().float()).abs()
+    for rank in (1, 2, n // 3, n // 2, n - 1, n):
+        assert float(kth_smallest(x, rank)) == float(x.kthvalue(rank).values)

@@ -24,8 +24,24 @@ from safemerge.methods import REQUIRED, register
 
 
 # -- sparsifiers ------------------------------------------------------------------------------------
+def kth_smallest(values: torch.Tensor, rank: int) -> torch.Tensor:
+    """The rank-th smallest (1-based) of non-negative float32 `values` (1-D), by a radix select.
+
+    The bits of a non-negative float32 order like the float, so a histogram of their top 16 bits finds
+    the bucket that holds the answer in one counting pass; `kthvalue` then runs on that bucket only.
+    Several times faster than `kthvalue` on the whole tensor for large n, with the same result.
+    """
+    if values.numel() < (1 << 20) or values.dtype != torch.float32:
+        return values.kthvalue(rank).values
+    top = values.view(torch.int32) >> 16  # (n,) in [0, 2^15) for non-negative floats
+    counts = torch.bincount(top, minlength=1 << 15).cumsum_(0)
+    bucket = int(torch.searchsorted(counts, torch.tensor(rank), right=False))
+    below = int(counts[bucket - 1]) if bucket else 0
+    return values[top == bucket].kthvalue(rank - below).values
+
+
 def topk_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool mask of the k largest entries, found by selection (kthvalue), not a sort.
+    """Bool mask of the k largest entries, found by selection (a radix select), never a full sort.
 
     Entries equal to the threshold are taken in index order until exactly k are kept, so the masks
     for k₁ < k₂ are nested.
@@ -36,7 +52,7 @@ def topk_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
         return torch.ones_like(magnitude, dtype=torch.bool)
     if k <= 0:
         return torch.zeros_like(magnitude, dtype=torch.bool)
-    thr = flat.kthvalue(n - k + 1).values
+    thr = kth_smallest(flat, n - k + 1)
     keep = flat > thr
     short = k - int(keep.sum())
     if short > 0:
