@@ -3,7 +3,8 @@
 The loop is plain: for each output tensor, fetch the inputs, resolve the parameters, call the method,
 write. Two threads wrap it: a reader that prefetches the next inputs while the method runs, and a
 writer that appends finished tensors to the output shards. Tensors of element-wise methods that are
-larger than `chunk_elements` are processed in row chunks, so peak memory is a few chunks, not a model.
+larger than `chunk_elements` are processed in row chunks, so peak memory is a few chunks, not a model;
+inside a method the arithmetic runs in cache-sized blocks (methods/blocks.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from safemerge.config import DTYPES, MergeConfig, load_config, method_params
 from safemerge.errors import CheckpointError, ConfigError
 from safemerge.layout import num_layers, position, stream_order, tied_source
 from safemerge.methods import MethodSpec, get_method
+from safemerge.methods.blocks import TaskVector
 from safemerge.writer import ShardedWriter, copy_side_files, write_config, write_model_card
 
 DEFAULT_SHARD = 5 * 1000**3
@@ -37,18 +39,20 @@ def tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest(), "little") >> 1
 
 
-def merge_tensor(config: MergeConfig, *, name: str, t: float, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Merge one tensor: `tensors` maps each input model (as named in the config) to its float32 values.
-
-    The inputs may be modified in place. Returns float32. This is the one place that turns a config
-    into a method call; the streaming engine and the in-memory search both go through it.
+def merge_tensor(config: MergeConfig, *, name: str, t: float, tensors: dict[str, torch.Tensor],
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """Merge one tensor: `tensors` maps each input model (as named in the config) to its values (any
+    float dtype; they are not modified). The arithmetic is float32; the result goes into `out` (any
+    dtype, same shape) or comes back as float32. This is the one place that turns a config into a method
+    call; the streaming engine and the in-memory search both go through it.
     """
     spec = get_method(config.merge_method)
     glob, per = method_params(config, tensor=name, t=t)
     kwargs: dict[str, Any] = {KWARG.get(k, k): v for k, v in glob.items()}
+    kwargs["out"] = out
     if spec.random:
-        kwargs["generator"] = torch.Generator(device=next(iter(tensors.values())).device).manual_seed(
-            tensor_seed(config.seed, name))
+        device = next(iter(tensors.values())).device
+        kwargs["generator"] = torch.Generator(device=device).manual_seed(tensor_seed(config.seed, name))
     if spec.inputs == "models":
         return spec.fn([tensors[m.model] for m in config.models], weights=per["weight"], **kwargs)
     base = tensors[config.base_model]
@@ -57,7 +61,7 @@ def merge_tensor(config: MergeConfig, *, name: str, t: float, tensors: dict[str,
         return spec.fn(base, others[0], **kwargs)
     if spec.inputs == "stock":
         return spec.fn(base, others, **kwargs)
-    deltas = [o.sub_(base) for o in others]  # τ_i = θ_i − θ_base, in place
+    deltas = [TaskVector(model=o) for o in others]  # τ_i = θ_i − θ_base, formed block by block
     model_kw = {k if k != "weight" else "weights": v for k, v in per.items()}
     return spec.fn(base, deltas, **model_kw, **kwargs)
 
@@ -130,7 +134,8 @@ def _read(plan: _Plan, item: _Item, device: str, allow_nonfinite: bool) -> dict[
     for model, ckpt in plan.models.items():
         src = item.name if item.name in ckpt else tied_source(item.name, ckpt.names())
         x = ckpt.get_rows(src, item.start, item.stop)
-        x = x.to(device=device, dtype=torch.float32, non_blocking=True) if device != "cpu" else x.to(torch.float32)
+        if device != "cpu":
+            x = x.to(device=device, non_blocking=True)
         if not torch.isfinite(x).all():
             msg = f"{model}: tensor {item.name!r} contains NaN or Inf"
             if not allow_nonfinite:
@@ -182,9 +187,11 @@ def _stream(plan: _Plan, writer: ShardedWriter, *, device: str, chunk_elements: 
                 break
             item, tensors = got
             t = position(item.name, plan.n_layers)
-            merged = merge_tensor(plan.config, name=item.name, t=t, tensors=tensors)
-            del tensors
-            _put(outbox, (item.name, merged.to(plan.out_dtype[item.name]).cpu()), w_thread, w_errors)
+            ref = next(iter(tensors.values()))
+            merged = torch.empty(ref.shape, dtype=plan.out_dtype[item.name], device=ref.device)
+            merge_tensor(plan.config, name=item.name, t=t, tensors=tensors, out=merged)
+            del tensors, ref
+            _put(outbox, (item.name, merged.cpu()), w_thread, w_errors)
         _put(outbox, _DONE, w_thread, w_errors)
         w_thread.join()
         if w_errors:

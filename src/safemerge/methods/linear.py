@@ -7,15 +7,22 @@ from typing import Sequence
 import torch
 
 from safemerge.methods import REQUIRED, register
+from safemerge.methods.blocks import flat, output, spans
 
 
 @register("linear", inputs="models", global_params={"normalize": True}, model_params={"weight": REQUIRED}, elementwise=True)
-def linear(tensors: Sequence[torch.Tensor], *, weights: Sequence[float], normalize: bool = True) -> torch.Tensor:
-    """Weighted sum of same-shape float32 tensors; divided by Σ w_i when `normalize` (and Σ w_i ≠ 0)."""
-    out = torch.zeros_like(tensors[0])
-    for w, t in zip(weights, tensors):
-        out.add_(t, alpha=float(w))
+def linear(tensors: Sequence[torch.Tensor], *, weights: Sequence[float], normalize: bool = True,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """Weighted sum of same-shape tensors (any float dtype, computed in float32, block by block);
+    divided by Σ w_i when `normalize` (and Σ w_i ≠ 0)."""
     total = float(sum(weights))
-    if normalize and abs(total) > 1e-8:
-        out.div_(total)
-    return out
+    scale = 1.0 / total if normalize and abs(total) > 1e-8 else 1.0
+    coefs = [float(w) * scale for w in weights]
+    result = output(tensors[0], out)
+    xs, o = [flat(t) for t in tensors], flat(result)
+    for s, e in spans(o.numel(), o):
+        acc = xs[0][s:e].to(torch.float32, copy=True).mul_(coefs[0])
+        for x, c in zip(xs[1:], coefs[1:]):
+            acc.add_(x[s:e].to(torch.float32), alpha=c)
+        o[s:e] = acc
+    return result

@@ -10,7 +10,8 @@ from safemerge.methods import register
 
 
 @register("model_stock", inputs="stock", global_params={"filter_wise": False})
-def model_stock(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, filter_wise: bool = False) -> torch.Tensor:
+def model_stock(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, filter_wise: bool = False,
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """θ = t·mean(θ_i) + (1−t)·θ_base with t = N·cos / (1 + (N−1)·cos).
 
     cos is the mean pairwise cosine between the task vectors θ_i − θ_base (N ≥ 2 of them), over the
@@ -19,6 +20,7 @@ def model_stock(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, filter_w
     if len(tensors) < 2:
         raise ValueError("model_stock needs at least two models besides the base")
     shape = base.shape
+    base, tensors = base.to(torch.float32), [x.to(torch.float32) for x in tensors]
     rows = (lambda x: x.reshape(x.shape[0], -1)) if filter_wise and base.dim() > 1 else (lambda x: x.reshape(1, -1))
     b = rows(base)
     deltas = [rows(t) - b for t in tensors]
@@ -32,4 +34,8 @@ def model_stock(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, filter_w
     n = len(tensors)
     t = n * cos / (1 + (n - 1) * cos)
     avg = torch.stack([rows(x) for x in tensors]).mean(dim=0)
-    return (t * avg + (1 - t) * b).reshape(shape)
+    merged = (t * avg + (1 - t) * b).reshape(shape)
+    if out is None:
+        return merged
+    out.copy_(merged.reshape(out.shape))
+    return out

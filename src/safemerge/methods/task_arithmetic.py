@@ -11,7 +11,11 @@
   |τ| (outliers) and then the smallest, keeping a `density` share.
 MergeAlign (Sun et al., 2025) is task_arithmetic with weights α (domain) and β (alignment).
 
-All tensors are float32. `deltas` are modified in place (the engine passes fresh tensors).
+`base` is a tensor of any float dtype; each of `deltas` is a precomputed τ_i (a tensor) or a
+`TaskVector(model=θ_i)` whose τ_i is formed block by block. Everything is computed in float32, in
+cache-sized blocks (see blocks.py); the result is written into `out` (any dtype) or returned as float32.
+Sparsifiers that need a whole-tensor statistic (a magnitude threshold, an L1 norm) take it in a first
+pass over the blocks and apply it in the final one.
 """
 
 from __future__ import annotations
@@ -21,124 +25,182 @@ from typing import Literal, Sequence
 import torch
 
 from safemerge.methods import REQUIRED, register
+from safemerge.methods.blocks import TaskVector, flat, output, spans, task_vectors
+
+NBUCKETS = 1 << 15  # top 16 bits of a non-negative float32: sign (0), exponent, 7 mantissa bits
 
 
-# -- sparsifiers ------------------------------------------------------------------------------------
-def kth_smallest(values: torch.Tensor, rank: int) -> torch.Tensor:
-    """The rank-th smallest (1-based) of non-negative float32 `values` (1-D), by a radix select.
+# -- exact top-k by a block-wise radix select -------------------------------------------------------
+class TopK:
+    """Membership in the k largest |τ| entries, exact: entries equal to the threshold count in index order.
 
-    The bits of a non-negative float32 order like the float, so a histogram of their top 16 bits finds
-    the bucket that holds the answer in one counting pass; `kthvalue` then runs on that bucket only.
-    Several times faster than `kthvalue` on the whole tensor for large n, with the same result.
+    Found without sorting: a histogram of the top 16 bits of |τ| (which order like the floats) locates
+    the bucket of the threshold; `kthvalue` then runs on that bucket's entries only. `mask` must be
+    called on the blocks in order (it counts the threshold ties it has admitted).
     """
-    if values.numel() < (1 << 20) or values.dtype != torch.float32:
-        return values.kthvalue(rank).values
-    top = values.view(torch.int32) >> 16  # (n,) in [0, 2^15) for non-negative floats
-    counts = torch.bincount(top, minlength=1 << 15).cumsum_(0)
-    bucket = int(torch.searchsorted(counts, torch.tensor(rank), right=False))
-    below = int(counts[bucket - 1]) if bucket else 0
-    return values[top == bucket].kthvalue(rank - below).values
+
+    def __init__(self, base: torch.Tensor, tv: TaskVector, k: int):
+        n = base.numel()
+        self.all, self.none = k >= n, k <= 0
+        self.thr, self.short = 0.0, 0
+        if self.all or self.none:
+            return
+        rank = n - k + 1  # the threshold is the rank-th smallest magnitude
+        counts = torch.zeros(NBUCKETS, dtype=torch.int64)
+        for s, e, mag in _magnitudes(base, tv):
+            counts += torch.bincount(mag.view(torch.int32) >> 16, minlength=NBUCKETS)
+        cum = counts.cumsum_(0)
+        bucket = int(torch.searchsorted(cum, torch.tensor(rank)))
+        below = int(cum[bucket - 1]) if bucket else 0
+        inside = torch.cat([mag[(mag.view(torch.int32) >> 16) == bucket] for _, _, mag in _magnitudes(base, tv)])
+        thr = inside.kthvalue(rank - below).values
+        greater = (n - int(cum[bucket])) + int((inside > thr).sum())
+        self.thr, self.short = float(thr), k - greater
+
+    def mask(self, mag: torch.Tensor) -> torch.Tensor:
+        if self.all or self.none:
+            return torch.full_like(mag, self.all, dtype=torch.bool)
+        keep = mag > self.thr
+        if self.short > 0:
+            ties = mag == self.thr
+            n_ties = int(ties.sum())
+            if n_ties:
+                if n_ties <= self.short:
+                    keep |= ties
+                else:
+                    keep |= ties & (ties.cumsum(0) <= self.short)
+                self.short -= min(n_ties, self.short)
+        return keep
+
+
+def _magnitudes(base: torch.Tensor, tv: TaskVector):
+    b = flat(base)
+    for s, e in spans(b.numel(), b):
+        yield s, e, tv.block(b[s:e].to(torch.float32), s, e).abs_()
 
 
 def topk_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool mask of the k largest entries, found by selection (a radix select), never a full sort.
-
-    Entries equal to the threshold are taken in index order until exactly k are kept, so the masks
-    for k₁ < k₂ are nested.
-    """
-    flat = magnitude.reshape(-1)
-    n = flat.numel()
-    if k >= n:
-        return torch.ones_like(magnitude, dtype=torch.bool)
-    if k <= 0:
-        return torch.zeros_like(magnitude, dtype=torch.bool)
-    thr = kth_smallest(flat, n - k + 1)
-    keep = flat > thr
-    short = k - int(keep.sum())
-    if short > 0:
-        keep[(flat == thr).nonzero().squeeze(1)[:short]] = True
-    return keep.view_as(magnitude)
+    """Bool mask of the k largest entries of a non-negative tensor (exactly k; ties in index order)."""
+    m = flat(magnitude).to(torch.float32)
+    sel = TopK(torch.zeros_like(m), TaskVector(delta=m), k)
+    return torch.cat([sel.mask(m[s:e]) for s, e in spans(m.numel(), m)]).view(magnitude.shape)
 
 
-def trim_magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """TIES trim: keep the int(density·n) entries of largest magnitude, zero the rest (in place)."""
-    if density >= 1:
-        return delta
-    k = int(density * delta.numel())
-    if k <= 0:
-        raise ValueError(f"density {density} keeps no element of a tensor of {delta.numel()}; raise density")
-    return delta.mul_(topk_mask(delta.abs(), k))
+def kth_smallest(values: torch.Tensor, rank: int) -> torch.Tensor:
+    """The rank-th smallest (1-based) of non-negative `values`, by the same radix select."""
+    v = flat(values).to(torch.float32)
+    sel = TopK(torch.zeros_like(v), TaskVector(delta=v), v.numel() - rank + 1)
+    return torch.tensor(sel.thr) if not (sel.all or sel.none) else v.min()
 
 
-def trim_outliers(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """Breadcrumbs: drop the int(gamma·n) largest |τ| and then the smallest, keeping int(density·n)."""
-    if density >= 1:
-        return delta
-    n = delta.numel()
-    keep_n, top_n = int(density * n), int(gamma * n)
-    top_n = min(top_n, n - keep_n)
-    mag = delta.abs()
-    mask = topk_mask(mag, keep_n + top_n) & ~topk_mask(mag, top_n)
-    return delta.mul_(mask)
+# -- sparsifiers: prepared once per tensor, applied block by block in order ---------------------------
+class Magnitude:
+    """TIES trim: keep the int(density·n) entries of largest |τ|."""
+
+    def __init__(self, base, tv, density: float):
+        n = base.numel()
+        k = n if density >= 1 else int(density * n)
+        if k <= 0:
+            raise ValueError(f"density {density} keeps no element of a tensor of {n}; raise density")
+        self.top = TopK(base, tv, k)
+
+    def __call__(self, d: torch.Tensor) -> torch.Tensor:
+        return d if self.top.all else d.mul_(self.top.mask(d.abs()))
 
 
-def random_drop(
-    delta: torch.Tensor,
-    density: float,
-    *,
-    generator: torch.Generator | None,
-    rescale: bool = True,
-    rescale_mode: Literal["density", "l1"] = "density",
-) -> torch.Tensor:
-    """DARE: keep each element with probability `density`; rescale by 1/density or to keep ‖τ‖₁ (in place)."""
-    if density >= 1:
-        return delta
-    keep = torch.rand(delta.shape, generator=generator, dtype=torch.float32) < density
-    before = float(delta.abs().sum()) if rescale and rescale_mode == "l1" else 0.0
-    delta.mul_(keep)
-    if rescale:
+class Outliers:
+    """Breadcrumbs: drop the int(gamma·n) largest |τ|, then the smallest, keeping int(density·n)."""
+
+    def __init__(self, base, tv, density: float, gamma: float):
+        n = base.numel()
+        self.off = density >= 1
+        keep_n = int(density * n)
+        top_n = min(int(gamma * n), n - keep_n)
+        self.lo, self.hi = TopK(base, tv, keep_n + top_n), TopK(base, tv, top_n)
+
+    def __call__(self, d: torch.Tensor) -> torch.Tensor:
+        if self.off:
+            return d
+        mag = d.abs()
+        return d.mul_(self.lo.mask(mag) & ~self.hi.mask(mag))
+
+
+class RandomDrop:
+    """DARE: keep each element with probability `density`; rescale by 1/density or to keep ‖τ‖₁."""
+
+    def __init__(self, base, tv, density: float, *, seed: int, rescale: bool, rescale_mode: str):
+        self.density, self.off = density, density >= 1
+        self.gen = torch.Generator(device=base.device).manual_seed(seed)
+        self.factor = 1.0
+        if self.off or not rescale:
+            return
         if rescale_mode == "density":
-            delta.div_(density)
+            self.factor = 1.0 / density
+        elif rescale_mode == "l1":  # a dry run of the same random stream measures ‖τ‖₁ before and after
+            state = self.gen.get_state()
+            before = after = 0.0
+            for _, _, mag in _magnitudes(base, tv):
+                before += float(mag.sum())
+                after += float((mag * self._keep(mag)).sum())
+            self.gen.set_state(state)
+            self.factor = before / after if before > 1e-7 and after > 1e-7 else 1.0
         else:
-            after = float(delta.abs().sum())
-            if before > 1e-7 and after > 1e-7:
-                delta.mul_(before / after)
-    return delta
+            raise ValueError(f"rescale_mode {rescale_mode!r} is not 'density' or 'l1'")
+
+    def _keep(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.rand(like.shape, generator=self.gen, device=like.device) < self.density
+
+    def __call__(self, d: torch.Tensor) -> torch.Tensor:
+        if self.off:
+            return d
+        d.mul_(self._keep(d))
+        return d.mul_(self.factor) if self.factor != 1.0 else d
 
 
 # -- combination ------------------------------------------------------------------------------------
-def combine(
-    base: torch.Tensor,
-    deltas: Sequence[torch.Tensor],
-    *,
-    weights: Sequence[float],
-    consensus: bool,
-    normalize: bool,
-    lambda_: float,
-) -> torch.Tensor:
-    """θ_base + λ · Σ m_i ⊙ w_i·τ_i / D (see the module docstring); `deltas` are scaled in place."""
-    for d, w in zip(deltas, weights):
-        d.mul_(float(w))
-    mixed = torch.zeros_like(base)
-    for d in deltas:
-        mixed.add_(d)
-    if consensus:
-        positive = mixed >= 0  # elected sign: + where Σ w_i·τ̃_i ≥ 0
-        mixed.zero_()
-        divisor = torch.zeros_like(base)
-        for d, w in zip(deltas, weights):
-            agree = torch.where(positive, d > 0, d < 0)  # zeros (trimmed) never agree
-            mixed.add_(d * agree)
-            divisor.add_(agree, alpha=float(w))
-        divisor[divisor == 0] = 1
-    else:
-        total = float(sum(weights))
-        divisor = total if abs(total) >= 1e-8 else 1.0
-    if normalize:
-        mixed.div_(divisor)
-    if lambda_ != 1:
-        mixed.mul_(float(lambda_))
-    return mixed.add_(base)
+def combine(base, deltas, *, weights, consensus: bool, normalize: bool, lambda_: float, sparsifiers=None,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """θ_base + λ · Σ m_i ⊙ w_i·τ̃_i / D (see the module docstring), block by block."""
+    tvs = task_vectors(deltas)
+    sparsifiers = sparsifiers or [None] * len(tvs)
+    result = output(base, out)
+    b, o = flat(base), flat(result)
+    weights = [float(w) for w in weights]
+    total = sum(weights)
+    fixed_divisor = total if normalize and abs(total) >= 1e-8 else 1.0
+    for s, e in spans(b.numel(), b):
+        bb = b[s:e].to(torch.float32)
+        ds = []
+        for tv, w, sp in zip(tvs, weights, sparsifiers):
+            d = tv.block(bb, s, e)
+            if sp is not None:
+                d = sp(d)
+            ds.append(d.mul_(w) if w != 1.0 else d)
+        mixed = ds[0].clone() if ds else torch.zeros_like(bb)
+        for d in ds[1:]:
+            mixed.add_(d)
+        if consensus:
+            positive = mixed >= 0  # elected sign: + where Σ w_i·τ̃_i ≥ 0
+            mixed.zero_()
+            divisor = torch.zeros_like(bb)
+            for d, w in zip(ds, weights):
+                agree = torch.where(positive, d > 0, d < 0)  # trimmed zeros never agree
+                mixed.addcmul_(d, agree)
+                divisor.add_(agree, alpha=w)
+            if normalize:
+                mixed.div_(divisor.masked_fill_(divisor == 0, 1))
+        elif fixed_divisor != 1.0:
+            mixed.div_(fixed_divisor)
+        if lambda_ != 1:
+            mixed.mul_(float(lambda_))
+        o[s:e] = mixed.add_(bb)
+    return result
+
+
+def _seeds(generator: torch.Generator | None, n: int) -> list[int]:
+    """One seed per task vector, drawn from the method's generator (each τ_i gets its own stream)."""
+    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    return [int(x) for x in torch.randint(0, 2**62, (n,), generator=g, device=g.device)]
 
 
 # -- the registered methods -------------------------------------------------------------------------
@@ -147,59 +209,89 @@ _COMMON = {"lambda": 1.0, "int8_mask": False}
 
 @register("task_arithmetic", inputs="deltas", global_params={**_COMMON, "normalize": False},
           model_params={"weight": REQUIRED}, elementwise=True)
-def task_arithmetic(base, deltas, *, weights, lambda_=1.0, normalize=False, **_):
+def task_arithmetic(base, deltas, *, weights, lambda_=1.0, normalize=False, out=None, **_):
     """θ_base + λ·Σ w_i·τ_i (÷ Σ w_i when normalize)."""
-    return combine(base, deltas, weights=weights, consensus=False, normalize=normalize, lambda_=lambda_)
+    return combine(base, deltas, weights=weights, consensus=False, normalize=normalize, lambda_=lambda_, out=out)
 
 
 @register("ties", inputs="deltas", global_params={**_COMMON, "normalize": True},
           model_params={"weight": REQUIRED, "density": 1.0})
-def ties(base, deltas, *, weights, density, lambda_=1.0, normalize=True, **_):
+def ties(base, deltas, *, weights, density, lambda_=1.0, normalize=True, out=None, **_):
     """TIES: trim to `density` by magnitude, elect signs, disjoint mean (normalize on by default)."""
-    for d, rho in zip(deltas, density):
-        trim_magnitude(d, rho)
-    return combine(base, deltas, weights=weights, consensus=True, normalize=normalize, lambda_=lambda_)
+    tvs = task_vectors(deltas)
+    trims = [Magnitude(base, tv, rho) for tv, rho in zip(tvs, density)]
+    return combine(base, tvs, weights=weights, consensus=True, normalize=normalize, lambda_=lambda_,
+                   sparsifiers=trims, out=out)
 
 
 _DARE = {**_COMMON, "normalize": False, "rescale": True, "rescale_mode": "density"}
 
 
-def _dare(base, deltas, *, weights, density, generator, rescale, rescale_mode, consensus, normalize, lambda_):
-    for d, rho in zip(deltas, density):
-        random_drop(d, rho, generator=generator, rescale=rescale, rescale_mode=rescale_mode)
-    return combine(base, deltas, weights=weights, consensus=consensus, normalize=normalize, lambda_=lambda_)
+def _dare(base, deltas, *, weights, density, generator, rescale, rescale_mode, consensus, normalize, lambda_, out):
+    tvs = task_vectors(deltas)
+    drops = [RandomDrop(base, tv, rho, seed=sd, rescale=rescale, rescale_mode=rescale_mode)
+             for tv, rho, sd in zip(tvs, density, _seeds(generator, len(tvs)))]
+    return combine(base, tvs, weights=weights, consensus=consensus, normalize=normalize, lambda_=lambda_,
+                   sparsifiers=drops, out=out)
 
 
 @register("dare_linear", inputs="deltas", global_params=_DARE, model_params={"weight": REQUIRED, "density": 1.0}, random=True)
 def dare_linear(base, deltas, *, weights, density, generator=None, lambda_=1.0, normalize=False,
-                rescale=True, rescale_mode="density", **_):
+                rescale=True, rescale_mode: Literal["density", "l1"] = "density", out=None, **_):
     """DARE then task arithmetic."""
     return _dare(base, deltas, weights=weights, density=density, generator=generator, rescale=rescale,
-                 rescale_mode=rescale_mode, consensus=False, normalize=normalize, lambda_=lambda_)
+                 rescale_mode=rescale_mode, consensus=False, normalize=normalize, lambda_=lambda_, out=out)
 
 
 @register("dare_ties", inputs="deltas", global_params=_DARE, model_params={"weight": REQUIRED, "density": 1.0}, random=True)
 def dare_ties(base, deltas, *, weights, density, generator=None, lambda_=1.0, normalize=False,
-              rescale=True, rescale_mode="density", **_):
+              rescale=True, rescale_mode: Literal["density", "l1"] = "density", out=None, **_):
     """DARE then TIES's sign election and disjoint mean."""
     return _dare(base, deltas, weights=weights, density=density, generator=generator, rescale=rescale,
-                 rescale_mode=rescale_mode, consensus=True, normalize=normalize, lambda_=lambda_)
+                 rescale_mode=rescale_mode, consensus=True, normalize=normalize, lambda_=lambda_, out=out)
 
 
 _CRUMBS = {"weight": REQUIRED, "density": 1.0, "gamma": 0.01}
 
 
+def _crumbs(base, deltas, *, weights, density, gamma, consensus, normalize, lambda_, out):
+    tvs = task_vectors(deltas)
+    trims = [Outliers(base, tv, rho, g) for tv, rho, g in zip(tvs, density, gamma)]
+    return combine(base, tvs, weights=weights, consensus=consensus, normalize=normalize, lambda_=lambda_,
+                   sparsifiers=trims, out=out)
+
+
 @register("breadcrumbs", inputs="deltas", global_params={**_COMMON, "normalize": False}, model_params=_CRUMBS)
-def breadcrumbs(base, deltas, *, weights, density, gamma, lambda_=1.0, normalize=False, **_):
+def breadcrumbs(base, deltas, *, weights, density, gamma, lambda_=1.0, normalize=False, out=None, **_):
     """Model Breadcrumbs: drop outliers and small entries, then task arithmetic."""
-    for d, rho, g in zip(deltas, density, gamma):
-        trim_outliers(d, rho, g)
-    return combine(base, deltas, weights=weights, consensus=False, normalize=normalize, lambda_=lambda_)
+    return _crumbs(base, deltas, weights=weights, density=density, gamma=gamma, consensus=False,
+                   normalize=normalize, lambda_=lambda_, out=out)
 
 
 @register("breadcrumbs_ties", inputs="deltas", global_params={**_COMMON, "normalize": False}, model_params=_CRUMBS)
-def breadcrumbs_ties(base, deltas, *, weights, density, gamma, lambda_=1.0, normalize=False, **_):
+def breadcrumbs_ties(base, deltas, *, weights, density, gamma, lambda_=1.0, normalize=False, out=None, **_):
     """Model Breadcrumbs with TIES's sign election and disjoint mean."""
-    for d, rho, g in zip(deltas, density, gamma):
-        trim_outliers(d, rho, g)
-    return combine(base, deltas, weights=weights, consensus=True, normalize=normalize, lambda_=lambda_)
+    return _crumbs(base, deltas, weights=weights, density=density, gamma=gamma, consensus=True,
+                   normalize=normalize, lambda_=lambda_, out=out)
+
+
+def trim_magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """TIES trim of one τ, in place (a convenience over `Magnitude` for whole tensors)."""
+    tv = TaskVector(delta=flat(delta))
+    trim = Magnitude(torch.zeros_like(delta), tv, density)
+    f = flat(delta)
+    for s, e in spans(f.numel(), f):
+        f[s:e] = trim(f[s:e].to(torch.float32))
+    return delta
+
+
+def random_drop(delta: torch.Tensor, density: float, *, generator: torch.Generator | None, rescale: bool = True,
+                rescale_mode: str = "density") -> torch.Tensor:
+    """DARE of one τ, in place (a convenience over `RandomDrop` for whole tensors)."""
+    (seed,) = _seeds(generator, 1)
+    tv = TaskVector(delta=flat(delta))
+    drop = RandomDrop(torch.zeros_like(delta), tv, density, seed=seed, rescale=rescale, rescale_mode=rescale_mode)
+    f = flat(delta)
+    for s, e in spans(f.numel(), f):
+        f[s:e] = drop(f[s:e].to(torch.float32))
+    return delta
