@@ -12,6 +12,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny import make_family  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+# Testbed builds are cached across test runs inside the repo (git-ignored), not in the user's ~/.cache.
+os.environ.setdefault("SAFEMERGE_CACHE", str(REPO / ".cache"))
 
 
 @pytest.fixture(scope="session")
@@ -21,16 +23,11 @@ def tiny_family(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def testbed_cache() -> Path:
-    """Where testbeds are cached across test runs ($SAFEMERGE_TEST_CACHE or .cache/ in the repo)."""
-    path = Path(os.environ.get("SAFEMERGE_TEST_CACHE", REPO / ".cache" / "tests"))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def micro_testbed(tmp_path_factory) -> Path:
+    """The `micro` testbed (seed 0): base, aligned, expert-medicine, expert-finance and data/.
 
-
-@pytest.fixture(scope="session")
-def micro_testbed(testbed_cache) -> Path:
-    """The `micro` testbed (seed 0): base, aligned, expert-medicine, expert-finance and data/."""
+    Built once into $SAFEMERGE_CACHE (trained on the first run, copied afterwards) and copied here, so
+    tests may write beside it freely."""
     from safemerge.testbed import build_testbed
 
-    return build_testbed(testbed_cache / "micro-0", seed=0, preset="micro", progress=False)
+    return build_testbed(tmp_path_factory.mktemp("micro") / "testbed", seed=0, preset="micro", progress=False)
