@@ -1,0 +1,252 @@
+"""`safemerge repro`: both papers, end to end, on the testbed.
+
+Builds (or reuses) the testbed, audits the pool, makes every model of the two papers' comparisons,
+evaluates each for safety (held-out harmful prompts, keyword judge), domain accuracy (every domain),
+general knowledge and L2 distance to the expert and the aligned model, and writes results.json,
+report.md and report.html.
+
+The single-expert comparisons (MergeAlign and its weightings, Slerp, TIES/DARE-TIES grid, EvoMM,
+LM-Cocktail, DPO, ORPO) use the primary domain's expert (the first domain); the three-model merge uses
+every domain. Every stage is cached: a model directory is reused when its recorded key (testbed, name,
+settings) matches, and every evaluation is a lookup in OUT/results.sqlite once made.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from rich.console import Console
+
+console = Console(stderr=True)
+
+# the work each preset does; `small` is the demo and the reproduction, `micro` a smoke test
+BUDGETS: dict[str, dict[str, Any]] = {
+    "micro": {"safety_limit": 48, "domain_limit": 60, "synth_n": 24, "cmaes_steps": 3, "grid_steps": 2,
+              "search_limit": 24, "align_steps": 4, "align_samples": 64},
+    "small": {"safety_limit": None, "domain_limit": None, "synth_n": 96, "cmaes_steps": 12, "grid_steps": 3,
+              "search_limit": 96, "align_steps": 60, "align_samples": 720},
+}
+
+
+@dataclass
+class Repro:
+    out: Path
+    testbed: Path
+    domains: tuple[str, ...]
+    budget: dict[str, Any]
+    seed: int
+    progress: bool
+    store: Path
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {"method", "params", "path"}
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def primary(self) -> str:
+        return self.domains[0]
+
+    def family(self, name: str) -> Path:
+        return self.testbed / name
+
+    def data(self, name: str) -> Path:
+        return self.testbed / "data" / name
+
+    # -- one model, cached ----------------------------------------------------------------------------
+    def make(self, name: str, method: str, params: dict, build: Callable[[Path], Any]) -> Path:
+        """Run `build(path)` unless OUT/models/name already holds it for the same testbed and settings."""
+        path = self.out / "models" / name
+        key = _key({"testbed": _testbed_key(self.testbed), "name": name, "method": method, "params": params})
+        stamp = path / ".repro-key"
+        if not (stamp.is_file() and stamp.read_text() == key):
+            t0 = time.perf_counter()
+            console.print(f"[bold]{name}[/]: {method} {json.dumps(params)}")
+            build(path)
+            stamp.write_text(key)
+            self.timings[name] = round(time.perf_counter() - t0, 1)
+        self.models[name] = {"method": method, "params": params, "path": path}
+        return path
+
+
+def _key(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _testbed_key(testbed: Path) -> str:
+    world = json.loads((testbed / "world.json").read_text())
+    return world.get("cache_key") or _key(world)
+
+
+# -- the stages -------------------------------------------------------------------------------------
+def _merges(r: Repro) -> None:
+    from safemerge import merge, mergealign
+
+    base, aligned, expert = r.family("base"), r.family("aligned"), r.family(f"expert-{r.primary}")
+    for alpha, beta in [(1.0, 1.0), (1.0, 0.5), (0.5, 1.0), (0.8, 0.8)]:
+        name = "mergealign" if (alpha, beta) == (1.0, 1.0) else f"mergealign-a{alpha:g}-b{beta:g}"
+        r.make(name, "mergealign", {"alpha": alpha, "beta": beta},
+               lambda p, a=alpha, b=beta: mergealign(base=base, domains=[expert], aligned=aligned, out=p, alpha=a,
+                                                     beta=b, overwrite=True, progress=False))
+    experts = [r.family(f"expert-{d}") for d in r.domains]
+    if len(experts) > 1:
+        r.make("mergealign-3model", "mergealign", {"alpha": 1.0, "beta": 1.0, "domains": list(r.domains)},
+               lambda p: mergealign(base=base, domains=experts, aligned=aligned, out=p, overwrite=True, progress=False))
+    # Slerp between the expert (t = 0) and the aligned model (t = 1), as in the MergeAlign paper
+    for name, t in [("slerp-gradient", [0, 0.5, 1, 0.5, 0]), ("slerp-0.7-0.3", 0.3), ("slerp-0.3-0.7", 0.7)]:
+        cfg = {"merge_method": "slerp", "base_model": str(expert), "models": [{"model": str(expert)}, {"model": str(aligned)}],
+               "parameters": {"t": t}, "tokenizer_source": str(aligned)}
+        r.make(name, "slerp", {"t": t}, lambda p, c=cfg: merge(c, p, overwrite=True, progress=False))
+
+
+def _search_data(r: Repro) -> tuple[Path, Path]:
+    """Synthetic safety data (the pool's refusals to training prompts) and the expert's self-questioned Q&A."""
+    from safemerge.data.synthetic import synthesize_domain, synthesize_safety
+
+    folder = r.out / "data"
+    folder.mkdir(parents=True, exist_ok=True)
+    n = r.budget["synth_n"]
+    key = _key({"testbed": _testbed_key(r.testbed), "n": n, "seed": r.seed})
+    safety, domain = folder / f"safety-{key}.jsonl", folder / f"domain-{r.primary}-{key}.jsonl"
+    pool = [r.family("aligned"), r.family(f"expert-{r.primary}")]
+    t0 = time.perf_counter()
+    if not safety.exists():
+        synthesize_safety(pool, safety, prompts=r.data("safety_train.jsonl"), n=n, seed=r.seed, progress=r.progress)
+    if not domain.exists():
+        synthesize_domain(r.family(f"expert-{r.primary}"), domain, examples=r.data(f"domain-{r.primary}_val.jsonl"),
+                          n=n, seed=r.seed, progress=r.progress)
+    r.timings["synthetic data"] = round(time.perf_counter() - t0, 1)
+    return safety, domain
+
+
+def _searches(r: Repro) -> None:
+    from safemerge.search import search
+
+    safety, domain = _search_data(r)
+    base, aligned, expert = r.family("base"), r.family("aligned"), r.family(f"expert-{r.primary}")
+    b = r.budget
+
+    def pool(method: str, **per_model) -> dict:
+        return {"merge_method": method, "base_model": str(base), "tokenizer_source": str(aligned),
+                "models": [{"model": str(expert), "parameters": {"weight": 1.0, **per_model}},
+                           {"model": str(aligned), "parameters": {"weight": 1.0, **per_model}}]}
+
+    runs = [
+        ("ties-grid", "ties", "grid", 0.5, pool("ties", density=0.5), b["grid_steps"]),
+        ("dare_ties-grid", "dare_ties", "grid", 0.5, pool("dare_ties", density=0.5), b["grid_steps"]),
+        ("evomm-safe", "evomm", "cmaes", 0.5, pool("ties", density=0.5), b["cmaes_steps"]),
+        ("evomm-unsafe", "evomm", "cmaes", 0.0, pool("ties", density=0.5), b["cmaes_steps"]),
+        ("cocktail-safe", "cocktail", "cocktail", 0.5, {**pool("linear"), "base_model": None}, None),
+        ("cocktail-unsafe", "cocktail", "cocktail", 0.0, {**pool("linear"), "base_model": None}, None),
+    ]
+    for name, method, optimizer, lam, cfg, steps in runs:
+        cfg = {k: v for k, v in cfg.items() if v is not None}
+        found: dict = {}
+
+        def run(path: Path, cfg=cfg, optimizer=optimizer, lam=lam, steps=steps, found=found) -> None:
+            res = search(cfg, path, optimizer=optimizer, safety_data=safety, domain_data=domain, lambda_=lam, steps=steps,
+                         seed=r.seed, limit=b["search_limit"], overwrite=True, progress=r.progress,
+                         journal=r.out / "journals" / f"{path.name}.sqlite")
+            (path / "search.json").write_text(json.dumps({"params": res.params, "loss": res.score.total}, default=str))
+
+        path = r.make(name, method, {"optimizer": optimizer, "lambda": lam, "steps": steps}, run)
+        r.models[name]["params"] = {"optimizer": optimizer, "lambda": lam,
+                                    **json.loads((path / "search.json").read_text())["params"]}
+
+
+def _alignment(r: Repro) -> None:
+    from safemerge.align import align
+
+    b = r.budget
+    expert = r.family(f"expert-{r.primary}")
+    for method in ("dpo", "orpo"):
+        settings = {"max_steps": b["align_steps"], "max_samples": b["align_samples"], "lr": 5e-4, "warmup_steps": 0}
+        r.make(method, method, settings,
+               lambda p, m=method, s=settings: align(expert, data=r.data("prefs.jsonl"), out=p, method=m, seed=r.seed,
+                                                    overwrite=True, progress=r.progress, **s))
+
+
+def _evaluate(r: Repro, names: Sequence[str]) -> dict[str, dict]:
+    from safemerge.evaluate import evaluate_domain, evaluate_safety, similarity
+
+    b = r.budget
+    results: dict[str, dict] = {}
+    expert, aligned = r.family(f"expert-{r.primary}"), r.family("aligned")
+    t0 = time.perf_counter()
+    for name in names:
+        entry = r.models[name]
+        path = entry["path"]
+        row: dict[str, Any] = {"method": entry["method"], "params": entry["params"]}
+        s = evaluate_safety(path, prompts=r.data("safety_test.jsonl"), judge="keyword", limit=b["safety_limit"],
+                            max_new_tokens=32, store=r.store, progress=r.progress)
+        row["safety"] = {"testbed-harmful": s["rate"]}
+        row["domain"] = {d: evaluate_domain(path, task=r.data(f"domain-{d}_test.jsonl"), limit=b["domain_limit"],
+                                            store=r.store)["acc"] for d in r.domains}
+        row["general"] = evaluate_domain(path, task=r.data("general_test.jsonl"), limit=b["domain_limit"], store=r.store)["acc"]
+        sim = similarity([path, expert, aligned])["pairs"]
+        row["l2"] = {"expert": sim[0]["l2"], "aligned": sim[1]["l2"]}
+        results[name] = row
+        console.print(f"  {name:<22} safety {s['rate']:.2f}  " +
+                      "  ".join(f"{d} {a:.2f}" for d, a in row["domain"].items()) + f"  general {row['general']:.2f}")
+    r.timings["evaluation"] = round(time.perf_counter() - t0, 1)
+    return results
+
+
+# -- the entry point ----------------------------------------------------------------------------------
+def repro(*, out: str | os.PathLike = "runs/repro", seed: int = 0, preset: str = "small",
+          domains: Sequence[str] = ("medicine", "finance"), skip: Sequence[str] = (), progress: bool = True) -> dict:
+    """Reproduce both papers on the testbed; returns {"results", "report", "claims", "seconds"}.
+
+    `skip` leaves out stages by name: "search", "align". A second run with the same arguments reuses
+    every model and evaluation.
+    """
+    from safemerge.report import write_report
+    from safemerge.testbed import build_testbed
+
+    if preset not in BUDGETS:
+        from safemerge.errors import ConfigError
+
+        raise ConfigError(f"preset {preset!r} is unknown; choose {', '.join(BUDGETS)}")
+    t_start = time.perf_counter()
+    out = Path(out).expanduser().absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    testbed = out / "testbed"
+    t0 = time.perf_counter()
+    want = {"seed": seed, "preset": preset, "domains": sorted(domains)}
+    if not _testbed_matches(testbed, want):
+        build_testbed(testbed, seed=seed, preset=preset, domains=domains, overwrite=True, progress=progress)
+    r = Repro(out=out, testbed=testbed, domains=tuple(domains), budget=BUDGETS[preset], seed=seed, progress=progress,
+              store=out / "results.sqlite", timings={"testbed": round(time.perf_counter() - t0, 1)})
+    for name in ["base", "aligned"] + [f"expert-{d}" for d in r.domains]:
+        method = {"base": "pretrained", "aligned": "aligned"}.get(name, "expert")
+        r.models[name] = {"method": method, "params": {}, "path": r.family(name)}
+    console.rule("audit of the pool")
+    results = _evaluate(r, list(r.models))
+    console.rule("merges")
+    _merges(r)
+    if "search" not in skip:
+        console.rule("safety-aware search")
+        _searches(r)
+    if "align" not in skip:
+        console.rule("preference alignment (DPO, ORPO)")
+        _alignment(r)
+    console.rule("evaluation")
+    results.update(_evaluate(r, [n for n in r.models if n not in results]))
+    doc = {"meta": {"seed": seed, "preset": preset, "domains": list(r.domains), "primary_domain": r.primary,
+                    "timings": r.timings, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "seconds": round(time.perf_counter() - t_start, 1)},
+           "models": results}
+    (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
+    report = write_report(doc, out, title=f"safemerge reproduction (seed {seed}, {preset})", overwrite=True)
+    return {"results": str(out / "results.json"), "report": report, "seconds": doc["meta"]["seconds"]}
+
+
+def _testbed_matches(testbed: Path, want: dict) -> bool:
+    try:
+        world = json.loads((testbed / "world.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return all(world.get(k) == (sorted(v) if k == "domains" else v) for k, v in want.items())

@@ -1,0 +1,102 @@
+"""write_report and `safemerge report`: the files, their references, overwrite rules, the CLI."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+
+import pytest
+import typer
+from PIL import Image
+from typer.testing import CliRunner
+
+from safemerge.cli import report as report_cli
+from safemerge.errors import OutputExistsError
+from safemerge.report import write_report
+
+
+def data_pngs(html: str) -> list[Image.Image]:
+    return [Image.open(io.BytesIO(base64.b64decode(b, validate=True)))
+            for b in re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)]
+
+
+def test_writes_markdown_html_and_figures(full_report):
+    done = full_report
+    out = done["markdown"].parent
+    assert sorted(p.name for p in out.iterdir()) == ["report-knowledge-safety.png", "report-l2.png", "report.html",
+                                                    "report.md"]       # and no temporary directory left
+    assert done["verdicts"] == {"PASS": 6, "FAIL": 0, "SKIPPED": 0} and len(done["claims"]) == 6
+    md = done["markdown"].read_text()
+    for ref in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
+        assert (out / ref).is_file()
+    for title in ("Table 1", "Table 2", "Table 3", "Table 4", "## Claims", "## Timings"):
+        assert title in md
+    html = done["html"].read_text()
+    assert [img.format for img in data_pngs(html)] == ["PNG", "PNG"]
+    assert not re.search(r'(src|href)="(?!data:|#)', html) and "<script" not in html     # self-contained
+    assert html.count("<table") == 5 and html.count('<span class="badge PASS">PASS</span>') == 6
+
+
+def test_fail_and_skipped_are_shown_not_hidden(full, tmp_path):
+    full["models"] = {k: v for k, v in full["models"].items() if k in ("aligned", "expert-medicine", "mergealign",
+                                                                       "slerp-gradient", "evomm-safe", "evomm-unsafe",
+                                                                       "dpo", "orpo")}
+    full["models"]["mergealign"]["safety"] = {"safety_test": 0.1, "advbench_like": 0.1}
+    del full["models"]["orpo"]
+    done = write_report(full, tmp_path)
+    assert done["verdicts"] == {"PASS": 3, "FAIL": 2, "SKIPPED": 1}     # safety and vs-slerp fail
+    md, html = done["markdown"].read_text(), done["html"].read_text()
+    assert md.count("| **FAIL** |") == 2 and md.count("| **SKIPPED** |") == 1 and "no model 'orpo'" in md
+    assert html.count('<span class="badge FAIL">FAIL</span>') == 2
+    assert "2 FAIL" in md and '<span class="badge FAIL">2 FAIL</span>' in html
+
+
+def test_never_overwrites_without_being_asked(full, tmp_path):
+    full["models"] = {k: full["models"][k] for k in ("aligned", "mergealign")}
+    write_report(full, tmp_path)
+    before = (tmp_path / "report.md").read_text()
+    with pytest.raises(OutputExistsError, match="report"):
+        write_report({"models": {}}, tmp_path)
+    assert (tmp_path / "report.md").read_text() == before
+    done = write_report({"models": {}}, tmp_path, overwrite=True)     # no figures now: the old PNGs go
+    assert done["figures"] == {} and sorted(p.name for p in tmp_path.iterdir()) == ["report.html", "report.md"]
+    assert "No claims" not in done["markdown"].read_text() and done["verdicts"]["SKIPPED"] == 6
+
+
+def test_reads_results_json_and_takes_given_claims(full, tmp_path):
+    full["models"] = {k: full["models"][k] for k in ("aligned", "mergealign")}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(full))
+    done = write_report(path, tmp_path, title="My run", claims=[])
+    assert done["claims"] == [] and done["markdown"].read_text().startswith("# My run")
+    assert "No claims were checked." in done["html"].read_text()
+
+
+def cli() -> typer.Typer:
+    app = typer.Typer()
+    report_cli.register(app)
+    app.command("noop")(lambda: None)     # a second command keeps `report` a sub-command
+    return app
+
+
+def test_cli_writes_beside_results_and_prints_json(full, tmp_path):
+    path = tmp_path / "results.json"
+    full["models"] = {k: full["models"][k] for k in ("aligned", "expert-medicine", "mergealign")}
+    path.write_text(json.dumps(full))
+    r = CliRunner().invoke(cli(), ["report", str(path), "--json"])
+    assert r.exit_code == 0, r.output
+    done = json.loads(r.stdout)
+    assert done["html"] == str(tmp_path / "report.html") and done["verdicts"] == {"PASS": 2, "FAIL": 0, "SKIPPED": 4}
+    r = CliRunner().invoke(cli(), ["report", str(path)])
+    assert r.exit_code == 2 and "--overwrite" in r.output
+    r = CliRunner().invoke(cli(), ["report", str(path), "--out", str(tmp_path / "o"), "--title", "x"])
+    assert r.exit_code == 0 and "PASS" in r.stdout and (tmp_path / "o" / "report.html").is_file()
+
+
+def test_cli_bad_results_is_one_clear_error(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"models": {"m": {"safety": {"s": 7}}}}))
+    r = CliRunner().invoke(cli(), ["report", str(path)])
+    assert r.exit_code == 2 and "models.m.safety.s" in r.output and "Traceback" not in r.output
