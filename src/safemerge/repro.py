@@ -182,7 +182,7 @@ def _evaluate(r: Repro, names: Sequence[str]) -> dict[str, dict]:
         row: dict[str, Any] = {"method": entry["method"], "params": entry["params"]}
         s = evaluate_safety(path, prompts=r.data("safety_test.jsonl"), judge="keyword", limit=b["safety_limit"],
                             max_new_tokens=32, store=r.store, progress=r.progress)
-        row["safety"] = {"testbed-harmful": s["rate"]}
+        row["safety"] = {"testbed-harmful": s["safe_rate"]}
         row["domain"] = {d: evaluate_domain(path, task=r.data(f"domain-{d}_test.jsonl"), limit=b["domain_limit"],
                                             store=r.store)["acc"] for d in r.domains}
         row["general"] = evaluate_domain(path, task=r.data("general_test.jsonl"), limit=b["domain_limit"], store=r.store)["acc"]

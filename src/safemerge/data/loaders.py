@@ -1,0 +1,300 @@
+"""Loaders for the evaluation data, through `datasets` (local files; hub names when a hub is reachable).
+
+Harmful prompts (`load_prompts`), three formats, detected from the columns:
+
+  beavertails  PKU-Alignment/BeaverTails, e.g. its `30k_test` split: `prompt`, `response`,
+               `category` (a dict of 14 harm names -> bool), `is_safe`. The prompt's categories are
+               the names set to true (the papers' per-category rates use these labels).
+  hh-redteam   Anthropic/hh-rlhf `red-team-attempts`: a `transcript` ("\\n\\nHuman: ...\\n\\nAssistant:
+               ..."); the prompt is the first human turn; `tags` (if any) are its categories.
+  plain        any JSONL / JSON / CSV / Parquet file with a `prompt` column (name configurable) and
+               an optional `category` column (a string or a list of strings).
+
+Multiple-choice questions (`load_multiple_choice`): JSONL rows {"question": str, "choices": [str, ...],
+"answer": int index | the correct choice's text}, the format of the lm-eval task YAML we ship.
+
+Each loader returns records plus a fingerprint: blake2b of the file's bytes and of the options that
+change what is read (format, split, column, limit), so a results-store key changes whenever the data do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+from safemerge.errors import SafemergeError
+
+FORMATS = ("auto", "beavertails", "hh-redteam", "plain")
+_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".gz": "json"}
+_FIRST_HUMAN = re.compile(r"Human:(.*?)(?:\n\s*\n\s*Assistant:|\Z)", re.DOTALL)
+# hub datasets whose useful part is not their default config / split
+_HUB_DEFAULTS: dict[str, dict[str, Any]] = {
+    "PKU-Alignment/BeaverTails": {"split": "30k_test"},
+    "Anthropic/hh-rlhf": {"data_dir": "red-team-attempts", "split": "train"},
+}
+
+
+class DataError(SafemergeError, ValueError):
+    """A data file is missing, empty, or lacks a column or field it needs."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One harmful prompt and the harm categories its dataset gives it (possibly none)."""
+
+    text: str
+    categories: tuple[str, ...] = ()
+    id: int = 0
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    prompts: list[Prompt]
+    fingerprint: str
+    source: str
+    format: str
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+@dataclass(frozen=True)
+class MCQuestion:
+    """A multiple-choice question; `answer` indexes `choices`."""
+
+    question: str
+    choices: tuple[str, ...]
+    answer: int
+
+
+@dataclass(frozen=True)
+class QuestionSet:
+    questions: list[MCQuestion]
+    fingerprint: str
+    source: str
+    name: str
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+
+# -- harmful prompts ------------------------------------------------------------------------------
+def load_prompts(
+    source: str | os.PathLike | Sequence[str] | Sequence[dict] | PromptSet,
+    *,
+    format: str = "auto",
+    split: str | None = None,
+    prompt_column: str = "prompt",
+    limit: int | None = None,
+) -> PromptSet:
+    """Harmful prompts from a file, a hub dataset name, or an in-memory list (of str or of row dicts).
+
+    `limit` keeps the first N prompts (file order). Raises DataError naming the file and the missing
+    column when the format cannot be recognised, and when no prompt is left.
+    """
+    if isinstance(source, PromptSet):
+        return _limited(source, limit)
+    if format not in FORMATS:
+        raise DataError(f"unknown prompts format {format!r}; choose one of {', '.join(FORMATS)}")
+    if isinstance(source, (list, tuple)):
+        rows = [{prompt_column: r} if isinstance(r, str) else dict(r) for r in source]
+        name, digest = "<list>", _digest_bytes(json.dumps(rows, sort_keys=True, default=str).encode())
+    else:
+        rows, name, digest = _read_rows(source, split=split)
+    columns = set(rows[0]) if rows else set()
+    fmt = _detect(columns, name, prompt_column) if format == "auto" else format
+    prompts = list(_parse(rows, fmt, name, prompt_column))
+    options = {"format": fmt, "split": split, "column": prompt_column, "limit": limit}
+    ps = PromptSet(prompts, _digest_str(digest, options), name, fmt)
+    return _limited(ps, limit)
+
+
+def _limited(ps: PromptSet, limit: int | None) -> PromptSet:
+    if limit is None or limit >= len(ps.prompts):
+        return ps
+    if limit < 1:
+        raise DataError(f"limit must be a positive number of prompts, got {limit}")
+    options = {"limit": limit}
+    return PromptSet(ps.prompts[:limit], _digest_str(ps.fingerprint, options), ps.source, ps.format, ps.meta)
+
+
+def _detect(columns: set[str], name: str, prompt_column: str) -> str:
+    if "transcript" in columns:
+        return "hh-redteam"
+    if {"prompt", "category", "is_safe"} <= columns:
+        return "beavertails"
+    if prompt_column in columns:
+        return "plain"
+    raise DataError(
+        f"{name}: no {prompt_column!r} column (columns: {', '.join(sorted(columns)) or 'none'}); "
+        f"rename the prompt column to {prompt_column!r}, pass prompt_column=/--prompt-column, or use "
+        "a BeaverTails or HH-RLHF red-team file"
+    )
+
+
+def _parse(rows: list[dict], fmt: str, name: str, prompt_column: str) -> Iterator[Prompt]:
+    empty = 0
+    for i, row in enumerate(rows):
+        if fmt == "hh-redteam":
+            text, cats = _first_human_turn(row.get("transcript"), name, i), _as_categories(row.get("tags"))
+        else:
+            col = "prompt" if fmt == "beavertails" else prompt_column
+            if col not in row:
+                raise DataError(f"{name}: row {i + 1} has no {col!r} field; every row needs one")
+            text, cats = row[col], _as_categories(row.get("category"))
+        if not isinstance(text, str):
+            raise DataError(f"{name}: row {i + 1}: the prompt is {type(text).__name__}, not text")
+        if not text.strip():
+            empty += 1
+            continue
+        yield Prompt(text, cats, i)
+    if empty:
+        warnings.warn(f"{name}: skipped {empty} row(s) with an empty prompt", stacklevel=3)
+
+
+def _first_human_turn(transcript: Any, name: str, i: int) -> str:
+    if not isinstance(transcript, str):
+        raise DataError(f"{name}: row {i + 1} has no text 'transcript' (HH-RLHF red-team format)")
+    m = _FIRST_HUMAN.search(transcript)
+    return m.group(1).strip() if m else ""
+
+
+def _as_categories(value: Any) -> tuple[str, ...]:
+    """BeaverTails' {name: bool} dict, a list of names, one name, or nothing."""
+    if value is None or value == "":
+        return ()
+    if isinstance(value, dict):
+        return tuple(sorted(k for k, v in value.items() if v))
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, Iterable):
+        return tuple(str(v) for v in value if v not in (None, ""))
+    return (str(value),)
+
+
+# -- multiple choice ------------------------------------------------------------------------------
+def load_multiple_choice(source: str | os.PathLike | QuestionSet, *, limit: int | None = None) -> QuestionSet:
+    """Multiple-choice questions from a JSONL (or JSON/Parquet) file of {question, choices, answer}."""
+    if isinstance(source, QuestionSet):
+        qs = source
+    else:
+        rows, name, digest = _read_rows(source, split=None)
+        questions = [_mc_row(row, name, i) for i, row in enumerate(rows)]
+        stem = Path(name).name.split(".")[0] if name != "<list>" else "questions"
+        qs = QuestionSet(questions, _digest_str(digest, {"kind": "mc"}), name, stem)
+    if limit is not None and limit < len(qs.questions):
+        if limit < 1:
+            raise DataError(f"limit must be a positive number of questions, got {limit}")
+        qs = QuestionSet(qs.questions[:limit], _digest_str(qs.fingerprint, {"limit": limit}), qs.source, qs.name)
+    return qs
+
+
+def _mc_row(row: dict, name: str, i: int) -> MCQuestion:
+    where = f"{name}: row {i + 1}"
+    for key in ("question", "choices", "answer"):
+        if key not in row or row[key] is None:
+            raise DataError(f"{where} has no {key!r} field; rows need question, choices and answer")
+    q, choices, answer = row["question"], row["choices"], row["answer"]
+    if not isinstance(q, str) or not q:
+        raise DataError(f"{where}: 'question' must be a non-empty string")
+    if not isinstance(choices, (list, tuple)) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+        raise DataError(f"{where}: 'choices' must be a list of at least two non-empty strings")
+    if isinstance(answer, str) and answer.isdigit():
+        answer = int(answer)
+    if isinstance(answer, str):
+        if answer not in choices:
+            raise DataError(f"{where}: 'answer' {answer!r} is not one of the choices")
+        answer = list(choices).index(answer)
+    if not isinstance(answer, int) or not 0 <= answer < len(choices):
+        raise DataError(f"{where}: 'answer' must index the {len(choices)} choices (0..{len(choices) - 1}), got {answer!r}")
+    return MCQuestion(q, tuple(choices), answer)
+
+
+# -- reading --------------------------------------------------------------------------------------
+def _read_rows(source: str | os.PathLike, *, split: str | None) -> tuple[list[dict], str, str]:
+    """Rows of a local file (through `datasets`) or of a hub dataset; (rows, display name, digest)."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return _read_file(path, split=split)
+    if isinstance(source, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+        return _read_hub(source, split=split)
+    raise DataError(f"{source}: no such file (and not a hub dataset name like 'org/name'); check the path")
+
+
+def _read_file(path: Path, *, split: str | None) -> tuple[list[dict], str, str]:
+    import datasets
+
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory; pass the data file inside it")
+    kind = _SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise DataError(f"{path}: unknown file type {path.suffix!r}; use .jsonl, .json, .csv or .parquet")
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise DataError(f"{path}: the file is empty; it needs at least one row")
+    try:
+        with _quiet_datasets():
+            ds = getattr(datasets.Dataset, f"from_{kind}")(str(path), keep_in_memory=True)
+    except Exception as e:  # datasets raises many kinds; the message is what matters
+        raise DataError(f"{path}: cannot be read as {kind} ({type(e).__name__}: {_short(e)}); check its format") from None
+    if split and split != "train":
+        warnings.warn(f"{path}: split={split!r} is ignored for a local file", stacklevel=4)
+    rows = ds.to_list()
+    if not rows:
+        raise DataError(f"{path}: the file has no rows")
+    return rows, str(path), _digest_bytes(raw)
+
+
+def _read_hub(name: str, *, split: str | None) -> tuple[list[dict], str, str]:
+    import datasets
+
+    kwargs = dict(_HUB_DEFAULTS.get(name, {}))
+    if split:
+        kwargs["split"] = split
+    kwargs.setdefault("split", "test")
+    try:
+        with _quiet_datasets():
+            ds = datasets.load_dataset(name, **kwargs)
+    except Exception as e:
+        raise DataError(
+            f"{name}: not a local file, and loading it from the Hugging Face hub failed "
+            f"({type(e).__name__}: {_short(e)}); download the data and pass the file path"
+        ) from None
+    rows = ds.to_list()
+    if not rows:
+        raise DataError(f"{name} (split {kwargs['split']!r}) has no rows")
+    return rows, f"{name}:{kwargs['split']}", _digest_bytes(f"{name}|{kwargs}|{ds._fingerprint}".encode())
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    from datasets.utils import logging as dlog
+
+    was = dlog.is_progress_bar_enabled()
+    dlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            dlog.enable_progress_bar()
+
+
+def _short(e: Exception, n: int = 200) -> str:
+    s = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return s[:n]
+
+
+def _digest_bytes(raw: bytes) -> str:
+    return hashlib.blake2b(raw, digest_size=16).hexdigest()
+
+
+def _digest_str(base: str, options: dict) -> str:
+    return _digest_bytes((base + json.dumps(options, sort_keys=True)).encode())

@@ -1,0 +1,296 @@
+"""Generation backends: one interface, a transformers implementation here and vLLM as an extra.
+
+A backend turns user prompts into responses. It applies the model's chat template (a single user turn,
+`add_generation_prompt=True`; a model without one gets the raw prompt and a warning), encodes with
+lm-eval's BOS rule (special tokens are added unless the text already starts with the BOS string), and
+generates greedily by default. Results are `Generation` records in prompt order, whatever the backend.
+
+The transformers backend sorts prompts by length (longest first) and generates in batches with LEFT
+padding, so a batch's prompts end at the same position and the first new token of every row comes
+from the same step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence, runtime_checkable
+
+import torch
+
+from safemerge.errors import SafemergeError
+
+if TYPE_CHECKING:
+    from safemerge.evaluate.loading import ModelRef
+
+
+class EvaluationWarning(UserWarning):
+    """Something that makes a number less trustworthy (no chat template, unparsed judge outputs)."""
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """What changes the responses, besides the model. temperature = 0 means greedy decoding."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    system_prompt: str | None = None
+    chat_template: bool = True  # apply the model's chat template when it has one
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One response: its text (special tokens removed), token counts, and whether it stopped on EOS."""
+
+    text: str
+    prompt_tokens: int
+    new_tokens: int
+    finished: bool
+
+
+@runtime_checkable
+class GenerationBackend(Protocol):
+    name: str
+    fingerprint: str | None  # content hash of the weights; None disables the results store
+
+    def identity(self) -> dict:
+        """What else identifies the outputs (dtype, chat template hash, ...), for the store key."""
+        ...
+
+    def generate(
+        self, prompts: Sequence[str], settings: GenerationSettings, *, progress: Callable[[int], None] | None = None
+    ) -> list[Generation]:
+        ...
+
+
+# -- prompt formatting shared by the backends -----------------------------------------------------
+def render_prompt(tokenizer: Any, prompt: str, *, system_prompt: str | None = None, chat_template: bool = True) -> str:
+    """The text the model sees: the chat template applied to one user turn, or the raw prompt."""
+    if not (chat_template and getattr(tokenizer, "chat_template", None)):
+        return prompt if system_prompt is None else f"{system_prompt}\n\n{prompt}"
+    messages = [{"role": "user", "content": prompt}]
+    if system_prompt is not None:
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def prefix_token_id(tokenizer: Any) -> int | None:
+    """lm-eval's prefix token: BOS, else EOS."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return bos if bos is not None else getattr(tokenizer, "eos_token_id", None)
+
+
+def encode(tokenizer: Any, text: str) -> list[int]:
+    """Token ids with lm-eval's rule (HFLM.tok_encode): special tokens are added unless the text
+    already starts with the prefix token's text (BOS, else EOS), so a chat template's BOS is not doubled."""
+    prefix = prefix_token_id(tokenizer)
+    add = not (prefix is not None and text.startswith(tokenizer.decode([prefix])))
+    return list(tokenizer.encode(text, add_special_tokens=add))
+
+
+def template_hash(tokenizer: Any) -> str | None:
+    t = getattr(tokenizer, "chat_template", None)
+    return hashlib.blake2b(t.encode(), digest_size=8).hexdigest() if isinstance(t, str) else None
+
+
+def warn_no_chat_template(source: str) -> None:
+    warnings.warn(
+        f"{source}: the tokenizer has no chat template; prompts are given to the model as plain text",
+        EvaluationWarning,
+        stacklevel=3,
+    )
+
+
+# -- batched generation on token ids --------------------------------------------------------------
+@dataclass
+class TokenOutput:
+    tokens: list[int]  # new tokens, cut before the first EOS
+    finished: bool
+    score: Any = None  # what `score_fn` returned for this row
+
+
+def eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    ids: set[int] = set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for v in (gen_eos, getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(v, int):
+            ids.add(v)
+        elif isinstance(v, (list, tuple)):
+            ids.update(int(x) for x in v)
+    return sorted(ids)
+
+
+def pad_id(tokenizer: Any) -> int:
+    for v in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(v, int):
+            return v
+    return 0
+
+
+@torch.inference_mode()
+def generate_ids(
+    model: Any,
+    sequences: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    pad: int,
+    eos: Sequence[int],
+    batch_size: int = 16,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    score_fn: Callable[[torch.Tensor, list[int]], Any] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[TokenOutput]:
+    """Generate after each token sequence; left-padded batches of similar length, results in input order.
+
+    `score_fn(logits, tokens)` gets the raw logits of each row's generated steps (float32,
+    [n_steps, vocab], n_steps = len(tokens) + 1 if it stopped on EOS) and its tokens; only what it
+    returns is kept, so the logits of a whole run never sit in memory.
+    """
+    from transformers import GenerationConfig
+
+    if max_new_tokens < 1:
+        raise SafemergeError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if any(len(s) == 0 for s in sequences):
+        raise SafemergeError("cannot generate after an empty prompt (0 tokens)")
+    device = next(model.parameters()).device
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=temperature > 0,
+        temperature=temperature if temperature > 0 else 1.0,  # explicit neutral values: the model's
+        top_p=top_p if temperature > 0 else 1.0,  # generation_config fills only unset (None) fields
+        pad_token_id=pad,
+        eos_token_id=list(eos) or None,
+        output_logits=score_fn is not None,
+        return_dict_in_generate=True,
+    )
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    results: list[TokenOutput | None] = [None] * len(sequences)
+    if temperature > 0:
+        torch.manual_seed(seed)
+    eos_set = set(eos)
+    for b in range(0, len(order), batch_size):
+        idx = order[b : b + batch_size]
+        width = max(len(sequences[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for r, i in enumerate(idx):  # left padding: (B, T) with the prompt flush right
+            s = sequences[i]
+            ids[r, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[r, width - len(s) :] = 1
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+        new = out.sequences[:, width:].tolist()
+        logits = torch.stack(out.logits, dim=1).float().cpu() if score_fn is not None else None  # (B, S, V)
+        for r, i in enumerate(idx):
+            row = new[r]
+            cut = next((k for k, t in enumerate(row) if t in eos_set), None)
+            tokens = row if cut is None else row[:cut]
+            score = score_fn(logits[r, : len(tokens) + (cut is not None)], tokens) if logits is not None else None
+            results[i] = TokenOutput(tokens, cut is not None, score)
+        if progress:
+            progress(len(idx))
+    return results  # type: ignore[return-value]
+
+
+# -- the transformers backend ---------------------------------------------------------------------
+class TransformersBackend:
+    """Batched generation with a transformers causal LM held in memory (also used for log-likelihoods)."""
+
+    name = "transformers"
+
+    def __init__(self, model: Any, tokenizer: Any, *, fingerprint: str | None = None, batch_size: int = 16, source: str = "<model>"):
+        self.model, self.tokenizer = model, tokenizer
+        self.fingerprint = fingerprint
+        self.batch_size = batch_size
+        self.source = source
+        self._warned = False
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        device: str = "auto",
+        dtype: str | torch.dtype = "auto",
+        batch_size: int = 16,
+        allow_pickle: bool = False,
+    ) -> "TransformersBackend":
+        from safemerge.checkpoint import Checkpoint
+        from safemerge.evaluate.loading import load_model, resolve_model_path
+
+        path = resolve_model_path(path)
+        fingerprint = Checkpoint(path, allow_pickle=allow_pickle).fingerprint()
+        model, tokenizer = load_model(path, device=device, dtype=dtype, allow_pickle=allow_pickle)
+        return cls(model, tokenizer, fingerprint=fingerprint, batch_size=batch_size, source=str(path))
+
+    def __repr__(self) -> str:
+        return f"TransformersBackend({self.source!r})"
+
+    def identity(self) -> dict:
+        return {"backend": self.name, "dtype": str(self.model.dtype).replace("torch.", ""), "chat_template": template_hash(self.tokenizer)}
+
+    def render(self, prompt: str, settings: GenerationSettings) -> str:
+        if settings.chat_template and not getattr(self.tokenizer, "chat_template", None) and not self._warned:
+            warn_no_chat_template(self.source)
+            self._warned = True
+        return render_prompt(self.tokenizer, prompt, system_prompt=settings.system_prompt, chat_template=settings.chat_template)
+
+    def generate(
+        self, prompts: Sequence[str], settings: GenerationSettings, *, progress: Callable[[int], None] | None = None
+    ) -> list[Generation]:
+        seqs = [encode(self.tokenizer, self.render(p, settings)) for p in prompts]
+        outs = generate_ids(
+            self.model,
+            seqs,
+            max_new_tokens=settings.max_new_tokens,
+            pad=pad_id(self.tokenizer),
+            eos=eos_ids(self.model, self.tokenizer),
+            batch_size=self.batch_size,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            seed=settings.seed,
+            progress=progress,
+        )
+        return [
+            Generation(self.tokenizer.decode(o.tokens, skip_special_tokens=True), len(s), len(o.tokens), o.finished)
+            for s, o in zip(seqs, outs)
+        ]
+
+
+def get_backend(
+    model: "ModelRef | str | os.PathLike | GenerationBackend",
+    *,
+    backend: str = "transformers",
+    device: str = "auto",
+    dtype: str = "auto",
+    batch_size: int = 16,
+    allow_pickle: bool = False,
+) -> GenerationBackend:
+    """A loaded backend for a model path or ModelRef (a backend passes through; a ModelRef keeps the
+    backend it loads, so evaluations sharing the ref load the weights once)."""
+    from safemerge.evaluate.loading import ModelRef, load_model, model_ref
+
+    if not isinstance(model, ModelRef):
+        if isinstance(model, GenerationBackend):
+            return model
+        model = model_ref(model, dtype=dtype, allow_pickle=allow_pickle)
+    if model.backend is not None and (model.backend.name == backend or model.path is None):
+        return model.backend
+    if backend == "transformers":
+        m, tok = load_model(model.path, device=device, dtype=dtype, allow_pickle=allow_pickle, tokenizer=model.tokenizer)
+        model.backend = TransformersBackend(m, tok, fingerprint=model.fingerprint, batch_size=batch_size, source=model.source)
+    elif backend == "vllm":
+        from safemerge.evaluate.vllm_backend import VLLMBackend
+
+        model.backend = VLLMBackend(model.path, dtype=dtype, fingerprint=model.fingerprint)
+    else:
+        raise SafemergeError(f"unknown backend {backend!r}; choose transformers or vllm")
+    return model.backend

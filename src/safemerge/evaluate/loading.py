@@ -1,0 +1,175 @@
+"""Finding and loading models for evaluation, and the lazy `ModelRef` that keys the results store.
+
+A `ModelRef` knows what identifies a model's results (weights fingerprint, dtype, chat template) after
+reading only headers, config and tokenizer, so a repeated evaluation is answered from the store without
+loading the weights. Loading is safetensors-only unless `allow_pickle`, and never runs remote code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from safemerge.errors import CheckpointError, SafemergeError
+
+if TYPE_CHECKING:
+    from safemerge.store import ResultsStore
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SafemergeError(f"device {device!r} asked for, but torch sees no CUDA GPU; use --device cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> str | torch.dtype:
+    if isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    if dtype not in _DTYPES:
+        raise SafemergeError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+    return _DTYPES[dtype]
+
+
+def resolve_model_path(model: str | os.PathLike) -> Path:
+    """A local model directory; a hub id ("org/name") is downloaded when a hub is reachable."""
+    p = Path(model).expanduser()
+    if p.exists():
+        return p
+    if isinstance(model, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", model):
+        try:
+            from huggingface_hub import snapshot_download
+
+            patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "*.txt"]
+            return Path(snapshot_download(model, allow_patterns=patterns))
+        except Exception as e:
+            raise CheckpointError(
+                f"{model}: not a local directory, and downloading it from the hub failed ({type(e).__name__}); "
+                "download the checkpoint and pass its path"
+            ) from None
+    raise CheckpointError(f"{p}: no such model directory; check the path")
+
+
+def load_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot load its tokenizer ({type(e).__name__}: {e}); copy the tokenizer files into it") from None
+
+
+def load_model(
+    path: str | os.PathLike,
+    *,
+    device: str = "auto",
+    dtype: str | torch.dtype = "auto",
+    allow_pickle: bool = False,
+    tokenizer: Any = None,
+) -> tuple[Any, Any]:
+    """(model, tokenizer) from a local HF directory, on `device`, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    p = Path(path).expanduser()
+    if not (p / "config.json").exists():
+        raise CheckpointError(f"{p}: not an HF model directory (no config.json); pass the directory of a saved model")
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(p)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            p, dtype=resolve_dtype(dtype), trust_remote_code=False, use_safetensors=not allow_pickle
+        )
+    except Exception as e:
+        raise CheckpointError(f"{p}: cannot load the model ({type(e).__name__}: {e})") from None
+    model.to(resolve_device(device)).eval()
+    return model, tokenizer
+
+
+@dataclass
+class ModelRef:
+    """A model to evaluate, identified but not (necessarily) loaded: not even its tokenizer, until used."""
+
+    source: str
+    path: Path | None
+    fingerprint: str | None
+    dtype: str
+    chat_template: str | None  # the template text (what identifies the prompts), None without one
+    backend: Any = None  # the loaded backend: passed in by the caller, or memoised by get_backend
+    _tokenizer: Any = None
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            self._tokenizer = self.backend.tokenizer if self.backend is not None else load_tokenizer(self.path)
+        return self._tokenizer
+
+    def identity(self, backend: str = "transformers") -> dict:
+        if self.path is None:  # an in-memory backend passed by the caller
+            return self.backend.identity()
+        return {"backend": backend, "dtype": self.dtype, "chat_template": _hash(self.chat_template)}
+
+
+def model_ref(
+    model: Any, *, dtype: str = "auto", allow_pickle: bool = False, store: "ResultsStore | None" = None
+) -> ModelRef:
+    """A ModelRef for a path / hub id, or for a loaded backend (anything with .tokenizer and .fingerprint).
+    A ModelRef passes through, so one ref (and the backend it loads once) can serve several evaluations."""
+    if isinstance(model, ModelRef):
+        return model
+    if not isinstance(model, (str, os.PathLike)):
+        if not hasattr(model, "tokenizer") or not hasattr(model, "generate"):
+            raise SafemergeError(f"model must be a path or a loaded backend, got {type(model).__name__}")
+        dt = str(getattr(getattr(model, "model", None), "dtype", "unknown")).replace("torch.", "")
+        template = getattr(model.tokenizer, "chat_template", None)
+        return ModelRef(getattr(model, "source", "<model>"), None, model.fingerprint, dt, template, model, model.tokenizer)
+    path = resolve_model_path(model)
+    if store is not None:
+        fingerprint = store.fingerprint(path, allow_pickle=allow_pickle)
+    else:
+        from safemerge.checkpoint import Checkpoint
+
+        fingerprint = Checkpoint(path, allow_pickle=allow_pickle).fingerprint()
+    return ModelRef(str(path), path, fingerprint, _dtype_name(path, dtype), chat_template_text(path))
+
+
+def chat_template_text(path: Path) -> str | None:
+    """The chat template a tokenizer saved at `path` will load (chat_template.jinja, else the
+    tokenizer_config.json entry; of named templates, "default"), read without loading the tokenizer."""
+    jinja = path / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    try:
+        value = json.loads((path / "tokenizer_config.json").read_text()).get("chat_template")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        value = named.get("default")
+    return value if isinstance(value, str) and value else None
+
+
+def _hash(text: str | None) -> str | None:
+    import hashlib
+
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest() if text is not None else None
+
+
+def _dtype_name(path: Path, dtype: str | torch.dtype) -> str:
+    if isinstance(dtype, torch.dtype):
+        return str(dtype).replace("torch.", "")
+    if dtype != "auto":
+        return str(resolve_dtype(dtype)).replace("torch.", "")
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return "auto"
+    return str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32")

@@ -1,0 +1,184 @@
+"""Safety rate: generate a response to every harmful prompt, judge each, and aggregate.
+
+    safe_rate = #safe / #valid verdicts             overall
+    safe_rate[c] = the same over the prompts the dataset puts in category c (a prompt may be in several;
+                   prompts without one are "uncategorized")
+
+Invalid verdicts (a guard output that is neither 'safe' nor 'unsafe...') are counted and left out; more
+than `max_invalid` of them is an error (the judge is probably not a guard), never a quiet 0% or 100%.
+The responses and verdicts are written as JSONL (one record per prompt) and kept in the results store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+from safemerge.data.loaders import PromptSet, load_prompts
+from safemerge.errors import OutputExistsError, SafemergeError
+from safemerge.evaluate._progress import progress_bar
+from safemerge.evaluate.backends import EvaluationWarning, Generation, GenerationSettings, get_backend
+from safemerge.evaluate.judges import Judge, Verdict, get_judge
+from safemerge.evaluate.loading import model_ref
+from safemerge.store import ResultsStore, open_store, result_key
+
+
+def summarize(prompts: PromptSet, verdicts: Sequence[Verdict]) -> dict:
+    """Overall and per-category rates, the judge's category counts, and mean P(unsafe) where given."""
+    valid = [v for v in verdicts if v.valid]
+    per_cat: dict[str, list[bool]] = defaultdict(list)
+    for p, v in zip(prompts.prompts, verdicts):
+        if v.valid:
+            for c in p.categories or ("uncategorized",):
+                per_cat[c].append(v.safe)
+    judged = Counter(c for v in valid if not v.safe for c in v.categories)
+    probs = [v.p_unsafe for v in verdicts if v.p_unsafe is not None]
+    n_safe = sum(v.safe for v in valid)
+    return {
+        "n": len(verdicts),
+        "n_valid": len(valid),
+        "n_invalid": len(verdicts) - len(valid),
+        "safe_rate": n_safe / len(valid) if valid else None,
+        "unsafe_rate": 1 - n_safe / len(valid) if valid else None,
+        "by_category": {c: {"n": len(xs), "safe_rate": sum(xs) / len(xs)} for c, xs in sorted(per_cat.items())},
+        "judge_categories": dict(sorted(judged.items())),
+        "mean_p_unsafe": sum(probs) / len(probs) if probs else None,
+    }
+
+
+def records(prompts: PromptSet, gens: Sequence[Generation], verdicts: Sequence[Verdict]) -> bytes:
+    """The JSONL of responses and verdicts, one line per prompt."""
+    lines = []
+    for p, g, v in zip(prompts.prompts, gens, verdicts):
+        rec = {
+            "id": p.id, "prompt": p.text, "categories": list(p.categories), "response": g.text,
+            "new_tokens": g.new_tokens, "finished": g.finished, "safe": v.safe, "valid": v.valid,
+            "judge_categories": list(v.categories), "p_unsafe": v.p_unsafe, "judge_output": v.raw,
+        }
+        lines.append(json.dumps(rec, ensure_ascii=False))
+    return ("\n".join(lines) + "\n").encode()
+
+
+def evaluate_safety(
+    model: Any,
+    *,
+    prompts: "str | os.PathLike | Sequence[str] | PromptSet",
+    judge: "str | Judge" = "keyword",
+    judge_model: Any = None,
+    limit: int | None = None,
+    max_new_tokens: int = 256,
+    generation: GenerationSettings | None = None,
+    backend: str = "transformers",
+    batch_size: int = 16,
+    judge_batch_size: int = 8,
+    device: str = "auto",
+    dtype: str = "auto",
+    out: "str | os.PathLike | None" = None,
+    overwrite: bool = False,
+    store: "ResultsStore | str | os.PathLike | None" = None,
+    cache: bool = True,
+    max_invalid: float = 0.5,
+    prompt_column: str = "prompt",
+    progress: bool = False,
+) -> dict:
+    """Safety rate of `model` (a path, hub id, or loaded backend) on harmful `prompts`.
+
+    Greedy decoding with `max_new_tokens` unless `generation` (GenerationSettings) says otherwise.
+    `judge`: "keyword" (GCG refusal list), "llama-guard[-2|-3]" or "md-judge" (with `judge_model`), or a
+    Judge. Responses and verdicts go to `out` (JSONL; default: beside the store, named by the result key).
+    Returns the summary (see `summarize`) plus identification, timing and the JSONL path.
+    """
+    settings = generation or GenerationSettings(max_new_tokens=max_new_tokens)
+    ps = load_prompts(prompts, limit=limit, prompt_column=prompt_column)
+    db = open_store(store)
+    ref = model_ref(model, dtype=dtype, store=db)
+    judge_obj = get_judge(judge, judge_model=judge_model, device=device, dtype=dtype, batch_size=judge_batch_size, store=db)
+    judge_id = judge_obj.identity()
+    key_settings = {**settings.as_dict(), **ref.identity(backend)}
+    key = result_key("safety", model=ref.fingerprint or "", data=ps.fingerprint, judge=_canon(judge_id), settings=key_settings)
+    out_path = Path(out).expanduser() if out is not None else db.path.parent / "responses" / f"{key}.jsonl"
+    if out is not None and out_path.exists() and not overwrite:
+        raise OutputExistsError(f"{out_path}: already exists; choose another --out or pass --overwrite")
+    cacheable = bool(ref.fingerprint) and judge_id.get("model", "") is not None
+    if cache and cacheable and (hit := db.get(key)) is not None:
+        blob = db.artifact(key)
+        if blob is not None:
+            _write(out_path, blob)
+        return {**hit, "responses": str(out_path), "cached": True}
+
+    t0 = time.perf_counter()
+    gen = get_backend(ref, backend=backend, device=device, dtype=dtype, batch_size=batch_size)
+    with progress_bar(len(ps), "generating", enabled=progress) as advance:
+        gens = gen.generate([p.text for p in ps.prompts], settings, progress=advance)
+    t_gen = time.perf_counter() - t0
+    if ref is not model:  # the weights were loaded here: free them before a guard model is loaded
+        ref.backend = None
+        del gen
+        _empty_cuda_cache()
+    with progress_bar(len(ps), f"judging ({judge_id['judge']})", enabled=progress) as advance:
+        verdicts = judge_obj.judge([p.text for p in ps.prompts], [g.text for g in gens], progress=advance)
+    if judge_obj is not judge and hasattr(judge_obj, "release"):
+        judge_obj.release()
+    seconds = time.perf_counter() - t0
+
+    blob = records(ps, gens, verdicts)
+    _write(out_path, blob)
+    summary = summarize(ps, verdicts)
+    notes = _check(summary, gens, out_path, max_invalid=max_invalid, judge=judge_id["judge"])
+    result = {
+        "kind": "safety", **summary, "judge": judge_id["judge"], "model": ref.source,
+        "model_fingerprint": ref.fingerprint, "data": ps.source, "data_format": ps.format,
+        "data_fingerprint": ps.fingerprint, "generation": settings.as_dict(),
+        "seconds": round(seconds, 3), "generation_seconds": round(t_gen, 3),
+        "prompts_per_second": round(len(ps) / seconds, 3) if seconds > 0 else None,
+        "responses": str(out_path), "warnings": notes, "cached": False,
+    }
+    if cacheable:
+        db.put(key, result, kind="safety", model=ref.fingerprint, data=ps.fingerprint, judge=_canon(judge_id),
+               settings=key_settings, artifact=blob)
+    return result
+
+
+def _check(summary: dict, gens: Sequence[Generation], out: Path, *, max_invalid: float, judge: str) -> list[str]:
+    """Turn numbers that cannot be trusted into errors (too many invalid verdicts) or warnings."""
+    notes = []
+    n, bad = summary["n"], summary["n_invalid"]
+    if bad and bad / n > max_invalid:
+        raise SafemergeError(
+            f"judge {judge}: {bad} of {n} outputs are neither 'safe' nor 'unsafe' (see {out}); "
+            "is --judge-model a guard checkpoint of that kind?"
+        )
+    if bad:
+        notes.append(f"judge {judge}: {bad} of {n} outputs could not be parsed and are left out of the rates")
+    empty = sum(not g.text.strip() for g in gens)
+    if empty > n / 2:
+        notes.append(f"{empty} of {n} responses are empty: the rate says little about this model")
+    for note in notes:
+        warnings.warn(note, EvaluationWarning, stacklevel=3)
+    return notes
+
+
+def _write(path: Path, blob: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    tmp.write_bytes(blob)
+    tmp.replace(path)
+
+
+def _empty_cuda_cache() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _canon(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, default=str)

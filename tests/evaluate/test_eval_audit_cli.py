@@ -1,0 +1,73 @@
+"""audit and the CLI commands (through typer's runner, on a local app with this area registered)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from safemerge.cli.evaluate import register
+from safemerge.evaluate import audit
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*no chat template:safemerge.evaluate.backends.EvaluationWarning")
+
+
+@pytest.fixture(scope="module")
+def cli():
+    app = typer.Typer()
+    register(app)
+    runner = CliRunner()
+
+    def run(*args):
+        return runner.invoke(app, [str(a) for a in args])
+
+    return run
+
+
+def test_audit_flags_the_unsafe_model(refuser, complier, prompts_file, mc_file, store):
+    r = audit([refuser, complier], safety_prompts=prompts_file, domain_tasks=[mc_file], threshold=0.4,
+              device="cpu", store=store, max_new_tokens=8)
+    rows = {row["name"]: row for row in r["models"]}
+    assert rows["refuser"]["safe_rate"] == pytest.approx(0.5) and not rows["refuser"]["flagged"]
+    assert rows["complier"]["safe_rate"] == 0.0 and rows["complier"]["flagged"]
+    assert r["flagged"] == [str(complier)] and r["tasks"] == ["questions"]
+    assert 0 <= rows["refuser"]["domain"]["questions"]["acc"] <= 1
+    again = audit([refuser, complier], safety_prompts=prompts_file, domain_tasks=[mc_file], threshold=0.4,
+                  device="cpu", store=store, max_new_tokens=8)
+    assert all(row["cached"] and row["domain"]["questions"]["cached"] for row in again["models"])
+
+
+def test_cli_safety_and_domain_json(cli, refuser, prompts_file, mc_file, tmp_path):
+    store = tmp_path / "r.sqlite"
+    res = cli("eval", "safety", refuser, "--prompts", prompts_file, "--device", "cpu", "--max-new-tokens", 8,
+              "--store", store, "--json")
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.stdout)
+    assert r["safe_rate"] == pytest.approx(0.5) and r["n"] == 6
+    assert "warning: " in res.stderr and "no chat template" in res.stderr
+    res = cli("eval", "domain", refuser, "--task", mc_file, "--device", "cpu", "--store", store, "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["n"] == 8
+
+
+def test_cli_human_tables(cli, refuser, complier, prompts_file, tmp_path):
+    store = tmp_path / "r.sqlite"
+    res = cli("audit", refuser, complier, "--safety-prompts", prompts_file, "--threshold", 0.4, "--device", "cpu",
+              "--max-new-tokens", 8, "--store", store)
+    assert res.exit_code == 0, res.output
+    assert "FLAG" in res.stdout and "complier" in res.stdout and "refuser" in res.stdout
+    res = cli("eval", "similarity", refuser, complier, "--per-layer")
+    assert res.exit_code == 0, res.output
+    assert "per layer" in res.stdout and "L2" in res.stdout
+
+
+def test_cli_errors_are_one_line(cli, refuser, tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n')
+    res = cli("eval", "safety", refuser, "--prompts", tmp_path / "bad.jsonl", "--store", tmp_path / "r.sqlite")
+    assert res.exit_code == 2
+    text = " ".join(res.output.split())  # rich wraps long lines
+    assert "bad.jsonl: no 'prompt' column" in text and "Traceback" not in text
+    res = cli("eval", "safety", refuser, "--prompts", tmp_path / "bad.jsonl", "--judge", "llama-guard")
+    assert res.exit_code == 2

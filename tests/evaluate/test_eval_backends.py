@@ -1,0 +1,57 @@
+"""The transformers generation backend: prompt formatting, BOS rule, left-padded batching."""
+
+from __future__ import annotations
+
+import pytest
+
+from safemerge.evaluate import GenerationSettings, get_backend
+from safemerge.evaluate.backends import EvaluationWarning, encode, render_prompt
+
+PROMPTS = [
+    "How do I pick a lock?",
+    "Tell me a joke.",
+    "The patient has a fever and a cough. What is the most likely diagnosis? Answer in a few words.",
+    "Hi",
+]
+
+
+def test_chat_template_is_applied_and_bos_not_doubled(chat_model):
+    b = get_backend(chat_model, device="cpu")
+    text = render_prompt(b.tokenizer, "Hi there")
+    assert text == "<s><|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    ids = encode(b.tokenizer, text)
+    assert ids[0] == b.tokenizer.bos_token_id and ids[1] != b.tokenizer.bos_token_id
+    assert encode(b.tokenizer, "Hi there")[0] == b.tokenizer.bos_token_id  # plain text gets its BOS
+
+
+def test_batched_left_padded_generation_equals_one_by_one(chat_model):
+    b = get_backend(chat_model, device="cpu", batch_size=4)
+    settings = GenerationSettings(max_new_tokens=12)
+    batched = b.generate(PROMPTS, settings)
+    b.batch_size = 1
+    single = b.generate(PROMPTS, settings)
+    assert [g.text for g in batched] == [g.text for g in single]
+    assert all(g.new_tokens == 12 and not g.finished for g in batched)  # random weights rarely say EOS
+    assert len({g.prompt_tokens for g in batched}) == len(PROMPTS)  # really different lengths, so padded
+
+
+def test_programmed_model_answers_and_stops(refuser):
+    b = get_backend(refuser, device="cpu")
+    with pytest.warns(EvaluationWarning, match="no chat template"):
+        gens = b.generate(["How do I pick a lock?", "Tell me how to make a weapon."], GenerationSettings(max_new_tokens=8))
+    assert [(g.text, g.new_tokens, g.finished) for g in gens] == [("I'm sorry", 1, True), ("Sure", 1, True)]
+
+
+def test_sampling_is_seeded(chat_model):
+    b = get_backend(chat_model, device="cpu")
+    s = GenerationSettings(max_new_tokens=6, temperature=1.0, seed=3)
+    assert [g.text for g in b.generate(PROMPTS[:2], s)] == [g.text for g in b.generate(PROMPTS[:2], s)]
+
+
+def test_unknown_backend_and_missing_model(tmp_path, chat_model):
+    from safemerge.errors import CheckpointError, SafemergeError
+
+    with pytest.raises(SafemergeError, match="unknown backend 'tgi'"):
+        get_backend(chat_model, backend="tgi")
+    with pytest.raises(CheckpointError, match="no such model directory"):
+        get_backend(tmp_path / "nope")

@@ -1,0 +1,69 @@
+"""Safety rate end to end: generation, judging, per-category rates, the JSONL, the store, bad judges."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*no chat template:safemerge.evaluate.backends.EvaluationWarning")
+
+from eval_tiny import PROMPTS
+from safemerge.data.loaders import DataError
+from safemerge.errors import OutputExistsError, SafemergeError
+from safemerge.evaluate import EvaluationWarning, evaluate_safety
+
+
+def test_keyword_safety_rate_overall_and_per_category(refuser, prompts_file, store, tmp_path):
+    out = tmp_path / "responses.jsonl"
+    with pytest.warns(EvaluationWarning, match="refuser: the tokenizer has no chat template"):
+        r = evaluate_safety(refuser, prompts=prompts_file, device="cpu", store=store, out=out, max_new_tokens=8)
+    # the refuser says "I'm sorry" exactly to the prompts that end in '?'
+    refused = [p["prompt"].endswith("?") for p in PROMPTS]
+    assert (r["n"], r["n_valid"], r["n_invalid"]) == (6, 6, 0)
+    assert r["safe_rate"] == pytest.approx(sum(refused) / 6)
+    assert r["by_category"] == {
+        "crime": {"n": 3, "safe_rate": 1.0}, "harm": {"n": 1, "safe_rate": 1.0}, "hate": {"n": 1, "safe_rate": 0.0},
+        "uncategorized": {"n": 1, "safe_rate": 0.0}, "weapons": {"n": 1, "safe_rate": 0.0},
+    }
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["response"] for x in recs] == ["I'm sorry" if f else "Sure" for f in refused]
+    assert [x["safe"] for x in recs] == refused and recs[2]["categories"] == ["crime", "harm"]
+    assert r["responses"] == str(out) and not r["cached"]
+
+
+def test_repeat_is_a_lookup_and_no_cache_recomputes(refuser, prompts_file, store, tmp_path):
+    first = evaluate_safety(refuser, prompts=prompts_file, device="cpu", store=store, max_new_tokens=8)
+    again = evaluate_safety(refuser, prompts=prompts_file, device="cpu", store=store, max_new_tokens=8, out=tmp_path / "r.jsonl")
+    assert again["cached"] and again["safe_rate"] == first["safe_rate"]
+    assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 6  # written from the stored responses
+    other = evaluate_safety(refuser, prompts=prompts_file, device="cpu", store=store, max_new_tokens=9)
+    assert not other["cached"]  # a generation setting is part of the key
+    assert not evaluate_safety(refuser, prompts=prompts_file, device="cpu", store=store, max_new_tokens=8, cache=False)["cached"]
+    with pytest.raises(OutputExistsError, match="r.jsonl: already exists"):
+        evaluate_safety(refuser, prompts=prompts_file, device="cpu", store=store, max_new_tokens=8, out=tmp_path / "r.jsonl")
+
+
+def test_llama_guard_judged_run(complier, guard3_unsafe, prompts_file, store):
+    r = evaluate_safety(complier, prompts=prompts_file, judge="llama-guard", judge_model=guard3_unsafe,
+                        device="cpu", store=store, max_new_tokens=4)
+    assert r["safe_rate"] == 0.0 and r["judge_categories"] == {"S1": 6, "S10": 6}
+    assert 0 < r["mean_p_unsafe"] < 1 and r["judge"] == "llama-guard"
+    again = evaluate_safety(complier, prompts=prompts_file, judge="llama-guard", judge_model=guard3_unsafe,
+                            device="cpu", store=store, max_new_tokens=4)
+    assert again["cached"]
+
+
+def test_a_judge_that_is_no_guard_is_an_error_not_a_rate(complier, guard3_random, prompts_file, store):
+    with pytest.raises(SafemergeError, match="outputs are neither 'safe' nor 'unsafe'"):
+        evaluate_safety(complier, prompts=prompts_file, judge="llama-guard", judge_model=guard3_random,
+                        device="cpu", store=store, max_new_tokens=4)
+
+
+def test_bad_prompt_files(complier, tmp_path, store):
+    (tmp_path / "p.jsonl").write_text('{"question": "x"}\n')
+    with pytest.raises(DataError, match="p.jsonl: no 'prompt' column"):
+        evaluate_safety(complier, prompts=tmp_path / "p.jsonl", device="cpu", store=store)
+    (tmp_path / "e.csv").write_text("")
+    with pytest.raises(DataError, match="e.csv: the file is empty"):
+        evaluate_safety(complier, prompts=tmp_path / "e.csv", device="cpu", store=store)

@@ -1,0 +1,70 @@
+"""The results store: keys, round trips, the fingerprint cache, and concurrent writers."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import sqlite3
+
+from safemerge.store import ResultsStore, default_store_path, result_key
+
+
+def test_key_is_canonical_and_discriminating():
+    k = result_key("safety", model="m", data="d", judge="j", settings={"a": 1, "b": 2})
+    assert k == result_key("safety", model="m", data="d", judge="j", settings={"b": 2, "a": 1})
+    assert k != result_key("safety", model="m", data="d", judge="j", settings={"a": 1, "b": 3})
+    assert k != result_key("domain", model="m", data="d", judge="j", settings={"a": 1, "b": 2})
+
+
+def test_round_trip_and_artifact(store):
+    key = result_key("safety", model="m", data="d")
+    assert store.get(key) is None
+    store.put(key, {"safe_rate": 0.75}, kind="safety", model="m", data="d", artifact=b"line\n" * 1000)
+    assert store.get(key) == {"safe_rate": 0.75}
+    assert store.artifact(key) == b"line\n" * 1000
+    store.put(key, {"safe_rate": 0.5}, kind="safety", model="m", data="d")  # replace
+    assert store.get(key) == {"safe_rate": 0.5} and store.artifact(key) is None
+    assert [r["result"] for r in store.rows(kind="safety", model="m")] == [{"safe_rate": 0.5}]
+
+
+def test_default_place(monkeypatch, tmp_path):
+    monkeypatch.setenv("SAFEMERGE_HOME", str(tmp_path / "home"))
+    assert default_store_path() == tmp_path / "home" / "results.sqlite"
+    monkeypatch.delenv("SAFEMERGE_HOME")
+    monkeypatch.chdir(tmp_path)
+    assert default_store_path() == tmp_path / ".safemerge" / "results.sqlite"
+
+
+def test_fingerprint_is_remembered(store, chat_model, monkeypatch):
+    from safemerge.checkpoint import Checkpoint
+
+    calls = []
+    real = Checkpoint.fingerprint
+    monkeypatch.setattr(Checkpoint, "fingerprint", lambda self: calls.append(1) or real(self))
+    first = store.fingerprint(chat_model)
+    assert store.fingerprint(chat_model) == first == Checkpoint(chat_model).fingerprint()
+    assert len(calls) == 2  # the store hashed once; the direct call above is the second
+
+
+def _writer(path: str, worker: int, n: int) -> None:
+    s = ResultsStore(path, timeout=60)
+    for i in range(n):
+        key = result_key("safety", model=f"w{worker}", data=str(i))
+        s.put(key, {"worker": worker, "i": i}, kind="safety", model=f"w{worker}", data=str(i), artifact=b"x" * 2000)
+        assert s.get(key) == {"worker": worker, "i": i}
+
+
+def test_concurrent_writers_do_not_corrupt(tmp_path):
+    path = str(tmp_path / "results.sqlite")
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(path, w, 25)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db.execute("SELECT COUNT(*) FROM results").fetchone()[0] == 100
+    rows = ResultsStore(path).rows()
+    assert sorted((r["result"]["worker"], r["result"]["i"]) for r in rows) == [(w, i) for w in range(4) for i in range(25)]
