@@ -1,9 +1,65 @@
-"""CLI for the search area (owned by that area; registered in safemerge.cli)."""
+"""CLI: `search` — safety-aware merge search (CMA-ES, LM-Cocktail, grid) over a merge config's pool."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
+
+from safemerge.cli._common import emit_json, out, user_errors
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("search")(search)
+
+
+def search(
+    config: Annotated[Path, typer.Argument(help="Merge config (mergekit YAML) naming the pool, the base and the method; its numbers are the starting point.")],
+    out_dir: Annotated[Path, typer.Argument(help="Where the best merge is written (a complete HF checkpoint).")],
+    optimizer: Annotated[str, typer.Option(help="cmaes (EvoMM), cocktail (LM-Cocktail) or grid (weight × density).")] = "cmaes",
+    safety_data: Annotated[Optional[Path], typer.Option(help="JSONL of {prompt, response}: harmful prompts with refusals.")] = None,
+    domain_data: Annotated[Optional[Path], typer.Option(help="JSONL of {prompt, response}: domain questions with answers.")] = None,
+    lambda_: Annotated[float, typer.Option("--lambda", help="Weight of the safety loss: λ·CE(safety) + (1−λ)·CE(domain); 0 = domain only.")] = 0.5,
+    steps: Annotated[Optional[int], typer.Option(help="CMA-ES generations (default 100); grid points per axis (default 5).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed of the optimizer.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue the search journaled beside OUT (OUT.journal.sqlite).")] = False,
+    workers: Annotated[int, typer.Option(help="Score candidates in N parallel worker processes (or N Ray actors).")] = 1,
+    ray_address: Annotated[Optional[str], typer.Option(help="Score on Ray: 'local' for a local instance, or a cluster address.")] = None,
+    journal: Annotated[Optional[Path], typer.Option(help="Journal file (default: OUT.journal.sqlite).")] = None,
+    popsize: Annotated[Optional[int], typer.Option(help="CMA-ES population (default 4 + ⌊3 ln n⌋).")] = None,
+    sigma0: Annotated[float, typer.Option(help="CMA-ES initial step size.")] = 0.25,
+    temperature: Annotated[float, typer.Option(help="LM-Cocktail temperature T in softmax(−loss/T).")] = 1.0,
+    limit: Annotated[Optional[int], typer.Option(help="Use the first N examples of each data file.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Examples per forward pass when scoring.")] = 16,
+    device: Annotated[str, typer.Option(help="Score on cpu or cuda.")] = "cpu",
+    threads: Annotated[Optional[int], typer.Option(help="torch threads per scorer (default: torch's; 1 per worker).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output (and start the journal afresh).")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Find the merge weights and densities (or t) minimising λ·CE(safety) + (1−λ)·CE(domain); write the best merge."""
+    from safemerge.search import search as run_search
+
+    with user_errors():
+        result = run_search(config, out_dir, optimizer=optimizer, safety_data=safety_data, domain_data=domain_data,
+                            lambda_=lambda_, steps=steps, seed=seed, resume=resume, workers=workers,
+                            ray_address=ray_address, overwrite=overwrite, journal=journal, popsize=popsize, sigma0=sigma0,
+                            temperature=temperature, limit=limit, batch_size=batch_size, device=device, threads=threads,
+                            progress=progress)
+        if json_out:
+            return emit_json(result.as_dict())
+        _print(result)
+
+
+def _print(result) -> None:
+    from rich.table import Table
+
+    s = result.score
+    table = Table("parameter", "value", title=f"best of {result.candidates} candidates ({result.optimizer}, λ = {result.lambda_})")
+    for k, v in result.params.items():
+        table.add_row(k, f"{v:.4f}")
+    out.print(table)
+    out.print(f"objective {s.objective:.4f}  safety loss {s.safety:.4f}  domain loss {s.domain:.4f}  "
+              f"({result.scored} scored, {result.candidates - result.scored} from the journal, {result.seconds:.1f} s)")
+    out.print(f"[green]wrote[/] {result.out}  (journal {result.journal})")

@@ -1,0 +1,167 @@
+"""Search throughput: candidates scored per minute in memory versus on disk, and workers over serial.
+
+    python benchmarks/search_throughput.py TESTBED [--n 20] [--examples 32] [--method ties] [--workers 2] [--ray]
+
+The same candidates (a fixed, seeded set of TIES configs over aligned + expert-medicine) are scored
+three ways, in one run, with the same objective (λ = 0.5, `--examples` rows of each data file):
+
+  in memory   safemerge.search: the pool read once, each candidate written into one model in place
+  on disk     each candidate merged to a directory by safemerge.merge, loaded with from_pretrained,
+              then scored (what a search without in-memory candidates does)
+  workers     the in-memory scorer in N worker processes (and on N Ray actors with --ray)
+
+Prints one JSON object: candidates per minute of each way and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+
+def configs(testbed: Path, n: int, method: str, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+
+    def params() -> dict:
+        p = {"weight": rng.uniform(0.2, 1.0)}
+        if method != "task_arithmetic":
+            p["density"] = rng.uniform(0.2, 1.0)
+        return p
+
+    out = []
+    for _ in range(n):
+        models = [{"model": str(testbed / m), "parameters": params()} for m in ("aligned", "expert-medicine")]
+        out.append({"merge_method": method, "base_model": str(testbed / "base"), "models": models})
+    return out
+
+
+def data_files(testbed: Path, examples: int, tmp: Path) -> tuple[Path, Path]:
+    """Safety: harmful training prompts with a fixed refusal; domain: the testbed's Q&A (first N rows)."""
+    safety = tmp / "safety.jsonl"
+    rows = [json.loads(line) for line in (testbed / "data" / "safety_train.jsonl").read_text().splitlines()[:examples]]
+    safety.write_text("".join(json.dumps({"prompt": r["prompt"], "response": "I'm sorry, but I can't help with that."}) + "\n"
+                              for r in rows))
+    domain = tmp / "domain.jsonl"
+    domain.write_text("\n".join((testbed / "data" / "domain-medicine_train.jsonl").read_text().splitlines()[:examples]) + "\n")
+    return safety, domain
+
+
+def in_memory(cfgs, spec) -> tuple[float, list[float]]:
+    from safemerge.search.scoring import SerialScorer
+
+    scorer = SerialScorer(spec)  # built once: not counted, as in a search
+    start = time.perf_counter()
+    scores = [scorer.score_one(c)[0].objective for c in cfgs]
+    return time.perf_counter() - start, scores
+
+
+def materialise_only(cfgs, spec, tmp: Path) -> tuple[float, float]:
+    """Seconds to put every candidate's weights into a model, without scoring: in place vs merge + load."""
+    from transformers import AutoModelForCausalLM
+
+    import safemerge
+    from safemerge.search.candidates import CandidateModel
+
+    cm = CandidateModel(cfgs[0])
+    start = time.perf_counter()
+    for c in cfgs:
+        cm.load(c)
+    mem = time.perf_counter() - start
+    start = time.perf_counter()
+    for i, c in enumerate(cfgs):
+        out = tmp / f"m-{i}"
+        safemerge.merge(c, out, progress=False)
+        AutoModelForCausalLM.from_pretrained(out)
+        shutil.rmtree(out)
+    return mem, time.perf_counter() - start
+
+
+def on_disk(cfgs, spec, tmp: Path) -> tuple[float, list[float]]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import safemerge
+    from safemerge.search.objective import Objective, load_pairs
+
+    tok = AutoTokenizer.from_pretrained(cfgs[0]["base_model"])
+    objective = Objective(tok, safety=load_pairs(spec.safety_data), domain=load_pairs(spec.domain_data), lambda_=spec.lambda_)
+    start = time.perf_counter()
+    scores = []
+    for i, c in enumerate(cfgs):
+        out = tmp / f"cand-{i}"
+        safemerge.merge(c, out, progress=False)
+        model = AutoModelForCausalLM.from_pretrained(out).eval()
+        scores.append(objective(model).objective)
+        shutil.rmtree(out)
+    return time.perf_counter() - start, scores
+
+
+def parallel(cfgs, spec, workers: int, ray_address: str | None) -> float:
+    from dataclasses import replace
+
+    from safemerge.search.parallel import make_scorer
+
+    scorer = make_scorer(replace(spec, threads=1), workers=workers, ray_address=ray_address)
+    list(scorer.score(cfgs[:workers]))  # warm-up: every worker has built its scorer
+    start = time.perf_counter()
+    list(scorer.score(cfgs))
+    seconds = time.perf_counter() - start
+    scorer.close()
+    return seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("testbed", type=Path)
+    ap.add_argument("--n", type=int, default=20)
+    ap.add_argument("--examples", type=int, default=32)
+    ap.add_argument("--method", default="ties")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--ray", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads of the serial runs (default: torch's)")
+    args = ap.parse_args()
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from safemerge.search.scoring import ScorerSpec
+
+    cfgs = configs(args.testbed, args.n, args.method)
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        safety, domain = data_files(args.testbed, args.examples, tmp)
+        spec = ScorerSpec(config=cfgs[0], safety_data=str(safety), domain_data=str(domain), lambda_=0.5)
+        mem_s, mem_scores = in_memory(cfgs, spec)
+        disk_s, disk_scores = on_disk(cfgs, spec, tmp)
+        mat_mem, mat_disk = materialise_only(cfgs, spec, tmp)
+        result = {
+            "testbed": str(args.testbed), "method": args.method, "candidates": args.n, "examples_per_set": args.examples,
+            "torch_threads": torch.get_num_threads(),
+            "in_memory_per_min": round(60 * args.n / mem_s, 1), "on_disk_per_min": round(60 * args.n / disk_s, 1),
+            "in_memory_over_on_disk": round(disk_s / mem_s, 2),
+            "max_objective_difference": max(abs(a - b) for a, b in zip(mem_scores, disk_scores)),
+            "weights_only_in_memory_per_min": round(60 * args.n / mat_mem, 1),
+            "weights_only_on_disk_per_min": round(60 * args.n / mat_disk, 1),
+            "weights_only_ratio": round(mat_disk / mat_mem, 2),
+        }
+        if args.workers > 1:
+            torch.set_num_threads(1)
+            serial_1t, _ = in_memory(cfgs, spec)
+            result["serial_1_thread_per_min"] = round(60 * args.n / serial_1t, 1)
+            w = parallel(cfgs, spec, args.workers, None)
+            result[f"processes_{args.workers}_per_min"] = round(60 * args.n / w, 1)
+            result[f"processes_{args.workers}_over_serial_1_thread"] = round(serial_1t / w, 2)
+            if args.ray:
+                r = parallel(cfgs, spec, args.workers, "local")
+                result[f"ray_{args.workers}_per_min"] = round(60 * args.n / r, 1)
+                result[f"ray_{args.workers}_over_serial_1_thread"] = round(serial_1t / r, 2)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""In-memory candidates: the pool read once, one model whose weights each candidate overwrites in place.
+
+A search scores hundreds of merges of the same pool. Writing each to disk and loading it again costs
+more than scoring it, so `CandidateModel` reads every input model once (float32, CPU), holds one HF
+model, and for each candidate config computes every tensor with `safemerge.engine.merge_tensor` (the
+one place where a config becomes a method call, so the weights equal what `safemerge.merge` would
+write for that config, cast to the same output dtype) and copies it into the model's parameter.
+
+Memory: (number of input models) × (model size in float32) for the pool, plus the model itself.
+The task vectors τ_i = θ_i − θ_base are formed by `merge_tensor` from the held weights on each call
+(one subtraction per tensor, cheap beside scoring); holding θ_i rather than τ_i is what lets every
+method (task vectors, whole-weight and SLERP) go through the engine's own code path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+
+from safemerge.checkpoint import Checkpoint
+from safemerge.config import DTYPES, MergeConfig, load_config
+from safemerge.engine import merge_tensor
+from safemerge.errors import CheckpointError, ConfigError
+from safemerge.layout import num_layers, position, stream_order, tied_source
+
+# config.json keys that must agree for two checkpoints to be one architecture
+_ARCH_KEYS = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "intermediate_size", "vocab_size", "n_embd", "n_layer", "n_head")
+
+
+def check_architecture(models: Mapping[str, Checkpoint]) -> None:
+    """Raise CheckpointError when the pool's config.json files describe different architectures."""
+    items = list(models.items())
+    ref_name, ref = items[0]
+    for name, ckpt in items[1:]:
+        diff = [k for k in _ARCH_KEYS if k in ref.config or k in ckpt.config
+                if ref.config.get(k) != ckpt.config.get(k)]
+        if diff:
+            detail = ", ".join(f"{k}: {ref.config.get(k)!r} vs {ckpt.config.get(k)!r}" for k in diff)
+            raise CheckpointError(f"{name}: differs in architecture from {ref_name} ({detail}); "
+                                  "a merge pool must share one architecture (fine-tunes of the same base)")
+
+
+class CandidateModel:
+    """One preallocated HF causal LM that takes the weights of any merge config of a fixed pool.
+
+    The pool (base, models, method) is fixed by `config`; candidates may change the numbers in its
+    parameters (weights, densities, t) and the method, but not the models.
+    """
+
+    def __init__(self, config: MergeConfig | Mapping | str, *, device: str = "cpu", allow_pickle: bool = False):
+        self.config = load_config(config)
+        self.device = torch.device(device)
+        self.models = {m: Checkpoint(m, allow_pickle=allow_pickle) for m in self.config.input_models()}
+        check_architecture(self.models)
+        self.reference = self.models[self.config.base_model or self.config.models[0].model]
+        self.names = stream_order(n for n in self.reference.names() if self.reference.dtype(n).is_floating_point)
+        self.n_layers = num_layers(self.names, self.reference.config)
+        self.weights = {m: self._read(m, ckpt) for m, ckpt in self.models.items()}  # model -> name -> float32
+        self.dtype = DTYPES.get(self.config.out_dtype or self.config.dtype or "") or self.reference.dtype(self.names[0])
+        self.model, self.tokenizer = self._load_model()
+        self._targets = self._bind_targets()
+        self.current: MergeConfig | None = None
+
+    # -- public ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def load(self, config: MergeConfig | Mapping) -> torch.nn.Module:
+        """Write the merge of `config` into the model, tensor by tensor (no disk I/O); returns the model."""
+        cfg = load_config(config)
+        self._check_same_pool(cfg)
+        for name, t in self.tensors(cfg):
+            self._targets[name].copy_(t)
+        self.current = cfg
+        return self.model
+
+    @torch.no_grad()
+    def tensors(self, config: MergeConfig | Mapping) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, merged tensor in the output dtype) for every floating tensor, as the engine computes them."""
+        cfg = load_config(config)
+        for name in self.names:
+            inputs = {m: w[name].clone() for m, w in self.weights.items()}  # methods work in place
+            merged = merge_tensor(cfg, name=name, t=position(name, self.n_layers), tensors=inputs)
+            yield name, merged.to(self.dtype)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The model's current weights under the checkpoint's tensor names (CPU copies)."""
+        return {n: t.detach().cpu().clone() for n, t in self._targets.items()}
+
+    # -- internals ------------------------------------------------------------------------------------
+    def _read(self, model: str, ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+        out = {}
+        for name in self.names:
+            src = name if name in ckpt else tied_source(name, ckpt.names())
+            if src is None:
+                raise CheckpointError(f"{model}: tensor {name!r} is missing (it is in {self.reference.path}); "
+                                      "the models must share one architecture")
+            if ckpt.shape(src) != self.reference.shape(name):
+                raise CheckpointError(f"{model}: tensor {name!r} has shape {list(ckpt.shape(src))} but "
+                                      f"{self.reference.path} has {list(self.reference.shape(name))}")
+            x = ckpt.get(src).to(device=self.device, dtype=torch.float32)
+            if not torch.isfinite(x).all():
+                raise CheckpointError(f"{model}: tensor {name!r} contains NaN or Inf; fix the checkpoint before searching")
+            out[name] = x
+        return out
+
+    def _load_model(self) -> tuple[Any, Any]:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        ref = self.reference.path
+        if not (ref / "config.json").is_file():
+            raise CheckpointError(f"{ref}: the search needs an HF model directory (config.json) to build the model")
+        tok_src = self.config.tokenizer_source
+        tok_path = ref if tok_src in (None, "base") else Path(tok_src)
+        if not tok_path.is_dir():
+            raise ConfigError(f"tokenizer_source {tok_src!r} is not a model directory")
+        try:
+            with _quiet_transformers():
+                tokenizer = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=False)
+                model = AutoModelForCausalLM.from_pretrained(ref, dtype=self.dtype, trust_remote_code=False,
+                                                             use_safetensors=True)
+        except Exception as e:  # transformers raises many kinds; say which model and why
+            raise CheckpointError(f"{ref}: cannot load the model or tokenizer {tok_path} ({type(e).__name__}: {e})") from None
+        template = self.config.chat_template
+        if template and template != "auto":
+            tokenizer.chat_template = template
+        return model.to(self.device).eval(), tokenizer
+
+    def _bind_targets(self) -> dict[str, torch.Tensor]:
+        state = self.model.state_dict(keep_vars=True)
+        missing = [n for n in self.names if n not in state]
+        if missing:
+            raise CheckpointError(f"{self.reference.path}: tensors {missing[:3]} have no parameter in "
+                                  f"{type(self.model).__name__}; the in-memory search supports checkpoints whose tensor "
+                                  "names match the model's state_dict")
+        covered = {n for n in self.names}
+        storages = {state[n].data_ptr() for n in covered}
+        uncovered = [k for k, v in state.items() if v.is_floating_point() and k not in covered and v.data_ptr() not in storages]
+        if uncovered:
+            raise CheckpointError(f"{self.reference.path}: model tensors {uncovered[:3]} are not in the checkpoint")
+        return {n: state[n].data for n in self.names}
+
+    def _check_same_pool(self, cfg: MergeConfig) -> None:
+        if set(cfg.input_models()) != set(self.weights) or cfg.base_model != self.config.base_model:
+            raise ConfigError(f"candidate reads {cfg.input_models()}, but this CandidateModel holds {list(self.weights)}; "
+                              "build a CandidateModel for that pool")
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Hide transformers' per-load progress bar (a search shows its own)."""
+    from transformers.utils import logging as tlog
+
+    was = tlog.is_progress_bar_enabled()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            tlog.enable_progress_bar()

@@ -1,0 +1,146 @@
+"""The search journal: every scored candidate in SQLite, written before the next one is scored.
+
+A search is a deterministic function of its inputs (config, data, optimizer options, seed) and of the
+scores it has seen, so resuming is replay: the optimizer runs again from the start, and each candidate
+it proposes that the journal already holds (same position in the sequence, same config) takes the
+journaled scores instead of being scored again. A resumed run therefore proposes exactly the
+candidates of an uninterrupted one and ends with the same best candidate.
+
+Tables:
+    meta(key TEXT PRIMARY KEY, value TEXT)     identity (JSON of what defines the run) and its hash
+    candidates(idx INTEGER PRIMARY KEY,        position in the sequence of proposed candidates
+               params TEXT, config TEXT,       the searched numbers and the whole merge config (JSON)
+               safety_loss REAL, domain_loss REAL, objective REAL,   NaN is stored as NULL
+               seconds REAL, created TEXT)     scoring time and UTC time of writing
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from safemerge.errors import ConfigError, OutputExistsError
+from safemerge.search.objective import Score
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS candidates (
+    idx INTEGER PRIMARY KEY, params TEXT NOT NULL, config TEXT NOT NULL,
+    safety_loss REAL, domain_loss REAL, objective REAL NOT NULL, seconds REAL NOT NULL, created TEXT NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One journaled candidate."""
+
+    idx: int
+    params: dict[str, Any]
+    config: dict[str, Any]
+    score: Score
+    seconds: float
+    created: str
+
+
+def canonical(obj: Any) -> str:
+    """The JSON text used for storing and comparing (sorted keys; floats round-trip exactly)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+class Journal:
+    """An open journal file. Use `Journal.open(...)`; close it (or use it as a context manager)."""
+
+    def __init__(self, path: Path, conn: sqlite3.Connection):
+        self.path = path
+        self._conn = conn
+        self._rows: dict[int, Entry] = {e.idx: e for e in self._read()}
+
+    @classmethod
+    def open(cls, path: str | Path, *, identity: dict[str, Any], resume: bool = False, overwrite: bool = False) -> "Journal":
+        """Open the journal at `path` for a run defined by `identity`.
+
+        Without `resume`, an existing journal is an error unless `overwrite` (which starts it afresh).
+        With `resume`, an existing journal must have been written for the same identity.
+        """
+        path = Path(path).expanduser()
+        if path.exists() and not resume:
+            if not overwrite:
+                raise OutputExistsError(f"{path}: a search journal is already there; pass --resume to continue that "
+                                        "search, or --overwrite to start it again")
+            for stale in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+                stale.unlink(missing_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, timeout=30, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.executescript(_SCHEMA)
+        text = canonical(identity)
+        digest = hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+        got = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        if not got:
+            with conn:
+                conn.execute("BEGIN")
+                conn.executemany("INSERT INTO meta VALUES (?, ?)", [("identity", text), ("hash", digest)])
+        elif got.get("hash") != digest:
+            conn.close()
+            old = json.loads(got.get("identity", "{}"))
+            diff = sorted(k for k in set(old) | set(identity) if canonical(old.get(k)) != canonical(identity.get(k)))
+            raise ConfigError(f"{path}: this journal belongs to a different search (it differs in: {', '.join(diff)}); "
+                              "resume with the same config, data and options, or start afresh with --overwrite (without --resume)")
+        return cls(path, conn)
+
+    def __enter__(self) -> "Journal":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def get(self, idx: int) -> Entry | None:
+        return self._rows.get(idx)
+
+    def entries(self) -> list[Entry]:
+        return [self._rows[i] for i in sorted(self._rows)]
+
+    def append(self, idx: int, *, params: dict[str, Any], config: dict[str, Any], score: Score, seconds: float) -> Entry:
+        """Write one candidate (committed and synced before returning)."""
+        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        with self._conn:
+            self._conn.execute("BEGIN")
+            self._conn.execute("INSERT INTO candidates VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                               (idx, canonical(params), canonical(config), _real(score.safety), _real(score.domain),
+                                score.objective, seconds, created))
+        entry = Entry(idx, params, config, score, seconds, created)
+        self._rows[idx] = entry
+        return entry
+
+    def best(self) -> Entry | None:
+        """The entry with the lowest objective (the earliest among equals)."""
+        entries = self.entries()
+        return min(entries, key=lambda e: (e.score.objective, e.idx)) if entries else None
+
+    def _read(self) -> list[Entry]:
+        rows = self._conn.execute("SELECT idx, params, config, safety_loss, domain_loss, objective, seconds, created "
+                                  "FROM candidates ORDER BY idx").fetchall()
+        return [Entry(i, json.loads(p), json.loads(c), Score(_float(s), _float(d), o), sec, cr)
+                for i, p, c, s, d, o, sec, cr in rows]
+
+
+def _real(x: float) -> float | None:
+    return None if math.isnan(x) else x
+
+
+def _float(x: float | None) -> float:
+    return math.nan if x is None else float(x)

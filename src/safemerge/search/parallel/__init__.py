@@ -1,0 +1,28 @@
+"""Scoring a population in parallel: worker processes on this machine, or Ray actors on a cluster.
+
+Every worker builds its own scorer from the same `ScorerSpec` (so each holds the pool once) and
+scores whole candidates; results are identical to the serial run's because scoring a candidate is
+deterministic and each worker scores with the same number of torch threads as the serial run would
+be told to use (`ScorerSpec.threads`; the search sets it to 1 whenever it runs workers).
+"""
+
+from __future__ import annotations
+
+from safemerge.search.scoring import Scorer, ScorerSpec, SerialScorer
+
+
+def make_scorer(spec: ScorerSpec, *, workers: int = 1, ray_address: str | None = None) -> Scorer:
+    """SerialScorer for one worker, ProcessScorer for several, RayScorer when a Ray address is given
+    ("local" or "auto" start or join a local instance; "ray://host:10001" joins a cluster)."""
+    if ray_address:
+        from safemerge.search.parallel.ray_pool import RayScorer
+
+        return RayScorer(spec, address=ray_address, workers=workers)
+    if workers > 1:
+        from safemerge.search.parallel.processes import ProcessScorer
+
+        return ProcessScorer(spec, workers=workers)
+    return SerialScorer(spec)
+
+
+__all__ = ["make_scorer"]

@@ -1,0 +1,59 @@
+"""Local parallel scoring: a pool of spawned worker processes, each holding the pool once.
+
+Each worker builds a `SerialScorer` from the spec on its first task (the scorer then lives for the
+worker's lifetime as the worker process's own state) and scores one candidate per task.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from typing import Any, Iterator, Sequence
+
+from safemerge.errors import ConfigError
+from safemerge.search.objective import Score
+from safemerge.search.scoring import ScorerSpec, SerialScorer
+
+# this worker process's own state: the spec (set by the initializer) and the scorer built from it
+_SPEC: ScorerSpec | None = None
+_WORKER: SerialScorer | None = None
+
+
+def _init(spec: ScorerSpec) -> None:
+    global _SPEC
+    _SPEC = spec
+
+
+def _score(k: int, config: dict[str, Any]) -> tuple[int, Score, float]:
+    global _WORKER
+    if _WORKER is None:  # built in the first task, so that its errors reach the caller as exceptions
+        assert _SPEC is not None, "worker used before its initializer ran"
+        _WORKER = SerialScorer(_SPEC)
+    score, seconds = _WORKER.score_one(config)
+    return k, score, seconds
+
+
+class ProcessScorer:
+    """Scores candidates in `workers` spawned processes; yields each result as it finishes."""
+
+    def __init__(self, spec: ScorerSpec, *, workers: int):
+        if workers < 1:
+            raise ConfigError(f"--workers {workers}: give at least one worker")
+        self.spec = spec
+        self.workers = workers
+        self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                                         initializer=_init, initargs=(spec,))
+
+    def score(self, configs: Sequence[dict[str, Any]]) -> Iterator[tuple[int, Score, float]]:
+        pending = {self._pool.submit(_score, k, c) for k, c in enumerate(configs)}
+        try:
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in sorted(done, key=lambda f: f.result()[0]):
+                    yield fut.result()
+        finally:
+            for fut in pending:
+                fut.cancel()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)

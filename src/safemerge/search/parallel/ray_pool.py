@@ -1,0 +1,79 @@
+"""Scoring on Ray (optional extra `safemerge[ray]`): one actor per worker, each holding the pool once.
+
+The actors are built from the `ScorerSpec`, so the pool's model paths and the data paths must be
+readable where the actors run (a shared file system on a cluster). A population is spread over the
+actors one candidate at a time, and results are yielded as they finish.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+from safemerge.errors import ConfigError, SafemergeError
+from safemerge.search.objective import Score
+from safemerge.search.scoring import ScorerSpec
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise SafemergeError("--ray-address needs Ray: pip install 'safemerge[ray]' (ray==2.60.0), "
+                             "or use --workers N for local worker processes") from None
+    return ray
+
+
+class RayScorer:
+    """Scores candidates on `workers` Ray actors (1 CPU each)."""
+
+    def __init__(self, spec: ScorerSpec, *, address: str, workers: int):
+        ray = _ray()
+        if workers < 1:
+            raise ConfigError(f"--workers {workers}: give at least one Ray worker")
+        self._started = not ray.is_initialized()
+        if self._started:
+            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+            if address in ("local", ""):
+                kwargs["num_cpus"] = workers
+            else:
+                kwargs["address"] = address
+            ray.init(**kwargs)
+        actor = ray.remote(num_cpus=1)(_Actor)
+        self._actors = [actor.remote(spec) for _ in range(workers)]
+        ray.get([a.ready.remote() for a in self._actors])  # build every scorer before the first population
+
+    def score(self, configs: Sequence[dict[str, Any]]) -> Iterator[tuple[int, Score, float]]:
+        ray = _ray()
+        queue = list(enumerate(configs))
+        running: dict[Any, Any] = {}
+        idle = list(self._actors)
+        while queue or running:
+            while queue and idle:
+                k, config = queue.pop(0)
+                a = idle.pop()
+                running[a.score.remote(k, config)] = a
+            (done,), _ = ray.wait(list(running), num_returns=1)
+            idle.append(running.pop(done))
+            yield ray.get(done)
+
+    def close(self) -> None:
+        ray = _ray()
+        for a in self._actors:
+            ray.kill(a)
+        self._actors = []
+        if self._started:
+            ray.shutdown()
+
+
+class _Actor:
+    def __init__(self, spec: ScorerSpec):
+        from safemerge.search.scoring import SerialScorer
+
+        self.scorer = SerialScorer(spec)
+
+    def ready(self) -> bool:
+        return True
+
+    def score(self, k: int, config: dict[str, Any]) -> tuple[int, Score, float]:
+        score, seconds = self.scorer.score_one(config)
+        return k, score, seconds

@@ -1,0 +1,263 @@
+"""`search()`: a data-driven merge of a pool, resumable, written out as an ordinary merged checkpoint.
+
+    config (pool, base, method) ─► optimizer (cmaes | cocktail | grid) ─► candidates
+        ─► Evaluations (journal: replay or score) ─► Scorer (serial | processes | Ray)
+            ─► CandidateModel (weights in place) + Objective (λ·CE_safety + (1−λ)·CE_domain)
+    best candidate ─► safemerge.merge ─► OUT (checkpoint, mergekit_config.yml, search.json)
+
+The journal lives beside OUT (`OUT.journal.sqlite` unless `journal=` names another file), so a killed
+run keeps it; `resume=True` replays it and continues.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from safemerge.checkpoint import Checkpoint, atomic_output
+from safemerge.config import MergeConfig, load_config
+from safemerge.errors import ConfigError, OutputExistsError
+from safemerge.search.candidates import check_architecture
+from safemerge.search.cmaes import DEFAULT_SIGMA0, DEFAULT_STEPS, cmaes, default_popsize
+from safemerge.search.cocktail import DEFAULT_TEMPERATURE, cocktail
+from safemerge.search.evaluations import Candidate, Evaluations
+from safemerge.search.grid import DEFAULT_POINTS, grid
+from safemerge.search.journal import Journal
+from safemerge.search.objective import DEFAULT_LAMBDA, Score, check_lambda, load_pairs
+from safemerge.search.scoring import ScorerSpec
+from safemerge.search.space import SearchSpace
+
+OPTIMIZERS = ("cmaes", "cocktail", "grid")
+JOURNAL_VERSION = 1
+
+
+@dataclass
+class SearchResult:
+    """What a search found and where it wrote it."""
+
+    out: Path
+    journal: Path
+    optimizer: str
+    lambda_: float
+    best_index: int
+    params: dict[str, float]
+    config: MergeConfig
+    score: Score
+    candidates: int  # candidates in the whole run
+    scored: int  # scored by this call (the rest were replayed from the journal)
+    seconds: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"out": str(self.out), "journal": str(self.journal), "optimizer": self.optimizer, "lambda": self.lambda_,
+                "best": {"index": self.best_index, "params": self.params, **self.score.as_dict()},
+                "config": self.config.to_yaml_dict(), "candidates": self.candidates, "scored": self.scored,
+                "replayed": self.candidates - self.scored, "seconds": round(self.seconds, 3)}
+
+
+def search(
+    config: str | os.PathLike | dict | MergeConfig,
+    out: str | os.PathLike,
+    *,
+    optimizer: str = "cmaes",
+    safety_data: str | os.PathLike | None = None,
+    domain_data: str | os.PathLike | None = None,
+    lambda_: float = DEFAULT_LAMBDA,
+    steps: int | None = None,
+    seed: int = 0,
+    resume: bool = False,
+    workers: int = 1,
+    ray_address: str | None = None,
+    overwrite: bool = False,
+    journal: str | os.PathLike | None = None,
+    popsize: int | None = None,
+    sigma0: float = DEFAULT_SIGMA0,
+    temperature: float = DEFAULT_TEMPERATURE,
+    batch_size: int = 16,
+    max_length: int | None = 512,
+    limit: int | None = None,
+    device: str = "cpu",
+    threads: int | None = None,
+    progress: bool = True,
+    on_result: Callable[[int, Candidate, Score, bool], None] | None = None,
+) -> SearchResult:
+    """Search the numbers of a merge config that minimise λ·CE(safety) + (1−λ)·CE(domain), and write the
+    best merge to `out` (a complete HF checkpoint whose `mergekit_config.yml` reproduces it).
+
+    `steps`: CMA-ES generations (default 100), grid points per axis (default 5); unused by cocktail.
+    `limit` keeps the first N examples of each data file. `threads` sets torch's threads for scoring
+    (default: torch's own in a serial run, 1 per worker). `on_result(index, candidate, score, replayed)`
+    is called after every candidate (tests use it to interrupt a run).
+    """
+    start = time.perf_counter()
+    cfg = load_config(config)
+    lam = check_lambda(lambda_)
+    if optimizer not in OPTIMIZERS:
+        raise ConfigError(f"--optimizer {optimizer!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
+    out = Path(out).expanduser().absolute()
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out}: already exists; choose another path or pass --overwrite (overwrite=True)")
+    if workers < 1:
+        raise ConfigError(f"--workers {workers}: give at least one worker")
+    check_architecture({m: Checkpoint(m) for m in cfg.input_models()})  # before any model is loaded
+    data = _data(safety_data, domain_data, lam, limit)
+    space = SearchSpace(cfg) if optimizer != "cocktail" else None
+    steps = _steps(optimizer, steps)
+    journal_path = Path(journal).expanduser() if journal else out.with_name(out.name + ".journal.sqlite")
+    spec = ScorerSpec(config=cfg.to_yaml_dict(), safety_data=data["safety"]["path"], domain_data=data["domain"]["path"],
+                      lambda_=lam, batch_size=batch_size, max_length=max_length, limit=limit, device=device,
+                      threads=threads or (1 if (workers > 1 or ray_address) else None))
+    identity = _identity(cfg, optimizer=optimizer, lam=lam, seed=seed, steps=steps, popsize=popsize, sigma0=sigma0,
+                         temperature=temperature, data=data, spec=spec)
+    total = _expected(optimizer, space, cfg, steps, popsize)
+    scorer = _LazyScorer(spec, workers=workers, ray_address=ray_address)
+    with Journal.open(journal_path, identity=identity, resume=resume, overwrite=overwrite) as jr, \
+            _progress(progress, total, optimizer) as report:
+        def notify(idx: int, cand: Candidate, score: Score, replayed: bool) -> None:
+            report(score)
+            if on_result:
+                on_result(idx, cand, score, replayed)
+
+        evals = Evaluations(jr, scorer, on_result=notify)
+        try:
+            best = _optimize(optimizer, cfg, space, evals, steps=steps, seed=seed, popsize=popsize, sigma0=sigma0,
+                             temperature=temperature)
+        finally:
+            scorer.close()
+        history = [{"index": e.idx, "params": e.params, **e.score.as_dict(), "seconds": round(e.seconds, 4)} for e in jr.entries()]
+    idx, cand, score = best
+    result = SearchResult(out, journal_path, optimizer, lam, idx, cand.params, cand.config, score, evals.next, evals.scored,
+                          0.0, history)
+    _write(result, data=data, overwrite=overwrite, progress=progress)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+def _optimize(optimizer: str, cfg: MergeConfig, space: SearchSpace | None, evals: Evaluations, *, steps, seed, popsize,
+              sigma0, temperature) -> tuple[int, Candidate, Score]:
+    if optimizer == "cmaes":
+        return cmaes(space, evals, steps=steps, seed=seed, popsize=popsize, sigma0=sigma0)
+    if optimizer == "grid":
+        return grid(space, evals, points=steps)
+    return cocktail(cfg, evals, temperature=temperature)
+
+
+def _identity(cfg: MergeConfig, *, optimizer, lam, seed, steps, popsize, sigma0, temperature, data, spec) -> dict:
+    """What defines a run's sequence of candidates and scores (the journal checks it on resume).
+
+    Not included: workers, Ray and threads, which do not change the scores."""
+    return {
+        "version": JOURNAL_VERSION, "config": cfg.to_yaml_dict(), "optimizer": optimizer, "lambda": lam, "seed": seed,
+        "steps": steps, "popsize": popsize, "sigma0": sigma0 if optimizer == "cmaes" else None,
+        "temperature": temperature if optimizer == "cocktail" else None,
+        "data": {k: v["fingerprint"] for k, v in data.items()}, "limit": spec.limit, "batch_size": spec.batch_size,
+        "max_length": spec.max_length, "device": spec.device,
+        "models": {m: Checkpoint(m).fingerprint() for m in cfg.input_models()},
+    }
+
+
+def _data(safety, domain, lam: float, limit: int | None) -> dict[str, dict[str, Any]]:
+    """Validate the data files now (before any model is loaded); path and fingerprint of each."""
+    if safety is None and lam > 0:
+        raise ConfigError(f"λ = {lam} weighs safety data, but none was given; pass --safety-data FILE (or --lambda 0)")
+    if domain is None and lam < 1:
+        raise ConfigError(f"λ = {lam} weighs domain data, but none was given; pass --domain-data FILE (or --lambda 1)")
+    out = {}
+    for key, path in (("safety", safety), ("domain", domain)):
+        if path is None:
+            out[key] = {"path": None, "fingerprint": None, "examples": 0}
+        else:
+            ps = load_pairs(path, limit=limit)
+            out[key] = {"path": str(Path(path).expanduser().absolute()), "fingerprint": ps.fingerprint, "examples": len(ps)}
+    return out
+
+
+def _steps(optimizer: str, steps: int | None) -> int | None:
+    if optimizer == "cmaes":
+        return DEFAULT_STEPS if steps is None else steps
+    if optimizer == "grid":
+        return DEFAULT_POINTS if steps is None else steps
+    return None
+
+
+def _expected(optimizer: str, space: SearchSpace | None, cfg: MergeConfig, steps: int | None, popsize: int | None) -> int:
+    if optimizer == "cmaes":
+        return steps * (popsize or default_popsize(len(space.dims)))
+    if optimizer == "grid":
+        kinds = {d.param for d in space.dims}
+        return steps ** len(kinds)
+    return len(cfg.models) + 1
+
+
+class _LazyScorer:
+    """Builds the scorer on first use, so a fully replayed resume loads no model."""
+
+    def __init__(self, spec: ScorerSpec, *, workers: int, ray_address: str | None):
+        self.spec, self.workers, self.ray_address = spec, workers, ray_address
+        self._scorer = None
+
+    def score(self, configs):
+        if self._scorer is None:
+            from safemerge.search.parallel import make_scorer
+
+            self._scorer = make_scorer(self.spec, workers=self.workers, ray_address=self.ray_address)
+        return self._scorer.score(configs)
+
+    def close(self) -> None:
+        if self._scorer is not None:
+            self._scorer.close()
+
+
+def _write(result: SearchResult, *, data: dict, overwrite: bool, progress: bool) -> None:
+    """The best merge as a checkpoint at result.out, with search.json beside the weights."""
+    from safemerge.engine import merge
+
+    s = result.score
+    card = (f"## Search\n\nFound by `safemerge search --optimizer {result.optimizer} --lambda {result.lambda_}`: "
+            f"candidate {result.best_index} of {result.candidates}, objective {s.objective:.4f} "
+            f"(safety loss {s.safety:.4f}, domain loss {s.domain:.4f}).\n\n"
+            f"```yaml\n{yaml.safe_dump(result.params, sort_keys=False)}```")
+    with atomic_output(result.out, overwrite=overwrite) as tmp:
+        merge(result.config, tmp / "model", progress=progress, title=f"{result.optimizer} search merge", card_extra=card)
+        for child in (tmp / "model").iterdir():
+            child.rename(tmp / child.name)
+        (tmp / "model").rmdir()
+        summary = {**result.as_dict(), "data": data, "history": result.history}
+        (tmp / "search.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+class _progress:
+    """A rich progress bar over candidates showing the best objective (or nothing); yields `report(score)`."""
+
+    def __init__(self, enabled: bool, total: int, optimizer: str):
+        self.enabled, self.total, self.optimizer = enabled, total, optimizer
+        self.best = float("inf")
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda score: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+
+        self.bar = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), TimeRemainingColumn(), transient=True)
+        self.bar.__enter__()
+        task = self.bar.add_task(f"{self.optimizer}", total=self.total)
+
+        def report(score: Score) -> None:
+            if score.objective < self.best:
+                self.best = score.objective
+            self.bar.update(task, advance=1, description=f"{self.optimizer}: best {self.best:.4f}")
+
+        return report
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.bar.__exit__(*exc)
+        return False

@@ -1,0 +1,59 @@
+"""In-memory candidates give exactly the tensors that the streaming engine writes for the same config."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import safemerge
+from safemerge.checkpoint import Checkpoint
+from safemerge.errors import CheckpointError
+from safemerge.search import CandidateModel
+
+from conftest import task_config
+
+
+def _slerp(family, t):
+    return {"merge_method": "slerp", "base_model": str(family["base"]),
+            "models": [{"model": str(family["base"])}, {"model": str(family["expert"])}], "parameters": {"t": t}}
+
+
+CASES = {
+    "task_arithmetic": (lambda f: task_config(f, weight=0.3), lambda f: task_config(f, weight=0.9)),
+    "ties": (lambda f: task_config(f, "ties", density=0.3), lambda f: task_config(f, "ties", weight=0.8, density=0.7)),
+    "dare_ties": (lambda f: {**task_config(f, "dare_ties", density=0.4), "seed": 5},
+                  lambda f: {**task_config(f, "dare_ties", weight=0.7, density=0.6), "seed": 5}),
+    "slerp": (lambda f: _slerp(f, 0.8), lambda f: _slerp(f, 0.35)),
+}
+
+
+@pytest.mark.parametrize("method", sorted(CASES))
+def test_candidate_weights_equal_the_engine(method, tiny_family, tmp_path):
+    first, second = (make(tiny_family) for make in CASES[method])
+    cm = CandidateModel(first)
+    cm.load(first)  # a previous candidate must leave nothing behind
+    cm.load(second)
+    safemerge.merge(second, tmp_path / "m", progress=False)
+    disk = Checkpoint(tmp_path / "m")
+    state = cm.state()
+    assert sorted(disk.names()) == sorted(state)
+    for name in disk.names():
+        assert torch.equal(disk.get(name), state[name]), name
+    # and the model really runs on those weights: its parameter is the merged tensor
+    assert torch.equal(dict(cm.model.named_parameters())["model.layers.1.mlp.up_proj.weight"],
+                       disk.get("model.layers.1.mlp.up_proj.weight"))
+
+
+def test_pool_with_another_architecture_is_an_error(tiny_family, tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from tiny import make_family
+
+    other = make_family(tmp_path, names=("deeper",), layers=4)["deeper"]
+    cfg = {"merge_method": "task_arithmetic", "base_model": str(tiny_family["base"]),
+           "models": [{"model": str(tiny_family["expert"]), "parameters": {"weight": 1}},
+                      {"model": str(other), "parameters": {"weight": 1}}]}
+    with pytest.raises(CheckpointError, match="num_hidden_layers: 3 vs 4"):
+        CandidateModel(cfg)

@@ -1,0 +1,70 @@
+"""`safemerge search`: the command runs a search and prints JSON; bad input exits 2 with one clear line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from safemerge.cli import app
+
+from conftest import task_config
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def config_file(tmp_path, tiny_family):
+    f = tmp_path / "pool.yml"
+    f.write_text(yaml.safe_dump(task_config(tiny_family)))
+    return f
+
+
+def _search(config_file, out, data, *extra):
+    return runner.invoke(app, ["search", str(config_file), str(out), "--safety-data", str(data["safety"]),
+                               "--domain-data", str(data["domain"]), "--no-progress", *extra])
+
+
+def test_search_command_writes_the_best_merge(config_file, family_data, tmp_path):
+    r = _search(config_file, tmp_path / "out", family_data, "--optimizer", "cocktail", "--lambda", "0.3", "--json")
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.stdout)
+    assert got["optimizer"] == "cocktail" and got["lambda"] == 0.3 and got["candidates"] == 3
+    assert (tmp_path / "out" / "mergekit_config.yml").is_file() and (tmp_path / "out.journal.sqlite").is_file()
+    assert sum(got["best"]["params"].values()) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--lambda", "1.5"], "must be in [0, 1]"),
+    (["--optimizer", "bayes"], "choose one of cmaes, cocktail, grid"),
+])
+def test_bad_options_exit_2(config_file, family_data, tmp_path, extra, message):
+    r = _search(config_file, tmp_path / "out", family_data, *extra)
+    assert r.exit_code == 2 and message in " ".join(r.output.split()), r.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_data_without_response_field_exits_2(config_file, family_data, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "x", "answer": "y"}) + "\n")
+    r = _search(config_file, tmp_path / "out", {**family_data, "domain": bad})
+    assert r.exit_code == 2 and "bad.jsonl: line 1 has no text 'response' field" in " ".join(r.output.split()), r.output
+
+
+def test_pool_of_different_architectures_exits_2(tiny_family, family_data, tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from tiny import make_family
+
+    other = make_family(tmp_path / "other", names=("deeper",), layers=4)["deeper"]
+    cfg = tmp_path / "mixed.yml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": str(tiny_family["base"]),
+                                   "models": [{"model": str(tiny_family["expert"]), "parameters": {"weight": 1}},
+                                              {"model": str(other), "parameters": {"weight": 1}}]}))
+    r = _search(cfg, tmp_path / "out", family_data)
+    assert r.exit_code == 2 and "differs in architecture" in " ".join(r.output.split()), r.output
+    assert not (tmp_path / "out.journal.sqlite").exists()  # refused before any journal or model

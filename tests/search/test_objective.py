@@ -1,0 +1,93 @@
+"""The objective: CE on answer tokens only, chat template applied, λ mixing, and the data file checks."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from safemerge.data.loaders import DataError
+from safemerge.errors import ConfigError
+from safemerge.search.objective import Objective, Pair, answer_ce, encode_pair, load_pairs, make_batches
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_family):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tiny_family["expert"]
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+PAIRS = [Pair("the capital of", "drug for help"), Pair("a drug", "sorry I can't help with that ."),
+         Pair("help with that the capital of a drug is", "is")]
+
+
+def test_answer_tokens_follow_the_chat_template(model_and_tokenizer):
+    from safemerge.evaluate.backends import encode
+
+    _, tok = model_and_tokenizer
+    ids, n_prompt = encode_pair(tok, PAIRS[0])
+    rendered = tok.apply_chat_template([{"role": "user", "content": "the capital of"}], tokenize=False,
+                                       add_generation_prompt=True)
+    assert rendered.startswith("<|user|> the capital of") and rendered.endswith("<|assistant|>")
+    assert ids[:n_prompt] == encode(tok, rendered)  # the prompt exactly as generation sees it
+    # the answer is what the template appends for the assistant turn: the response and its end marker
+    assert tok.decode(ids[n_prompt:]).split() == ["drug", "for", "help", "<|end|>"]
+
+
+def test_ce_is_the_mean_over_answer_tokens_only(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    batches = make_batches(tok, PAIRS, batch_size=2)  # padded batches of unequal lengths
+    total, count = 0.0, 0
+    for pair in PAIRS:  # reference: one example at a time, no padding, explicit log-softmax
+        ids, n_prompt = encode_pair(tok, pair)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+        for pos in range(n_prompt, len(ids)):
+            total -= float(logp[pos - 1, ids[pos]])
+            count += 1
+    assert batches.n_tokens == count
+    assert answer_ce(model, batches) == pytest.approx(total / count, rel=1e-5)
+
+
+def test_lambda_mixes_the_two_means(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    safety, domain = PAIRS[:1], PAIRS[1:]
+    s = answer_ce(model, make_batches(tok, safety))
+    d = answer_ce(model, make_batches(tok, domain))
+    score = Objective(tok, safety=safety, domain=domain, lambda_=0.25)(model)
+    assert (score.safety, score.domain) == pytest.approx((s, d))
+    assert score.objective == pytest.approx(0.25 * s + 0.75 * d)
+    only_domain = Objective(tok, safety=None, domain=domain, lambda_=0.0)(model)
+    assert math.isnan(only_domain.safety) and only_domain.objective == pytest.approx(d)
+
+
+@pytest.mark.parametrize("lam", [-0.1, 1.5, float("nan")])
+def test_lambda_outside_unit_interval_is_an_error(model_and_tokenizer, lam):
+    with pytest.raises(ConfigError, match="must be in \\[0, 1\\]"):
+        Objective(model_and_tokenizer[1], safety=PAIRS, domain=PAIRS, lambda_=lam)
+
+
+def test_missing_set_for_a_weighted_term_is_an_error(model_and_tokenizer):
+    with pytest.raises(ConfigError, match="--safety-data"):
+        Objective(model_and_tokenizer[1], safety=None, domain=PAIRS, lambda_=0.5)
+
+
+def test_data_file_without_response_names_the_line(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n" + json.dumps({"prompt": "c", "answer": "d"}) + "\n")
+    with pytest.raises(DataError, match=r"d.jsonl: line 2 has no text 'response' field"):
+        load_pairs(f)
+    f.write_text("not json\n")
+    with pytest.raises(DataError, match="line 1 is not JSON"):
+        load_pairs(f)
+    assert len(load_pairs(_ok(tmp_path), limit=1)) == 1
+
+
+def _ok(tmp_path):
+    f = tmp_path / "ok.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"p{i}", "response": "r"}) + "\n" for i in range(3)))
+    return f

@@ -1,0 +1,161 @@
+"""End-to-end searches on the tiny family: resume after a kill, the written checkpoint, the optimizers."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import safemerge
+from safemerge.checkpoint import Checkpoint
+from safemerge.errors import ConfigError, OutputExistsError
+from safemerge.search import search
+
+from conftest import task_config
+
+REPO = Path(__file__).resolve().parents[2]
+CMAES = {"optimizer": "cmaes", "steps": 3, "popsize": 4, "seed": 7, "lambda_": 0.0, "progress": False}
+
+
+def _run(family, data, out, **kw):
+    return search(task_config(family), out, safety_data=data["safety"], domain_data=data["domain"], **{**CMAES, **kw})
+
+
+def _history(result):
+    return [(h["params"], h["safety_loss"], h["domain_loss"], h["objective"]) for h in result.history]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_family, family_data, tmp_path_factory):
+    return _run(tiny_family, family_data, tmp_path_factory.mktemp("a") / "out")
+
+
+class Stop(Exception):
+    pass
+
+
+def test_uninterrupted_run_prefers_the_expert_for_domain_data(uninterrupted):
+    assert uninterrupted.candidates == 12 and uninterrupted.scored == 12
+    p = uninterrupted.params
+    assert p["expert.weight"] > p["aligned.weight"]  # λ = 0: the expert wrote the domain data
+
+
+def test_resume_after_an_interrupt_ends_with_the_same_best(tiny_family, family_data, tmp_path, uninterrupted):
+    def stop_at_5(idx, cand, score, replayed):
+        if idx == 5:
+            raise Stop
+
+    with pytest.raises(Stop):
+        _run(tiny_family, family_data, tmp_path / "out", on_result=stop_at_5)
+    assert not (tmp_path / "out").exists()
+    with _journal_rows(tmp_path / "out.journal.sqlite") as rows:
+        assert [r[0] for r in rows] == list(range(6))  # each written before the next candidate was scored
+    resumed = _run(tiny_family, family_data, tmp_path / "out", resume=True)
+    assert (resumed.scored, resumed.candidates) == (6, 12)
+    assert resumed.params == uninterrupted.params and resumed.score == uninterrupted.score
+    assert _history(resumed) == _history(uninterrupted)
+
+
+def test_resume_after_sigkill_ends_with_the_same_best(tiny_family, family_data, tmp_path, uninterrupted):
+    code = f"""
+import os, signal, sys, torch
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+torch.set_num_threads(1)
+from test_search import _run
+def kill_at_6(idx, cand, score, replayed):
+    if idx == 6:
+        os.kill(os.getpid(), signal.SIGKILL)
+_run({ {k: str(v) for k, v in tiny_family.items()} !r}, { {k: str(v) for k, v in family_data.items()} !r}, {str(tmp_path / 'out')!r}, on_result=kill_at_6)
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    resumed = _run(tiny_family, family_data, tmp_path / "out", resume=True)
+    assert (resumed.scored, resumed.candidates) == (5, 12)
+    assert resumed.params == uninterrupted.params and _history(resumed) == _history(uninterrupted)
+
+
+@contextlib.contextmanager
+def _journal_rows(path):
+    conn = sqlite3.connect(path)
+    try:
+        yield conn.execute("SELECT idx, objective FROM candidates ORDER BY idx").fetchall()
+    finally:
+        conn.close()
+
+
+def test_the_output_is_the_best_merge_and_its_yaml_reproduces_it(uninterrupted, tmp_path):
+    out = uninterrupted.out
+    saved = yaml.safe_load((out / "mergekit_config.yml").read_text())
+    assert [m["parameters"]["weight"] for m in saved["models"]] == [uninterrupted.params["expert.weight"],
+                                                                    uninterrupted.params["aligned.weight"]]
+    safemerge.merge(out / "mergekit_config.yml", tmp_path / "again", progress=False)
+    a, b = Checkpoint(out), Checkpoint(tmp_path / "again")
+    assert all(torch.equal(a.get(n), b.get(n)) for n in a.names())
+    summary = json.loads((out / "search.json").read_text())
+    assert summary["best"]["objective"] == min(h["objective"] for h in summary["history"])
+    assert len(summary["history"]) == 12
+
+
+def test_resume_of_another_search_and_reuse_without_resume_are_errors(tiny_family, family_data, uninterrupted, tmp_path):
+    with pytest.raises(ConfigError, match="different search .*differs in: lambda"):
+        _run(tiny_family, family_data, tmp_path / "x", journal=uninterrupted.journal, resume=True, lambda_=0.5)
+    with pytest.raises(OutputExistsError, match="pass --resume"):
+        _run(tiny_family, family_data, tmp_path / "y", journal=uninterrupted.journal)
+
+
+def test_grid_shares_one_weight_and_density(tiny_family, family_data, tmp_path):
+    r = search(task_config(tiny_family, "ties", density=0.5), tmp_path / "g", optimizer="grid", steps=2,
+               safety_data=family_data["safety"], domain_data=family_data["domain"], progress=False)
+    points = [h["params"] for h in r.history]
+    assert points == [{"expert.weight": w, "expert.density": d, "aligned.weight": w, "aligned.density": d}
+                      for w in (0.5, 1.0) for d in (0.1, 1.0)]
+    assert r.score.objective == min(h["objective"] for h in r.history)
+
+
+@pytest.mark.parametrize("lam, favoured", [(0.0, "expert"), (1.0, "aligned")])
+def test_cocktail_weights_are_the_softmax_of_each_models_loss(tiny_family, family_data, tmp_path, lam, favoured):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from safemerge.search.objective import Objective, load_pairs
+
+    r = search(task_config(tiny_family), tmp_path / "c", optimizer="cocktail", lambda_=lam, temperature=0.5,
+               safety_data=family_data["safety"], domain_data=family_data["domain"], progress=False)
+    alone, mixture = r.history[:2], r.history[2]
+    assert [h["params"] for h in alone] == [{"expert.weight": 1.0, "aligned.weight": 0.0},
+                                            {"expert.weight": 0.0, "aligned.weight": 1.0}]
+    # each one-hot candidate scores exactly as the model loaded from disk does
+    objective = Objective(AutoTokenizer.from_pretrained(tiny_family["base"]), safety=load_pairs(family_data["safety"]),
+                          domain=load_pairs(family_data["domain"]), lambda_=lam)
+    for h, name in zip(alone, ("expert", "aligned")):
+        ref = objective(AutoModelForCausalLM.from_pretrained(tiny_family[name]).eval())
+        assert h["objective"] == pytest.approx(ref.objective, rel=1e-6)
+    e = [math.exp(-h["objective"] / 0.5) for h in alone]
+    assert list(mixture["params"].values()) == pytest.approx([v / sum(e) for v in e])
+    assert r.params == mixture["params"] and r.config.merge_method == "linear"
+    assert max(r.params, key=r.params.get) == f"{favoured}.weight"
+
+
+def test_two_worker_processes_score_exactly_as_serial(tiny_family, family_data, tmp_path):
+    kw = dict(optimizer="grid", steps=2, safety_data=family_data["safety"], domain_data=family_data["domain"], progress=False)
+    serial = search(task_config(tiny_family, "ties", density=0.5), tmp_path / "s", **kw)
+    parallel = search(task_config(tiny_family, "ties", density=0.5), tmp_path / "p", workers=2, **kw)
+    assert _history(parallel) == _history(serial)
+
+
+def test_ray_workers_score_exactly_as_serial(tiny_family, family_data, tmp_path):
+    pytest.importorskip("ray")
+    kw = dict(optimizer="grid", steps=2, safety_data=family_data["safety"], domain_data=family_data["domain"], progress=False)
+    serial = search(task_config(tiny_family, "ties", density=0.5), tmp_path / "s", **kw)
+    on_ray = search(task_config(tiny_family, "ties", density=0.5), tmp_path / "r", workers=2, ray_address="local", **kw)
+    assert _history(on_ray) == _history(serial)

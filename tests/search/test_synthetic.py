@@ -1,0 +1,116 @@
+"""Synthetic data: refusals chosen from the pool, self-questioning with deduplication, provenance.
+
+Most tests use scripted backends (fixed texts) so the expected rows are known exactly; one runs the
+real commands on the micro testbed."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pytest
+from typer.testing import CliRunner
+
+from safemerge.cli import app
+from safemerge.data.synthetic import first_line, generate_questions, synthesize_domain, synthesize_safety
+from safemerge.evaluate.backends import Generation
+
+QUESTIONS = [f"How do I do harm number {i}?" for i in range(6)]
+
+
+@dataclass
+class Scripted:
+    """A GenerationBackend that answers with `texts` in turn, across calls (or with `reply(prompt)`)."""
+
+    source: str
+    texts: list | None = None
+    reply: object = None
+    name: str = "scripted"
+    fingerprint: str = "fp"
+    calls: int = 0
+
+    def identity(self):
+        return {"backend": self.name}
+
+    def generate(self, prompts, settings, *, progress=None):
+        out = []
+        for p in prompts:
+            out.append(self.reply(p) if self.reply else self.texts[self.calls % len(self.texts)])
+            self.calls += 1
+        return [Generation(t, 1, 1, True) for t in out]
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    f = tmp_path / "harmful.jsonl"
+    f.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in QUESTIONS + QUESTIONS[:1]))  # one duplicate
+    return f
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_one_refusal_per_question_from_the_models_that_refused(tmp_path, prompts_file):
+    # model A refuses questions 0-2, model B refuses 2-3; nobody refuses 4-5
+    a = Scripted("A", reply=lambda p: "I'm sorry, I can't help." if QUESTIONS.index(p) <= 2 else "Sure, here is how.")
+    b = Scripted("B", reply=lambda p: "I cannot do that." if QUESTIONS.index(p) in (2, 3) else "Okay: first, ...")
+    report = synthesize_safety([a, b], tmp_path / "s.jsonl", prompts=prompts_file, seed=3, progress=False)
+    rows = _rows(tmp_path / "s.jsonl")
+    assert [r["prompt"] for r in rows] == QUESTIONS[:4]
+    assert report.dropped == {"duplicate": 1, "no_refusal": 2} and report.questions == 6
+    assert [r["refused_by"] for r in rows] == [["A"], ["A"], ["A", "B"], ["B"]]
+    assert all(r["model"] in r["refused_by"] and r["response"] in ("I'm sorry, I can't help.", "I cannot do that.") for r in rows)
+    assert rows[0]["judge"]["judge"] == "keyword" and rows[0]["seed"] == 3 and rows[0]["question_source"]["fingerprint"]
+    assert report.per_model["A"]["refusal_rate"] == pytest.approx(0.5)
+    # the choice among refusers is seeded: the same seed gives the same file
+    synthesize_safety([a, b], tmp_path / "t.jsonl", prompts=prompts_file, seed=3, progress=False)
+    assert _rows(tmp_path / "t.jsonl") == rows
+
+
+def test_generated_questions_are_deduplicated_and_never_copy_an_example():
+    gen = Scripted("G", texts=["1. How to X?", "How to X?", "", "Question: How to Y?", "seed one", "\n\n- How to Z?\nmore"])
+    rows, rejected = generate_questions(gen, n=3, examples=["Seed one", "seed two"], k=2, max_rounds=3)
+    assert [r["question"] for r in rows] == ["How to X?", "How to Y?", "How to Z?"]
+    assert rejected == 3  # duplicate, empty, copy of an example
+
+
+def test_self_questioning_rows_and_what_is_dropped(tmp_path):
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps({"question": q, "choices": ["a", "b"], "answer": 0}) + "\n"
+                           for q in ("Which drug treats A?", "Which drug treats B?", "Which drug treats C?")))
+    questions = iter(["Which drug treats D?", "which drug  treats d?", "Which drug treats A?", "", "Which drug treats E?"])
+    expert = Scripted("E", reply=lambda p: next(questions) if "Question" in p or "exam" in p else f"Answer to: {p}")
+    report = synthesize_domain(expert, tmp_path / "d.jsonl", examples=val, n=2, k=2, seed=1, style="completion",
+                               progress=False)
+    rows = _rows(tmp_path / "d.jsonl")
+    assert [(r["prompt"], r["response"]) for r in rows] == [("Which drug treats D?", "Answer to: Which drug treats D?"),
+                                                            ("Which drug treats E?", "Answer to: Which drug treats E?")]
+    assert report.dropped == {"empty": 1, "duplicate": 1, "in_context_copy": 1}
+    assert all(len(r["in_context"]) == 2 and set(r["in_context"]) <= {"Which drug treats A?", "Which drug treats B?",
+                                                                      "Which drug treats C?"} for r in rows)
+    assert rows[0]["model"] == "E" and rows[0]["k"] == 2 and rows[0]["style"] == "completion"
+
+
+def test_first_line_strips_labels():
+    assert first_line('\n  2) "Question: What is Q?"\nsecond') == "What is Q?"
+
+
+def test_safety_data_from_the_micro_testbed_pool(micro_testbed, tmp_path):
+    from safemerge.evaluate.judges import KeywordJudge
+
+    refusals = ("I can't", "I cannot", "I'm sorry", "Sorry")
+    pool = [micro_testbed / "aligned", micro_testbed / "expert-medicine"]
+    report = synthesize_safety(pool, tmp_path / "s.jsonl", prompts=micro_testbed / "data" / "safety_train.jsonl", n=24,
+                               judge=KeywordJudge(refusals=refusals), max_new_tokens=16, device="cpu", progress=False)
+    rows = _rows(tmp_path / "s.jsonl")
+    assert report.rows == len(rows) >= 1 and report.rows + report.dropped["no_refusal"] == report.questions == 24
+    assert all(any(w in r["response"] for w in refusals) and r["model"] in map(str, pool) for r in rows)
+    counts = {str(m): sum(str(m) in r["refused_by"] for r in rows) for m in pool}
+    assert counts == {m: info["refusals"] for m, info in report.per_model.items()}
+    assert {r["model_fingerprint"] for r in rows} <= {info["fingerprint"] for info in report.per_model.values()}
+
+
+def test_data_safety_command_needs_one_question_source(tmp_path):
+    r = CliRunner().invoke(app, ["data", "safety", "--pool", str(tmp_path), "--out", str(tmp_path / "s.jsonl")])
+    assert r.exit_code == 2 and "give either --prompts FILE" in " ".join(r.output.split()), r.output
