@@ -77,8 +77,7 @@ def _key(obj: Any) -> str:
 
 
 def _testbed_key(testbed: Path) -> str:
-    world = json.loads((testbed / "world.json").read_text())
-    return world.get("cache_key") or _key(world)
+    return json.loads((testbed / "world.json").read_text())["key"]
 
 
 # -- the stages -------------------------------------------------------------------------------------
@@ -103,8 +102,15 @@ def _merges(r: Repro) -> None:
 
 
 def _search_data(r: Repro) -> tuple[Path, Path]:
-    """Synthetic safety data (the pool's refusals to training prompts) and the expert's self-questioned Q&A."""
-    from safemerge.data.synthetic import synthesize_domain, synthesize_safety
+    """The search's data: synthetic safety data (the pool's refusals to the training harmful prompts, kept
+    where the keyword judge sees a refusal) and the primary domain's Q&A.
+
+    The domain Q&A is the testbed's own training Q&A (its first `synth_n` rows): the papers have each
+    expert question itself, but the testbed's experts are too small to write usable questions
+    (`safemerge data domain` runs on them, and its questions are gibberish), so the reproduction does
+    not pretend otherwise.
+    """
+    from safemerge.data.synthetic import synthesize_safety
 
     folder = r.out / "data"
     folder.mkdir(parents=True, exist_ok=True)
@@ -114,11 +120,12 @@ def _search_data(r: Repro) -> tuple[Path, Path]:
     pool = [r.family("aligned"), r.family(f"expert-{r.primary}")]
     t0 = time.perf_counter()
     if not safety.exists():
-        synthesize_safety(pool, safety, prompts=r.data("safety_train.jsonl"), n=n, seed=r.seed, progress=r.progress)
+        synthesize_safety(pool, safety, prompts=r.data("safety_train.jsonl"), n=n, seed=r.seed, max_new_tokens=32,
+                          progress=r.progress)
     if not domain.exists():
-        synthesize_domain(r.family(f"expert-{r.primary}"), domain, examples=r.data(f"domain-{r.primary}_val.jsonl"),
-                          n=n, seed=r.seed, progress=r.progress)
-    r.timings["synthetic data"] = round(time.perf_counter() - t0, 1)
+        rows = r.data(f"domain-{r.primary}_train.jsonl").read_text().splitlines()[:n]
+        domain.write_text("\n".join(rows) + "\n")
+    r.timings["search data"] = round(time.perf_counter() - t0, 1)
     return safety, domain
 
 
@@ -137,24 +144,24 @@ def _searches(r: Repro) -> None:
     runs = [
         ("ties-grid", "ties", "grid", 0.5, pool("ties", density=0.5), b["grid_steps"]),
         ("dare_ties-grid", "dare_ties", "grid", 0.5, pool("dare_ties", density=0.5), b["grid_steps"]),
-        ("evomm-safe", "evomm", "cmaes", 0.5, pool("ties", density=0.5), b["cmaes_steps"]),
-        ("evomm-unsafe", "evomm", "cmaes", 0.0, pool("ties", density=0.5), b["cmaes_steps"]),
+        ("evomm-safe", "evomm", "cmaes", 0.5, pool("task_arithmetic"), b["cmaes_steps"]),
+        ("evomm-unsafe", "evomm", "cmaes", 0.0, pool("task_arithmetic"), b["cmaes_steps"]),
         ("cocktail-safe", "cocktail", "cocktail", 0.5, {**pool("linear"), "base_model": None}, None),
         ("cocktail-unsafe", "cocktail", "cocktail", 0.0, {**pool("linear"), "base_model": None}, None),
     ]
     for name, method, optimizer, lam, cfg, steps in runs:
         cfg = {k: v for k, v in cfg.items() if v is not None}
-        found: dict = {}
 
-        def run(path: Path, cfg=cfg, optimizer=optimizer, lam=lam, steps=steps, found=found) -> None:
-            res = search(cfg, path, optimizer=optimizer, safety_data=safety, domain_data=domain, lambda_=lam, steps=steps,
-                         seed=r.seed, limit=b["search_limit"], overwrite=True, progress=r.progress,
-                         journal=r.out / "journals" / f"{path.name}.sqlite")
-            (path / "search.json").write_text(json.dumps({"params": res.params, "loss": res.score.total}, default=str))
+        def run(path: Path, cfg=cfg, optimizer=optimizer, lam=lam, steps=steps) -> None:
+            journal = r.out / "journals" / f"{path.name}.sqlite"
+            journal.parent.mkdir(parents=True, exist_ok=True)
+            journal.unlink(missing_ok=True)  # the settings changed: start afresh
+            search(cfg, path, optimizer=optimizer, safety_data=safety, domain_data=domain, lambda_=lam, steps=steps,
+                   seed=r.seed, limit=b["search_limit"], overwrite=True, progress=r.progress, journal=journal)
 
         path = r.make(name, method, {"optimizer": optimizer, "lambda": lam, "steps": steps}, run)
         r.models[name]["params"] = {"optimizer": optimizer, "lambda": lam,
-                                    **json.loads((path / "search.json").read_text())["params"]}
+                                    **json.loads((path / "search.json").read_text())["best"]["params"]}
 
 
 def _alignment(r: Repro) -> None:
@@ -189,7 +196,7 @@ def _evaluate(r: Repro, names: Sequence[str]) -> dict[str, dict]:
         sim = similarity([path, expert, aligned])["pairs"]
         row["l2"] = {"expert": sim[0]["l2"], "aligned": sim[1]["l2"]}
         results[name] = row
-        console.print(f"  {name:<22} safety {s['rate']:.2f}  " +
+        console.print(f"  {name:<22} safety {s['safe_rate']:.2f}  " +
                       "  ".join(f"{d} {a:.2f}" for d, a in row["domain"].items()) + f"  general {row['general']:.2f}")
     r.timings["evaluation"] = round(time.perf_counter() - t0, 1)
     return results
@@ -210,13 +217,15 @@ def repro(*, out: str | os.PathLike = "runs/repro", seed: int = 0, preset: str =
         from safemerge.errors import ConfigError
 
         raise ConfigError(f"preset {preset!r} is unknown; choose {', '.join(BUDGETS)}")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per model load would drown the stage output
     t_start = time.perf_counter()
     out = Path(out).expanduser().absolute()
     out.mkdir(parents=True, exist_ok=True)
     testbed = out / "testbed"
     t0 = time.perf_counter()
-    want = {"seed": seed, "preset": preset, "domains": sorted(domains)}
-    if not _testbed_matches(testbed, want):
+    if not _testbed_matches(testbed, seed=seed, preset=preset, domains=domains):
         build_testbed(testbed, seed=seed, preset=preset, domains=domains, overwrite=True, progress=progress)
     r = Repro(out=out, testbed=testbed, domains=tuple(domains), budget=BUDGETS[preset], seed=seed, progress=progress,
               store=out / "results.sqlite", timings={"testbed": round(time.perf_counter() - t0, 1)})
@@ -244,9 +253,11 @@ def repro(*, out: str | os.PathLike = "runs/repro", seed: int = 0, preset: str =
     return {"results": str(out / "results.json"), "report": report, "seconds": doc["meta"]["seconds"]}
 
 
-def _testbed_matches(testbed: Path, want: dict) -> bool:
+def _testbed_matches(testbed: Path, *, seed: int, preset: str, domains: Sequence[str]) -> bool:
+    """Whether OUT/testbed is the build these arguments (and this code) would make."""
+    from safemerge.testbed.build import cache_key, canonical_domains
+
     try:
-        world = json.loads((testbed / "world.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        return _testbed_key(testbed) == cache_key(seed=seed, preset=preset, domains=canonical_domains(domains))
+    except (OSError, KeyError, json.JSONDecodeError):
         return False
-    return all(world.get(k) == (sorted(v) if k == "domains" else v) for k, v in want.items())
