@@ -1,0 +1,231 @@
+"""Regenerate the mergekit parity fixtures under tests/fixtures/mergekit/.
+
+    benchmarks/setup_mergekit.sh                   # once: .bench-venv with mergekit 0.1.5
+    .venv/bin/python benchmarks/make_parity_fixtures.py [--mergekit .bench-venv/bin/mergekit-yaml]
+
+What is committed (well under 2 MB): one YAML per case (model paths are role names, resolved against
+the directory holding the regenerated inputs), mergekit's merged tensors as ``<case>.safetensors``
+(exact cases) or its output statistics (random DARE cases) and ``manifest.json`` with the recipe
+of the inputs and their fingerprints. The inputs themselves are not committed:
+``tests/test_mergekit_parity.py`` rebuilds them with ``benchmarks/_family.py`` from the recipe and
+checks the fingerprints first, so a change in torch's RNG shows up as such, not as a merge bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _family  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures" / "mergekit"
+
+# The tiny family: GQA (4 query heads, 2 key/value heads), untied lm_head.
+SPEC = _family.LlamaSpec(hidden_size=32, num_hidden_layers=4, vocab_size=64, intermediate_size=48,
+                         num_attention_heads=4, num_key_value_heads=2)
+ROLES = ("base", "expert_a", "expert_b", "aligned")
+# Large enough relative deltas that SLERP takes its spherical branch on matrices (|cos| ~ 0.97),
+# while the norm gains (~1 ± 0.1) stay collinear and exercise its linear fallback.
+FAMILIES = {
+    "fp32": {"seed": 0, "dtype": "float32", "delta_scale": 0.25},
+    "bf16": {"seed": 1, "dtype": "bfloat16", "delta_scale": 0.25},
+}
+GRADIENT = [0, 0.5, 1, 0.5, 0]
+
+
+def _models(**weights: dict) -> list[dict]:
+    return [{"model": role, "parameters": params} if params else {"model": role}
+            for role, params in weights.items()]
+
+
+# name -> (family, kind, config). kind "exact": tensors compared; "stats": random (DARE) methods.
+CASES: dict[str, tuple[str, str, dict]] = {
+    "linear": ("fp32", "exact", {
+        "merge_method": "linear",
+        "models": _models(base={"weight": 0.6}, expert_a={"weight": 0.3}, aligned={"weight": 0.3}),
+        "dtype": "float32",
+    }),
+    "task_arithmetic_mergealign": ("fp32", "exact", {
+        "merge_method": "task_arithmetic", "base_model": "base",
+        "models": _models(expert_a={"weight": 1.0}, aligned={"weight": 1.0}),
+        "dtype": "float32",
+    }),
+    "task_arithmetic_lambda": ("fp32", "exact", {
+        "merge_method": "task_arithmetic", "base_model": "base",
+        "models": _models(expert_a={"weight": 0.7}, expert_b={"weight": 0.4}, aligned={"weight": 1.0}),
+        "parameters": {"lambda": 0.8}, "dtype": "float32",
+    }),
+    "ties": ("fp32", "exact", {
+        "merge_method": "ties", "base_model": "base",
+        "models": _models(expert_a={"weight": 1.0, "density": 0.5}, expert_b={"weight": 0.5, "density": 0.5},
+                          aligned={"weight": 1.0, "density": 0.5}),
+        "dtype": "float32",
+    }),
+    "slerp_scalar": ("fp32", "exact", {
+        "merge_method": "slerp", "base_model": "base",
+        "models": _models(base={}, expert_a={}),
+        "parameters": {"t": 0.3}, "dtype": "float32",
+    }),
+    "slerp_gradient_filters": ("fp32", "exact", {
+        "merge_method": "slerp", "base_model": "base",
+        "models": _models(base={}, expert_a={}),
+        "parameters": {"t": [{"filter": "self_attn", "value": GRADIENT},
+                             {"filter": "mlp", "value": [1, 0.5, 0, 0.5, 1]},
+                             {"value": 0.4}]},
+        "dtype": "float32",
+    }),
+    "breadcrumbs": ("fp32", "exact", {
+        "merge_method": "breadcrumbs", "base_model": "base",
+        "models": _models(expert_a={"weight": 1.0, "density": 0.8, "gamma": 0.05},
+                          aligned={"weight": 0.5, "density": 0.8}),
+        "dtype": "float32",
+    }),
+    "model_stock": ("fp32", "exact", {
+        "merge_method": "model_stock", "base_model": "base",
+        "models": _models(expert_a={}, expert_b={}, aligned={}),
+        "dtype": "float32",
+    }),
+    "task_arithmetic_mergealign_bf16": ("bf16", "exact", {
+        "merge_method": "task_arithmetic", "base_model": "base",
+        "models": _models(expert_a={"weight": 1.0}, aligned={"weight": 1.0}),
+        "dtype": "bfloat16",
+    }),
+    "slerp_gradient_bf16": ("bf16", "exact", {
+        "merge_method": "slerp", "base_model": "base",
+        "models": _models(base={}, expert_a={}),
+        "parameters": {"t": GRADIENT}, "dtype": "bfloat16",
+    }),
+    "ties_bf16": ("bf16", "exact", {
+        "merge_method": "ties", "base_model": "base",
+        "models": _models(expert_a={"weight": 1.0, "density": 0.5}, aligned={"weight": 1.0, "density": 0.5}),
+        "dtype": "bfloat16",
+    }),
+    "dare_linear": ("fp32", "stats", {
+        "merge_method": "dare_linear", "base_model": "base",
+        "models": _models(expert_a={"weight": 1.0, "density": 0.3}),
+        "dtype": "float32",
+    }),
+    "dare_ties": ("fp32", "stats", {
+        "merge_method": "dare_ties", "base_model": "base",
+        "models": _models(expert_a={"weight": 1.0, "density": 0.5}, aligned={"weight": 1.0, "density": 0.5}),
+        "dtype": "float32",
+    }),
+}
+
+
+def build_inputs(root: Path, family: str) -> dict[str, Path]:
+    """Write the tiny family ``family`` ("fp32"/"bf16") under ``root/family/<role>``."""
+    return _family.write_family(Path(root) / family, spec=SPEC, roles=ROLES, **FAMILIES[family])
+
+
+def absolute_config(config: dict, inputs: Path) -> dict:
+    """The case config with role names replaced by absolute model dirs under ``inputs``."""
+    cfg = json.loads(json.dumps(config))
+    if "base_model" in cfg:
+        cfg["base_model"] = str(inputs / cfg["base_model"])
+    for m in cfg["models"]:
+        m["model"] = str(inputs / m["model"])
+    return cfg
+
+
+def dare_stats(out: dict[str, torch.Tensor], base: dict[str, torch.Tensor], deltas: list[dict]) -> dict:
+    """Statistics of a random merge, aggregated over all tensors (float64).
+
+    changed_fraction: share of elements with merged != base.
+    l1_ratio: ||merged - base||_1 / ||Σ_i w_i·τ_i||_1 with w_i = 1 (≈ 1 when survivors are rescaled to
+    keep the L1 norm in expectation, for one model; lower under TIES's sign election).
+    """
+    changed = total = 0
+    l1_out = l1_ref = 0.0
+    for name, t in out.items():
+        d = t.double() - base[name].double()
+        changed += int((d != 0).sum())
+        total += d.numel()
+        l1_out += float(d.abs().sum())
+        l1_ref += float(sum(dd[name].double() for dd in deltas).abs().sum())
+    return {"changed_fraction": changed / total, "l1_ratio": l1_out / l1_ref, "elements": total}
+
+
+def run_mergekit(mergekit: str, config: dict, out: Path, *, seed: int | None = None) -> None:
+    cfg_path = out.parent / (out.name + ".yml")
+    cfg_path.write_text(yaml.safe_dump(config, sort_keys=False, default_flow_style=None))
+    cmd = [mergekit, str(cfg_path), str(out), "--quiet", "--no-copy-tokenizer", "--no-write-model-card"]
+    if seed is not None:
+        cmd += ["--random-seed", str(seed)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"mergekit failed on {cfg_path}:\n{proc.stderr[-4000:]}")
+
+
+def mergekit_version(mergekit: str) -> str:
+    py = Path(mergekit).parent / "python"
+    return subprocess.run([str(py), "-c", "import importlib.metadata as m; print(m.version('mergekit'))"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mergekit", default=str(REPO / ".bench-venv" / "bin" / "mergekit-yaml"))
+    ap.add_argument("--out", type=Path, default=FIXTURES)
+    ap.add_argument("--seed", type=int, default=0, help="mergekit --random-seed for the DARE cases")
+    args = ap.parse_args(argv)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "peer": f"mergekit {mergekit_version(args.mergekit)}",
+        "torch": torch.__version__,
+        "spec": _family.spec_dict(SPEC),
+        "roles": list(ROLES),
+        "families": FAMILIES,
+        "fingerprints": {},
+        "cases": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="sm-parity-") as tmp:
+        tmp = Path(tmp)
+        for family in FAMILIES:
+            dirs = build_inputs(tmp / "inputs", family)
+            manifest["fingerprints"][family] = {r: _family.fingerprint(d) for r, d in dirs.items()}
+        for name, (family, kind, config) in CASES.items():
+            inputs = tmp / "inputs" / family
+            out = tmp / "out" / name
+            out.parent.mkdir(exist_ok=True)
+            run_mergekit(args.mergekit, absolute_config(config, inputs), out,
+                         seed=args.seed if kind == "stats" else None)
+            tensors = dict(_family.iter_tensors(out))
+            (args.out / f"{name}.yml").write_text(
+                f"# parity case {name!r}: models are role names in the {family} family (see manifest.json)\n"
+                + yaml.safe_dump(config, sort_keys=False, default_flow_style=None))
+            entry = {"family": family, "kind": kind, "config": f"{name}.yml",
+                     "dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch.")}
+            if kind == "exact":
+                save_file({k: v.contiguous() for k, v in sorted(tensors.items())},
+                          str(args.out / f"{name}.safetensors"), metadata={"peer": manifest["peer"]})
+                entry["output"] = f"{name}.safetensors"
+            else:
+                base = dict(_family.iter_tensors(inputs / "base"))
+                models = [m["model"] for m in config["models"] if m["model"] != config.get("base_model")]
+                deltas = [{k: v.double() - base[k].double() for k, v in _family.iter_tensors(inputs / m)}
+                          for m in models]
+                entry["shapes"] = {k: list(v.shape) for k, v in sorted(tensors.items())}
+                entry["stats"] = dare_stats(tensors, base, deltas)
+            manifest["cases"][name] = entry
+            print(f"{name:34s} {entry['dtype']:9s} {kind}")
+    (args.out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    size = sum(p.stat().st_size for p in args.out.iterdir())
+    print(f"wrote {args.out} ({size / 1e6:.2f} MB)")
+
+
+if __name__ == "__main__":
+    main()
