@@ -248,29 +248,50 @@ class Checkpoint:
         return total
 
     def fingerprint(self) -> str:
-        """A content hash of the weights (blake2b over the weight files), cached per file size+mtime."""
+        """A content hash of the weights (sha256 over the weight files' digests), cached per file size+mtime."""
         if self._fingerprint is None:
-            h = hashlib.blake2b(digest_size=16)
+            h = hashlib.sha256()
             for f in self.weight_files():
                 h.update(f.name.encode())
                 h.update(_file_digest(f).encode())
-            self._fingerprint = h.hexdigest()
+            self._fingerprint = h.hexdigest()[:32]
         return self._fingerprint
 
 
 _DIGESTS: dict[tuple[str, int, int], str] = {}
 
 
+def _digest_cache() -> Path | None:
+    env = os.environ.get("SAFEMERGE_CACHE")
+    if env is not None and env.strip().lower() in ("off", "0", "false", "none", ""):
+        return None
+    return (Path(env).expanduser() if env else Path.home() / ".cache" / "safemerge") / "digests"
+
+
 def _file_digest(file: Path) -> str:
+    """sha256 of a weight file, remembered per (path, size, mtime) in memory and under $SAFEMERGE_CACHE,
+    so a model is hashed once, not on every merge or evaluation that names it."""
     st = file.stat()
     key = (str(file.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _DIGESTS:
-        h = hashlib.blake2b(digest_size=16)
+    if key in _DIGESTS:
+        return _DIGESTS[key]
+    folder = _digest_cache()
+    stamp = folder / hashlib.sha256(repr(key).encode()).hexdigest()[:32] if folder else None
+    if stamp is not None and stamp.is_file():
+        digest = stamp.read_text().strip()
+    else:
         with open(file, "rb") as f:
-            while chunk := f.read(8 << 20):
-                h.update(chunk)
-        _DIGESTS[key] = h.hexdigest()
-    return _DIGESTS[key]
+            digest = hashlib.file_digest(f, "sha256").hexdigest()[:32]
+        if stamp is not None:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                tmp = stamp.with_suffix(f".{os.getpid()}")
+                tmp.write_text(digest)
+                tmp.replace(stamp)
+            except OSError:
+                pass  # a read-only cache only costs a re-hash next time
+    _DIGESTS[key] = digest
+    return digest
 
 
 # -- output ---------------------------------------------------------------------------------------

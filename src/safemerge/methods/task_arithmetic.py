@@ -180,11 +180,11 @@ def combine(base, deltas, *, weights, consensus: bool, normalize: bool, lambda_:
         for d in ds[1:]:
             mixed.add_(d)
         if consensus:
-            positive = mixed >= 0  # elected sign: + where Σ w_i·τ̃_i ≥ 0
+            sign = (mixed >= 0).to(torch.float32).mul_(2).sub_(1)  # elected sign: +1 where Σ w_i·τ̃_i ≥ 0, else −1
             mixed.zero_()
             divisor = torch.zeros_like(bb)
             for d, w in zip(ds, weights):
-                agree = torch.where(positive, d > 0, d < 0)  # trimmed zeros never agree
+                agree = (d * sign) > 0  # same sign as elected; trimmed zeros never agree
                 mixed.addcmul_(d, agree)
                 divisor.add_(agree, alpha=w)
             if normalize:
