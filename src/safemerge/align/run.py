@@ -1,0 +1,261 @@
+"""`align`: preference-tune a model (DPO or ORPO) through a LoRA adapter and write a plain checkpoint.
+
+The flow: read the pairs → load the model in float32 (CPU) or its own dtype (CUDA) → zero its dropout
+layers → train a LoRA adapter with TRL → save the adapter → merge it into the weights
+(W ← W + (α/r)·B·A per adapted linear layer, peft's `merge_and_unload`) → cast to the input's dtype →
+save the checkpoint, the input's tokenizer files / chat template / generation config, the run record
+and the model card. Everything is written into a temporary sibling of `out`, renamed into place at the
+end (`safemerge.checkpoint.atomic_output`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from safemerge.align import _trl
+from safemerge.align.card import write_card
+from safemerge.align.data import PreferenceDataError, as_chat, is_chat, load_preferences
+from safemerge.align.progress import RichProgress
+from safemerge.align.settings import AlignSettings
+from safemerge.checkpoint import Checkpoint, atomic_output
+from safemerge.errors import CheckpointError, ConfigError
+
+RUN_RECORD = "align_run.json"  # in OUT/adapter/
+
+
+def align(
+    model: str | os.PathLike,
+    *,
+    data: str | os.PathLike | list[dict],
+    out: str | os.PathLike,
+    method: str = "dpo",
+    lora_r: int = 16,
+    lora_alpha: int = 32,
+    lora_dropout: float = 0.05,
+    target_modules: str | list[str] = "all-linear",
+    lr: float = 8e-6,
+    warmup_steps: int = 150,
+    batch_size: int = 2,
+    grad_accum: int = 6,
+    epochs: float = 3,
+    max_samples: int | None = 7000,
+    max_steps: int | None = None,
+    beta: float = 0.1,
+    max_length: int | None = None,
+    chat: bool | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    device: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """Preference-tune the HF model directory `model` on `data` and write the result to `out`.
+
+    `data`: a JSONL/JSON/CSV/Parquet file (or hub name, or list of dicts) of {prompt, chosen, rejected}
+    pairs, or HH-RLHF {chosen, rejected} transcripts (see `safemerge.align.data`). `chat=None` renders
+    plain-string pairs through the tokenizer's chat template when it has one (True: require it;
+    False: train on the raw strings). `max_samples` keeps a seeded random subset of the pairs;
+    `max_steps` stops early (overrides `epochs`). `device`: "cpu", "cuda" or None (cuda when
+    available). On the CPU training is float32 without gradient checkpointing; on CUDA it uses bf16
+    autocast where supported. Returns `out`.
+    """
+    settings = AlignSettings(
+        method=method, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+        target_modules=target_modules if isinstance(target_modules, str) else tuple(target_modules),
+        lr=lr, warmup_steps=warmup_steps, batch_size=batch_size, grad_accum=grad_accum, epochs=epochs,
+        max_samples=max_samples, max_steps=max_steps, beta=beta, max_length=max_length, chat=chat, seed=seed)
+    src = _model_dir(model)
+    ckpt = Checkpoint(src)
+    device = _device(device)
+    _check_trl()
+    started = time.perf_counter()
+    with atomic_output(out, overwrite=overwrite) as tmp, _no_hf_bars():
+        pairs = load_preferences(data, max_samples=settings.max_samples, seed=seed)
+        tokenizer = _tokenizer(src)
+        use_chat = _use_chat(settings.chat, pairs, tokenizer, src)
+        if use_chat:
+            pairs = [as_chat(p) for p in pairs]
+        out_dtype = _stored_dtype(ckpt)
+        net = _load_model(src, device=device, stored=out_dtype)
+        _zero_dropout(net)
+        bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+        length = settings.max_length or min(1024, getattr(net.config, "max_position_embeddings", None) or 1024)
+        _warn_warmup(settings, len(pairs))
+        bar = RichProgress(f"{settings.method.upper()} {src.name}") if progress else None
+        t0 = time.perf_counter()
+        try:
+            outcome = _trl.train(net, tokenizer, pairs, settings=settings, lora=_lora_config(settings), device=device,
+                                 bf16=bf16, max_length=length, work_dir=tmp / ".trainer",
+                                 callbacks=[bar] if bar else [])
+        finally:
+            if bar:
+                bar.close()
+        train_s = time.perf_counter() - t0
+        _save(outcome.model, tmp, src=src, config=ckpt.config, dtype=out_dtype)
+        run = _record(src, ckpt, data, pairs, settings, outcome, use_chat=use_chat, device=device, bf16=bf16,
+                      dtype=out_dtype, max_length=length, train_s=train_s, wall_s=time.perf_counter() - started)
+        (tmp / "adapter" / RUN_RECORD).write_text(json.dumps(run, indent=2) + "\n")
+        write_card(tmp, run)
+    return Path(out).expanduser().absolute()
+
+
+def load_run(out: str | os.PathLike) -> dict:
+    """The run record (settings, losses, wall time) of a model written by `align`."""
+    path = Path(out) / "adapter" / RUN_RECORD
+    if not path.is_file():
+        raise CheckpointError(f"{out}: no {path.relative_to(out)}; it was not written by `safemerge align`")
+    return json.loads(path.read_text())
+
+
+# -- pieces ---------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _no_hf_bars():
+    """transformers' own tqdm bars (loading / writing shards) would interleave with ours."""
+    from transformers.utils import logging as tlog
+
+    was = tlog.is_progress_bar_enabled()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            tlog.enable_progress_bar()
+
+
+def _model_dir(model: str | os.PathLike) -> Path:
+    path = Path(model).expanduser()
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise CheckpointError(f"{model}: not a model directory with a config.json; pass a local HF checkpoint "
+                              "(hub names are not downloaded)")
+    return path.absolute()
+
+
+def _device(device: str | None) -> str:
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device!r} is not supported; use 'cpu' or 'cuda' (pick a GPU with CUDA_VISIBLE_DEVICES)")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for but torch sees no CUDA device; use device='cpu'")
+    return device
+
+
+def _check_trl() -> None:
+    version = _trl.trl_version()
+    if version != _trl.TRL_VERSION:
+        warnings.warn(f"safemerge align is written for trl=={_trl.TRL_VERSION}, found {version}; "
+                      "ORPO's import path and the trainers' options may differ", stacklevel=3)
+
+
+def _tokenizer(src: Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(src), trust_remote_code=False)
+    if tok.pad_token is None:  # both trainers pad; the saved tokenizer is the input's own files, unchanged
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _use_chat(chat: bool | None, pairs: list[dict], tokenizer, src: Path) -> bool:
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if (chat or any(is_chat(p) for p in pairs)) and not has_template:
+        raise PreferenceDataError(f"{src}: the tokenizer has no chat template, but the pairs are chat messages or "
+                                  "chat=True was asked for; give plain-string pairs, or a model with a chat template")
+    return has_template if chat is None else chat or any(is_chat(p) for p in pairs)
+
+
+def _stored_dtype(ckpt: Checkpoint) -> torch.dtype:
+    floats = [ckpt.dtype(n) for n in ckpt.names() if ckpt.dtype(n).is_floating_point]
+    return floats[0] if floats else torch.float32
+
+
+def _load_model(src: Path, *, device: str, stored: torch.dtype):
+    """float32 on the CPU; on CUDA the stored dtype, fp16 read as bf16 where the GPU has it."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.float32
+    if device == "cuda" and stored in (torch.bfloat16, torch.float16):
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return AutoModelForCausalLM.from_pretrained(str(src), dtype=dtype, trust_remote_code=False, use_safetensors=True)
+
+
+def _zero_dropout(model) -> None:
+    """p = 0 in the model's own dropout layers (what TRL's disable_dropout does), before LoRA adds its own."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+
+
+def _lora_config(s: AlignSettings):
+    from peft import LoraConfig
+
+    targets = s.target_modules if isinstance(s.target_modules, str) else list(s.target_modules)
+    return LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout, target_modules=targets,
+                      bias="none", task_type="CAUSAL_LM")
+
+
+def _warn_warmup(s: AlignSettings, n_pairs: int) -> None:
+    per_epoch = math.ceil(math.ceil(n_pairs / s.batch_size) / s.grad_accum)
+    total = s.max_steps or math.ceil(per_epoch * s.epochs)
+    if s.warmup_steps >= total:
+        warnings.warn(f"warmup_steps={s.warmup_steps} covers the whole run ({total} steps): the learning rate never "
+                      f"reaches lr={s.lr}; lower --warmup-steps", stacklevel=3)
+
+
+def _save(peft_model, tmp: Path, *, src: Path, config: dict, dtype: torch.dtype) -> None:
+    from safemerge.writer import copy_side_files
+
+    peft_model.save_pretrained(str(tmp / "adapter"))
+    merged = peft_model.merge_and_unload()
+    merged.to(device="cpu", dtype=dtype)
+    merged.config.use_cache = True
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # the Trainer aligns them to the tokenizer: undo
+        setattr(merged.config, key, config.get(key))
+    merged.save_pretrained(str(tmp))
+    copy_side_files(tmp, tokenizer_source=src, generation_source=src, chat_template=None)
+    trainer_dir = tmp / ".trainer"
+    if trainer_dir.exists():
+        import shutil
+
+        shutil.rmtree(trainer_dir)
+
+
+def _record(src, ckpt, data, pairs, s: AlignSettings, outcome, *, use_chat, device, bf16, dtype, max_length,
+            train_s, wall_s) -> dict:
+    import peft
+    import transformers
+
+    losses = [h["loss"] for h in outcome.history if "loss" in h]
+    settings = s.as_dict() | {"max_length": max_length, "chat": use_chat}
+    return {
+        "model": str(src),
+        "fingerprint": ckpt.fingerprint(),
+        "data": {"source": str(data) if not isinstance(data, list) else "<list>", "fingerprint": _data_digest(data),
+                 "pairs": len(pairs), "chat": use_chat},
+        "settings": settings,
+        "training": {"steps": outcome.steps, "epochs": outcome.epochs, "losses": losses,
+                     "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+                     "train_s": round(train_s, 2), "wall_s": round(wall_s, 2),
+                     "history": outcome.history},
+        "environment": {"device": device, "precision": "bf16 autocast" if bf16 else "fp32",
+                        "dtype": str(dtype).removeprefix("torch."), "trl": _trl.trl_version(), "peft": peft.__version__,
+                        "transformers": transformers.__version__, "torch": torch.__version__},
+    }
+
+
+def _data_digest(data) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    path = Path(data) if not isinstance(data, list) else None
+    if path is not None and path.is_file():
+        h.update(path.read_bytes())
+    else:
+        h.update(json.dumps(data, sort_keys=True, default=str).encode())
+    return h.hexdigest()

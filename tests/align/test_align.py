@@ -1,0 +1,140 @@
+"""End to end: a few DPO / ORPO steps on tiny models; the output is a plain checkpoint whose weights
+are exactly the input's plus the LoRA update, and bad input fails with one clear line."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from safemerge.align import align, load_run
+from safemerge.checkpoint import Checkpoint
+from safemerge.cli import app
+
+runner = CliRunner()
+FAST = dict(max_steps=3, warmup_steps=0, lr=1e-3, batch_size=2, grad_accum=1, progress=False)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Tiny models train several times faster on one thread when the 2 cores are shared (no spin-waiting).
+    Only around training: the testbed fixture is built with the default thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _lora_delta(adapter_dir, name: str) -> torch.Tensor | None:
+    """(α/r)·B·A for the weight `name` (e.g. model.layers.0.self_attn.q_proj.weight), from the saved adapter."""
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    tensors = load_file(adapter_dir / "adapter_model.safetensors")
+    stem = "base_model.model." + name.removesuffix(".weight")
+    a, b = tensors.get(f"{stem}.lora_A.weight"), tensors.get(f"{stem}.lora_B.weight")
+    if a is None:
+        return None
+    return (cfg["lora_alpha"] / cfg["r"]) * (b.float() @ a.float())
+
+
+@pytest.fixture(scope="module")
+def dpo_out(micro_testbed, tmp_path_factory):
+    out = tmp_path_factory.mktemp("align") / "dpo"
+    with one_thread():
+        return align(micro_testbed / "expert-medicine", data=micro_testbed / "data" / "prefs.jsonl", out=out,
+                     method="dpo", max_samples=24, **FAST)
+
+
+def test_dpo_output_is_the_input_plus_the_lora_update(micro_testbed, dpo_out):
+    src, dst = Checkpoint(micro_testbed / "expert-medicine"), Checkpoint(dpo_out)
+    assert sorted(dst.names()) == sorted(src.names())
+    changed = 0
+    for name in src.names():
+        before, after = src.get(name).float(), dst.get(name).float()
+        delta = _lora_delta(dpo_out / "adapter", name)
+        if delta is None:  # embeddings, norms, lm_head: not adapted, so untouched
+            assert torch.equal(before, after), name
+        else:
+            torch.testing.assert_close(after, before + delta, rtol=1e-5, atol=1e-6)
+            changed += int((after - before).abs().max() > 1e-6)
+    assert changed >= 4  # the update is not zero: training moved the adapter off its zero init
+
+
+def test_dpo_output_loads_and_generates(micro_testbed, dpo_out):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(dpo_out)
+    model = AutoModelForCausalLM.from_pretrained(dpo_out)
+    assert tok.chat_template and tok.chat_template == AutoTokenizer.from_pretrained(micro_testbed / "expert-medicine").chat_template
+    ids = tok.apply_chat_template([{"role": "user", "content": "How do I stab a person?"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)
+    gen = model.generate(**ids, max_new_tokens=4, do_sample=False)
+    assert gen.shape[1] > ids["input_ids"].shape[1]
+    src_cfg = json.loads((micro_testbed / "expert-medicine" / "config.json").read_text())
+    out_cfg = json.loads((dpo_out / "config.json").read_text())
+    for key in ("eos_token_id", "pad_token_id", "vocab_size", "num_hidden_layers"):
+        assert out_cfg.get(key) == src_cfg.get(key), key
+    assert (dpo_out / "generation_config.json").is_file()
+
+
+def test_dpo_card_and_run_record(dpo_out):
+    card = (dpo_out / "README.md").read_text()
+    front = card.split("---")[1]
+    assert "base_model:" in front and "- safemerge" in front and "- dpo" in front
+    assert "wall time" in card and "lr: 0.001" in card
+    run = load_run(dpo_out)
+    assert run["training"]["steps"] == 3 and len(run["training"]["losses"]) == 3
+    assert run["data"]["pairs"] == 24 and run["data"]["chat"] is True
+    assert run["environment"]["device"] == "cpu" and run["environment"]["precision"] == "fp32"
+    assert not any(p.name.startswith(".") for p in dpo_out.iterdir())  # no trainer scratch left behind
+
+
+def test_orpo_through_the_cli(tiny_family, tmp_path):
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "the capital of", "chosen": "sorry I can't help .",
+                                        "rejected": f"the drug is {w}"}) + "\n" for w in ("a", "the", "for", "of")))
+    out = tmp_path / "orpo"
+    with one_thread():
+        r = runner.invoke(app, ["align", str(tiny_family["expert"]), str(out), "--data", str(data), "--method", "orpo",
+                                "--max-steps", "2", "--warmup-steps", "0", "--lr", "1e-3", "--grad-accum", "1",
+                                "--lora-r", "4", "--target-modules", "q_proj,v_proj", "--no-chat", "--no-progress",
+                                "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["method"] == "orpo" and summary["training"]["steps"] == 2
+    assert summary["settings"]["target_modules"] == ["q_proj", "v_proj"] and summary["settings"]["lora_r"] == 4
+    assert summary["settings"]["chat"] is False  # plain-text pairs: TRL's standard (non-chat) path
+    src, dst = Checkpoint(tiny_family["expert"]), Checkpoint(out)
+    diff = {n for n in src.names() if not torch.equal(src.get(n), dst.get(n))}
+    assert diff and all(("q_proj" in n or "v_proj" in n) for n in diff)
+    assert "- orpo" in (out / "README.md").read_text()
+
+
+def test_bad_data_exits_2_naming_the_file(tiny_family, tmp_path):
+    bad = tmp_path / "sft.jsonl"
+    bad.write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n")
+    r = runner.invoke(app, ["align", str(tiny_family["expert"]), str(tmp_path / "o"), "--data", str(bad), "--no-progress"])
+    assert r.exit_code == 2
+    assert "sft.jsonl" in r.output and "'chosen' or 'rejected'" in r.output
+    (tmp_path / "empty.jsonl").write_text("")
+    r = runner.invoke(app, ["align", str(tiny_family["expert"]), str(tmp_path / "o"), "--data",
+                            str(tmp_path / "empty.jsonl"), "--no-progress"])
+    assert r.exit_code == 2 and "empty" in r.output
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.partial*"))
+
+
+def test_existing_output_and_bad_settings_fail_before_training(tiny_family, tmp_path):
+    from safemerge.errors import ConfigError, OutputExistsError
+
+    (tmp_path / "o").mkdir()
+    with pytest.raises(OutputExistsError):
+        align(tiny_family["expert"], data=tmp_path / "missing.jsonl", out=tmp_path / "o")
+    with pytest.raises(ConfigError, match="method 'ppo' is unknown"):
+        align(tiny_family["expert"], data=tmp_path / "missing.jsonl", out=tmp_path / "x", method="ppo")
+    with pytest.raises(ConfigError, match="lora_r must be positive"):
+        align(tiny_family["expert"], data=tmp_path / "missing.jsonl", out=tmp_path / "x", lora_r=0)
