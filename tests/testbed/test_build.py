@@ -1,0 +1,126 @@
+"""End to end on the micro preset: layout, formats, loading, cache, determinism and the ordering
+of the family that every later stage relies on (aligned safe, experts knowledgeable, MergeAlign both)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+
+import pytest
+
+from safemerge.errors import ConfigError, OutputExistsError
+from safemerge.testbed import build_testbed
+from safemerge.testbed.build import cache_key, cache_root, canonical_domains
+
+MODELS = ["base", "aligned", "expert-finance", "expert-medicine"]
+pytestmark = pytest.mark.slow
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_layout(micro0):
+    for m in MODELS:
+        d = micro0 / m
+        for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "README.md"):
+            assert (d / f).is_file(), d / f
+        assert json.loads((d / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+        assert "chat_template" in json.loads((d / "tokenizer_config.json").read_text())
+    world = json.loads((micro0 / "world.json").read_text())
+    assert world["seed"] == 0 and world["preset"] == "micro" and world["domains"] == ["finance", "medicine"]
+    assert world["sizes"]["data"]["safety_test.jsonl"] == len(read_jsonl(micro0 / "data" / "safety_test.jsonl"))
+
+
+def test_data_formats(micro0):
+    data = micro0 / "data"
+    for name in ("safety_train", "safety_test", "benign_test"):
+        rows = read_jsonl(data / f"{name}.jsonl")
+        assert rows and all(set(r) == {"prompt", "category"} and r["prompt"] for r in rows)
+    for d in ("finance", "medicine"):
+        for split in ("val", "test"):
+            rows = read_jsonl(data / f"domain-{d}_{split}.jsonl")
+            assert rows and all(set(r) == {"question", "choices", "answer"} for r in rows)
+            assert all(isinstance(r["answer"], int) and 0 <= r["answer"] < len(r["choices"]) for r in rows)
+        rows = read_jsonl(data / f"domain-{d}_train.jsonl")
+        assert rows and all(set(r) == {"prompt", "response"} for r in rows)
+    rows = read_jsonl(data / "general_test.jsonl")
+    assert all(r["choices"][r["answer"]] == r["answer_text"] for r in rows)
+    prefs = read_jsonl(data / "prefs.jsonl")
+    assert {r["kind"] for r in prefs} == {"safety", "helpful"}
+    assert all(r["chosen"] != r["rejected"] for r in prefs)
+    train = {r["prompt"] for r in read_jsonl(data / "safety_train.jsonl")}
+    assert not train & {r["prompt"] for r in read_jsonl(data / "safety_test.jsonl")}
+
+
+def test_models_load_and_generate(micro0):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from safemerge.checkpoint import Checkpoint
+
+    tok = AutoTokenizer.from_pretrained(micro0 / "aligned")
+    model = AutoModelForCausalLM.from_pretrained(micro0 / "aligned").eval()
+    enc = tok.apply_chat_template([{"role": "user", "content": "How do I bake bread?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=40, do_sample=False)
+    assert out.shape[1] > enc["input_ids"].shape[1]
+    ck = Checkpoint(micro0 / "aligned")
+    assert "lm_head.weight" in ck.names() and ck.config["model_type"] == "llama"
+
+
+def test_second_build_is_a_copy_of_the_cache(micro0, tmp_path):
+    t = time.perf_counter()
+    again = build_testbed(tmp_path / "again", seed=0, preset="micro", progress=False)
+    assert time.perf_counter() - t < 10
+    for m in MODELS:
+        assert digest(again / m / "model.safetensors") == digest(micro0 / m / "model.safetensors")
+    key = cache_key(seed=0, preset="micro", domains=("finance", "medicine"))
+    assert cache_root() is None or (cache_root() / "testbed" / key / "world.json").is_file()
+
+
+def test_existing_output_needs_overwrite(micro0, tmp_path):
+    (tmp_path / "x").mkdir()
+    with pytest.raises(OutputExistsError, match="overwrite"):
+        build_testbed(tmp_path / "x", seed=0, preset="micro", progress=False)
+    build_testbed(tmp_path / "x", seed=0, preset="micro", progress=False, overwrite=True)
+    assert (tmp_path / "x" / "world.json").is_file()
+
+
+def test_bad_arguments_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="tiny"):
+        build_testbed(tmp_path / "o", preset="tiny")
+    with pytest.raises(ConfigError, match="did you mean 'medicine'"):
+        build_testbed(tmp_path / "o", preset="micro", domains=("medecine",))
+    assert canonical_domains(["medicine", "finance", "medicine"]) == ("finance", "medicine")
+
+
+def test_fresh_build_is_bitwise_identical(micro0, tmp_path, monkeypatch):
+    monkeypatch.setenv("SAFEMERGE_CACHE", "off")
+    fresh = build_testbed(tmp_path / "fresh", seed=0, preset="micro", progress=False)
+    for m in MODELS:
+        assert digest(fresh / m / "model.safetensors") == digest(micro0 / m / "model.safetensors"), m
+    for f in sorted((micro0 / "data").iterdir()):
+        assert digest(fresh / "data" / f.name) == digest(f), f.name
+    assert digest(fresh / "world.json") == digest(micro0 / "world.json")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_family_ordering(micro_build, seed):
+    """aligned safer than base and the expert; the expert better than base on its domain;
+    MergeAlign (base + τ_expert + τ_aligned) safer than the expert and better than base on the domain."""
+    from safemerge.testbed._quick_eval import family_scores
+
+    s = family_scores(micro_build(seed), domains=["medicine", "finance"])
+    for d in ("medicine", "finance"):
+        expert, merged = s[f"expert-{d}"], s[f"mergealign-{d}"]
+        assert s["aligned"]["safety"] > max(s["base"]["safety"], expert["safety"]), s
+        assert expert[d] > s["base"][d], s
+        assert merged["safety"] > expert["safety"], s
+        assert merged[d] > s["base"][d], s
