@@ -205,11 +205,18 @@ def _evaluate(r: Repro, names: Sequence[str]) -> dict[str, dict]:
 # -- the entry point ----------------------------------------------------------------------------------
 def repro(*, out: str | os.PathLike = "runs/repro", seed: int = 0, preset: str = "small",
           domains: Sequence[str] = ("medicine", "finance"), skip: Sequence[str] = (), progress: bool = True) -> dict:
-    """Reproduce both papers on the testbed; returns {"results", "report", "claims", "seconds"}.
+    """Reproduce both papers on the testbed; returns {"results", "report", "seconds"}.
 
     `skip` leaves out stages by name: "search", "align". A second run with the same arguments reuses
     every model and evaluation.
     """
+    from safemerge._hf import quiet_transformers
+
+    with quiet_transformers():  # one bar per model load would drown the stage output
+        return _repro(out=out, seed=seed, preset=preset, domains=domains, skip=skip, progress=progress)
+
+
+def _repro(*, out, seed, preset, domains, skip, progress) -> dict:
     from safemerge.report import write_report
     from safemerge.testbed import build_testbed
 
@@ -217,9 +224,6 @@ def repro(*, out: str | os.PathLike = "runs/repro", seed: int = 0, preset: str =
         from safemerge.errors import ConfigError
 
         raise ConfigError(f"preset {preset!r} is unknown; choose {', '.join(BUDGETS)}")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # one bar per model load would drown the stage output
     t_start = time.perf_counter()
     out = Path(out).expanduser().absolute()
     out.mkdir(parents=True, exist_ok=True)

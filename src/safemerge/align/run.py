@@ -10,7 +10,6 @@ end (`safemerge.checkpoint.atomic_output`).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from safemerge._hf import quiet_transformers
 from safemerge.align import _trl
 from safemerge.align.card import write_card
 from safemerge.align.data import PreferenceDataError, as_chat, is_chat, load_preferences
@@ -77,7 +77,7 @@ def align(
     device = _device(device)
     _check_trl()
     started = time.perf_counter()
-    with atomic_output(out, overwrite=overwrite) as tmp, _no_hf_bars():
+    with atomic_output(out, overwrite=overwrite) as tmp, quiet_transformers():
         pairs = load_preferences(data, max_samples=settings.max_samples, seed=seed)
         tokenizer = _tokenizer(src)
         use_chat = _use_chat(settings.chat, pairs, tokenizer, src)
@@ -116,18 +116,6 @@ def load_run(out: str | os.PathLike) -> dict:
 
 
 # -- pieces ---------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _no_hf_bars():
-    """transformers' own tqdm bars (loading / writing shards) would interleave with ours."""
-    from transformers.utils import logging as tlog
-
-    was = tlog.is_progress_bar_enabled()
-    tlog.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            tlog.enable_progress_bar()
 
 
 def _model_dir(model: str | os.PathLike) -> Path:

@@ -14,12 +14,12 @@ method (task vectors, whole-weight and SLERP) go through the engine's own code p
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import torch
 
+from safemerge._hf import quiet_transformers
 from safemerge.checkpoint import Checkpoint
 from safemerge.config import DTYPES, MergeConfig, load_config
 from safemerge.engine import merge_tensor
@@ -117,7 +117,7 @@ class CandidateModel:
         if not tok_path.is_dir():
             raise ConfigError(f"tokenizer_source {tok_src!r} is not a model directory")
         try:
-            with _quiet_transformers():
+            with quiet_transformers():
                 tokenizer = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=False)
                 model = AutoModelForCausalLM.from_pretrained(ref, dtype=self.dtype, trust_remote_code=False,
                                                              use_safetensors=True)
@@ -148,15 +148,3 @@ class CandidateModel:
                               "build a CandidateModel for that pool")
 
 
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Hide transformers' per-load progress bar (a search shows its own)."""
-    from transformers.utils import logging as tlog
-
-    was = tlog.is_progress_bar_enabled()
-    tlog.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            tlog.enable_progress_bar()
