@@ -67,6 +67,39 @@ def test_chunked_sharded_bf16_output_matches_whole_tensor_merge(tmp_path, tiny_f
     assert AutoModelForCausalLM.from_pretrained(chunked).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "task_arithmetic"])
+def test_parallel_workers_write_the_same_tensors(tmp_path, tiny_family, method):
+    """Several compute threads merge different tensors at once; the output is the same, in order."""
+    params = {} if method == "task_arithmetic" else {"parameters": {"density": 0.5}}
+    cfg = ta_config(tiny_family, merge_method=method, seed=1, **params)
+    threads = torch.get_num_threads()
+    one = Checkpoint(safemerge.merge(cfg, tmp_path / "one", workers=1, chunk_elements=300, progress=False))
+    many = Checkpoint(safemerge.merge(cfg, tmp_path / "many", workers=3, chunk_elements=300, max_shard_size=30_000,
+                                      progress=False))
+    assert torch.get_num_threads() == threads  # restored after the merge
+    assert list(many.names()) == list(one.names())
+    for n in one.names():
+        assert torch.equal(one.get(n), many.get(n)), n
+
+
+def test_a_failing_worker_stops_the_merge_and_leaves_nothing(tmp_path, tiny_family, monkeypatch):
+    import safemerge.engine as engine
+
+    calls = []
+
+    def broken(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("boom in a worker")
+        return real(*a, **k)
+
+    real = engine.merge_tensor
+    monkeypatch.setattr(engine, "merge_tensor", broken)
+    with pytest.raises(RuntimeError, match="boom in a worker"):
+        safemerge.merge(ta_config(tiny_family), tmp_path / "x", workers=2, progress=False)
+    assert not (tmp_path / "x").exists()
+
+
 def test_slerp_gradient_uses_layer_positions(tmp_path, tiny_family):
     grad = [0, 0.5, 1, 0.5, 0]
     cfg = {"merge_method": "slerp", "base_model": str(tiny_family["base"]),

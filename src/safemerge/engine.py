@@ -1,8 +1,10 @@
 """The streaming merge engine: one output tensor (or row chunk) at a time, bounded memory.
 
 The loop is plain: for each output tensor, fetch the inputs, resolve the parameters, call the method,
-write. Two threads wrap it: a reader that prefetches the next inputs while the method runs, and a
-writer that appends finished tensors to the output shards. Tensors of element-wise methods that are
+write. Threads wrap it: a reader that prefetches the next inputs, one compute thread per core (each
+merging a different tensor, torch single-threaded inside it, so that the parts of a method that torch
+does not parallelise, such as TIES's top-k selection, still use every core), and the calling thread,
+which appends finished tensors to the output shards in the planned order. Tensors of element-wise methods that are
 larger than `chunk_elements` are processed in row chunks, so peak memory is a few chunks, not a model;
 inside a method the arithmetic runs in cache-sized blocks (methods/blocks.py).
 """
@@ -153,99 +155,114 @@ def _nonfinite(x: torch.Tensor) -> bool:
     return not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)))
 
 
-def _run_thread(target, *args) -> tuple[threading.Thread, list[BaseException]]:
-    errors: list[BaseException] = []
+def default_workers(device: str) -> int:
+    """Tensors merged at once: one per core on the CPU (each single-threaded), one on a GPU."""
+    if device != "cpu":
+        return 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, torch.get_num_threads(), 8))
 
-    def wrapped():
+
+class _Pipeline:
+    """Reader → `workers` compute threads → this thread, which writes the results in the planned order.
+
+    A semaphore bounds the items between reading and writing (workers + 2), so peak memory is a few
+    tensors whatever the model size. Any thread's exception stops the others and is raised here.
+    """
+
+    def __init__(self, plan: _Plan, *, device: str, chunk_elements: int, allow_nonfinite: bool, workers: int):
+        self.plan, self.device, self.workers = plan, device, workers
+        self.stop = threading.Event()
+        self.slots = threading.Semaphore(workers + 2)
+        self.inbox: queue.Queue = queue.Queue()
+        self.done: dict[int, tuple[str, torch.Tensor]] = {}
+        self.cond = threading.Condition()
+        self.errors: list[BaseException] = []
+        self.items = list(plan.items(chunk_elements))
+        self.allow_nonfinite = allow_nonfinite
+
+    def _acquire(self) -> bool:
+        while not self.stop.is_set():
+            if self.slots.acquire(timeout=0.1):
+                return True
+        return False
+
+    def read(self) -> None:
+        for seq, item in enumerate(self.items):
+            if not self._acquire():
+                return
+            self.inbox.put((seq, item, _read(self.plan, item, self.device, self.allow_nonfinite)))
+        for _ in range(self.workers):
+            self.inbox.put(_DONE)
+
+    def compute(self) -> None:
+        while not self.stop.is_set():
+            try:
+                got = self.inbox.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if got is _DONE:
+                return
+            seq, item, tensors = got
+            ref = next(iter(tensors.values()))
+            merged = torch.empty(ref.shape, dtype=self.plan.out_dtype[item.name], device=ref.device)
+            merge_tensor(self.plan.config, name=item.name, t=position(item.name, self.plan.n_layers),
+                         tensors=tensors, out=merged)
+            del tensors, ref
+            with self.cond:
+                self.done[seq] = (item.name, merged.cpu())
+                self.cond.notify_all()
+
+    def _guard(self, target):
+        def run():
+            try:
+                target()
+            except BaseException as e:  # reported to the writing thread
+                with self.cond:
+                    self.errors.append(e)
+                    self.stop.set()
+                    self.cond.notify_all()
+        return run
+
+    def run(self, writer: ShardedWriter, progress) -> None:
+        threads = [threading.Thread(target=self._guard(self.read), daemon=True)]
+        threads += [threading.Thread(target=self._guard(self.compute), daemon=True) for _ in range(self.workers)]
+        for th in threads:
+            th.start()
         try:
-            target(*args)
-        except BaseException as e:  # reported to the main loop
-            errors.append(e)
-
-    th = threading.Thread(target=wrapped, daemon=True)
-    th.start()
-    return th, errors
+            for seq in range(len(self.items)):
+                with self.cond:
+                    while seq not in self.done and not self.errors:
+                        if not any(th.is_alive() for th in threads):
+                            raise RuntimeError("the merge threads stopped unexpectedly")
+                        self.cond.wait(timeout=0.1)
+                    if self.errors:
+                        raise self.errors[0]
+                    name, tensor = self.done.pop(seq)
+                writer.write(name, tensor)
+                self.slots.release()
+                progress(tensor.numel() * tensor.dtype.itemsize)
+                del tensor
+        finally:
+            self.stop.set()
+            for th in threads:
+                th.join(timeout=5)
 
 
 def _stream(plan: _Plan, writer: ShardedWriter, *, device: str, chunk_elements: int, allow_nonfinite: bool,
-            progress) -> None:
-    stop = threading.Event()
-    inbox: queue.Queue = queue.Queue(maxsize=2)
-    outbox: queue.Queue = queue.Queue(maxsize=2)
-
-    def reader():
-        for item in plan.items(chunk_elements):
-            if stop.is_set():
-                return
-            inbox.put((item, _read(plan, item, device, allow_nonfinite)))
-        inbox.put(_DONE)
-
-    def write_all():
-        while (got := outbox.get()) is not _DONE:
-            name, tensor = got
-            writer.write(name, tensor)
-            progress(tensor.numel() * tensor.dtype.itemsize)
-
-    r_thread, r_errors = _run_thread(reader)
-    w_thread, w_errors = _run_thread(write_all)
+            progress, workers: int) -> None:
+    pipe = _Pipeline(plan, device=device, chunk_elements=chunk_elements, allow_nonfinite=allow_nonfinite,
+                     workers=workers)
+    threads = torch.get_num_threads()
+    if workers > 1:
+        torch.set_num_threads(1)  # parallel across tensors instead of inside each op
     try:
-        while True:
-            got = _get(inbox, r_thread, r_errors, w_errors)
-            if got is _DONE:
-                break
-            item, tensors = got
-            t = position(item.name, plan.n_layers)
-            ref = next(iter(tensors.values()))
-            merged = torch.empty(ref.shape, dtype=plan.out_dtype[item.name], device=ref.device)
-            merge_tensor(plan.config, name=item.name, t=t, tensors=tensors, out=merged)
-            del tensors, ref
-            _put(outbox, (item.name, merged.cpu()), w_thread, w_errors)
-        _put(outbox, _DONE, w_thread, w_errors)
-        w_thread.join()
-        if w_errors:
-            raise w_errors[0]
+        pipe.run(writer, progress)
     finally:
-        stop.set()
-        _drain(inbox)
-        if w_thread.is_alive():
-            _drain(outbox)
-            outbox.put(_DONE)
-            w_thread.join(timeout=5)
-
-
-def _get(q: queue.Queue, thread: threading.Thread, errors: list, other_errors: list):
-    while True:
-        if errors:
-            raise errors[0]
-        if other_errors:
-            raise other_errors[0]
-        try:
-            return q.get(timeout=0.1)
-        except queue.Empty:
-            if not thread.is_alive() and q.empty():
-                if errors:
-                    raise errors[0]
-                raise RuntimeError("reader thread stopped unexpectedly")
-
-
-def _put(q: queue.Queue, value, thread: threading.Thread, errors: list) -> None:
-    while True:
-        if errors:
-            raise errors[0]
-        try:
-            q.put(value, timeout=0.1)
-            return
-        except queue.Full:
-            if not thread.is_alive():
-                raise errors[0] if errors else RuntimeError("writer thread stopped unexpectedly")
-
-
-def _drain(q: queue.Queue) -> None:
-    try:
-        while True:
-            q.get_nowait()
-    except queue.Empty:
-        pass
+        torch.set_num_threads(threads)
 
 
 # -- public entry point -------------------------------------------------------------------------------
@@ -259,6 +276,7 @@ def merge(
     allow_nonfinite: bool = False,
     max_shard_size: int = DEFAULT_SHARD,
     chunk_elements: int = 1 << 24,
+    workers: int | None = None,
     progress: bool = True,
     title: str | None = None,
     card_extra: str = "",
@@ -267,6 +285,8 @@ def merge(
 
     Computes in float32 on `device` ("cpu" or "cuda") and casts each tensor once to `out_dtype`
     (else `dtype`, else the base model's). The output appears at `out_dir` only when complete.
+    `workers` tensors are merged at once (default: one per core on the CPU, one on a GPU); with more
+    than one, torch runs single-threaded inside each for the duration of the merge.
     """
     cfg = load_config(config)
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -277,7 +297,7 @@ def merge(
         writer = ShardedWriter(tmp, specs, max_shard_bytes=max_shard_size)
         try:
             _stream(plan, writer, device=device, chunk_elements=chunk_elements, allow_nonfinite=allow_nonfinite,
-                    progress=advance)
+                    progress=advance, workers=workers or default_workers(device))
             writer.finish()
         finally:
             writer.abort()

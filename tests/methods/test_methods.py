@@ -166,3 +166,35 @@ def test_radix_select_equals_kthvalue_on_large_tensors(kind):
         x = (torch.randn(n, generator=g).bfloat16().float() - torch.randn(n, generator=g).bfloat16().float()).abs()
     for rank in (1, 2, n // 3, n // 2, n - 1, n):
         assert float(kth_smallest(x, rank)) == float(x.kthvalue(rank).values)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "few_values", "bf16_differences"])
+def test_radix_fallback_equals_kthvalue(kind):
+    """The radix select (the sampled bracket's fallback) alone, on the same inputs."""
+    from safemerge.methods.task_arithmetic import kth_smallest_radix
+
+    g = torch.Generator().manual_seed(1)
+    n = 400_003
+    if kind == "gaussian":
+        x = torch.randn(n, generator=g).abs()
+    elif kind == "few_values":
+        x = torch.randint(0, 7, (n,), generator=g).float()
+    else:
+        x = (torch.randn(n, generator=g).bfloat16().float() - torch.randn(n, generator=g).bfloat16().float()).abs()
+    for rank in (1, n // 2, n):
+        assert float(kth_smallest_radix(x, rank)) == float(x.kthvalue(rank).values)
+
+
+def test_topk_bracket_miss_falls_back(monkeypatch):
+    """A sample that brackets the wrong place (forced here) still gives the exact top-k."""
+    from safemerge.methods import task_arithmetic as ta
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1_000_003, generator=g).abs()
+    calls = []
+    real = ta._radix_select
+    monkeypatch.setattr(ta, "_radix_select", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(ta.TaskVector, "gather", lambda self, base, idx: torch.zeros(idx.numel()))
+    k = 1000
+    m = topk_mask(x, k)
+    assert calls and int(m.sum()) == k and x[m].min() >= x[~m].max()

@@ -24,6 +24,7 @@ def merge(
     allow_pickle: Annotated[bool, typer.Option(help="Allow reading .bin (pickle) checkpoints; only for inputs you trust.")] = False,
     allow_nonfinite: Annotated[bool, typer.Option(help="Merge tensors with NaN/Inf (warn instead of failing).")] = False,
     shard_size: Annotated[str, typer.Option(help="Maximum output shard size, e.g. 5GB, 500MB.")] = "5GB",
+    workers: Annotated[Optional[int], typer.Option("--workers", "-j", min=1, help="Tensors merged at once (default: one per CPU core; 1 on cuda).")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
@@ -32,7 +33,8 @@ def merge(
 
     with user_errors():
         path = safemerge.merge(config, out_dir, device=device, overwrite=overwrite, allow_pickle=allow_pickle,
-                               allow_nonfinite=allow_nonfinite, max_shard_size=parse_size(shard_size), progress=progress)
+                               allow_nonfinite=allow_nonfinite, max_shard_size=parse_size(shard_size), workers=workers,
+                               progress=progress)
         _report(path, json_out)
 
 

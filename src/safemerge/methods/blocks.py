@@ -45,6 +45,12 @@ class TaskVector:
             return self.delta[s:e].to(torch.float32, copy=True)
         return self.model[s:e].to(torch.float32, copy=True).sub_(base_block)
 
+    def gather(self, base: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """τ at the flat positions `index` (float32); `base` is the flat base tensor."""
+        if self.delta is not None:
+            return self.delta[index].to(torch.float32)
+        return self.model[index].to(torch.float32).sub_(base[index].to(torch.float32))
+
 
 def task_vectors(deltas: Sequence[torch.Tensor | TaskVector]) -> list[TaskVector]:
     """Plain tensors are precomputed task vectors τ_i; TaskVector objects pass through (flattened)."""

@@ -20,6 +20,7 @@ pass over the blocks and apply it in the final one.
 
 from __future__ import annotations
 
+import math
 from typing import Literal, Sequence
 
 import torch
@@ -28,15 +29,19 @@ from safemerge.methods import REQUIRED, register
 from safemerge.methods.blocks import TaskVector, flat, output, spans, task_vectors
 
 NBUCKETS = 1 << 15  # top 16 bits of a non-negative float32: sign (0), exponent, 7 mantissa bits
+SAMPLE = 1 << 16   # entries sampled to bracket a top-k threshold
 
 
-# -- exact top-k by a block-wise radix select -------------------------------------------------------
+# -- exact top-k: a sampled bracket, then a select on the few entries inside it ------------------------
 class TopK:
     """Membership in the k largest |τ| entries, exact: entries equal to the threshold count in index order.
 
-    Found without sorting: a histogram of the top 16 bits of |τ| (which order like the floats) locates
-    the bucket of the threshold; `kthvalue` then runs on that bucket's entries only. `mask` must be
-    called on the blocks in order (it counts the threshold ties it has admitted).
+    Found without sorting the tensor (Floyd–Rivest style): the |τ| of a fixed random sample of
+    SAMPLE entries bracket the threshold's rank within ±6 standard errors; one pass over the blocks
+    counts the entries above the bracket and keeps those inside it (a few percent of the tensor), and
+    `kthvalue` on those gives the exact threshold. When the bracket misses (odds below 1e-8), a radix
+    select (a histogram of the top 16 bits of |τ|, which order like the floats) finds it instead.
+    `mask` must be called on the blocks in order (it counts the threshold ties it has admitted).
     """
 
     def __init__(self, base: torch.Tensor, tv: TaskVector, k: int):
@@ -46,16 +51,9 @@ class TopK:
         if self.all or self.none:
             return
         rank = n - k + 1  # the threshold is the rank-th smallest magnitude
-        counts = torch.zeros(NBUCKETS, dtype=torch.int64)
-        for s, e, mag in _magnitudes(base, tv):
-            counts += torch.bincount(mag.view(torch.int32) >> 16, minlength=NBUCKETS)
-        cum = counts.cumsum_(0)
-        bucket = int(torch.searchsorted(cum, torch.tensor(rank)))
-        below = int(cum[bucket - 1]) if bucket else 0
-        inside = torch.cat([mag[(mag.view(torch.int32) >> 16) == bucket] for _, _, mag in _magnitudes(base, tv)])
-        thr = inside.kthvalue(rank - below).values
-        greater = (n - int(cum[bucket])) + int((inside > thr).sum())
-        self.thr, self.short = float(thr), k - greater
+        found = _bracket_select(base, tv, rank) if n > 4 * SAMPLE else None
+        thr, greater = found if found is not None else _radix_select(base, tv, rank)
+        self.thr, self.short = thr, k - greater
 
     def mask(self, mag: torch.Tensor) -> torch.Tensor:
         if self.all or self.none:
@@ -79,6 +77,45 @@ def _magnitudes(base: torch.Tensor, tv: TaskVector):
         yield s, e, tv.block(b[s:e].to(torch.float32), s, e).abs_()
 
 
+def _bracket_select(base: torch.Tensor, tv: TaskVector, rank: int) -> tuple[float, int] | None:
+    """(threshold, entries above it) for the rank-th smallest |τ|, or None when the sampled bracket misses."""
+    b = flat(base)
+    n = b.numel()
+    gen = torch.Generator(device=b.device).manual_seed(n)
+    idx = torch.randint(0, n, (SAMPLE,), generator=gen, device=b.device)
+    sample = tv.gather(b, idx).abs_().sort().values
+    p = rank / n
+    half = 6.0 * math.sqrt(p * (1.0 - p) / SAMPLE) + 2.0 / SAMPLE
+    lo_i, hi_i = int((p - half) * SAMPLE), int((p + half) * SAMPLE)
+    lo = float(sample[lo_i]) if lo_i > 0 else 0.0
+    hi = float(sample[hi_i]) if hi_i < SAMPLE else math.inf
+    above, inside = 0, []
+    for _, _, mag in _magnitudes(base, tv):
+        above += int((mag > hi).sum())
+        inside.append(mag[(mag >= lo).logical_and_(mag <= hi)])
+    within = torch.cat(inside)
+    below = n - above - within.numel()
+    if not below < rank <= below + within.numel():
+        return None
+    thr = within.kthvalue(rank - below).values
+    return float(thr), above + int((within > thr).sum())
+
+
+def _radix_select(base: torch.Tensor, tv: TaskVector, rank: int) -> tuple[float, int]:
+    """(threshold, entries above it) for the rank-th smallest |τ|: a 16-bit histogram locates the
+    threshold's bucket; `kthvalue` runs on that bucket's entries only."""
+    n = base.numel()
+    counts = torch.zeros(NBUCKETS, dtype=torch.int64, device=base.device)
+    for _, _, mag in _magnitudes(base, tv):
+        counts += torch.bincount(mag.view(torch.int32) >> 16, minlength=NBUCKETS)
+    cum = counts.cumsum_(0)
+    bucket = int(torch.searchsorted(cum, torch.tensor(rank, device=cum.device)))
+    below = int(cum[bucket - 1]) if bucket else 0
+    inside = torch.cat([mag[(mag.view(torch.int32) >> 16) == bucket] for _, _, mag in _magnitudes(base, tv)])
+    thr = inside.kthvalue(rank - below).values
+    return float(thr), (n - int(cum[bucket])) + int((inside > thr).sum())
+
+
 def topk_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
     """Bool mask of the k largest entries of a non-negative tensor (exactly k; ties in index order)."""
     m = flat(magnitude).to(torch.float32)
@@ -91,6 +128,12 @@ def kth_smallest(values: torch.Tensor, rank: int) -> torch.Tensor:
     v = flat(values).to(torch.float32)
     sel = TopK(torch.zeros_like(v), TaskVector(delta=v), v.numel() - rank + 1)
     return torch.tensor(sel.thr) if not (sel.all or sel.none) else v.min()
+
+
+def kth_smallest_radix(values: torch.Tensor, rank: int) -> torch.Tensor:
+    """`kth_smallest` by the radix select alone (the fallback of the sampled bracket; for tests)."""
+    v = flat(values).to(torch.float32)
+    return torch.tensor(_radix_select(torch.zeros_like(v), TaskVector(delta=v), rank)[0])
 
 
 # -- sparsifiers: prepared once per tensor, applied block by block in order ---------------------------
