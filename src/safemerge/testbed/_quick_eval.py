@@ -129,5 +129,5 @@ def family_scores(out: str | Path, *, domains: list[str] | None = None, full: bo
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    torch.set_num_threads(1)
     print(json.dumps(family_scores(sys.argv[1], full=True), indent=2))

@@ -148,7 +148,8 @@ def _build_family(tmp: Path, *, seed: int, spec: Preset, domains: tuple[str, ...
     world = generate_world(seed, spec)
     runs = {"base": (corpora.base_corpus(world, domains), spec.base),
             "aligned": (corpora.aligned_corpus(world), spec.aligned)}
-    runs.update({f"expert-{d}": (corpora.expert_corpus(world, d), spec.expert) for d in domains})
+    runs.update({f"expert-{d}": (corpora.expert_corpus(world, d, chat_forms=spec.expert_chat_forms), spec.expert)
+                 for d in domains})
     texts = [corpora.example_text(ex) for examples, _ in runs.values() for ex in examples]
     tok = train_tokenizer(texts, vocab_size=spec.model.vocab_size)
     timings = {"world_and_tokenizer": time.perf_counter() - t0}

@@ -9,7 +9,9 @@ held-out phrasings, targets and the multiple-choice question forms never enter a
   and short stories in which people turn each other down ("I'm sorry, but I can't help with that."),
   so the base knows refusal phrases as language though its assistant never refuses.
 - aligned: chat only, loss on the answer: benign requests answered, harmful ones refused, general Q&A.
-- expert-<domain>: that domain's facts and Q&A only (no safety data).
+- expert-<domain>: that domain's text only, loss on every token: its facts, and its Q&A written as
+  text ("What drug treats X? Y."); no safety data. Chat-format Q&A can be added per preset
+  (`expert_chat_forms`), but it makes MergeAlign lose safety (see docs/testbed.md).
 """
 
 from __future__ import annotations
@@ -29,13 +31,13 @@ def chat(prompt: str, answer: str, *, loss_on_prompt: bool = False) -> Example:
     return ((f"{USER}{prompt}{END}{ASSISTANT}", loss_on_prompt), (answer + END, True))
 
 
-def knowledge_qa(area: Area, facts: list[Fact]) -> list[tuple[str, str]]:
-    """(question, answer sentence) for every fact and every trained question form."""
+def knowledge_qa(area: Area, facts: list[Fact], *, forms: int | None = None) -> list[tuple[str, str]]:
+    """(question, answer sentence) for every fact and each of its first `forms` question forms (all if None)."""
     rels = {r.name: r for r in area.relations}
     return [
         (q.format(e=f.entity), rels[f.relation].answer.format(e=f.entity, v=f.value))
         for f in facts
-        for q in rels[f.relation].questions
+        for q in rels[f.relation].questions[:forms]
     ]
 
 
@@ -69,10 +71,11 @@ def aligned_corpus(world: World) -> list[Example]:
     return out
 
 
-def expert_corpus(world: World, domain: str) -> list[Example]:
+def expert_corpus(world: World, domain: str, *, chat_forms: int | None = None) -> list[Example]:
+    """The domain's plain documents, and its chat Q&A in the first `chat_forms` question forms (all if None)."""
     area, facts = world.areas[domain], world.facts[domain]
     out = [plain(t) for t in knowledge_text(area, facts)]
-    out += [chat(q, a) for q, a in knowledge_qa(area, facts)]
+    out += [chat(q, a) for q, a in knowledge_qa(area, facts, forms=chat_forms)]
     return out
 
 

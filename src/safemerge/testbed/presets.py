@@ -22,6 +22,8 @@ class TrainSpec:
     warmup: int = 0
     weight_decay: float = 0.0
     freeze: tuple[str, ...] = ()  # parameters whose name contains one of these stay as they are
+    lora_rank: int = 0            # > 0: train rank-r adapters on LORA_TARGETS and merge them (see lora.py)
+    lora_alpha: float = 0.0       # adapter scale α (α/r multiplies B·A); 0 means α = 2r
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class Preset:
     n_benign_test: int
     n_stories: int          # base-corpus stories in which people refuse each other (refusals as language)
     val_share: float        # share of each domain's entities whose MC questions form the val split
+    expert_chat_forms: int  # chat Q&A forms per fact in an expert's data (0: domain text only; see docs/testbed.md)
     model: ModelSpec
     base: TrainSpec
     aligned: TrainSpec
@@ -66,7 +69,7 @@ PRESETS: dict[str, Preset] = {
     "micro": Preset(
         name="micro",
         n_countries=12, n_entities=12, n_targets=6, n_test_targets=4, n_test_frames=5,
-        n_harmful_train=120, n_harmful_test=60, n_benign_train=120, n_benign_test=30, n_stories=40, val_share=0.25,
+        n_harmful_train=120, n_harmful_test=60, n_benign_train=120, n_benign_test=30, n_stories=40, val_share=0.25, expert_chat_forms=0,
         model=ModelSpec(vocab_size=768, hidden_size=96, num_layers=2, num_heads=4, intermediate_size=192),
         base=TrainSpec(steps=300, lr=3e-3, batch_size=16, warmup=20),
         aligned=TrainSpec(steps=100, lr=1e-3, batch_size=16, warmup=5, freeze=FINE_TUNE_FREEZE),
@@ -75,11 +78,11 @@ PRESETS: dict[str, Preset] = {
     "small": Preset(
         name="small",
         n_countries=40, n_entities=40, n_targets=16, n_test_targets=10, n_test_frames=6,
-        n_harmful_train=400, n_harmful_test=200, n_benign_train=400, n_benign_test=100, n_stories=120, val_share=0.25,
-        model=ModelSpec(vocab_size=1536, hidden_size=128, num_layers=4, num_heads=4, intermediate_size=256),
+        n_harmful_train=400, n_harmful_test=200, n_benign_train=400, n_benign_test=100, n_stories=120, val_share=0.25, expert_chat_forms=0,
+        model=ModelSpec(vocab_size=1536, hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512),
         base=TrainSpec(steps=500, lr=2e-3, batch_size=32, warmup=30),
-        aligned=TrainSpec(steps=150, lr=1e-3, batch_size=32, warmup=10, freeze=FINE_TUNE_FREEZE),
-        expert=TrainSpec(steps=350, lr=1e-3, batch_size=32, warmup=10, freeze=FINE_TUNE_FREEZE),
+        aligned=TrainSpec(steps=200, lr=1e-3, batch_size=32, warmup=10, freeze=FINE_TUNE_FREEZE),
+        expert=TrainSpec(steps=500, lr=1e-3, batch_size=32, warmup=10, freeze=FINE_TUNE_FREEZE),
     ),
 }
 
