@@ -22,8 +22,6 @@ class TrainSpec:
     warmup: int = 0
     weight_decay: float = 0.0
     freeze: tuple[str, ...] = ()  # parameters whose name contains one of these stay as they are
-    lora_rank: int = 0            # > 0: train rank-r adapters on LORA_TARGETS and merge them (see lora.py)
-    lora_alpha: float = 0.0       # adapter scale α (α/r multiplies B·A); 0 means α = 2r
 
 
 @dataclass(frozen=True)
@@ -62,7 +60,8 @@ class Preset:
         return asdict(self)
 
 
-# The fine-tunes keep the output layer (lm_head) frozen: see docs/testbed.md, "What the fine-tunes touch".
+# The experts keep the output layer (lm_head) frozen; the aligned model trains every weight (small
+# preset). See docs/testbed.md, "What the fine-tunes touch".
 FINE_TUNE_FREEZE = ("lm_head",)
 
 PRESETS: dict[str, Preset] = {
@@ -81,7 +80,7 @@ PRESETS: dict[str, Preset] = {
         n_harmful_train=400, n_harmful_test=200, n_benign_train=400, n_benign_test=100, n_stories=120, val_share=0.25, expert_chat_forms=0,
         model=ModelSpec(vocab_size=1536, hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512),
         base=TrainSpec(steps=500, lr=2e-3, batch_size=32, warmup=30),
-        aligned=TrainSpec(steps=200, lr=1e-3, batch_size=32, warmup=10, freeze=FINE_TUNE_FREEZE),
+        aligned=TrainSpec(steps=200, lr=1e-3, batch_size=32, warmup=10),
         expert=TrainSpec(steps=500, lr=1e-3, batch_size=32, warmup=10, freeze=FINE_TUNE_FREEZE),
     ),
 }

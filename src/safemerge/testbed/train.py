@@ -13,11 +13,9 @@ from typing import Callable
 import torch
 
 from safemerge.testbed.corpora import Example
-from safemerge.testbed.lora import add_lora, merge_lora
 from safemerge.testbed.presets import ModelSpec, TrainSpec
 
 IGNORE = -100
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 Encoded = tuple[list[int], list[int]]  # (input_ids, labels with IGNORE where there is no loss)
 
 
@@ -110,12 +108,9 @@ def train(model, data: list[Encoded], spec: TrainSpec, *, seed: int, pad_id: int
     """Train `model` in place for spec.steps AdamW steps; returns the loss of each step."""
     rng = random.Random(f"safemerge-testbed-batches:{seed}")
     torch.manual_seed(seed)
-    if spec.lora_rank:
-        params = add_lora(model, rank=spec.lora_rank, alpha=spec.lora_alpha or 2.0 * spec.lora_rank, targets=LORA_TARGETS)
-    else:
-        for name, p in model.named_parameters():
-            p.requires_grad_(not any(f in name for f in spec.freeze))
-        params = [p for p in model.parameters() if p.requires_grad]
+    for name, p in model.named_parameters():
+        p.requires_grad_(not any(f in name for f in spec.freeze))
+    params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=spec.lr, betas=(0.9, 0.95), weight_decay=spec.weight_decay)
     model.train()
     losses = []
@@ -131,5 +126,6 @@ def train(model, data: list[Encoded], spec: TrainSpec, *, seed: int, pad_id: int
         if on_step is not None:
             on_step(step, losses[-1])
     model.eval()
-    merge_lora(model)  # a no-op without adapters; unfreezes every parameter
+    for p in model.parameters():
+        p.requires_grad_(True)
     return losses
