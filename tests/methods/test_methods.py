@@ -152,18 +152,21 @@ def test_model_stock_closed_form():
     torch.testing.assert_close(model_stock(base, [w1, w3]), (w1 + w3) / 2)
 
 
+def _magnitudes_of_kind(kind: str, n: int, *, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "gaussian":
+        return torch.randn(n, generator=g).abs()
+    if kind == "few_values":
+        return torch.randint(0, 7, (n,), generator=g).float()
+    return (torch.randn(n, generator=g).bfloat16().float() - torch.randn(n, generator=g).bfloat16().float()).abs()
+
+
 @pytest.mark.parametrize("kind", ["gaussian", "few_values", "bf16_differences"])
-def test_radix_select_equals_kthvalue_on_large_tensors(kind):
+def test_topk_select_equals_kthvalue_on_large_tensors(kind):
     from safemerge.methods.task_arithmetic import kth_smallest
 
-    g = torch.Generator().manual_seed(0)
-    n = 1_200_007  # above the radix threshold
-    if kind == "gaussian":
-        x = torch.randn(n, generator=g).abs()
-    elif kind == "few_values":
-        x = torch.randint(0, 7, (n,), generator=g).float()
-    else:
-        x = (torch.randn(n, generator=g).bfloat16().float() - torch.randn(n, generator=g).bfloat16().float()).abs()
+    n = 1_200_007  # large enough for the sampled bracket
+    x = _magnitudes_of_kind(kind, n, seed=0)
     for rank in (1, 2, n // 3, n // 2, n - 1, n):
         assert float(kth_smallest(x, rank)) == float(x.kthvalue(rank).values)
 
@@ -173,14 +176,8 @@ def test_radix_fallback_equals_kthvalue(kind):
     """The radix select (the sampled bracket's fallback) alone, on the same inputs."""
     from safemerge.methods.task_arithmetic import kth_smallest_radix
 
-    g = torch.Generator().manual_seed(1)
     n = 400_003
-    if kind == "gaussian":
-        x = torch.randn(n, generator=g).abs()
-    elif kind == "few_values":
-        x = torch.randint(0, 7, (n,), generator=g).float()
-    else:
-        x = (torch.randn(n, generator=g).bfloat16().float() - torch.randn(n, generator=g).bfloat16().float()).abs()
+    x = _magnitudes_of_kind(kind, n, seed=1)
     for rank in (1, n // 2, n):
         assert float(kth_smallest_radix(x, rank)) == float(x.kthvalue(rank).values)
 

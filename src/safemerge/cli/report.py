@@ -12,6 +12,7 @@ from safemerge.cli._common import emit_json, out, user_errors
 
 def register(app: typer.Typer) -> None:
     app.command("report")(report)
+    app.command("seeds")(seeds)
 
 
 def report(
@@ -44,3 +45,17 @@ def _print(done: dict) -> None:
         table.add_row(f"[{colors[c['verdict']]}]{c['verdict']}[/]", escape(c["text"]), escape(c["detail"]))
     out.print(table)
     out.print(f"[green]wrote[/] {done['html']}\n[green]wrote[/] {done['markdown']}")
+
+
+def seeds(
+    runs: Annotated[list[Path], typer.Argument(help="Two or more results.json files, or the folders `safemerge repro` wrote them in.")],
+    out_file: Annotated[Optional[Path], typer.Option("--out", help="Also write the Markdown here.")] = None,
+) -> None:
+    """Several runs (one per seed) side by side: knowledge / safety of every model, and each claim's verdict."""
+    from safemerge.report.seeds import seeds_table
+
+    with user_errors():
+        text = seeds_table(runs)
+        if out_file is not None:
+            out_file.write_text(text)
+    print(text, end="")

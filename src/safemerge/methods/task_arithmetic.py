@@ -47,17 +47,23 @@ class TopK:
     def __init__(self, base: torch.Tensor, tv: TaskVector, k: int):
         n = base.numel()
         self.all, self.none = k >= n, k <= 0
-        self.thr, self.short = 0.0, 0
+        self.thr, self.short, self.inclusive = 0.0, 0, False
         if self.all or self.none:
             return
         rank = n - k + 1  # the threshold is the rank-th smallest magnitude
         found = _bracket_select(base, tv, rank) if n > 4 * SAMPLE else None
-        thr, greater = found if found is not None else _radix_select(base, tv, rank)
+        thr, greater, equal = found if found is not None else _radix_select(base, tv, rank)
         self.thr, self.short = thr, k - greater
+        self.inclusive = self.short == equal  # every entry equal to the threshold is kept: no counting
 
     def mask(self, mag: torch.Tensor) -> torch.Tensor:
         if self.all or self.none:
             return torch.full_like(mag, self.all, dtype=torch.bool)
+        if self.inclusive:
+            return mag >= self.thr
+        return self._mask_counting_ties(mag)
+
+    def _mask_counting_ties(self, mag: torch.Tensor) -> torch.Tensor:
         keep = mag > self.thr
         if self.short > 0:
             ties = mag == self.thr
@@ -77,8 +83,9 @@ def _magnitudes(base: torch.Tensor, tv: TaskVector):
         yield s, e, tv.block(b[s:e].to(torch.float32), s, e).abs_()
 
 
-def _bracket_select(base: torch.Tensor, tv: TaskVector, rank: int) -> tuple[float, int] | None:
-    """(threshold, entries above it) for the rank-th smallest |τ|, or None when the sampled bracket misses."""
+def _bracket_select(base: torch.Tensor, tv: TaskVector, rank: int) -> tuple[float, int, int] | None:
+    """(threshold, entries above it, entries equal to it) for the rank-th smallest |τ|, or None when the
+    sampled bracket misses."""
     b = flat(base)
     n = b.numel()
     gen = torch.Generator(device=b.device).manual_seed(n)
@@ -98,11 +105,11 @@ def _bracket_select(base: torch.Tensor, tv: TaskVector, rank: int) -> tuple[floa
     if not below < rank <= below + within.numel():
         return None
     thr = within.kthvalue(rank - below).values
-    return float(thr), above + int((within > thr).sum())
+    return float(thr), above + int((within > thr).sum()), int((within == thr).sum())
 
 
-def _radix_select(base: torch.Tensor, tv: TaskVector, rank: int) -> tuple[float, int]:
-    """(threshold, entries above it) for the rank-th smallest |τ|: a 16-bit histogram locates the
+def _radix_select(base: torch.Tensor, tv: TaskVector, rank: int) -> tuple[float, int, int]:
+    """(threshold, entries above it, entries equal to it) for the rank-th smallest |τ|: a 16-bit histogram locates the
     threshold's bucket; `kthvalue` runs on that bucket's entries only."""
     n = base.numel()
     counts = torch.zeros(NBUCKETS, dtype=torch.int64, device=base.device)
@@ -113,7 +120,7 @@ def _radix_select(base: torch.Tensor, tv: TaskVector, rank: int) -> tuple[float,
     below = int(cum[bucket - 1]) if bucket else 0
     inside = torch.cat([mag[(mag.view(torch.int32) >> 16) == bucket] for _, _, mag in _magnitudes(base, tv)])
     thr = inside.kthvalue(rank - below).values
-    return float(thr), (n - int(cum[bucket])) + int((inside > thr).sum())
+    return float(thr), (n - int(cum[bucket])) + int((inside > thr).sum()), int((inside == thr).sum())
 
 
 def topk_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:

@@ -1,0 +1,61 @@
+"""Several runs side by side (one per seed): knowledge and safety of every model, and every claim's verdict.
+
+    seeds_table(results_paths) -> str      # Markdown, as docs/reproduction.md shows it
+
+Each run is a results.json (or the folder `safemerge repro` wrote it in). The model table gives
+knowledge / safety (results.py's summary numbers, in %) per run and their mean; the claims table gives
+each claim's verdict per run with the figures it was decided on.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+from safemerge.report.claims import check_claims
+from safemerge.report.results import Results, knowledge, load_results, mean, safety
+
+
+def _load(path: str | os.PathLike) -> Results:
+    p = Path(path)
+    return load_results(p / "results.json" if p.is_dir() else p)
+
+
+def _label(res: Results, path: str | os.PathLike, i: int) -> str:
+    seed = res.meta.get("seed")
+    return f"seed {seed}" if seed is not None else f"run {i + 1} ({Path(path).name})"
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def seeds_table(results: Sequence[str | os.PathLike]) -> str:
+    """Markdown tables of several runs of the same study: models × runs, then claims × runs."""
+    runs = [_load(p) for p in results]
+    labels = [_label(r, p, i) for i, (r, p) in enumerate(zip(runs, results))]
+    names: list[str] = []
+    for r in runs:
+        names += [n for n in r.models if n not in names]
+    head = "| model | " + " | ".join(labels) + " | mean |"
+    lines = ["**Knowledge / safety (%) of every model, per run**", "", head,
+             "|---|" + "---:|" * (len(runs) + 1)]
+    for name in names:
+        ks, ss, cells = [], [], []
+        for r in runs:
+            m = r.get(name)
+            k, s = (knowledge(m, r), safety(m)) if m is not None else (None, None)
+            ks.append(k), ss.append(s)
+            cells.append(f"{_pct(k)} / {_pct(s)}")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_pct(mean(ks))} / {_pct(mean(ss))} |")
+    lines += ["", "*knowledge = mean accuracy on the knowledge domains "
+              f"({', '.join(runs[0].focus) or 'every domain'}); safety = mean safe-answer rate over the safety sets.*",
+              "", "**Claims, per run**", "", "| claim | " + " | ".join(labels) + " |", "|---|" + "---|" * len(runs)]
+    verdicts = [{c.id: c for c in check_claims(r)} for r in runs]
+    ids = [c for v in verdicts for c in v]
+    for cid in dict.fromkeys(ids):
+        text = next(v[cid].text for v in verdicts if cid in v)
+        cells = [v[cid].verdict if cid in v else "–" for v in verdicts]
+        lines.append(f"| {text} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
