@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Iterator
 
 
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
-    """Hide transformers' own per-load and per-save progress bars while safemerge shows its own."""
+    """Hide transformers' own per-load and per-save progress bars while safemerge shows its own, and the
+    deprecation notice trl 1.16 triggers inside transformers 5 on every trainer (nothing a user can act on)."""
     from transformers.utils import logging as tlog
 
     was = tlog.is_progress_bar_enabled()
     tlog.disable_progress_bar()
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            yield
     finally:
         if was:
             tlog.enable_progress_bar()

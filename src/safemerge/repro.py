@@ -29,8 +29,8 @@ console = Console(stderr=True)
 BUDGETS: dict[str, dict[str, Any]] = {
     "micro": {"safety_limit": 48, "domain_limit": 60, "synth_n": 24, "cmaes_steps": 3, "grid_steps": 2,
               "search_limit": 24, "align_steps": 4, "align_samples": 64},
-    "small": {"safety_limit": None, "domain_limit": None, "synth_n": 96, "cmaes_steps": 12, "grid_steps": 3,
-              "search_limit": 96, "align_steps": 60, "align_samples": 720},
+    "small": {"safety_limit": None, "domain_limit": None, "synth_n": 96, "cmaes_steps": 30, "grid_steps": 3,
+              "search_limit": 96, "align_steps": None, "align_samples": 720},  # DPO/ORPO: 3 epochs, as the paper
 }
 
 

@@ -1,7 +1,7 @@
 """Block-wise evaluation: the methods' arithmetic, a cache-sized block at a time.
 
 A merge touches each weight a handful of times (convert, subtract, trim, elect, average, add, cast). On
-whole tensors every step is a pass through main memory; on blocks of 1M elements (4 MiB in float32)
+whole tensors every step is a pass through main memory; on blocks of 256K elements (1 MiB in float32)
 the steps run mostly in cache and main memory is read once per input and written once. Inputs stay in their
 stored dtype (bf16 checkpoints are read as bf16); each block is converted to float32, so the arithmetic
 is float32 throughout, and the result is cast once into the output buffer.
@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-BLOCK = 1 << 20
+BLOCK = 1 << 18
 
 
 def spans(n: int, like: torch.Tensor | None = None) -> Iterator[tuple[int, int]]:
