@@ -215,7 +215,8 @@ def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, tiny_family):
 
 
 SLOW_MERGE = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a runner started in the background (`cmd &`) ignores SIGINT
 import safemerge.methods.task_arithmetic as ta
 from safemerge.methods import METHODS
 from dataclasses import replace
