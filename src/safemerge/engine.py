@@ -4,9 +4,9 @@ The loop is plain: for each output tensor, fetch the inputs, resolve the paramet
 write. Threads wrap it: a reader that prefetches the next inputs, one compute thread per core (each
 merging a different tensor, torch single-threaded inside it, so that the parts of a method that torch
 does not parallelise, such as TIES's top-k selection, still use every core), and the calling thread,
-which appends finished tensors to the output shards in the planned order. Tensors of element-wise methods that are
-larger than `chunk_elements` are processed in row chunks, so peak memory is a few chunks, not a model;
-inside a method the arithmetic runs in cache-sized blocks (methods/blocks.py).
+which appends finished tensors to the output shards in the planned order. Tensors of element-wise
+methods that are larger than `chunk_elements` are processed in row chunks, so peak memory is a few
+chunks, not a model; inside a method the arithmetic runs in cache-sized blocks (methods/blocks.py).
 """
 
 from __future__ import annotations
