@@ -238,3 +238,25 @@ def fingerprint(model_dir: Path) -> str:
 
 def spec_dict(spec: LlamaSpec) -> dict:
     return asdict(spec)
+
+
+def merge_stats(out: dict[str, torch.Tensor], config: dict, family: Path) -> dict:
+    """Statistics of a random (DARE) merge of the models of `family` as `config` names them, over all
+    tensors in float64: the parity fixtures record mergekit's, the parity test compares safemerge's.
+
+    changed_fraction: share of elements with merged != base.
+    l1_ratio: ||merged - base||_1 / ||Σ_i τ_i||_1 (≈ 1 when survivors are rescaled to keep the L1 norm
+    in expectation, for one model; lower under TIES's sign election).
+    """
+    base = dict(iter_tensors(family / config["base_model"]))
+    deltas = [{k: v.double() - base[k].double() for k, v in iter_tensors(family / m["model"])}
+              for m in config["models"] if m["model"] != config["base_model"]]
+    changed = total = 0
+    l1_out = l1_ref = 0.0
+    for name, t in out.items():
+        d = t.double() - base[name].double()
+        changed += int((d != 0).sum())
+        total += d.numel()
+        l1_out += float(d.abs().sum())
+        l1_ref += float(sum(dd[name] for dd in deltas).abs().sum())
+    return {"changed_fraction": changed / total, "l1_ratio": l1_out / l1_ref, "elements": total}

@@ -139,24 +139,6 @@ def absolute_config(config: dict, inputs: Path) -> dict:
     return cfg
 
 
-def dare_stats(out: dict[str, torch.Tensor], base: dict[str, torch.Tensor], deltas: list[dict]) -> dict:
-    """Statistics of a random merge, aggregated over all tensors (float64).
-
-    changed_fraction: share of elements with merged != base.
-    l1_ratio: ||merged - base||_1 / ||Σ_i w_i·τ_i||_1 with w_i = 1 (≈ 1 when survivors are rescaled to
-    keep the L1 norm in expectation, for one model; lower under TIES's sign election).
-    """
-    changed = total = 0
-    l1_out = l1_ref = 0.0
-    for name, t in out.items():
-        d = t.double() - base[name].double()
-        changed += int((d != 0).sum())
-        total += d.numel()
-        l1_out += float(d.abs().sum())
-        l1_ref += float(sum(dd[name].double() for dd in deltas).abs().sum())
-    return {"changed_fraction": changed / total, "l1_ratio": l1_out / l1_ref, "elements": total}
-
-
 def run_mergekit(mergekit: str, config: dict, out: Path, *, seed: int | None = None) -> None:
     cfg_path = out.parent / (out.name + ".yml")
     cfg_path.write_text(yaml.safe_dump(config, sort_keys=False, default_flow_style=None))
@@ -214,12 +196,8 @@ def main(argv: list[str] | None = None) -> None:
                           str(args.out / f"{name}.safetensors"), metadata={"peer": manifest["peer"]})
                 entry["output"] = f"{name}.safetensors"
             else:
-                base = dict(_family.iter_tensors(inputs / "base"))
-                models = [m["model"] for m in config["models"] if m["model"] != config.get("base_model")]
-                deltas = [{k: v.double() - base[k].double() for k, v in _family.iter_tensors(inputs / m)}
-                          for m in models]
                 entry["shapes"] = {k: list(v.shape) for k, v in sorted(tensors.items())}
-                entry["stats"] = dare_stats(tensors, base, deltas)
+                entry["stats"] = _family.merge_stats(tensors, config, inputs)
             manifest["cases"][name] = entry
             print(f"{name:34s} {entry['dtype']:9s} {kind}")
     (args.out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")

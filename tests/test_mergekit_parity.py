@@ -177,21 +177,6 @@ def test_same_tensors_as_mergekit(case, inputs, tmp_path, monkeypatch):
     print(f"{case}: max |Δ| vs mergekit {worst:.3g}" + (f", {excused} ambiguous elements" if excused else ""))
 
 
-def _dare_stats(out: dict[str, torch.Tensor], config: dict, family: Path) -> dict:
-    base = dict(_family.iter_tensors(family / config["base_model"]))
-    deltas = [{k: v.double() - base[k].double() for k, v in _family.iter_tensors(family / m["model"])}
-              for m in config["models"] if m["model"] != config["base_model"]]
-    changed = total = 0
-    l1_out = l1_ref = 0.0
-    for name, t in out.items():
-        d = t.double() - base[name].double()
-        changed += int((d != 0).sum())
-        total += d.numel()
-        l1_out += float(d.abs().sum())
-        l1_ref += float(sum(dd[name] for dd in deltas).abs().sum())
-    return {"changed_fraction": changed / total, "l1_ratio": l1_out / l1_ref}
-
-
 @pytest.mark.parametrize("case", STATS)
 def test_dare_statistics_match_mergekit(case, inputs, tmp_path, monkeypatch):
     entry = MANIFEST["cases"][case]
@@ -199,7 +184,7 @@ def test_dare_statistics_match_mergekit(case, inputs, tmp_path, monkeypatch):
     assert {k: list(v.shape) for k, v in ours.items()} == entry["shapes"]
     assert {str(v.dtype).removeprefix("torch.") for v in ours.values()} == {entry["dtype"]}
     assert all(bool(torch.isfinite(v).all()) for v in ours.values())
-    stats = _dare_stats(ours, config, inputs / entry["family"])
+    stats = _family.merge_stats(ours, config, inputs / entry["family"])
     print(f"{case}: safemerge {stats} vs mergekit {entry['stats']}")
     # n = 35k elements: binomial sd of a share is < 0.003, so 0.02 is > 6 sd.
     assert stats["changed_fraction"] == pytest.approx(entry["stats"]["changed_fraction"], abs=0.02)

@@ -1,4 +1,4 @@
-"""Small shared helpers for working with transformers."""
+"""Small shared helpers for working with transformers and datasets."""
 
 from __future__ import annotations
 
@@ -22,3 +22,17 @@ def quiet_transformers() -> Iterator[None]:
     finally:
         if was:
             tlog.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def quiet_datasets() -> Iterator[None]:
+    """Hide `datasets`' per-read and per-map progress bars (reading a small file, TRL's tokenizing)."""
+    from datasets.utils import logging as dlog
+
+    was = dlog.is_progress_bar_enabled()
+    dlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            dlog.enable_progress_bar()

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from safemerge._hf import quiet_datasets
 from safemerge.align.settings import AlignSettings
 
 TRL_VERSION = "1.16.0"
@@ -49,7 +50,7 @@ def train(model, tokenizer, pairs: list[dict], *, settings: AlignSettings, lora,
     config_cls, trainer_cls = _classes(settings.method)
     args = config_cls(**_args(settings, device=device, bf16=bf16, max_length=max_length, work_dir=work_dir))
     dataset = datasets.Dataset.from_list(pairs)
-    with _quiet_datasets():
+    with quiet_datasets():
         trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                               peft_config=lora, callbacks=callbacks)
     for cb in (PrinterCallback, ProgressCallback):  # progress is the caller's callbacks' job
@@ -100,19 +101,3 @@ def _args(s: AlignSettings, *, device: str, bf16: bool, max_length: int, work_di
     if s.method == "orpo":
         args["remove_unused_columns"] = False  # ORPO's collator needs its own columns (it warns otherwise)
     return args
-
-
-class _quiet_datasets:
-    """Hide `datasets`' per-map tqdm bars while TRL tokenizes (the caller shows its own progress)."""
-
-    def __enter__(self):
-        from datasets.utils import logging as dlog
-
-        self._was = dlog.is_progress_bar_enabled()
-        dlog.disable_progress_bar()
-
-    def __exit__(self, *exc):
-        from datasets.utils import logging as dlog
-
-        if self._was:
-            dlog.enable_progress_bar()

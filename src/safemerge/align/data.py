@@ -22,13 +22,11 @@ import os
 import random
 import re
 import warnings
-from pathlib import Path
 from typing import Any
 
 from safemerge.errors import SafemergeError
 
 Row = dict[str, Any]  # {"prompt": str | list[msg], "chosen": ..., "rejected": ...}
-_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 _HH_TURN = re.compile(r"\n\nHuman:|\n\nAssistant:")
 _ASSISTANT = "\n\nAssistant:"
 
@@ -69,46 +67,14 @@ def load_preferences(source: str | os.PathLike | list[dict], *, max_samples: int
 
 
 def _read(source: str | os.PathLike, *, split: str) -> tuple[list[dict], str]:
-    path = Path(source).expanduser()
-    if path.exists():
-        return _read_file(path), str(path)
-    if isinstance(source, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", source):
-        return _read_hub(source, split=split), f"{source}:{split}"
-    raise PreferenceDataError(f"{source}: no such file (and not a hub dataset name like 'org/name'); check the path")
-
-
-def _read_file(path: Path) -> list[dict]:
-    import datasets
-
-    if path.is_dir():
-        raise PreferenceDataError(f"{path}: is a directory; pass the preference file inside it")
-    kind = _SUFFIXES.get(path.suffix.lower())
-    if kind is None:
-        raise PreferenceDataError(f"{path}: unknown file type {path.suffix!r}; use .jsonl, .json, .csv or .parquet")
-    if not path.read_bytes().strip():
-        raise PreferenceDataError(f"{path}: the file is empty; it needs rows with 'chosen' and 'rejected'")
-    from datasets.utils import logging as dlog
-
-    was = dlog.is_progress_bar_enabled()
-    dlog.disable_progress_bar()  # a bar for reading a small file is noise
-    try:
-        ds = getattr(datasets.Dataset, f"from_{kind}")(str(path), keep_in_memory=True)
-    except Exception as e:  # datasets raises many kinds; the message is what matters
-        raise PreferenceDataError(f"{path}: cannot be read as {kind} ({type(e).__name__}: {str(e)[:200]})") from None
-    finally:
-        if was:
-            dlog.enable_progress_bar()
-    return ds.to_list()
-
-
-def _read_hub(name: str, *, split: str) -> list[dict]:
-    import datasets
+    """The rows of a file or hub dataset, read as every data file is (safemerge.data.loaders)."""
+    from safemerge.data.loaders import DataError, read_rows
 
     try:
-        return datasets.load_dataset(name, split=split).to_list()
-    except Exception as e:
-        raise PreferenceDataError(f"{name}: not a local file, and loading it from the hub failed "
-                                  f"({type(e).__name__}: {str(e)[:200]}); download it and pass the file path") from None
+        rows, name, _ = read_rows(source, split=split)
+    except DataError as e:
+        raise PreferenceDataError(str(e)) from None
+    return rows, name
 
 
 def _check_columns(row: dict, name: str) -> None:

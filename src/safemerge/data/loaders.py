@@ -19,7 +19,6 @@ change what is read (format, split, column, limit), so a results-store key chang
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -29,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+from safemerge._hf import quiet_datasets
 from safemerge.errors import SafemergeError
 
 FORMATS = ("auto", "beavertails", "hh-redteam", "plain")
@@ -108,7 +108,7 @@ def load_prompts(
         rows = [{prompt_column: r} if isinstance(r, str) else dict(r) for r in source]
         name, digest = "<list>", _digest_bytes(json.dumps(rows, sort_keys=True, default=str).encode())
     else:
-        rows, name, digest = _read_rows(source, split=split)
+        rows, name, digest = read_rows(source, split=split)
     columns = set(rows[0]) if rows else set()
     fmt = _detect(columns, name, prompt_column) if format == "auto" else format
     prompts = list(_parse(rows, fmt, name, prompt_column))
@@ -186,7 +186,7 @@ def load_multiple_choice(source: str | os.PathLike | QuestionSet, *, limit: int 
     if isinstance(source, QuestionSet):
         qs = source
     else:
-        rows, name, digest = _read_rows(source, split=None)
+        rows, name, digest = read_rows(source, split=None)
         questions = [_mc_row(row, name, i) for i, row in enumerate(rows)]
         stem = Path(name).name.split(".")[0] if name != "<list>" else "questions"
         qs = QuestionSet(questions, _digest_str(digest, {"kind": "mc"}), name, stem)
@@ -219,8 +219,9 @@ def _mc_row(row: dict, name: str, i: int) -> MCQuestion:
 
 
 # -- reading --------------------------------------------------------------------------------------
-def _read_rows(source: str | os.PathLike, *, split: str | None) -> tuple[list[dict], str, str]:
-    """Rows of a local file (through `datasets`) or of a hub dataset; (rows, display name, digest)."""
+def read_rows(source: str | os.PathLike, *, split: str | None) -> tuple[list[dict], str, str]:
+    """Rows of a local file (JSONL/JSON/CSV/Parquet, through `datasets`) or of a hub dataset;
+    (rows, display name, digest). Raises DataError naming the file and what is wrong."""
     path = Path(source).expanduser()
     if path.exists():
         return _read_file(path, split=split)
@@ -241,7 +242,7 @@ def _read_file(path: Path, *, split: str | None) -> tuple[list[dict], str, str]:
     if not raw.strip():
         raise DataError(f"{path}: the file is empty; it needs at least one row")
     try:
-        with _quiet_datasets():
+        with quiet_datasets():
             ds = getattr(datasets.Dataset, f"from_{kind}")(str(path), keep_in_memory=True)
     except Exception as e:  # datasets raises many kinds; the message is what matters
         raise DataError(f"{path}: cannot be read as {kind} ({type(e).__name__}: {_short(e)}); check its format") from None
@@ -261,7 +262,7 @@ def _read_hub(name: str, *, split: str | None) -> tuple[list[dict], str, str]:
         kwargs["split"] = split
     kwargs.setdefault("split", "test")
     try:
-        with _quiet_datasets():
+        with quiet_datasets():
             ds = datasets.load_dataset(name, **kwargs)
     except Exception as e:
         raise DataError(
@@ -272,19 +273,6 @@ def _read_hub(name: str, *, split: str | None) -> tuple[list[dict], str, str]:
     if not rows:
         raise DataError(f"{name} (split {kwargs['split']!r}) has no rows")
     return rows, f"{name}:{kwargs['split']}", _digest_bytes(f"{name}|{kwargs}|{ds._fingerprint}".encode())
-
-
-@contextlib.contextmanager
-def _quiet_datasets():
-    from datasets.utils import logging as dlog
-
-    was = dlog.is_progress_bar_enabled()
-    dlog.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            dlog.enable_progress_bar()
 
 
 def _short(e: Exception, n: int = 200) -> str:

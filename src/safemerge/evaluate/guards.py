@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from abc import ABC, abstractmethod
 from dataclasses import replace
 from typing import Any, Callable, Sequence
 
@@ -84,8 +85,9 @@ def p_unsafe_at_verdict(logits: torch.Tensor, tokens: list[int], *, tokenizer: A
 
 
 # -- the judges -----------------------------------------------------------------------------------
-class _ModelJudge:
-    """Shared machinery: load, batch-generate with the verdict-step score, decode, parse."""
+class _ModelJudge(ABC):
+    """Shared machinery: load, batch-generate with the verdict-step score, decode, parse. A judge
+    model's subclass supplies how its inputs are written (`texts`, `encode`) and its output read (`parse`)."""
 
     name = "guard"
     max_new_tokens = 20
@@ -107,14 +109,17 @@ class _ModelJudge:
         model, tokenizer = load_model(path, device=device, dtype=dtype)
         return cls(model, tokenizer, fingerprint=fingerprint, batch_size=batch_size, source=str(path), **kwargs)
 
+    @abstractmethod
     def texts(self, prompts: Sequence[str], responses: Sequence[str]) -> list[str]:
-        raise NotImplementedError
+        """The judge's input text for each (prompt, response) pair."""
 
+    @abstractmethod
     def encode(self, text: str) -> list[int]:
-        raise NotImplementedError
+        """Token ids of one input text, as the judge model expects them."""
 
+    @abstractmethod
     def parse(self, text: str) -> Verdict:
-        raise NotImplementedError
+        """The verdict in the judge's generated text."""
 
     def identity(self) -> dict:
         return {"judge": self.name, "model": self.fingerprint, "template": template_hash(self.tokenizer)}
