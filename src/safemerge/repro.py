@@ -169,9 +169,11 @@ def _alignment(r: Repro) -> None:
 
     b = r.budget
     expert = r.family(f"expert-{r.primary}")
-    for method in ("dpo", "orpo"):
-        settings = {"max_steps": b["align_steps"], "max_samples": b["align_samples"], "lr": 5e-4, "warmup_steps": 0}
-        r.make(method, method, settings,
+    common = {"max_steps": b["align_steps"], "max_samples": b["align_samples"], "lr": 5e-4, "warmup_steps": 0}
+    # plain DPO and ORPO as in the paper; "dpo-sft" adds an NLL term on the chosen answers to DPO's loss
+    for name, method, extra in (("dpo", "dpo", {}), ("dpo-sft", "dpo", {"sft_weight": 1.0}), ("orpo", "orpo", {})):
+        settings = {**common, **extra}
+        r.make(name, method, settings,
                lambda p, m=method, s=settings: align(expert, data=r.data("prefs.jsonl"), out=p, method=m, seed=r.seed,
                                                     overwrite=True, progress=r.progress, **s))
 

@@ -94,6 +94,18 @@ def test_dpo_card_and_run_record(dpo_out):
     assert not any(p.name.startswith(".") for p in dpo_out.iterdir())  # no trainer scratch left behind
 
 
+def test_dpo_sft_weight_adds_the_chosen_answers_nll(micro_testbed, dpo_out, tmp_path):
+    """At step 1 the adapter is zero, so the policy is the reference and DPO's loss is log 2; the SFT term adds
+    the chosen answers' mean NLL (refusals are unlikely under the expert: several nats per token)."""
+    with one_thread():
+        out = align(micro_testbed / "expert-medicine", data=micro_testbed / "data" / "prefs.jsonl", out=tmp_path / "o",
+                    method="dpo", max_samples=24, sft_weight=1.0, **FAST)
+    plain, sft = load_run(dpo_out)["training"]["losses"], load_run(out)["training"]["losses"]
+    assert plain[0] == pytest.approx(0.6931, abs=1e-3)
+    assert sft[0] > plain[0] + 1.0
+    assert load_run(out)["settings"]["sft_weight"] == 1.0 and "sft_weight: 1.0" in (out / "README.md").read_text()
+
+
 def test_orpo_through_the_cli(tiny_family, tmp_path):
     data = tmp_path / "p.jsonl"
     data.write_text("".join(json.dumps({"prompt": "the capital of", "chosen": "sorry I can't help .",
@@ -136,5 +148,7 @@ def test_existing_output_and_bad_settings_fail_before_training(tiny_family, tmp_
         align(tiny_family["expert"], data=tmp_path / "missing.jsonl", out=tmp_path / "o")
     with pytest.raises(ConfigError, match="method 'ppo' is unknown"):
         align(tiny_family["expert"], data=tmp_path / "missing.jsonl", out=tmp_path / "x", method="ppo")
+    with pytest.raises(ConfigError, match="sft_weight is a DPO option"):
+        align(tiny_family["expert"], data=tmp_path / "missing.jsonl", out=tmp_path / "x", method="orpo", sft_weight=1)
     with pytest.raises(ConfigError, match="lora_r must be positive"):
         align(tiny_family["expert"], data=tmp_path / "missing.jsonl", out=tmp_path / "x", lora_r=0)

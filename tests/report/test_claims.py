@@ -71,6 +71,17 @@ def test_dominated_by_dpo_fails_and_a_trade_off_passes(full):
     assert claims["mergealign-vs-orpo"].verdict == "PASS"
 
 
+def test_every_dpo_model_is_compared(full):
+    m = full["models"]
+    m["dpo-sft"] = {**m["dpo"], "params": {"sft_weight": 1.0}}
+    assert verdicts(full)["mergealign-vs-dpo"] == "PASS"
+    m["dpo-sft"]["safety"] = {k: min(1.0, v + 0.05) for k, v in m["mergealign"]["safety"].items()}
+    m["dpo-sft"]["domain"] = dict(m["mergealign"]["domain"])                 # the variant dominates, plain DPO not
+    claim = by_id(full)["mergealign-vs-dpo"]
+    assert claim.verdict == "FAIL" and "dpo (" in claim.detail and "dpo-sft (" in claim.detail
+    assert {"dpo_safety", "dpo-sft_safety"} <= set(claim.figures)
+
+
 def test_an_equal_point_is_not_dominated(full):
     m = full["models"]
     m["dpo"]["safety"], m["dpo"]["domain"] = dict(m["mergealign"]["safety"]), dict(m["mergealign"]["domain"])

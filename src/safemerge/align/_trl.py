@@ -98,6 +98,8 @@ def _args(s: AlignSettings, *, device: str, bf16: bool, max_length: int, work_di
         push_to_hub=False,
         disable_tqdm=True,
     )
+    if s.method == "dpo" and s.sft_weight:
+        args["loss_type"], args["loss_weights"] = ["sigmoid", "sft"], [1.0, s.sft_weight]
     if s.method == "orpo":
         args["remove_unused_columns"] = False  # ORPO's collator needs its own columns (it warns otherwise)
     return args

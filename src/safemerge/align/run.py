@@ -50,6 +50,7 @@ def align(
     max_samples: int | None = 7000,
     max_steps: int | None = None,
     beta: float = 0.1,
+    sft_weight: float = 0.0,
     max_length: int | None = None,
     chat: bool | None = None,
     seed: int = 0,
@@ -63,7 +64,8 @@ def align(
     pairs, or HH-RLHF {chosen, rejected} transcripts (see `safemerge.align.data`). `chat=None` renders
     plain-string pairs through the tokenizer's chat template when it has one (True: require it;
     False: train on the raw strings). `max_samples` keeps a seeded random subset of the pairs;
-    `max_steps` stops early (overrides `epochs`). `device`: "cpu", "cuda" or None (cuda when
+    `max_steps` stops early (overrides `epochs`). `sft_weight` (DPO only) adds that weight times the
+    chosen answers' NLL to the loss (0: plain DPO, the paper's baseline). `device`: "cpu", "cuda" or None (cuda when
     available). On the CPU training is float32 without gradient checkpointing; on CUDA it uses bf16
     autocast where supported. Returns `out`.
     """
@@ -71,7 +73,8 @@ def align(
         method=method, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
         target_modules=target_modules if isinstance(target_modules, str) else tuple(target_modules),
         lr=lr, warmup_steps=warmup_steps, batch_size=batch_size, grad_accum=grad_accum, epochs=epochs,
-        max_samples=max_samples, max_steps=max_steps, beta=beta, max_length=max_length, chat=chat, seed=seed)
+        max_samples=max_samples, max_steps=max_steps, beta=beta, sft_weight=sft_weight, max_length=max_length, chat=chat,
+        seed=seed)
     src = _model_dir(model)
     ckpt = Checkpoint(src)
     device = _device(device)

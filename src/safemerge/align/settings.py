@@ -3,7 +3,10 @@
 Defaults are the settings of the MergeAlign paper's DPO / ORPO baselines: LoRA r=16, α=32, dropout
 0.05; learning rate 8e-6 with 150 warm-up steps (linear schedule); batch 2 × 6 accumulation steps;
 3 epochs over at most 7000 pairs. β = 0.1 is TRL's default for both methods (DPO's KL strength, ORPO's
-odds-ratio weight λ).
+odds-ratio weight λ). `sft_weight` > 0 adds to DPO's loss that weight times the mean NLL of the
+chosen answers (TRL's loss_type ["sigmoid", "sft"]; RPO, Pang et al. 2024): plain DPO only moves
+probability relative to the reference, and cannot make a chosen answer that the model finds very
+unlikely (a refusal, for an expert that never saw one) its greedy output. Off by default, as in the paper.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ class AlignSettings:
     max_samples: int | None = 7000
     max_steps: int | None = None
     beta: float = 0.1
+    sft_weight: float = 0.0  # DPO only: weight of an NLL term on the chosen answers (TRL's "sft" loss)
     max_length: int | None = None  # None: min(1024, the model's max_position_embeddings)
     chat: bool | None = None  # None: use the chat template when the tokenizer has one
     seed: int = 0
@@ -47,6 +51,11 @@ class AlignSettings:
                 raise ConfigError(f"{name} must be positive, got {value}")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.sft_weight < 0:
+            raise ConfigError(f"sft_weight must be >= 0, got {self.sft_weight}")
+        if self.sft_weight and self.method != "dpo":
+            raise ConfigError(f"sft_weight is a DPO option; {self.method.upper()} has its own NLL term "
+                              "(leave sft_weight at 0)")
         if self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
 

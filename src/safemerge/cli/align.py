@@ -39,6 +39,8 @@ def align(
     max_samples: Annotated[Optional[int], typer.Option(help="Use at most this many pairs (a seeded random subset).")] = 7000,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps (overrides --epochs).")] = None,
     beta: Annotated[float, typer.Option(help="DPO's β (KL strength) or ORPO's λ (odds-ratio weight).")] = 0.1,
+    sft_weight: Annotated[float, typer.Option(help="DPO only: add this weight times the chosen answers' NLL to the "
+                                                   "loss (TRL's 'sft' term; 0 = plain DPO).")] = 0.0,
     max_length: Annotated[Optional[int], typer.Option(help="Truncate prompt+answer to this many tokens "
                                                            "(default: min(1024, the model's context)).")] = None,
     chat: Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="Render plain-text pairs with the chat "
@@ -58,8 +60,8 @@ def align(
         path = run_align(model, data=data, out=out_dir, method=method.value, lora_r=lora_r, lora_alpha=lora_alpha,
                          lora_dropout=lora_dropout, target_modules=targets, lr=lr, warmup_steps=warmup_steps,
                          batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, max_samples=max_samples,
-                         max_steps=max_steps, beta=beta, max_length=max_length, chat=chat, seed=seed,
-                         overwrite=overwrite, device=device, progress=progress)
+                         max_steps=max_steps, beta=beta, sft_weight=sft_weight, max_length=max_length, chat=chat,
+                         seed=seed, overwrite=overwrite, device=device, progress=progress)
         run = load_run(path)
         t = run["training"]
         if json_out:

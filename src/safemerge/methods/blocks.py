@@ -43,7 +43,10 @@ class TaskVector:
     def block(self, base_block: torch.Tensor, s: int, e: int) -> torch.Tensor:
         if self.delta is not None:
             return self.delta[s:e].to(torch.float32, copy=True)
-        return self.model[s:e].to(torch.float32, copy=True).sub_(base_block)
+        m = self.model[s:e]
+        if m.dtype in (torch.bfloat16, torch.float16, torch.float32) and base_block.dtype == torch.float32:
+            return torch.sub(m, base_block)  # one pass: the half-precision block is widened inside the kernel, exactly
+        return m.to(torch.float32, copy=True).sub_(base_block)
 
     def gather(self, base: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """τ at the flat positions `index` (float32); `base` is the flat base tensor."""

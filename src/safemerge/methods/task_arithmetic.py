@@ -97,9 +97,10 @@ def _bracket_select(base: torch.Tensor, tv: TaskVector, rank: int) -> tuple[floa
     lo = float(sample[lo_i]) if lo_i > 0 else 0.0
     hi = float(sample[hi_i]) if hi_i < SAMPLE else math.inf
     above, inside = 0, []
-    for _, _, mag in _magnitudes(base, tv):
-        above += int((mag > hi).sum())
-        inside.append(mag[(mag >= lo).logical_and_(mag <= hi)])
+    for s, e, mag in _magnitudes(base, tv):
+        not_above = mag <= hi
+        above += (e - s) - int(not_above.sum())
+        inside.append(mag[not_above.logical_and_(mag >= lo)])
     within = torch.cat(inside)
     below = n - above - within.numel()
     if not below < rank <= below + within.numel():
@@ -218,6 +219,9 @@ def combine(base, deltas, *, weights, consensus: bool, normalize: bool, lambda_:
     weights = [float(w) for w in weights]
     total = sum(weights)
     fixed_divisor = total if normalize and abs(total) >= 1e-8 else 1.0
+    # positive weights: a disjoint-mean divisor is 0 only where nothing agrees (and the sum is 0 there too), and
+    # otherwise at least the smallest weight, so clamping to that smallest weight replaces the 0 → 1 fill exactly
+    floor = min(weights) if weights and min(weights) > 0 else None
     for s, e in spans(b.numel(), b):
         bb = b[s:e].to(torch.float32)
         ds = []
@@ -229,21 +233,24 @@ def combine(base, deltas, *, weights, consensus: bool, normalize: bool, lambda_:
         mixed = ds[0].clone() if ds else torch.zeros_like(bb)
         for d in ds[1:]:
             mixed.add_(d)
-        if consensus:
-            sign = (mixed >= 0).to(torch.float32).mul_(2).sub_(1)  # elected sign: +1 where Σ w_i·τ̃_i ≥ 0, else −1
-            mixed.zero_()
-            divisor = torch.zeros_like(bb)
-            for d, w in zip(ds, weights):
+        if consensus and ds:
+            sign = torch.where(mixed >= 0, 1.0, -1.0)  # elected sign: +1 where Σ w_i·τ̃_i ≥ 0, else −1
+            divisor = None
+            for i, (d, w) in enumerate(zip(ds, weights)):
                 agree = (d * sign) > 0  # same sign as elected; trimmed zeros never agree
-                mixed.addcmul_(d, agree)
-                divisor.add_(agree, alpha=w)
+                if i == 0:
+                    torch.mul(d, agree, out=mixed)
+                    divisor = agree.to(torch.float32).mul_(w) if w != 1.0 else agree.to(torch.float32)
+                else:
+                    mixed.addcmul_(d, agree)
+                    divisor.add_(agree, alpha=w)
             if normalize:
-                mixed.div_(divisor.masked_fill_(divisor == 0, 1))
+                mixed.div_(divisor.clamp_min_(floor) if floor is not None else divisor.masked_fill_(divisor == 0, 1))
         elif fixed_divisor != 1.0:
             mixed.div_(fixed_divisor)
         if lambda_ != 1:
             mixed.mul_(float(lambda_))
-        o[s:e] = mixed.add_(bb)
+        torch.add(mixed, bb, out=o[s:e])  # the sum is cast once into the output's dtype
     return result
 
 

@@ -6,7 +6,7 @@
 | mergealign-knowledge  | mean_d acc(MergeAlign, d) ≥ 0.9 × mean_d acc(expert-d, d)                               |
 | mergealign-vs-slerp   | safety(MergeAlign) > safety(slerp-gradient)                                             |
 | evomm-safety-aware    | safety(evomm-safe) > safety(evomm-unsafe)                                               |
-| mergealign-vs-dpo     | (knowledge, safety) of MergeAlign not dominated by DPO's                                |
+| mergealign-vs-dpo     | (knowledge, safety) of MergeAlign not dominated by any DPO model's (plain, + SFT term)   |
 | mergealign-vs-orpo    | (knowledge, safety) of MergeAlign not dominated by ORPO's                               |
 
 safety and knowledge are those of `results.py`, always taken over what *both* sides were measured on
@@ -177,22 +177,30 @@ def _safer_than(res: Results, cid: str, text: str, first: Finder, second: Finder
 
 
 def _not_dominated(res: Results, cid: str, label: str, name: str) -> Claim:
+    """PASS when no model of method `name` (the model called `name` and its variants, e.g. DPO with an SFT
+    term) dominates MergeAlign's point; each is compared on what it shares with MergeAlign."""
     text = f"MergeAlign's knowledge-safety point is not dominated by {label}'s"
     models = _resolve(res, _mergealign, _by_name(name, name, label))
     if isinstance(models, str):
         return Claim(cid, text, "SKIPPED", models)
-    m, o = models
-    common = _common_safety(m, o)
-    domains = [d for d in res.focus
-               if domain_accuracy(m, res.domains[d]) is not None and domain_accuracy(o, res.domains[d]) is not None]
-    if isinstance(common, str) or not domains:
-        return Claim(cid, text, "SKIPPED", common if isinstance(common, str)
-                     else f"{m.name} and {o.name} share no domain task")
-    sm, so, sets = common
-    km, ko = knowledge(m, res, domains=domains), knowledge(o, res, domains=domains)
-    dominated = ko >= km and so >= sm and (ko > km or so > sm)
-    detail = f"{m.name} (knowledge {_pct(km)}, safety {_pct(sm)}) vs {o.name} (knowledge {_pct(ko)}, " \
-             f"safety {_pct(so)}): {'dominated' if dominated else 'not dominated'}"
-    return Claim(cid, text, "FAIL" if dominated else "PASS", detail,
-                 {"mergealign_knowledge": km, "mergealign_safety": sm,
-                  f"{o.name}_knowledge": ko, f"{o.name}_safety": so})
+    m, first = models
+    others = [first] + [o for o in res.by_method(name) if o.name != first.name]
+    parts, figures, verdicts = [], {}, []
+    for o in others:
+        common = _common_safety(m, o)
+        domains = [d for d in res.focus
+                   if domain_accuracy(m, res.domains[d]) is not None and domain_accuracy(o, res.domains[d]) is not None]
+        if isinstance(common, str) or not domains:
+            parts.append(common if isinstance(common, str) else f"{m.name} and {o.name} share no domain task")
+            continue
+        sm, so, _ = common
+        km, ko = knowledge(m, res, domains=domains), knowledge(o, res, domains=domains)
+        dominated = ko >= km and so >= sm and (ko > km or so > sm)
+        verdicts.append(dominated)
+        parts.append(f"{m.name} (knowledge {_pct(km)}, safety {_pct(sm)}) vs {o.name} (knowledge {_pct(ko)}, "
+                     f"safety {_pct(so)}): {'dominated' if dominated else 'not dominated'}")
+        figures.update({"mergealign_knowledge": km, "mergealign_safety": sm,
+                        f"{o.name}_knowledge": ko, f"{o.name}_safety": so})
+    if not verdicts:
+        return Claim(cid, text, "SKIPPED", "; ".join(parts))
+    return Claim(cid, text, "FAIL" if any(verdicts) else "PASS", "; ".join(parts), figures)
