@@ -9,7 +9,6 @@ planner does.
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from safemerge.errors import ConfigError
+from safemerge.errors import ConfigError, did_you_mean
 from safemerge.methods import REQUIRED, get_method
 
 Scalar = Union[bool, int, float, str]
@@ -107,9 +106,7 @@ class MergeConfig(BaseModel):
 
 
 def _unknown(key: str, allowed, where: str) -> str:
-    close = difflib.get_close_matches(key, list(allowed), n=2)
-    hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-    return f"unknown key {key!r} in {where}{hint} (allowed: {', '.join(sorted(allowed)) or 'none'})"
+    return f"unknown key {key!r} in {where}{did_you_mean(key, allowed)} (allowed: {', '.join(sorted(allowed)) or 'none'})"
 
 
 def load_config(source: Union[str, os.PathLike, dict, MergeConfig]) -> MergeConfig:

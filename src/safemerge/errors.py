@@ -1,5 +1,16 @@
 """Errors that are the user's to fix. Each message names the file, tensor or field and what to do."""
 
+from __future__ import annotations
+
+import difflib
+from typing import Iterable
+
+
+def did_you_mean(name: str, known: Iterable[str], n: int = 2) -> str:
+    """"; did you mean 'a', 'b'?" for the known names closest to a misspelt `name`, or "" when none is close."""
+    close = difflib.get_close_matches(name, list(known), n=n)
+    return f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+
 
 class SafemergeError(Exception):
     """Base class: the CLI prints these as one line and exits with code 2."""

@@ -12,11 +12,10 @@ config validation all read that one declaration.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
-from safemerge.errors import ConfigError
+from safemerge.errors import ConfigError, did_you_mean
 
 REQUIRED = object()  # default marker for a parameter that must be given
 
@@ -51,9 +50,8 @@ def register(name: str, **spec: Any) -> Callable[[Callable], Callable]:
 
 def get_method(name: str) -> MethodSpec:
     if name not in METHODS:
-        close = difflib.get_close_matches(name, METHODS, n=3)
-        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ConfigError(f"merge_method {name!r} is unknown{hint} (known: {', '.join(sorted(METHODS))})")
+        raise ConfigError(f"merge_method {name!r} is unknown{did_you_mean(name, METHODS, n=3)} "
+                          f"(known: {', '.join(sorted(METHODS))})")
     return METHODS[name]
 
 

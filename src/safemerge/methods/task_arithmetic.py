@@ -235,15 +235,15 @@ def combine(base, deltas, *, weights, consensus: bool, normalize: bool, lambda_:
             mixed.add_(d)
         if consensus and ds:
             sign = torch.where(mixed >= 0, 1.0, -1.0)  # elected sign: +1 where Σ w_i·τ̃_i ≥ 0, else −1
-            divisor = None
-            for i, (d, w) in enumerate(zip(ds, weights)):
-                agree = (d * sign) > 0  # same sign as elected; trimmed zeros never agree
-                if i == 0:
-                    torch.mul(d, agree, out=mixed)
-                    divisor = agree.to(torch.float32).mul_(w) if w != 1.0 else agree.to(torch.float32)
-                else:
-                    mixed.addcmul_(d, agree)
-                    divisor.add_(agree, alpha=w)
+            agree = (ds[0] * sign) > 0  # same sign as elected; trimmed zeros never agree
+            torch.mul(ds[0], agree, out=mixed)  # the sums start from the first τ̃ (no zero fill)
+            divisor = agree.to(torch.float32)
+            if weights[0] != 1.0:
+                divisor.mul_(weights[0])
+            for d, w in zip(ds[1:], weights[1:]):
+                agree = (d * sign) > 0
+                mixed.addcmul_(d, agree)
+                divisor.add_(agree, alpha=w)
             if normalize:
                 mixed.div_(divisor.clamp_min_(floor) if floor is not None else divisor.masked_fill_(divisor == 0, 1))
         elif fixed_divisor != 1.0:

@@ -81,7 +81,7 @@ class CandidateModel:
         """(name, merged tensor in the output dtype) for every floating tensor, as the engine computes them."""
         cfg = load_config(config)
         for name in self.names:
-            inputs = {m: w[name].clone() for m, w in self.weights.items()}  # methods work in place
+            inputs = {m: w[name] for m, w in self.weights.items()}  # merge_tensor never modifies its inputs
             merged = merge_tensor(cfg, name=name, t=position(name, self.n_layers), tensors=inputs)
             yield name, merged.to(self.dtype)
 

@@ -122,12 +122,9 @@ DOMAINS: dict[str, Area] = {
 
 def get_domain(name: str) -> Area:
     """The registered domain `name`; an unknown name is a ConfigError that lists the known ones."""
-    from safemerge.errors import ConfigError
+    from safemerge.errors import ConfigError, did_you_mean
 
     if name not in DOMAINS:
-        import difflib
-
-        close = difflib.get_close_matches(name, DOMAINS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"testbed domain {name!r} is unknown{hint}; known domains: {', '.join(DOMAINS)}")
+        raise ConfigError(f"testbed domain {name!r} is unknown{did_you_mean(name, DOMAINS, n=1)} "
+                          f"(known domains: {', '.join(DOMAINS)})")
     return DOMAINS[name]
