@@ -30,7 +30,9 @@ def merge(
 ) -> None:
     """Merge models as a mergekit-style YAML config describes; write a complete HF checkpoint."""
     import safemerge
+    from safemerge.engine import reuse_freed_memory
 
+    reuse_freed_memory()
     with user_errors():
         path = safemerge.merge(config, out_dir, device=device, overwrite=overwrite, allow_pickle=allow_pickle,
                                allow_nonfinite=allow_nonfinite, max_shard_size=parse_size(shard_size), workers=workers,
@@ -54,7 +56,9 @@ def mergealign(
 ) -> None:
     """MergeAlign: θ + α·Σ(θ_d − θ) + β·(θ_a − θ), a domain expert made safe by merging."""
     import safemerge
+    from safemerge.engine import reuse_freed_memory
 
+    reuse_freed_memory()
     with user_errors():
         path = safemerge.mergealign(base=base, domains=domain, aligned=aligned, out=out_dir, alpha=alpha, beta=beta,
                                     dtype=dtype, tokenizer_source=tokenizer_source, overwrite=overwrite,

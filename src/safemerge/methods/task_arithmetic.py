@@ -25,7 +25,7 @@ from typing import Literal, Sequence
 
 import torch
 
-from safemerge.methods import REQUIRED, register
+from safemerge.methods import REQUIRED, native, register
 from safemerge.methods.blocks import TaskVector, flat, output, spans, task_vectors
 
 NBUCKETS = 1 << 15  # top 16 bits of a non-negative float32: sign (0), exponent, 7 mantissa bits
@@ -96,17 +96,31 @@ def _bracket_select(base: torch.Tensor, tv: TaskVector, rank: int) -> tuple[floa
     lo_i, hi_i = int((p - half) * SAMPLE), int((p + half) * SAMPLE)
     lo = float(sample[lo_i]) if lo_i > 0 else 0.0
     hi = float(sample[hi_i]) if hi_i < SAMPLE else math.inf
-    above, inside = 0, []
-    for s, e, mag in _magnitudes(base, tv):
-        not_above = mag <= hi
-        above += (e - s) - int(not_above.sum())
-        inside.append(mag[not_above.logical_and_(mag >= lo)])
-    within = torch.cat(inside)
+    fused = _native_bracket(b, tv, lo, hi, expected=(hi_i - lo_i) / SAMPLE)
+    if fused is not None:
+        above, within = fused
+    else:
+        above, inside = 0, []
+        for s, e, mag in _magnitudes(base, tv):
+            not_above = mag <= hi
+            above += (e - s) - int(not_above.sum())
+            inside.append(mag[not_above.logical_and_(mag >= lo)])
+        within = torch.cat(inside)
     below = n - above - within.numel()
     if not below < rank <= below + within.numel():
         return None
     thr = within.kthvalue(rank - below).values
     return float(thr), above + int((within > thr).sum()), int((within == thr).sum())
+
+
+def _native_bracket(b: torch.Tensor, tv: TaskVector, lo: float, hi: float, expected: float):
+    """The bracket pass in one fused loop (native.py), or None where it cannot run or the bracket holds more
+    entries than its buffer (many equal magnitudes); the torch loop above does the same then."""
+    src, against = (tv.model, b) if tv.model is not None else (tv.delta, None)
+    if not native.usable(src, against):
+        return None
+    n = b.numel()
+    return native.bracket(src, against, lo, hi, cap=min(n, int(2 * expected * n) + n // 100 + 4096))
 
 
 def _radix_select(base: torch.Tensor, tv: TaskVector, rank: int) -> tuple[float, int, int]:
@@ -222,6 +236,9 @@ def combine(base, deltas, *, weights, consensus: bool, normalize: bool, lambda_:
     # positive weights: a disjoint-mean divisor is 0 only where nothing agrees (and the sum is 0 there too), and
     # otherwise at least the smallest weight, so clamping to that smallest weight replaces the 0 → 1 fill exactly
     floor = min(weights) if weights and min(weights) > 0 else None
+    if _native_combine(b, tvs, sparsifiers, o, weights=weights, consensus=consensus, normalize=normalize,
+                       fixed_divisor=fixed_divisor, floor=floor, lambda_=lambda_):
+        return result
     for s, e in spans(b.numel(), b):
         bb = b[s:e].to(torch.float32)
         ds = []
@@ -252,6 +269,26 @@ def combine(base, deltas, *, weights, consensus: bool, normalize: bool, lambda_:
             mixed.mul_(float(lambda_))
         torch.add(mixed, bb, out=o[s:e])  # the sum is cast once into the output's dtype
     return result
+
+
+def _native_combine(b, tvs, sparsifiers, o, *, weights, consensus, normalize, fixed_divisor, floor, lambda_) -> bool:
+    """`combine`'s block loop as one fused kernel (native.py), for task vectors that are all models or all
+    precomputed deltas and sparsifiers that are none or a magnitude trim; False where it cannot run."""
+    if not tvs or any(sp is not None and not isinstance(sp, Magnitude) for sp in sparsifiers):
+        return False
+    models = [tv.model is not None for tv in tvs]
+    if any(models) != all(models):
+        return False
+    srcs = [tv.model if tv.model is not None else tv.delta for tv in tvs]
+    if not native.usable(b, o, *srcs):
+        return False
+    trims = []
+    for sp in sparsifiers:
+        top = sp.top if sp is not None else None
+        trims.append(None if top is None or top.all else (top.thr, -1 if top.inclusive else top.short))
+    divide = 2 if consensus and normalize else 0 if consensus else (1 if fixed_divisor != 1.0 else 0)
+    return native.combine(b, srcs, has_base=all(models), weights=weights, trims=trims, consensus=consensus,
+                          divide=divide, fixed_divisor=fixed_divisor, floor=floor, lambda_=lambda_, out=o)
 
 
 def _seeds(generator: torch.Generator | None, n: int) -> list[int]:

@@ -1,0 +1,137 @@
+"""The fused C kernels (methods/native.py) give bit-identical results to the torch path, and everything
+falls back to torch where they cannot run."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from safemerge.methods import get_method, native
+from safemerge.methods.blocks import TaskVector
+from safemerge.methods.task_arithmetic import SAMPLE, TopK
+
+NATIVE_ON = native.status().startswith("on")
+needs_native = pytest.mark.skipif(not NATIVE_ON, reason=f"native kernels {native.status()}")
+
+
+def test_kernels_build_where_there_is_a_compiler():
+    """CI has a C compiler: a silent fall back to torch there would hide a broken kernel source."""
+    if shutil.which((os.environ.get("CC") or "cc").split()[0]) is None or os.environ.get("SAFEMERGE_NATIVE") == "0":
+        pytest.skip("no C compiler here (or SAFEMERGE_NATIVE=0)")
+    assert NATIVE_ON, native.status()
+
+
+def _run(method, base, deltas, *, use_native, out_dtype=None, **kw):
+    original = native.usable
+    if not use_native:
+        native.usable = lambda *a: False
+    try:
+        out = None if out_dtype is None else torch.empty(base.shape, dtype=out_dtype)
+        return get_method(method).fn(base, deltas, out=out, **kw)
+    finally:
+        native.usable = original
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    return x.view({2: torch.int16, 4: torch.int32}[x.element_size()])
+
+
+def _family(n, k, dtype, *, quantized, seed):
+    g = torch.Generator().manual_seed(seed)
+    base = 0.02 * torch.randn(n, generator=g)
+    models = [base + 0.002 * torch.randn(n, generator=g) for _ in range(k)]
+    if quantized:  # few distinct magnitudes: many ties at every top-k threshold
+        base, models = (base * 512).round() / 512, [(m * 512).round() / 512 for m in models]
+    return base.to(dtype), [m.to(dtype) for m in models]
+
+
+CASES = list(itertools.product(
+    [torch.bfloat16, torch.float16, torch.float32],  # input dtype
+    [None, torch.bfloat16, torch.float16],  # output dtype (None: float32 result)
+    [(1.0, 1.0), (0.7, 0.3, 1.2), (1.0, -0.5), (0.0, 1.0)],  # weights
+    [False, True],  # quantized
+))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype,out_dtype,weights,quantized", CASES)
+def test_ties_and_task_arithmetic_bit_identical(dtype, out_dtype, weights, quantized):
+    n = 4 * SAMPLE + 4099  # above the sampled-bracket size, and not a multiple of the kernel's chunk
+    base, models = _family(n, len(weights), dtype, quantized=quantized, seed=len(weights) + quantized)
+    for method, kw in [("ties", {"density": [0.5] * len(weights)}),
+                       ("ties", {"density": [0.2, 1.0, 0.7][:len(weights)], "normalize": False, "lambda_": 0.8}),
+                       ("task_arithmetic", {}),
+                       ("task_arithmetic", {"normalize": True, "lambda_": 1.3})]:
+        got = [_run(method, base, [TaskVector(model=m) for m in models], use_native=flag, out_dtype=out_dtype,
+                    weights=list(weights), **kw) for flag in (True, False)]
+        assert torch.equal(_bits(got[0]), _bits(got[1])), (method, kw)
+
+
+@needs_native
+@pytest.mark.parametrize("n", [7, 1023, 5000])
+def test_precomputed_deltas_and_small_tensors(n):
+    g = torch.Generator().manual_seed(n)
+    base = torch.randn(n, generator=g)
+    deltas = [0.1 * torch.randn(n, generator=g) for _ in range(3)]
+    for method, kw in [("ties", {"density": [0.3, 0.5, 1.0]}), ("task_arithmetic", {})]:
+        a, b = (_run(method, base, deltas, use_native=flag, weights=[0.5, 1.0, 0.25], **kw) for flag in (True, False))
+        assert torch.equal(_bits(a), _bits(b))
+
+
+@needs_native
+def test_threshold_ties_are_admitted_in_index_order():
+    """Magnitudes from four values only: the threshold value is shared by many entries, and exactly k
+    entries survive, the earliest of the tied ones, in both paths."""
+    n = 4 * SAMPLE + 77
+    g = torch.Generator().manual_seed(3)
+    tau = torch.tensor([0.25, 0.5, 0.75, 1.0])[torch.randint(0, 4, (n,), generator=g)]
+    tau *= torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+    base = torch.zeros(n)
+    k = int(0.6 * n)
+    top = TopK(base, TaskVector(delta=tau), k)
+    assert not top.inclusive  # the test is about the counting path
+    a, b = (_run("ties", base, [tau], use_native=flag, weights=[1.0], density=[0.6]) for flag in (True, False))
+    assert torch.equal(_bits(a), _bits(b))
+    assert int((a != 0).sum()) == k
+    kept_at_threshold = (a.abs() == top.thr).nonzero().flatten()
+    tied = (tau.abs() == top.thr).nonzero().flatten()
+    assert torch.equal(kept_at_threshold, tied[: kept_at_threshold.numel()])
+
+
+@needs_native
+def test_bracket_overflow_falls_back():
+    """When far more entries than the buffer holds sit inside the bracket, the torch loop takes over."""
+    n = 4 * SAMPLE + 5
+    tau = torch.full((n,), 0.5)
+    tau[::7] = 2.0
+    assert native.bracket(tau, None, 0.5, 0.5, cap=1000) is None
+    above, inside = native.bracket(tau, None, 0.5, 0.5, cap=n)
+    assert above == int((tau > 0.5).sum()) and inside.numel() == int((tau == 0.5).sum())
+    a, b = (_run("ties", torch.zeros(n), [tau], use_native=flag, weights=[1.0], density=[0.5]) for flag in (True, False))
+    assert torch.equal(a, b)
+
+
+def test_what_the_kernels_cannot_read_takes_the_torch_path():
+    assert not native.usable(torch.randn(32, 64).t())  # not contiguous
+    assert not native.usable(torch.zeros(3, dtype=torch.float64))
+    assert not native.usable(torch.zeros(3, device="meta"))
+    base = torch.randn(300, dtype=torch.float64)
+    out = _run("ties", base, [0.1 * torch.randn(300, dtype=torch.float64)], use_native=True, weights=[1.0], density=[0.5])
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("env,expected", [({"SAFEMERGE_NATIVE": "0"}, "off (SAFEMERGE_NATIVE=0)"),
+                                          ({"CC": "no-such-compiler"}, "off (no C compiler"),
+                                          ({"CC": "false"}, "off (false failed")])
+def test_status_says_why_it_is_off(env, expected):
+    code = "from safemerge.methods import native; print(native.status())"
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(expected)
