@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from safemerge.checkpoint import Checkpoint, atomic_output
+from safemerge.checkpoint import MAP_BYTES, Checkpoint, atomic_output
 from safemerge.errors import CheckpointError, OutputExistsError
 
 
@@ -31,6 +31,23 @@ def test_reads_sharded_with_index(tmp_path):
     c = Checkpoint(tmp_path)
     assert sorted(c.names()) == ["a", "b"]
     torch.testing.assert_close(c.get("b"), b)
+
+
+def test_large_ranges_are_mapped_copy_on_write(tmp_path):
+    """Ranges of at least MAP_BYTES come memory-mapped: same values as a read, writes stay private, and
+    a file that shrinks after its header was checked gives an error, not a crash."""
+    big = torch.randn(1100, 512).to(torch.bfloat16)  # 1.1 MiB
+    save_file({"small": torch.randn(3), "big": big}, tmp_path / "model.safetensors")
+    c = Checkpoint(tmp_path)
+    x = c.get("big")
+    assert x.numel() * 2 >= MAP_BYTES and torch.equal(x, big)
+    assert torch.equal(c.get_rows("big", 100, 1100), big[100:])
+    x.mul_(2)  # private: neither the file nor a new read sees it
+    assert torch.equal(c.get("big"), big) and torch.equal(Checkpoint(tmp_path).get("big"), big)
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) - 4096])
+    with pytest.raises(CheckpointError, match="truncated while reading"):
+        c.get("big")
 
 
 def test_fingerprint_tracks_content(tmp_path, tiny_family):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import signal
@@ -24,6 +25,8 @@ from typing import Iterator
 import torch
 
 from safemerge.errors import CheckpointError, OutputExistsError
+
+MAP_BYTES = 1 << 20  # ranges this large are memory-mapped (Checkpoint.get_rows)
 
 # safetensors dtype code -> (torch dtype, bytes per element)
 ST_DTYPES: dict[str, torch.dtype] = {
@@ -194,7 +197,11 @@ class Checkpoint:
         return self.get_rows(name, 0, info.shape[0] if info.shape else 1)
 
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) of the tensor's first dimension (a contiguous byte range)."""
+        """Rows [start, stop) of the tensor's first dimension (a contiguous byte range).
+
+        Ranges of at least MAP_BYTES are memory-mapped, privately (copy-on-write: writing to the tensor
+        never reaches the file): no copy out of the page cache, and the mapping is released with the
+        tensor, so memory still follows the tensors in use, not the file. Smaller ranges are read."""
         info = self.info(name)
         if self._pickled is not None:
             t = self._pickled[name]
@@ -204,10 +211,14 @@ class Checkpoint:
         for d in row_shape:
             row_bytes *= d
         shape = (stop - start, *row_shape) if info.shape else ()
+        offset = info.start + start * row_bytes
+        nbytes = row_bytes * (stop - start) if info.shape else row_bytes
+        if nbytes >= MAP_BYTES and offset % info.dtype.itemsize == 0:
+            return self._mapped(info.file, offset, nbytes).view(info.dtype).view(shape)
         out = torch.empty(shape, dtype=info.dtype)
         buf = out.view(torch.uint8).numpy().reshape(-1) if out.numel() else None
         if buf is not None:
-            offset, want = info.start + start * row_bytes, buf.nbytes
+            want = buf.nbytes
             fd = self._fd(info.file)
             got = 0
             while got < want:
@@ -216,6 +227,13 @@ class Checkpoint:
                     raise CheckpointError(f"{info.file}: unexpected end of file reading tensor {name!r}; re-download it")
                 got += n
         return out
+
+    def _mapped(self, file: Path, offset: int, nbytes: int) -> torch.Tensor:
+        lead = offset % mmap.ALLOCATIONGRANULARITY
+        if os.fstat(self._fd(file)).st_size < offset + nbytes:  # the file shrank after its header was checked
+            raise CheckpointError(f"{file}: truncated while reading (ends before byte {offset + nbytes}); re-download it")
+        mapped = mmap.mmap(self._fd(file), lead + nbytes, access=mmap.ACCESS_COPY, offset=offset - lead)
+        return torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes, offset=lead)  # keeps `mapped` alive
 
     def _fd(self, file: Path) -> int:
         with self._lock:
