@@ -41,3 +41,12 @@ def test_methods_lists_declared_parameters():
     r = runner.invoke(app, ["methods", "--json"])
     rows = json.loads(r.stdout)
     assert rows["ties"]["per_model"]["density"] == 1.0 and rows["slerp"]["global"]["t"] == "required"
+
+
+def test_methods_table_says_which_kernels_run():
+    from safemerge.methods import native
+
+    r = runner.invoke(app, ["methods"])
+    assert r.exit_code == 0
+    text = " ".join(r.output.split())
+    assert "fused CPU kernels" in text and native.status().split()[0] in text

@@ -165,7 +165,7 @@ def reuse_freed_memory() -> None:
     try:
         libc = ctypes.CDLL(None)
         mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):
         return
     mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks up to 1 GiB come from the heap
     mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD: freed heap memory stays for reuse

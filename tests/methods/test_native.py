@@ -135,3 +135,55 @@ def test_status_says_why_it_is_off(env, expected):
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(expected)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype,out_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, None),
+                                             (torch.float16, torch.float32)])
+def test_slerp_combination_bit_identical_and_sums_agree(dtype, out_dtype):
+    from safemerge.methods.slerp import _dots
+
+    g = torch.Generator().manual_seed(5)
+    a, b = (torch.randn(100_003, generator=g).to(dtype) for _ in range(2))
+    got = native.dots(a, b)
+    ref = _dots(a, b)
+    assert all(abs(x - y) <= 1e-12 * abs(y) for x, y in zip(got, ref))
+    fused = torch.empty(a.shape, dtype=out_dtype or torch.float32)
+    native.lerp(a, b, 0.3123456789, 0.7234567891, fused)
+    plain = a.to(torch.float32, copy=True).mul_(0.3123456789).add_(b.to(torch.float32), alpha=0.7234567891)
+    assert torch.equal(_bits(fused), _bits(plain.to(fused.dtype)))
+
+
+@pytest.mark.parametrize("use_native", [True, False])
+def test_slerp_does_not_depend_on_alignment_or_threads(use_native):
+    """BLAS dot products change with the memory alignment and the thread count; SLERP's sums must not,
+    or the same config would give different bits from one run (or reader) to the next."""
+    if use_native and not NATIVE_ON:
+        pytest.skip(native.status())
+    g = torch.Generator().manual_seed(6)
+    a = torch.randn(300_001, generator=g)
+    b = a + 0.04 * torch.randn(300_001, generator=g)  # cos Ω ≈ 0.999: the coefficients are sensitive to it
+    outs = set()
+    threads = torch.get_num_threads()
+    try:
+        for shift in (0, 1, 3, 5):
+            for n_threads in (1, 2):
+                torch.set_num_threads(n_threads)
+                pa, pb = torch.empty(a.numel() + 8), torch.empty(b.numel() + 8)
+                pa[shift:shift + a.numel()], pb[shift:shift + b.numel()] = a, b
+                x, y = pa[shift:shift + a.numel()], pb[shift:shift + b.numel()]
+                out = _run_pair("slerp", x, y, use_native=use_native, t=0.4)
+                outs.add(hash(out.numpy().tobytes()))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(outs) == 1
+
+
+def _run_pair(method, a, b, *, use_native, **kw):
+    original = native.usable
+    if not use_native:
+        native.usable = lambda *x: False
+    try:
+        return get_method(method).fn(a, b, **kw)
+    finally:
+        native.usable = original

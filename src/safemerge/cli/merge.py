@@ -79,7 +79,10 @@ def methods(json_out: Annotated[bool, typer.Option("--json", help="Print as JSON
             for n, s in sorted(METHODS.items())}
     if json_out:
         return emit_json(rows)
-    table = Table("method", "takes", "global parameters", "per-model parameters")
+    from safemerge.methods import native
+
+    table = Table("method", "takes", "global parameters", "per-model parameters",
+                  caption=f"fused CPU kernels for task_arithmetic and ties: {native.status()}")
     for n, r in rows.items():
         table.add_row(n, r["inputs"], ", ".join(f"{k}={v}" for k, v in r["global"].items()),
                       ", ".join(f"{k}={v}" for k, v in r["per_model"].items()))

@@ -29,7 +29,7 @@ static inline vf vabs(vf x) { return (vf)((vi)x & 0x7fffffff); }
 static inline vf ones(vi mask) { return (vf)(mask & (vi)splat(1.0f)); }  /* 1.0 where set, else +0.0 */
 static inline vf pick(vi mask, vf a, vf b) { return (vf)((mask & (vi)a) | (~mask & (vi)b)); }
 
-int sm_abi(void) { return 2; }
+int sm_abi(void) { return 3; }
 
 int sm_has_f16(void) {
 #ifdef __FLT16_MAX__
@@ -237,4 +237,42 @@ int sm_combine(int64_t n, const void *base, int base_dt, int nt, const void *con
     }
     free(d);
     return 0;
+}
+
+/* SLERP's statistics: Σa², Σb², Σab in float64 (products of float32 values are exact in float64), in
+ * a fixed order: eight running sums, one per lane, added pairwise at the end; deterministic whatever
+ * the memory alignment, thread count or vector width (BLAS dot products are not). */
+void sm_dots(int64_t n, const void *a, int a_dt, const void *b, int b_dt, double *out3) {
+    float x[CH] __attribute__((aligned(32))), y[CH] __attribute__((aligned(32)));
+    double aa[VL] = {0}, bb[VL] = {0}, ab[VL] = {0};
+    for (int64_t s = 0; s < n; s += CH) {
+        int len = (int)(n - s < CH ? n - s : CH);
+        load(x, a, a_dt, s, len);
+        load(y, b, b_dt, s, len);
+        for (int j = 0; j < CH; j += VL)
+            for (int k = 0; k < VL; k++) {
+                double u = x[j + k], v = y[j + k];
+                aa[k] = aa[k] + u * u;
+                bb[k] = bb[k] + v * v;
+                ab[k] = ab[k] + u * v;
+            }
+    }
+    double *acc[3] = {aa, bb, ab};
+    for (int i = 0; i < 3; i++) {
+        double *l = acc[i];
+        out3[i] = ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+    }
+}
+
+/* SLERP's (and LERP's) combination, cast once: out = fma(b, cb, a·ca), as torch computes
+ * `a.mul_(ca).add_(b, alpha=cb)` (its add with alpha is a fused multiply-add). */
+void sm_lerp(int64_t n, const void *a, int a_dt, const void *b, int b_dt, float ca, float cb, void *out, int out_dt) {
+    float x[CH] __attribute__((aligned(32))), y[CH] __attribute__((aligned(32)));
+    for (int64_t s = 0; s < n; s += CH) {
+        int len = (int)(n - s < CH ? n - s : CH);
+        load(x, a, a_dt, s, len);
+        load(y, b, b_dt, s, len);
+        for (int j = 0; j < CH; j++) x[j] = fmaf(y[j], cb, x[j] * ca);
+        store(out, out_dt, s, x, len);
+    }
 }

@@ -34,7 +34,7 @@ SOURCE = Path(__file__).with_name("_kernels.c")
 # -fno-trapping-math only lets the compiler turn selects into SIMD blends (it changes no result)
 FLAGS = ["-O3", "-ffp-contract=off", "-fno-trapping-math", "-fno-fast-math", "-fPIC", "-shared", "-std=c11"]
 TUNE = ["-march=native"]  # dropped (and the build retried) where the compiler does not know it
-ABI = 2
+ABI = 3
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 _lock = threading.Lock()
@@ -104,6 +104,10 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     dll.sm_bracket.argtypes = [i64, vp, i32, vp, i32, f32, f32, vp, i64, vp]
     dll.sm_combine.restype = i32
     dll.sm_combine.argtypes = [i64, vp, i32, i32, vp, vp, i32, vp, vp, vp, vp, i32, i32, f32, f32, i32, f32, vp, i32]
+    dll.sm_dots.restype = None
+    dll.sm_dots.argtypes = [i64, vp, i32, vp, i32, vp]
+    dll.sm_lerp.restype = None
+    dll.sm_lerp.argtypes = [i64, vp, i32, vp, i32, f32, f32, vp, i32]
     return dll, f"on ({lib})"
 
 
@@ -189,3 +193,15 @@ def combine(base: torch.Tensor, srcs: list[torch.Tensor], *, has_base: bool, wei
                         short, int(consensus), divide, fixed_divisor, floor if floor is not None else 0.0,
                         int(lambda_ != 1), float(lambda_), out.data_ptr(), _code(out))
     return rc == 0
+
+
+def dots(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
+    """(Σa², Σb², Σab) in float64, in the kernel's fixed order."""
+    res = (ctypes.c_double * 3)()
+    _lib().sm_dots(a.numel(), a.data_ptr(), _code(a), b.data_ptr(), _code(b), res)
+    return res[0], res[1], res[2]
+
+
+def lerp(a: torch.Tensor, b: torch.Tensor, ca: float, cb: float, out: torch.Tensor) -> None:
+    """out = fma(b, cb, a·ca) in float32, cast into out's dtype."""
+    _lib().sm_lerp(a.numel(), a.data_ptr(), _code(a), b.data_ptr(), _code(b), ca, cb, out.data_ptr(), _code(out))

@@ -15,7 +15,9 @@ MergeAlign (Sun et al., 2025) is task_arithmetic with weights α (domain) and β
 `TaskVector(model=θ_i)` whose τ_i is formed block by block. Everything is computed in float32, in
 cache-sized blocks (see blocks.py); the result is written into `out` (any dtype) or returned as float32.
 Sparsifiers that need a whole-tensor statistic (a magnitude threshold, an L1 norm) take it in a first
-pass over the blocks and apply it in the final one.
+pass over the blocks and apply it in the final one. On the CPU the combine (with no sparsifier or the
+magnitude trim) and the top-k bracket pass run as fused C kernels where native.py could build them,
+with bit-identical results; the torch code below is the reference and the fallback.
 """
 
 from __future__ import annotations
