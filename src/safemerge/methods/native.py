@@ -1,8 +1,10 @@
-"""Optional fused CPU kernels for task arithmetic and TIES, compiled on first use with the system C compiler.
+"""Optional fused CPU kernels for task arithmetic, TIES and SLERP, compiled on first use with the system C
+compiler.
 
 Eager torch runs TIES's combine as about thirty element-wise passes per block and the top-k bracket as
 seven; `_kernels.c` does each in one pass, with the same float32 operations in the same order, so the
-results are bit-identical to the torch path (tested). It is plain C (no Python or torch headers): the
+results are bit-identical to the torch path (tested). SLERP's float64 sums follow their own fixed order
+(equal to the torch path's to float64 rounding); its combination is bit-identical. It is plain C (no Python or torch headers): the
 first merge on a machine compiles it in well under a second with `$CC` (default `cc`) into
 `$SAFEMERGE_CACHE/native/` (default ~/.cache/safemerge), keyed by the source, the compiler, the flags
 and the CPU's feature flags, so a shared home directory on a mixed cluster never runs a binary built for
