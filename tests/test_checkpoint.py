@@ -110,3 +110,9 @@ def test_atomic_output_leaves_nothing_on_error_and_refuses_overwrite(tmp_path):
     with atomic_output(out, overwrite=True) as tmp:
         (tmp / "new").write_text("y")
     assert sorted(p.name for p in out.iterdir()) == ["new"]
+
+
+def test_zero_dim_tensor_reads(tmp_path):
+    save_file({"s": torch.tensor(3.5, dtype=torch.bfloat16), "v": torch.ones(3)}, tmp_path / "model.safetensors")
+    x = Checkpoint(tmp_path).get("s")
+    assert x.shape == () and float(x) == 3.5

@@ -1,10 +1,12 @@
 """Hugging Face checkpoints: a lazy reader and the atomic output directory.
 
-Reading goes through the safetensors *header* (JSON) and plain positional reads of each tensor's
-byte range, never through pickle (unless `allow_pickle=True`) and never through a memory map: mapped
-pages count towards the process's RSS, and a merge touches every page of every input, so a mapped
-reader's RSS grows with the model. `pread` keeps peak memory at a few tensors whatever the model size,
-and lets a reader fetch a row range of a tensor (a contiguous byte range) for chunked merging.
+Reading goes through the safetensors *header* (JSON), never through pickle (unless `allow_pickle=True`).
+Each tensor (or row range: a contiguous byte range, for chunked merging) is mapped on its own when it
+is at least MAP_BYTES, privately, and the mapping is released with the tensor; smaller ranges are read
+with `pread`. Never the whole file: mapped pages count towards the process's RSS, and a merge touches
+every page of every input, so a whole-file map would grow RSS with the model; per-tensor mappings keep
+peak memory at a few tensors whatever the model size. (A file truncated while mapped raises SIGBUS on
+access, as with any mapped reader; truncation before is caught by the header check.)
 """
 
 from __future__ import annotations
@@ -216,7 +218,7 @@ class Checkpoint:
         if nbytes >= MAP_BYTES and offset % info.dtype.itemsize == 0:
             return self._mapped(info.file, offset, nbytes).view(info.dtype).view(shape)
         out = torch.empty(shape, dtype=info.dtype)
-        buf = out.view(torch.uint8).numpy().reshape(-1) if out.numel() else None
+        buf = out.reshape(-1).view(torch.uint8).numpy() if out.numel() else None  # (reshape: 0-dim tensors too)
         if buf is not None:
             want = buf.nbytes
             fd = self._fd(info.file)

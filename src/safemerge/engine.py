@@ -168,7 +168,7 @@ def reuse_freed_memory() -> None:
     except (OSError, AttributeError, TypeError):
         return
     mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks up to 1 GiB come from the heap
-    mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD: freed heap memory stays for reuse
+    mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD (a C int): freed heap memory up to 1 GiB stays for reuse
 
 
 def default_workers(device: str) -> int:

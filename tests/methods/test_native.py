@@ -150,7 +150,7 @@ def test_slerp_combination_bit_identical_and_sums_agree(dtype, out_dtype):
     assert all(abs(x - y) <= 1e-12 * abs(y) for x, y in zip(got, ref))
     fused = torch.empty(a.shape, dtype=out_dtype or torch.float32)
     native.lerp(a, b, 0.3123456789, 0.7234567891, fused)
-    plain = a.to(torch.float32, copy=True).mul_(0.3123456789).add_(b.to(torch.float32), alpha=0.7234567891)
+    plain = a.to(torch.float32, copy=True).mul_(0.3123456789).add_(b.to(torch.float32, copy=True).mul_(0.7234567891))
     assert torch.equal(_bits(fused), _bits(plain.to(fused.dtype)))
 
 
@@ -187,3 +187,32 @@ def _run_pair(method, a, b, *, use_native, **kw):
         return get_method(method).fn(a, b, **kw)
     finally:
         native.usable = original
+
+
+@needs_native
+def test_edge_cases_match_or_fall_back():
+    """Found in review: each of these once made the two paths differ (or the kernel read out of bounds)."""
+    g = torch.Generator().manual_seed(7)
+    # sizes that do not match: the kernels are not called, and torch's own error comes out
+    with pytest.raises(RuntimeError):
+        get_method("task_arithmetic").fn(torch.zeros(5000), [torch.ones(10)], weights=[1.0])
+    with pytest.raises(RuntimeError):
+        get_method("slerp").fn(torch.randn(1000), torch.randn(10), t=0.5)
+    # a positive weight that rounds to 0 in float32: the same divisor rule in both paths
+    base, models = _family(5000, 2, torch.float32, quantized=False, seed=7)
+    a, b = (_run("ties", base, [TaskVector(model=m) for m in models], use_native=flag, weights=[1e-46, 1.0],
+                 density=[0.5, 0.5]) for flag in (True, False))
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    # a task vector given both ways: the precomputed delta wins in both paths
+    tv = TaskVector(model=torch.randn(5000, generator=g), delta=torch.randn(5000, generator=g))
+    a, b = (_run("ties", torch.zeros(5000), [tv], use_native=flag, weights=[1.0], density=[0.3]) for flag in (True, False))
+    assert torch.equal(a, b)
+    # the last, partial chunk's padding is not counted, whatever the bracket
+    above, inside = native.bracket(torch.ones(5), None, 0.0, float("nan"), cap=5)
+    assert above == 5 and inside.numel() == 0
+
+
+def test_slerp_with_nan_input_gives_nan_not_an_exception():
+    a, b = torch.randn(100), torch.randn(100)
+    a[3] = float("nan")
+    assert torch.isnan(get_method("slerp").fn(a, b, t=0.5)).any()

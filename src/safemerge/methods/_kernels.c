@@ -29,7 +29,7 @@ static inline vf vabs(vf x) { return (vf)((vi)x & 0x7fffffff); }
 static inline vf ones(vi mask) { return (vf)(mask & (vi)splat(1.0f)); }  /* 1.0 where set, else +0.0 */
 static inline vf pick(vi mask, vf a, vf b) { return (vf)((mask & (vi)a) | (~mask & (vi)b)); }
 
-int sm_abi(void) { return 3; }
+int sm_abi(void) { return 4; }
 
 int sm_has_f16(void) {
 #ifdef __FLT16_MAX__
@@ -96,22 +96,26 @@ int64_t sm_bracket(int64_t n, const void *src, int src_dt, const void *base, int
         int len = (int)(n - s < CH ? n - s : CH);
         if (base) load(bb, base, base_dt, s, len);
         tau(d, bb, src, src_dt, base != NULL, s, len);
-        vi not_above = {0}, within = {0};
-        for (int j = 0; j < CH; j += VL) {
-            vf m = vabs(vload(d + j));
-            vstore(d + j, m);
-            vi le = m <= vhi;  /* −1 where true */
-            not_above += le;
-            within += le & (m >= vlo);
-        }
         int64_t na = 0, wi = 0;
-        for (int k = 0; k < VL; k++) {
-            na -= not_above[k];
-            wi -= within[k];
-        }
-        if (len < CH) {  /* the zero padding is not above hi; it is within when lo is 0 */
-            na -= CH - len;
-            if (lo <= 0.0f && hi >= 0.0f) wi -= CH - len;
+        if (len == CH) {
+            vi not_above = {0}, within = {0};
+            for (int j = 0; j < CH; j += VL) {
+                vf m = vabs(vload(d + j));
+                vstore(d + j, m);
+                vi le = m <= vhi;  /* −1 where true */
+                not_above += le;
+                within += le & (m >= vlo);
+            }
+            for (int k = 0; k < VL; k++) {
+                na -= not_above[k];
+                wi -= within[k];
+            }
+        } else {  /* the last, partial chunk: its zero padding must not be counted */
+            for (int j = 0; j < len; j++) {
+                d[j] = fabsf(d[j]);
+                na += d[j] <= hi;
+                wi += (d[j] <= hi) & (d[j] >= lo);
+            }
         }
         above += len - na;
         if (wi == 0) continue;
@@ -264,15 +268,15 @@ void sm_dots(int64_t n, const void *a, int a_dt, const void *b, int b_dt, double
     }
 }
 
-/* SLERP's (and LERP's) combination, cast once: out = fma(b, cb, a·ca), as torch computes
- * `a.mul_(ca).add_(b, alpha=cb)` (its add with alpha is a fused multiply-add). */
+/* SLERP's combination, cast once: out = a·ca + b·cb, each product rounded to float32 (no fused
+ * multiply-add), as the torch path computes it. */
 void sm_lerp(int64_t n, const void *a, int a_dt, const void *b, int b_dt, float ca, float cb, void *out, int out_dt) {
     float x[CH] __attribute__((aligned(32))), y[CH] __attribute__((aligned(32)));
     for (int64_t s = 0; s < n; s += CH) {
         int len = (int)(n - s < CH ? n - s : CH);
         load(x, a, a_dt, s, len);
         load(y, b, b_dt, s, len);
-        for (int j = 0; j < CH; j++) x[j] = fmaf(y[j], cb, x[j] * ca);
+        for (int j = 0; j < CH; j++) x[j] = x[j] * ca + y[j] * cb;
         store(out, out_dt, s, x, len);
     }
 }

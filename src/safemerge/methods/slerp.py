@@ -21,18 +21,18 @@ def slerp(a: torch.Tensor, b: torch.Tensor, *, t: float, out: torch.Tensor | Non
     cos Ω = <a/‖a‖, b/‖b‖>;  out = sin((1−t)Ω)/sin Ω · a + sin(tΩ)/sin Ω · b,
     falling back to (1−t)·a + t·b when |cos Ω| > 0.9995. A vector with ‖·‖ ≤ 1e-8 is not normalised.
     The norms and the dot product are float64 sums in a fixed order (deterministic); on the CPU a fused
-    kernel (native.py) computes them in one pass and the combination in another, the latter
-    bit-identical to the torch code below.
+    kernel (native.py) computes them in one pass and the combination a·c_a + b·c_b in another, the
+    latter bit-identical to the torch code below.
     """
     t = float(t)
     fa, fb = flat(a), flat(b)
     result = output(a, out)
     o = flat(result)
-    fused = native.usable(fa, fb, o)
+    fused = fa.numel() == fb.numel() == o.numel() and native.usable(fa, fb, o)
     saa, sbb, sab = native.dots(fa, fb) if fused else _dots(fa, fb)
     na, nb = math.sqrt(saa), math.sqrt(sbb)
     cos = sab / (na if na > EPS else 1.0) / (nb if nb > EPS else 1.0)
-    if abs(cos) > DOT_THRESHOLD:
+    if not abs(cos) <= DOT_THRESHOLD:  # (anti)parallel, or NaN from non-finite inputs (merged with --allow-nonfinite)
         ca, cb = 1.0 - t, t
     else:
         omega = math.acos(max(-1.0, min(1.0, cos)))
@@ -40,9 +40,9 @@ def slerp(a: torch.Tensor, b: torch.Tensor, *, t: float, out: torch.Tensor | Non
     if fused:
         native.lerp(fa, fb, ca, cb, o)
         return result
-    for s, e in spans(fa.numel(), fa):
-        acc = fa[s:e].to(torch.float32, copy=True).mul_(ca)
-        o[s:e] = acc.add_(fb[s:e].to(torch.float32), alpha=cb)
+    for s, e in spans(fa.numel(), fa):  # a·c_a + b·c_b, each product rounded (not torch's fused add-with-alpha,
+        acc = fa[s:e].to(torch.float32, copy=True).mul_(ca)  # which is fused only in its SIMD kernels)
+        o[s:e] = acc.add_(fb[s:e].to(torch.float32, copy=True).mul_(cb))
     return result
 
 

@@ -118,8 +118,8 @@ def _bracket_select(base: torch.Tensor, tv: TaskVector, rank: int) -> tuple[floa
 def _native_bracket(b: torch.Tensor, tv: TaskVector, lo: float, hi: float, expected: float):
     """The bracket pass in one fused loop (native.py), or None where it cannot run or the bracket holds more
     entries than its buffer (many equal magnitudes); the torch loop above does the same then."""
-    src, against = (tv.model, b) if tv.model is not None else (tv.delta, None)
-    if not native.usable(src, against):
+    src, against = (tv.delta, None) if tv.delta is not None else (tv.model, b)  # as TaskVector.block
+    if src.numel() != b.numel() or not native.usable(src, against):
         return None
     n = b.numel()
     return native.bracket(src, against, lo, hi, cap=min(n, int(2 * expected * n) + n // 100 + 4096))
@@ -237,7 +237,8 @@ def combine(base, deltas, *, weights, consensus: bool, normalize: bool, lambda_:
     fixed_divisor = total if normalize and abs(total) >= 1e-8 else 1.0
     # positive weights: a disjoint-mean divisor is 0 only where nothing agrees (and the sum is 0 there too), and
     # otherwise at least the smallest weight, so clamping to that smallest weight replaces the 0 → 1 fill exactly
-    floor = min(weights) if weights and min(weights) > 0 else None
+    # (in float32, as torch applies it: a weight that rounds to 0 has no floor)
+    floor = min(weights) if weights and float(torch.tensor(min(weights), dtype=torch.float32)) > 0 else None
     if _native_combine(b, tvs, sparsifiers, o, weights=weights, consensus=consensus, normalize=normalize,
                        fixed_divisor=fixed_divisor, floor=floor, lambda_=lambda_):
         return result
@@ -276,13 +277,13 @@ def combine(base, deltas, *, weights, consensus: bool, normalize: bool, lambda_:
 def _native_combine(b, tvs, sparsifiers, o, *, weights, consensus, normalize, fixed_divisor, floor, lambda_) -> bool:
     """`combine`'s block loop as one fused kernel (native.py), for task vectors that are all models or all
     precomputed deltas and sparsifiers that are none or a magnitude trim; False where it cannot run."""
-    if not tvs or any(sp is not None and not isinstance(sp, Magnitude) for sp in sparsifiers):
+    if not tvs or len(weights) != len(tvs) or any(sp is not None and not isinstance(sp, Magnitude) for sp in sparsifiers):
         return False
-    models = [tv.model is not None for tv in tvs]
+    models = [tv.delta is None for tv in tvs]  # TaskVector.block prefers a precomputed delta
     if any(models) != all(models):
         return False
-    srcs = [tv.model if tv.model is not None else tv.delta for tv in tvs]
-    if not native.usable(b, o, *srcs):
+    srcs = [tv.model if tv.delta is None else tv.delta for tv in tvs]
+    if any(x.numel() != b.numel() for x in (o, *srcs)) or not native.usable(b, o, *srcs):
         return False
     trims = []
     for sp in sparsifiers:
