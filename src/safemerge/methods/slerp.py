@@ -48,7 +48,7 @@ def slerp(a: torch.Tensor, b: torch.Tensor, *, t: float, out: torch.Tensor | Non
 
 def _dots(fa: torch.Tensor, fb: torch.Tensor) -> tuple[float, float, float]:
     """(Σa², Σb², Σab) in float64, block by block, each block summed as rows of ROW elements: a row's sum
-    runs on one thread in index order, so the result does not depend on the thread count or on memory
+    runs on one thread in a fixed order, so the result does not depend on the thread count or on memory
     alignment (BLAS dot products, as `torch.dot` calls, depend on both)."""
     sums = [0.0, 0.0, 0.0]
     for s, e in spans(fa.numel(), fa):
