@@ -231,10 +231,10 @@ class Checkpoint:
         return out
 
     def _mapped(self, file: Path, offset: int, nbytes: int) -> torch.Tensor:
-        lead = offset % mmap.ALLOCATIONGRANULARITY
-        if os.fstat(self._fd(file)).st_size < offset + nbytes:  # the file shrank after its header was checked
+        lead, fd = offset % mmap.ALLOCATIONGRANULARITY, self._fd(file)
+        if os.fstat(fd).st_size < offset + nbytes:  # the file shrank after its header was checked
             raise CheckpointError(f"{file}: truncated while reading (ends before byte {offset + nbytes}); re-download it")
-        mapped = mmap.mmap(self._fd(file), lead + nbytes, access=mmap.ACCESS_COPY, offset=offset - lead)
+        mapped = mmap.mmap(fd, lead + nbytes, access=mmap.ACCESS_COPY, offset=offset - lead)
         return torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes, offset=lead)  # keeps `mapped` alive
 
     def _fd(self, file: Path) -> int:
@@ -281,11 +281,18 @@ class Checkpoint:
 _DIGESTS: dict[tuple[str, int, int], str] = {}
 
 
-def _digest_cache() -> Path | None:
+def cache_root() -> Path | None:
+    """$SAFEMERGE_CACHE (or ~/.cache/safemerge): digests, testbed builds and compiled kernels live under
+    it; None when SAFEMERGE_CACHE is 'off'."""
     env = os.environ.get("SAFEMERGE_CACHE")
     if env is not None and env.strip().lower() in ("off", "0", "false", "none", ""):
         return None
-    return (Path(env).expanduser() if env else Path.home() / ".cache" / "safemerge") / "digests"
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "safemerge"
+
+
+def _digest_cache() -> Path | None:
+    root = cache_root()
+    return root / "digests" if root else None
 
 
 def _file_digest(file: Path) -> str:

@@ -27,13 +27,14 @@ def test_kernels_build_where_there_is_a_compiler():
     assert NATIVE_ON, native.status()
 
 
-def _run(method, base, deltas, *, use_native, out_dtype=None, **kw):
+def _run(method, base, others, *, use_native, out_dtype=None, **kw):
+    """The method on (base, task vectors) or (a, b), with the kernels allowed or not."""
     original = native.usable
     if not use_native:
         native.usable = lambda *a: False
     try:
         out = None if out_dtype is None else torch.empty(base.shape, dtype=out_dtype)
-        return get_method(method).fn(base, deltas, out=out, **kw)
+        return get_method(method).fn(base, others, out=out, **kw)
     finally:
         native.usable = original
 
@@ -172,21 +173,11 @@ def test_slerp_does_not_depend_on_alignment_or_threads(use_native):
                 pa, pb = torch.empty(a.numel() + 8), torch.empty(b.numel() + 8)
                 pa[shift:shift + a.numel()], pb[shift:shift + b.numel()] = a, b
                 x, y = pa[shift:shift + a.numel()], pb[shift:shift + b.numel()]
-                out = _run_pair("slerp", x, y, use_native=use_native, t=0.4)
+                out = _run("slerp", x, y, use_native=use_native, t=0.4)
                 outs.add(hash(out.numpy().tobytes()))
     finally:
         torch.set_num_threads(threads)
     assert len(outs) == 1
-
-
-def _run_pair(method, a, b, *, use_native, **kw):
-    original = native.usable
-    if not use_native:
-        native.usable = lambda *x: False
-    try:
-        return get_method(method).fn(a, b, **kw)
-    finally:
-        native.usable = original
 
 
 @needs_native

@@ -11,7 +11,8 @@ import pytest
 
 from safemerge.errors import ConfigError, OutputExistsError
 from safemerge.testbed import build_testbed
-from safemerge.testbed.build import cache_key, cache_root, canonical_domains
+from safemerge.checkpoint import cache_root
+from safemerge.testbed.build import cache_key, canonical_domains
 
 MODELS = ["base", "aligned", "expert-finance", "expert-medicine"]
 pytestmark = pytest.mark.slow

@@ -40,6 +40,11 @@ class TaskVector:
     model: torch.Tensor | None = None
     delta: torch.Tensor | None = None
 
+    @property
+    def source(self) -> tuple[torch.Tensor, bool]:
+        """(the tensor τ is read from, whether the base is subtracted from it): a precomputed delta wins."""
+        return (self.delta, False) if self.delta is not None else (self.model, True)
+
     def block(self, base_block: torch.Tensor, s: int, e: int) -> torch.Tensor:
         if self.delta is not None:
             return self.delta[s:e].to(torch.float32, copy=True)

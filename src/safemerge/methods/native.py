@@ -51,16 +51,21 @@ def _cache_dir() -> Path:
     """$SAFEMERGE_CACHE/native (default ~/.cache/safemerge/native). A library is only loaded from a folder
     that this user owns and nobody else can write to; otherwise (or with SAFEMERGE_CACHE=off) from a fresh
     private temporary folder, rebuilt in each process."""
-    env = os.environ.get("SAFEMERGE_CACHE")
-    if env is None or env.strip().lower() not in ("off", "0", "false", "none", ""):
+    from safemerge.checkpoint import cache_root
+
+    try:
+        root = cache_root()
+    except RuntimeError:  # no home directory
+        root = None
+    if root is not None:
         try:
-            folder = (Path(env).expanduser() if env else Path.home() / ".cache" / "safemerge") / "native"
+            folder = root / "native"
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
             st = folder.stat()
             owned = not hasattr(os, "getuid") or (st.st_uid == os.getuid() and not st.st_mode & 0o022)
             if owned and os.access(folder, os.W_OK):
                 return folder
-        except (OSError, RuntimeError):  # RuntimeError: no home directory
+        except OSError:
             pass
     folder = Path(tempfile.mkdtemp(prefix="safemerge-native-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
@@ -187,12 +192,12 @@ def combine(base: torch.Tensor, srcs: list[torch.Tensor], *, has_base: bool, wei
     nt = len(srcs)
     if nt > 64:
         return False
-    ptrs = (ctypes.c_void_p * max(nt, 1))(*[s.data_ptr() for s in srcs])
-    codes = (ctypes.c_int * max(nt, 1))(*[_code(s) for s in srcs])
-    w = (ctypes.c_float * max(nt, 1))(*weights)
-    kinds = (ctypes.c_int * max(nt, 1))(*[0 if t is None else 1 for t in trims])
-    thr = (ctypes.c_float * max(nt, 1))(*[0.0 if t is None else t[0] for t in trims])
-    short = (ctypes.c_int64 * max(nt, 1))(*[-1 if t is None else t[1] for t in trims])
+    ptrs = (ctypes.c_void_p * nt)(*[s.data_ptr() for s in srcs])
+    codes = (ctypes.c_int * nt)(*[_code(s) for s in srcs])
+    w = (ctypes.c_float * nt)(*weights)
+    kinds = (ctypes.c_int * nt)(*[0 if t is None else 1 for t in trims])
+    thr = (ctypes.c_float * nt)(*[0.0 if t is None else t[0] for t in trims])
+    short = (ctypes.c_int64 * nt)(*[-1 if t is None else t[1] for t in trims])
     rc = lib.sm_combine(base.numel(), base.data_ptr(), _code(base), nt, ptrs, codes, int(has_base), w, kinds, thr,
                         short, int(consensus), divide, fixed_divisor, floor if floor is not None else 0.0,
                         int(lambda_ != 1), float(lambda_), out.data_ptr(), _code(out))

@@ -118,7 +118,8 @@ def _bracket_select(base: torch.Tensor, tv: TaskVector, rank: int) -> tuple[floa
 def _native_bracket(b: torch.Tensor, tv: TaskVector, lo: float, hi: float, expected: float):
     """The bracket pass in one fused loop (native.py), or None where it cannot run or the bracket holds more
     entries than its buffer (many equal magnitudes); the torch loop above does the same then."""
-    src, against = (tv.delta, None) if tv.delta is not None else (tv.model, b)  # as TaskVector.block
+    src, minus_base = tv.source
+    against = b if minus_base else None
     if src.numel() != b.numel() or not native.usable(src, against):
         return None
     n = b.numel()
@@ -279,18 +280,17 @@ def _native_combine(b, tvs, sparsifiers, o, *, weights, consensus, normalize, fi
     precomputed deltas and sparsifiers that are none or a magnitude trim; False where it cannot run."""
     if not tvs or len(weights) != len(tvs) or any(sp is not None and not isinstance(sp, Magnitude) for sp in sparsifiers):
         return False
-    models = [tv.delta is None for tv in tvs]  # TaskVector.block prefers a precomputed delta
-    if any(models) != all(models):
+    srcs, minus_base = zip(*(tv.source for tv in tvs))
+    if len(set(minus_base)) > 1:  # models and precomputed deltas mixed
         return False
-    srcs = [tv.model if tv.delta is None else tv.delta for tv in tvs]
     if any(x.numel() != b.numel() for x in (o, *srcs)) or not native.usable(b, o, *srcs):
         return False
     trims = []
     for sp in sparsifiers:
         top = sp.top if sp is not None else None
         trims.append(None if top is None or top.all else (top.thr, -1 if top.inclusive else top.short))
-    divide = 2 if consensus and normalize else 0 if consensus else (1 if fixed_divisor != 1.0 else 0)
-    return native.combine(b, srcs, has_base=all(models), weights=weights, trims=trims, consensus=consensus,
+    divide = (2 if normalize else 0) if consensus else int(fixed_divisor != 1.0)
+    return native.combine(b, list(srcs), has_base=minus_base[0], weights=weights, trims=trims, consensus=consensus,
                           divide=divide, fixed_divisor=fixed_divisor, floor=floor, lambda_=lambda_, out=o)
 
 

@@ -47,7 +47,7 @@ def build_testbed(out: str | os.PathLike, *, seed: int = 0, preset: str = "small
     Raises OutputExistsError when `out` exists and not `overwrite`, ConfigError for an unknown
     preset or domain. Nothing partial is ever left at `out` (written to a sibling, then renamed).
     """
-    from safemerge.checkpoint import atomic_output
+    from safemerge.checkpoint import atomic_output, cache_root
 
     spec = get_preset(preset)
     doms = canonical_domains(domains)
@@ -81,14 +81,6 @@ def canonical_domains(domains: Iterable[str] | str) -> tuple[str, ...]:
     for d in doms:
         get_domain(d)
     return doms
-
-
-def cache_root() -> Path | None:
-    """$SAFEMERGE_CACHE (or ~/.cache/safemerge); None when SAFEMERGE_CACHE is 'off'."""
-    env = os.environ.get("SAFEMERGE_CACHE")
-    if env is not None and env.strip().lower() in ("off", "0", "false", "none", ""):
-        return None
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "safemerge"
 
 
 def code_version() -> str:
