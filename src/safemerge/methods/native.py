@@ -186,8 +186,8 @@ def combine(base: torch.Tensor, srcs: list[torch.Tensor], *, has_base: bool, wei
             trims: list[tuple[float, int] | None], consensus: bool, divide: int, fixed_divisor: float,
             floor: float | None, lambda_: float, out: torch.Tensor) -> bool:
     """The fused combine (see `sm_combine` in _kernels.c); False when it cannot run (the caller falls back).
-    trims[i]: None, or (threshold, short) with short = −1 for an inclusive threshold; the counting state of
-    each trim is advanced as the torch path advances it."""
+    trims[i]: None, or (threshold, short) with short = −1 for an inclusive threshold, else the number of
+    entries equal to the threshold still to keep, admitted in index order as the torch path admits them."""
     lib = _lib()
     nt = len(srcs)
     if nt > 64:
