@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--format", choices=("plain", "chat"), default="plain")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     args = ap.parse_args()
 
     import torch
@@ -42,9 +43,10 @@ def main() -> None:
         from safemerge.testbed import build_testbed
 
         testbed = build_testbed(tmp / "testbed", preset="micro", progress=False)
-    backend = get_backend(testbed / args.model, device="cpu", batch_size=args.batch_size)
+    backend = get_backend(testbed / args.model, device=args.device, batch_size=args.batch_size)
     store = tmp / "results.sqlite"
-    out = {"model": str(testbed / args.model), "threads": torch.get_num_threads(), "batch_size": args.batch_size}
+    out = {"model": str(testbed / args.model), "threads": torch.get_num_threads(), "batch_size": args.batch_size,
+           "device": str(next(backend.model.parameters()).device)}
 
     s = evaluate_safety(backend, prompts=testbed / "data" / "safety_test.jsonl", max_new_tokens=args.max_new_tokens,
                         store=store, cache=False)

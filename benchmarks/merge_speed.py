@@ -20,6 +20,8 @@ CONFIG OUT --quiet --no-copy-tokenizer`` with mergekit's default CPU settings ot
 no --lazy-unpickle: it only affects pickle inputs; default -j, shard size and synchronous writes);
 ``io_floor``: read every input tensor's bytes once (plain ``readinto``) and write one output of the
 same size (the base's shards), no arithmetic: the least any merge has to do, single-threaded.
+``--device cuda`` gives safemerge ``--device cuda`` and mergekit ``--cuda`` (both read and write on the
+CPU side, and compute on the GPU).
 """
 
 from __future__ import annotations
@@ -139,20 +141,18 @@ def input_models(method: str) -> list[str]:
 
 # ---------------------------------------------------------------- the three tools
 
-def safemerge_cmd(config: Path, out: Path) -> list[str]:
+def safemerge_cmd(config: Path, out: Path, device: str = "cpu") -> list[str]:
     exe = Path(sys.executable).with_name("safemerge")
-    if exe.exists():
-        return [str(exe), "merge", str(config), str(out), "--no-progress"]
-    return [sys.executable, "-c", "from safemerge.cli import main; main()", "merge", str(config), str(out),
-            "--no-progress"]
+    head = [str(exe)] if exe.exists() else [sys.executable, "-c", "from safemerge.cli import main; main()"]
+    return [*head, "merge", str(config), str(out), "--no-progress", *(["--device", device] if device != "cpu" else [])]
 
 
-def mergekit_cmd(mergekit: str, config: Path, out: Path) -> list[str]:
-    return [mergekit, str(config), str(out), "--quiet", "--no-copy-tokenizer"]
+def mergekit_cmd(mergekit: str, config: Path, out: Path, device: str = "cpu") -> list[str]:
+    return [mergekit, str(config), str(out), "--quiet", "--no-copy-tokenizer", *(["--cuda"] if device != "cpu" else [])]
 
 
 def run_tool(tool: str, method: str, *, root: Path, config: Path, work: Path, mergekit: str, log,
-             keep: bool = False) -> Run:
+             keep: bool = False, device: str = "cpu") -> Run:
     """Warm the inputs, run one tool on one method, flush and (unless ``keep``) delete its output."""
     models = [root / m for m in input_models(method)]
     out = work / f"{tool}-{method}"
@@ -160,9 +160,9 @@ def run_tool(tool: str, method: str, *, root: Path, config: Path, work: Path, me
         shutil.rmtree(out)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     if tool == "safemerge":
-        cmd = safemerge_cmd(config, out)
+        cmd = safemerge_cmd(config, out, device)
     elif tool == "mergekit":
-        cmd = mergekit_cmd(mergekit, config, out)
+        cmd = mergekit_cmd(mergekit, config, out, device)
     else:
         cmd = io_floor_cmd(models, out)
     warm(models)
@@ -316,6 +316,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--compare", action="store_true", help="after timing, compare safemerge's and mergekit's "
                     "outputs tensor by tensor (max |Δ|, share of elements > 1 bf16 ulp apart)")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                    help="where safemerge and mergekit compute: cuda passes --device cuda / --cuda (the I/O floor "
+                    "is the same either way)")
     args = ap.parse_args(argv)
 
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.json else (lambda msg: print(msg, flush=True))
@@ -329,7 +332,12 @@ def main(argv: list[str] | None = None) -> None:
 
     result = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine(), "versions": versions(args.mergekit),
               "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-              "mergekit_flags": ["--quiet", "--no-copy-tokenizer"], "scale": args.scale, "runs": []}
+              "mergekit_flags": mergekit_cmd("", Path(), Path(), args.device)[3:], "device": args.device,
+              "scale": args.scale, "runs": []}
+    if args.device == "cuda":
+        import torch
+
+        result["machine"]["gpu"] = torch.cuda.get_device_name(0)
     log(f"load average {result['machine']['loadavg']}, {result['machine']['cpus']} cpus, "
         f"{result['machine']['mem_gib']} GiB")
     scales = [1] if args.scale == 1 else [1, args.scale]
@@ -341,7 +349,8 @@ def main(argv: list[str] | None = None) -> None:
         for method in methods:
             for tool in [t for _ in range(args.repeat) for t in tools]:
                 run = run_tool(tool, method, root=root, config=configs[method], work=args.cache / "work",
-                               mergekit=args.mergekit, log=log, keep=compare and tool != "io_floor")
+                               mergekit=args.mergekit, log=log, keep=compare and tool != "io_floor",
+                               device=args.device)
                 d = asdict(run)
                 d["scale"] = scale
                 result["runs"].append(d)

@@ -67,7 +67,7 @@ def materialise_only(cfgs, spec, tmp: Path) -> tuple[float, float]:
     import safemerge
     from safemerge.search.candidates import CandidateModel
 
-    cm = CandidateModel(cfgs[0])
+    cm = CandidateModel(cfgs[0], device=spec.device)
     start = time.perf_counter()
     for c in cfgs:
         cm.load(c)
@@ -76,7 +76,7 @@ def materialise_only(cfgs, spec, tmp: Path) -> tuple[float, float]:
     for i, c in enumerate(cfgs):
         out = tmp / f"m-{i}"
         safemerge.merge(c, out, progress=False)
-        AutoModelForCausalLM.from_pretrained(out)
+        AutoModelForCausalLM.from_pretrained(out).to(spec.device)
         shutil.rmtree(out)
     return mem, time.perf_counter() - start
 
@@ -94,7 +94,7 @@ def on_disk(cfgs, spec, tmp: Path) -> tuple[float, list[float]]:
     for i, c in enumerate(cfgs):
         out = tmp / f"cand-{i}"
         safemerge.merge(c, out, progress=False)
-        model = AutoModelForCausalLM.from_pretrained(out).eval()
+        model = AutoModelForCausalLM.from_pretrained(out).to(spec.device).eval()
         scores.append(objective(model).objective)
         shutil.rmtree(out)
     return time.perf_counter() - start, scores
@@ -123,6 +123,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--ray", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch threads of the serial runs (default: torch's)")
+    ap.add_argument("--device", default="cpu", help="where candidates are built and scored, both ways (cpu or cuda)")
     args = ap.parse_args()
     import torch
 
@@ -135,13 +136,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         safety, domain = data_files(args.testbed, args.examples, tmp)
-        spec = ScorerSpec(config=cfgs[0], safety_data=str(safety), domain_data=str(domain), lambda_=0.5)
+        spec = ScorerSpec(config=cfgs[0], safety_data=str(safety), domain_data=str(domain), lambda_=0.5,
+                          device=args.device)
         mem_s, mem_scores = in_memory(cfgs, spec)
         disk_s, disk_scores = on_disk(cfgs, spec, tmp)
         mat_mem, mat_disk = materialise_only(cfgs, spec, tmp)
         result = {
             "testbed": str(args.testbed), "method": args.method, "candidates": args.n, "examples_per_set": args.examples,
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": torch.get_num_threads(), "device": args.device,
             "in_memory_per_min": round(60 * args.n / mem_s, 1), "on_disk_per_min": round(60 * args.n / disk_s, 1),
             "in_memory_over_on_disk": round(disk_s / mem_s, 2),
             "max_objective_difference": max(abs(a - b) for a, b in zip(mem_scores, disk_scores)),

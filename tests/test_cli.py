@@ -37,6 +37,14 @@ def test_errors_exit_2_with_a_message(tmp_path, tiny_family):
     assert not (tmp_path / "o").exists()
 
 
+def test_an_error_naming_a_long_path_stays_on_one_line(tmp_path):
+    """Error lines are not wrapped at the terminal's width, so a path in them can be copied whole."""
+    deep = tmp_path / ("a-rather-long-directory-name-" * 4) / "merge-config-that-does-not-exist.yml"
+    r = runner.invoke(app, ["merge", str(deep), str(tmp_path / "o")])
+    assert r.exit_code == 2
+    assert len(str(deep)) > 100 and str(deep) in r.output
+
+
 def test_methods_lists_declared_parameters():
     r = runner.invoke(app, ["methods", "--json"])
     rows = json.loads(r.stdout)

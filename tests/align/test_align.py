@@ -90,7 +90,10 @@ def test_dpo_card_and_run_record(dpo_out):
     run = load_run(dpo_out)
     assert run["training"]["steps"] == 3 and len(run["training"]["losses"]) == 3
     assert run["data"]["pairs"] == 24 and run["data"]["chat"] is True
-    assert run["environment"]["device"] == "cpu" and run["environment"]["precision"] == "fp32"
+    # the default device: cuda where there is a GPU (bf16 autocast where it supports bf16), else cpu
+    gpu = torch.cuda.is_available()
+    assert run["environment"]["device"] == ("cuda" if gpu else "cpu")
+    assert run["environment"]["precision"] == ("bf16 autocast" if gpu and torch.cuda.is_bf16_supported() else "fp32")
     assert not any(p.name.startswith(".") for p in dpo_out.iterdir())  # no trainer scratch left behind
 
 

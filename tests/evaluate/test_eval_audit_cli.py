@@ -46,7 +46,7 @@ def test_cli_safety_and_domain_json(cli, refuser, prompts_file, mc_file, tmp_pat
     assert res.exit_code == 0, res.output
     r = json.loads(res.stdout)
     assert r["safe_rate"] == pytest.approx(0.5) and r["n"] == 6
-    assert "warning: " in res.stderr and "no chat template" in res.stderr
+    assert "warning: " in res.stderr and f"{refuser}: the tokenizer has no chat template" in res.stderr
     res = cli("eval", "domain", refuser, "--task", mc_file, "--device", "cpu", "--store", store, "--json")
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["n"] == 8

@@ -26,7 +26,8 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except (SafemergeError, UserError) as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
+        # soft_wrap: one long line, so a path in the message is never broken at the terminal's width
+        console.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         console.print("[bold red]interrupted[/]: nothing was written at the target path")

@@ -111,7 +111,7 @@ def _bracket_select(base: torch.Tensor, tv: TaskVector, rank: int) -> tuple[floa
     below = n - above - within.numel()
     if not below < rank <= below + within.numel():
         return None
-    thr = within.kthvalue(rank - below).values
+    thr = _kth(within, rank - below)
     return float(thr), above + int((within > thr).sum()), int((within == thr).sum())
 
 
@@ -137,8 +137,16 @@ def _radix_select(base: torch.Tensor, tv: TaskVector, rank: int) -> tuple[float,
     bucket = int(torch.searchsorted(cum, torch.tensor(rank, device=cum.device)))
     below = int(cum[bucket - 1]) if bucket else 0
     inside = torch.cat([mag[(mag.view(torch.int32) >> 16) == bucket] for _, _, mag in _magnitudes(base, tv)])
-    thr = inside.kthvalue(rank - below).values
+    thr = _kth(inside, rank - below)
     return float(thr), (n - int(cum[bucket])) + int((inside > thr).sum()), int((inside == thr).sum())
+
+
+def _kth(values: torch.Tensor, rank: int) -> torch.Tensor:
+    """The rank-th smallest (1-based) of a 1-D tensor. `kthvalue` is a quickselect on the CPU; on a GPU it
+    runs one slice in one thread block (made for many small slices), so sorting the values uses the whole GPU and is faster."""
+    if values.device.type == "cpu":
+        return values.kthvalue(rank).values
+    return values.sort().values[rank - 1]
 
 
 def topk_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:

@@ -1,0 +1,161 @@
+"""The CUDA paths: merging with --device cuda, in-memory search candidates and their scores on the GPU,
+batched generation and evaluation on the GPU. Each result is compared with the CPU path's.
+
+Skipped where torch sees no CUDA GPU (CI has none); on a GPU machine: `pytest tests/test_cuda.py`.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import safemerge
+from safemerge.checkpoint import Checkpoint
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+
+
+def _models(fam, method, **params):
+    per = {"weight": 0.7, **params}
+    return {"merge_method": method, "base_model": str(fam["base"]),
+            "models": [{"model": str(fam[m]), "parameters": dict(per)} for m in ("expert", "aligned")]}
+
+
+CONFIGS = {
+    "linear": lambda f: {"merge_method": "linear",
+                         "models": [{"model": str(f[m]), "parameters": {"weight": w}}
+                                    for m, w in (("base", 0.2), ("expert", 0.5), ("aligned", 0.3))]},
+    "task_arithmetic": lambda f: _models(f, "task_arithmetic"),
+    "ties": lambda f: _models(f, "ties", density=0.4),
+    "breadcrumbs": lambda f: _models(f, "breadcrumbs", density=0.8, gamma=0.05),
+    "slerp": lambda f: {"merge_method": "slerp", "base_model": str(f["base"]),
+                        "models": [{"model": str(f["base"])}, {"model": str(f["expert"])}],
+                        "parameters": {"t": [0, 0.5, 1, 0.5, 0]}},
+    "model_stock": lambda f: {"merge_method": "model_stock", "base_model": str(f["base"]),
+                              "models": [{"model": str(f["expert"])}, {"model": str(f["aligned"])}]},
+}
+# Elementwise float32 arithmetic is the same IEEE operation on both devices; only reductions (SLERP's
+# norms and dot product, Model Stock's cosines) may sum in another order.
+EXACT = {"linear", "task_arithmetic", "ties", "breadcrumbs"}
+
+
+@pytest.fixture(scope="module")
+def bf16_family(tmp_path_factory):
+    """The tiny family stored in bf16, as real checkpoints are (merged in float32, written in bf16)."""
+    from tiny import make_family
+
+    return make_family(tmp_path_factory.mktemp("bf16"), dtype=torch.bfloat16)
+
+
+def _merge(config, out, device):
+    safemerge.merge(config, out, device=device, progress=False)
+    return Checkpoint(out)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+def test_merge_on_cuda_equals_the_cpu_merge(method, dtype, tiny_family, bf16_family, tmp_path):
+    config = CONFIGS[method](tiny_family if dtype == "float32" else bf16_family)
+    cpu, gpu = _merge(config, tmp_path / "cpu", "cpu"), _merge(config, tmp_path / "gpu", "cuda")
+    assert sorted(cpu.names()) == sorted(gpu.names())
+    for name in cpu.names():
+        a, b = cpu.get(name), gpu.get(name)
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        if method in EXACT:
+            assert torch.equal(a, b), name
+        elif dtype == "float32":
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+        else:  # a float32 difference in the last bits may round to the neighbouring bf16 value
+            torch.testing.assert_close(b.float(), a.float(), rtol=2 ** -7, atol=1e-6, msg=name)
+
+
+def test_dare_on_cuda_is_seeded(tiny_family, tmp_path):
+    """DARE's masks come from a per-tensor seeded generator on the compute device: the same on every CUDA
+    run (they differ from the CPU's, whose generator is another algorithm; docs/methods.md says so), and
+    rescaled so the mean of the kept deltas is preserved in expectation."""
+    config = {**_models(tiny_family, "dare_ties", density=0.5), "seed": 3}
+    a, b = _merge(config, tmp_path / "a", "cuda"), _merge(config, tmp_path / "b", "cuda")
+    base = Checkpoint(tiny_family["base"])
+    kept = total = 0
+    for name in a.names():
+        assert torch.equal(a.get(name), b.get(name)), name
+        if a.get(name).dim() == 2:
+            moved = a.get(name) != base.get(name)
+            kept, total = kept + int(moved.sum()), total + moved.numel()
+    # density 0.5 for each of two models: an element keeps some delta unless both masks drop it
+    assert 0.70 < kept / total < 0.80
+
+
+def test_search_candidate_on_cuda_equals_the_engine(tiny_family, tmp_path):
+    from safemerge.search import CandidateModel
+
+    config = _models(tiny_family, "ties", density=0.6)
+    cm = CandidateModel(config, device="cuda")
+    cm.load(_models(tiny_family, "ties", weight=0.2, density=0.9))  # a previous candidate leaves nothing behind
+    cm.load(config)
+    disk = _merge(config, tmp_path / "m", "cpu")
+    assert {p.device.type for p in cm.model.parameters()} == {"cuda"}
+    state = cm.state()  # CPU copies of the model's parameters
+    for name in disk.names():
+        assert torch.equal(state[name], disk.get(name)), name
+
+
+def test_search_scores_on_cuda_match_the_cpu(micro_testbed, tmp_path):
+    from safemerge.search.scoring import ScorerSpec, SerialScorer
+
+    rows = [json.loads(x) for x in (micro_testbed / "data" / "safety_train.jsonl").read_text().splitlines()[:16]]
+    safety = tmp_path / "safety.jsonl"
+    safety.write_text("".join(json.dumps({"prompt": r["prompt"], "response": "I'm sorry, but I can't help with that."})
+                              + "\n" for r in rows))
+    domain = tmp_path / "domain.jsonl"
+    domain.write_text("\n".join((micro_testbed / "data" / "domain-medicine_train.jsonl").read_text().splitlines()[:16]) + "\n")
+    config = {"merge_method": "ties", "base_model": str(micro_testbed / "base"),
+              "models": [{"model": str(micro_testbed / m), "parameters": {"weight": 0.8, "density": 0.5}}
+                         for m in ("expert-medicine", "aligned")]}
+    scores = {}
+    for device in ("cpu", "cuda"):
+        spec = ScorerSpec(config=config, safety_data=str(safety), domain_data=str(domain), lambda_=0.5, device=device)
+        scores[device] = SerialScorer(spec).score_one(config)[0]
+    for part in ("safety", "domain", "objective"):
+        assert getattr(scores["cuda"], part) == pytest.approx(getattr(scores["cpu"], part), rel=1e-4), part
+
+
+def _generate(path, device, batch_size, prompts):
+    from safemerge.evaluate.backends import GenerationSettings, TransformersBackend
+
+    backend = TransformersBackend.from_pretrained(path, device=device, batch_size=batch_size)
+    assert next(backend.model.parameters()).device.type == ("cuda" if device == "cuda" else "cpu")
+    return [g.text for g in backend.generate(prompts, GenerationSettings(max_new_tokens=24))]
+
+
+def test_batched_generation_on_cuda(micro_testbed):
+    """Left-padded batches of mixed lengths on the GPU give the answers of one-at-a-time generation
+    and of the CPU (greedy; float32, so a differing token would need a near-tie of two logits)."""
+    prompts = [json.loads(x)["prompt"] for x in (micro_testbed / "data" / "safety_test.jsonl").read_text().splitlines()[:24]]
+    prompts += [json.loads(x)["question"] for x in
+                (micro_testbed / "data" / "general_test.jsonl").read_text().splitlines()[:24]]
+    assert len({len(p) for p in prompts}) > 5  # mixed lengths, so batches are padded
+    path = micro_testbed / "aligned"
+    batched = _generate(path, "cuda", 16, prompts)
+    single = _generate(path, "cuda", 1, prompts)
+    cpu = _generate(path, "cpu", 16, prompts)
+    assert sum(a == b for a, b in zip(batched, single)) >= 0.95 * len(prompts)
+    assert sum(a == b for a, b in zip(batched, cpu)) >= 0.95 * len(prompts)
+    assert any("sorry" in t.lower() for t in batched[:24])  # the aligned model refuses harmful prompts
+
+
+def test_evaluation_on_cuda_matches_the_cpu(micro_testbed, tmp_path):
+    from safemerge.evaluate import evaluate_domain, evaluate_safety
+
+    model = micro_testbed / "expert-medicine"
+    task = micro_testbed / "data" / "domain-medicine_test.jsonl"
+    got = {}
+    for device in ("cpu", "cuda"):
+        s = evaluate_safety(model, prompts=micro_testbed / "data" / "safety_test.jsonl", max_new_tokens=32,
+                            device=device, store=tmp_path / f"{device}.sqlite", cache=False)
+        d = evaluate_domain(model, task=task, device=device, store=tmp_path / f"{device}.sqlite", cache=False)
+        got[device] = (s["safe_rate"], d["acc"])
+    assert got["cuda"][0] == pytest.approx(got["cpu"][0], abs=0.03)
+    assert got["cuda"][1] == pytest.approx(got["cpu"][1], abs=0.02)
