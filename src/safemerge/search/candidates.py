@@ -59,7 +59,9 @@ class CandidateModel:
         self.reference = self.models[self.config.base_model or self.config.models[0].model]
         self.names = stream_order(n for n in self.reference.names() if self.reference.dtype(n).is_floating_point)
         self.n_layers = num_layers(self.names, self.reference.config)
-        self.weights = {m: self._read(m, ckpt) for m, ckpt in self.models.items()}  # model -> name -> float32
+        # model -> name -> tensor in its stored dtype: the engine's inputs exactly (merge_tensor computes in
+        # float32 block by block), at half the memory of float32 copies for bf16/fp16 checkpoints
+        self.weights = {m: self._read(m, ckpt) for m, ckpt in self.models.items()}
         self.dtype = DTYPES.get(self.config.out_dtype or self.config.dtype or "") or self.reference.dtype(self.names[0])
         self.model, self.tokenizer = self._load_model()
         self._targets = self._bind_targets()
@@ -100,7 +102,7 @@ class CandidateModel:
             if ckpt.shape(src) != self.reference.shape(name):
                 raise CheckpointError(f"{model}: tensor {name!r} has shape {list(ckpt.shape(src))} but "
                                       f"{self.reference.path} has {list(self.reference.shape(name))}")
-            x = ckpt.get(src).to(device=self.device, dtype=torch.float32)
+            x = ckpt.get(src).to(device=self.device)
             if not torch.isfinite(x).all():
                 raise CheckpointError(f"{model}: tensor {name!r} contains NaN or Inf; fix the checkpoint before searching")
             out[name] = x
