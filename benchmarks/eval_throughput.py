@@ -1,6 +1,6 @@
 """Evaluation throughput on the testbed: safety prompts/s, and domain questions/s beside lm-eval.
 
-    python benchmarks/eval_throughput.py [--testbed DIR] [--model aligned] [--repeat 10] [--batch-size 32]
+    python benchmarks/eval_throughput.py [--testbed DIR] [--model aligned] [--repeat 10] [--batch-size 32] [--device cuda]
 
 Safety: `evaluate_safety` (transformers backend, greedy, keyword judge) on data/safety_test.jsonl.
 Domain: every multiple-choice question of the testbed (domain val/test and general), repeated

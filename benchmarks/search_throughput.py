@@ -1,6 +1,6 @@
 """Search throughput: candidates scored per minute in memory versus on disk, and workers over serial.
 
-    python benchmarks/search_throughput.py TESTBED [--n 20] [--examples 32] [--method ties] [--workers 2] [--ray]
+    python benchmarks/search_throughput.py TESTBED [--n 20] [--examples 32] [--method ties] [--workers 2] [--ray] [--device cuda]
 
 The same candidates (a fixed, seeded set of TIES configs over aligned + expert-medicine) are scored
 three ways, in one run, with the same objective (λ = 0.5, `--examples` rows of each data file):
