@@ -147,8 +147,12 @@ def safemerge_cmd(config: Path, out: Path, device: str = "cpu") -> list[str]:
     return [*head, "merge", str(config), str(out), "--no-progress", *(["--device", device] if device != "cpu" else [])]
 
 
+def mergekit_flags(device: str = "cpu") -> list[str]:
+    return ["--quiet", "--no-copy-tokenizer", *(["--cuda"] if device != "cpu" else [])]
+
+
 def mergekit_cmd(mergekit: str, config: Path, out: Path, device: str = "cpu") -> list[str]:
-    return [mergekit, str(config), str(out), "--quiet", "--no-copy-tokenizer", *(["--cuda"] if device != "cpu" else [])]
+    return [mergekit, str(config), str(out), *mergekit_flags(device)]
 
 
 def run_tool(tool: str, method: str, *, root: Path, config: Path, work: Path, mergekit: str, log,
@@ -332,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
 
     result = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine(), "versions": versions(args.mergekit),
               "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-              "mergekit_flags": mergekit_cmd("", Path(), Path(), args.device)[3:], "device": args.device,
+              "mergekit_flags": mergekit_flags(args.device), "device": args.device,
               "scale": args.scale, "runs": []}
     if args.device == "cuda":
         import torch

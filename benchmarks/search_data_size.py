@@ -4,9 +4,9 @@ model's held-out safety rate and medicine accuracy, evaluated as `safemerge repr
 
     python benchmarks/search_data_size.py runs/s0/testbed --n 400 --lambdas 0.5,0 [--seed 0] [--out DIR]
 
-Refusals: the pool (aligned, expert-medicine) answers the first N training harmful prompts, the keyword
-judge keeps refusals (`synthesize_safety`); Q&A: the first N rows of the testbed's medicine training
-Q&A (as the reproduction, whose experts are too small to question themselves). Prints one JSON line
+The data are made as `safemerge repro` makes them (`safemerge.repro.write_search_data`): the pool's
+refusals to the first N training harmful prompts, kept where the keyword judge sees a refusal, and the
+first N rows of the testbed's medicine training Q&A. Prints one JSON line
 per λ. docs/search.md ("Data size") has the figures.
 """
 
@@ -32,8 +32,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from safemerge.data.synthetic import synthesize_safety
     from safemerge.evaluate import evaluate_domain, evaluate_safety
+    from safemerge.repro import write_search_data
     from safemerge.search import search
 
     tb = args.testbed
@@ -41,12 +41,7 @@ def main() -> None:
     out = args.out or Path(tempfile.mkdtemp(prefix="safemerge-datasize-"))
     out.mkdir(parents=True, exist_ok=True)
     safety, domain = out / f"safety-n{args.n}.jsonl", out / f"domain-n{args.n}.jsonl"
-    if not safety.exists():
-        synthesize_safety([tb / "aligned", tb / "expert-medicine"], safety, prompts=tb / "data" / "safety_train.jsonl",
-                          n=args.n, seed=seed, max_new_tokens=32, progress=False)
-    if not domain.exists():
-        rows = (tb / "data" / "domain-medicine_train.jsonl").read_text().splitlines()[: args.n]
-        domain.write_text("\n".join(rows) + "\n")
+    write_search_data(tb, "medicine", n=args.n, seed=seed, safety=safety, domain=domain)  # as `safemerge repro`
     kept = sum(1 for line in safety.read_text().splitlines() if line.strip())
     cfg = {"merge_method": "task_arithmetic", "base_model": str(tb / "base"), "tokenizer_source": str(tb / "aligned"),
            "models": [{"model": str(tb / "expert-medicine"), "parameters": {"weight": 1.0}},

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny import make_family  # noqa: E402
@@ -20,6 +21,12 @@ os.environ.setdefault("SAFEMERGE_CACHE", str(REPO / ".cache"))
 def tiny_family(tmp_path_factory) -> dict[str, Path]:
     """base, expert, aligned: tiny random float32 Llamas sharing a base (expert/aligned = base + noise)."""
     return make_family(tmp_path_factory.mktemp("family"))
+
+
+@pytest.fixture(scope="session")
+def tiny_family_bf16(tmp_path_factory) -> dict[str, Path]:
+    """The tiny family stored in bf16, as real checkpoints are (merged in float32, written in bf16)."""
+    return make_family(tmp_path_factory.mktemp("family-bf16"), dtype=torch.bfloat16)
 
 
 @pytest.fixture(scope="session")

@@ -41,14 +41,6 @@ CONFIGS = {
 EXACT = {"linear", "task_arithmetic", "ties", "breadcrumbs"}
 
 
-@pytest.fixture(scope="module")
-def bf16_family(tmp_path_factory):
-    """The tiny family stored in bf16, as real checkpoints are (merged in float32, written in bf16)."""
-    from tiny import make_family
-
-    return make_family(tmp_path_factory.mktemp("bf16"), dtype=torch.bfloat16)
-
-
 def _merge(config, out, device):
     safemerge.merge(config, out, device=device, progress=False)
     return Checkpoint(out)
@@ -56,8 +48,8 @@ def _merge(config, out, device):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("method", sorted(CONFIGS))
-def test_merge_on_cuda_equals_the_cpu_merge(method, dtype, tiny_family, bf16_family, tmp_path):
-    config = CONFIGS[method](tiny_family if dtype == "float32" else bf16_family)
+def test_merge_on_cuda_equals_the_cpu_merge(method, dtype, tiny_family, tiny_family_bf16, tmp_path):
+    config = CONFIGS[method](tiny_family if dtype == "float32" else tiny_family_bf16)
     cpu, gpu = _merge(config, tmp_path / "cpu", "cpu"), _merge(config, tmp_path / "gpu", "cuda")
     assert sorted(cpu.names()) == sorted(gpu.names())
     for name in cpu.names():

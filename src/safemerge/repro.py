@@ -102,31 +102,37 @@ def _merges(r: Repro) -> None:
 
 
 def _search_data(r: Repro) -> tuple[Path, Path]:
-    """The search's data: synthetic safety data (the pool's refusals to the training harmful prompts, kept
-    where the keyword judge sees a refusal) and the primary domain's Q&A.
-
-    The domain Q&A is the testbed's own training Q&A (its first `synth_n` rows): the papers have each
-    expert question itself, but the testbed's experts are too small to write usable questions
-    (`safemerge data domain` runs on them, and its questions are gibberish), so the reproduction does
-    not pretend otherwise.
-    """
-    from safemerge.data.synthetic import synthesize_safety
-
+    """The search's data files under the run folder (see `write_search_data`), named by their settings."""
     folder = r.out / "data"
     folder.mkdir(parents=True, exist_ok=True)
     n = r.budget["synth_n"]
     key = _key({"testbed": _testbed_key(r.testbed), "n": n, "seed": r.seed})
     safety, domain = folder / f"safety-{key}.jsonl", folder / f"domain-{r.primary}-{key}.jsonl"
-    pool = [r.family("aligned"), r.family(f"expert-{r.primary}")]
     t0 = time.perf_counter()
-    if not safety.exists():
-        synthesize_safety(pool, safety, prompts=r.data("safety_train.jsonl"), n=n, seed=r.seed, max_new_tokens=32,
-                          progress=r.progress)
-    if not domain.exists():
-        rows = r.data(f"domain-{r.primary}_train.jsonl").read_text().splitlines()[:n]
-        domain.write_text("\n".join(rows) + "\n")
+    write_search_data(r.testbed, r.primary, n=n, seed=r.seed, safety=safety, domain=domain, progress=r.progress)
     r.timings["search data"] = round(time.perf_counter() - t0, 1)
     return safety, domain
+
+
+def write_search_data(testbed: Path, primary: str, *, n: int, seed: int, safety: Path, domain: Path,
+                      progress: bool = False) -> None:
+    """Synthetic safety data (the pool's refusals to the first `n` training harmful prompts, kept where the
+    keyword judge sees a refusal) and the primary domain's Q&A (its first `n` rows); a file that exists
+    is kept.
+
+    The domain Q&A is the testbed's own training Q&A: the papers have each expert question itself, but
+    the testbed's experts are too small to write usable questions (`safemerge data domain` runs on them,
+    and its questions are gibberish), so the reproduction does not pretend otherwise.
+    """
+    from safemerge.data.synthetic import synthesize_safety
+
+    if not safety.exists():
+        pool = [testbed / "aligned", testbed / f"expert-{primary}"]
+        synthesize_safety(pool, safety, prompts=testbed / "data" / "safety_train.jsonl", n=n, seed=seed,
+                          max_new_tokens=32, progress=progress)
+    if not domain.exists():
+        rows = (testbed / "data" / f"domain-{primary}_train.jsonl").read_text().splitlines()[:n]
+        domain.write_text("\n".join(rows) + "\n")
 
 
 def _searches(r: Repro) -> None:

@@ -44,16 +44,10 @@ def test_candidate_weights_equal_the_engine(method, tiny_family, tmp_path):
                        disk.get("model.layers.1.mlp.up_proj.weight"))
 
 
-def test_a_bf16_pool_is_held_as_stored_and_merges_as_the_engine(tmp_path):
+def test_a_bf16_pool_is_held_as_stored_and_merges_as_the_engine(tiny_family_bf16, tmp_path):
     """The pool stays in its stored dtype (half the memory of float32 copies) and still gives the
     engine's tensors: both feed merge_tensor the stored values, which it computes on in float32."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parents[1]))
-    from tiny import make_family
-
-    fam = make_family(tmp_path / "bf16", dtype=torch.bfloat16)
+    fam = tiny_family_bf16
     for config in (task_config(fam, "ties", weight=0.8, density=0.6), _slerp(fam, 0.3)):
         cm = CandidateModel(config)
         assert {t.dtype for w in cm.weights.values() for t in w.values()} == {torch.bfloat16}

@@ -10,7 +10,7 @@ from typing import Any, Iterator
 import typer
 from rich.console import Console
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # messages: never broken at the terminal's width (paths stay whole)
 out = Console()
 
 
@@ -26,8 +26,7 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except (SafemergeError, UserError) as e:
-        # soft_wrap: one long line, so a path in the message is never broken at the terminal's width
-        console.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         console.print("[bold red]interrupted[/]: nothing was written at the target path")

@@ -41,8 +41,7 @@ def _running() -> Iterator[None]:
     hf_logging.disable_progress_bar()
     with user_errors(), warnings.catch_warnings():
         warnings.simplefilter("default")
-        warnings.showwarning = lambda msg, *a, **k: console.print(f"[yellow]warning:[/] {msg}", highlight=False,
-                                                                          soft_wrap=True)
+        warnings.showwarning = lambda msg, *a, **k: console.print(f"[yellow]warning:[/] {msg}", highlight=False)
         yield
 
 

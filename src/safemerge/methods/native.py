@@ -163,10 +163,13 @@ def _code(x: torch.Tensor) -> int | None:
 
 
 def usable(*tensors: torch.Tensor | None) -> bool:
-    """Whether the kernels can take these tensors (None entries are ignored)."""
-    if _lib() is None:
+    """Whether the kernels can take these tensors together (None entries are ignored): each readable in place,
+    and all of one length, since a kernel runs one loop over all of them (other sizes take the torch path,
+    which raises torch's own error)."""
+    given = [t for t in tensors if t is not None]
+    if _lib() is None or len({t.numel() for t in given}) > 1:
         return False
-    return all(t is None or _code(t) is not None for t in tensors)
+    return all(_code(t) is not None for t in given)
 
 
 def bracket(src: torch.Tensor, base: torch.Tensor | None, lo: float, hi: float, cap: int):

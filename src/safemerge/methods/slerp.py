@@ -28,7 +28,7 @@ def slerp(a: torch.Tensor, b: torch.Tensor, *, t: float, out: torch.Tensor | Non
     fa, fb = flat(a), flat(b)
     result = output(a, out)
     o = flat(result)
-    fused = fa.numel() == fb.numel() == o.numel() and native.usable(fa, fb, o)
+    fused = native.usable(fa, fb, o)
     saa, sbb, sab = native.dots(fa, fb) if fused else _dots(fa, fb)
     na, nb = math.sqrt(saa), math.sqrt(sbb)
     cos = sab / (na if na > EPS else 1.0) / (nb if nb > EPS else 1.0)
