@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 
 import yaml
@@ -26,6 +27,20 @@ def test_merge_and_mergealign_commands(tmp_path, tiny_family):
     saved = yaml.safe_load((tmp_path / "ma" / "mergekit_config.yml").read_text())
     assert saved["models"][1]["parameters"]["weight"] == 0.5
     assert saved["tokenizer_source"] == str(tiny_family["aligned"])
+    assert gc.isenabled()  # paused only while the engine is imported
+
+
+def test_engine_import_leaves_the_collector_as_it_found_it():
+    from safemerge.cli.merge import _start_engine
+
+    gc.disable()
+    try:
+        _start_engine()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    _start_engine()
+    assert gc.isenabled()
 
 
 def test_errors_exit_2_with_a_message(tmp_path, tiny_family):
