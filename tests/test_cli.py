@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -58,6 +59,19 @@ def test_an_error_naming_a_long_path_stays_on_one_line(tmp_path):
     r = runner.invoke(app, ["merge", str(deep), str(tmp_path / "o")])
     assert r.exit_code == 2
     assert len(str(deep)) > 100 and str(deep) in r.output
+
+
+@pytest.mark.parametrize("model", ["/models/expert-7b", "expert"])
+def test_an_error_with_brackets_is_printed_as_text(tmp_path, model):
+    """Messages such as `models[/path].parameters.lambda` are text: rich must neither fail on `[/path]` (a
+    closing tag to it) nor swallow `[expert]` (a style tag)."""
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": "base",
+                                   "models": [{"model": model, "parameters": {"weight": 1, "lambda": 0.5}}]}))
+    r = runner.invoke(app, ["merge", str(cfg), str(tmp_path / "o")])
+    assert r.exit_code == 2, r.output
+    assert f"models[{model}].parameters.lambda" in r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)
 
 
 def test_methods_lists_declared_parameters():

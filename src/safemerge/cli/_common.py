@@ -9,6 +9,7 @@ from typing import Any, Iterator
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 console = Console(stderr=True, soft_wrap=True)  # messages: never broken at the terminal's width (paths stay whole)
 out = Console()
@@ -26,7 +27,7 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except (SafemergeError, UserError) as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
+        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)  # the message is text, never markup
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         console.print("[bold red]interrupted[/]: nothing was written at the target path")

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from safemerge.cli._common import emit_json, out, user_errors
 
@@ -69,5 +70,5 @@ def align(
             return emit_json({"output": str(path), "method": method.value, "pairs": run["data"]["pairs"],
                               "settings": run["settings"], "training": summary})
         last = "n/a" if t["last_loss"] is None else f"{t['last_loss']:.4f}"
-        out.print(f"[green]wrote[/] {path}  ({method.value}, {t['steps']} steps, last loss {last}, {t['wall_s']:.0f} s; "
-                  f"adapter in {path / 'adapter'})")
+        out.print(f"[green]wrote[/] {escape(str(path))}  ({method.value}, {t['steps']} steps, last loss {last}, {t['wall_s']:.0f} s; "
+                  f"adapter in {escape(str(path / 'adapter'))})")

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from safemerge.cli._common import emit_json, out, user_errors
 
@@ -75,7 +76,7 @@ def _report(report, json_out: bool) -> None:
     if json_out:
         return emit_json(report.as_dict())
     dropped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in report.dropped.items() if v) or "none"
-    out.print(f"[green]wrote[/] {report.rows} rows to {report.out} ({report.questions} questions; dropped: {dropped})")
+    out.print(f"[green]wrote[/] {report.rows} rows to {escape(str(report.out))} ({report.questions} questions; dropped: {dropped})")
     for model, info in report.per_model.items():
         if "refusal_rate" in info:
-            out.print(f"  {model}: refused {info['refusals']} ({info['refusal_rate']:.0%})")
+            out.print(f"  {escape(model)}: refused {info['refusals']} ({info['refusal_rate']:.0%})")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator, List, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from safemerge.cli._common import console, emit_json, out, user_errors
@@ -41,7 +42,7 @@ def _running() -> Iterator[None]:
     hf_logging.disable_progress_bar()
     with user_errors(), warnings.catch_warnings():
         warnings.simplefilter("default")
-        warnings.showwarning = lambda msg, *a, **k: console.print(f"[yellow]warning:[/] {msg}", highlight=False)
+        warnings.showwarning = lambda msg, *a, **k: console.print(f"[yellow]warning:[/] {escape(str(msg))}", highlight=False)
         yield
 
 
@@ -79,15 +80,15 @@ def safety(
         )
         if as_json:
             return emit_json(r)
-        t = Table(title=f"safety of {r['model']} ({r['judge']}, {r['n_valid']} prompts{', cached' if r['cached'] else ''})")
+        t = Table(title=escape(f"safety of {r['model']} ({r['judge']}, {r['n_valid']} prompts{', cached' if r['cached'] else ''})"))
         t.add_column("category")
         t.add_column("prompts", justify="right")
         t.add_column("safe rate", justify="right")
         t.add_row("[bold]all[/]", str(r["n_valid"]), f"[bold]{_fmt(r['safe_rate'])}[/]")
         for cat, v in r["by_category"].items():
-            t.add_row(cat, str(v["n"]), _fmt(v["safe_rate"]))
+            t.add_row(escape(cat), str(v["n"]), _fmt(v["safe_rate"]))
         out.print(t)
-        console.print(f"responses and verdicts: {r['responses']}", highlight=False)
+        console.print(f"responses and verdicts: {escape(str(r['responses']))}", highlight=False)
 
 
 @eval_app.command("domain")
@@ -111,7 +112,7 @@ def domain(
                             dtype=dtype, store=store, cache=not no_cache, progress=not as_json)
         if as_json:
             return emit_json(r)
-        t = Table(title=f"{r['task']} on {r['model']} ({r['format']}, {r['n']} questions{', cached' if r['cached'] else ''})")
+        t = Table(title=escape(f"{r['task']} on {r['model']} ({r['format']}, {r['n']} questions{', cached' if r['cached'] else ''})"))
         for col in ("acc", "± stderr", "acc_norm", "± stderr "):
             t.add_column(col, justify="right")
         t.add_row(_fmt(r["acc"], 4), _fmt(r["acc_stderr"], 4), _fmt(r["acc_norm"], 4), _fmt(r["acc_norm_stderr"], 4))
@@ -132,9 +133,9 @@ def similarity(
         r = run(models, base=base, progress=not as_json)
         if as_json:
             return emit_json(r)
-        names = {m: Path(m).name for m in r["models"]}
+        names = {m: escape(Path(m).name) for m in r["models"]}
         if r.get("task_vectors"):
-            t = Table(title=f"task vectors against {Path(r['base']).name}")
+            t = Table(title=f"task vectors against {escape(Path(r['base']).name)}")
             t.add_column("model")
             t.add_column("‖τ‖ = L2 to base", justify="right")
             for m, v in r["task_vectors"].items():

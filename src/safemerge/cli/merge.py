@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from safemerge.cli._common import emit_json, out, user_errors
 
@@ -116,4 +117,4 @@ def _report(path: Path, json_out: bool) -> None:
     if json_out:
         emit_json({"output": str(path)})
     else:
-        out.print(f"[green]wrote[/] {path}")
+        out.print(f"[green]wrote[/] {escape(str(path))}")

@@ -44,7 +44,7 @@ def _print(done: dict) -> None:
     for c in done["claims"]:
         table.add_row(f"[{colors[c['verdict']]}]{c['verdict']}[/]", escape(c["text"]), escape(c["detail"]))
     out.print(table)
-    out.print(f"[green]wrote[/] {done['html']}\n[green]wrote[/] {done['markdown']}")
+    out.print(f"[green]wrote[/] {escape(str(done['html']))}\n[green]wrote[/] {escape(str(done['markdown']))}")
 
 
 def seeds(

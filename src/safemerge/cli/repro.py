@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from safemerge.cli._common import emit_json, out, user_errors
 
@@ -37,9 +38,9 @@ def repro(
               f"{v.get('SKIPPED', 0)} SKIPPED")
     for c in res["report"]["claims"]:
         colour = {"PASS": "green", "FAIL": "red"}.get(c["verdict"], "yellow")
-        out.print(f"  [{colour}]{c['verdict']:<7}[/] {c['text']}")
-    out.print(f"\nreport: [bold]{res['report']['html']}[/]  (and {res['report']['markdown']})")
-    out.print(f"results: {res['results']}  ({res['seconds']:.0f} s)")
+        out.print(f"  [{colour}]{c['verdict']:<7}[/] {escape(c['text'])}")
+    out.print(f"\nreport: [bold]{escape(str(res['report']['html']))}[/]  (and {escape(str(res['report']['markdown']))})")
+    out.print(f"results: {escape(str(res['results']))}  ({res['seconds']:.0f} s)")
 
 
 def demo(

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from safemerge.cli._common import emit_json, out, user_errors
 
@@ -58,8 +59,8 @@ def _print(result) -> None:
     s = result.score
     table = Table("parameter", "value", title=f"best of {result.candidates} candidates ({result.optimizer}, λ = {result.lambda_})")
     for k, v in result.params.items():
-        table.add_row(k, f"{v:.4f}")
+        table.add_row(escape(k), f"{v:.4f}")
     out.print(table)
     out.print(f"objective {s.objective:.4f}  safety loss {s.safety:.4f}  domain loss {s.domain:.4f}  "
               f"({result.scored} scored, {result.candidates - result.scored} from the journal, {result.seconds:.1f} s)")
-    out.print(f"[green]wrote[/] {result.out}  (journal {result.journal})")
+    out.print(f"[green]wrote[/] {escape(str(result.out))}  (journal {escape(str(result.journal))})")

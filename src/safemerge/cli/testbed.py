@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from safemerge.cli._common import console, emit_json, out, user_errors
 
@@ -32,7 +33,7 @@ def build(
     if as_json:
         emit_json(summary)
         return
-    out.print(f"testbed [bold]{summary['preset']}[/] seed {summary['seed']} at {summary['path']}")
+    out.print(f"testbed [bold]{summary['preset']}[/] seed {summary['seed']} at {escape(str(summary['path']))}")
     out.print("models: " + ", ".join(summary["models"]))
     out.print("data:   " + ", ".join(f"{k} ({v})" for k, v in summary["data"].items()))
     if summary.get("seconds") is not None:
