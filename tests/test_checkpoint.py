@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from safemerge.checkpoint import MAP_BYTES, Checkpoint, atomic_output
+from safemerge.checkpoint import MAP_BYTES, Checkpoint, atomic_output, check_output_file
 from safemerge.errors import CheckpointError, OutputExistsError
 
 
@@ -116,3 +116,16 @@ def test_zero_dim_tensor_reads(tmp_path):
     save_file({"s": torch.tensor(3.5, dtype=torch.bfloat16), "v": torch.ones(3)}, tmp_path / "model.safetensors")
     x = Checkpoint(tmp_path).get("s")
     assert x.shape == () and float(x) == 3.5
+
+
+def test_a_file_output_is_checked_before_any_work(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(OutputExistsError, match="is a directory"):
+        check_output_file(tmp_path / "d", overwrite=True)
+    with pytest.raises(OutputExistsError, match="already exists"):
+        check_output_file(tmp_path / "f")
+    with pytest.raises(OutputExistsError, match="is a file, so nothing can be written under it"):
+        check_output_file(tmp_path / "f" / "sub" / "out.jsonl")
+    assert check_output_file(tmp_path / "f", overwrite=True) == tmp_path / "f"
+    assert check_output_file(tmp_path / "new" / "out.jsonl") == tmp_path / "new" / "out.jsonl"

@@ -74,6 +74,23 @@ def test_an_error_with_brackets_is_printed_as_text(tmp_path, model):
     assert r.exception is None or isinstance(r.exception, SystemExit)
 
 
+@pytest.mark.parametrize("size", ["5XB", "0", "-5MB", "lots"])
+def test_a_bad_shard_size_is_a_usage_error(tmp_path, tiny_family, size):
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "linear", "models": [{"model": str(tiny_family["base"]), "parameters": {"weight": 1}}]}))
+    r = runner.invoke(app, ["merge", str(cfg), str(tmp_path / "o"), "--shard-size", size])
+    assert r.exit_code == 2 and "is not a positive size" in " ".join(r.output.split()), r.output
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flag", [["--alpha", "nan"], ["--beta", "inf"]])
+def test_mergealign_refuses_non_finite_weights(tmp_path, tiny_family, flag):
+    r = runner.invoke(app, ["mergealign", str(tmp_path / "ma"), "--base", str(tiny_family["base"]),
+                            "--domain", str(tiny_family["expert"]), "--aligned", str(tiny_family["aligned"]), *flag])
+    assert r.exit_code == 2 and "is not a finite number" in r.output, r.output
+    assert not (tmp_path / "ma").exists()
+
+
 def test_methods_lists_declared_parameters():
     r = runner.invoke(app, ["methods", "--json"])
     rows = json.loads(r.stdout)

@@ -63,6 +63,16 @@ def test_per_model_params_fall_back_to_global_then_default():
     ({"dtype": "float8"}, ["float8"]),
     ({"base_model": None}, ["needs base_model"]),
     ({"slices": []}, ["slices", "not supported"]),
+    ({"models": []}, ["models is empty"]),
+    ({"models": [{"model": "x", "parameters": {"weight": float("nan")}}]}, ["models[x].parameters.weight", "not a finite"]),
+    ({"parameters": {"weight": float("inf")}}, ["parameters.weight", "not a finite"]),
+    ({"models": [{"model": "x", "parameters": {"weight": "one"}}]}, ["weight", "'one' is not a number"]),
+    ({"models": [{"model": "x", "parameters": {"weight": [1, float("nan")]}}]}, ["weight", "not a finite"]),
+    ({"models": [{"model": "x", "parameters": {"weight": [{"filter": "mlp", "value": float("-inf")}, {"value": 1}]}}]},
+     ["weight", "not a finite"]),
+    ({"models": [{"model": "x", "parameters": {"weight": 1, "density": 0}}]}, ["density", "outside (0, 1]"]),
+    ({"models": [{"model": "x", "parameters": {"weight": 1, "density": 1.5}}]}, ["density", "outside (0, 1]"]),
+    ({"parameters": {"lambda": True}}, ["lambda", "True is not a number"]),
 ])
 def test_bad_configs_name_the_problem(bad, words):
     with pytest.raises(ConfigError) as e:
@@ -81,6 +91,9 @@ def test_yaml_errors_name_the_file(tmp_path):
     p = tmp_path / "c.yml"
     p.write_text("merge_method: [unclosed")
     with pytest.raises(ConfigError, match=str(p)):
+        load_config(p)
+    p.write_bytes(b"\xff\xfe\x00merge_method: ties")
+    with pytest.raises(ConfigError, match="not a UTF-8 text file"):
         load_config(p)
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "missing.yml")

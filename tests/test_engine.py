@@ -207,6 +207,60 @@ def test_existing_output_needs_overwrite(tmp_path, tiny_family):
     assert not (tmp_path / "out" / "keep").exists() and (tmp_path / "out" / "config.json").exists()
 
 
+def test_overwriting_a_file_leaves_nothing_beside_it(tmp_path, tiny_family):
+    (tmp_path / "out").write_text("a file where the model goes")
+    safemerge.merge(ta_config(tiny_family), tmp_path / "out", overwrite=True, progress=False)
+    assert (tmp_path / "out" / "config.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_an_output_under_a_file_is_a_clear_error(tmp_path, tiny_family):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(OutputExistsError, match=r"is a file, so nothing can be written under it"):
+        safemerge.merge(ta_config(tiny_family), tmp_path / "f" / "out", progress=False)
+
+
+@pytest.mark.parametrize("where", ["expert", "expert/sub", "."])
+def test_the_output_never_replaces_or_nests_with_an_input(tmp_path, tiny_family, where):
+    """With --overwrite an output at an input's path would replace the model being read."""
+    import shutil
+
+    fam = {k: shutil.copytree(v, tmp_path / "pool" / k) for k, v in tiny_family.items() if k in ("base", "expert", "aligned")}
+    before = (fam["expert"] / "model.safetensors").read_bytes()
+    out = tmp_path / "pool" / where
+    how = {"expert": "is", "expert/sub": "is inside", ".": "contains"}[where]
+    with pytest.raises(ConfigError, match=f"the output {how} the input model"):
+        safemerge.merge(ta_config(fam), out, overwrite=True, progress=False)
+    assert (fam["expert"] / "model.safetensors").read_bytes() == before
+    assert not (fam["expert"] / "sub").exists()
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:x", "mps"])
+def test_an_unknown_device_is_a_clear_error(tmp_path, tiny_family, device):
+    with pytest.raises(ConfigError, match=f"device '{device}': merging computes on cpu or cuda"):
+        safemerge.merge(ta_config(tiny_family), tmp_path / "out", device=device, progress=False)
+    assert_nothing_written(tmp_path, tmp_path / "out")
+
+
+def test_a_density_too_small_for_a_tensor_names_it(tmp_path, tiny_family):
+    cfg = ta_config(tiny_family, merge_method="ties")
+    for m in cfg["models"]:
+        m["parameters"]["density"] = 0.01  # keeps no element of a 32-element norm weight
+    with pytest.raises(ConfigError, match=r"tensor '.*norm.*': density 0.01 keeps no element"):
+        safemerge.merge(cfg, tmp_path / "out", progress=False)
+    assert_nothing_written(tmp_path, tmp_path / "out")
+
+
+def test_a_base_without_tokenizer_warns_and_names_a_model_that_has_one(tmp_path, tiny_family):
+    import shutil
+
+    base = shutil.copytree(tiny_family["base"], tmp_path / "base")
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (base / f).unlink()
+    with pytest.warns(UserWarning, match=rf"base has no tokenizer files.*tokenizer_source: {tiny_family['expert']}"):
+        safemerge.merge(ta_config(dict(tiny_family, base=base)), tmp_path / "out", progress=False)
+
+
 def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, tiny_family):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")

@@ -164,7 +164,8 @@ class Checkpoint:
         if not self.allow_pickle:
             raise CheckpointError(
                 f"{self.path}: {files[0].name} is a pickle checkpoint, which can run code when loaded; "
-                "convert it to safetensors, or pass --allow-pickle (allow_pickle=True) if you trust it"
+                "convert it to safetensors, or, if you trust it, allow pickle: `safemerge merge/mergealign --allow-pickle`, "
+                "allow_pickle=True in the Python API"
             )
         tensors: dict[str, torch.Tensor] = {}
         for f in files:
@@ -331,6 +332,7 @@ def atomic_output(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Ite
     out = Path(out_dir).expanduser().absolute()
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out}: already exists; choose another path or pass --overwrite (overwrite=True)")
+    _check_folder(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -342,13 +344,37 @@ def atomic_output(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Ite
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)
             tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
         else:
             tmp.rename(out)
     finally:
         restore()
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_output_file(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Where a single-file output (JSONL) may go, checked before any work is done: an error if it exists
+    (without overwrite), is a directory, or cannot be created because a file stands where a folder must be."""
+    out = Path(path).expanduser()
+    if out.is_dir():
+        raise OutputExistsError(f"{out}: is a directory; give a file path for this output")
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out}: already exists; choose another path or pass --overwrite (overwrite=True)")
+    _check_folder(out)
+    return out
+
+
+def _check_folder(out: Path) -> None:
+    """The nearest existing ancestor of `out` must be a directory (else mkdir fails with FileExistsError)."""
+    for parent in out.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputExistsError(f"{out}: {parent} is a file, so nothing can be written under it; choose another path")
+            return
 
 
 def _sigterm_to_interrupt():

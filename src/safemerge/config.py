@@ -83,6 +83,13 @@ class MergeConfig(BaseModel):
                     where = "a global parameter (put it under top-level `parameters`)" if key in spec.global_params else None
                     raise ValueError(where and f"models[{m.model}].parameters.{key}: {key!r} is {where}"
                                      or _unknown(key, spec.model_params, f"per-model parameters of {self.merge_method}"))
+        for key, value in self.parameters.items():
+            _check_value(key, value, spec, "parameters")
+        for m in self.models:
+            for key, value in m.parameters.items():
+                _check_value(key, value, spec, f"models[{m.model}].parameters")
+        if not self.models:
+            raise ValueError("models is empty: list the models to merge")
         if spec.needs_base and not self.base_model:
             raise ValueError(f"merge_method {self.merge_method} needs base_model")
         if spec.inputs == "pair" and len(self.input_models()) != 2:
@@ -105,6 +112,39 @@ class MergeConfig(BaseModel):
         return self.model_dump(mode="json", exclude_none=True, exclude_defaults=False)
 
 
+# numbers that must lie in a range, as [low, high] with low excluded where marked: (low, high, low_open)
+RANGES = {"density": (0.0, 1.0, True), "gamma": (0.0, 1.0, False)}
+
+
+def _check_value(key: str, value: Any, spec, where: str) -> None:
+    """A parameter whose default is a number (or that is required: weight, t) takes finite numbers only, in
+    every form (scalar, gradient, filter entries); density and gamma also within their range. A NaN weight
+    would otherwise merge a model of NaNs without a word."""
+    default = spec.global_params.get(key, spec.model_params.get(key))
+    numeric = default is REQUIRED or (isinstance(default, (int, float)) and not isinstance(default, bool))
+    if not numeric:
+        return
+    for leaf in _leaves(value):
+        if isinstance(leaf, bool) or not isinstance(leaf, (int, float)):
+            raise ValueError(f"{where}.{key}: {leaf!r} is not a number")
+        if not math.isfinite(leaf):
+            raise ValueError(f"{where}.{key}: {leaf} is not a finite number")
+        if key in RANGES:
+            lo, hi, lo_open = RANGES[key]
+            if leaf > hi or leaf < lo or (lo_open and leaf == lo):
+                raise ValueError(f"{where}.{key}: {leaf} is outside {'(' if lo_open else '['}{lo:g}, {hi:g}]")
+
+
+def _leaves(value: Any):
+    if isinstance(value, FilterValue):
+        yield from _leaves(value.value)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _leaves(v)
+    else:
+        yield value
+
+
 def _unknown(key: str, allowed, where: str) -> str:
     return f"unknown key {key!r} in {where}{did_you_mean(key, allowed)} (allowed: {', '.join(sorted(allowed)) or 'none'})"
 
@@ -122,7 +162,9 @@ def load_config(source: Union[str, os.PathLike, dict, MergeConfig]) -> MergeConf
         path = Path(source)
         where = str(path)
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start}); a merge config is YAML text") from None
         except OSError as e:
             raise ConfigError(f"{path}: cannot read the merge config ({e.strerror})") from None
         except yaml.YAMLError as e:

@@ -30,7 +30,7 @@ from safemerge.errors import CheckpointError, ConfigError
 from safemerge.layout import num_layers, position, stream_order, tied_source
 from safemerge.methods import MethodSpec, get_method
 from safemerge.methods.blocks import TaskVector
-from safemerge.writer import ShardedWriter, copy_side_files, write_config, write_model_card
+from safemerge.writer import TOKENIZER_FILES, ShardedWriter, copy_side_files, write_config, write_model_card
 
 DEFAULT_SHARD = 5 * 1000**3
 KWARG = {"lambda": "lambda_"}
@@ -142,7 +142,8 @@ def _read(plan: _Plan, item: _Item, device: str, allow_nonfinite: bool) -> dict[
         if _nonfinite(x):
             msg = f"{model}: tensor {item.name!r} contains NaN or Inf"
             if not allow_nonfinite:
-                raise CheckpointError(msg + "; fix the checkpoint, or pass --allow-nonfinite to merge anyway")
+                raise CheckpointError(msg + "; fix the checkpoint, or pass --allow-nonfinite "
+                                      "(allow_nonfinite=True) to merge anyway")
             warnings.warn(msg, stacklevel=2)
         out[model] = x
     return out
@@ -169,6 +170,20 @@ def reuse_freed_memory() -> None:
         return
     mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks up to 1 GiB come from the heap
     mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD (a C int): freed heap memory up to 1 GiB stays for reuse
+
+
+def check_device(device: str) -> str:
+    """`device` if the engine can compute there (cpu, cuda, cuda:N with a GPU present), else a ConfigError
+    that says what is accepted."""
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device!r}: merging computes on cpu or cuda (cuda:N for one of several GPUs)")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    return device
 
 
 def default_workers(device: str) -> int:
@@ -225,8 +240,11 @@ class _Pipeline:
             seq, item, tensors = got
             ref = next(iter(tensors.values()))
             merged = torch.empty(ref.shape, dtype=self.plan.out_dtype[item.name], device=ref.device)
-            merge_tensor(self.plan.config, name=item.name, t=position(item.name, self.plan.n_layers),
-                         tensors=tensors, out=merged)
+            try:
+                merge_tensor(self.plan.config, name=item.name, t=position(item.name, self.plan.n_layers),
+                             tensors=tensors, out=merged)
+            except ConfigError as e:
+                raise ConfigError(f"tensor {item.name!r}: {e}") from None
             del tensors, ref
             with self.cond:
                 self.done[seq] = (item.name, merged.cpu())
@@ -305,9 +323,11 @@ def merge(
     than one, torch runs single-threaded inside each for the duration of the merge.
     """
     cfg = load_config(config)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available here; use --device cpu")
+    check_device(device)
+    if max_shard_size <= 0:
+        raise ConfigError(f"max_shard_size {max_shard_size}: the output shard size must be positive (e.g. 5GB)")
     plan = _plan(cfg, allow_pickle=allow_pickle)
+    _check_apart(out_dir, [c.path for c in plan.models.values()] + _tokenizer_dirs(cfg))
     specs = [(n, plan.reference.shape(n), plan.out_dtype[n]) for n in plan.names]
     with atomic_output(out_dir, overwrite=overwrite) as tmp, _progress(progress, plan, specs) as advance:
         writer = ShardedWriter(tmp, specs, max_shard_bytes=max_shard_size)
@@ -321,6 +341,26 @@ def merge(
     return Path(out_dir)
 
 
+def _check_apart(out_dir: str | os.PathLike, inputs: list[Path]) -> None:
+    """The output must not be an input model's directory, inside one, or around one: with --overwrite the
+    merge would replace (or bury) a model it reads."""
+    out = Path(out_dir).expanduser().resolve()
+    for src in inputs:
+        src = Path(src).resolve()
+        how = "is" if out == src else "is inside" if src in out.parents else "contains" if out in src.parents else None
+        if how:
+            raise ConfigError(f"{out_dir}: the output {how} the input model {src}; write the merge to another folder")
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / n).is_file() for n in TOKENIZER_FILES)
+
+
+def _tokenizer_dirs(cfg: MergeConfig) -> list[Path]:
+    tok = cfg.tokenizer_source
+    return [Path(tok)] if tok not in (None, "base") and Path(tok).is_dir() else []
+
+
 def _finish(tmp: Path, cfg: MergeConfig, plan: _Plan, *, title: str | None, card_extra: str) -> None:
     dtypes = set(plan.out_dtype.values())
     main_dtype = DTYPES.get(cfg.out_dtype or cfg.dtype or "") or (dtypes.pop() if len(dtypes) == 1 else torch.float32)
@@ -331,6 +371,11 @@ def _finish(tmp: Path, cfg: MergeConfig, plan: _Plan, *, title: str | None, card
         raise ConfigError(f"tokenizer_source {tok!r} is not a model directory")
     template = cfg.chat_template if cfg.chat_template and cfg.chat_template != "auto" else None
     copy_side_files(tmp, tokenizer_source=tok_path, generation_source=plan.reference.path, chat_template=template)
+    if not _has_tokenizer(tok_path):
+        others = [c.path for c in plan.models.values() if _has_tokenizer(c.path)]
+        if others:
+            warnings.warn(f"{tok_path} has no tokenizer files, so the output has none; set `tokenizer_source: "
+                          f"{others[0]}` in the config to take that model's", stacklevel=3)
     as_yaml = cfg.to_yaml_dict()
     (tmp / "mergekit_config.yml").write_text(yaml.safe_dump(as_yaml, sort_keys=False))
     inputs = [{"model": m, "fingerprint": c.fingerprint()} for m, c in plan.models.items()]

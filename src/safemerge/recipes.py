@@ -35,11 +35,13 @@ def mergealign_config(*, base: PathLike, domains: Sequence[PathLike], aligned: P
 
 def mergealign(*, base: PathLike, domains: Sequence[PathLike], aligned: PathLike, out: PathLike, alpha: float = 1.0,
                beta: float = 1.0, dtype: str | None = None, tokenizer_source: PathLike | None = None,
-               overwrite: bool = False, device: str = "cpu", progress: bool = True) -> Path:
+               overwrite: bool = False, device: str = "cpu", allow_pickle: bool = False, allow_nonfinite: bool = False,
+               progress: bool = True) -> Path:
     """Write θ + Σ α·(θ_d − θ) + β·(θ_a − θ) to `out`, with the aligned model's tokenizer and chat template
     (unless `tokenizer_source` names another) and the equivalent YAML as `mergekit_config.yml`."""
     cfg = mergealign_config(base=base, domains=domains, aligned=aligned, alpha=alpha, beta=beta, dtype=dtype,
                             tokenizer_source=tokenizer_source)
     extra = (f"## MergeAlign\n\nθ̂ = θ + α·Σ τ_d + β·τ_a with α = {alpha}, β = {beta}; base `{base}`, "
              f"domain experts {', '.join(f'`{d}`' for d in domains)}, aligned model `{aligned}`.")
-    return merge(cfg, out, overwrite=overwrite, device=device, progress=progress, title="MergeAlign", card_extra=extra)
+    return merge(cfg, out, overwrite=overwrite, device=device, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
+                 progress=progress, title="MergeAlign", card_extra=extra)

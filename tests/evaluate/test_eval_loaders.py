@@ -104,3 +104,26 @@ def test_multiple_choice_errors_name_the_row(tmp_path, row, message):
     path.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
     with pytest.raises(DataError, match=message):
         load_multiple_choice(path)
+
+
+def test_a_missing_data_file_fails_at_once_without_the_hub(tmp_path, monkeypatch):
+    """'data/typo.jsonl' looks like an 'org/name' hub id; a data-file suffix says it is a mistyped path."""
+    import safemerge.data.loaders as loaders
+
+    monkeypatch.setattr(loaders, "_read_hub", lambda *a, **k: pytest.fail("went to the hub"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="data/typo.jsonl: no such file"):
+        load_prompts("data/typo.jsonl")
+
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"prompt": "a"}', '{"prompt": "b"', '{"prompt": "c"}'], "line 2 is not valid JSON"),
+    (['{"prompt": "a"}', '', '["b"]'], "line 3 is a JSON list, not an object"),
+])
+def test_a_broken_jsonl_line_is_named(tmp_path, lines, message):
+    f = tmp_path / "p.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=message):
+        load_prompts(f)
+    with pytest.raises(DataError, match=message):
+        load_multiple_choice(f)

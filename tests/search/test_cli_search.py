@@ -39,11 +39,34 @@ def test_search_command_writes_the_best_merge(config_file, family_data, tmp_path
 @pytest.mark.parametrize("extra, message", [
     (["--lambda", "1.5"], "must be in [0, 1]"),
     (["--optimizer", "bayes"], "choose one of cmaes, cocktail, grid"),
+    (["--popsize", "1"], "--popsize 1: must be at least 2"),
+    (["--popsize", "0"], "--popsize 0: must be at least 2"),
+    (["--steps", "0"], "--steps 0: must be at least 1"),
+    (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+    (["--sigma0", "0"], "--sigma0 0.0: must be a positive number"),
+    (["--optimizer", "cocktail", "--temperature", "0"], "--temperature 0.0: must be a positive number"),
+    (["--device", "tpu"], "device 'tpu': merging computes on cpu or cuda"),
 ])
 def test_bad_options_exit_2(config_file, family_data, tmp_path, extra, message):
     r = _search(config_file, tmp_path / "out", family_data, *extra)
     assert r.exit_code == 2 and message in " ".join(r.output.split()), r.output
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.journal.sqlite").exists()
+
+
+def test_a_failed_search_that_scored_nothing_leaves_no_journal(config_file, family_data, tmp_path, monkeypatch):
+    """Else the corrected rerun would be told to pass --resume or --overwrite for a journal of nothing."""
+    import safemerge.search.run as run
+
+    def boom(*a, **k):
+        raise RuntimeError("the scorer failed")
+
+    monkeypatch.setattr(run, "_optimize", boom)
+    r = _search(config_file, tmp_path / "out", family_data, "--optimizer", "cocktail")
+    assert r.exit_code != 0 and isinstance(r.exception, RuntimeError)
+    assert not list(tmp_path.glob("out.journal.sqlite*"))
+    monkeypatch.undo()
+    r = _search(config_file, tmp_path / "out", family_data, "--optimizer", "cocktail")
+    assert r.exit_code == 0, r.output
 
 
 def test_data_without_response_field_exits_2(config_file, family_data, tmp_path):

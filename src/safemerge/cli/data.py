@@ -55,7 +55,7 @@ def domain(
     seed: Annotated[int, typer.Option(help="Seed of the example choice and the sampling.")] = 0,
     style: Annotated[str, typer.Option(help="chat (instruction under the chat template) or completion (continue a question list).")] = "chat",
     domain_name: Annotated[Optional[str], typer.Option("--domain", help="The domain's name, used in the chat prompt.")] = None,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature for writing questions.")] = 0.8,
+    temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature for writing questions (0: greedy).")] = 0.8,
     max_new_tokens: Annotated[int, typer.Option(help="Longest question or answer, in tokens.")] = 128,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,

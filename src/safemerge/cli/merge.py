@@ -52,6 +52,8 @@ def mergealign(
     tokenizer_source: Annotated[Optional[Path], typer.Option(help="Tokenizer and chat template source (default: the aligned model).")] = None,
     device: Annotated[str, typer.Option(help="Compute on cpu or cuda.")] = "cpu",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+    allow_pickle: Annotated[bool, typer.Option(help="Allow reading .bin (pickle) checkpoints; only for inputs you trust.")] = False,
+    allow_nonfinite: Annotated[bool, typer.Option(help="Merge tensors with NaN/Inf (warn instead of failing).")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
@@ -62,7 +64,8 @@ def mergealign(
     with user_errors():
         path = safemerge.mergealign(base=base, domains=domain, aligned=aligned, out=out_dir, alpha=alpha, beta=beta,
                                     dtype=dtype, tokenizer_source=tokenizer_source, overwrite=overwrite,
-                                    device=device, progress=progress)
+                                    device=device, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
+                                    progress=progress)
         _report(path, json_out)
 
 
@@ -107,10 +110,18 @@ def _start_engine() -> None:
 def parse_size(text: str) -> int:
     units = {"KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "B": 1}
     t = text.strip().upper()
-    for u in sorted(units, key=len, reverse=True):
-        if t.endswith(u):
-            return int(float(t[: -len(u)]) * units[u])
-    return int(t)
+    try:
+        for u in sorted(units, key=len, reverse=True):
+            if t.endswith(u):
+                size = int(float(t[: -len(u)]) * units[u])
+                break
+        else:
+            size = int(t)
+    except ValueError:
+        size = 0
+    if size <= 0:
+        raise typer.BadParameter(f"{text!r} is not a positive size; write e.g. 5GB, 500MB or 2GiB", param_hint="--shard-size")
+    return size
 
 
 def _report(path: Path, json_out: bool) -> None:

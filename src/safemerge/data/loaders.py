@@ -225,8 +225,8 @@ def read_rows(source: str | os.PathLike, *, split: str | None) -> tuple[list[dic
     path = Path(source).expanduser()
     if path.exists():
         return _read_file(path, split=split)
-    if isinstance(source, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", source):
-        return _read_hub(source, split=split)
+    if isinstance(source, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", source) and path.suffix.lower() not in _SUFFIXES:
+        return _read_hub(source, split=split)  # (a name ending in .jsonl etc. is a mistyped file, not a hub dataset)
     raise DataError(f"{source}: no such file (and not a hub dataset name like 'org/name'); check the path")
 
 
@@ -241,6 +241,8 @@ def _read_file(path: Path, *, split: str | None) -> tuple[list[dict], str, str]:
     raw = path.read_bytes()
     if not raw.strip():
         raise DataError(f"{path}: the file is empty; it needs at least one row")
+    if path.suffix.lower() == ".jsonl":
+        _check_jsonl(path, raw)
     try:
         with quiet_datasets():
             ds = getattr(datasets.Dataset, f"from_{kind}")(str(path), keep_in_memory=True)
@@ -252,6 +254,19 @@ def _read_file(path: Path, *, split: str | None) -> tuple[list[dict], str, str]:
     if not rows:
         raise DataError(f"{path}: the file has no rows")
     return rows, str(path), _digest_bytes(raw)
+
+
+def _check_jsonl(path: Path, raw: bytes) -> None:
+    """Name the first line that is not a JSON object (datasets' own error names a row block, not the line)."""
+    for i, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: line {i} is not valid JSON ({_short(e, 80)}); fix or remove that line") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: line {i} is a JSON {type(row).__name__}, not an object with named fields")
 
 
 def _read_hub(name: str, *, split: str | None) -> tuple[list[dict], str, str]:

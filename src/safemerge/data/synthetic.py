@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from safemerge.checkpoint import check_output_file
 from safemerge.data.loaders import DataError, load_prompts
-from safemerge.errors import OutputExistsError
 
 # Few-shot examples for a generator when no --examples file is given: the kind of request that
 # BeaverTails and the HH-RLHF red-team set hold (misuse, crime, privacy, self-harm, weapons).
@@ -112,13 +112,6 @@ def _write_jsonl(out: Path, rows: list[dict]) -> None:
     tmp.replace(out)
 
 
-def _check_out(out: Path, overwrite: bool) -> Path:
-    out = Path(out).expanduser()
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out}: already exists; choose another path or pass --overwrite (overwrite=True)")
-    return out
-
-
 # -- unsafe questions -----------------------------------------------------------------------------
 def generate_questions(generator: Any, *, n: int, examples: Sequence[str], k: int = 3, seed: int = 0,
                        temperature: float = 1.0, max_new_tokens: int = 64, max_rounds: int = 20,
@@ -178,7 +171,7 @@ def synthesize_safety(
     """
     from safemerge.evaluate.judges import get_judge
 
-    out = _check_out(Path(out), overwrite)
+    out = check_output_file(out, overwrite=overwrite)
     if not pool:
         raise DataError("give at least one pool model (--pool) to answer the questions")
     if (prompts is None) == (generator is None):
@@ -304,7 +297,7 @@ def synthesize_domain(
     has the model continue a "Question: ..." list without template (experts that do not follow
     instructions). Generation repeats in rounds until n distinct questions exist or `max_rounds` ran.
     """
-    out = _check_out(Path(out), overwrite)
+    out = check_output_file(out, overwrite=overwrite)
     if style not in ("chat", "completion"):
         raise DataError(f"--style {style!r}: choose chat or completion")
     if n < 1 or k < 1:

@@ -30,7 +30,10 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SafemergeError(f"device {device!r} asked for, but torch sees no CUDA GPU; use --device cpu")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise SafemergeError(f"device {device!r} is not a device torch knows; use auto, cpu or cuda (cuda:N)") from None
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> str | torch.dtype:

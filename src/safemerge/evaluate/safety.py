@@ -19,8 +19,9 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
+from safemerge.checkpoint import check_output_file
 from safemerge.data.loaders import PromptSet, load_prompts
-from safemerge.errors import OutputExistsError, SafemergeError
+from safemerge.errors import SafemergeError
 from safemerge.evaluate._progress import progress_bar
 from safemerge.evaluate.backends import EvaluationWarning, Generation, GenerationSettings, get_backend
 from safemerge.evaluate.judges import Judge, Verdict, get_judge
@@ -101,9 +102,8 @@ def evaluate_safety(
     judge_id = judge_obj.identity()
     key_settings = {**settings.as_dict(), **ref.identity(backend)}
     key = result_key("safety", model=ref.fingerprint or "", data=ps.fingerprint, judge=_canon(judge_id), settings=key_settings)
-    out_path = Path(out).expanduser() if out is not None else db.path.parent / "responses" / f"{key}.jsonl"
-    if out is not None and out_path.exists() and not overwrite:
-        raise OutputExistsError(f"{out_path}: already exists; choose another --out or pass --overwrite")
+    out_path = (check_output_file(out, overwrite=overwrite) if out is not None
+                else db.path.parent / "responses" / f"{key}.jsonl")
     cacheable = bool(ref.fingerprint) and judge_id.get("model", "") is not None
     if cache and cacheable and (hit := db.get(key)) is not None:
         blob = db.artifact(key)

@@ -27,6 +27,7 @@ from typing import Literal, Sequence
 
 import torch
 
+from safemerge.errors import ConfigError
 from safemerge.methods import REQUIRED, native, register
 from safemerge.methods.blocks import TaskVector, flat, output, spans, task_vectors
 
@@ -177,7 +178,7 @@ class Magnitude:
         n = base.numel()
         k = n if density >= 1 else int(density * n)
         if k <= 0:
-            raise ValueError(f"density {density} keeps no element of a tensor of {n}; raise density")
+            raise ConfigError(f"density {density} keeps no element of a tensor of {n} elements; raise density")
         self.top = TopK(base, tv, k)
 
     def __call__(self, d: torch.Tensor) -> torch.Tensor:

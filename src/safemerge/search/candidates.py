@@ -22,7 +22,7 @@ import torch
 from safemerge._hf import quiet_transformers
 from safemerge.checkpoint import Checkpoint
 from safemerge.config import DTYPES, MergeConfig, load_config
-from safemerge.engine import merge_tensor
+from safemerge.engine import check_device, merge_tensor
 from safemerge.errors import CheckpointError, ConfigError
 from safemerge.layout import num_layers, position, stream_order, tied_source
 
@@ -53,7 +53,7 @@ class CandidateModel:
 
     def __init__(self, config: MergeConfig | Mapping | str, *, device: str = "cpu", allow_pickle: bool = False):
         self.config = load_config(config)
-        self.device = torch.device(device)
+        self.device = torch.device(check_device(device))
         self.models = {m: Checkpoint(m, allow_pickle=allow_pickle) for m in self.config.input_models()}
         check_architecture(self.models)
         self.reference = self.models[self.config.base_model or self.config.models[0].model]

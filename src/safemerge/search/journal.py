@@ -57,9 +57,10 @@ def canonical(obj: Any) -> str:
 class Journal:
     """An open journal file. Use `Journal.open(...)`; close it (or use it as a context manager)."""
 
-    def __init__(self, path: Path, conn: sqlite3.Connection):
+    def __init__(self, path: Path, conn: sqlite3.Connection, *, created: bool = False):
         self.path = path
         self._conn = conn
+        self.created = created  # this run made the file (it was not there, or --overwrite removed it)
         self._rows: dict[int, Entry] = {e.idx: e for e in self._read()}
 
     @classmethod
@@ -77,6 +78,7 @@ class Journal:
             for stale in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
                 stale.unlink(missing_ok=True)
         path.parent.mkdir(parents=True, exist_ok=True)
+        created = not path.exists()
         conn = sqlite3.connect(path, timeout=30, isolation_level=None)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
@@ -94,13 +96,19 @@ class Journal:
             diff = sorted(k for k in set(old) | set(identity) if canonical(old.get(k)) != canonical(identity.get(k)))
             raise ConfigError(f"{path}: this journal belongs to a different search (it differs in: {', '.join(diff)}); "
                               "resume with the same config, data and options, or start afresh with --overwrite (without --resume)")
-        return cls(path, conn)
+        return cls(path, conn, created=created)
 
     def __enter__(self) -> "Journal":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        """Close; a journal this run created and that holds no candidate is removed when the run fails (it
+        would only make the corrected rerun ask for --resume or --overwrite)."""
+        empty = len(self) == 0
         self.close()
+        if exc_type is not None and self.created and empty:
+            for f in (self.path, self.path.with_name(self.path.name + "-wal"), self.path.with_name(self.path.name + "-shm")):
+                f.unlink(missing_ok=True)
 
     def close(self) -> None:
         self._conn.close()

@@ -12,6 +12,7 @@ run keeps it; `resume=True` replays it and continues.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import yaml
 
 from safemerge.checkpoint import Checkpoint, atomic_output
 from safemerge.config import MergeConfig, load_config
+from safemerge.engine import check_device
 from safemerge.errors import ConfigError, OutputExistsError
 from safemerge.search.candidates import check_architecture
 from safemerge.search.cmaes import DEFAULT_SIGMA0, DEFAULT_STEPS, cmaes, default_popsize
@@ -105,6 +107,9 @@ def search(
         raise OutputExistsError(f"{out}: already exists; choose another path or pass --overwrite (overwrite=True)")
     if workers < 1:
         raise ConfigError(f"--workers {workers}: give at least one worker")
+    _check_options(steps=steps, popsize=popsize, sigma0=sigma0, temperature=temperature, batch_size=batch_size,
+                   max_length=max_length, limit=limit, threads=threads)
+    check_device(device)
     check_architecture({m: Checkpoint(m) for m in cfg.input_models()})  # before any model is loaded
     data = _data(safety_data, domain_data, lam, limit)
     space = SearchSpace(cfg) if optimizer != "cocktail" else None
@@ -177,6 +182,20 @@ def _data(safety, domain, lam: float, limit: int | None) -> dict[str, dict[str, 
             ps = load_pairs(path, limit=limit)
             out[key] = {"path": str(Path(path).expanduser().absolute()), "fingerprint": ps.fingerprint, "examples": len(ps)}
     return out
+
+
+def _check_options(**given: float | None) -> None:
+    """The numeric options, before anything is loaded or written: a clear error instead of one from deep in
+    cma or the scorer (or a silently ignored value)."""
+    least = {"steps": 1, "popsize": 2, "batch_size": 1, "max_length": 1, "limit": 1, "threads": 1}
+    for key, value in given.items():
+        if value is None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if key in least and value < least[key]:
+            raise ConfigError(f"{flag} {value}: must be at least {least[key]}")
+        if key in ("sigma0", "temperature") and not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{flag} {value}: must be a positive number")
 
 
 def _steps(optimizer: str, steps: int | None) -> int | None:
