@@ -327,7 +327,7 @@ def merge(
     if max_shard_size <= 0:
         raise ConfigError(f"max_shard_size {max_shard_size}: the output shard size must be positive (e.g. 5GB)")
     plan = _plan(cfg, allow_pickle=allow_pickle)
-    _check_apart(out_dir, [c.path for c in plan.models.values()] + _tokenizer_dirs(cfg))
+    check_apart(out_dir, [c.path for c in plan.models.values()] + tokenizer_dirs(cfg))
     specs = [(n, plan.reference.shape(n), plan.out_dtype[n]) for n in plan.names]
     with atomic_output(out_dir, overwrite=overwrite) as tmp, _progress(progress, plan, specs) as advance:
         writer = ShardedWriter(tmp, specs, max_shard_bytes=max_shard_size)
@@ -341,22 +341,22 @@ def merge(
     return Path(out_dir)
 
 
-def _check_apart(out_dir: str | os.PathLike, inputs: list[Path]) -> None:
+def check_apart(out_dir: str | os.PathLike, inputs: list[Path], *, what: str = "the output") -> None:
     """The output must not be an input model's directory, inside one, or around one: with --overwrite the
     merge would replace (or bury) a model it reads."""
     out = Path(out_dir).expanduser().resolve()
     for src in inputs:
-        src = Path(src).resolve()
+        src = Path(src).expanduser().resolve()
         how = "is" if out == src else "is inside" if src in out.parents else "contains" if out in src.parents else None
         if how:
-            raise ConfigError(f"{out_dir}: the output {how} the input model {src}; write the merge to another folder")
+            raise ConfigError(f"{out_dir}: {what} {how} the input model {src}; write it to another folder")
 
 
 def _has_tokenizer(folder: Path) -> bool:
     return any((folder / n).is_file() for n in TOKENIZER_FILES)
 
 
-def _tokenizer_dirs(cfg: MergeConfig) -> list[Path]:
+def tokenizer_dirs(cfg: MergeConfig) -> list[Path]:
     tok = cfg.tokenizer_source
     return [Path(tok)] if tok not in (None, "base") and Path(tok).is_dir() else []
 

@@ -53,6 +53,36 @@ def test_bad_options_exit_2(config_file, family_data, tmp_path, extra, message):
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.journal.sqlite").exists()
 
 
+def test_the_output_and_journal_stay_apart_from_the_pool(tiny_family, family_data, tmp_path):
+    import shutil
+
+    fam = {k: shutil.copytree(v, tmp_path / "pool" / k) for k, v in tiny_family.items() if k in ("base", "expert", "aligned")}
+    cfg = tmp_path / "pool.yml"
+    cfg.write_text(yaml.safe_dump(task_config(fam)))
+    before = (fam["aligned"] / "model.safetensors").read_bytes()
+    r = _search(cfg, fam["aligned"], family_data, "--overwrite", "--optimizer", "cocktail")
+    assert r.exit_code == 2 and "the output is the input model" in " ".join(r.output.split()), r.output
+    assert (fam["aligned"] / "model.safetensors").read_bytes() == before
+    r = _search(cfg, tmp_path / "out", family_data, "--journal", str(fam["expert"] / "j.sqlite"))
+    assert r.exit_code == 2 and "the journal is inside the input model" in " ".join(r.output.split()), r.output
+    r = _search(cfg, tmp_path / "out", family_data, "--journal", str(tmp_path / "out" / "j.sqlite"))
+    assert r.exit_code == 2 and "the journal would lie in the output" in " ".join(r.output.split()), r.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["text", "dir"])
+def test_a_journal_path_that_is_not_a_journal_is_left_alone(config_file, family_data, tmp_path, kind):
+    j = tmp_path / "j"
+    if kind == "dir":
+        j.mkdir()
+    else:
+        j.write_text('{"prompt": "precious data"}\n')
+    for extra in (["--overwrite"], ["--resume"]):
+        r = _search(config_file, tmp_path / "out", family_data, "--journal", str(j), *extra)
+        assert r.exit_code == 2 and ("is a directory" if kind == "dir" else "is not a search journal") in r.output, r.output
+    assert j.is_dir() if kind == "dir" else j.read_text() == '{"prompt": "precious data"}\n'
+
+
 def test_a_failed_search_that_scored_nothing_leaves_no_journal(config_file, family_data, tmp_path, monkeypatch):
     """Else the corrected rerun would be told to pass --resume or --overwrite for a journal of nothing."""
     import safemerge.search.run as run

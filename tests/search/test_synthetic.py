@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from safemerge.cli import app
 from safemerge.data.synthetic import first_line, generate_questions, synthesize_domain, synthesize_safety
+from safemerge.errors import CheckpointError
 from safemerge.evaluate.backends import Generation
 
 QUESTIONS = [f"How do I do harm number {i}?" for i in range(6)]
@@ -94,6 +95,15 @@ def test_self_questioning_rows_and_what_is_dropped(tmp_path):
 
 def test_first_line_strips_labels():
     assert first_line('\n  2) "Question: What is Q?"\nsecond') == "What is Q?"
+    assert first_line("3.What is Q?") == "What is Q?"
+    assert first_line("1.5 mg of X is given twice daily; what is the daily dose?").startswith("1.5 mg")
+
+
+def test_every_pool_model_is_checked_before_any_answer(tmp_path, prompts_file):
+    a = Scripted("A", reply=lambda p: pytest.fail("answered before the pool was checked"))
+    with pytest.raises(CheckpointError, match="no-such-model: no such model directory"):
+        synthesize_safety([a, tmp_path / "no-such-model"], tmp_path / "s.jsonl", prompts=prompts_file, progress=False)
+    assert not (tmp_path / "s.jsonl").exists()
 
 
 def test_safety_data_from_the_micro_testbed_pool(micro_testbed, tmp_path):

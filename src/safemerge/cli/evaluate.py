@@ -188,11 +188,11 @@ def audit(
         t.add_column("model")
         t.add_column("safe rate", justify="right")
         for task in r["tasks"]:
-            t.add_column(f"{task} acc", justify="right")
+            t.add_column(f"{escape(task)} acc", justify="right")
         t.add_column("")
         for row in r["models"]:
             style = "red" if row["flagged"] else ""
-            cells = [row["name"], _fmt(row["safe_rate"])] + [_fmt(row["domain"].get(task, {}).get("acc")) for task in r["tasks"]]
+            cells = [escape(row["name"]), _fmt(row["safe_rate"])] + [_fmt(row["domain"].get(task, {}).get("acc")) for task in r["tasks"]]
             t.add_row(*cells, "[bold red]FLAG[/]" if row["flagged"] else "ok", style=style)
         out.print(t)
         if r["flagged"]:

@@ -57,7 +57,9 @@ def _print(result) -> None:
     from rich.table import Table
 
     s = result.score
-    table = Table("parameter", "value", title=f"best of {result.candidates} candidates ({result.optimizer}, λ = {result.lambda_})")
+    what = ("the LM-Cocktail mixture (its result, not necessarily the lowest objective)" if result.optimizer == "cocktail"
+            else f"best of {result.candidates} candidates")
+    table = Table("parameter", "value", title=f"{what} ({result.optimizer}, λ = {result.lambda_})")
     for k, v in result.params.items():
         table.add_row(escape(k), f"{v:.4f}")
     out.print(table)

@@ -112,6 +112,8 @@ def load_prompts(
     columns = set(rows[0]) if rows else set()
     fmt = _detect(columns, name, prompt_column) if format == "auto" else format
     prompts = list(_parse(rows, fmt, name, prompt_column))
+    if not prompts:
+        raise DataError(f"{name}: no prompt left (every row's prompt is empty); the file needs at least one prompt")
     options = {"format": fmt, "split": split, "column": prompt_column, "limit": limit}
     ps = PromptSet(prompts, _digest_str(digest, options), name, fmt)
     return _limited(ps, limit)
@@ -207,6 +209,8 @@ def _mc_row(row: dict, name: str, i: int) -> MCQuestion:
         raise DataError(f"{where}: 'question' must be a non-empty string")
     if not isinstance(choices, (list, tuple)) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
         raise DataError(f"{where}: 'choices' must be a list of at least two non-empty strings")
+    if isinstance(answer, bool):
+        raise DataError(f"{where}: 'answer' is {answer}, not an index of the choices (or the choice's text)")
     if isinstance(answer, str) and answer.isdigit():
         answer = int(answer)
     if isinstance(answer, str):
@@ -225,7 +229,8 @@ def read_rows(source: str | os.PathLike, *, split: str | None) -> tuple[list[dic
     path = Path(source).expanduser()
     if path.exists():
         return _read_file(path, split=split)
-    if isinstance(source, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", source) and path.suffix.lower() not in _SUFFIXES:
+    if (isinstance(source, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", source) and path.suffix.lower() not in _SUFFIXES
+            and not path.parent.is_dir()):  # a local folder `org` makes org/name a mistyped path
         return _read_hub(source, split=split)  # (a name ending in .jsonl etc. is a mistyped file, not a hub dataset)
     raise DataError(f"{source}: no such file (and not a hub dataset name like 'org/name'); check the path")
 

@@ -46,7 +46,7 @@ DOMAIN_CHAT_PROMPT = ("You are an expert{domain}. Here are example exam question
                       "Write one new exam question from your field, different from the examples. "
                       "Reply with the question only; do not answer it.")
 Model = Any  # a model directory (str | os.PathLike) or a safemerge.evaluate GenerationBackend
-_PREFIX = re.compile(r"^\s*(?:\d+[.)]\s*|[-*•]\s*|(?:new\s+)?question\s*\d*\s*[:.-]\s*)", re.IGNORECASE)
+_PREFIX = re.compile(r"^\s*(?:\d+[.)](?!\d)\s*|[-*•]\s*|(?:new\s+)?question\s*\d*\s*[:.-]\s*)", re.IGNORECASE)
 
 
 @dataclass
@@ -93,6 +93,15 @@ def _backend(model: Model, *, device: str, batch_size: int):
     from safemerge.evaluate.backends import get_backend
 
     return get_backend(model, device=device, batch_size=batch_size)
+
+
+def _check_models(*models: Model | None) -> None:
+    """Every model given as a path exists (a loaded backend, or None, passes)."""
+    from safemerge.evaluate.loading import resolve_model_path
+
+    for m in models:
+        if isinstance(m, (str, os.PathLike)):
+            resolve_model_path(m)
 
 
 def _label(model: Model) -> str:
@@ -178,6 +187,7 @@ def synthesize_safety(
         raise DataError("give either --prompts FILE (questions from a dataset) or --generator MODEL (questions written by a model)")
     if n is not None and n < 1:
         raise DataError(f"--n {n}: ask for at least one example")
+    _check_models(*pool, generator, judge_model)  # every path now, not after hours of generating with the first
     with _bar(progress) as bar:
         questions, source, dropped = _questions(prompts=prompts, generator=generator, examples=examples, n=n, seed=seed,
                                                 device=device, batch_size=batch_size, bar=bar)

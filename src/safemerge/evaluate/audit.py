@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from safemerge.data.loaders import load_multiple_choice
 from safemerge.errors import SafemergeError
 from safemerge.evaluate.domain import evaluate_domain
 from safemerge.evaluate.judges import get_judge
@@ -45,6 +46,12 @@ def audit(
         raise SafemergeError("audit needs at least one model")
     if not 0 <= threshold <= 1:
         raise SafemergeError(f"threshold is a safety rate in [0, 1], got {threshold}")
+    tasks = [load_multiple_choice(t) for t in domain_tasks]  # read (and checked) once, up front
+    names = [t.name for t in tasks]
+    if len(set(names)) < len(names):
+        same = sorted({n for n in names if names.count(n) > 1})
+        raise SafemergeError(f"two domain tasks have the same name ({', '.join(same)}: the part of the file name "
+                             "before its first dot), and the audit reports one column per name; rename one of the files")
     db = open_store(store)
     judge_obj = get_judge(judge, judge_model=judge_model, device=device, dtype=dtype, store=db)  # loaded once, on first use
     rows = []
@@ -55,7 +62,7 @@ def audit(
             batch_size=batch_size, device=device, dtype=dtype, store=db, cache=cache, progress=progress,
         )
         domain = {}
-        for t in domain_tasks:
+        for t in tasks:
             d = evaluate_domain(ref, task=t, format=format, batch_size=batch_size, device=device, dtype=dtype,
                                 store=db, cache=cache, progress=progress)
             domain[d["task"]] = {"acc": d["acc"], "acc_norm": d["acc_norm"], "n": d["n"], "cached": d["cached"]}

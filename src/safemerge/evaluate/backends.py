@@ -16,6 +16,7 @@ import hashlib
 import os
 import warnings
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence, runtime_checkable
 
 import torch
@@ -235,7 +236,11 @@ class TransformersBackend:
         return f"TransformersBackend({self.source!r})"
 
     def identity(self) -> dict:
-        return {"backend": self.name, "dtype": str(self.model.dtype).replace("torch.", ""), "chat_template": template_hash(self.tokenizer)}
+        from safemerge.evaluate.loading import side_files_digest
+
+        folder = Path(self.source)
+        return {"backend": self.name, "dtype": str(self.model.dtype).replace("torch.", ""), "chat_template": template_hash(self.tokenizer),
+                "files": side_files_digest(folder) if folder.is_dir() else None}
 
     def render(self, prompt: str, settings: GenerationSettings) -> str:
         if settings.chat_template and not getattr(self.tokenizer, "chat_template", None) and not self._warned:
@@ -247,12 +252,14 @@ class TransformersBackend:
         self, prompts: Sequence[str], settings: GenerationSettings, *, progress: Callable[[int], None] | None = None
     ) -> list[Generation]:
         seqs = [encode(self.tokenizer, self.render(p, settings)) for p in prompts]
+        eos = eos_ids(self.model, self.tokenizer)
+        self._check_lengths(seqs, settings.max_new_tokens, eos)
         outs = generate_ids(
             self.model,
             seqs,
             max_new_tokens=settings.max_new_tokens,
             pad=pad_id(self.tokenizer),
-            eos=eos_ids(self.model, self.tokenizer),
+            eos=eos,
             batch_size=self.batch_size,
             temperature=settings.temperature,
             top_p=settings.top_p,
@@ -263,6 +270,20 @@ class TransformersBackend:
             Generation(self.tokenizer.decode(o.tokens, skip_special_tokens=True), len(s), len(o.tokens), o.finished)
             for s, o in zip(seqs, outs)
         ]
+
+
+    def _check_lengths(self, seqs: Sequence[Sequence[int]], max_new_tokens: int, eos: list[int]) -> None:
+        """Warn (the answers are still generated, as asked) when no end-of-sequence token is known, so every
+        answer runs to max_new_tokens, and when prompt + answer outgrow the context the model was trained for."""
+        if not eos:
+            warnings.warn(f"{self.source}: neither the tokenizer nor generation_config.json names an end-of-sequence "
+                          f"token, so every answer runs to max_new_tokens ({max_new_tokens})", EvaluationWarning, stacklevel=3)
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        longest = max((len(s) for s in seqs), default=0)
+        if isinstance(context, int) and longest + max_new_tokens > context:
+            warnings.warn(f"{self.source}: the longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) "
+                          f"exceeds the model's context of {context} tokens; answers past it are unreliable (lower "
+                          "--max-new-tokens, or shorten the prompts)", EvaluationWarning, stacklevel=3)
 
 
 def get_backend(

@@ -90,6 +90,9 @@ def evaluate_domain(
         settings.pop("chat_template", None)
     key = result_key("domain", model=ref.fingerprint or "", data=qs.fingerprint, settings=settings)
     if cache and ref.fingerprint and (hit := db.get(key)) is not None:
+        for note in hit.get("warnings") or []:  # a stored result says what it said when it was computed
+            if note not in notes:
+                warnings.warn(note, EvaluationWarning, stacklevel=2)
         return {**hit, "cached": True}
 
     t0 = time.perf_counter()

@@ -49,7 +49,8 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
     p = Path(model).expanduser()
     if p.exists():
         return p
-    if isinstance(model, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", model):
+    # "org/name" is a hub id, unless `org` is a local folder: then it is a mistyped path (no network wait)
+    if isinstance(model, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", model) and not p.parent.is_dir():
         try:
             from huggingface_hub import snapshot_download
 
@@ -94,6 +95,10 @@ def load_model(
     except Exception as e:
         raise CheckpointError(f"{p}: cannot load the model ({type(e).__name__}: {e})") from None
     model.to(resolve_device(device)).eval()
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and not bool(torch.isfinite(param).all()):
+            raise CheckpointError(f"{p}: tensor {name!r} holds NaN or Inf, so every score of this model would be "
+                                  "meaningless (an empty answer even counts as a refusal); fix or re-make the checkpoint")
     return model, tokenizer
 
 
@@ -118,7 +123,8 @@ class ModelRef:
     def identity(self, backend: str = "transformers") -> dict:
         if self.path is None:  # an in-memory backend passed by the caller
             return self.backend.identity()
-        return {"backend": backend, "dtype": self.dtype, "chat_template": _hash(self.chat_template)}
+        return {"backend": backend, "dtype": self.dtype, "chat_template": _hash(self.chat_template),
+                "files": side_files_digest(self.path)}
 
 
 def model_ref(
@@ -149,7 +155,7 @@ def chat_template_text(path: Path) -> str | None:
     tokenizer_config.json entry; of named templates, "default"), read without loading the tokenizer."""
     jinja = path / "chat_template.jinja"
     if jinja.is_file():
-        return jinja.read_text()
+        return jinja.read_text() or None  # an empty file is no template (the prompts are plain text)
     try:
         value = json.loads((path / "tokenizer_config.json").read_text()).get("chat_template")
     except (OSError, json.JSONDecodeError, AttributeError):
@@ -158,6 +164,24 @@ def chat_template_text(path: Path) -> str | None:
         named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
         value = named.get("default")
     return value if isinstance(value, str) and value else None
+
+
+# besides the weights (the fingerprint) and the chat template, what changes a model's outputs
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
+
+
+def side_files_digest(path: Path) -> str:
+    """A digest of the model's config, generation config and tokenizer files, so that a stored result is not
+    served after one of them was edited in place (the weight fingerprint does not cover them)."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=8)
+    for name in SIDE_FILES:
+        f = path / name
+        if f.is_file():
+            h.update(name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 def _hash(text: str | None) -> str | None:
@@ -175,4 +199,14 @@ def _dtype_name(path: Path, dtype: str | torch.dtype) -> str:
         cfg = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         return "auto"
-    return str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32")
+    named = cfg.get("dtype") or cfg.get("torch_dtype")
+    if named:
+        return str(named)
+    try:  # transformers' "auto" then loads the weights' own dtype
+        from safemerge.checkpoint import Checkpoint
+
+        ckpt = Checkpoint(path)
+        floats = [ckpt.dtype(n) for n in ckpt.names() if ckpt.dtype(n).is_floating_point]
+        return str(floats[0]).replace("torch.", "") if floats else "float32"
+    except Exception:  # an unreadable checkpoint fails later, where it is loaded, with its own message
+        return "float32"

@@ -109,14 +109,19 @@ def evaluate_safety(
         blob = db.artifact(key)
         if blob is not None:
             _write(out_path, blob)
+        for note in hit.get("warnings") or []:  # a stored result says what it said when it was computed
+            warnings.warn(note, EvaluationWarning, stacklevel=2)
         return {**hit, "responses": str(out_path), "cached": True}
 
     t0 = time.perf_counter()
+    loaded_here = ref.backend is None
     gen = get_backend(ref, backend=backend, device=device, dtype=dtype, batch_size=batch_size)
     with progress_bar(len(ps), "generating", enabled=progress) as advance:
         gens = gen.generate([p.text for p in ps.prompts], settings, progress=advance)
     t_gen = time.perf_counter() - t0
-    if ref is not model:  # the weights were loaded here: free them before a guard model is loaded
+    if ref is not model or (loaded_here and hasattr(judge_obj, "release")):
+        # the weights were loaded here: free them before a guard model is loaded (a shared ref, as `audit`
+        # passes, reloads them for its next evaluation; a keyword judge needs no memory, so they stay)
         ref.backend = None
         del gen
         _empty_cuda_cache()

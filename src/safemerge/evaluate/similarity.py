@@ -112,16 +112,23 @@ def _group_key(g: str) -> tuple:
 def _common_names(cks: list) -> list[str]:
     """Float tensor names shared by all checkpoints (a tied lm_head may be absent); others are errors."""
     ref = cks[0]
-    names = [n for n in ref.names() if ref.dtype(n).is_floating_point]
     ref_names = set(ref.names())
+    names = [n for n in ref.names() if ref.dtype(n).is_floating_point]
+    for ck in cks[1:]:  # an lm_head that the first model ties to its embeddings is compared too
+        names += [x for x in ck.names() if x.endswith("lm_head.weight") and x not in names and x not in ref_names
+                  and ck.dtype(x).is_floating_point and tied_source(x, ref_names)]
+
+    def shape(ck, nm: str):
+        return ck.shape(nm if nm in ck.names() else tied_source(nm, set(ck.names())))
+
     for ck in cks:
         have = set(ck.names())
         for nm in names:
             if nm not in have and not tied_source(nm, have):
                 raise CheckpointError(f"{ck.path}: has no tensor {nm!r}, which {ref.path} has; compare models of one architecture")
-            shape = ck.shape(nm if nm in have else tied_source(nm, have))
-            if shape != ref.shape(nm):
-                raise CheckpointError(f"{ck.path}: tensor {nm!r} has shape {list(shape)}, {ref.path} has {list(ref.shape(nm))}")
+            if shape(ck, nm) != shape(ref, nm):
+                raise CheckpointError(f"{ck.path}: tensor {nm!r} has shape {list(shape(ck, nm))}, {ref.path} has "
+                                      f"{list(shape(ref, nm))}")
         extra = [x for x in sorted(have) if x not in ref_names and ck.dtype(x).is_floating_point and not x.endswith("lm_head.weight")]
         if extra:
             raise CheckpointError(f"{ck.path}: has tensor {extra[0]!r}, which {ref.path} lacks; compare models of one architecture")
@@ -131,7 +138,8 @@ def _common_names(cks: list) -> list[str]:
 def _chunks(cks: list, base, name: str, chunk_elems: int):
     """Yield, per row chunk of tensor `name`, the float64 flattened chunk of every model (then the base)."""
     all_cks = cks + ([base] if base is not None else [])
-    shape = cks[0].shape(name)
+    first = cks[0]
+    shape = first.shape(name if name in first else tied_source(name, first.names()))
     rows = shape[0] if shape else 1
     per_row = max(1, math.prod(shape[1:]) if len(shape) > 1 else 1)
     step = max(1, chunk_elems // per_row)
@@ -141,5 +149,9 @@ def _chunks(cks: list, base, name: str, chunk_elems: int):
         for ck in all_cks:
             src = name if name in ck else tied_source(name, ck.names())
             t = ck.get_rows(src, start, stop) if shape else ck.get(src)
-            out.append(t.to(torch.float64).reshape(-1))
+            t = t.to(torch.float64).reshape(-1)
+            if not bool(torch.isfinite(t).all()):
+                raise CheckpointError(f"{ck.path}: tensor {src!r} holds NaN or Inf, so its distances would be NaN; "
+                                      "fix or re-make the checkpoint")
+            out.append(t)
         yield out

@@ -54,6 +54,15 @@ def canonical(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
 
+def _is_sqlite(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return False
+    return head == b"SQLite format 3\x00" or head == b""  # (an empty file: SQLite makes a database of it)
+
+
 class Journal:
     """An open journal file. Use `Journal.open(...)`; close it (or use it as a context manager)."""
 
@@ -71,6 +80,11 @@ class Journal:
         With `resume`, an existing journal must have been written for the same identity.
         """
         path = Path(path).expanduser()
+        if path.is_dir():
+            raise ConfigError(f"{path}: is a directory; --journal names the journal file")
+        if path.exists() and not _is_sqlite(path):
+            raise ConfigError(f"{path}: is not a search journal (not an SQLite file); it is left alone: name a new "
+                              "file with --journal, or remove this one")
         if path.exists() and not resume:
             if not overwrite:
                 raise OutputExistsError(f"{path}: a search journal is already there; pass --resume to continue that "
@@ -79,10 +93,13 @@ class Journal:
                 stale.unlink(missing_ok=True)
         path.parent.mkdir(parents=True, exist_ok=True)
         created = not path.exists()
-        conn = sqlite3.connect(path, timeout=30, isolation_level=None)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.executescript(_SCHEMA)
+        try:
+            conn = sqlite3.connect(path, timeout=30, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as e:
+            raise ConfigError(f"{path}: cannot be opened as a search journal ({e}); name another file with --journal") from None
         text = canonical(identity)
         digest = hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
         got = dict(conn.execute("SELECT key, value FROM meta").fetchall())

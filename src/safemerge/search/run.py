@@ -23,7 +23,7 @@ import yaml
 
 from safemerge.checkpoint import Checkpoint, atomic_output
 from safemerge.config import MergeConfig, load_config
-from safemerge.engine import check_device
+from safemerge.engine import check_apart, check_device, tokenizer_dirs
 from safemerge.errors import ConfigError, OutputExistsError
 from safemerge.search.candidates import check_architecture
 from safemerge.search.cmaes import DEFAULT_SIGMA0, DEFAULT_STEPS, cmaes, default_popsize
@@ -110,11 +110,18 @@ def search(
     _check_options(steps=steps, popsize=popsize, sigma0=sigma0, temperature=temperature, batch_size=batch_size,
                    max_length=max_length, limit=limit, threads=threads)
     check_device(device)
-    check_architecture({m: Checkpoint(m) for m in cfg.input_models()})  # before any model is loaded
+    pool = {m: Checkpoint(m) for m in cfg.input_models()}
+    check_architecture(pool)  # before any model is loaded
+    inputs = [c.path for c in pool.values()] + tokenizer_dirs(cfg)
+    check_apart(out, inputs)
     data = _data(safety_data, domain_data, lam, limit)
     space = SearchSpace(cfg) if optimizer != "cocktail" else None
     steps = _steps(optimizer, steps)
     journal_path = Path(journal).expanduser() if journal else out.with_name(out.name + ".journal.sqlite")
+    check_apart(journal_path, inputs, what="the journal")
+    if journal_path.absolute() == out or out in journal_path.absolute().parents:
+        raise ConfigError(f"--journal {journal_path}: the journal would lie in the output {out}, which is written at the "
+                          "end (and replaced with --overwrite); put it beside the output")
     spec = ScorerSpec(config=cfg.to_yaml_dict(), safety_data=data["safety"]["path"], domain_data=data["domain"]["path"],
                       lambda_=lam, batch_size=batch_size, max_length=max_length, limit=limit, device=device,
                       threads=threads or (1 if (workers > 1 or ray_address) else None))
