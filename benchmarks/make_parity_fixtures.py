@@ -85,6 +85,15 @@ CASES: dict[str, tuple[str, str, dict]] = {
                              {"value": 0.4}]},
         "dtype": "float32",
     }),
+    # a gradient whose ends differ (the final norm and lm_head take its first value, as embeddings do) and a
+    # "*" filter (matches every tensor)
+    "task_arithmetic_gradient_star": ("fp32", "exact", {
+        "merge_method": "task_arithmetic", "base_model": "base",
+        "models": _models(expert_a={"weight": [0.2, 1.0, 0.6, 0.9]},
+                          aligned={"weight": [{"filter": "mlp", "value": 0.3}, {"filter": "*", "value": 0.8},
+                                              {"value": 0.1}]}),
+        "dtype": "float32",
+    }),
     "breadcrumbs": ("fp32", "exact", {
         "merge_method": "breadcrumbs", "base_model": "base",
         "models": _models(expert_a={"weight": 1.0, "density": 0.8, "gamma": 0.05},

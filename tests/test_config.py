@@ -33,6 +33,14 @@ def test_filters_take_the_first_match_and_fall_back_to_the_default():
     assert t_of("model.norm.weight", 1.0) == 0.3
 
 
+def test_a_star_filter_matches_every_tensor_as_in_mergekit():
+    c = load_config({"merge_method": "slerp", "base_model": "a", "models": [{"model": "a"}, {"model": "b"}],
+                     "parameters": {"t": [{"filter": "mlp", "value": 0.3}, {"filter": "*", "value": 0.8}, {"value": 0.1}]}})
+    t_of = lambda name: method_params(c, tensor=name, t=0.5)[0]["t"]
+    assert t_of("model.layers.1.mlp.up_proj.weight") == 0.3
+    assert t_of("model.layers.1.self_attn.q_proj.weight") == 0.8 and t_of("lm_head.weight") == 0.8
+
+
 def test_layer_positions_follow_mergekit_pre_and_post_weights():
     assert layer_index("model.layers.12.mlp.up_proj.weight") == 12
     assert layer_index("transformer.h.3.attn.c_attn.weight") == 3
@@ -40,7 +48,9 @@ def test_layer_positions_follow_mergekit_pre_and_post_weights():
     assert position("model.layers.2.x", 5) == 0.5
     assert position("model.embed_tokens.weight", 5) == 0.0
     assert position("transformer.wte.weight", 5) == 0.0
-    assert position("model.norm.weight", 5) == 1.0 and position("lm_head.weight", 5) == 1.0
+    # after the stack too: mergekit 0.1.5 plans post-weights with t = 0 (plan.py, plan_module), so a gradient's
+    # first value applies to the final norm and lm_head
+    assert position("model.norm.weight", 5) == 0.0 and position("lm_head.weight", 5) == 0.0
     assert num_layers(["model.layers.0.a", "model.layers.7.a"], {}) == 8
     assert num_layers([], {"num_hidden_layers": 3}) == 3
 

@@ -332,7 +332,7 @@ def atomic_output(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Ite
     out = Path(out_dir).expanduser().absolute()
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out}: already exists; choose another path or pass --overwrite (overwrite=True)")
-    _check_folder(out)
+    check_folder(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -364,11 +364,11 @@ def check_output_file(path: str | os.PathLike, *, overwrite: bool = False) -> Pa
         raise OutputExistsError(f"{out}: is a directory; give a file path for this output")
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out}: already exists; choose another path or pass --overwrite (overwrite=True)")
-    _check_folder(out)
+    check_folder(out)
     return out
 
 
-def _check_folder(out: Path) -> None:
+def check_folder(out: Path) -> None:
     """The nearest existing ancestor of `out` must be a directory (else mkdir fails with FileExistsError)."""
     for parent in out.absolute().parents:
         if parent.exists():

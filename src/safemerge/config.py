@@ -3,8 +3,8 @@
 A parameter value is a scalar, a layer gradient (a list of numbers, interpolated over the layer
 position t = i/(L−1)), or a list of `{filter, value}` entries (the first whose filter is a substring of
 the tensor name applies; an entry without filter is the default). Tensors outside the layer stack are
-resolved at t = 0 before the stack (embeddings) and t = 1 after it (final norm, lm_head), as mergekit's
-planner does.
+resolved at t = 0, before the stack (embeddings) and after it (final norm, lm_head) alike, as mergekit
+0.1.5's planner does; a filter "*" matches every tensor, as in mergekit.
 """
 
 from __future__ import annotations
@@ -211,7 +211,7 @@ def resolve(value: Any, *, tensor: str, t: float) -> Any:
         return value
     if isinstance(value, list) and value and all(isinstance(v, FilterValue) for v in value):
         for entry in value:
-            if entry.filter is None or entry.filter in tensor:
+            if entry.filter is None or entry.filter == "*" or entry.filter in tensor:
                 return resolve(entry.value, tensor=tensor, t=t)
         return None
     if isinstance(value, list) and value:  # a gradient

@@ -33,10 +33,12 @@ def num_layers(names: Iterable[str], config: dict | None = None) -> int:
 
 
 def position(name: str, n_layers: int) -> float:
-    """t ∈ [0, 1]: i/(L−1) for layer i of L (1 when L = 1), 0 before the stack, 1 after it."""
+    """t ∈ [0, 1]: i/(L−1) for layer i of L (1 when L = 1), and 0 outside the stack, before it (embeddings)
+    and after it (final norm, lm_head) alike: mergekit 0.1.5 plans both with t = 0, so a gradient's first value
+    applies to them."""
     i = layer_index(name)
     if i is None:
-        return 0.0 if _PRE.search(name) else 1.0
+        return 0.0
     return i / (n_layers - 1) if n_layers > 1 else 1.0
 
 

@@ -60,7 +60,9 @@ class Repro:
     def make(self, name: str, method: str, params: dict, build: Callable[[Path], Any]) -> Path:
         """Run `build(path)` unless OUT/models/name already holds it for the same testbed and settings."""
         path = self.out / "models" / name
-        key = _key({"testbed": _testbed_key(self.testbed), "name": name, "method": method, "params": params})
+        # the domains in order: the first is the expert every single-expert model is made from
+        key = _key({"testbed": _testbed_key(self.testbed), "domains": list(self.domains), "name": name, "method": method,
+                    "params": params})
         stamp = path / ".repro-key"
         if not (stamp.is_file() and stamp.read_text() == key):
             t0 = time.perf_counter()
@@ -228,12 +230,20 @@ def _repro(*, out, seed, preset, domains, skip, progress) -> dict:
     from safemerge.report import write_report
     from safemerge.testbed import build_testbed
 
-    if preset not in BUDGETS:
-        from safemerge.errors import ConfigError
+    from safemerge.checkpoint import check_folder
+    from safemerge.errors import ConfigError, OutputExistsError
 
+    if preset not in BUDGETS:
         raise ConfigError(f"preset {preset!r} is unknown; choose {', '.join(BUDGETS)}")
+    domains = _ordered_domains(domains)
+    unknown = sorted(set(skip) - set(STAGES))
+    if unknown:
+        raise ConfigError(f"--skip {', '.join(unknown)}: the stages that can be skipped are {', '.join(STAGES)}")
     t_start = time.perf_counter()
     out = Path(out).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out}: is a file; --out names the folder of the reproduction")
+    check_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     testbed = out / "testbed"
     t0 = time.perf_counter()
@@ -263,6 +273,20 @@ def _repro(*, out, seed, preset, domains, skip, progress) -> dict:
     (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
     report = write_report(doc, out, title=f"safemerge reproduction (seed {seed}, {preset})", overwrite=True)
     return {"results": str(out / "results.json"), "report": report, "seconds": doc["meta"]["seconds"]}
+
+
+STAGES = ("search", "align")
+
+
+def _ordered_domains(domains: Sequence[str] | str) -> tuple[str, ...]:
+    """The domains as given, de-duplicated (first kept: it is the primary), each checked; a string may list
+    them with commas."""
+    from safemerge.testbed.build import canonical_domains
+
+    names = domains.split(",") if isinstance(domains, str) else list(domains)
+    ordered = tuple(dict.fromkeys(d.strip() for d in names if d.strip()))
+    canonical_domains(ordered)  # unknown or no domains: ConfigError
+    return ordered
 
 
 def _testbed_matches(testbed: Path, *, seed: int, preset: str, domains: Sequence[str]) -> bool:

@@ -155,3 +155,32 @@ def test_existing_output_and_bad_settings_fail_before_training(tiny_family, tmp_
         align(tiny_family["expert"], data=tmp_path / "missing.jsonl", out=tmp_path / "x", method="orpo", sft_weight=1)
     with pytest.raises(ConfigError, match="lora_r must be positive"):
         align(tiny_family["expert"], data=tmp_path / "missing.jsonl", out=tmp_path / "x", lora_r=0)
+
+
+def test_the_output_never_replaces_the_model_or_its_data(tiny_family, tmp_path):
+    import shutil
+
+    from safemerge.errors import ConfigError
+
+    pool = tmp_path / "pool"
+    expert = shutil.copytree(tiny_family["expert"], pool / "expert")
+    data = pool / "prefs.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
+    before = (expert / "model.safetensors").read_bytes()
+    for out, message in ((expert, "the output is the input model"), (pool, "the output contains the input model")):
+        with pytest.raises(ConfigError, match=message):
+            align(expert, data=data, out=out, overwrite=True, progress=False)
+    with pytest.raises(ConfigError, match="lies inside the output folder"):
+        align(tiny_family["expert"], data=data, out=pool, overwrite=True, progress=False)
+    assert (expert / "model.safetensors").read_bytes() == before and data.exists()
+
+
+@pytest.mark.parametrize("targets, named", [("foo_proj", "foo_proj"), (",", "none given")])
+def test_unknown_lora_targets_exit_2_listing_the_layers(tiny_family, tmp_path, targets, named):
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
+    r = runner.invoke(app, ["align", str(tiny_family["expert"]), str(tmp_path / "o"), "--data", str(data),
+                            "--target-modules", targets, "--no-progress"])
+    text = " ".join(r.output.split())
+    assert r.exit_code == 2 and f"--target-modules: {named} is not a linear layer" in text and "q_proj" in text, r.output
+    assert not (tmp_path / "o").exists()

@@ -82,6 +82,15 @@ def test_every_dpo_model_is_compared(full):
     assert {"dpo_safety", "dpo-sft_safety"} <= set(claim.figures)
 
 
+def test_dpo_models_without_one_called_dpo_are_all_compared(full):
+    m = full["models"]
+    m["dpo-lr1"] = {**m.pop("dpo")}
+    m["dpo-lr2"] = {**m["dpo-lr1"], "safety": {k: min(1.0, v + 0.05) for k, v in m["mergealign"]["safety"].items()},
+                    "domain": dict(m["mergealign"]["domain"])}  # dominates MergeAlign
+    claim = by_id(full)["mergealign-vs-dpo"]
+    assert claim.verdict == "FAIL" and "dpo-lr1 (" in claim.detail and "dpo-lr2 (" in claim.detail
+
+
 def test_an_equal_point_is_not_dominated(full):
     m = full["models"]
     m["dpo"]["safety"], m["dpo"]["domain"] = dict(m["mergealign"]["safety"]), dict(m["mergealign"]["domain"])

@@ -37,3 +37,30 @@ def test_a_bad_run_is_named(tmp_path, full):
     a = _write(tmp_path, "s0", full)
     with pytest.raises(ResultsError, match="nothere"):
         seeds_table([a, tmp_path / "nothere.json"])
+
+
+def test_a_run_without_a_model_is_left_out_of_its_mean(tmp_path, full):
+    a = _write(tmp_path, "s0", full)
+    partial = json.loads(json.dumps(full))
+    partial["meta"]["seed"] = 1
+    del partial["models"]["dpo"]  # as `repro --skip align` leaves it
+    row = next(l for l in seeds_table([a, _write(tmp_path, "s1", partial)]).splitlines() if l.startswith("| dpo |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == "– / –" and cells[3] == cells[1]  # the mean is the one run that has it
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"preset": "micro"}, "preset"),
+    ({"primary_domain": "finance"}, "knowledge domains"),
+])
+def test_runs_of_different_studies_are_refused(tmp_path, full, change, words):
+    a = _write(tmp_path, "s0", full)
+    other = json.loads(json.dumps(full))
+    other["meta"].update(seed=1, **change)
+    with pytest.raises(ResultsError, match=f"differs from .* in {words}"):
+        seeds_table([a, _write(tmp_path, "s1", other)])
+
+
+def test_two_runs_of_one_seed_get_distinct_labels(tmp_path, full):
+    text = seeds_table([_write(tmp_path, "a", full), _write(tmp_path, "b", full)])
+    assert "| model | seed 0 (a) | seed 0 (b) | mean |" in text.splitlines()

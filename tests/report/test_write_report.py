@@ -48,7 +48,7 @@ def test_fail_and_skipped_are_shown_not_hidden(full, tmp_path):
     done = write_report(full, tmp_path)
     assert done["verdicts"] == {"PASS": 3, "FAIL": 2, "SKIPPED": 1}     # safety and vs-slerp fail
     md, html = done["markdown"].read_text(), done["html"].read_text()
-    assert md.count("| **FAIL** |") == 2 and md.count("| **SKIPPED** |") == 1 and "no model 'orpo'" in md
+    assert md.count("| **FAIL** |") == 2 and md.count("| **SKIPPED** |") == 1 and "no model of method 'orpo'" in md
     assert html.count('<span class="badge FAIL">FAIL</span>') == 2
     assert "2 FAIL" in md and '<span class="badge FAIL">2 FAIL</span>' in html
 
@@ -100,3 +100,32 @@ def test_cli_bad_results_is_one_clear_error(tmp_path):
     path.write_text(json.dumps({"models": {"m": {"safety": {"s": 7}}}}))
     r = CliRunner().invoke(cli(), ["report", str(path)])
     assert r.exit_code == 2 and "models.m.safety.s" in r.output and "Traceback" not in r.output
+
+
+def test_odd_paths_and_hand_edited_meta_are_clear_errors(tmp_path, full):
+    from safemerge.report import ResultsError, load_results
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps(full))
+    assert load_results(run).meta["seed"] == 0  # a run's folder, as `seeds` takes it
+    with pytest.raises(ResultsError, match="is a folder without results.json"):
+        load_results(tmp_path)
+    (tmp_path / "latin1.json").write_bytes(b'{"models": {"caf\xe9": {}}}')
+    with pytest.raises(ResultsError, match="not a UTF-8 text file"):
+        load_results(tmp_path / "latin1.json")
+    for key, value in (("domains", 5), ("primary_domain", 1)):
+        bad = json.loads(json.dumps(full))
+        bad["meta"][key] = value
+        with pytest.raises(ResultsError, match=f"meta.{key} must be a name"):
+            load_results(bad)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OutputExistsError, match="is a file"):
+        write_report(full, tmp_path / "afile", overwrite=True)
+
+
+def test_a_timing_that_is_not_a_number_reads_not_measured(tmp_path, full):
+    full["meta"]["timings"] = {"testbed": float("nan"), "merges": 12.5}
+    done = write_report(full, tmp_path / "r")
+    text = done["markdown"].read_text()
+    assert "not measured" in text and "12.5 s" in text

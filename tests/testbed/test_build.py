@@ -125,3 +125,29 @@ def test_family_ordering(micro_build, seed):
         assert expert[d] > s["base"][d], s
         assert merged["safety"] > expert["safety"], s
         assert merged[d] > s["base"][d], s
+
+
+def test_a_damaged_cache_entry_is_built_again(micro0, tmp_path, monkeypatch):
+    import shutil
+
+    import safemerge.testbed.build as tb
+
+    monkeypatch.setenv("SAFEMERGE_CACHE", str(tmp_path / "cache"))
+    entry = tmp_path / "cache" / "testbed" / cache_key(seed=0, preset="micro", domains=("finance", "medicine"))
+    shutil.copytree(micro0, entry)
+    (entry / tb.MANIFEST).write_text(json.dumps(tb._manifest(entry)))
+    builds = []
+
+    def fake_build(tmp, **kw):  # stands in for training: the family as it is
+        builds.append(kw)
+        shutil.copytree(micro0, tmp, dirs_exist_ok=True)
+
+    monkeypatch.setattr(tb, "_build_into", fake_build)
+    build_testbed(tmp_path / "copy", seed=0, preset="micro", progress=False)
+    assert builds == [] and not (tmp_path / "copy" / tb.MANIFEST).exists()
+    (entry / "aligned" / "model.safetensors").write_bytes(b"x" * 100)  # truncated, as by a full disk
+    (entry / "expert-finance" / "model.safetensors").unlink()
+    again = build_testbed(tmp_path / "again", seed=0, preset="micro", progress=False)
+    assert len(builds) == 1 and tb._intact(entry)
+    for m in MODELS:
+        assert digest(again / m / "model.safetensors") == digest(micro0 / m / "model.safetensors")

@@ -27,6 +27,7 @@ from safemerge.align.data import PreferenceDataError, as_chat, is_chat, load_pre
 from safemerge.align.progress import RichProgress
 from safemerge.align.settings import AlignSettings
 from safemerge.checkpoint import Checkpoint, atomic_output
+from safemerge.engine import check_apart
 from safemerge.errors import CheckpointError, ConfigError
 
 RUN_RECORD = "align_run.json"  # in OUT/adapter/
@@ -77,6 +78,9 @@ def align(
         seed=seed)
     src = _model_dir(model)
     ckpt = Checkpoint(src)
+    check_apart(out, [src])  # with --overwrite the output would replace the model it tunes
+    if isinstance(data, (str, os.PathLike)) and Path(out).expanduser().resolve() in Path(data).expanduser().resolve().parents:
+        raise ConfigError(f"{out}: the preference data {data} lies inside the output folder; write the model elsewhere")
     device = _device(device)
     _check_trl()
     started = time.perf_counter()
@@ -88,6 +92,7 @@ def align(
             pairs = [as_chat(p) for p in pairs]
         out_dtype = _stored_dtype(ckpt)
         net = _load_model(src, device=device, stored=out_dtype)
+        _check_targets(net, settings)
         _zero_dropout(net)
         bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
         length = settings.max_length or min(1024, getattr(net.config, "max_position_embeddings", None) or 1024)
@@ -176,6 +181,18 @@ def _load_model(src: Path, *, device: str, stored: torch.dtype):
     if device == "cuda" and stored in (torch.bfloat16, torch.float16):
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     return AutoModelForCausalLM.from_pretrained(str(src), dtype=dtype, trust_remote_code=False, use_safetensors=True)
+
+
+def _check_targets(model, s: AlignSettings) -> None:
+    """Each named LoRA target must be the last part of some linear layer's name ("all-linear" and other
+    single strings are peft's to read); else a ConfigError that lists the model's linear layer names."""
+    if isinstance(s.target_modules, str):
+        return
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    missing = [t for t in s.target_modules if t not in linear]
+    if not s.target_modules or missing:
+        raise ConfigError(f"--target-modules: {', '.join(missing) or 'none given'} is not a linear layer of this model; "
+                          f"choose from {', '.join(linear)} (or all-linear)")
 
 
 def _zero_dropout(model) -> None:

@@ -48,7 +48,7 @@ def _print(done: dict) -> None:
 
 
 def seeds(
-    runs: Annotated[list[Path], typer.Argument(help="Two or more results.json files, or the folders `safemerge repro` wrote them in.")],
+    runs: Annotated[list[Path], typer.Argument(help="results.json files (one per seed, same preset and domains), or the folders `safemerge repro` wrote them in.")],
     out_file: Annotated[Optional[Path], typer.Option("--out", help="Also write the Markdown here.")] = None,
 ) -> None:
     """Several runs (one per seed) side by side: knowledge / safety of every model, and each claim's verdict."""
@@ -57,5 +57,7 @@ def seeds(
     with user_errors():
         text = seeds_table(runs)
         if out_file is not None:
-            out_file.write_text(text)
+            from safemerge.checkpoint import check_output_file
+
+            check_output_file(out_file, overwrite=True).write_text(text)
     print(text, end="")

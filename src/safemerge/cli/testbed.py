@@ -37,7 +37,7 @@ def build(
     out.print("models: " + ", ".join(summary["models"]))
     out.print("data:   " + ", ".join(f"{k} ({v})" for k, v in summary["data"].items()))
     if summary.get("seconds") is not None:
-        console.print(f"built in {summary['seconds']:.1f} s (see build.json)")
+        console.print(f"the build took {summary['seconds']:.1f} s (build.json; a copy from the cache takes seconds)")
 
 
 def _summary(path: Path) -> dict:

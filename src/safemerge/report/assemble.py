@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 import os
 import shutil
 from pathlib import Path
@@ -61,6 +62,11 @@ def write_report(results: dict | str | os.PathLike, out_dir: str | os.PathLike, 
 
 
 def _write_all(out: Path, files: dict[str, bytes], *, stale: list[Path]) -> None:
+    from safemerge.checkpoint import check_folder
+
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out}: is a file; the report is written into a folder")
+    check_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".report.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -97,7 +103,8 @@ def _timings(res: Results) -> list[tuple[str, str]]:
     timings = res.meta.get("timings")
     if not isinstance(timings, dict):
         return []
-    return [(str(k), _duration(v) if isinstance(v, (int, float)) else str(v)) for k, v in timings.items()]
+    return [(str(k), _duration(v) if isinstance(v, (int, float)) and math.isfinite(v) else "not measured" if v is None
+             or isinstance(v, float) else str(v)) for k, v in timings.items()]
 
 
 def _duration(seconds: float) -> str:

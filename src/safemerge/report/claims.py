@@ -180,7 +180,11 @@ def _not_dominated(res: Results, cid: str, label: str, name: str) -> Claim:
     """PASS when no model of method `name` (the model called `name` and its variants, e.g. DPO with an SFT
     term) dominates MergeAlign's point; each is compared on what it shares with MergeAlign."""
     text = f"MergeAlign's knowledge-safety point is not dominated by {label}'s"
-    models = _resolve(res, _mergealign, _by_name(name, name, label))
+    def first_of_method(r: Results) -> ModelResult | str:  # the model called `name`, else any of its method
+        found = r.models.get(name) or next(iter(r.by_method(name)), None)
+        return found if found is not None else f"no model of method '{name}' ({label}) in the results"
+
+    models = _resolve(res, _mergealign, first_of_method)
     if isinstance(models, str):
         return Claim(cid, text, "SKIPPED", models)
     m, first = models

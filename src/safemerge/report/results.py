@@ -90,11 +90,17 @@ def load_results(results: dict | str | Path) -> Results:
     src = "results"
     if not isinstance(results, dict):
         path = Path(results)
+        if path.is_dir() and (path / "results.json").is_file():
+            path = path / "results.json"  # a run's folder, as `seeds` takes it
         src = str(path)
         try:
-            results = json.loads(path.read_text())
+            results = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ResultsError(f"{path}: no such file; pass the results.json that `safemerge repro` wrote") from None
+        except IsADirectoryError:
+            raise ResultsError(f"{path}: is a folder without results.json; pass the results.json that `safemerge repro` wrote") from None
+        except UnicodeDecodeError:
+            raise ResultsError(f"{path}: not a UTF-8 text file; pass the results.json that `safemerge repro` wrote") from None
         except json.JSONDecodeError as e:
             raise ResultsError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(results, dict) or not isinstance(results.get("models"), dict):
@@ -102,6 +108,11 @@ def load_results(results: dict | str | Path) -> Results:
     meta = results.get("meta") or {}
     if not isinstance(meta, dict):
         raise ResultsError(f"{src}: 'meta' must be an object, got {type(meta).__name__}")
+    for key in ("domains", "primary_domain"):
+        value = meta.get(key)
+        if value is not None and not (isinstance(value, str) or
+                                      (isinstance(value, list) and all(isinstance(d, str) for d in value))):
+            raise ResultsError(f"{src}: meta.{key} must be a name, \"a,b\" or a list of names, got {value!r}")
     models = [_model(name, raw, f"{src}: models.{name}") for name, raw in results["models"].items()]
     models.sort(key=_order_key)
     tasks = _union(m.domain for m in models)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from safemerge.report.claims import check_claims
-from safemerge.report.results import Results, knowledge, load_results, mean, safety
+from safemerge.report.results import Results, ResultsError, knowledge, load_results, mean, safety
 
 
 def _load(path: str | os.PathLike) -> Results:
@@ -27,6 +27,20 @@ def _label(res: Results, path: str | os.PathLike, i: int) -> str:
     return f"seed {seed}" if seed is not None else f"run {i + 1} ({Path(path).name})"
 
 
+def _same_study(runs: list[Results], paths: Sequence[str | os.PathLike]) -> None:
+    """Runs side by side must differ in their seed only: a mean over presets or knowledge domains means nothing."""
+    def study(r: Results) -> dict:
+        return {"preset": r.meta.get("preset"), "domains": list(r.domains), "knowledge domains": list(r.focus)}
+
+    first = study(runs[0])
+    for r, p in zip(runs[1:], paths[1:]):
+        other = study(r)
+        diff = [k for k in first if first[k] != other[k]]
+        if diff:
+            raise ResultsError(f"{p}: differs from {paths[0]} in {', '.join(f'{k} ({other[k]} vs {first[k]})' for k in diff)}; "
+                               "put side by side only runs of one study (seeds of the same preset and domains)")
+
+
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}"
 
@@ -34,7 +48,10 @@ def _pct(x: float | None) -> str:
 def seeds_table(results: Sequence[str | os.PathLike]) -> str:
     """Markdown tables of several runs of the same study: models × runs, then claims × runs."""
     runs = [_load(p) for p in results]
+    _same_study(runs, results)
     labels = [_label(r, p, i) for i, (r, p) in enumerate(zip(runs, results))]
+    if len(set(labels)) < len(labels):  # e.g. one seed run twice: name each by its folder too
+        labels = [f"{lab} ({Path(p).name})" for lab, p in zip(labels, results)]
     names: list[str] = []
     for r in runs:
         names += [n for n in r.models if n not in names]
@@ -48,7 +65,8 @@ def seeds_table(results: Sequence[str | os.PathLike]) -> str:
             k, s = (knowledge(m, r), safety(m)) if m is not None else (None, None)
             ks.append(k), ss.append(s)
             cells.append(f"{_pct(k)} / {_pct(s)}")
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_pct(mean(ks))} / {_pct(mean(ss))} |")
+        known = lambda xs: [x for x in xs if x is not None]  # noqa: E731 (a run without the model is left out)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_pct(mean(known(ks)))} / {_pct(mean(known(ss)))} |")
     lines += ["", "*knowledge = mean accuracy on the knowledge domains "
               f"({', '.join(runs[0].focus) or 'every domain'}); safety = mean safe-answer rate over the safety sets.*",
               "", "**Claims, per run**", "", "| claim | " + " | ".join(labels) + " |", "|---|" + "---|" * len(runs)]

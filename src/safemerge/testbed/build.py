@@ -61,14 +61,36 @@ def build_testbed(out: str | os.PathLike, *, seed: int = 0, preset: str = "small
             _build_into(tmp, seed=seed, spec=spec, domains=doms, key=key, progress=progress)
         return out
     cached = root / "testbed" / key
-    if not (cached / "world.json").is_file():
+    if _intact(cached):
+        if progress:
+            _console().print(f"testbed: using the cached build {cached}")
+    else:
+        if progress and cached.exists():
+            _console().print(f"testbed: the cached build {cached} is incomplete or changed; building it again")
         with atomic_output(cached, overwrite=True) as tmp:
             _build_into(tmp, seed=seed, spec=spec, domains=doms, key=key, progress=progress)
-    elif progress:
-        _console().print(f"testbed: using the cached build {cached}")
+            (tmp / MANIFEST).write_text(json.dumps(_manifest(tmp), indent=1, sort_keys=True) + "\n")
     with atomic_output(out, overwrite=overwrite) as tmp:
-        shutil.copytree(cached, tmp, dirs_exist_ok=True)
+        shutil.copytree(cached, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MANIFEST))
     return out
+
+
+MANIFEST = ".cache-manifest.json"  # in a cached build: every file's size and sha256, checked before each copy
+
+
+def _manifest(folder: Path) -> dict[str, list]:
+    return {str(f.relative_to(folder)): [f.stat().st_size, hashlib.sha256(f.read_bytes()).hexdigest()]
+            for f in sorted(folder.rglob("*")) if f.is_file() and f.name != MANIFEST}
+
+
+def _intact(cached: Path) -> bool:
+    """Whether a cached build is whole: every file its manifest lists, with the same size and content, and no
+    other (an interrupted copy, a deleted or truncated file, or a hand edit means building it again)."""
+    try:
+        listed = json.loads((cached / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return listed == _manifest(cached)
 
 
 def canonical_domains(domains: Iterable[str] | str) -> tuple[str, ...]:
