@@ -271,7 +271,6 @@ class TransformersBackend:
             for s, o in zip(seqs, outs)
         ]
 
-
     def _check_lengths(self, seqs: Sequence[Sequence[int]], max_new_tokens: int, eos: list[int]) -> None:
         """Warn (the answers are still generated, as asked) when no end-of-sequence token is known, so every
         answer runs to max_new_tokens, and when prompt + answer outgrow the context the model was trained for."""
