@@ -261,6 +261,20 @@ def test_a_base_without_tokenizer_warns_and_names_a_model_that_has_one(tmp_path,
         safemerge.merge(ta_config(dict(tiny_family, base=base)), tmp_path / "out", progress=False)
 
 
+def test_a_tensor_only_one_input_has_is_named_in_a_warning(tmp_path, tiny_family):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    extra = shutil.copytree(tiny_family["expert"], tmp_path / "extra")
+    sd = load_file(extra / "model.safetensors")
+    sd["model.extra_head.weight"] = torch.zeros(4, 4)
+    save_file(sd, extra / "model.safetensors", metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match=r"extra: 1 tensor\(s\) that .* lacks are left out of the merge \(e.g. 'model.extra_head.weight'\)"):
+        out = safemerge.merge(ta_config(dict(tiny_family, expert=extra)), tmp_path / "out", progress=False)
+    assert "model.extra_head.weight" not in Checkpoint(out).names()
+
+
 def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, tiny_family):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")

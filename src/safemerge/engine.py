@@ -123,6 +123,12 @@ def _plan(config: MergeConfig, *, allow_pickle: bool) -> _Plan:
                         "(resize the embeddings of one to the other's vocabulary) before merging"
                         if "embed" in name or "lm_head" in name or "wte" in name else "")
                 raise CheckpointError(f"{model}: tensor {name!r} has shape {list(b)} but {reference.path} has {list(a)}{hint}")
+        known = set(names)
+        extra = [n for n in ckpt.names() if n not in known and ckpt.dtype(n).is_floating_point
+                 and not (n.endswith("lm_head.weight") and tied_source(n, reference.names()))]
+        if extra:
+            warnings.warn(f"{model}: {len(extra)} tensor(s) that {reference.path} lacks are left out of the merge "
+                          f"(e.g. {extra[0]!r}); the output has the tensors of {reference.path}", stacklevel=3)
     fixed = DTYPES.get(config.out_dtype or config.dtype or "")
     out_dtype = {n: fixed or reference.dtype(n) for n in names}
     return _Plan(config, spec, models, reference, names, out_dtype, num_layers(names, reference.config))
