@@ -129,3 +129,77 @@ def test_a_file_output_is_checked_before_any_work(tmp_path):
         check_output_file(tmp_path / "f" / "sub" / "out.jsonl")
     assert check_output_file(tmp_path / "f", overwrite=True) == tmp_path / "f"
     assert check_output_file(tmp_path / "new" / "out.jsonl") == tmp_path / "new" / "out.jsonl"
+
+
+def test_hub_cache_shards_that_are_symlinks_are_read(tmp_path):
+    """The Hugging Face hub cache keeps a snapshot's files as links to ../../blobs/<hash>."""
+    blobs, snap = tmp_path / "blobs", tmp_path / "snapshots" / "abc"
+    blobs.mkdir()
+    snap.mkdir(parents=True)
+    a = torch.randn(3, 4)
+    save_file({"a": a}, blobs / "1f2e")
+    (blobs / "9c0d").write_text(json.dumps({"weight_map": {"a": "model-00001-of-00001.safetensors"}}))
+    (snap / "model-00001-of-00001.safetensors").symlink_to("../../blobs/1f2e")
+    (snap / "model.safetensors.index.json").symlink_to("../../blobs/9c0d")
+    torch.testing.assert_close(Checkpoint(snap).get("a"), a)
+    (snap / "model.safetensors.index.json").unlink()
+    (snap / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "/abs/x.safetensors"}}))
+    with pytest.raises(CheckpointError, match="points outside the model directory"):
+        Checkpoint(snap)
+
+
+def test_a_single_file_wins_over_a_stale_index_as_in_transformers(tmp_path):
+    save_file({"a": torch.ones(2)}, tmp_path / "model.safetensors")
+    save_file({"a": torch.zeros(2)}, tmp_path / "old-1.safetensors")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "old-1.safetensors"}}))
+    torch.testing.assert_close(Checkpoint(tmp_path).get("a"), torch.ones(2))
+
+
+@pytest.mark.parametrize("index", [{"weight_map": {"a": None}}, {"weight_map": {"a": 3}}, {"weight_map": ["a"]}])
+def test_a_malformed_index_is_a_checkpoint_error(tmp_path, index):
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="invalid index"):
+        Checkpoint(tmp_path)
+
+
+def _raw_safetensors(path, header: object, data: bytes = b"\0" * 8):
+    import struct
+
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+@pytest.mark.parametrize("header, words", [
+    (["a"], "not a JSON object"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}}, "malformed header entry"),
+    ({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [4, 0]}}, "malformed header entry"),
+])
+def test_malformed_safetensors_headers_are_named(tmp_path, header, words):
+    _raw_safetensors(tmp_path / "model.safetensors", header)
+    with pytest.raises(CheckpointError, match=words):
+        Checkpoint(tmp_path)
+
+
+def test_unreadable_config_and_pickle_are_checkpoint_errors(tmp_path):
+    save_file({"a": torch.ones(2)}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(CheckpointError, match="config.json: invalid JSON"):
+        Checkpoint(tmp_path)
+    p = tmp_path / "pk"
+    p.mkdir()
+    (p / "pytorch_model.bin").write_bytes(b"not a zip archive")
+    with pytest.raises(CheckpointError, match="cannot be read as a PyTorch checkpoint"):
+        Checkpoint(p, allow_pickle=True)
+
+
+def test_sharded_pickle_fingerprint_covers_every_shard(tmp_path):
+    fps = []
+    for value in (1.0, 2.0):
+        d = tmp_path / str(value)
+        d.mkdir()
+        torch.save({"a": torch.full((2,), value)}, d / "pytorch_model-00001-of-00002.bin")
+        torch.save({"b": torch.ones(2)}, d / "pytorch_model-00002-of-00002.bin")
+        (d / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {
+            "a": "pytorch_model-00001-of-00002.bin", "b": "pytorch_model-00002-of-00002.bin"}}))
+        fps.append(Checkpoint(d, allow_pickle=True).fingerprint())
+    assert fps[0] != fps[1]

@@ -74,7 +74,7 @@ def test_an_error_with_brackets_is_printed_as_text(tmp_path, model):
     assert r.exception is None or isinstance(r.exception, SystemExit)
 
 
-@pytest.mark.parametrize("size", ["5XB", "0", "-5MB", "lots"])
+@pytest.mark.parametrize("size", ["5XB", "0", "-5MB", "lots", "infGB", "1e400GB"])
 def test_a_bad_shard_size_is_a_usage_error(tmp_path, tiny_family, size):
     cfg = tmp_path / "c.yml"
     cfg.write_text(yaml.safe_dump({"merge_method": "linear", "models": [{"model": str(tiny_family["base"]), "parameters": {"weight": 1}}]}))

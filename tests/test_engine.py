@@ -275,6 +275,20 @@ def test_a_tensor_only_one_input_has_is_named_in_a_warning(tmp_path, tiny_family
     assert "model.extra_head.weight" not in Checkpoint(out).names()
 
 
+def test_empty_and_scalar_tensors_are_merged(tmp_path):
+    from safetensors.torch import save_file
+
+    for name, scale in (("base", 0.0), ("expert", 1.0)):
+        (tmp_path / name).mkdir()
+        save_file({"e": torch.zeros(0, 4), "s": torch.tensor(1.0 + scale), "w": torch.ones(2, 3) * scale},
+                  tmp_path / name / "model.safetensors")
+    cfg = {"merge_method": "task_arithmetic", "base_model": str(tmp_path / "base"),
+           "models": [{"model": str(tmp_path / "expert"), "parameters": {"weight": 0.5}}]}
+    out = Checkpoint(safemerge.merge(cfg, tmp_path / "out", progress=False))
+    assert out.get("e").shape == (0, 4) and float(out.get("s")) == 1.5
+    torch.testing.assert_close(out.get("w"), torch.full((2, 3), 0.5))
+
+
 def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, tiny_family):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")

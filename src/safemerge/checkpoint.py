@@ -67,6 +67,8 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
             header = json.loads(f.read(n))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{file}: cannot read the safetensors header ({e}); re-download or re-save it") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: the safetensors header is not a JSON object; re-download or re-save it")
     header.pop("__metadata__", None)
     infos, data_start = {}, 8 + n
     for name, h in header.items():
@@ -74,6 +76,8 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
             dtype = ST_DTYPES[h["dtype"]]
             shape = tuple(int(d) for d in h["shape"])
             begin, end = (int(x) for x in h["data_offsets"])
+            if begin < 0 or end < begin or any(d < 0 for d in shape):
+                raise ValueError
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{file}: tensor {name!r} has a malformed header entry; re-save the file") from None
         numel = 1
@@ -119,13 +123,15 @@ class Checkpoint:
             return read_header(p)
         if (p / "config.json").exists():
             try:
-                self.config = json.loads((p / "config.json").read_text())
-            except json.JSONDecodeError as e:
+                self.config = json.loads((p / "config.json").read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise CheckpointError(f"{p / 'config.json'}: invalid JSON ({e})") from None
+            if not isinstance(self.config, dict):
+                raise CheckpointError(f"{p / 'config.json'}: not a JSON object; re-save the model's config")
+        if (p / "model.safetensors").exists():  # before an index, as transformers loads them
+            return read_header(p / "model.safetensors")
         if (p / INDEX_NAME).exists():
             return self._sharded(p / INDEX_NAME)
-        if (p / "model.safetensors").exists():
-            return read_header(p / "model.safetensors")
         files = sorted(p.glob("*.safetensors"))
         if files:
             infos: dict[str, TensorInfo] = {}
@@ -139,15 +145,19 @@ class Checkpoint:
 
     def _sharded(self, index_file: Path) -> dict[str, TensorInfo]:
         try:
-            weight_map: dict[str, str] = json.loads(index_file.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise CheckpointError(f"{index_file}: invalid index (needs a 'weight_map' object)") from None
-        root = index_file.parent.resolve()
+            weight_map: dict[str, str] = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v for v in weight_map.values()):
+                raise TypeError
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            raise CheckpointError(f"{index_file}: invalid index (needs a 'weight_map' object of tensor -> shard file)") from None
+        root = index_file.parent
         headers: dict[str, dict[str, TensorInfo]] = {}
         infos = {}
         for name, shard in weight_map.items():
-            file = (root / shard).resolve()
-            if root not in file.parents:
+            # the entry must name a file in the folder itself (no absolute path, no ".."); the file may be a
+            # symlink, as in the Hugging Face hub cache, where shards link to ../../blobs/
+            file = root / shard
+            if Path(shard).is_absolute() or ".." in Path(shard).parts:
                 raise CheckpointError(
                     f"{index_file}: weight_map entry for {name!r} points outside the model directory ({shard}); fix the index"
                 )
@@ -168,12 +178,21 @@ class Checkpoint:
                 "allow_pickle=True in the Python API"
             )
         tensors: dict[str, torch.Tensor] = {}
+        where: dict[str, Path] = {}
         for f in files:
             if f.name.endswith(".json"):
                 continue
-            tensors.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+            try:
+                loaded = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # corrupt, legacy (non-zip) or not a state dict: torch raises many kinds
+                raise CheckpointError(f"{f}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e}); "
+                                      "convert it to safetensors") from None
+            if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+                raise CheckpointError(f"{f}: is not a state dict of tensors; convert it to safetensors")
+            tensors.update(loaded)
+            where.update(dict.fromkeys(loaded, f))
         self._pickled = tensors
-        return {k: TensorInfo(files[0], v.dtype, tuple(v.shape), 0, 0) for k, v in tensors.items()}
+        return {k: TensorInfo(where[k], v.dtype, tuple(v.shape), 0, 0) for k, v in tensors.items()}
 
     # -- public reading API -------------------------------------------------------------------------
     def names(self) -> list[str]:

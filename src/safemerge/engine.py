@@ -95,6 +95,9 @@ class _Plan:
             step = rows
             if self.spec.elementwise and shape and _numel(shape) > chunk_elements:
                 step = max(1, chunk_elements // row_elems)
+            if rows == 0:  # an empty tensor: one empty item (the writer plans its 0 bytes)
+                yield _Item(name, 0, 0)
+                continue
             for start in range(0, rows, step):
                 yield _Item(name, start, min(rows, start + step))
 

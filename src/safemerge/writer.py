@@ -87,7 +87,7 @@ class ShardedWriter:
             self._open = (shard, f)
         data = data.detach().to("cpu").contiguous()
         if data.numel():
-            self._open[1].write(memoryview(data.view(torch.uint8).numpy().reshape(-1)))
+            self._open[1].write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
         self._pending += data.numel() * data.dtype.itemsize
         begin, end = meta["data_offsets"]
         if self._pending > end - begin:

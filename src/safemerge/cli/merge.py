@@ -117,7 +117,7 @@ def parse_size(text: str) -> int:
                 break
         else:
             size = int(t)
-    except ValueError:
+    except (ValueError, OverflowError):  # not a number, or inf / 1e400
         size = 0
     if size <= 0:
         raise typer.BadParameter(f"{text!r} is not a positive size; write e.g. 5GB, 500MB or 2GiB", param_hint="--shard-size")
