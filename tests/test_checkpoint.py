@@ -112,6 +112,17 @@ def test_atomic_output_leaves_nothing_on_error_and_refuses_overwrite(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["new"]
 
 
+def test_a_failed_output_removes_the_folders_made_for_it(tmp_path):
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(RuntimeError):
+        with atomic_output(tmp_path / "kept" / "new" / "deeper" / "out"):
+            raise RuntimeError("boom")
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"] and not list((tmp_path / "kept").iterdir())
+    with atomic_output(tmp_path / "kept" / "new" / "out") as tmp:
+        (tmp / "x").write_text("x")
+    assert (tmp_path / "kept" / "new" / "out" / "x").exists()
+
+
 def test_zero_dim_tensor_reads(tmp_path):
     save_file({"s": torch.tensor(3.5, dtype=torch.bfloat16), "v": torch.ones(3)}, tmp_path / "model.safetensors")
     x = Checkpoint(tmp_path).get("s")

@@ -352,6 +352,7 @@ def atomic_output(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Ite
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out}: already exists; choose another path or pass --overwrite (overwrite=True)")
     check_folder(out)
+    made = [p for p in reversed(out.parents) if not p.exists()]  # folders this call creates, outermost first
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -373,6 +374,12 @@ def atomic_output(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Ite
         restore()
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if not out.exists():  # failed: the folders made for it go too (innermost first, only while empty)
+            for folder in reversed(made):
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
 
 
 def check_output_file(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
