@@ -7,16 +7,17 @@ import json
 import pytest
 
 from safemerge.errors import ConfigError, OutputExistsError
-from safemerge.repro import Repro, _ordered_domains, repro
+from safemerge.repro import Repro, repro
+from safemerge.testbed.build import ordered_domains
 
 
 def test_domains_keep_their_order_once_each():
-    assert _ordered_domains("finance, medicine,finance") == ("finance", "medicine")
-    assert _ordered_domains(["medicine", "medicine"]) == ("medicine",)
+    assert ordered_domains("finance, medicine,finance") == ("finance", "medicine")
+    assert ordered_domains(["medicine", "medicine"]) == ("medicine",)
     with pytest.raises(ConfigError, match="domain"):
-        _ordered_domains(" , ")
+        ordered_domains(" , ")
     with pytest.raises(ConfigError, match="'law' is unknown"):
-        _ordered_domains(["medicine", "law"])
+        ordered_domains(["medicine", "law"])
 
 
 @pytest.mark.parametrize("kwargs, error, message", [

@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 import warnings
+from pathlib import Path
 from typing import Iterator
+
+
+def is_hub_id(name: str | os.PathLike) -> bool:
+    """Whether a name that is not a local path reads as a hub id "org/name": one slash, and `org` is not a
+    local folder (then it is a mistyped local path, and nothing waits on the network for it)."""
+    return (isinstance(name, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
+            and not Path(name).expanduser().parent.is_dir())
 
 
 @contextlib.contextmanager

@@ -114,6 +114,7 @@ def _plan(config: MergeConfig, *, allow_pickle: bool) -> _Plan:
     models = {m: Checkpoint(m, allow_pickle=allow_pickle) for m in config.input_models()}
     reference = models[config.base_model or config.models[0].model]
     names = stream_order(n for n in reference.names() if reference.dtype(n).is_floating_point)
+    known = set(names)
     for model, ckpt in models.items():
         for name in names:
             src = name if name in ckpt else tied_source(name, ckpt.names())
@@ -126,7 +127,6 @@ def _plan(config: MergeConfig, *, allow_pickle: bool) -> _Plan:
                         "(resize the embeddings of one to the other's vocabulary) before merging"
                         if "embed" in name or "lm_head" in name or "wte" in name else "")
                 raise CheckpointError(f"{model}: tensor {name!r} has shape {list(b)} but {reference.path} has {list(a)}{hint}")
-        known = set(names)
         extra = [n for n in ckpt.names() if n not in known and ckpt.dtype(n).is_floating_point
                  and not (n.endswith("lm_head.weight") and tied_source(n, reference.names()))]
         if extra:

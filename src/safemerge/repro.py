@@ -227,15 +227,15 @@ def repro(*, out: str | os.PathLike = "runs/repro", seed: int = 0, preset: str =
 
 
 def _repro(*, out, seed, preset, domains, skip, progress) -> dict:
-    from safemerge.report import write_report
-    from safemerge.testbed import build_testbed
-
     from safemerge.checkpoint import check_folder
     from safemerge.errors import ConfigError, OutputExistsError
+    from safemerge.report import write_report
+    from safemerge.testbed import build_testbed
+    from safemerge.testbed.build import ordered_domains
 
     if preset not in BUDGETS:
         raise ConfigError(f"preset {preset!r} is unknown; choose {', '.join(BUDGETS)}")
-    domains = _ordered_domains(domains)
+    domains = ordered_domains(domains)  # the first is the primary expert
     unknown = sorted(set(skip) - set(STAGES))
     if unknown:
         raise ConfigError(f"--skip {', '.join(unknown)}: the stages that can be skipped are {', '.join(STAGES)}")
@@ -276,17 +276,6 @@ def _repro(*, out, seed, preset, domains, skip, progress) -> dict:
 
 
 STAGES = ("search", "align")
-
-
-def _ordered_domains(domains: Sequence[str] | str) -> tuple[str, ...]:
-    """The domains as given, de-duplicated (first kept: it is the primary), each checked; a string may list
-    them with commas."""
-    from safemerge.testbed.build import canonical_domains
-
-    names = domains.split(",") if isinstance(domains, str) else list(domains)
-    ordered = tuple(dict.fromkeys(d.strip() for d in names if d.strip()))
-    canonical_domains(ordered)  # unknown or no domains: ConfigError
-    return ordered
 
 
 def _testbed_matches(testbed: Path, *, seed: int, preset: str, domains: Sequence[str]) -> bool:

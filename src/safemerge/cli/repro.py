@@ -29,7 +29,7 @@ def repro(
     from safemerge.repro import repro as run
 
     with user_errors():
-        res = run(out=out_dir, seed=seed, preset=preset, domains=[d.strip() for d in domains.split(",") if d.strip()],
+        res = run(out=out_dir, seed=seed, preset=preset, domains=domains,
                   skip=skip, progress=progress)
     if json_out:
         return emit_json(res)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from safemerge._hf import quiet_datasets
+from safemerge._hf import is_hub_id, quiet_datasets
 from safemerge.errors import SafemergeError
 
 FORMATS = ("auto", "beavertails", "hh-redteam", "plain")
@@ -229,9 +229,8 @@ def read_rows(source: str | os.PathLike, *, split: str | None) -> tuple[list[dic
     path = Path(source).expanduser()
     if path.exists():
         return _read_file(path, split=split)
-    if (isinstance(source, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", source) and path.suffix.lower() not in _SUFFIXES
-            and not path.parent.is_dir()):  # a local folder `org` makes org/name a mistyped path
-        return _read_hub(source, split=split)  # (a name ending in .jsonl etc. is a mistyped file, not a hub dataset)
+    if is_hub_id(source) and path.suffix.lower() not in _SUFFIXES:  # (name.jsonl etc.: a mistyped file)
+        return _read_hub(source, split=split)
     raise DataError(f"{source}: no such file (and not a hub dataset name like 'org/name'); check the path")
 
 
@@ -246,12 +245,12 @@ def _read_file(path: Path, *, split: str | None) -> tuple[list[dict], str, str]:
     raw = path.read_bytes()
     if not raw.strip():
         raise DataError(f"{path}: the file is empty; it needs at least one row")
-    if path.suffix.lower() == ".jsonl":
-        _check_jsonl(path, raw)
     try:
         with quiet_datasets():
             ds = getattr(datasets.Dataset, f"from_{kind}")(str(path), keep_in_memory=True)
     except Exception as e:  # datasets raises many kinds; the message is what matters
+        if path.suffix.lower() == ".jsonl":
+            _check_jsonl(path, raw)  # names the bad line, where datasets names a block of rows
         raise DataError(f"{path}: cannot be read as {kind} ({type(e).__name__}: {_short(e)}); check its format") from None
     if split and split != "train":
         warnings.warn(f"{path}: split={split!r} is ignored for a local file", stacklevel=4)

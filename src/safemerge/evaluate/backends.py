@@ -213,6 +213,7 @@ class TransformersBackend:
         self.batch_size = batch_size
         self.source = source
         self._warned = False
+        self._files: str | None = None  # side_files_digest of `source`, once
 
     @classmethod
     def from_pretrained(
@@ -238,9 +239,10 @@ class TransformersBackend:
     def identity(self) -> dict:
         from safemerge.evaluate.loading import side_files_digest
 
-        folder = Path(self.source)
+        if self._files is None and Path(self.source).is_dir():
+            self._files = side_files_digest(Path(self.source))
         return {"backend": self.name, "dtype": str(self.model.dtype).replace("torch.", ""), "chat_template": template_hash(self.tokenizer),
-                "files": side_files_digest(folder) if folder.is_dir() else None}
+                "files": self._files}
 
     def render(self, prompt: str, settings: GenerationSettings) -> str:
         if settings.chat_template and not getattr(self.tokenizer, "chat_template", None) and not self._warned:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from safemerge._hf import is_hub_id
 from safemerge.errors import CheckpointError, SafemergeError
 
 if TYPE_CHECKING:
@@ -49,8 +49,7 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
     p = Path(model).expanduser()
     if p.exists():
         return p
-    # "org/name" is a hub id, unless `org` is a local folder: then it is a mistyped path (no network wait)
-    if isinstance(model, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", model) and not p.parent.is_dir():
+    if is_hub_id(model):
         try:
             from huggingface_hub import snapshot_download
 
@@ -111,6 +110,7 @@ class ModelRef:
     fingerprint: str | None
     dtype: str
     chat_template: str | None  # the template text (what identifies the prompts), None without one
+    files: str | None = None  # side_files_digest(path): config, generation config and tokenizer files
     backend: Any = None  # the loaded backend: passed in by the caller, or memoised by get_backend
     _tokenizer: Any = None
 
@@ -123,8 +123,7 @@ class ModelRef:
     def identity(self, backend: str = "transformers") -> dict:
         if self.path is None:  # an in-memory backend passed by the caller
             return self.backend.identity()
-        return {"backend": backend, "dtype": self.dtype, "chat_template": _hash(self.chat_template),
-                "files": side_files_digest(self.path)}
+        return {"backend": backend, "dtype": self.dtype, "chat_template": _hash(self.chat_template), "files": self.files}
 
 
 def model_ref(
@@ -139,7 +138,8 @@ def model_ref(
             raise SafemergeError(f"model must be a path or a loaded backend, got {type(model).__name__}")
         dt = str(getattr(getattr(model, "model", None), "dtype", "unknown")).replace("torch.", "")
         template = getattr(model.tokenizer, "chat_template", None)
-        return ModelRef(getattr(model, "source", "<model>"), None, model.fingerprint, dt, template, model, model.tokenizer)
+        return ModelRef(getattr(model, "source", "<model>"), None, model.fingerprint, dt, template, backend=model,
+                        _tokenizer=model.tokenizer)
     path = resolve_model_path(model)
     if store is not None:
         fingerprint = store.fingerprint(path, allow_pickle=allow_pickle)
@@ -147,7 +147,7 @@ def model_ref(
         from safemerge.checkpoint import Checkpoint
 
         fingerprint = Checkpoint(path, allow_pickle=allow_pickle).fingerprint()
-    return ModelRef(str(path), path, fingerprint, _dtype_name(path, dtype), chat_template_text(path))
+    return ModelRef(str(path), path, fingerprint, _dtype_name(path, dtype), chat_template_text(path), side_files_digest(path))
 
 
 def chat_template_text(path: Path) -> str | None:

@@ -118,17 +118,17 @@ def _common_names(cks: list) -> list[str]:
         names += [x for x in ck.names() if x.endswith("lm_head.weight") and x not in names and x not in ref_names
                   and ck.dtype(x).is_floating_point and tied_source(x, ref_names)]
 
-    def shape(ck, nm: str):
-        return ck.shape(nm if nm in ck.names() else tied_source(nm, set(ck.names())))
+    def shape(ck, nm: str, have: set[str]):
+        return ck.shape(nm if nm in have else tied_source(nm, have))
 
     for ck in cks:
         have = set(ck.names())
         for nm in names:
             if nm not in have and not tied_source(nm, have):
                 raise CheckpointError(f"{ck.path}: has no tensor {nm!r}, which {ref.path} has; compare models of one architecture")
-            if shape(ck, nm) != shape(ref, nm):
-                raise CheckpointError(f"{ck.path}: tensor {nm!r} has shape {list(shape(ck, nm))}, {ref.path} has "
-                                      f"{list(shape(ref, nm))}")
+            mine, theirs = shape(ck, nm, have), shape(ref, nm, ref_names)
+            if mine != theirs:
+                raise CheckpointError(f"{ck.path}: tensor {nm!r} has shape {list(mine)}, {ref.path} has {list(theirs)}")
         extra = [x for x in sorted(have) if x not in ref_names and ck.dtype(x).is_floating_point and not x.endswith("lm_head.weight")]
         if extra:
             raise CheckpointError(f"{ck.path}: has tensor {extra[0]!r}, which {ref.path} lacks; compare models of one architecture")

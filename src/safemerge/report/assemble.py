@@ -103,8 +103,14 @@ def _timings(res: Results) -> list[tuple[str, str]]:
     timings = res.meta.get("timings")
     if not isinstance(timings, dict):
         return []
-    return [(str(k), _duration(v) if isinstance(v, (int, float)) and math.isfinite(v) else "not measured" if v is None
-             or isinstance(v, float) else str(v)) for k, v in timings.items()]
+    return [(str(k), _timing(v)) for k, v in timings.items()]
+
+
+def _timing(v) -> str:
+    """Seconds as a duration; None or a non-finite number (NaN) is "not measured"; anything else as written."""
+    if isinstance(v, (int, float)) and math.isfinite(v):
+        return _duration(v)
+    return "not measured" if v is None or isinstance(v, float) else str(v)
 
 
 def _duration(seconds: float) -> str:

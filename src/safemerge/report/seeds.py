@@ -17,11 +17,6 @@ from safemerge.report.claims import check_claims
 from safemerge.report.results import Results, ResultsError, knowledge, load_results, mean, safety
 
 
-def _load(path: str | os.PathLike) -> Results:
-    p = Path(path)
-    return load_results(p / "results.json" if p.is_dir() else p)
-
-
 def _label(res: Results, path: str | os.PathLike, i: int) -> str:
     seed = res.meta.get("seed")
     return f"seed {seed}" if seed is not None else f"run {i + 1} ({Path(path).name})"
@@ -41,13 +36,18 @@ def _same_study(runs: list[Results], paths: Sequence[str | os.PathLike]) -> None
                                "put side by side only runs of one study (seeds of the same preset and domains)")
 
 
+def _mean_known(xs: list[float | None]) -> float | None:
+    """The mean over the runs that have the figure (a run without the model is left out)."""
+    return mean(x for x in xs if x is not None)
+
+
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}"
 
 
 def seeds_table(results: Sequence[str | os.PathLike]) -> str:
     """Markdown tables of several runs of the same study: models × runs, then claims × runs."""
-    runs = [_load(p) for p in results]
+    runs = [load_results(p) for p in results]  # a results.json or the run's folder
     _same_study(runs, results)
     labels = [_label(r, p, i) for i, (r, p) in enumerate(zip(runs, results))]
     if len(set(labels)) < len(labels):  # e.g. one seed run twice: name each by its folder too
@@ -65,8 +65,7 @@ def seeds_table(results: Sequence[str | os.PathLike]) -> str:
             k, s = (knowledge(m, r), safety(m)) if m is not None else (None, None)
             ks.append(k), ss.append(s)
             cells.append(f"{_pct(k)} / {_pct(s)}")
-        known = lambda xs: [x for x in xs if x is not None]  # noqa: E731 (a run without the model is left out)
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_pct(mean(known(ks)))} / {_pct(mean(known(ss)))} |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_pct(_mean_known(ks))} / {_pct(_mean_known(ss))} |")
     lines += ["", "*knowledge = mean accuracy on the knowledge domains "
               f"({', '.join(runs[0].focus) or 'every domain'}); safety = mean safe-answer rate over the safety sets.*",
               "", "**Claims, per run**", "", "| claim | " + " | ".join(labels) + " |", "|---|" + "---|" * len(runs)]
