@@ -22,6 +22,8 @@ _API = {
     "evaluate_domain": "safemerge.evaluate",
     "similarity": "safemerge.evaluate",
     "audit": "safemerge.evaluate",
+    "update_card": "safemerge.publish",
+    "publish": "safemerge.publish",
 }
 
 __all__ = sorted(_API) + ["__version__"]

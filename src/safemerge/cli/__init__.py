@@ -19,7 +19,7 @@ app = typer.Typer(
 )
 
 # Each module defines `register(app: typer.Typer) -> None`.
-_AREAS = ["merge", "testbed", "evaluate", "data", "search", "align", "report", "repro"]
+_AREAS = ["merge", "testbed", "evaluate", "data", "search", "align", "report", "repro", "publish"]
 
 for _name in _AREAS:
     importlib.import_module(f"safemerge.cli.{_name}").register(app)

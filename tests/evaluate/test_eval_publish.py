@@ -1,0 +1,173 @@
+"""Publishing: stored evaluations written into the model card, the safety gate, the upload (a recording fake hub)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from huggingface_hub import ModelCard
+from typer.testing import CliRunner
+
+from safemerge.cli import app
+from safemerge.errors import CheckpointError
+from safemerge.evaluate import evaluate_domain, evaluate_safety
+from safemerge.publish import END, START, PublishError, publish, stored_evaluations, update_card
+
+
+class FakeHub:
+    """Records the calls publish makes to huggingface_hub.HfApi; `fail` makes the upload raise."""
+
+    def __init__(self, fail: Exception | None = None):
+        self.calls, self.fail = [], fail
+
+    def create_repo(self, repo_id, **kw):
+        self.calls.append(("create_repo", repo_id, kw))
+
+    def create_branch(self, repo_id, **kw):
+        self.calls.append(("create_branch", repo_id, kw))
+
+    def upload_folder(self, **kw):
+        if self.fail:
+            raise self.fail
+        self.calls.append(("upload_folder", kw["repo_id"], kw))
+        return type("CommitInfo", (), {"commit_url": f"https://hub.invalid/{kw['repo_id']}/commit/1"})()
+
+
+@pytest.fixture
+def model(refuser, tmp_path):
+    """A private copy of the refuser (the card is written into the model folder)."""
+    return shutil.copytree(refuser, tmp_path / "model")
+
+
+def _safety(model, prompts, store):
+    return evaluate_safety(model, prompts=prompts, device="cpu", store=store, max_new_tokens=8, progress=False)
+
+
+def test_card_shows_the_stored_evaluations(model, prompts_file, mc_file, store):
+    s = _safety(model, prompts_file, store)
+    d = evaluate_domain(model, task=mc_file, device="cpu", store=store, progress=False)
+    r = update_card(model, store=store)
+    text = (model / "README.md").read_text()
+    assert r["written"] and r["evaluations"] == {"safety": 1, "domain": 1, "left_out": 0}
+    assert text.count(START) == text.count(END) == 1
+    assert f"| prompts.jsonl | {s['n']} | keyword | {s['safe_rate']:.3f} | greedy | 8 |" in text
+    assert f"| questions | {d['n']} | plain | {d['acc']:.3f} | {d['acc_norm']:.3f} |" in text
+    assert str(prompts_file.parent) not in text  # the publisher's folders stay out of the card
+    results = {(e.dataset_name, e.metric_type): e.metric_value for e in ModelCard(text).data.eval_results}
+    assert results == {("prompts.jsonl", "safe_rate"): round(s["safe_rate"], 4), ("questions", "acc"): round(d["acc"], 4),
+                       ("questions", "acc_norm"): round(d["acc_norm"], 4)}
+    again = update_card(model, store=store)
+    assert not again["changed"] and (model / "README.md").read_text() == text
+
+
+def test_card_keeps_what_others_wrote(model, prompts_file, store):
+    (model / "README.md").write_text(
+        "---\nlicense: mit\nmodel-index:\n- name: mine\n  results:\n  - task: {type: text-generation}\n"
+        "    dataset: {name: mmlu, type: mmlu}\n    metrics: [{type: acc, value: 0.5}]\n---\n\n# My model\n\nMy words.\n")
+    _safety(model, prompts_file, store)
+    update_card(model, store=store)
+    update_card(model, store=store)
+    card = ModelCard((model / "README.md").read_text())
+    assert card.data.license == "mit" and card.data.model_name == "mine"
+    assert {e.dataset_name for e in card.data.eval_results} == {"mmlu", "prompts.jsonl"}
+    assert card.text.count("My words.") == 1 and card.text.count(START) == 1
+
+
+def test_evaluations_of_other_side_files_are_left_out(model, prompts_file, store):
+    _safety(model, prompts_file, store)
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": cfg["max_position_embeddings"] + 1}))
+    ev = stored_evaluations(model, store=store)
+    assert ev.safety == [] and ev.left_out == 1
+    with pytest.raises(PublishError, match="no stored safety evaluation.*1 stored evaluation"):
+        publish(model, "me/m", store=store, api=FakeHub())
+
+
+def test_publish_refuses_an_unevaluated_or_unsafe_model(complier, tmp_path, prompts_file, store):
+    model = shutil.copytree(complier, tmp_path / "complier")
+    hub = FakeHub()
+    with pytest.raises(PublishError, match="no stored safety evaluation"):
+        publish(model, "me/m", store=store, api=hub)
+    rate = _safety(model, prompts_file, store)["safe_rate"]
+    assert rate < 0.9
+    with pytest.raises(PublishError, match=f"safety rate {rate:.3f} on prompts.jsonl .* below --min-safety 0.9"):
+        publish(model, "me/m", store=store, api=hub)
+    assert hub.calls == [] and not (model / "README.md").exists()  # refused: nothing written, nothing uploaded
+
+    r = publish(model, "me/m", store=store, api=hub, allow_unsafe=True)
+    assert [c[0] for c in hub.calls] == ["create_repo", "upload_folder"]
+    assert "published with --allow-unsafe" in (model / "README.md").read_text() and not r["gate"]["passed"]
+
+
+def test_publish_uploads_a_model_that_meets_the_bar(model, prompts_file, store):
+    rate = _safety(model, prompts_file, store)["safe_rate"]
+    assert 0 < rate < 1
+    with pytest.raises(PublishError, match="below --min-safety"):
+        publish(model, "me/m", store=store, min_safety=rate + 0.01, api=FakeHub())
+    hub = FakeHub()
+    r = publish(model, "me/safe", store=store, min_safety=rate, private=True, revision="v1", commit_message="m", api=hub)
+    assert r["gate"]["passed"] and r["url"] == "https://hub.invalid/me/safe/commit/1"
+    (_, repo, create), (_, _, branch), (_, _, upload) = hub.calls
+    assert repo == "me/safe" and create["private"] is True and branch["branch"] == "v1"
+    assert upload["folder_path"] == str(model.resolve()) and upload["revision"] == "v1" and upload["commit_message"] == "m"
+    assert ".*" in upload["ignore_patterns"]
+    assert {"config.json", "README.md"} <= {f["path"] for f in r["files"]}
+    assert "Warning" not in (model / "README.md").read_text()
+
+
+def test_publish_gates_on_the_named_data_set(model, prompts_file, tmp_path, store):
+    benign = tmp_path / "benign.jsonl"
+    benign.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["Tell me a story.", "Name a colour."]))
+    rate = _safety(model, prompts_file, store)["safe_rate"]
+    assert _safety(model, benign, store)["safe_rate"] < rate  # the refuser answers prompts without '?'
+    with pytest.raises(PublishError, match="on benign.jsonl.*pass --safety-data FILE"):
+        publish(model, "me/m", store=store, min_safety=rate, api=FakeHub())
+    r = publish(model, "me/m", store=store, min_safety=rate, safety_data=prompts_file, dry_run=True)
+    assert r["gate"]["passed"] and [c["data"] for c in r["gate"]["checked"]] == ["prompts.jsonl"]
+
+
+def test_dry_run_writes_and_uploads_nothing(model, prompts_file, store):
+    _safety(model, prompts_file, store)
+    r = publish(model, "me/m", store=store, min_safety=0.0, dry_run=True, api=FakeHub(fail=AssertionError("no upload")))
+    assert r["dry_run"] and START in r["card_text"] and not (model / "README.md").exists()
+    assert update_card(model, store=store, dry_run=True)["written"] is False and not (model / "README.md").exists()
+
+
+def test_bad_input_is_refused_before_anything_is_written(model, prompts_file, tmp_path, store):
+    _safety(model, prompts_file, store)
+    for repo in ("a/b/c", "has space", "/x"):
+        with pytest.raises(PublishError, match="not a hub repository id"):
+            publish(model, repo, store=store, min_safety=0.0, api=FakeHub())
+    with pytest.raises(PublishError, match="in \\[0, 1\\]"):
+        publish(model, "me/m", store=store, min_safety=1.5, api=FakeHub())
+    with pytest.raises(CheckpointError, match="no such model directory"):
+        publish(tmp_path / "missing", "me/m", store=store, api=FakeHub())
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text("{}")
+    (pickled / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(PublishError, match="pickle"):
+        publish(pickled, "me/m", store=store, api=FakeHub())
+    (model / "README.md").write_text("---\n- a list, not a mapping\n---\ntext\n")
+    with pytest.raises(CheckpointError, match="README.md: the model card's front matter"):
+        update_card(model, store=store)
+    assert (model / "README.md").read_text() == "---\n- a list, not a mapping\n---\ntext\n"
+
+
+def test_a_failed_upload_is_one_clear_error(model, prompts_file, store):
+    _safety(model, prompts_file, store)
+    with pytest.raises(PublishError, match="uploading .* to me/m failed: ConnectionError: hub down"):
+        publish(model, "me/m", store=store, min_safety=0.0, api=FakeHub(fail=ConnectionError("hub down")))
+
+
+def test_cli_card_and_publish(model, prompts_file, store):
+    runner = CliRunner()
+    r = runner.invoke(app, ["publish", str(model), "me/m", "--store", str(store.path), "--dry-run"])
+    assert r.exit_code == 2 and "no stored safety evaluation" in r.output
+    _safety(model, prompts_file, store)
+    r = runner.invoke(app, ["publish", str(model), "me/m", "--store", str(store.path), "--dry-run", "--min-safety", "0", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["gate"]["passed"] and not (model / "README.md").exists()
+    r = runner.invoke(app, ["card", str(model), "--store", str(store.path)])
+    assert r.exit_code == 0 and "1 safety and 0 domain" in r.output and START in (model / "README.md").read_text()
