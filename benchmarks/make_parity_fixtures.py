@@ -94,6 +94,26 @@ CASES: dict[str, tuple[str, str, dict]] = {
                                               {"value": 0.1}]}),
         "dtype": "float32",
     }),
+    # mergekit's `slices` form of a whole-model merge, as most community SLERP configs are written
+    "slerp_slices": ("fp32", "exact", {
+        "slices": [{"sources": [{"model": "base", "layer_range": [0, 4]}, {"model": "expert_a", "layer_range": [0, 4]}]}],
+        "merge_method": "slerp", "base_model": "base",
+        "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                             {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+                             {"value": 0.5}]},
+        "dtype": "float32",
+    }),
+    # slice-level parameters between the sources' and the top level's: density 0.4 on mlp tensors from the
+    # slice, elsewhere the top level's 0.6 (a filter that matches nothing falls through to the next level)
+    "ties_slices_params": ("fp32", "exact", {
+        "slices": [{"sources": [{"model": "base", "layer_range": [0, 4]},
+                                {"model": "expert_a", "layer_range": [0, 4], "parameters": {"weight": 1.0}},
+                                {"model": "aligned", "layer_range": [0, 4], "parameters": {"weight": 0.5, "density": 0.7}}],
+                    "parameters": {"density": [{"filter": "mlp", "value": 0.4}]}}],
+        "merge_method": "ties", "base_model": "base",
+        "parameters": {"density": 0.6},
+        "dtype": "float32",
+    }),
     "breadcrumbs": ("fp32", "exact", {
         "merge_method": "breadcrumbs", "base_model": "base",
         "models": _models(expert_a={"weight": 1.0, "density": 0.8, "gamma": 0.05},
@@ -143,7 +163,7 @@ def absolute_config(config: dict, inputs: Path) -> dict:
     cfg = json.loads(json.dumps(config))
     if "base_model" in cfg:
         cfg["base_model"] = str(inputs / cfg["base_model"])
-    for m in cfg["models"]:
+    for m in cfg.get("models", []) + [src for piece in cfg.get("slices", []) for src in piece["sources"]]:
         m["model"] = str(inputs / m["model"])
     return cfg
 

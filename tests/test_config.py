@@ -72,7 +72,7 @@ def test_per_model_params_fall_back_to_global_then_default():
     ({"models": [{"model": "x", "parameters": {"weight": 1, "normalize": True}}]}, ["normalize", "global"]),
     ({"dtype": "float8"}, ["float8"]),
     ({"base_model": None}, ["needs base_model"]),
-    ({"slices": []}, ["slices", "not supported"]),
+    ({"slices": []}, ["give `models` or `slices`, not both"]),
     ({"models": []}, ["models is empty"]),
     ({"models": [{"model": "x", "parameters": {"weight": float("nan")}}]}, ["models[x].parameters.weight", "not a finite"]),
     ({"parameters": {"weight": float("inf")}}, ["parameters.weight", "not a finite"]),
@@ -107,3 +107,43 @@ def test_yaml_errors_name_the_file(tmp_path):
         load_config(p)
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "missing.yml")
+
+
+def _sliced(family, *, ranges=None, **over):
+    b, e = str(family["base"]), str(family["expert"])
+    ranges = ranges or [[0, 3], [0, 3]]  # the tiny family has 3 layers
+    piece = {"sources": [{"model": b, "layer_range": ranges[0]},
+                         {"model": e, "layer_range": ranges[1], "parameters": {"weight": 1.0}}],
+             "parameters": {"density": [{"filter": "mlp", "value": 0.4}]}}
+    return load_config({"merge_method": "ties", "base_model": b, "parameters": {"density": 0.6},
+                        "slices": [{**piece, **over.pop("piece", {})}], **over})
+
+
+def test_a_slice_of_whole_models_reads_as_models(tiny_family):
+    c = _sliced(tiny_family)
+    assert [m.model for m in c.models] == [str(tiny_family["base"]), str(tiny_family["expert"])]
+    # the slice's parameters come before the top level's; where its filter matches nothing, the top level's apply
+    assert method_params(c, tensor="model.layers.0.mlp.up_proj.weight", t=0)[1]["density"] == [0.4]
+    assert method_params(c, tensor="model.layers.0.self_attn.q_proj.weight", t=0)[1]["density"] == [0.6]
+
+
+@pytest.mark.parametrize("over, words", [
+    ({"ranges": [[0, 2], [0, 2]]}, ["layer_range [0, 2] is not the whole stack [0, 3]", "cutting layers"]),
+    ({"ranges": [[0, 3], [1, 3]]}, ["sources[1]", "layer_range [1, 3]"]),
+    ({"piece": {"residual_weight": 0.5}}, ["slices[0]", "unknown key 'residual_weight'"]),
+    ({"piece": {"base_model": "elsewhere"}}, ["slices[0].base_model 'elsewhere' differs"]),
+])
+def test_slices_that_cut_layers_are_refused(tiny_family, over, words):
+    with pytest.raises(ConfigError) as e:
+        _sliced(tiny_family, **over)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_several_slices_or_unknown_models_are_refused(tiny_family):
+    b = str(tiny_family["base"])
+    one = {"sources": [{"model": b, "layer_range": [0, 3]}]}
+    with pytest.raises(ConfigError, match="2 slices: stacking or cutting layers"):
+        load_config({"merge_method": "linear", "slices": [one, one]})
+    with pytest.raises(ConfigError, match="cannot read the layer count of 'nowhere'"):
+        load_config({"merge_method": "linear", "slices": [{"sources": [{"model": "nowhere", "layer_range": [0, 3]}]}]})

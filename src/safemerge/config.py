@@ -171,15 +171,94 @@ def load_config(source: Union[str, os.PathLike, dict, MergeConfig]) -> MergeConf
             raise ConfigError(f"{path}: invalid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a merge config is a YAML mapping with merge_method, models, ...")
-        data = _relative_to(data, path.parent)
+        folder = path.parent
     else:
-        data = source
+        data, folder = source, None
     if "slices" in data:
-        raise ConfigError(f"{where}: `slices` (layer surgery) is not supported; list whole `models` instead")
+        data = _from_slices(data, where, folder)
+    if folder is not None:
+        data = _relative_to(data, folder)
     try:
         return MergeConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(f"{where}: " + "; ".join(_fmt(err) for err in e.errors())) from None
+
+
+def _from_slices(data: dict, where: str, folder: Path | None) -> dict:
+    """mergekit's `slices` form of a whole-model merge as `models`: one slice whose sources all span their
+    model's whole layer stack, which is exactly what mergekit makes of `models` itself. Slice-level
+    `parameters` sit between a source's and the top level's, as in mergekit. Anything else (several
+    slices, partial layer ranges: layer surgery) is an error."""
+    slices = data["slices"]
+    if "models" in data:
+        raise ConfigError(f"{where}: give `models` or `slices`, not both")
+    if not isinstance(slices, list) or len(slices) != 1 or not isinstance(slices[0], dict):
+        n = len(slices) if isinstance(slices, list) else "no list of"
+        raise ConfigError(f"{where}: {n} slices: stacking or cutting layers (frankenmerges, passthrough) is not "
+                          "supported; safemerge merges whole models (one slice whose sources span every layer)")
+    piece = slices[0]
+    for key in piece:
+        if key not in ("sources", "parameters", "base_model"):
+            raise ConfigError(f"{where}: slices[0]: " + _unknown(key, ("sources", "parameters", "base_model"), "a slice"))
+    slice_base, top_base = piece.get("base_model"), data.get("base_model")
+    if slice_base is not None and top_base is not None and slice_base != top_base:
+        raise ConfigError(f"{where}: slices[0].base_model {slice_base!r} differs from base_model {top_base!r}; give one")
+    sources = piece.get("sources")
+    if not isinstance(sources, list) or not sources or not all(isinstance(s, dict) for s in sources):
+        raise ConfigError(f"{where}: slices[0].sources must be a list of {{model, layer_range}} entries")
+    models = []
+    for i, src in enumerate(sources):
+        for key in src:
+            if key not in ("model", "layer_range", "parameters"):
+                raise ConfigError(f"{where}: slices[0].sources[{i}]: "
+                                  + _unknown(key, ("model", "layer_range", "parameters"), "a slice source"))
+        model, span = src.get("model"), src.get("layer_range")
+        if not isinstance(model, str):
+            raise ConfigError(f"{where}: slices[0].sources[{i}].model must be a model path")
+        n = _num_layers(model, folder)
+        if n is None:
+            raise ConfigError(f"{where}: slices[0].sources[{i}]: cannot read the layer count of {model!r} (its "
+                              "config.json) to check its layer_range; use a local model folder, or write `models:`")
+        if span != [0, n]:
+            raise ConfigError(f"{where}: slices[0].sources[{i}] ({model}): layer_range {span} is not the whole "
+                              f"stack [0, {n}]; cutting layers is not supported")
+        models.append({"model": model, **({"parameters": src["parameters"]} if "parameters" in src else {})})
+    out = {k: v for k, v in data.items() if k != "slices"}
+    out["models"] = models
+    if slice_base is not None:
+        out["base_model"] = slice_base
+    if piece.get("parameters"):
+        if not isinstance(piece["parameters"], dict) or not isinstance(data.get("parameters") or {}, dict):
+            raise ConfigError(f"{where}: slices[0].parameters and parameters must be mappings of parameter: value")
+        top = data.get("parameters") or {}
+        out["parameters"] = {**top, **{k: _fallback(v, top[k]) if k in top else v for k, v in piece["parameters"].items()}}
+    return out
+
+
+def _fallback(first: Any, then: Any) -> list:
+    """One filter list that gives `first` where it resolves and `then` elsewhere (a slice's parameter before
+    the top level's, as mergekit reads them): the entries of both, in that order."""
+    def entries(v: Any) -> list:
+        return list(v) if isinstance(v, list) and v and all(isinstance(e, dict) for e in v) else [{"value": v}]
+
+    return entries(first) + entries(then)
+
+
+def _num_layers(model: str, folder: Path | None) -> int | None:
+    """num_hidden_layers (n_layer for GPT-2) from a local model's config.json (also its text_config)."""
+    import json
+
+    for root in ([Path(model)] + ([folder / model] if folder is not None else [])):
+        try:
+            cfg = json.loads((root.expanduser() / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        for c in (cfg, cfg.get("text_config") if isinstance(cfg, dict) else None):
+            if isinstance(c, dict):
+                n = c.get("num_hidden_layers", c.get("n_layer"))
+                if isinstance(n, int):
+                    return n
+    return None
 
 
 def _fmt(err: dict) -> str:
