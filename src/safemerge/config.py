@@ -70,6 +70,13 @@ class MergeConfig(BaseModel):
             raise ValueError(f"dtype {v!r} is not one of {', '.join(DTYPES)}")
         return v
 
+    @field_validator("chat_template")
+    @classmethod
+    def _chat_template(cls, v: Optional[str]) -> Optional[str]:
+        from safemerge.chat_templates import check
+
+        return v if v is None else check(v)
+
     @model_validator(mode="after")
     def _check_method(self) -> "MergeConfig":
         spec = get_method(self.merge_method)

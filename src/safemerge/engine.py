@@ -24,6 +24,7 @@ from typing import Any, Iterator
 import torch
 import yaml
 
+from safemerge import chat_templates
 from safemerge.checkpoint import Checkpoint, atomic_output
 from safemerge.config import DTYPES, MergeConfig, load_config, method_params
 from safemerge.errors import CheckpointError, ConfigError
@@ -378,7 +379,7 @@ def _finish(tmp: Path, cfg: MergeConfig, plan: _Plan, *, title: str | None, card
     tok_path = plan.reference.path if tok in (None, "base") else Path(tok)
     if tok not in (None, "base") and not tok_path.is_dir():
         raise ConfigError(f"tokenizer_source {tok!r} is not a model directory")
-    template = cfg.chat_template if cfg.chat_template and cfg.chat_template != "auto" else None
+    template = chat_templates.resolve(cfg.chat_template, [c.path for c in plan.models.values()])
     copy_side_files(tmp, tokenizer_source=tok_path, generation_source=plan.reference.path, chat_template=template)
     if not _has_tokenizer(tok_path):
         others = [c.path for c in plan.models.values() if _has_tokenizer(c.path)]
@@ -403,10 +404,12 @@ class _progress:
     def __enter__(self):
         if not self.enabled:
             return lambda n: None
+        from rich.console import Console
         from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
         self.bar = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                            TransferSpeedColumn(), TimeRemainingColumn(), transient=True)
+                            TransferSpeedColumn(), TimeRemainingColumn(), transient=True,
+                            console=Console(stderr=True))  # stdout stays for --json
         self.bar.__enter__()
         task = self.bar.add_task(self.label, total=self.total)
         return lambda n: self.bar.advance(task, n)

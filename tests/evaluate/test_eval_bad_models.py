@@ -70,7 +70,10 @@ def test_generation_warns_without_eos_and_past_the_context(refuser, prompts_file
     cfg["max_position_embeddings"] = 16
     (m / "config.json").write_text(json.dumps(cfg))
     with pytest.warns(EvaluationWarning, match="exceeds the model's context of 16 tokens"):
-        evaluate_safety(m, prompts=prompts_file, max_new_tokens=12, device="cpu", store=store, limit=2)
+        first = evaluate_safety(m, prompts=prompts_file, max_new_tokens=12, device="cpu", store=store, limit=2)
+    with pytest.warns(EvaluationWarning, match="exceeds the model's context of 16 tokens"):  # the stored result says it too
+        again = evaluate_safety(m, prompts=prompts_file, max_new_tokens=12, device="cpu", store=store, limit=2)
+    assert again["cached"] and any("context of 16 tokens" in w for w in first["warnings"])
     tok = json.loads((m / "tokenizer_config.json").read_text())
     tok["eos_token"] = None
     (m / "tokenizer_config.json").write_text(json.dumps(tok))

@@ -115,12 +115,25 @@ def test_resume_of_another_search_and_reuse_without_resume_are_errors(tiny_famil
 
 
 def test_grid_shares_one_weight_and_density(tiny_family, family_data, tmp_path):
-    r = search(task_config(tiny_family, "ties", density=0.5), tmp_path / "g", optimizer="grid", steps=2,
+    config = {**task_config(tiny_family, "ties", density=0.5), "parameters": {"normalize": False}}
+    r = search(config, tmp_path / "g", optimizer="grid", steps=2,
                safety_data=family_data["safety"], domain_data=family_data["domain"], progress=False)
     points = [h["params"] for h in r.history]
     assert points == [{"expert.weight": w, "expert.density": d, "aligned.weight": w, "aligned.density": d}
                       for w in (0.5, 1.0) for d in (0.1, 1.0)]
     assert r.score.objective == min(h["objective"] for h in r.history)
+
+
+def test_grid_skips_a_shared_weight_that_normalising_cancels(tiny_family):
+    from safemerge.search.grid import grid_points
+    from safemerge.search.space import SearchSpace
+
+    # TIES normalises by default: Σ w·τ / Σ w is the same for every shared w, so only the density axis is searched
+    points = grid_points(SearchSpace(task_config(tiny_family, "ties", density=0.5)), 3)
+    assert [(p["expert.weight"], p["expert.density"]) for p in points] == [(1.0, 0.1), (1.0, 0.55), (1.0, 1.0)]
+    assert len(grid_points(SearchSpace({**task_config(tiny_family, "linear"), "base_model": None}), 3)) == 1
+    line = grid_points(SearchSpace(task_config(tiny_family)), 3)  # task arithmetic does not normalise
+    assert [p["expert.weight"] for p in line] == pytest.approx([1 / 3, 2 / 3, 1.0])
 
 
 @pytest.mark.parametrize("lam, favoured", [(0.0, "expert"), (1.0, "aligned")])

@@ -67,6 +67,9 @@ def test_one_refusal_per_question_from_the_models_that_refused(tmp_path, prompts
     # the choice among refusers is seeded: the same seed gives the same file
     synthesize_safety([a, b], tmp_path / "t.jsonl", prompts=prompts_file, seed=3, progress=False)
     assert _rows(tmp_path / "t.jsonl") == rows
+    # fewer rows than asked for: said, with what was dropped
+    with pytest.warns(UserWarning, match="4 rows of the 6 asked for \\(dropped: 1 duplicate, 2 no refusal\\)"):
+        synthesize_safety([a, b], tmp_path / "u.jsonl", prompts=prompts_file, n=6, seed=3, progress=False)
 
 
 def test_generated_questions_are_deduplicated_and_never_copy_an_example():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -21,17 +22,34 @@ class UserError(Exception):
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Print SafemergeError/UserError (and Ctrl-C) as one line and exit non-zero."""
+    """Print SafemergeError/UserError (and Ctrl-C) as one line and exit non-zero; warnings as one line each."""
     from safemerge.errors import SafemergeError
 
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            warnings.showwarning = _show_warning
+            yield
     except (SafemergeError, UserError) as e:
         console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)  # the message is text, never markup
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         console.print("[bold red]interrupted[/]: nothing was written at the target path")
         raise typer.Exit(130) from None
+
+
+def _show_warning(message, *args, **kwargs) -> None:
+    console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False)
+
+
+@contextmanager
+def loading_models() -> Iterator[None]:
+    """user_errors for commands that load models: also no transformers progress bar per model load."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    with user_errors():
+        yield
 
 
 def emit_json(obj: Any) -> None:

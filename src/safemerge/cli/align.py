@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from safemerge.cli._common import emit_json, out, user_errors
+from safemerge.cli._common import emit_json, loading_models, out
 
 
 class Method(str, Enum):
@@ -57,7 +57,7 @@ def align(
     from safemerge.align import load_run
 
     targets = target_modules if target_modules == "all-linear" else [t.strip() for t in target_modules.split(",") if t.strip()]
-    with user_errors():
+    with loading_models():
         path = run_align(model, data=data, out=out_dir, method=method.value, lora_r=lora_r, lora_alpha=lora_alpha,
                          lora_dropout=lora_dropout, target_modules=targets, lr=lr, warmup_steps=warmup_steps,
                          batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, max_samples=max_samples,

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from safemerge.cli._common import emit_json, out, user_errors
+from safemerge.cli._common import emit_json, loading_models, out
 
 data_app = typer.Typer(help="Make synthetic search data: refusals from a pool, domain Q&A by self-questioning.",
                        no_args_is_help=True)
@@ -38,7 +38,7 @@ def safety(
     """Refusals written by the pool: every pool model answers every unsafe question; a judge keeps refusals."""
     from safemerge.data.synthetic import synthesize_safety
 
-    with user_errors():
+    with loading_models():
         report = synthesize_safety(pool, out_file, prompts=prompts, generator=generator, examples=examples, n=n,
                                    judge=judge, judge_model=judge_model, seed=seed, max_new_tokens=max_new_tokens,
                                    device=device, overwrite=overwrite, progress=progress)
@@ -65,7 +65,7 @@ def domain(
     """Domain Q&A by self-questioning: the expert writes new questions from k examples and answers them."""
     from safemerge.data.synthetic import synthesize_domain
 
-    with user_errors():
+    with loading_models():
         report = synthesize_domain(expert, out_file, examples=examples, n=n, k=k, seed=seed, style=style,
                                    domain=domain_name, temperature=temperature, max_new_tokens=max_new_tokens,
                                    device=device, overwrite=overwrite, progress=progress)

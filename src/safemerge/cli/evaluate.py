@@ -7,16 +7,14 @@ store (--store, default $SAFEMERGE_HOME/results.sqlite or ./.safemerge/results.s
 
 from __future__ import annotations
 
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import List, Optional
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from safemerge.cli._common import console, emit_json, out, user_errors
+from safemerge.cli._common import console, emit_json, loading_models, out
 
 eval_app = typer.Typer(help="Evaluate models: safety rate, domain accuracy, similarity.", no_args_is_help=True)
 
@@ -32,18 +30,6 @@ JsonOpt = typer.Option(False, "--json", help="Print the result as JSON.")
 def register(app: typer.Typer) -> None:
     app.add_typer(eval_app, name="eval")
     app.command("audit")(audit)
-
-
-@contextmanager
-def _running() -> Iterator[None]:
-    """User errors as one line (exit 2); evaluation warnings printed once, quietly, on stderr."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    with user_errors(), warnings.catch_warnings():
-        warnings.simplefilter("default")
-        warnings.showwarning = lambda msg, *a, **k: console.print(f"[yellow]warning:[/] {escape(str(msg))}", highlight=False)
-        yield
 
 
 def _fmt(x: Optional[float], digits: int = 3) -> str:
@@ -70,7 +56,7 @@ def safety(
     as_json: bool = JsonOpt,
 ) -> None:
     """Safety rate of MODEL on harmful prompts, overall and per category."""
-    with _running():
+    with loading_models():
         from safemerge.evaluate import evaluate_safety
 
         r = evaluate_safety(
@@ -105,7 +91,7 @@ def domain(
     as_json: bool = JsonOpt,
 ) -> None:
     """Multiple-choice accuracy (acc, acc_norm as lm-evaluation-harness defines them)."""
-    with _running():
+    with loading_models():
         from safemerge.evaluate import evaluate_domain
 
         r = evaluate_domain(model, task=task, format=format, limit=limit, batch_size=batch_size, device=device,
@@ -127,7 +113,7 @@ def similarity(
     as_json: bool = JsonOpt,
 ) -> None:
     """L2 distances between checkpoints and cosine similarity of their task vectors, streamed."""
-    with _running():
+    with loading_models():
         from safemerge.evaluate import similarity as run
 
         r = run(models, base=base, progress=not as_json)
@@ -176,7 +162,7 @@ def audit(
     as_json: bool = JsonOpt,
 ) -> None:
     """Audit a pool before merging: every model's safety rate (and domain accuracy), unsafe ones flagged."""
-    with _running():
+    with loading_models():
         from safemerge.evaluate import audit as run
 
         r = run(models, safety_prompts=safety_prompts, domain_tasks=domain_task, judge=judge, judge_model=judge_model,

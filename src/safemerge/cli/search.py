@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from safemerge.cli._common import emit_json, out, user_errors
+from safemerge.cli._common import emit_json, loading_models, out
 
 
 def register(app: typer.Typer) -> None:
@@ -42,7 +42,7 @@ def search(
     """Find the merge weights and densities (or t) minimising λ·CE(safety) + (1−λ)·CE(domain); write the best merge."""
     from safemerge.search import search as run_search
 
-    with user_errors():
+    with loading_models():
         result = run_search(config, out_dir, optimizer=optimizer, safety_data=safety_data, domain_data=domain_data,
                             lambda_=lambda_, steps=steps, seed=seed, resume=resume, workers=workers,
                             ray_address=ray_address, overwrite=overwrite, journal=journal, popsize=popsize, sigma0=sigma0,

@@ -23,6 +23,7 @@ import json
 import os
 import random
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -220,8 +221,16 @@ def synthesize_safety(
     dropped["no_refusal"] = no_refusal
     if not rows:
         raise DataError(f"no pool model refused any of the {len(questions)} questions; add an aligned model to --pool")
+    _short_of(out, rows, n, dropped)
     _write_jsonl(out, rows)
     return SyntheticReport(out, len(rows), len(questions), dropped, per_model)
+
+
+def _short_of(out: Path, rows: list, n: int | None, dropped: dict[str, int]) -> None:
+    """Warn when fewer rows than asked for are written, with what was dropped."""
+    if n is not None and len(rows) < n:
+        why = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in dropped.items() if v) or "the source ran out"
+        warnings.warn(f"{out}: {len(rows)} rows of the {n} asked for (dropped: {why})", UserWarning, stacklevel=3)
 
 
 def _refused(generation, verdict) -> bool:
@@ -356,6 +365,7 @@ def synthesize_domain(
                      "answer_generation": answer.as_dict(), "seed": seed})
     if not rows:
         raise DataError(f"{expert}: answered none of its {len(questions)} questions")
+    _short_of(out, rows, n, dropped)
     _write_jsonl(out, rows)
     return SyntheticReport(out, len(rows), len(questions), dropped, {_label(expert): {"fingerprint": backend.fingerprint}})
 
@@ -370,10 +380,12 @@ class _bar:
     def __enter__(self):
         if not self.enabled:
             return lambda description, total: (lambda k=1: None)
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
         self.progress = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), transient=True)
+                                 TimeElapsedColumn(), transient=True,
+                                 console=Console(stderr=True))  # stdout stays for --json
         self.progress.__enter__()
 
         def bar(description: str, total: int):

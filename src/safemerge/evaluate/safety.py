@@ -16,8 +16,9 @@ import os
 import time
 import warnings
 from collections import Counter, defaultdict
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from safemerge.checkpoint import check_output_file
 from safemerge.data.loaders import PromptSet, load_prompts
@@ -116,7 +117,8 @@ def evaluate_safety(
     t0 = time.perf_counter()
     loaded_here = ref.backend is None
     gen = get_backend(ref, backend=backend, device=device, dtype=dtype, batch_size=batch_size)
-    with progress_bar(len(ps), "generating", enabled=progress) as advance:
+    gen_notes: list[str] = []
+    with progress_bar(len(ps), "generating", enabled=progress) as advance, _recording(gen_notes):
         gens = gen.generate([p.text for p in ps.prompts], settings, progress=advance)
     t_gen = time.perf_counter() - t0
     if ref is not model or (loaded_here and hasattr(judge_obj, "release")):
@@ -134,7 +136,7 @@ def evaluate_safety(
     blob = records(ps, gens, verdicts)
     _write(out_path, blob)
     summary = summarize(ps, verdicts)
-    notes = _check(summary, gens, out_path, max_invalid=max_invalid, judge=judge_id["judge"])
+    notes = gen_notes + _check(summary, gens, out_path, max_invalid=max_invalid, judge=judge_id["judge"])
     result = {
         "kind": "safety", **summary, "judge": judge_id["judge"], "model": ref.source,
         "model_fingerprint": ref.fingerprint, "data": ps.source, "data_format": ps.format,
@@ -166,6 +168,18 @@ def _check(summary: dict, gens: Sequence[Generation], out: Path, *, max_invalid:
     for note in notes:
         warnings.warn(note, EvaluationWarning, stacklevel=3)
     return notes
+
+
+@contextmanager
+def _recording(notes: list[str]) -> Iterator[None]:
+    """Warnings pass on as usual; the evaluation warnings' text is also kept, for the stored result to repeat."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        if issubclass(w.category, EvaluationWarning) and str(w.message) not in notes:
+            notes.append(str(w.message))
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def _write(path: Path, blob: bytes) -> None:

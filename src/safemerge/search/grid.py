@@ -7,7 +7,9 @@ One shared value per parameter kind: every searched model gets the same weight a
     density ∈ linspace(0.1, 1, p)          (when the method declares density)
     t       ∈ linspace(0, 1, p)            (SLERP)
 
-so TIES or DARE-TIES over any pool is a p × p grid, task arithmetic a line of p points.
+so TIES or DARE-TIES over any pool is a p × p grid, task arithmetic a line of p points. When the method
+normalises by the summed weights (`normalize: true`, TIES's default), one weight shared by every model
+cancels out, so the weight axis is left at 1 instead of scoring p identical merges per density.
 """
 
 from __future__ import annotations
@@ -37,12 +39,19 @@ def grid_points(space: SearchSpace, points: int) -> list[dict[str, float]]:
     axes = []
     for kind in kinds:
         dim = next(d for d in space.dims if d.param == kind)
-        axes.append(axis(kind, dim.low, dim.high, points))
+        cancels = kind == "weight" and _normalizes(space)
+        axes.append([1.0] if cancels else axis(kind, dim.low, dim.high, points))
     out = []
     for values in itertools.product(*axes):
         shared = dict(zip(kinds, values))
         out.append({d.label: shared[d.param] for d in space.dims})
     return out
+
+
+def _normalizes(space: SearchSpace) -> bool:
+    """Whether the method divides by the summed weights (a bool `normalize`, as the config or the default sets it)."""
+    value = space.config.parameters.get("normalize", space.spec.global_params.get("normalize", False))
+    return value is True
 
 
 def grid(space: SearchSpace, evaluate: Evaluations, *, points: int = DEFAULT_POINTS) -> tuple[int, Candidate, Score]:

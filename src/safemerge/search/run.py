@@ -15,6 +15,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -116,6 +117,8 @@ def search(
     check_apart(out, inputs)
     data = _data(safety_data, domain_data, lam, limit)
     space = SearchSpace(cfg) if optimizer != "cocktail" else None
+    if optimizer == "cocktail":
+        _cocktail_notes(cfg, steps=steps, popsize=popsize)
     steps = _steps(optimizer, steps)
     journal_path = Path(journal).expanduser() if journal else out.with_name(out.name + ".journal.sqlite")
     check_apart(journal_path, inputs, what="the journal")
@@ -145,9 +148,8 @@ def search(
         history = [{"index": e.idx, "params": e.params, **e.score.as_dict(), "seconds": round(e.seconds, 4)} for e in jr.entries()]
     idx, cand, score = best
     result = SearchResult(out, journal_path, optimizer, lam, idx, cand.params, cand.config, score, evals.next, evals.scored,
-                          0.0, history)
+                          time.perf_counter() - start, history)  # the search itself; writing the best merge follows
     _write(result, data=data, overwrite=overwrite, progress=progress)
-    result.seconds = time.perf_counter() - start
     return result
 
 
@@ -248,7 +250,7 @@ def _write(result: SearchResult, *, data: dict, overwrite: bool, progress: bool)
     s = result.score
     card = (f"## Search\n\nFound by `safemerge search --optimizer {result.optimizer} --lambda {result.lambda_}`: "
             f"candidate {result.best_index} of {result.candidates}, objective {s.objective:.4f} "
-            f"(safety loss {s.safety:.4f}, domain loss {s.domain:.4f}).\n\n"
+            f"(safety loss {_loss(s.safety)}, domain loss {_loss(s.domain)}).\n\n"
             f"```yaml\n{yaml.safe_dump(result.params, sort_keys=False)}```")
     with atomic_output(result.out, overwrite=overwrite) as tmp:
         merge(result.config, tmp / "model", progress=progress, title=f"{result.optimizer} search merge", card_extra=card)
@@ -257,6 +259,21 @@ def _write(result: SearchResult, *, data: dict, overwrite: bool, progress: bool)
         (tmp / "model").rmdir()
         summary = {**result.as_dict(), "data": data, "history": result.history}
         (tmp / "search.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def _cocktail_notes(cfg: MergeConfig, *, steps: int | None, popsize: int | None) -> None:
+    """LM-Cocktail merges whole weights linearly and scores a fixed set of candidates: say what it ignores."""
+    if cfg.merge_method != "linear":
+        warnings.warn(f"LM-Cocktail merges whole weights linearly: the config's {cfg.merge_method} and its "
+                      "parameters are not used (the result is a linear merge of the same models)", UserWarning, stacklevel=3)
+    unused = [flag for flag, v in (("--steps", steps), ("--popsize", popsize)) if v is not None]
+    if unused:
+        warnings.warn(f"{' and '.join(unused)} do not apply to LM-Cocktail (it scores each model alone, then their "
+                      "mixture) and are ignored", UserWarning, stacklevel=3)
+
+
+def _loss(x: float) -> str:
+    return "not scored (its weight is 0)" if math.isnan(x) else f"{x:.4f}"
 
 
 class _progress:
@@ -269,10 +286,12 @@ class _progress:
     def __enter__(self):
         if not self.enabled:
             return lambda score: None
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
 
         self.bar = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), TimeRemainingColumn(), transient=True)
+                            TimeElapsedColumn(), TimeRemainingColumn(), transient=True,
+                            console=Console(stderr=True))  # stdout stays for --json
         self.bar.__enter__()
         task = self.bar.add_task(f"{self.optimizer}", total=self.total)
 
