@@ -147,3 +147,41 @@ def test_several_slices_or_unknown_models_are_refused(tiny_family):
         load_config({"merge_method": "linear", "slices": [one, one]})
     with pytest.raises(ConfigError, match="cannot read the layer count of 'nowhere'"):
         load_config({"merge_method": "linear", "slices": [{"sources": [{"model": "nowhere", "layer_range": [0, 3]}]}]})
+
+
+def test_linear_merges_an_unlisted_base_as_mergekit_does():
+    c = load_config({"merge_method": "linear", "base_model": "b", "parameters": {"weight": 1.0}, "models": [{"model": "x"}]})
+    assert [m.model for m in c.models] == ["x", "b"] and method_params(c, tensor="w", t=0)[1]["weight"] == [1.0, 1.0]
+    with pytest.raises(ConfigError, match=r"models\[b\]: parameter 'weight' of linear is required \(base_model is merged"):
+        load_config({"merge_method": "linear", "base_model": "b", "models": [{"model": "x", "parameters": {"weight": 1}}]})
+
+
+def test_strings_and_single_mappings_are_read_as_mergekit_reads_them():
+    assert method_params(cfg(parameters={"normalize": 0}), tensor="w", t=0)[0]["normalize"] is False
+    c = cfg(parameters={"normalize": "false", "lambda": "5e-1", "int8_mask": " True "},
+            models=[{"model": "x", "parameters": {"weight": {"filter": "mlp", "value": "0.25"}, "density": "5e-1"}},
+                    {"model": "b", "parameters": None}])
+    glob, per = method_params(c, tensor="model.layers.0.mlp.up_proj.weight", t=0)
+    assert glob == {"lambda": 0.5, "int8_mask": True, "normalize": False}
+    assert per == {"weight": [0.25], "density": [0.5]}
+    with pytest.raises(ConfigError, match="parameters.normalize: 'maybe' is not true or false"):
+        cfg(parameters={"normalize": "maybe"})
+    with pytest.raises(ConfigError, match="parameters.lambda: 'maybe' is not a number"):
+        cfg(parameters={"lambda": "maybe"})
+
+
+@pytest.mark.parametrize("bad, words", [
+    ({"merge_method": "model_stock", "models": [{"model": "x"}]}, ["model_stock needs at least two models"]),
+    ({"tokenizer": {"source": "base"}}, ["`tokenizer:` section is not supported", "tokenizer_source"]),
+])
+def test_more_configs_mergekit_reads_that_are_refused_clearly(bad, words):
+    with pytest.raises(ConfigError) as e:
+        cfg(**bad)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_a_model_revision_is_refused_clearly(tmp_path):
+    (tmp_path / "m").mkdir()
+    with pytest.raises(ConfigError, match="'model@revision' references are not supported"):
+        load_config({"merge_method": "linear", "models": [{"model": f"{tmp_path / 'm'}@main", "parameters": {"weight": 1}}]})

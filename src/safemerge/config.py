@@ -45,6 +45,9 @@ class InputModel(BaseModel):
     def _no_lora(cls, v: str) -> str:
         if "+" in v and not Path(v).exists():
             raise ValueError(f"model {v!r}: 'model+lora' references are not supported; merge the LoRA into the model first")
+        if "@" in v and not Path(v).exists() and Path(v.rsplit("@", 1)[0]).exists():
+            raise ValueError(f"model {v!r}: 'model@revision' references are not supported; check out that revision "
+                             "into a folder and give its path")
         return v
 
 
@@ -80,6 +83,8 @@ class MergeConfig(BaseModel):
     @model_validator(mode="after")
     def _check_method(self) -> "MergeConfig":
         spec = get_method(self.merge_method)
+        if spec.inputs == "models" and self.base_model and self.base_model not in [m.model for m in self.models]:
+            self.models.append(InputModel(model=self.base_model))  # mergekit merges the base as one more model
         allowed = set(spec.global_params) | set(spec.model_params)
         for key in self.parameters:
             if key not in allowed:
@@ -103,6 +108,15 @@ class MergeConfig(BaseModel):
             raise ValueError(f"{self.merge_method} merges exactly two models (base_model and one other); got {len(self.input_models())}")
         if self.tokenizer_source == "union":
             raise ValueError("tokenizer_source 'union' is not supported; name a model (or 'base')")
+        for m in (self.models if spec.inputs == "models" else self.others()):
+            for key, default in spec.model_params.items():
+                if default is REQUIRED and key not in m.parameters and key not in self.parameters:
+                    also = (" (base_model is merged as one of the models, as in mergekit)"
+                            if spec.inputs == "models" and m.model == self.base_model else "")
+                    raise ValueError(f"models[{m.model}]: parameter {key!r} of {self.merge_method} is required{also}; "
+                                     "give it per model or under top-level `parameters`")
+        if spec.inputs == "stock" and len(self.others()) < 2:
+            raise ValueError(f"model_stock needs at least two models besides the base; got {len(self.others())}")
         return self
 
     # -- derived ----------------------------------------------------------------------------------
@@ -128,6 +142,11 @@ def _check_value(key: str, value: Any, spec, where: str) -> None:
     every form (scalar, gradient, filter entries); density and gamma also within their range. A NaN weight
     would otherwise merge a model of NaNs without a word."""
     default = spec.global_params.get(key, spec.model_params.get(key))
+    if isinstance(default, bool):
+        for leaf in _leaves(value):
+            if not isinstance(leaf, bool):
+                raise ValueError(f"{where}.{key}: {leaf!r} is not true or false")
+        return
     numeric = default is REQUIRED or (isinstance(default, (int, float)) and not isinstance(default, bool))
     if not numeric:
         return
@@ -181,14 +200,68 @@ def load_config(source: Union[str, os.PathLike, dict, MergeConfig]) -> MergeConf
         folder = path.parent
     else:
         data, folder = source, None
+    if "tokenizer" in data:
+        raise ConfigError(f"{where}: the `tokenizer:` section is not supported; use `tokenizer_source: base` or a model "
+                          "path (the output takes that model's tokenizer, and every input must share its vocabulary)")
     if "slices" in data:
         data = _from_slices(data, where, folder)
+    data = _coerce(data)
     if folder is not None:
         data = _relative_to(data, folder)
     try:
         return MergeConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(f"{where}: " + "; ".join(_fmt(err) for err in e.errors())) from None
+
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _coerce(data: dict) -> dict:
+    """Read parameters as mergekit's pydantic models do: a number or boolean written as a string ("5e-1", which
+    YAML leaves a string, or "false") as that number or boolean, a single {filter, value} mapping as a one-entry
+    list, and an empty `parameters:` as none."""
+    try:
+        spec = get_method(data.get("merge_method"))
+    except Exception:  # an unknown method: the validation names it
+        return data
+    defaults = {**spec.global_params, **spec.model_params}
+
+    def leaf(key: str, v: Any) -> Any:
+        if isinstance(defaults.get(key), bool) and not isinstance(v, bool) and v in (0, 1):
+            return bool(v)  # normalize: 1
+        if not isinstance(v, str):
+            return v
+        default, text = defaults.get(key), v.strip().lower()
+        if isinstance(default, bool):
+            return True if text in _TRUE else False if text in _FALSE else v
+        if default is REQUIRED or isinstance(default, (int, float)):
+            try:
+                return float(v)
+            except ValueError:
+                return v
+        return v
+
+    def value(key: str, v: Any) -> Any:
+        if isinstance(v, dict) and "value" in v:
+            v = [v]
+        if isinstance(v, list):
+            return [{**e, "value": value(key, e["value"])} if isinstance(e, dict) and "value" in e else leaf(key, e)
+                    for e in v]
+        return leaf(key, v)
+
+    def params(p: Any) -> Any:
+        if p is None:
+            return {}
+        return {k: value(k, v) for k, v in p.items()} if isinstance(p, dict) else p
+
+    out = dict(data)
+    if "parameters" in out:
+        out["parameters"] = params(out["parameters"])
+    if isinstance(out.get("models"), list):
+        out["models"] = [dict(m, parameters=params(m.get("parameters"))) if isinstance(m, dict) and "parameters" in m else m
+                         for m in out["models"]]
+    return out
 
 
 def _from_slices(data: dict, where: str, folder: Path | None) -> dict:

@@ -27,7 +27,6 @@ from typing import Literal, Sequence
 
 import torch
 
-from safemerge.errors import ConfigError
 from safemerge.methods import REQUIRED, native, register
 from safemerge.methods.blocks import TaskVector, flat, output, spans, task_vectors
 
@@ -172,13 +171,11 @@ def kth_smallest_radix(values: torch.Tensor, rank: int) -> torch.Tensor:
 
 # -- sparsifiers: prepared once per tensor, applied block by block in order ---------------------------
 class Magnitude:
-    """TIES trim: keep the int(density·n) entries of largest |τ|."""
+    """TIES trim: keep the max(1, int(density·n)) entries of largest |τ| (at least one, as mergekit keeps)."""
 
     def __init__(self, base, tv, density: float):
         n = base.numel()
-        k = n if density >= 1 else int(density * n)
-        if k <= 0:
-            raise ConfigError(f"density {density} keeps no element of a tensor of {n} elements; raise density")
+        k = n if density >= 1 else min(n, max(1, int(density * n)))
         self.top = TopK(base, tv, k)
 
     def __call__(self, d: torch.Tensor) -> torch.Tensor:

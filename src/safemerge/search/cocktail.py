@@ -40,11 +40,15 @@ def softmax_weights(losses: list[float], temperature: float) -> list[float]:
 
 
 def linear_config(config: MergeConfig, weights: list[float]) -> MergeConfig:
-    """The config's models merged linearly with `weights` (normalised); the other keys are kept."""
+    """The config's models merged linearly with `weights` (normalised); the other keys are kept. A base model
+    that is not one of the models is listed with weight 0 (a linear merge takes the base in as one more model,
+    as in mergekit; LM-Cocktail mixes the models only)."""
     data = config.to_yaml_dict()
     data["merge_method"] = "linear"
     data["parameters"] = {"normalize": True}
     data["models"] = [{"model": m.model, "parameters": {"weight": float(w)}} for m, w in zip(config.models, weights)]
+    if config.base_model and config.base_model not in [m.model for m in config.models]:
+        data["models"].append({"model": config.base_model, "parameters": {"weight": 0.0}})
     return load_config(data)
 
 
