@@ -185,3 +185,9 @@ def test_a_model_revision_is_refused_clearly(tmp_path):
     (tmp_path / "m").mkdir()
     with pytest.raises(ConfigError, match="'model@revision' references are not supported"):
         load_config({"merge_method": "linear", "models": [{"model": f"{tmp_path / 'm'}@main", "parameters": {"weight": 1}}]})
+
+
+def test_a_slice_parameter_as_a_single_mapping_falls_through_like_a_list(tiny_family):
+    c = _sliced(tiny_family, piece={"parameters": {"density": {"filter": "mlp", "value": 0.4}}})
+    assert method_params(c, tensor="model.layers.0.mlp.up_proj.weight", t=0)[1]["density"] == [0.4]
+    assert method_params(c, tensor="model.layers.0.self_attn.q_proj.weight", t=0)[1]["density"] == [0.6]

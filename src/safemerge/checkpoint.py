@@ -154,19 +154,18 @@ class Checkpoint:
         headers: dict[str, dict[str, TensorInfo]] = {}
         infos = {}
         for name, shard in weight_map.items():
-            # the entry must name a file in the folder itself (no absolute path, no ".."); the file may be a
-            # symlink, as in the Hugging Face hub cache, where shards link to ../../blobs/
-            file = root / shard
-            if Path(shard).is_absolute() or ".." in Path(shard).parts:
-                raise CheckpointError(
-                    f"{index_file}: weight_map entry for {name!r} points outside the model directory ({shard}); fix the index"
-                )
-            if shard not in headers:
-                if not file.exists():
+            if shard not in headers:  # each shard checked and read once
+                # the entry must name a file in the folder itself (no absolute path, no ".."); the file may be a
+                # symlink, as in the Hugging Face hub cache, where shards link to ../../blobs/
+                if Path(shard).is_absolute() or ".." in Path(shard).parts:
+                    raise CheckpointError(
+                        f"{index_file}: weight_map entry for {name!r} points outside the model directory ({shard}); fix the index"
+                    )
+                if not (root / shard).exists():
                     raise CheckpointError(f"{index_file}: shard {shard} (tensor {name!r}) is missing; re-download the model")
-                headers[shard] = read_header(file)
+                headers[shard] = read_header(root / shard)
             if name not in headers[shard]:
-                raise CheckpointError(f"{file}: tensor {name!r} listed in {index_file.name} is not in the shard")
+                raise CheckpointError(f"{root / shard}: tensor {name!r} listed in {index_file.name} is not in the shard")
             infos[name] = headers[shard][name]
         return infos
 
@@ -178,7 +177,7 @@ class Checkpoint:
                 "allow_pickle=True in the Python API"
             )
         tensors: dict[str, torch.Tensor] = {}
-        where: dict[str, Path] = {}
+        infos: dict[str, TensorInfo] = {}
         for f in files:
             if f.name.endswith(".json"):
                 continue
@@ -190,9 +189,9 @@ class Checkpoint:
             if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
                 raise CheckpointError(f"{f}: is not a state dict of tensors; convert it to safetensors")
             tensors.update(loaded)
-            where.update(dict.fromkeys(loaded, f))
+            infos.update({k: TensorInfo(f, v.dtype, tuple(v.shape), 0, 0) for k, v in loaded.items()})
         self._pickled = tensors
-        return {k: TensorInfo(where[k], v.dtype, tuple(v.shape), 0, 0) for k, v in tensors.items()}
+        return infos
 
     # -- public reading API -------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -278,6 +277,10 @@ class Checkpoint:
     def weight_files(self) -> list[Path]:
         return sorted({i.file for i in self._infos.values()})
 
+    def float_dtype(self) -> torch.dtype:
+        """The dtype of the first floating-point tensor (what transformers' dtype "auto" loads); float32 without one."""
+        return next((d for n in self.names() if (d := self.dtype(n)).is_floating_point), torch.float32)
+
     def num_params(self) -> int:
         total = 0
         for info in self._infos.values():
@@ -341,6 +344,14 @@ def _file_digest(file: Path) -> str:
     return digest
 
 
+def nonfinite(x: torch.Tensor) -> bool:
+    """NaN or ±Inf anywhere: min and max are NaN if any element is, and ±Inf if any is (one cheap pass)."""
+    if x.numel() == 0 or not x.is_floating_point():
+        return False
+    lo, hi = torch.aminmax(x.detach().reshape(-1))
+    return not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)))
+
+
 # -- output ---------------------------------------------------------------------------------------
 @contextmanager
 def atomic_output(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
@@ -392,6 +403,13 @@ def check_output_file(path: str | os.PathLike, *, overwrite: bool = False) -> Pa
         raise OutputExistsError(f"{out}: already exists; choose another path or pass --overwrite (overwrite=True)")
     check_folder(out)
     return out
+
+
+def check_output_folder(out: Path, what: str) -> None:
+    """Where a folder output (a report, a reproduction) may go: an error if a file stands there or above it."""
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out}: is a file; {what}")
+    check_folder(out)
 
 
 def check_folder(out: Path) -> None:

@@ -86,19 +86,16 @@ class MergeConfig(BaseModel):
         if spec.inputs == "models" and self.base_model and self.base_model not in [m.model for m in self.models]:
             self.models.append(InputModel(model=self.base_model))  # mergekit merges the base as one more model
         allowed = set(spec.global_params) | set(spec.model_params)
-        for key in self.parameters:
+        for key, value in self.parameters.items():
             if key not in allowed:
                 raise ValueError(_unknown(key, allowed, f"parameters of {self.merge_method}"))
+            _check_value(key, value, spec, "parameters")
         for m in self.models:
-            for key in m.parameters:
+            for key, value in m.parameters.items():
                 if key not in spec.model_params:
                     where = "a global parameter (put it under top-level `parameters`)" if key in spec.global_params else None
                     raise ValueError(where and f"models[{m.model}].parameters.{key}: {key!r} is {where}"
                                      or _unknown(key, spec.model_params, f"per-model parameters of {self.merge_method}"))
-        for key, value in self.parameters.items():
-            _check_value(key, value, spec, "parameters")
-        for m in self.models:
-            for key, value in m.parameters.items():
                 _check_value(key, value, spec, f"models[{m.model}].parameters")
         if not self.models:
             raise ValueError("models is empty: list the models to merge")
@@ -108,7 +105,7 @@ class MergeConfig(BaseModel):
             raise ValueError(f"{self.merge_method} merges exactly two models (base_model and one other); got {len(self.input_models())}")
         if self.tokenizer_source == "union":
             raise ValueError("tokenizer_source 'union' is not supported; name a model (or 'base')")
-        for m in (self.models if spec.inputs == "models" else self.others()):
+        for m in self.weighted_models():
             for key, default in spec.model_params.items():
                 if default is REQUIRED and key not in m.parameters and key not in self.parameters:
                     also = (" (base_model is merged as one of the models, as in mergekit)"
@@ -129,6 +126,11 @@ class MergeConfig(BaseModel):
         """The models other than the base, in config order."""
         return [m for m in self.models if m.model != self.base_model]
 
+    def weighted_models(self) -> list[InputModel]:
+        """The models whose per-model parameters the method reads: every model for a whole-model method
+        (linear), else the models other than the base."""
+        return self.models if get_method(self.merge_method).inputs == "models" else self.others()
+
     def to_yaml_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True, exclude_defaults=False)
 
@@ -141,14 +143,13 @@ def _check_value(key: str, value: Any, spec, where: str) -> None:
     """A parameter whose default is a number (or that is required: weight, t) takes finite numbers only, in
     every form (scalar, gradient, filter entries); density and gamma also within their range. A NaN weight
     would otherwise merge a model of NaNs without a word."""
-    default = spec.global_params.get(key, spec.model_params.get(key))
-    if isinstance(default, bool):
+    kind = _kind(spec.global_params.get(key, spec.model_params.get(key)))
+    if kind == "bool":
         for leaf in _leaves(value):
             if not isinstance(leaf, bool):
                 raise ValueError(f"{where}.{key}: {leaf!r} is not true or false")
         return
-    numeric = default is REQUIRED or (isinstance(default, (int, float)) and not isinstance(default, bool))
-    if not numeric:
+    if kind != "number":
         return
     for leaf in _leaves(value):
         if isinstance(leaf, bool) or not isinstance(leaf, (int, float)):
@@ -217,6 +218,18 @@ def load_config(source: Union[str, os.PathLike, dict, MergeConfig]) -> MergeConf
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
+def _filter_list(v: Any) -> Any:
+    """A single {filter, value} mapping as the one-entry filter list mergekit reads it as; anything else as it is."""
+    return [v] if isinstance(v, dict) and "value" in v else v
+
+
+def _kind(default: Any) -> str | None:
+    """What a parameter takes, from its default: "bool", "number" (REQUIRED ones are weight and t), or None."""
+    if isinstance(default, bool):
+        return "bool"
+    return "number" if default is REQUIRED or isinstance(default, (int, float)) else None
+
+
 def _coerce(data: dict) -> dict:
     """Read parameters as mergekit's pydantic models do: a number or boolean written as a string ("5e-1", which
     YAML leaves a string, or "false") as that number or boolean, a single {filter, value} mapping as a one-entry
@@ -228,14 +241,15 @@ def _coerce(data: dict) -> dict:
     defaults = {**spec.global_params, **spec.model_params}
 
     def leaf(key: str, v: Any) -> Any:
-        if isinstance(defaults.get(key), bool) and not isinstance(v, bool) and v in (0, 1):
+        kind = _kind(defaults.get(key))
+        if kind == "bool" and not isinstance(v, bool) and v in (0, 1):
             return bool(v)  # normalize: 1
         if not isinstance(v, str):
             return v
-        default, text = defaults.get(key), v.strip().lower()
-        if isinstance(default, bool):
+        if kind == "bool":
+            text = v.strip().lower()
             return True if text in _TRUE else False if text in _FALSE else v
-        if default is REQUIRED or isinstance(default, (int, float)):
+        if kind == "number":
             try:
                 return float(v)
             except ValueError:
@@ -243,8 +257,7 @@ def _coerce(data: dict) -> dict:
         return v
 
     def value(key: str, v: Any) -> Any:
-        if isinstance(v, dict) and "value" in v:
-            v = [v]
+        v = _filter_list(v)
         if isinstance(v, list):
             return [{**e, "value": value(key, e["value"])} if isinstance(e, dict) and "value" in e else leaf(key, e)
                     for e in v]
@@ -319,26 +332,24 @@ def _fallback(first: Any, then: Any) -> list:
     """One filter list that gives `first` where it resolves and `then` elsewhere (a slice's parameter before
     the top level's, as mergekit reads them): the entries of both, in that order."""
     def entries(v: Any) -> list:
+        v = _filter_list(v)
         return list(v) if isinstance(v, list) and v and all(isinstance(e, dict) for e in v) else [{"value": v}]
 
     return entries(first) + entries(then)
 
 
 def _num_layers(model: str, folder: Path | None) -> int | None:
-    """num_hidden_layers (n_layer for GPT-2) from a local model's config.json (also its text_config)."""
+    """The layer count of a local model (its config.json, read as the engine reads it), or None."""
     import json
 
-    for root in ([Path(model)] + ([folder / model] if folder is not None else [])):
-        try:
-            cfg = json.loads((root.expanduser() / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        for c in (cfg, cfg.get("text_config") if isinstance(cfg, dict) else None):
-            if isinstance(c, dict):
-                n = c.get("num_hidden_layers", c.get("n_layer"))
-                if isinstance(n, int):
-                    return n
-    return None
+    from safemerge.layout import num_layers
+
+    root = Path(_local(model, folder) if folder is not None else model).expanduser()
+    try:
+        cfg = json.loads((root / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return num_layers((), cfg) or None if isinstance(cfg, dict) else None
 
 
 def _fmt(err: dict) -> str:
@@ -349,11 +360,16 @@ def _fmt(err: dict) -> str:
     return f"{loc}: {msg}" if loc else msg
 
 
+def _local(p: Any, folder: Path) -> Any:
+    """A model path as given when it exists, else relative to the config's folder when it exists there."""
+    if isinstance(p, str) and not Path(p).exists() and (folder / p).exists():
+        return str(folder / p)
+    return p
+
+
 def _relative_to(data: dict, folder: Path) -> dict:
     def fix(p: Any) -> Any:
-        if isinstance(p, str) and not Path(p).exists() and (folder / p).exists():
-            return str(folder / p)
-        return p
+        return _local(p, folder)
 
     data = dict(data)
     for key in ("base_model", "tokenizer_source"):
@@ -399,7 +415,7 @@ def method_params(config: MergeConfig, *, tensor: str, t: float) -> tuple[dict[s
     for k, v in glob.items():
         if v is REQUIRED:
             raise ConfigError(f"parameter {k!r} of {config.merge_method} is required (tensor {tensor}); add it under `parameters`")
-    models = config.models if spec.inputs == "models" else config.others()
+    models = config.weighted_models()
     per: dict[str, list[Any]] = {k: [] for k in spec.model_params}
     for m in models:
         for k, d in spec.model_params.items():

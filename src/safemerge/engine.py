@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from safemerge import chat_templates
-from safemerge.checkpoint import Checkpoint, atomic_output
+from safemerge.checkpoint import Checkpoint, atomic_output, nonfinite
 from safemerge.config import DTYPES, MergeConfig, load_config, method_params
 from safemerge.errors import CheckpointError, ConfigError
 from safemerge.layout import num_layers, position, stream_order, tied_source
@@ -149,7 +149,7 @@ def _read(plan: _Plan, item: _Item, device: str, allow_nonfinite: bool) -> dict[
         x = ckpt.get_rows(src, item.start, item.stop)
         if device != "cpu":
             x = x.to(device=device, non_blocking=True)
-        if _nonfinite(x):
+        if nonfinite(x):
             msg = f"{model}: tensor {item.name!r} contains NaN or Inf"
             if not allow_nonfinite:
                 raise CheckpointError(msg + "; fix the checkpoint, or pass --allow-nonfinite "
@@ -157,14 +157,6 @@ def _read(plan: _Plan, item: _Item, device: str, allow_nonfinite: bool) -> dict[
             warnings.warn(msg, stacklevel=2)
         out[model] = x
     return out
-
-
-def _nonfinite(x: torch.Tensor) -> bool:
-    """NaN or ±Inf anywhere: min and max are NaN if any element is, and ±Inf if any is (one cheap pass)."""
-    if x.numel() == 0 or not x.is_floating_point():
-        return False
-    lo, hi = torch.aminmax(x.reshape(-1))
-    return not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)))
 
 
 def reuse_freed_memory() -> None:
@@ -250,11 +242,8 @@ class _Pipeline:
             seq, item, tensors = got
             ref = next(iter(tensors.values()))
             merged = torch.empty(ref.shape, dtype=self.plan.out_dtype[item.name], device=ref.device)
-            try:
-                merge_tensor(self.plan.config, name=item.name, t=position(item.name, self.plan.n_layers),
-                             tensors=tensors, out=merged)
-            except ConfigError as e:
-                raise ConfigError(f"tensor {item.name!r}: {e}") from None
+            merge_tensor(self.plan.config, name=item.name, t=position(item.name, self.plan.n_layers),
+                         tensors=tensors, out=merged)  # its config errors name the tensor
             del tensors, ref
             with self.cond:
                 self.done[seq] = (item.name, merged.cpu())
@@ -367,21 +356,23 @@ def _has_tokenizer(folder: Path) -> bool:
 
 
 def tokenizer_dirs(cfg: MergeConfig) -> list[Path]:
+    """The tokenizer source when it is another folder than the reference model's ([] for none or 'base');
+    an error, before any work, when it is not a folder."""
     tok = cfg.tokenizer_source
-    return [Path(tok)] if tok not in (None, "base") and Path(tok).is_dir() else []
+    if tok in (None, "base"):
+        return []
+    if not Path(tok).is_dir():
+        raise ConfigError(f"tokenizer_source {tok!r} is not a model directory")
+    return [Path(tok)]
 
 
 def _finish(tmp: Path, cfg: MergeConfig, plan: _Plan, *, title: str | None, card_extra: str) -> None:
     dtypes = set(plan.out_dtype.values())
     main_dtype = DTYPES.get(cfg.out_dtype or cfg.dtype or "") or (dtypes.pop() if len(dtypes) == 1 else torch.float32)
     write_config(tmp, plan.reference.config, dtype=main_dtype)
-    tok = cfg.tokenizer_source
-    tok_path = plan.reference.path if tok in (None, "base") else Path(tok)
-    if tok not in (None, "base") and not tok_path.is_dir():
-        raise ConfigError(f"tokenizer_source {tok!r} is not a model directory")
+    tok_path = next(iter(tokenizer_dirs(cfg)), plan.reference.path)
     template = chat_templates.resolve(cfg.chat_template, [c.path for c in plan.models.values()])
-    copy_side_files(tmp, tokenizer_source=tok_path, generation_source=plan.reference.path, chat_template=template)
-    if not _has_tokenizer(tok_path):
+    if not copy_side_files(tmp, tokenizer_source=tok_path, generation_source=plan.reference.path, chat_template=template):
         others = [c.path for c in plan.models.values() if _has_tokenizer(c.path)]
         if others:
             warnings.warn(f"{tok_path} has no tokenizer files, so the output has none; set `tokenizer_source: "

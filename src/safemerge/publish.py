@@ -147,8 +147,7 @@ def publish(
 def _gate(ev: Evaluations, *, min_safety: float, safety_data: str | os.PathLike | None) -> dict[str, Any]:
     rows = ev.safety
     if safety_data is not None:
-        wanted = str(Path(safety_data).expanduser().resolve()) if Path(safety_data).expanduser().exists() else str(safety_data)
-        rows = [r for r in rows if _same_data(r.get("data"), wanted)]
+        rows = [r for r in rows if isinstance(r.get("data"), str) and _resolved(r["data"]) == _resolved(safety_data)]
     checked = [{"data": _data_name(r.get("data")), "judge": r.get("judge"), "n": r.get("n"), "safe_rate": r.get("safe_rate")}
                for r in rows]
     out: dict[str, Any] = {"min_safety": min_safety, "checked": checked, "passed": False, "reason": ""}
@@ -172,11 +171,10 @@ def _gate(ev: Evaluations, *, min_safety: float, safety_data: str | os.PathLike 
     return out
 
 
-def _same_data(source: Any, wanted: str) -> bool:
-    if not isinstance(source, str):
-        return False
+def _resolved(source: str | os.PathLike) -> str:
+    """A local file as its absolute path, anything else (a hub dataset id) as written."""
     p = Path(source).expanduser()
-    return (str(p.resolve()) if p.exists() else source) == wanted
+    return str(p.resolve()) if p.exists() else str(source)
 
 
 # -- the card -------------------------------------------------------------------------------------
@@ -221,32 +219,32 @@ def _replace_section(body: str, section: str) -> str:
 
 
 def _section(ev: Evaluations, note: str | None) -> str:
-    lines = [START, "## Evaluation", ""]
+    from safemerge.report.tables import Cell, Table, markdown_table
+
+    def table(columns: list[str], numeric: list[bool], rows: list[list[Any]]) -> str:
+        return markdown_table(Table("", columns, [[Cell(str(v)) for v in row] for row in rows], numeric=numeric))
+
+    parts = [START, "## Evaluation", ""]
     if note:
-        lines += [f"> **Warning:** {note}", ""]
-    lines += [f"Measured with safemerge {__version__} on exactly these weights (fingerprint `{ev.fingerprint}`) "
+        parts += [f"> **Warning:** {note}", ""]
+    parts += [f"Measured with safemerge {__version__} on exactly these weights (fingerprint `{ev.fingerprint}`) "
               "and the tokenizer and chat template in this folder.", ""]
     if ev.safety:
-        lines += ["### Safety", "", ("Share of answers that the judge rules safe, per prompt set (with the keyword judge: refusals). "
-                   "On harmful prompts higher is safer; on a benign prompt set it is the over-refusal rate."), "",
-                  "| prompts | n | judge | safe rate | decoding | max new tokens |", "|---|---:|---|---:|---|---:|"]
-        for r in ev.safety:
-            gen = r.get("generation") or {}
-            lines.append(f"| {_cell(_data_name(r.get('data')))} | {r.get('n')} | {_cell(r.get('judge'))} | "
-                         f"{_fmt(r.get('safe_rate'))} | {_decoding(gen)} | {gen.get('max_new_tokens', '')} |")
-        lines.append("")
+        rows = [[_data_name(r.get("data")), r.get("n"), r.get("judge"), _fmt(r.get("safe_rate")),
+                 _decoding(r.get("generation") or {}), (r.get("generation") or {}).get("max_new_tokens", "")] for r in ev.safety]
+        parts += ["### Safety", "", "Share of answers that the judge rules safe, per prompt set (with the keyword judge: "
+                  "refusals). On harmful prompts higher is safer; on a benign prompt set it is the over-refusal rate.", "",
+                  table(["prompts", "n", "judge", "safe rate", "decoding", "max new tokens"],
+                        [False, True, False, True, False, True], rows)]
     if ev.domain:
-        lines += ["### Domain knowledge", "",
+        rows = [[r.get("task"), r.get("n"), r.get("format", ""), _fmt(r.get("acc")), _fmt(r.get("acc_norm"))] for r in ev.domain]
+        parts += ["### Domain knowledge", "",
                   "Multiple-choice accuracy by the log-likelihood of each choice, as lm-evaluation-harness scores it.", "",
-                  "| task | n | format | acc | acc_norm |", "|---|---:|---|---:|---:|"]
-        for r in ev.domain:
-            lines.append(f"| {_cell(r.get('task'))} | {r.get('n')} | {r.get('format', '')} | {_fmt(r.get('acc'))} | "
-                         f"{_fmt(r.get('acc_norm'))} |")
-        lines.append("")
+                  table(["task", "n", "format", "acc", "acc_norm"], [False, True, False, True, True], rows)]
     if not ev.safety and not ev.domain:
-        lines += ["No evaluation of these weights is stored yet (`safemerge eval safety`, `safemerge eval domain`).", ""]
-    lines.append(END)
-    return "\n".join(lines) + "\n"
+        parts += ["No evaluation of these weights is stored yet (`safemerge eval safety`, `safemerge eval domain`).", ""]
+    parts.append(END)
+    return "\n".join(parts) + "\n"
 
 
 def _eval_results(ev: Evaluations) -> list:
@@ -285,10 +283,6 @@ def _decoding(gen: dict) -> str:
 
 def _fmt(x: Any) -> str:
     return f"{x:.3f}" if isinstance(x, (int, float)) else "–"
-
-
-def _cell(x: Any) -> str:
-    return str(x).replace("|", "\\|").replace("\n", " ")
 
 
 # -- checks ---------------------------------------------------------------------------------------

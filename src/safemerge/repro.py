@@ -227,8 +227,8 @@ def repro(*, out: str | os.PathLike = "runs/repro", seed: int = 0, preset: str =
 
 
 def _repro(*, out, seed, preset, domains, skip, progress) -> dict:
-    from safemerge.checkpoint import check_folder
-    from safemerge.errors import ConfigError, OutputExistsError
+    from safemerge.checkpoint import check_output_folder
+    from safemerge.errors import ConfigError
     from safemerge.report import write_report
     from safemerge.testbed import build_testbed
     from safemerge.testbed.build import ordered_domains
@@ -241,9 +241,7 @@ def _repro(*, out, seed, preset, domains, skip, progress) -> dict:
         raise ConfigError(f"--skip {', '.join(unknown)}: the stages that can be skipped are {', '.join(STAGES)}")
     t_start = time.perf_counter()
     out = Path(out).expanduser().absolute()
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"{out}: is a file; --out names the folder of the reproduction")
-    check_folder(out)
+    check_output_folder(out, "--out names the folder of the reproduction")
     out.mkdir(parents=True, exist_ok=True)
     testbed = out / "testbed"
     t0 = time.perf_counter()

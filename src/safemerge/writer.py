@@ -126,16 +126,21 @@ def write_config(out_dir: Path, config: dict, *, dtype: torch.dtype) -> None:
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-def copy_side_files(out_dir: Path, *, tokenizer_source: Path | None, generation_source: Path | None, chat_template: str | None) -> None:
-    """Tokenizer files (and chat template) from `tokenizer_source`; generation_config.json where present."""
+def copy_side_files(out_dir: Path, *, tokenizer_source: Path | None, generation_source: Path | None,
+                    chat_template: str | None) -> list[str]:
+    """Tokenizer files (and chat template) from `tokenizer_source`; generation_config.json where present.
+    Returns the names of the tokenizer files copied."""
+    copied = []
     if tokenizer_source is not None and tokenizer_source.is_dir():
         for name in TOKENIZER_FILES:
             if (tokenizer_source / name).is_file():
                 shutil.copy2(tokenizer_source / name, out_dir / name)
+                copied.append(name)
     if generation_source is not None and (generation_source / "generation_config.json").is_file():
         shutil.copy2(generation_source / "generation_config.json", out_dir / "generation_config.json")
     if chat_template:
         _set_chat_template(out_dir, chat_template)
+    return copied
 
 
 def _set_chat_template(out_dir: Path, template: str) -> None:

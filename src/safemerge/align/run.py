@@ -90,7 +90,7 @@ def align(
         use_chat = _use_chat(settings.chat, pairs, tokenizer, src)
         if use_chat:
             pairs = [as_chat(p) for p in pairs]
-        out_dtype = _stored_dtype(ckpt)
+        out_dtype = ckpt.float_dtype()
         net = _load_model(src, device=device, stored=out_dtype)
         _check_targets(net, settings)
         _zero_dropout(net)
@@ -166,11 +166,6 @@ def _use_chat(chat: bool | None, pairs: list[dict], tokenizer, src: Path) -> boo
         raise PreferenceDataError(f"{src}: the tokenizer has no chat template, but the pairs are chat messages or "
                                   "chat=True was asked for; give plain-string pairs, or a model with a chat template")
     return has_template if chat is None else chat or any(is_chat(p) for p in pairs)
-
-
-def _stored_dtype(ckpt: Checkpoint) -> torch.dtype:
-    floats = [ckpt.dtype(n) for n in ckpt.names() if ckpt.dtype(n).is_floating_point]
-    return floats[0] if floats else torch.float32
 
 
 def _load_model(src: Path, *, device: str, stored: torch.dtype):

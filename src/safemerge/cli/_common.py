@@ -45,10 +45,9 @@ def _show_warning(message, *args, **kwargs) -> None:
 @contextmanager
 def loading_models() -> Iterator[None]:
     """user_errors for commands that load models: also no transformers progress bar per model load."""
-    from transformers.utils import logging as hf_logging
+    from safemerge._hf import quiet_transformers
 
-    hf_logging.disable_progress_bar()
-    with user_errors():
+    with user_errors(), quiet_transformers():
         yield
 
 

@@ -75,7 +75,9 @@ def domain(
 def _report(report, json_out: bool) -> None:
     if json_out:
         return emit_json(report.as_dict())
-    dropped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in report.dropped.items() if v) or "none"
+    from safemerge.data.synthetic import describe_dropped
+
+    dropped = describe_dropped(report.dropped) or "none"
     out.print(f"[green]wrote[/] {report.rows} rows to {escape(str(report.out))} ({report.questions} questions; dropped: {dropped})")
     for model, info in report.per_model.items():
         if "refusal_rate" in info:

@@ -226,10 +226,15 @@ def synthesize_safety(
     return SyntheticReport(out, len(rows), len(questions), dropped, per_model)
 
 
+def describe_dropped(dropped: dict[str, int]) -> str:
+    """"2 duplicate, 1 no refusal": the nonzero counts of what a synthesis dropped ("" when nothing was)."""
+    return ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in dropped.items() if v)
+
+
 def _short_of(out: Path, rows: list, n: int | None, dropped: dict[str, int]) -> None:
     """Warn when fewer rows than asked for are written, with what was dropped."""
     if n is not None and len(rows) < n:
-        why = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in dropped.items() if v) or "the source ran out"
+        why = describe_dropped(dropped) or "the source ran out"
         warnings.warn(f"{out}: {len(rows)} rows of the {n} asked for (dropped: {why})", UserWarning, stacklevel=3)
 
 

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from safemerge.data.loaders import load_multiple_choice
+from safemerge.data.loaders import load_multiple_choice, load_prompts
 from safemerge.errors import SafemergeError
 from safemerge.evaluate.domain import evaluate_domain
 from safemerge.evaluate.judges import get_judge
@@ -46,6 +46,7 @@ def audit(
         raise SafemergeError("audit needs at least one model")
     if not 0 <= threshold <= 1:
         raise SafemergeError(f"threshold is a safety rate in [0, 1], got {threshold}")
+    prompts = load_prompts(safety_prompts, limit=limit)  # read once, up front (the same fingerprint as read per model)
     tasks = [load_multiple_choice(t) for t in domain_tasks]  # read (and checked) once, up front
     names = [t.name for t in tasks]
     if len(set(names)) < len(names):
@@ -58,7 +59,7 @@ def audit(
     for m in models:
         ref = model_ref(m, dtype=dtype, store=db)  # shared by the evaluations below: one load at most
         s = evaluate_safety(
-            ref, prompts=safety_prompts, judge=judge_obj, limit=limit, max_new_tokens=max_new_tokens,
+            ref, prompts=prompts, judge=judge_obj, limit=limit, max_new_tokens=max_new_tokens,
             batch_size=batch_size, device=device, dtype=dtype, store=db, cache=cache, progress=progress,
         )
         domain = {}

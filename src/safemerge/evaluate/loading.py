@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from safemerge._hf import is_hub_id
+from safemerge.checkpoint import nonfinite
 from safemerge.errors import CheckpointError, SafemergeError
+from safemerge.writer import TOKENIZER_FILES
 
 if TYPE_CHECKING:
     from safemerge.store import ResultsStore
@@ -95,7 +97,7 @@ def load_model(
         raise CheckpointError(f"{p}: cannot load the model ({type(e).__name__}: {e})") from None
     model.to(resolve_device(device)).eval()
     for name, param in model.named_parameters():
-        if param.is_floating_point() and not bool(torch.isfinite(param).all()):
+        if nonfinite(param):
             raise CheckpointError(f"{p}: tensor {name!r} holds NaN or Inf, so every score of this model would be "
                                   "meaningless (an empty answer even counts as a refusal); fix or re-make the checkpoint")
     return model, tokenizer
@@ -167,8 +169,8 @@ def chat_template_text(path: Path) -> str | None:
 
 
 # besides the weights (the fingerprint) and the chat template, what changes a model's outputs
-SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
+SIDE_FILES = ("config.json", "generation_config.json",
+              *(f for f in TOKENIZER_FILES if not f.startswith("chat_template")))  # the template is hashed on its own
 
 
 def side_files_digest(path: Path) -> str:
@@ -205,8 +207,6 @@ def _dtype_name(path: Path, dtype: str | torch.dtype) -> str:
     try:  # transformers' "auto" then loads the weights' own dtype
         from safemerge.checkpoint import Checkpoint
 
-        ckpt = Checkpoint(path)
-        floats = [ckpt.dtype(n) for n in ckpt.names() if ckpt.dtype(n).is_floating_point]
-        return str(floats[0]).replace("torch.", "") if floats else "float32"
+        return str(Checkpoint(path).float_dtype()).replace("torch.", "")
     except Exception:  # an unreadable checkpoint fails later, where it is loaded, with its own message
         return "float32"

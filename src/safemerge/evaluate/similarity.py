@@ -23,6 +23,7 @@ from typing import Sequence
 
 import torch
 
+from safemerge.checkpoint import nonfinite
 from safemerge.errors import CheckpointError, SafemergeError
 from safemerge.evaluate._progress import progress_bar
 from safemerge.layout import layer_index, stream_order, tied_source
@@ -149,9 +150,8 @@ def _chunks(cks: list, base, name: str, chunk_elems: int):
         for ck in all_cks:
             src = name if name in ck else tied_source(name, ck.names())
             t = ck.get_rows(src, start, stop) if shape else ck.get(src)
-            t = t.to(torch.float64).reshape(-1)
-            if not bool(torch.isfinite(t).all()):
+            if nonfinite(t):
                 raise CheckpointError(f"{ck.path}: tensor {src!r} holds NaN or Inf, so its distances would be NaN; "
                                       "fix or re-make the checkpoint")
-            out.append(t)
+            out.append(t.to(torch.float64).reshape(-1))
         yield out

@@ -62,11 +62,9 @@ def write_report(results: dict | str | os.PathLike, out_dir: str | os.PathLike, 
 
 
 def _write_all(out: Path, files: dict[str, bytes], *, stale: list[Path]) -> None:
-    from safemerge.checkpoint import check_folder
+    from safemerge.checkpoint import check_output_folder
 
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"{out}: is a file; the report is written into a folder")
-    check_folder(out)
+    check_output_folder(out, "the report is written into a folder")
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".report.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

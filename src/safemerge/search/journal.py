@@ -89,8 +89,7 @@ class Journal:
             if not overwrite:
                 raise OutputExistsError(f"{path}: a search journal is already there; pass --resume to continue that "
                                         "search, or --overwrite to start it again")
-            for stale in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
-                stale.unlink(missing_ok=True)
+            _remove(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         created = not path.exists()
         try:
@@ -124,8 +123,7 @@ class Journal:
         empty = len(self) == 0
         self.close()
         if exc_type is not None and self.created and empty:
-            for f in (self.path, self.path.with_name(self.path.name + "-wal"), self.path.with_name(self.path.name + "-shm")):
-                f.unlink(missing_ok=True)
+            _remove(self.path)
 
     def close(self) -> None:
         self._conn.close()
@@ -169,3 +167,9 @@ def _real(x: float) -> float | None:
 
 def _float(x: float | None) -> float:
     return math.nan if x is None else float(x)
+
+
+def _remove(path: Path) -> None:
+    """The journal and SQLite's write-ahead log and shared-memory files beside it."""
+    for f in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        f.unlink(missing_ok=True)

@@ -128,7 +128,7 @@ def search(
     spec = ScorerSpec(config=cfg.to_yaml_dict(), safety_data=data["safety"]["path"], domain_data=data["domain"]["path"],
                       lambda_=lam, batch_size=batch_size, max_length=max_length, limit=limit, device=device,
                       threads=threads or (1 if (workers > 1 or ray_address) else None))
-    identity = _identity(cfg, optimizer=optimizer, lam=lam, seed=seed, steps=steps, popsize=popsize, sigma0=sigma0,
+    identity = _identity(cfg, pool, optimizer=optimizer, lam=lam, seed=seed, steps=steps, popsize=popsize, sigma0=sigma0,
                          temperature=temperature, data=data, spec=spec)
     total = _expected(optimizer, space, cfg, steps, popsize)
     scorer = _LazyScorer(spec, workers=workers, ray_address=ray_address)
@@ -163,7 +163,7 @@ def _optimize(optimizer: str, cfg: MergeConfig, space: SearchSpace | None, evals
     return cocktail(cfg, evals, temperature=temperature)
 
 
-def _identity(cfg: MergeConfig, *, optimizer, lam, seed, steps, popsize, sigma0, temperature, data, spec) -> dict:
+def _identity(cfg: MergeConfig, pool: dict[str, Checkpoint], *, optimizer, lam, seed, steps, popsize, sigma0, temperature, data, spec) -> dict:
     """What defines a run's sequence of candidates and scores (the journal checks it on resume).
 
     Not included: workers, Ray and threads, which do not change the scores."""
@@ -173,7 +173,7 @@ def _identity(cfg: MergeConfig, *, optimizer, lam, seed, steps, popsize, sigma0,
         "temperature": temperature if optimizer == "cocktail" else None,
         "data": {k: v["fingerprint"] for k, v in data.items()}, "limit": spec.limit, "batch_size": spec.batch_size,
         "max_length": spec.max_length, "device": spec.device,
-        "models": {m: Checkpoint(m).fingerprint() for m in cfg.input_models()},
+        "models": {m: pool[m].fingerprint() for m in cfg.input_models()},
     }
 
 

@@ -45,7 +45,7 @@ class SearchSpace:
     def __init__(self, config: MergeConfig | Mapping | str, *, ranges: Mapping[str, tuple[float, float]] = RANGES):
         self.config = load_config(config)
         self.spec = get_method(self.config.merge_method)
-        self.models = [m.model for m in (self.config.models if self.spec.inputs == "models" else self.config.others())]
+        self.models = [m.model for m in self.config.weighted_models()]
         names = _short_names(self.models)
         dims: list[Dim] = []
         for model, short in zip(self.models, names):
