@@ -140,6 +140,53 @@ CASES: dict[str, tuple[str, str, dict]] = {
         "models": _models(expert_a={"weight": 1.0, "density": 0.5}, aligned={"weight": 1.0, "density": 0.5}),
         "dtype": "bfloat16",
     }),
+    # mergekit's `rescale` on the magnitude-trimmed methods: each trimmed τ rescaled to keep its L1 norm
+    "ties_rescale": ("fp32", "exact", {
+        "merge_method": "ties", "base_model": "base",
+        "models": _models(expert_a={"weight": 1.0, "density": 0.5}, aligned={"weight": 0.5, "density": 0.3}),
+        "parameters": {"rescale": True}, "dtype": "float32",
+    }),
+    "breadcrumbs_ties_rescale": ("fp32", "exact", {
+        "merge_method": "breadcrumbs_ties", "base_model": "base",
+        "models": _models(expert_a={"weight": 1.0, "density": 0.7, "gamma": 0.05},
+                          expert_b={"weight": 0.6, "density": 0.5}, aligned={"weight": 0.8, "density": 0.6}),
+        "parameters": {"rescale": True}, "dtype": "float32",
+    }),
+    "nuslerp_base": ("fp32", "exact", {
+        "merge_method": "nuslerp", "base_model": "base",
+        "models": _models(expert_a={"weight": 0.4}, aligned={"weight": 0.6}),
+        "dtype": "float32",
+    }),
+    "nuslerp_rows": ("fp32", "exact", {
+        "merge_method": "nuslerp",
+        "models": _models(expert_a={"weight": 1.0}, aligned={"weight": 3.0}),
+        "parameters": {"nuslerp_flatten": False}, "dtype": "float32",
+    }),
+    "nuslerp_columns": ("fp32", "exact", {
+        "merge_method": "nuslerp", "base_model": "base",
+        "models": _models(expert_a={"weight": 0.5}, expert_b={"weight": 0.2}),
+        "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True}, "dtype": "float32",
+    }),
+    "sce": ("fp32", "exact", {
+        "merge_method": "sce", "base_model": "base",
+        "models": _models(expert_a={}, expert_b={}, aligned={}),
+        "parameters": {"select_topk": 0.5}, "dtype": "float32",
+    }),
+    "sce_bf16": ("bf16", "exact", {
+        "merge_method": "sce", "base_model": "base",
+        "models": _models(expert_a={}, aligned={}),
+        "dtype": "bfloat16",
+    }),
+    "della": ("fp32", "stats", {
+        "merge_method": "della", "base_model": "base",
+        "models": _models(expert_a={"weight": 1.0, "density": 0.5}, aligned={"weight": 1.0, "density": 0.5, "epsilon": 0.2}),
+        "dtype": "float32",
+    }),
+    "della_linear": ("fp32", "stats", {
+        "merge_method": "della_linear", "base_model": "base",
+        "models": _models(expert_a={"weight": 1.0, "density": 0.4}),
+        "parameters": {"epsilon": 0.1}, "dtype": "float32",
+    }),
     "dare_linear": ("fp32", "stats", {
         "merge_method": "dare_linear", "base_model": "base",
         "models": _models(expert_a={"weight": 1.0, "density": 0.3}),

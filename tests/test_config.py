@@ -162,7 +162,7 @@ def test_strings_and_single_mappings_are_read_as_mergekit_reads_them():
             models=[{"model": "x", "parameters": {"weight": {"filter": "mlp", "value": "0.25"}, "density": "5e-1"}},
                     {"model": "b", "parameters": None}])
     glob, per = method_params(c, tensor="model.layers.0.mlp.up_proj.weight", t=0)
-    assert glob == {"lambda": 0.5, "int8_mask": True, "normalize": False}
+    assert glob == {"lambda": 0.5, "int8_mask": True, "normalize": False, "rescale": False}
     assert per == {"weight": [0.25], "density": [0.5]}
     with pytest.raises(ConfigError, match="parameters.normalize: 'maybe' is not true or false"):
         cfg(parameters={"normalize": "maybe"})

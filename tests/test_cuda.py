@@ -35,9 +35,14 @@ CONFIGS = {
                         "parameters": {"t": [0, 0.5, 1, 0.5, 0]}},
     "model_stock": lambda f: {"merge_method": "model_stock", "base_model": str(f["base"]),
                               "models": [{"model": str(f["expert"])}, {"model": str(f["aligned"])}]},
+    "ties_rescale": lambda f: {**_models(f, "ties", density=0.4), "parameters": {"rescale": True}},
+    "nuslerp": lambda f: {**_models(f, "nuslerp"), "parameters": {"nuslerp_flatten": False}},
+    "sce": lambda f: {"merge_method": "sce", "base_model": str(f["base"]), "parameters": {"select_topk": 0.5},
+                      "models": [{"model": str(f["expert"])}, {"model": str(f["aligned"])}]},
 }
 # Elementwise float32 arithmetic is the same IEEE operation on both devices; only reductions (SLERP's
-# norms and dot product, Model Stock's cosines) may sum in another order.
+# norms and dot product, Model Stock's cosines, the L1 norms of `rescale`, SCE's variances and mean squares)
+# may sum in another order.
 EXACT = {"linear", "task_arithmetic", "ties", "breadcrumbs"}
 
 
@@ -61,6 +66,20 @@ def test_merge_on_cuda_equals_the_cpu_merge(method, dtype, tiny_family, tiny_fam
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
         else:  # a float32 difference in the last bits may round to the neighbouring bf16 value
             torch.testing.assert_close(b.float(), a.float(), rtol=2 ** -7, atol=1e-6, msg=name)
+
+
+def test_della_on_cuda_is_seeded(tiny_family, tmp_path):
+    config = {**_models(tiny_family, "della", density=0.5, epsilon=0.2), "seed": 4}
+    a, b = _merge(config, tmp_path / "a", "cuda"), _merge(config, tmp_path / "b", "cuda")
+    base = Checkpoint(tiny_family["base"])
+    kept = total = 0
+    for name in a.names():
+        assert torch.equal(a.get(name), b.get(name)), name
+        assert bool(torch.isfinite(a.get(name)).all()), name
+        if a.get(name).dim() == 2:
+            moved = a.get(name) != base.get(name)
+            kept, total = kept + int(moved.sum()), total + moved.numel()
+    assert 0.70 < kept / total < 0.80  # as DARE's below: mean keep probability 0.5 per model
 
 
 def test_dare_on_cuda_is_seeded(tiny_family, tmp_path):

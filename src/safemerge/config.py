@@ -103,6 +103,9 @@ class MergeConfig(BaseModel):
             raise ValueError(f"merge_method {self.merge_method} needs base_model")
         if spec.inputs == "pair" and len(self.input_models()) != 2:
             raise ValueError(f"{self.merge_method} merges exactly two models (base_model and one other); got {len(self.input_models())}")
+        if spec.inputs == "two" and len(self.others()) != 2:
+            raise ValueError(f"{self.merge_method} merges exactly two models (besides an optional base_model); "
+                             f"got {len(self.others())}")
         if self.tokenizer_source == "union":
             raise ValueError("tokenizer_source 'union' is not supported; name a model (or 'base')")
         for m in self.weighted_models():
@@ -136,7 +139,8 @@ class MergeConfig(BaseModel):
 
 
 # numbers that must lie in a range, as [low, high] with low excluded where marked: (low, high, low_open)
-RANGES = {"density": (0.0, 1.0, True), "gamma": (0.0, 1.0, False)}
+RANGES = {"density": (0.0, 1.0, True), "gamma": (0.0, 1.0, False), "epsilon": (0.0, 1.0, False),
+          "select_topk": (0.0, 1.0, False)}
 
 
 def _check_value(key: str, value: Any, spec, where: str) -> None:

@@ -51,6 +51,16 @@ def merge_tensor(config: MergeConfig, *, name: str, t: float, tensors: dict[str,
     call; the streaming engine and the in-memory search both go through it.
     """
     spec = get_method(config.merge_method)
+    try:
+        return _call(spec, config, name=name, t=t, tensors=tensors, out=out)
+    except ConfigError:  # already names the tensor
+        raise
+    except ValueError as e:  # a method's own check of its parameters (della's density ± epsilon, rescale_mode, ...)
+        raise ConfigError(f"{config.merge_method}, tensor {name}: {e}") from None
+
+
+def _call(spec: MethodSpec, config: MergeConfig, *, name: str, t: float, tensors: dict[str, torch.Tensor],
+          out: torch.Tensor | None) -> torch.Tensor:
     glob, per = method_params(config, tensor=name, t=t)
     kwargs: dict[str, Any] = {KWARG.get(k, k): v for k, v in glob.items()}
     kwargs["out"] = out
@@ -59,6 +69,9 @@ def merge_tensor(config: MergeConfig, *, name: str, t: float, tensors: dict[str,
         kwargs["generator"] = torch.Generator(device=device).manual_seed(tensor_seed(config.seed, name))
     if spec.inputs == "models":
         return spec.fn([tensors[m.model] for m in config.models], weights=per["weight"], **kwargs)
+    if spec.inputs == "two":
+        base = tensors[config.base_model] if config.base_model else None
+        return spec.fn(base, [tensors[m.model] for m in config.others()], weights=per["weight"], **kwargs)
     base = tensors[config.base_model]
     others = [tensors[m.model] for m in config.others()]
     if spec.inputs == "pair":

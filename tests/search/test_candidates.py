@@ -24,6 +24,10 @@ CASES = {
     "dare_ties": (lambda f: {**task_config(f, "dare_ties", density=0.4), "seed": 5},
                   lambda f: {**task_config(f, "dare_ties", weight=0.7, density=0.6), "seed": 5}),
     "slerp": (lambda f: _slerp(f, 0.8), lambda f: _slerp(f, 0.35)),
+    "della": (lambda f: {**task_config(f, "della", density=0.4), "seed": 3},
+              lambda f: {**task_config(f, "della", weight=0.7, density=0.6, epsilon=0.2), "seed": 3}),
+    "nuslerp": (lambda f: task_config(f, "nuslerp", weight=0.3),
+                lambda f: {**task_config(f, "nuslerp"), "parameters": {"nuslerp_flatten": False}}),
 }
 
 

@@ -132,6 +132,8 @@ def test_grid_skips_a_shared_weight_that_normalising_cancels(tiny_family):
     points = grid_points(SearchSpace(task_config(tiny_family, "ties", density=0.5)), 3)
     assert [(p["expert.weight"], p["expert.density"]) for p in points] == [(1.0, 0.1), (1.0, 0.55), (1.0, 1.0)]
     assert len(grid_points(SearchSpace({**task_config(tiny_family, "linear"), "base_model": None}), 3)) == 1
+    assert len(grid_points(SearchSpace(task_config(tiny_family, "nuslerp")), 3)) == 1  # t = w_2 / (w_1 + w_2)
+    assert len(grid_points(SearchSpace(task_config(tiny_family, "della", density=0.5)), 3)) == 3  # della normalises
     line = grid_points(SearchSpace(task_config(tiny_family)), 3)  # task arithmetic does not normalise
     assert [p["expert.weight"] for p in line] == pytest.approx([1 / 3, 2 / 3, 1.0])
 

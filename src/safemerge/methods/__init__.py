@@ -8,6 +8,7 @@ config validation all read that one declaration.
     inputs="models":  fn(tensors, *, weights, <params>)         whole weights (base included if given)
     inputs="pair":    fn(a, b, *, t)                            two models, a is the base
     inputs="stock":   fn(base, tensors)                         base plus the other models' weights
+    inputs="two":     fn(base or None, [a, b], *, weights, ...)  two models, the base optional (nuslerp)
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ REQUIRED = object()  # default marker for a parameter that must be given
 class MethodSpec:
     name: str
     fn: Callable[..., Any]
-    inputs: Literal["deltas", "models", "pair", "stock"]
+    inputs: Literal["deltas", "models", "pair", "stock", "two"]
     global_params: dict[str, Any] = field(default_factory=dict)
     model_params: dict[str, Any] = field(default_factory=dict)
     elementwise: bool = False  # output element j depends on input elements j only: may run in row chunks
@@ -58,13 +59,16 @@ def get_method(name: str) -> MethodSpec:
 # importing the modules fills METHODS
 from safemerge.methods import linear, slerp, stock, task_arithmetic  # noqa: E402,F401
 from safemerge.methods.linear import linear as linear_merge  # noqa: E402
-from safemerge.methods.slerp import slerp as slerp_merge  # noqa: E402
+from safemerge.methods.slerp import nuslerp, slerp as slerp_merge  # noqa: E402
 from safemerge.methods.stock import model_stock  # noqa: E402
 from safemerge.methods.task_arithmetic import (  # noqa: E402
     breadcrumbs,
     breadcrumbs_ties,
     dare_linear,
     dare_ties,
+    della,
+    della_linear,
+    sce,
     task_arithmetic as task_arithmetic_merge,
     ties,
 )
@@ -72,4 +76,5 @@ from safemerge.methods.task_arithmetic import (  # noqa: E402
 __all__ = [
     "METHODS", "MethodSpec", "REQUIRED", "register", "get_method", "linear_merge", "slerp_merge",
     "model_stock", "task_arithmetic_merge", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
+    "della", "della_linear", "sce", "nuslerp",
 ]

@@ -59,3 +59,67 @@ def _dots(fa: torch.Tensor, fb: torch.Tensor) -> tuple[float, float, float]:
             part = float(p[:m].view(-1, ROW).sum(dim=1).sum()) if m else 0.0
             sums[i] += part + (float(p[m:].sum()) if m < p.numel() else 0.0)
     return sums[0], sums[1], sums[2]
+
+
+@register("nuslerp", inputs="two", global_params={"nuslerp_flatten": True, "nuslerp_row_wise": False},
+          model_params={"weight": REQUIRED})
+def nuslerp(base: torch.Tensor | None, tensors, *, weights, nuslerp_flatten: bool = True, nuslerp_row_wise: bool = False,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """mergekit's NuSLERP: slerp between two models at t = w_2 / (w_1 + w_2) (0.5 when the weights sum to 0).
+
+    With a base model the two task vectors are interpolated and added to the base; without one, the weights
+    themselves. `nuslerp_flatten` (default) takes each tensor as one vector; otherwise every row (vectors
+    along the last dimension), or with `nuslerp_row_wise` every column (along the first), is interpolated
+    on its own. Per vector: cos Ω = <a/‖a‖, b/‖b‖> with norms clamped to ≥ 1e-7, Ω = acos cos Ω, and
+    out = sin((1−t)Ω)/sin Ω · a + sin(tΩ)/sin Ω · b, or (1−t)·a + t·b where 1 − cos²Ω ≤ 1e-16.
+    Norms and dot products are float64 sums in a fixed order; the combination is float32.
+    """
+    w0, w1 = (float(w) for w in weights)
+    total = w0 + w1
+    t = 0.5 if abs(total) < 1e-6 else w1 / total
+    a, b = (x.to(torch.float32) for x in tensors)
+    if base is not None:
+        base32 = base.to(torch.float32)
+        a, b = a - base32, b - base32
+    shape = a.shape
+    if nuslerp_flatten or a.dim() < 2:
+        va, vb = a.reshape(1, -1), b.reshape(1, -1)
+    elif nuslerp_row_wise:
+        va, vb = (x.transpose(0, -1).reshape(-1, shape[0]) for x in (a, b))
+    else:
+        va, vb = a.reshape(-1, shape[-1]), b.reshape(-1, shape[-1])
+    if va.shape[0] == 1:
+        fa, fb = flat(va), flat(vb)
+        sums = native.dots(fa, fb) if native.usable(fa, fb) else _dots(fa, fb)
+        saa, sbb, sab = (torch.tensor([v], dtype=torch.float64, device=a.device) for v in sums)
+    else:
+        saa, sbb, sab = _row_dots(va, vb)
+    na, nb = saa.sqrt().clamp_min(1e-7), sbb.sqrt().clamp_min(1e-7)
+    cos = (sab / na / nb).clamp(-1.0, 1.0)
+    colinear = (1 - cos.square()) <= EPS**2
+    omega = torch.acos(torch.where(colinear, torch.zeros_like(cos), cos))
+    sin = torch.sin(omega)
+    ca = torch.where(colinear, torch.full_like(cos, 1 - t), torch.sin((1 - t) * omega) / sin)
+    cb = torch.where(colinear, torch.full_like(cos, t), torch.sin(t * omega) / sin)
+    mixed = va * ca.to(torch.float32).unsqueeze(1) + vb * cb.to(torch.float32).unsqueeze(1)
+    if not (nuslerp_flatten or a.dim() < 2) and nuslerp_row_wise:
+        mixed = mixed.reshape(a.transpose(0, -1).shape).transpose(0, -1)
+    mixed = mixed.reshape(shape)
+    if base is not None:
+        mixed = base32 + mixed
+    if out is None:
+        return mixed
+    output(mixed, out).copy_(mixed.reshape(out.shape))
+    return out
+
+
+def _row_dots(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Σx², Σy², Σxy) of each row, in float64, a group of rows at a time (each row summed by one thread)."""
+    rows, cols = x.shape
+    step = max(1, ROW // max(cols, 1))
+    parts: list[list[torch.Tensor]] = [[], [], []]
+    for r in range(0, rows, step):
+        u, v = x[r:r + step].to(torch.float64), y[r:r + step].to(torch.float64)
+        for i, (p, q) in enumerate(((u, u), (v, v), (u, v))):
+            parts[i].append((p * q).sum(dim=1))
+    return tuple(torch.cat(p) for p in parts)

@@ -9,6 +9,11 @@
   rescales survivors by 1/density (or, with rescale_mode="l1", to keep ‖τ‖₁ as mergekit does).
 - breadcrumbs / breadcrumbs_ties (Davari & Belilovsky, 2023): τ̃ drops the `gamma` share of largest
   |τ| (outliers) and then the smallest, keeping a `density` share.
+- della / della_linear (Deep et al., 2024, MagPrune): τ̃ keeps each element with a probability that grows
+  with its magnitude rank within its row, from density − ε to density + ε, and rescales survivors by 1/p
+  (or, with rescale_mode="l1", to keep ‖τ‖₁ as mergekit does); della adds TIES's sign election.
+- `rescale: true` on ties and breadcrumbs (mergekit's option, off by default) rescales each trimmed τ̃ to
+  keep ‖τ‖₁.
 MergeAlign (Sun et al., 2025) is task_arithmetic with weights α (domain) and β (alignment).
 
 `base` is a tensor of any float dtype; each of `deltas` is a precomputed τ_i (a tensor) or a
@@ -22,13 +27,14 @@ with bit-identical results; the torch code below is the reference and the fallba
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Literal, Sequence
 
 import torch
 
 from safemerge.methods import REQUIRED, native, register
-from safemerge.methods.blocks import TaskVector, flat, output, spans, task_vectors
+from safemerge.methods.blocks import BLOCK, TaskVector, flat, output, spans, task_vectors
 
 NBUCKETS = 1 << 15  # top 16 bits of a non-negative float32: sign (0), exponent, 7 mantissa bits
 SAMPLE = 1 << 16   # entries sampled to bracket a top-k threshold
@@ -231,6 +237,93 @@ class RandomDrop:
         return d.mul_(self.factor) if self.factor != 1.0 else d
 
 
+class L1Rescaled:
+    """A deterministic sparsifier whose output is rescaled by one factor per tensor so that ‖τ̃‖₁ = ‖τ‖₁ (mergekit's
+    `rescale` on ties and breadcrumbs); a copy of the sparsifier measures both norms in a first pass. As in mergekit,
+    a norm below 1e-7 leaves τ̃ unscaled."""
+
+    def __init__(self, sparsifier, base, tv):
+        self.inner = sparsifier
+        probe = copy.deepcopy(sparsifier)  # the masks count threshold ties as they go: measure on a copy
+        before = after = 0.0
+        for _, _, mag in _magnitudes(base, tv):
+            before += float(mag.sum())
+            after += float(probe(mag).sum())  # the masked magnitudes: |τ̃| (mag is a fresh tensor)
+        self.factor = before / after if before > 1e-7 and after > 1e-7 else 1.0
+
+    def __call__(self, d: torch.Tensor) -> torch.Tensor:
+        d = self.inner(d)
+        return d.mul_(self.factor) if self.factor != 1.0 else d
+
+
+class MagPrune:
+    """DELLA's MagPrune: within each row of τ (a 1-D tensor is one row; other tensors are rows of their first
+    dimension), the entry of magnitude rank r (0 = smallest of n, ties in index order) is kept with probability
+    p = density − ε + 2ε·r/(n − 1) (p = density for a one-element row). Survivors are rescaled by 1/p, the DELLA
+    paper's rule (`rescale_mode: density`; keeps τ in expectation), or all by one factor that keeps ‖τ‖₁
+    (`rescale_mode: l1`, mergekit's rule; a dry run of the same random stream measures it).
+    Rows are ranked a group at a time (about one block of elements), in order, as the combine asks for blocks."""
+
+    def __init__(self, base, tv, density: float, epsilon: float, *, seed: int, rescale: bool, rescale_mode: str):
+        self.off = density >= 1
+        if self.off:
+            return
+        if not 0 < density - epsilon or not density + epsilon < 1:
+            raise ValueError(f"density ± epsilon must lie inside (0, 1); got density {density:g}, epsilon {epsilon:g} "
+                             "(lower epsilon or move density away from 0 and 1)")
+        if rescale and rescale_mode not in ("density", "l1"):
+            raise ValueError(f"rescale_mode {rescale_mode!r} is not 'density' or 'l1'")
+        self.base, self.tv = flat(base), tv
+        self.rows = base.shape[0] if base.dim() >= 2 else 1
+        self.lo, self.width = density - epsilon, 2.0 * epsilon
+        self.per_p = rescale and rescale_mode == "density"
+        self.gen = torch.Generator(device=base.device).manual_seed(seed)
+        self.factor = 1.0
+        if rescale and rescale_mode == "l1":  # a dry run of the same random stream measures ‖τ‖₁ before and after
+            state = self.gen.get_state()
+            before = after = 0.0
+            for _, mag, keep, _ in self._groups():
+                before += float(mag.sum())
+                after += float((mag * keep).sum())
+            self.gen.set_state(state)
+            self.factor = before / after if before > 1e-7 and after > 1e-7 else 1.0
+        self._pending = self._scales()
+        self._buf, self._at = torch.empty(0, device=base.device), 0
+
+    def _groups(self):
+        """(start, |τ|, keep mask as float32, p) of each group of whole rows, flat, in row order."""
+        n = self.base.numel()
+        cols = n // self.rows if self.rows else 0
+        step = max(1, BLOCK // max(cols, 1))
+        for r0 in range(0, self.rows, step):
+            r1 = min(self.rows, r0 + step)
+            s, e = r0 * cols, r1 * cols
+            mag = self.tv.block(self.base[s:e].to(torch.float32), s, e).abs_().view(r1 - r0, cols)
+            if cols > 1:
+                order = mag.argsort(dim=1, stable=True)
+                rank = torch.empty_like(order).scatter_(1, order, torch.arange(cols, device=mag.device).expand_as(order))
+                p = rank.to(torch.float32).mul_(self.width / (cols - 1)).add_(self.lo)
+            else:
+                p = torch.full_like(mag, self.lo + self.width / 2)
+            keep = (torch.rand(p.shape, generator=self.gen, device=p.device) < p).to(torch.float32)
+            yield s, mag.view(-1), keep.view(-1), p.view(-1)
+
+    def _scales(self):
+        for _, _, keep, p in self._groups():
+            yield keep.div_(p) if self.per_p else keep
+
+    def __call__(self, d: torch.Tensor) -> torch.Tensor:
+        if self.off:
+            return d
+        need = d.numel()
+        while self._buf.numel() - self._at < need:
+            self._buf = torch.cat([self._buf[self._at:], next(self._pending)])
+            self._at = 0
+        d.mul_(self._buf[self._at:self._at + need])
+        self._at += need
+        return d.mul_(self.factor) if self.factor != 1.0 else d
+
+
 # -- combination ------------------------------------------------------------------------------------
 def combine(base, deltas, *, weights, consensus: bool, normalize: bool, lambda_: float, sparsifiers=None,
             out: torch.Tensor | None = None) -> torch.Tensor:
@@ -310,19 +403,24 @@ def _seeds(generator: torch.Generator | None, n: int) -> list[int]:
 _COMMON = {"lambda": 1.0, "int8_mask": False}
 
 
-@register("task_arithmetic", inputs="deltas", global_params={**_COMMON, "normalize": False},
+@register("task_arithmetic", inputs="deltas", global_params={**_COMMON, "normalize": False, "rescale": False},
           model_params={"weight": REQUIRED}, elementwise=True)
 def task_arithmetic(base, deltas, *, weights, lambda_=1.0, normalize=False, out=None, **_):
-    """θ_base + λ·Σ w_i·τ_i (÷ Σ w_i when normalize)."""
+    """θ_base + λ·Σ w_i·τ_i (÷ Σ w_i when normalize); `rescale` is accepted as mergekit does and changes nothing
+    (nothing is trimmed)."""
     return combine(base, deltas, weights=weights, consensus=False, normalize=normalize, lambda_=lambda_, out=out)
 
 
-@register("ties", inputs="deltas", global_params={**_COMMON, "normalize": True},
+def _l1(rescale: bool, sparsifier, base, tv):
+    return L1Rescaled(sparsifier, base, tv) if rescale else sparsifier
+
+
+@register("ties", inputs="deltas", global_params={**_COMMON, "normalize": True, "rescale": False},
           model_params={"weight": REQUIRED, "density": 1.0})
-def ties(base, deltas, *, weights, density, lambda_=1.0, normalize=True, out=None, **_):
+def ties(base, deltas, *, weights, density, lambda_=1.0, normalize=True, rescale=False, out=None, **_):
     """TIES: trim to `density` by magnitude, elect signs, disjoint mean (normalize on by default)."""
     tvs = task_vectors(deltas)
-    trims = [Magnitude(base, tv, rho) for tv, rho in zip(tvs, density)]
+    trims = [_l1(rescale, Magnitude(base, tv, rho), base, tv) for tv, rho in zip(tvs, density)]
     return combine(base, tvs, weights=weights, consensus=True, normalize=normalize, lambda_=lambda_,
                    sparsifiers=trims, out=out)
 
@@ -357,25 +455,107 @@ def dare_ties(base, deltas, *, weights, density, generator=None, lambda_=1.0, no
 _CRUMBS = {"weight": REQUIRED, "density": 1.0, "gamma": 0.01}
 
 
-def _crumbs(base, deltas, *, weights, density, gamma, consensus, normalize, lambda_, out):
+def _crumbs(base, deltas, *, weights, density, gamma, consensus, normalize, rescale, lambda_, out):
     tvs = task_vectors(deltas)
-    trims = [Outliers(base, tv, rho, g) for tv, rho, g in zip(tvs, density, gamma)]
+    trims = [_l1(rescale, Outliers(base, tv, rho, g), base, tv) for tv, rho, g in zip(tvs, density, gamma)]
     return combine(base, tvs, weights=weights, consensus=consensus, normalize=normalize, lambda_=lambda_,
                    sparsifiers=trims, out=out)
 
 
-@register("breadcrumbs", inputs="deltas", global_params={**_COMMON, "normalize": False}, model_params=_CRUMBS)
-def breadcrumbs(base, deltas, *, weights, density, gamma, lambda_=1.0, normalize=False, out=None, **_):
+@register("breadcrumbs", inputs="deltas", global_params={**_COMMON, "normalize": False, "rescale": False},
+          model_params=_CRUMBS)
+def breadcrumbs(base, deltas, *, weights, density, gamma, lambda_=1.0, normalize=False, rescale=False, out=None, **_):
     """Model Breadcrumbs: drop outliers and small entries, then task arithmetic."""
     return _crumbs(base, deltas, weights=weights, density=density, gamma=gamma, consensus=False,
-                   normalize=normalize, lambda_=lambda_, out=out)
+                   normalize=normalize, rescale=rescale, lambda_=lambda_, out=out)
 
 
-@register("breadcrumbs_ties", inputs="deltas", global_params={**_COMMON, "normalize": False}, model_params=_CRUMBS)
-def breadcrumbs_ties(base, deltas, *, weights, density, gamma, lambda_=1.0, normalize=False, out=None, **_):
+@register("breadcrumbs_ties", inputs="deltas", global_params={**_COMMON, "normalize": False, "rescale": False},
+          model_params=_CRUMBS)
+def breadcrumbs_ties(base, deltas, *, weights, density, gamma, lambda_=1.0, normalize=False, rescale=False, out=None, **_):
     """Model Breadcrumbs with TIES's sign election and disjoint mean."""
     return _crumbs(base, deltas, weights=weights, density=density, gamma=gamma, consensus=True,
-                   normalize=normalize, lambda_=lambda_, out=out)
+                   normalize=normalize, rescale=rescale, lambda_=lambda_, out=out)
+
+
+_DELLA = {"weight": REQUIRED, "density": 1.0, "epsilon": 0.15}
+
+
+def _della(base, deltas, *, weights, density, epsilon, generator, rescale, rescale_mode, consensus, normalize, lambda_, out):
+    tvs = task_vectors(deltas)
+    prunes = [MagPrune(base, tv, rho, eps, seed=sd, rescale=rescale, rescale_mode=rescale_mode)
+              for tv, rho, eps, sd in zip(tvs, density, epsilon, _seeds(generator, len(tvs)))]
+    return combine(base, tvs, weights=weights, consensus=consensus, normalize=normalize, lambda_=lambda_,
+                   sparsifiers=prunes, out=out)
+
+
+@register("della", inputs="deltas", global_params={**_DARE, "normalize": True}, model_params=_DELLA, random=True)
+def della(base, deltas, *, weights, density, epsilon, generator=None, lambda_=1.0, normalize=True, rescale=True,
+          rescale_mode: Literal["density", "l1"] = "density", out=None, **_):
+    """DELLA: MagPrune (magnitude-ranked keep probabilities), then TIES's sign election and disjoint mean."""
+    return _della(base, deltas, weights=weights, density=density, epsilon=epsilon, generator=generator, rescale=rescale,
+                  rescale_mode=rescale_mode, consensus=True, normalize=normalize, lambda_=lambda_, out=out)
+
+
+@register("della_linear", inputs="deltas", global_params=_DARE, model_params=_DELLA, random=True)
+def della_linear(base, deltas, *, weights, density, epsilon, generator=None, lambda_=1.0, normalize=False, rescale=True,
+                 rescale_mode: Literal["density", "l1"] = "density", out=None, **_):
+    """MagPrune, then task arithmetic."""
+    return _della(base, deltas, weights=weights, density=density, epsilon=epsilon, generator=generator, rescale=rescale,
+                  rescale_mode=rescale_mode, consensus=False, normalize=normalize, lambda_=lambda_, out=out)
+
+
+@register("sce", inputs="deltas", global_params={"select_topk": 1.0, "int8_mask": False})
+def sce(base, deltas, *, select_topk=1.0, out=None, **_):
+    """SCE (Wan et al., 2024, FuseChat), as mergekit 0.1.5 computes it: Select the `select_topk` share of elements
+    (of those whose variance across the τ_i is not zero) with the largest variance and zero τ elsewhere; Calculate
+    each model's weight w_i = mean(τ̃_i²) / Σ_j mean(τ̃_j²) (1/n each when that sum is below 1e-6, as mergekit does);
+    Erase the entries whose sign disagrees with sign(Σ_j τ̃_j); θ = θ_base + Σ w_i·m_i·τ̃_i / max(Σ w_i·m_i, 1e-6).
+    Whole-tensor statistics (variance top-k, mean squares) take a pass each before the combining one."""
+    tvs = task_vectors(deltas)
+    result = output(base, out)
+    b, o = flat(base), flat(result)
+    n = b.numel()
+    if not tvs:
+        for s, e in spans(n, b):
+            o[s:e] = b[s:e]
+        return result
+
+    def blocks():
+        for s, e in spans(n, b):
+            bb = b[s:e].to(torch.float32)
+            yield s, e, bb, [tv.block(bb, s, e) for tv in tvs]
+
+    keep = None
+    if select_topk < 1:
+        var = torch.empty(n, dtype=torch.float32, device=b.device)
+        for s, e, _, ds in blocks():
+            var[s:e] = torch.var(torch.stack(ds), dim=0, unbiased=False)
+        k = int(int(torch.count_nonzero(var)) * float(select_topk)) if select_topk > 0 else 0
+        keep = topk_mask(var, k) if k > 0 else torch.zeros(n, dtype=torch.bool, device=b.device)
+        del var
+    squares = [0.0] * len(tvs)
+    for s, e, _, ds in blocks():
+        for i, d in enumerate(ds):
+            if keep is not None:
+                d.mul_(keep[s:e])
+            squares[i] += float(d.to(torch.float64).square_().sum())
+    means = [q / n for q in squares]
+    total = sum(means)
+    weights = [1.0 / len(tvs)] * len(tvs) if abs(total) < 1e-6 else [m / total for m in means]
+    for s, e, bb, ds in blocks():
+        if keep is not None:
+            for d in ds:
+                d.mul_(keep[s:e])
+        sign = torch.where(torch.stack(ds).sum(dim=0) >= 0, 1.0, -1.0)
+        mixed = torch.zeros_like(bb)
+        divisor = torch.zeros_like(bb)
+        for d, w in zip(ds, weights):
+            m = (torch.sign(d) == sign).to(torch.float32).mul_(w)
+            mixed.addcmul_(d, m)
+            divisor.add_(m)
+        o[s:e] = bb + mixed.div_(divisor.clamp_min_(1e-6))  # bb may be the base itself (float32): no in-place
+    return result
 
 
 def trim_magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:

@@ -8,7 +8,7 @@ One shared value per parameter kind: every searched model gets the same weight a
     t       ∈ linspace(0, 1, p)            (SLERP)
 
 so TIES or DARE-TIES over any pool is a p × p grid, task arithmetic a line of p points. When the method
-normalises by the summed weights (`normalize: true`, TIES's default), one weight shared by every model
+normalises by the summed weights (`normalize: true`, TIES's default; NuSLERP), one weight shared by every model
 cancels out, so the weight axis is left at 1 instead of scoring p identical merges per density.
 """
 
@@ -49,7 +49,10 @@ def grid_points(space: SearchSpace, points: int) -> list[dict[str, float]]:
 
 
 def _normalizes(space: SearchSpace) -> bool:
-    """Whether the method divides by the summed weights (a bool `normalize`, as the config or the default sets it)."""
+    """Whether the method divides by the summed weights (a bool `normalize`, as the config or the default sets it;
+    NuSLERP always does: its t is w_2 / (w_1 + w_2))."""
+    if space.spec.name == "nuslerp":
+        return True
     value = space.config.parameters.get("normalize", space.spec.global_params.get("normalize", False))
     return value is True
 

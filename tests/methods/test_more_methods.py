@@ -1,0 +1,178 @@
+"""della / della_linear, nuslerp, sce and `rescale` on the magnitude methods: closed forms and properties.
+(Their agreement with mergekit 0.1.5 itself is in tests/test_mergekit_parity.py.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from safemerge.config import load_config
+from safemerge.engine import merge_tensor
+from safemerge.errors import ConfigError
+from safemerge.methods import breadcrumbs, della, della_linear, nuslerp, sce, slerp_merge, ties
+from safemerge.methods.blocks import TaskVector
+from safemerge.methods.task_arithmetic import MagPrune
+
+
+def rand(shape, seed, n=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g) for _ in range(n)]
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+# -- della ----------------------------------------------------------------------------------------------
+def _pruned(tau: torch.Tensor, density: float, epsilon: float, seed: int = 0, **kw) -> torch.Tensor:
+    base = torch.zeros_like(tau)
+    prune = MagPrune(base, TaskVector(delta=tau.reshape(-1)), density, epsilon, seed=seed,
+                     rescale=kw.get("rescale", True), rescale_mode=kw.get("rescale_mode", "density"))
+    flat = tau.reshape(-1).clone()
+    parts = [prune(flat[s:s + 1000]) for s in range(0, flat.numel(), 1000)]  # blocks not aligned to rows
+    return torch.cat(parts).view(tau.shape)
+
+
+def test_magprune_keeps_larger_entries_more_often_and_keeps_the_mean():
+    tau = rand((400, 500), 1)[0]
+    out = _pruned(tau, 0.5, 0.2)
+    kept = out != 0
+    rank = tau.abs().argsort(dim=1, stable=True).argsort(dim=1)  # 0 = smallest of its row, ties in index order
+    low, high = kept[rank < 50].float().mean(), kept[rank >= 450].float().mean()
+    # p runs from 0.3 (smallest) to 0.7 (largest) in each row; 20k entries per group: sd of a share < 0.004
+    assert 0.30 < low < 0.33 and 0.67 < high < 0.70
+    assert kept.float().mean() == pytest.approx(0.5, abs=0.01)
+    # survivors are rescaled by 1/p, so τ is kept in expectation: compare sums over many entries of one sign
+    pos = tau > 0
+    assert float(out[pos].sum()) == pytest.approx(float(tau[pos].sum()), rel=0.02)
+    # the kept entries carry their 1/p factor exactly
+    p = 0.3 + 0.4 * rank.float() / 499
+    torch.testing.assert_close(out[kept], (tau / p)[kept], rtol=1e-6, atol=0)
+
+
+def test_magprune_l1_mode_keeps_the_l1_norm_and_no_rescale_only_masks():
+    tau = rand((64, 300), 2)[0]
+    l1 = _pruned(tau, 0.4, 0.1, rescale_mode="l1")
+    assert float(l1.abs().sum()) == pytest.approx(float(tau.abs().sum()), rel=1e-5)
+    plain = _pruned(tau, 0.4, 0.1, rescale=False)
+    assert torch.equal(plain != 0, l1 != 0)  # the same random stream: the same survivors
+    torch.testing.assert_close(plain[plain != 0], tau[plain != 0])
+
+
+def test_magprune_one_dimensional_tensor_is_one_row_and_seeded():
+    tau = rand((5000,), 3)[0]
+    a, b = _pruned(tau, 0.6, 0.3, seed=7), _pruned(tau, 0.6, 0.3, seed=7)
+    assert torch.equal(a, b) and not torch.equal(a, _pruned(tau, 0.6, 0.3, seed=8))
+    kept = a != 0
+    order = tau.abs().argsort()
+    assert kept[order[:1000]].float().mean() < 0.45 < 0.75 < kept[order[-1000:]].float().mean()
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000), w=st.floats(0.1, 2))
+def test_della_with_density_one_is_ties_without_trimming(seed, w):
+    base, a, b = rand((6, 7), seed, 3)
+    got = della(base, [a - base, b - base], weights=[w, 1.0], density=[1.0, 1.0], epsilon=[0.15, 0.15], generator=gen())
+    want = ties(base, [a - base, b - base], weights=[w, 1.0], density=[1.0, 1.0])
+    torch.testing.assert_close(got, want)
+    lin = della_linear(base, [a - base], weights=[w], density=[1.0], epsilon=[0.15], generator=gen())
+    torch.testing.assert_close(lin, base + w * (a - base), atol=1e-5, rtol=1e-5)
+
+
+def test_della_density_and_epsilon_must_leave_probabilities_inside_zero_one():
+    base, a = rand((4, 50), 0, 2)
+    with pytest.raises(ValueError, match="density ± epsilon"):
+        della_linear(base, [a - base], weights=[1.0], density=[0.9], epsilon=[0.15], generator=gen())
+    cfg = {"merge_method": "della", "base_model": "b", "models": [{"model": "x", "parameters": {"weight": 1, "density": 0.5}}],
+           "parameters": {"epsilon": 1.5}}
+    with pytest.raises(ConfigError, match="epsilon"):
+        load_config(cfg)
+
+
+# -- rescale on the magnitude methods -----------------------------------------------------------------
+def test_ties_rescale_keeps_each_trimmed_task_vectors_l1_norm():
+    base, a = rand((30, 40), 4, 2)
+    tau = a - base
+    plain = ties(base, [tau.clone()], weights=[1.0], density=[0.3]) - base
+    scaled = ties(base, [tau.clone()], weights=[1.0], density=[0.3], rescale=True) - base
+    assert torch.equal(plain != 0, scaled != 0)
+    factor = float(tau.abs().sum() / plain.abs().sum())
+    torch.testing.assert_close(scaled, plain * factor, rtol=1e-5, atol=1e-6)
+    crumbs = breadcrumbs(base, [tau.clone()], weights=[1.0], density=[0.5], gamma=[0.05], rescale=True) - base
+    assert float(crumbs.abs().sum()) == pytest.approx(float(tau.abs().sum()), rel=1e-5)
+
+
+def test_rescale_on_task_arithmetic_is_accepted_and_changes_nothing():
+    base, a = rand((8, 9), 5, 2)
+    cfg = {"merge_method": "task_arithmetic", "base_model": "b", "models": [{"model": "a", "parameters": {"weight": 0.5}}]}
+    plain = merge_tensor(load_config(cfg), name="w", t=0, tensors={"b": base, "a": a})
+    cfg["parameters"] = {"rescale": True}
+    assert torch.equal(merge_tensor(load_config(cfg), name="w", t=0, tensors={"b": base, "a": a}), plain)
+
+
+# -- nuslerp --------------------------------------------------------------------------------------------
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), t=st.floats(0.0, 1.0))
+def test_nuslerp_without_base_flattened_is_slerp_at_t_equal_w2_over_the_sum(seed, t):
+    a, b = rand((16, 20), seed, 2)  # random: far from parallel, both take the spherical branch
+    got = nuslerp(None, [a, b], weights=[1.0 - t, t])
+    torch.testing.assert_close(got, slerp_merge(a, b, t=t), atol=1e-5, rtol=1e-5)
+
+
+def test_nuslerp_endpoints_weights_summing_to_zero_and_the_base():
+    base, a, b = rand((6, 10), 6, 3)
+    torch.testing.assert_close(nuslerp(None, [a, b], weights=[2.0, 0.0]), a)
+    torch.testing.assert_close(nuslerp(base, [a, b], weights=[0.0, 3.0]), b, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(nuslerp(None, [a, b], weights=[1.0, -1.0]), nuslerp(None, [a, b], weights=[1.0, 1.0]))
+    with_base = nuslerp(base, [a, b], weights=[1.0, 1.0])
+    torch.testing.assert_close(with_base, base + nuslerp(None, [a - base, b - base], weights=[1.0, 1.0]))
+
+
+def test_nuslerp_rows_and_columns_are_interpolated_on_their_own():
+    a, b = rand((5, 8), 7, 2)
+    rows = nuslerp(None, [a, b], weights=[0.3, 0.7], nuslerp_flatten=False)
+    cols = nuslerp(None, [a, b], weights=[0.3, 0.7], nuslerp_flatten=False, nuslerp_row_wise=True)
+    for i in range(5):
+        torch.testing.assert_close(rows[i], slerp_merge(a[i], b[i], t=0.7), atol=1e-5, rtol=1e-5)
+    for j in range(8):
+        torch.testing.assert_close(cols[:, j], slerp_merge(a[:, j], b[:, j], t=0.7), atol=1e-5, rtol=1e-5)
+    same = nuslerp(None, [a, a * 2], weights=[1.0, 1.0], nuslerp_flatten=False)  # parallel rows: linear
+    torch.testing.assert_close(same, 1.5 * a)
+
+
+def test_nuslerp_config_takes_exactly_two_models_and_an_optional_base():
+    two = [{"model": m, "parameters": {"weight": 0.5}} for m in ("x", "y")]
+    load_config({"merge_method": "nuslerp", "models": two})
+    load_config({"merge_method": "nuslerp", "base_model": "b", "models": two})
+    with pytest.raises(ConfigError, match="exactly two models"):
+        load_config({"merge_method": "nuslerp", "models": two + [{"model": "z", "parameters": {"weight": 1}}]})
+
+
+# -- sce ------------------------------------------------------------------------------------------------
+def test_sce_weights_by_mean_square_and_erases_disagreeing_signs():
+    base, tau = rand((10, 12), 8, 2)
+    tau = tau.abs()
+    out = sce(base, [tau, 2 * tau])  # weights 1/5 and 4/5, every sign agrees
+    torch.testing.assert_close(out, base + 1.8 * tau, rtol=1e-5, atol=1e-6)
+    out = sce(base, [tau, -0.5 * tau])  # Σ > 0: the second always disagrees and is erased
+    torch.testing.assert_close(out, base + tau, rtol=1e-5, atol=1e-6)
+
+
+def test_sce_select_topk_keeps_the_elements_of_largest_variance():
+    base = torch.zeros(100)
+    a = torch.zeros(100)
+    b = torch.zeros(100)
+    a[:10], b[:10] = 1.0, 3.0  # variance 1 on the first 10 elements
+    a[10:], b[10:] = 0.5, 0.5  # variance 0 elsewhere (and not counted in k)
+    out = sce(base, [a, b], select_topk=0.5)  # k = int(10 · 0.5) = 5 of the varying elements, the first five (ties in index order)
+    assert torch.count_nonzero(out) == 5 and torch.count_nonzero(out[:5]) == 5
+
+
+def test_a_methods_parameter_error_names_the_method_and_tensor():
+    base, a = rand((4, 50), 9, 2)
+    cfg = {"merge_method": "della_linear", "base_model": "b",
+           "models": [{"model": "a", "parameters": {"weight": 1.0, "density": 0.9}}]}
+    with pytest.raises(ConfigError, match=r"della_linear, tensor model\.norm\.weight: density ± epsilon"):
+        merge_tensor(load_config(cfg), name="model.norm.weight", t=0, tensors={"b": base, "a": a})
