@@ -20,11 +20,18 @@ def test_merge_and_mergealign_commands(tmp_path, tiny_family):
                                    "models": [{"model": str(tiny_family["expert"]), "parameters": {"weight": 1, "density": 0.5}}]}))
     r = runner.invoke(app, ["merge", str(cfg), str(tmp_path / "o"), "--json", "--no-progress"])
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["output"] == str(tmp_path / "o")
+    summary = json.loads(r.stdout)
+    assert summary["output"] == str(tmp_path / "o")
+    from safemerge.checkpoint import Checkpoint
+    written, base = Checkpoint(tmp_path / "o"), Checkpoint(tiny_family["base"])
+    assert summary["tensors"] == len(base.names()) and summary["parameters"] == base.num_params()
+    assert summary["shards"] == len(written.weight_files()) == 1 and summary["dtype"] == "float32"
+    assert summary["bytes"] == written.weight_files()[0].stat().st_size and summary["seconds"] >= 0
     r = runner.invoke(app, ["mergealign", str(tmp_path / "ma"), "--base", str(tiny_family["base"]),
                             "--domain", str(tiny_family["expert"]), "--aligned", str(tiny_family["aligned"]),
                             "--beta", "0.5", "--no-progress"])
     assert r.exit_code == 0, r.output
+    assert f"{len(base.names())} tensors, {base.num_params():,} parameters (float32)" in " ".join(r.stdout.split())
     saved = yaml.safe_load((tmp_path / "ma" / "mergekit_config.yml").read_text())
     assert saved["models"][1]["parameters"]["weight"] == 0.5
     assert saved["tokenizer_source"] == str(tiny_family["aligned"])

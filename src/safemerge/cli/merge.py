@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -35,10 +36,11 @@ def merge(
 
     _start_engine()
     with user_errors():
+        start = time.perf_counter()
         path = safemerge.merge(config, out_dir, device=device, overwrite=overwrite, allow_pickle=allow_pickle,
                                allow_nonfinite=allow_nonfinite, max_shard_size=parse_size(shard_size), workers=workers,
                                progress=progress)
-        _report(path, json_out)
+        _report(path, json_out, time.perf_counter() - start)
 
 
 def mergealign(
@@ -62,11 +64,12 @@ def mergealign(
 
     _start_engine()
     with user_errors():
+        start = time.perf_counter()
         path = safemerge.mergealign(base=base, domains=domain, aligned=aligned, out=out_dir, alpha=alpha, beta=beta,
                                     dtype=dtype, tokenizer_source=tokenizer_source, overwrite=overwrite,
                                     device=device, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
                                     progress=progress)
-        _report(path, json_out)
+        _report(path, json_out, time.perf_counter() - start)
 
 
 def methods(json_out: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False) -> None:
@@ -124,8 +127,21 @@ def parse_size(text: str) -> int:
     return size
 
 
-def _report(path: Path, json_out: bool) -> None:
+def _report(path: Path, json_out: bool, seconds: float) -> None:
+    """What was written: the folder, its tensors, parameters, dtype, weight files and bytes, and the time taken."""
+    from safemerge.checkpoint import Checkpoint
+
+    ckpt = Checkpoint(path)
+    files = ckpt.weight_files()
+    summary = {"output": str(path), "tensors": len(ckpt.names()), "parameters": ckpt.num_params(),
+               "dtype": str(ckpt.float_dtype()).removeprefix("torch."), "shards": len(files),
+               "bytes": sum(f.stat().st_size for f in files), "seconds": round(seconds, 2)}
+    ckpt.close()
     if json_out:
-        emit_json({"output": str(path)})
+        emit_json(summary)
     else:
-        out.print(f"[green]wrote[/] {escape(str(path))}")
+        size = summary["bytes"]
+        size_text = f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+        out.print(f"[green]wrote[/] {escape(str(path))}: {summary['tensors']} tensors, {summary['parameters']:,} parameters "
+                  f"({summary['dtype']}), {size_text} in {summary['shards']} file{'s' if summary['shards'] != 1 else ''}, "
+                  f"{seconds:.1f} s", soft_wrap=True)
