@@ -107,6 +107,19 @@ def test_the_output_is_the_best_merge_and_its_yaml_reproduces_it(uninterrupted, 
     assert len(summary["history"]) == 12
 
 
+def test_a_finished_cmaes_run_resumes_with_more_steps(tiny_family, family_data, tmp_path, uninterrupted):
+    """cma's first generations do not depend on how many follow: 1 step, then --resume --steps 3, is the 3-step run."""
+    short = _run(tiny_family, family_data, tmp_path / "out", steps=1)
+    assert short.candidates == 4
+    with pytest.raises(OutputExistsError, match="--resume, --overwrite keeps the journal"):
+        _run(tiny_family, family_data, tmp_path / "out", resume=True)
+    longer = _run(tiny_family, family_data, tmp_path / "out", resume=True, overwrite=True)  # steps 3 (CMAES)
+    assert (longer.scored, longer.candidates) == (8, 12)
+    assert longer.params == uninterrupted.params and _history(longer) == _history(uninterrupted)
+    with pytest.raises(ConfigError, match="ran steps 3; --resume can continue it with more, not fewer"):
+        _run(tiny_family, family_data, tmp_path / "out", resume=True, overwrite=True, steps=2)
+
+
 def test_resume_of_another_search_and_reuse_without_resume_are_errors(tiny_family, family_data, uninterrupted, tmp_path):
     with pytest.raises(ConfigError, match="different search .*differs in: lambda"):
         _run(tiny_family, family_data, tmp_path / "x", journal=uninterrupted.journal, resume=True, lambda_=0.5)

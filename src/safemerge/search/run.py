@@ -105,7 +105,9 @@ def search(
         raise ConfigError(f"--optimizer {optimizer!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
     out = Path(out).expanduser().absolute()
     if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out}: already exists; choose another path or pass --overwrite (overwrite=True)")
+        also = (" (with --resume, --overwrite keeps the journal and replaces the output with the resumed search's best; "
+                "that is how a finished CMA-ES run continues with more --steps)" if resume else "")
+        raise OutputExistsError(f"{out}: already exists; choose another path or pass --overwrite (overwrite=True){also}")
     if workers < 1:
         raise ConfigError(f"--workers {workers}: give at least one worker")
     _check_options(steps=steps, popsize=popsize, sigma0=sigma0, temperature=temperature, batch_size=batch_size,
@@ -132,7 +134,8 @@ def search(
                          temperature=temperature, data=data, spec=spec)
     total = _expected(optimizer, space, cfg, steps, popsize)
     scorer = _LazyScorer(spec, workers=workers, ray_address=ray_address)
-    with Journal.open(journal_path, identity=identity, resume=resume, overwrite=overwrite) as jr, \
+    with Journal.open(journal_path, identity=identity, resume=resume, overwrite=overwrite,
+                      growable=("steps",) if optimizer == "cmaes" else ()) as jr, \
             _progress(progress, total, optimizer) as report:
         def notify(idx: int, cand: Candidate, score: Score, replayed: bool) -> None:
             report(score)
