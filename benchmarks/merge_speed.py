@@ -65,7 +65,26 @@ CONFIGS = {  # issue 2's three measured merges, mergekit YAML
         "models": [{"model": "base"}, {"model": "expert"}],
         "parameters": {"t": SLERP_T}, "dtype": "bfloat16",
     },
+    # beyond issue 2's three: mergekit's other common methods (not run unless named in --methods)
+    "della": {
+        "merge_method": "della", "base_model": "base",
+        "models": [{"model": "expert", "parameters": {"weight": 1.0, "density": 0.5}},
+                   {"model": "instruct", "parameters": {"weight": 1.0, "density": 0.5}}],
+        "parameters": {"epsilon": 0.15}, "dtype": "bfloat16",
+    },
+    "nuslerp": {
+        "merge_method": "nuslerp", "base_model": "base",
+        "models": [{"model": "expert", "parameters": {"weight": 0.5}},
+                   {"model": "instruct", "parameters": {"weight": 0.5}}],
+        "dtype": "bfloat16",
+    },
+    "sce": {
+        "merge_method": "sce", "base_model": "base",
+        "models": [{"model": "expert"}, {"model": "instruct"}],
+        "parameters": {"select_topk": 0.5}, "dtype": "bfloat16",
+    },
 }
+ISSUE_METHODS = ("task_arithmetic", "ties", "slerp")
 # Issue 2's targets: safemerge time / mergekit time, safemerge time / I/O floor, peak RSS.
 TARGETS = {
     "task_arithmetic": {"vs_mergekit": 0.25, "vs_io_floor": 1.3},
@@ -246,7 +265,8 @@ def ratios(runs: list[Run]) -> dict:
         else:
             by[key] = r
     out = {}
-    for method, targets in TARGETS.items():
+    for method in dict.fromkeys(r.method for r in runs):  # every measured method; issue 2's have targets
+        targets = TARGETS.get(method, {})
         sm = by.get(("safemerge", method))
         if sm is None:
             continue
@@ -309,7 +329,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", type=Path, default=REPO / ".cache" / "bench")
     ap.add_argument("--mergekit", default=str(REPO / ".bench-venv" / "bin" / "mergekit-yaml"))
-    ap.add_argument("--methods", default=",".join(CONFIGS), help="comma list of " + ",".join(CONFIGS))
+    ap.add_argument("--methods", default=",".join(ISSUE_METHODS), help="comma list of " + ",".join(CONFIGS)
+                    + f" (default: issue 2's {', '.join(ISSUE_METHODS)})")
     ap.add_argument("--tools", default=None, help="comma list of io_floor,safemerge,mergekit "
                     "(default: all three; with --scale > 1: safemerge)")
     ap.add_argument("--scale", type=int, default=1, help="also measure safemerge on a SCALE× larger model "

@@ -108,7 +108,8 @@ def test_the_output_is_the_best_merge_and_its_yaml_reproduces_it(uninterrupted, 
 
 
 def test_a_finished_cmaes_run_resumes_with_more_steps(tiny_family, family_data, tmp_path, uninterrupted):
-    """cma's first generations do not depend on how many follow: 1 step, then --resume --steps 3, is the 3-step run."""
+    """cma's first generations do not depend on how many follow: 1 step, then --resume --steps 3, is the 3-step run;
+    and --steps 2 on that journal replays the 2-step run."""
     short = _run(tiny_family, family_data, tmp_path / "out", steps=1)
     assert short.candidates == 4
     with pytest.raises(OutputExistsError, match="--resume, --overwrite keeps the journal"):
@@ -116,8 +117,9 @@ def test_a_finished_cmaes_run_resumes_with_more_steps(tiny_family, family_data, 
     longer = _run(tiny_family, family_data, tmp_path / "out", resume=True, overwrite=True)  # steps 3 (CMAES)
     assert (longer.scored, longer.candidates) == (8, 12)
     assert longer.params == uninterrupted.params and _history(longer) == _history(uninterrupted)
-    with pytest.raises(ConfigError, match="ran steps 3; --resume can continue it with more, not fewer"):
-        _run(tiny_family, family_data, tmp_path / "out", resume=True, overwrite=True, steps=2)
+    shorter = _run(tiny_family, family_data, tmp_path / "out", resume=True, overwrite=True, steps=2)  # a prefix: replayed
+    assert (shorter.scored, shorter.candidates) == (0, 8) and _history(shorter) == _history(uninterrupted)[:8]
+    assert shorter.score.objective == min(h[3] for h in _history(uninterrupted)[:8])
 
 
 def test_resume_of_another_search_and_reuse_without_resume_are_errors(tiny_family, family_data, uninterrupted, tmp_path):
@@ -146,7 +148,13 @@ def test_grid_skips_a_shared_weight_that_normalising_cancels(tiny_family):
     assert [(p["expert.weight"], p["expert.density"]) for p in points] == [(1.0, 0.1), (1.0, 0.55), (1.0, 1.0)]
     assert len(grid_points(SearchSpace({**task_config(tiny_family, "linear"), "base_model": None}), 3)) == 1
     assert len(grid_points(SearchSpace(task_config(tiny_family, "nuslerp")), 3)) == 1  # t = w_2 / (w_1 + w_2)
-    assert len(grid_points(SearchSpace(task_config(tiny_family, "della", density=0.5)), 3)) == 3  # della normalises
+    della = grid_points(SearchSpace(task_config(tiny_family, "della", density=0.5)), 3)  # della normalises
+    assert [p["expert.density"] for p in della] == pytest.approx([0.16, 0.5, 0.84])  # density ± ε (0.15) inside (0, 1)
+    mixed = task_config(tiny_family, "della", density=0.5)
+    mixed["models"][1]["parameters"]["epsilon"] = 0.3
+    assert [p["aligned.density"] for p in grid_points(SearchSpace(mixed), 2)] == pytest.approx([0.31, 0.69])
+    with pytest.raises(ConfigError, match="epsilon 0.5 leaves no density to search"):
+        SearchSpace({**task_config(tiny_family, "della"), "parameters": {"epsilon": 0.5}})
     line = grid_points(SearchSpace(task_config(tiny_family)), 3)  # task arithmetic does not normalise
     assert [p["expert.weight"] for p in line] == pytest.approx([1 / 3, 2 / 3, 1.0])
 

@@ -531,7 +531,8 @@ def sce(base, deltas, *, select_topk=1.0, out=None, **_):
         var = torch.empty(n, dtype=torch.float32, device=b.device)
         for s, e, _, ds in blocks():
             var[s:e] = torch.var(torch.stack(ds), dim=0, unbiased=False)
-        k = int(int(torch.count_nonzero(var)) * float(select_topk)) if select_topk > 0 else 0
+        # k as mergekit computes it: the count (a tensor) times the share is a float32 product
+        k = int(torch.count_nonzero(var) * float(select_topk)) if select_topk > 0 else 0
         keep = topk_mask(var, k) if k > 0 else torch.zeros(n, dtype=torch.bool, device=b.device)
         del var
     squares = [0.0] * len(tvs)

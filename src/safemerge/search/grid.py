@@ -38,9 +38,10 @@ def grid_points(space: SearchSpace, points: int) -> list[dict[str, float]]:
     kinds = [k for k in ("weight", "density", "t") if any(d.param == k for d in space.dims)]
     axes = []
     for kind in kinds:
-        dim = next(d for d in space.dims if d.param == kind)
+        dims = [d for d in space.dims if d.param == kind]  # one shared value: it must lie in every model's range
+        low, high = max(d.low for d in dims), min(d.high for d in dims)
         cancels = kind == "weight" and _normalizes(space)
-        axes.append([1.0] if cancels else axis(kind, dim.low, dim.high, points))
+        axes.append([1.0] if cancels else axis(kind, low, high, points))
     out = []
     for values in itertools.product(*axes):
         shared = dict(zip(kinds, values))

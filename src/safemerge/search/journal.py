@@ -74,13 +74,14 @@ class Journal:
 
     @classmethod
     def open(cls, path: str | Path, *, identity: dict[str, Any], resume: bool = False, overwrite: bool = False,
-             growable: tuple[str, ...] = ()) -> "Journal":
+             free: tuple[str, ...] = ()) -> "Journal":
         """Open the journal at `path` for a run defined by `identity`.
 
         Without `resume`, an existing journal is an error unless `overwrite` (which starts it afresh).
-        With `resume`, an existing journal must have been written for the same identity, except that the
-        numbers named in `growable` may have grown (a CMA-ES run's generations: its first ones do not depend
-        on how many follow); the journal then takes the new identity.
+        With `resume`, an existing journal must have been written for the same identity, except for the keys
+        named in `free`, which only decide where a run stops (a CMA-ES run's number of generations: its first
+        generations do not depend on how many follow, so a journal of any length is a prefix of the run with
+        any other); the journal then takes the new identity.
         """
         path = Path(path).expanduser()
         if path.is_dir():
@@ -112,17 +113,12 @@ class Journal:
         elif got.get("hash") != digest:
             old = json.loads(got.get("identity", "{}"))
             diff = sorted(k for k in set(old) | set(identity) if canonical(old.get(k)) != canonical(identity.get(k)))
-            if diff and all(k in growable and isinstance(old.get(k), int) and isinstance(identity.get(k), int)
-                            and identity[k] > old[k] for k in diff):
+            if diff and all(k in free for k in diff):
                 with conn:
                     conn.execute("BEGIN")
                     conn.executemany("UPDATE meta SET value = ? WHERE key = ?", [(text, "identity"), (digest, "hash")])
                 return cls(path, conn, created=created)
             conn.close()
-            fewer = [k for k in diff if k in growable and isinstance(old.get(k), int) and isinstance(identity.get(k), int)]
-            if fewer and len(fewer) == len(diff):
-                raise ConfigError(f"{path}: this journal's search ran {', '.join(f'{k} {old[k]}' for k in fewer)}; --resume can "
-                                  "continue it with more, not fewer (its best so far is in the output already)")
             raise ConfigError(f"{path}: this journal belongs to a different search (it differs in: {', '.join(diff)}); "
                               "resume with the same config, data and options, or start afresh with --overwrite (without --resume)")
         return cls(path, conn, created=created)

@@ -106,7 +106,7 @@ def search(
     out = Path(out).expanduser().absolute()
     if out.exists() and not overwrite:
         also = (" (with --resume, --overwrite keeps the journal and replaces the output with the resumed search's best; "
-                "that is how a finished CMA-ES run continues with more --steps)" if resume else "")
+                "that is how a finished CMA-ES run goes on with more --steps)" if resume else "")
         raise OutputExistsError(f"{out}: already exists; choose another path or pass --overwrite (overwrite=True){also}")
     if workers < 1:
         raise ConfigError(f"--workers {workers}: give at least one worker")
@@ -135,7 +135,7 @@ def search(
     total = _expected(optimizer, space, cfg, steps, popsize)
     scorer = _LazyScorer(spec, workers=workers, ray_address=ray_address)
     with Journal.open(journal_path, identity=identity, resume=resume, overwrite=overwrite,
-                      growable=("steps",) if optimizer == "cmaes" else ()) as jr, \
+                      free=("steps",) if optimizer == "cmaes" else ()) as jr, \
             _progress(progress, total, optimizer) as report:
         def notify(idx: int, cand: Candidate, score: Score, replayed: bool) -> None:
             report(score)
@@ -148,7 +148,8 @@ def search(
                              temperature=temperature)
         finally:
             scorer.close()
-        history = [{"index": e.idx, "params": e.params, **e.score.as_dict(), "seconds": round(e.seconds, 4)} for e in jr.entries()]
+        history = [{"index": e.idx, "params": e.params, **e.score.as_dict(), "seconds": round(e.seconds, 4)}
+                   for e in jr.entries() if e.idx < evals.next]  # this run's (a journal of a longer run holds more)
     idx, cand, score = best
     result = SearchResult(out, journal_path, optimizer, lam, idx, cand.params, cand.config, score, evals.next, evals.scored,
                           time.perf_counter() - start, history)  # the search itself; writing the best merge follows

@@ -6,7 +6,8 @@ method declares them), and a declared global `t` (SLERP) is one dimension. What 
 only the range each of those three parameter kinds may take:
 
     weight  ∈ [0, 1]      the mixing weight of a model (task vector or whole weights)
-    density ∈ [0.1, 1]    the kept share of a task vector (TIES trim, DARE drop); 0 would keep nothing
+    density ∈ [0.1, 1]    the kept share of a task vector (TIES trim, DARE drop); 0 would keep nothing;
+                          DELLA: [ε + 0.01, 1 − ε − 0.01] within that, since density ± ε must lie inside (0, 1)
     t       ∈ [0, 1]      the SLERP interpolation position (0 = base)
 
 Other declared parameters (lambda, normalize, gamma, ...) stay as the config sets them.
@@ -52,6 +53,8 @@ class SearchSpace:
             for param in ("weight", "density"):
                 if param in self.spec.model_params:
                     low, high = ranges[param]
+                    if param == "density" and "epsilon" in self.spec.model_params:
+                        low, high = self._della_band(model, low, high)
                     start = self._start(param, model, self.spec.model_params[param], low, high)
                     dims.append(Dim(f"{short}.{param}", param, model, low, high, start))
         if "t" in self.spec.global_params:
@@ -101,6 +104,15 @@ class SearchSpace:
         return load_config(data)
 
     # -- internals ----------------------------------------------------------------------------------
+    def _della_band(self, model: str, low: float, high: float) -> tuple[float, float]:
+        """DELLA needs density ± epsilon inside (0, 1): the density range shrinks to [ε + 0.01, 1 − ε − 0.01]."""
+        eps = self._start("epsilon", model, self.spec.model_params["epsilon"], 0.0, 1.0)
+        low, high = max(low, eps + 0.01), min(high, 1.0 - eps - 0.01)
+        if low > high:
+            raise ConfigError(f"models[{model}]: epsilon {eps:g} leaves no density to search (density ± epsilon must lie "
+                              "inside (0, 1)); lower epsilon")
+        return low, high
+
     def _start(self, param: str, model: str | None, default, low: float, high: float) -> float:
         value = None
         if model is not None:
