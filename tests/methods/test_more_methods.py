@@ -176,3 +176,10 @@ def test_a_methods_parameter_error_names_the_method_and_tensor():
            "models": [{"model": "a", "parameters": {"weight": 1.0, "density": 0.9}}]}
     with pytest.raises(ConfigError, match=r"della_linear, tensor model\.norm\.weight: density ± epsilon"):
         merge_tensor(load_config(cfg), name="model.norm.weight", t=0, tensors={"b": base, "a": a})
+
+
+def test_sce_counts_k_as_mergekit_does():
+    # 90 · 0.7 is 62.99999999999999 in float64 but 63.0 in float32, mergekit's arithmetic (a tensor times a float)
+    base = torch.zeros(90)
+    a, b = torch.zeros(90), torch.arange(1, 91, dtype=torch.float32)  # 90 distinct non-zero variances
+    assert torch.count_nonzero(sce(base, [a, b], select_topk=0.7)) == 63
