@@ -7,7 +7,7 @@ import math
 import torch
 
 from safemerge.methods import REQUIRED, native, register
-from safemerge.methods.blocks import flat, output, spans
+from safemerge.methods.blocks import BLOCK, flat, output, spans
 
 DOT_THRESHOLD = 0.9995  # above this |cos Ω| the tensors are (anti)parallel: interpolate linearly
 EPS = 1e-8
@@ -72,28 +72,61 @@ def nuslerp(base: torch.Tensor | None, tensors, *, weights, nuslerp_flatten: boo
     along the last dimension), or with `nuslerp_row_wise` every column (along the first), is interpolated
     on its own. Per vector: cos Ω = <a/‖a‖, b/‖b‖> with norms clamped to ≥ 1e-7, Ω = acos cos Ω, and
     out = sin((1−t)Ω)/sin Ω · a + sin(tΩ)/sin Ω · b, or (1−t)·a + t·b where 1 − cos²Ω ≤ 1e-16.
-    Norms and dot products are float64 sums in a fixed order; the combination is float32.
+    Norms and dot products are float64 sums in a fixed order; the combination is float32. Everything runs a
+    group of whole rows (about one block) at a time: nothing of the tensor's size is allocated.
     """
     w0, w1 = (float(w) for w in weights)
     total = w0 + w1
     t = 0.5 if abs(total) < 1e-6 else w1 / total
-    a, b = (x.to(torch.float32) for x in tensors)
-    if base is not None:
-        base32 = base.to(torch.float32)
-        a, b = a - base32, b - base32
-    shape = a.shape
-    if nuslerp_flatten or a.dim() < 2:
-        va, vb = a.reshape(1, -1), b.reshape(1, -1)
+    fa, fb = flat(tensors[0]), flat(tensors[1])
+    fbase = flat(base) if base is not None else None
+    result = output(tensors[0], out)
+    o = flat(result)
+    n, shape = fa.numel(), tensors[0].shape
+    if nuslerp_flatten or len(shape) < 2:
+        mode, cols = "whole", 1
     elif nuslerp_row_wise:
-        va, vb = (x.transpose(0, -1).reshape(-1, shape[0]) for x in (a, b))
+        mode, cols = "cols", n // shape[0] if shape[0] else 0  # vectors along dim 0: the columns of a (shape[0], rest) view
     else:
-        va, vb = a.reshape(-1, shape[-1]), b.reshape(-1, shape[-1])
-    if va.shape[0] == 1:
-        fa, fb = flat(va), flat(vb)
-        sums = native.dots(fa, fb) if native.usable(fa, fb) else _dots(fa, fb)
-        saa, sbb, sab = (torch.tensor([v], dtype=torch.float64, device=a.device) for v in sums)
-    else:
-        saa, sbb, sab = _row_dots(va, vb)
+        mode, cols = "rows", shape[-1]  # vectors along the last dim: the rows of a (rest, shape[-1]) view
+
+    def groups():
+        """(start, end, base block or None, a's block, b's block) in float32, whole rows of the view at a time."""
+        step = BLOCK if mode == "whole" else max(1, BLOCK // max(cols, 1)) * cols
+        for s in range(0, n, max(step, 1)):
+            e = min(n, s + step)
+            bb = fbase[s:e].to(torch.float32) if fbase is not None else None
+            # τ's block in one mixed-dtype pass (a half-precision block is widened inside the kernel); never in place
+            da, db = (x[s:e].to(torch.float32) if bb is None else torch.sub(x[s:e], bb) for x in (fa, fb))
+            yield s, e, bb, da, db
+
+    if mode == "whole":
+        sums = [0.0, 0.0, 0.0]
+        for _, _, _, da, db in groups():
+            part = native.dots(da, db) if native.usable(da, db) else _dots(da, db)
+            sums = [x + y for x, y in zip(sums, part)]
+        coefs = _coefficients(*(torch.tensor(v, dtype=torch.float64) for v in sums), t)  # 0-dim: broadcast on any device
+    elif mode == "cols":
+        sums = [torch.zeros(cols, dtype=torch.float64, device=fa.device) for _ in range(3)]
+        for _, _, _, da, db in groups():
+            u, v = da.view(-1, cols).to(torch.float64), db.view(-1, cols).to(torch.float64)
+            for acc, (x, y) in zip(sums, ((u, u), (v, v), (u, v))):
+                acc.add_((x * y).sum(dim=0))
+        coefs = _coefficients(*sums, t)
+    for s, e, bb, da, db in groups():
+        if mode == "rows":
+            ca, cb = _coefficients(*_row_dots(da.view(-1, cols), db.view(-1, cols)), t)
+            ca, cb = ca.unsqueeze(1), cb.unsqueeze(1)
+        else:
+            ca, cb = coefs
+        shaped = (lambda x: x.view(-1, cols)) if mode != "whole" else (lambda x: x)
+        mixed = shaped(da) * ca.to(torch.float32) + shaped(db) * cb.to(torch.float32)
+        o[s:e] = (mixed.view(-1) if bb is None else bb + mixed.view(-1))
+    return result
+
+
+def _coefficients(saa: torch.Tensor, sbb: torch.Tensor, sab: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """NuSLERP's (c_a, c_b) per vector, in float64, from Σa², Σb², Σab."""
     na, nb = saa.sqrt().clamp_min(1e-7), sbb.sqrt().clamp_min(1e-7)
     cos = (sab / na / nb).clamp(-1.0, 1.0)
     colinear = (1 - cos.square()) <= EPS**2
@@ -101,25 +134,10 @@ def nuslerp(base: torch.Tensor | None, tensors, *, weights, nuslerp_flatten: boo
     sin = torch.sin(omega)
     ca = torch.where(colinear, torch.full_like(cos, 1 - t), torch.sin((1 - t) * omega) / sin)
     cb = torch.where(colinear, torch.full_like(cos, t), torch.sin(t * omega) / sin)
-    mixed = va * ca.to(torch.float32).unsqueeze(1) + vb * cb.to(torch.float32).unsqueeze(1)
-    if not (nuslerp_flatten or a.dim() < 2) and nuslerp_row_wise:
-        mixed = mixed.reshape(a.transpose(0, -1).shape).transpose(0, -1)
-    mixed = mixed.reshape(shape)
-    if base is not None:
-        mixed = base32 + mixed
-    if out is None:
-        return mixed
-    output(mixed, out).copy_(mixed.reshape(out.shape))
-    return out
+    return ca, cb
 
 
 def _row_dots(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(Σx², Σy², Σxy) of each row, in float64, a group of rows at a time (each row summed by one thread)."""
-    rows, cols = x.shape
-    step = max(1, ROW // max(cols, 1))
-    parts: list[list[torch.Tensor]] = [[], [], []]
-    for r in range(0, rows, step):
-        u, v = x[r:r + step].to(torch.float64), y[r:r + step].to(torch.float64)
-        for i, (p, q) in enumerate(((u, u), (v, v), (u, v))):
-            parts[i].append((p * q).sum(dim=1))
-    return tuple(torch.cat(p) for p in parts)
+    """(Σx², Σy², Σxy) of each row, in float64 (each row summed by one thread, in a fixed order)."""
+    u, v = x.to(torch.float64), y.to(torch.float64)
+    return (u * u).sum(dim=1), (v * v).sum(dim=1), (u * v).sum(dim=1)

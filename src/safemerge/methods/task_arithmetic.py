@@ -300,9 +300,16 @@ class MagPrune:
             s, e = r0 * cols, r1 * cols
             mag = self.tv.block(self.base[s:e].to(torch.float32), s, e).abs_().view(r1 - r0, cols)
             if cols > 1:
-                order = mag.argsort(dim=1, stable=True)
-                rank = torch.empty_like(order).scatter_(1, order, torch.arange(cols, device=mag.device).expand_as(order))
-                p = rank.to(torch.float32).mul_(self.width / (cols - 1)).add_(self.lo)
+                # rank within each row by one stable sort of int64 keys (row index above |τ|'s float bits, which
+                # order like the floats since |τ| ≥ 0): a radix sort, about 3× faster than a per-row argsort; ties
+                # keep index order. The sorted position j holds the entry of rank j mod cols of its row.
+                rows = torch.arange(r1 - r0, dtype=torch.int64, device=mag.device).unsqueeze(1) << 31
+                key = mag.view(torch.int32).to(torch.int64).bitwise_or_(rows)
+                order = torch.sort(key.view(-1), stable=True).indices
+                within = torch.arange(cols, dtype=torch.float32, device=mag.device).mul_(self.width / (cols - 1)).add_(self.lo)
+                p = torch.empty(mag.numel(), dtype=torch.float32, device=mag.device)
+                p[order] = within.repeat(r1 - r0)
+                p = p.view(r1 - r0, cols)
             else:
                 p = torch.full_like(mag, self.lo + self.width / 2)
             keep = (torch.rand(p.shape, generator=self.gen, device=p.device) < p).to(torch.float32)
@@ -529,8 +536,15 @@ def sce(base, deltas, *, select_topk=1.0, out=None, **_):
     keep = None
     if select_topk < 1:
         var = torch.empty(n, dtype=torch.float32, device=b.device)
-        for s, e, _, ds in blocks():
-            var[s:e] = torch.var(torch.stack(ds), dim=0, unbiased=False)
+        for s, e, _, ds in blocks():  # the population variance across the τ_i (torch.var over a stack is ~20× slower)
+            mean = ds[0].clone()
+            for d in ds[1:]:
+                mean.add_(d)
+            mean.div_(len(ds))
+            acc = (ds[0] - mean).square_()
+            for d in ds[1:]:
+                acc.add_((d - mean).square_())
+            var[s:e] = acc.div_(len(ds))
         # k as mergekit computes it: the count (a tensor) times the share is a float32 product
         k = int(torch.count_nonzero(var) * float(select_topk)) if select_topk > 0 else 0
         keep = topk_mask(var, k) if k > 0 else torch.zeros(n, dtype=torch.bool, device=b.device)
