@@ -38,6 +38,7 @@ from safemerge.methods.blocks import BLOCK, TaskVector, flat, output, spans, tas
 
 NBUCKETS = 1 << 15  # top 16 bits of a non-negative float32: sign (0), exponent, 7 mantissa bits
 SAMPLE = 1 << 16   # entries sampled to bracket a top-k threshold
+GPU_GROUP = 1 << 24  # elements DELLA ranks at once on a GPU (its sort keys and indices: 16 bytes each)
 
 
 # -- exact top-k: a sampled bracket, then a select on the few entries inside it ------------------------
@@ -294,7 +295,8 @@ class MagPrune:
         """(start, |τ|, keep mask as float32, p) of each group of whole rows, flat, in row order."""
         n = self.base.numel()
         cols = n // self.rows if self.rows else 0
-        step = max(1, BLOCK // max(cols, 1))
+        group = BLOCK if self.base.device.type == "cpu" else GPU_GROUP  # a GPU pays a launch per group, not cache misses
+        step = max(1, group // max(cols, 1))
         for r0 in range(0, self.rows, step):
             r1 = min(self.rows, r0 + step)
             s, e = r0 * cols, r1 * cols
