@@ -47,6 +47,9 @@ DELTA_SCALE = 0.1
 ROLES = ("base", "expert", "instruct")
 SLERP_T = [0, 0.5, 1, 0.5, 0]
 
+# expert and instruct, weight 1 and density 0.5 each (configs are copied before they are changed or written)
+HALF_DENSE = [{"model": m, "parameters": {"weight": 1.0, "density": 0.5}} for m in ("expert", "instruct")]
+
 CONFIGS = {  # issue 2's three measured merges, mergekit YAML
     "task_arithmetic": {  # MergeAlign, alpha = beta = 1
         "merge_method": "task_arithmetic", "base_model": "base",
@@ -54,24 +57,15 @@ CONFIGS = {  # issue 2's three measured merges, mergekit YAML
                    {"model": "instruct", "parameters": {"weight": 1.0}}],
         "dtype": "bfloat16",
     },
-    "ties": {
-        "merge_method": "ties", "base_model": "base",
-        "models": [{"model": "expert", "parameters": {"weight": 1.0, "density": 0.5}},
-                   {"model": "instruct", "parameters": {"weight": 1.0, "density": 0.5}}],
-        "dtype": "bfloat16",
-    },
+    "ties": {"merge_method": "ties", "base_model": "base", "models": HALF_DENSE, "dtype": "bfloat16"},
     "slerp": {
         "merge_method": "slerp", "base_model": "base",
         "models": [{"model": "base"}, {"model": "expert"}],
         "parameters": {"t": SLERP_T}, "dtype": "bfloat16",
     },
     # beyond issue 2's three: mergekit's other common methods (not run unless named in --methods)
-    "della": {
-        "merge_method": "della", "base_model": "base",
-        "models": [{"model": "expert", "parameters": {"weight": 1.0, "density": 0.5}},
-                   {"model": "instruct", "parameters": {"weight": 1.0, "density": 0.5}}],
-        "parameters": {"epsilon": 0.15}, "dtype": "bfloat16",
-    },
+    "della": {"merge_method": "della", "base_model": "base", "models": HALF_DENSE, "parameters": {"epsilon": 0.15},
+              "dtype": "bfloat16"},
     "nuslerp": {
         "merge_method": "nuslerp", "base_model": "base",
         "models": [{"model": "expert", "parameters": {"weight": 0.5}},

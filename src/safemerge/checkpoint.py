@@ -330,8 +330,7 @@ def _file_digest(file: Path) -> str:
     if stamp is not None and stamp.is_file():
         digest = stamp.read_text().strip()
     else:
-        with open(file, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()[:32]
+        digest = sha256_file(file)[:32]
         if stamp is not None:
             try:
                 folder.mkdir(parents=True, exist_ok=True)
@@ -391,6 +390,24 @@ def atomic_output(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Ite
                     folder.rmdir()
                 except OSError:
                     break
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write `data` (text as UTF-8) to `path` through a hidden temporary sibling renamed into place, so a partial
+    file never sits at `path`; the temporary is removed if the write fails."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def sha256_file(file: Path) -> str:
+    """The sha256 hex digest of a file, read in chunks (never whole into memory)."""
+    with open(file, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def check_output_file(path: str | os.PathLike, *, overwrite: bool = False) -> Path:

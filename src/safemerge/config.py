@@ -372,14 +372,11 @@ def _local(p: Any, folder: Path) -> Any:
 
 
 def _relative_to(data: dict, folder: Path) -> dict:
-    def fix(p: Any) -> Any:
-        return _local(p, folder)
-
     data = dict(data)
     for key in ("base_model", "tokenizer_source"):
-        data[key] = fix(data.get(key))
+        data[key] = _local(data.get(key), folder)
     if isinstance(data.get("models"), list):
-        data["models"] = [dict(m, model=fix(m.get("model"))) if isinstance(m, dict) else m for m in data["models"]]
+        data["models"] = [dict(m, model=_local(m.get("model"), folder)) if isinstance(m, dict) else m for m in data["models"]]
     return {k: v for k, v in data.items() if v is not None or k not in ("base_model", "tokenizer_source")}
 
 

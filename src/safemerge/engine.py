@@ -339,7 +339,8 @@ def merge(
     if max_shard_size <= 0:
         raise ConfigError(f"max_shard_size {max_shard_size}: the output shard size must be positive (e.g. 5GB)")
     plan = _plan(cfg, allow_pickle=allow_pickle)
-    check_apart(out_dir, [c.path for c in plan.models.values()] + tokenizer_dirs(cfg))
+    tok_dirs = tokenizer_dirs(cfg)
+    check_apart(out_dir, [c.path for c in plan.models.values()] + tok_dirs)
     specs = [(n, plan.reference.shape(n), plan.out_dtype[n]) for n in plan.names]
     with atomic_output(out_dir, overwrite=overwrite) as tmp, _progress(progress, plan, specs) as advance:
         writer = ShardedWriter(tmp, specs, max_shard_bytes=max_shard_size)
@@ -349,7 +350,8 @@ def merge(
             writer.finish()
         finally:
             writer.abort()
-        _finish(tmp, cfg, plan, title=title, card_extra=card_extra)
+        _finish(tmp, cfg, plan, tok_path=next(iter(tok_dirs), plan.reference.path), title=title,
+                card_extra=card_extra)
     return Path(out_dir)
 
 
@@ -379,11 +381,10 @@ def tokenizer_dirs(cfg: MergeConfig) -> list[Path]:
     return [Path(tok)]
 
 
-def _finish(tmp: Path, cfg: MergeConfig, plan: _Plan, *, title: str | None, card_extra: str) -> None:
+def _finish(tmp: Path, cfg: MergeConfig, plan: _Plan, *, tok_path: Path, title: str | None, card_extra: str) -> None:
     dtypes = set(plan.out_dtype.values())
     main_dtype = DTYPES.get(cfg.out_dtype or cfg.dtype or "") or (dtypes.pop() if len(dtypes) == 1 else torch.float32)
     write_config(tmp, plan.reference.config, dtype=main_dtype)
-    tok_path = next(iter(tokenizer_dirs(cfg)), plan.reference.path)
     template = chat_templates.resolve(cfg.chat_template, [c.path for c in plan.models.values()])
     if not copy_side_files(tmp, tokenizer_source=tok_path, generation_source=plan.reference.path, chat_template=template):
         others = [c.path for c in plan.models.values() if _has_tokenizer(c.path)]

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from safemerge import __version__
+from safemerge.checkpoint import atomic_write
 from safemerge.errors import CheckpointError, SafemergeError
 from safemerge.store import ResultsStore, open_store
 
@@ -200,12 +201,7 @@ def _write_card(ev: Evaluations, *, model_name: str, note: str | None, dry_run: 
         raise CheckpointError(f"{readme}: the model card's front matter cannot be read ({e}); fix or remove it") from None
     changed = text != old
     if changed and not dry_run:
-        tmp = readme.with_name(f".{readme.name}.partial-{os.getpid()}")
-        try:
-            tmp.write_text(text, encoding="utf-8")
-            tmp.replace(readme)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write(readme, text)
     counts = {"safety": len(ev.safety), "domain": len(ev.domain), "left_out": ev.left_out}
     return {"card": str(readme), "text": text, "evaluations": counts, "changed": changed, "written": changed and not dry_run,
             "fingerprint": ev.fingerprint}

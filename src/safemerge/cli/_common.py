@@ -12,6 +12,9 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+# the results store option of the commands that read or write stored evaluations (eval, card, publish)
+StoreOpt = typer.Option(None, "--store", help="Results store (default: $SAFEMERGE_HOME/results.sqlite or ./.safemerge/).")
+
 console = Console(stderr=True, soft_wrap=True)  # messages: never broken at the terminal's width (paths stay whole)
 out = Console()
 

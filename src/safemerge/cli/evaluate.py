@@ -14,13 +14,12 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from safemerge.cli._common import console, emit_json, loading_models, out
+from safemerge.cli._common import StoreOpt, console, emit_json, loading_models, out
 
 eval_app = typer.Typer(help="Evaluate models: safety rate, domain accuracy, similarity.", no_args_is_help=True)
 
 JudgeOpt = typer.Option("keyword", "--judge", help="keyword | llama-guard | llama-guard-2 | llama-guard-3 | md-judge")
 JudgeModelOpt = typer.Option(None, "--judge-model", help="Checkpoint of the guard judge (local path).")
-StoreOpt = typer.Option(None, "--store", help="Results store (default: $SAFEMERGE_HOME/results.sqlite or ./.safemerge/).")
 NoCacheOpt = typer.Option(False, "--no-cache", help="Recompute even if the result is stored.")
 DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N")
 DtypeOpt = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16")

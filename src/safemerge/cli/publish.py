@@ -9,10 +9,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from safemerge.cli._common import console, emit_json, out, user_errors
+from safemerge.cli._common import StoreOpt, console, emit_json, out, user_errors
 from safemerge.publish import DEFAULT_MIN_SAFETY
-
-StoreOpt = typer.Option(None, "--store", help="Results store (default: $SAFEMERGE_HOME/results.sqlite or ./.safemerge/).")
 
 
 def register(app: typer.Typer) -> None:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from safemerge.checkpoint import check_output_file
+from safemerge.checkpoint import atomic_write, check_output_file
 from safemerge.data.loaders import DataError, load_prompts
 
 # Few-shot examples for a generator when no --examples file is given: the kind of request that
@@ -115,11 +115,8 @@ def _short(model: Model) -> str:
 
 
 def _write_jsonl(out: Path, rows: list[dict]) -> None:
-    """Write to a temporary sibling and rename, so a partial file never sits at `out`."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    tmp.replace(out)
+    """Write through a temporary sibling, so a partial file never sits at `out`."""
+    atomic_write(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 # -- unsafe questions -----------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from safemerge.checkpoint import check_output_file
+from safemerge.checkpoint import atomic_write, check_output_file
 from safemerge.data.loaders import PromptSet, load_prompts
 from safemerge.errors import SafemergeError
 from safemerge.evaluate._progress import progress_bar
@@ -109,7 +109,7 @@ def evaluate_safety(
     if cache and cacheable and (hit := db.get(key)) is not None:
         blob = db.artifact(key)
         if blob is not None:
-            _write(out_path, blob)
+            atomic_write(out_path, blob)
         for note in hit.get("warnings") or []:  # a stored result says what it said when it was computed
             warnings.warn(note, EvaluationWarning, stacklevel=2)
         return {**hit, "responses": str(out_path), "cached": True}
@@ -134,7 +134,7 @@ def evaluate_safety(
     seconds = time.perf_counter() - t0
 
     blob = records(ps, gens, verdicts)
-    _write(out_path, blob)
+    atomic_write(out_path, blob)
     summary = summarize(ps, verdicts)
     notes = gen_notes + _check(summary, gens, out_path, max_invalid=max_invalid, judge=judge_id["judge"])
     result = {
@@ -180,13 +180,6 @@ def _recording(notes: list[str]) -> Iterator[None]:
         if issubclass(w.category, EvaluationWarning) and str(w.message) not in notes:
             notes.append(str(w.message))
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-
-
-def _write(path: Path, blob: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    tmp.write_bytes(blob)
-    tmp.replace(path)
 
 
 def _empty_cuda_cache() -> None:

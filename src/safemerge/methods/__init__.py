@@ -30,6 +30,7 @@ class MethodSpec:
     model_params: dict[str, Any] = field(default_factory=dict)
     elementwise: bool = False  # output element j depends on input elements j only: may run in row chunks
     random: bool = False  # takes a `generator` (seeded per tensor by the engine)
+    scale_free: bool = False  # scaling every weight by one factor changes nothing, whatever `normalize` says
 
     @property
     def needs_base(self) -> bool:

@@ -62,7 +62,7 @@ def _dots(fa: torch.Tensor, fb: torch.Tensor) -> tuple[float, float, float]:
 
 
 @register("nuslerp", inputs="two", global_params={"nuslerp_flatten": True, "nuslerp_row_wise": False},
-          model_params={"weight": REQUIRED})
+          model_params={"weight": REQUIRED}, scale_free=True)  # t = w_2 / (w_1 + w_2)
 def nuslerp(base: torch.Tensor | None, tensors, *, weights, nuslerp_flatten: bool = True, nuslerp_row_wise: bool = False,
             out: torch.Tensor | None = None) -> torch.Tensor:
     """mergekit's NuSLERP: slerp between two models at t = w_2 / (w_1 + w_2) (0.5 when the weights sum to 0).
@@ -100,6 +100,7 @@ def nuslerp(base: torch.Tensor | None, tensors, *, weights, nuslerp_flatten: boo
             da, db = (x[s:e].to(torch.float32) if bb is None else torch.sub(x[s:e], bb) for x in (fa, fb))
             yield s, e, bb, da, db
 
+    shaped = (lambda x: x.view(-1, cols)) if mode != "whole" else (lambda x: x)  # one vector per row of the view
     if mode == "whole":
         sums = [0.0, 0.0, 0.0]
         for _, _, _, da, db in groups():
@@ -109,17 +110,15 @@ def nuslerp(base: torch.Tensor | None, tensors, *, weights, nuslerp_flatten: boo
     elif mode == "cols":
         sums = [torch.zeros(cols, dtype=torch.float64, device=fa.device) for _ in range(3)]
         for _, _, _, da, db in groups():
-            u, v = da.view(-1, cols).to(torch.float64), db.view(-1, cols).to(torch.float64)
-            for acc, (x, y) in zip(sums, ((u, u), (v, v), (u, v))):
-                acc.add_((x * y).sum(dim=0))
+            for acc, part in zip(sums, _vector_dots(shaped(da), shaped(db), dim=0)):
+                acc.add_(part)
         coefs = _coefficients(*sums, t)
     for s, e, bb, da, db in groups():
         if mode == "rows":
-            ca, cb = _coefficients(*_row_dots(da.view(-1, cols), db.view(-1, cols)), t)
+            ca, cb = _coefficients(*_vector_dots(shaped(da), shaped(db), dim=1), t)
             ca, cb = ca.unsqueeze(1), cb.unsqueeze(1)
         else:
             ca, cb = coefs
-        shaped = (lambda x: x.view(-1, cols)) if mode != "whole" else (lambda x: x)
         mixed = shaped(da) * ca.to(torch.float32) + shaped(db) * cb.to(torch.float32)
         o[s:e] = (mixed.view(-1) if bb is None else bb + mixed.view(-1))
     return result
@@ -137,7 +136,8 @@ def _coefficients(saa: torch.Tensor, sbb: torch.Tensor, sab: torch.Tensor, t: fl
     return ca, cb
 
 
-def _row_dots(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(Σx², Σy², Σxy) of each row, in float64 (each row summed by one thread, in a fixed order)."""
+def _vector_dots(x: torch.Tensor, y: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Σx², Σy², Σxy) along `dim` of two 2-D blocks (dim 1: per row, dim 0: per column), in float64, each sum
+    taken in a fixed order."""
     u, v = x.to(torch.float64), y.to(torch.float64)
-    return (u * u).sum(dim=1), (v * v).sum(dim=1), (u * v).sum(dim=1)
+    return (u * u).sum(dim=dim), (v * v).sum(dim=dim), (u * v).sum(dim=dim)

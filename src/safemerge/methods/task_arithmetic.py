@@ -206,6 +206,16 @@ class Outliers:
         return d.mul_(self.lo.mask(mag) & ~self.hi.mask(mag))
 
 
+def l1_factor(sums) -> float:
+    """‖τ‖₁ / ‖τ̃‖₁ from (‖block of τ‖₁, ‖block of τ̃‖₁) pairs, summed in order; 1 when either is below 1e-7 (as
+    mergekit leaves a tensor unscaled then). The one L1-rescale rule of DARE, DELLA and `rescale`."""
+    before = after = 0.0
+    for b, a in sums:
+        before += b
+        after += a
+    return before / after if before > 1e-7 and after > 1e-7 else 1.0
+
+
 class RandomDrop:
     """DARE: keep each element with probability `density`; rescale by 1/density or to keep ‖τ‖₁."""
 
@@ -219,12 +229,9 @@ class RandomDrop:
             self.factor = 1.0 / density
         elif rescale_mode == "l1":  # a dry run of the same random stream measures ‖τ‖₁ before and after
             state = self.gen.get_state()
-            before = after = 0.0
-            for _, _, mag in _magnitudes(base, tv):
-                before += float(mag.sum())
-                after += float((mag * self._keep(mag)).sum())
+            self.factor = l1_factor((float(mag.sum()), float((mag * self._keep(mag)).sum()))
+                                    for _, _, mag in _magnitudes(base, tv))
             self.gen.set_state(state)
-            self.factor = before / after if before > 1e-7 and after > 1e-7 else 1.0
         else:
             raise ValueError(f"rescale_mode {rescale_mode!r} is not 'density' or 'l1'")
 
@@ -246,11 +253,8 @@ class L1Rescaled:
     def __init__(self, sparsifier, base, tv):
         self.inner = sparsifier
         probe = copy.deepcopy(sparsifier)  # the masks count threshold ties as they go: measure on a copy
-        before = after = 0.0
-        for _, _, mag in _magnitudes(base, tv):
-            before += float(mag.sum())
-            after += float(probe(mag).sum())  # the masked magnitudes: |τ̃| (mag is a fresh tensor)
-        self.factor = before / after if before > 1e-7 and after > 1e-7 else 1.0
+        # ‖τ‖₁ first, then the masked magnitudes |τ̃| (the probe masks the fresh `mag` in place)
+        self.factor = l1_factor((float(mag.sum()), float(probe(mag).sum())) for _, _, mag in _magnitudes(base, tv))
 
     def __call__(self, d: torch.Tensor) -> torch.Tensor:
         d = self.inner(d)
@@ -282,17 +286,13 @@ class MagPrune:
         self.factor = 1.0
         if rescale and rescale_mode == "l1":  # a dry run of the same random stream measures ‖τ‖₁ before and after
             state = self.gen.get_state()
-            before = after = 0.0
-            for _, mag, keep, _ in self._groups():
-                before += float(mag.sum())
-                after += float((mag * keep).sum())
+            self.factor = l1_factor((float(mag.sum()), float((mag * keep).sum())) for mag, keep, _ in self._groups())
             self.gen.set_state(state)
-            self.factor = before / after if before > 1e-7 and after > 1e-7 else 1.0
         self._pending = self._scales()
         self._buf, self._at = torch.empty(0, device=base.device), 0
 
     def _groups(self):
-        """(start, |τ|, keep mask as float32, p) of each group of whole rows, flat, in row order."""
+        """(|τ|, keep mask as float32, p) of each group of whole rows, flat, in row order."""
         n = self.base.numel()
         cols = n // self.rows if self.rows else 0
         group = BLOCK if self.base.device.type == "cpu" else GPU_GROUP  # a GPU pays a launch per group, not cache misses
@@ -315,10 +315,10 @@ class MagPrune:
             else:
                 p = torch.full_like(mag, self.lo + self.width / 2)
             keep = (torch.rand(p.shape, generator=self.gen, device=p.device) < p).to(torch.float32)
-            yield s, mag.view(-1), keep.view(-1), p.view(-1)
+            yield mag.view(-1), keep.view(-1), p.view(-1)
 
     def _scales(self):
-        for _, _, keep, p in self._groups():
+        for _, keep, p in self._groups():
             yield keep.div_(p) if self.per_p else keep
 
     def __call__(self, d: torch.Tensor) -> torch.Tensor:

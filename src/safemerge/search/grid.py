@@ -50,9 +50,9 @@ def grid_points(space: SearchSpace, points: int) -> list[dict[str, float]]:
 
 
 def _normalizes(space: SearchSpace) -> bool:
-    """Whether the method divides by the summed weights (a bool `normalize`, as the config or the default sets it;
-    NuSLERP always does: its t is w_2 / (w_1 + w_2))."""
-    if space.spec.name == "nuslerp":
+    """Whether the method divides by the summed weights: a bool `normalize`, as the config or the default sets it, or
+    a method declared scale-free (NuSLERP: its t is w_2 / (w_1 + w_2))."""
+    if space.spec.scale_free:
         return True
     value = space.config.parameters.get("normalize", space.spec.global_params.get("normalize", False))
     return value is True

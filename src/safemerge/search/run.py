@@ -30,7 +30,7 @@ from safemerge.search.candidates import check_architecture
 from safemerge.search.cmaes import DEFAULT_SIGMA0, DEFAULT_STEPS, cmaes, default_popsize
 from safemerge.search.cocktail import DEFAULT_TEMPERATURE, cocktail
 from safemerge.search.evaluations import Candidate, Evaluations
-from safemerge.search.grid import DEFAULT_POINTS, grid
+from safemerge.search.grid import DEFAULT_POINTS, grid, grid_points
 from safemerge.search.journal import Journal
 from safemerge.search.objective import DEFAULT_LAMBDA, Score, check_lambda, load_pairs
 from safemerge.search.scoring import ScorerSpec
@@ -223,8 +223,7 @@ def _expected(optimizer: str, space: SearchSpace | None, cfg: MergeConfig, steps
     if optimizer == "cmaes":
         return steps * (popsize or default_popsize(len(space.dims)))
     if optimizer == "grid":
-        kinds = {d.param for d in space.dims}
-        return steps ** len(kinds)
+        return len(grid_points(space, steps))
     return len(cfg.models) + 1
 
 

@@ -25,6 +25,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Iterable
 
+from safemerge.checkpoint import sha256_file
 from safemerge.errors import ConfigError, OutputExistsError
 from safemerge.testbed import corpora
 from safemerge.testbed.datafiles import write_data
@@ -79,7 +80,7 @@ MANIFEST = ".cache-manifest.json"  # in a cached build: every file's size and sh
 
 
 def _manifest(folder: Path) -> dict[str, list]:
-    return {str(f.relative_to(folder)): [f.stat().st_size, hashlib.sha256(f.read_bytes()).hexdigest()]
+    return {str(f.relative_to(folder)): [f.stat().st_size, sha256_file(f)]
             for f in sorted(folder.rglob("*")) if f.is_file() and f.name != MANIFEST}
 
 
