@@ -114,6 +114,52 @@ CASES: dict[str, tuple[str, str, dict]] = {
         "parameters": {"density": 0.6},
         "dtype": "float32",
     }),
+    # layer surgery: a frankenmerge stacking layers 0-2 of one expert on layers 1-3 of another (6 layers out)
+    "passthrough_stack": ("fp32", "exact", {
+        "slices": [{"sources": [{"model": "expert_a", "layer_range": [0, 3]}]},
+                   {"sources": [{"model": "expert_b", "layer_range": [1, 4]}]}],
+        "merge_method": "passthrough",
+        "dtype": "float32",
+    }),
+    # passthrough's per-source scale through a filter list (a muted o_proj, a halved down_proj in the second slice)
+    "passthrough_scale": ("fp32", "exact", {
+        "slices": [{"sources": [{"model": "base", "layer_range": [0, 2]}]},
+                   {"sources": [{"model": "aligned", "layer_range": [2, 4],
+                                 "parameters": {"scale": [{"filter": "o_proj", "value": 0.0},
+                                                          {"filter": "down_proj", "value": 0.5}, {"value": 1.0}]}}]}],
+        "merge_method": "passthrough",
+        "dtype": "float32",
+    }),
+    # t's gradient runs over each slice on its own; a slice's t before the top level's
+    "slerp_two_slices": ("fp32", "exact", {
+        "slices": [{"sources": [{"model": "base", "layer_range": [0, 2]}, {"model": "expert_a", "layer_range": [0, 2]}],
+                    "parameters": {"t": [{"filter": "mlp", "value": [0, 1]}]}},
+                   {"sources": [{"model": "base", "layer_range": [2, 4]}, {"model": "expert_a", "layer_range": [2, 4]}]}],
+        "merge_method": "slerp", "base_model": "base",
+        "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 1]}, {"value": 0.3}]},
+        "dtype": "float32",
+    }),
+    # TIES over slices whose sources sit at different depths; embeddings merged as the first slice, norm and
+    # lm_head as the last
+    "ties_stack": ("fp32", "exact", {
+        "slices": [{"sources": [{"model": "base", "layer_range": [0, 2]},
+                                {"model": "expert_a", "layer_range": [0, 2], "parameters": {"weight": 1.0, "density": 0.7}},
+                                {"model": "aligned", "layer_range": [0, 2], "parameters": {"weight": 0.5, "density": 0.5}}]},
+                   {"sources": [{"model": "base", "layer_range": [2, 4]},
+                                {"model": "expert_a", "layer_range": [1, 3], "parameters": {"weight": 1.0, "density": 0.6}},
+                                {"model": "aligned", "layer_range": [2, 4], "parameters": {"weight": 0.7, "density": 0.9}}]}],
+        "merge_method": "ties", "base_model": "base",
+        "dtype": "float32",
+    }),
+    # a linear stack without a base; a one-layer slice (t = 1)
+    "linear_stack": ("fp32", "exact", {
+        "slices": [{"sources": [{"model": "expert_a", "layer_range": [0, 2], "parameters": {"weight": 0.7}},
+                                {"model": "expert_b", "layer_range": [0, 2], "parameters": {"weight": 0.3}}]},
+                   {"sources": [{"model": "aligned", "layer_range": [3, 4], "parameters": {"weight": 1.0}},
+                                {"model": "base", "layer_range": [3, 4], "parameters": {"weight": [0.5, 2.0]}}]}],
+        "merge_method": "linear",
+        "dtype": "float32",
+    }),
     "breadcrumbs": ("fp32", "exact", {
         "merge_method": "breadcrumbs", "base_model": "base",
         "models": _models(expert_a={"weight": 1.0, "density": 0.8, "gamma": 0.05},
@@ -266,7 +312,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"# parity case {name!r}: models are role names in the {family} family (see manifest.json)\n"
                 + yaml.safe_dump(config, sort_keys=False, default_flow_style=None))
             entry = {"family": family, "kind": kind, "config": f"{name}.yml",
-                     "dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch.")}
+                     "dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch."),
+                     "num_hidden_layers": json.loads((out / "config.json").read_text())["num_hidden_layers"]}
             if kind == "exact":
                 save_file({k: v.contiguous() for k, v in sorted(tensors.items())},
                           str(args.out / f"{name}.safetensors"), metadata={"peer": manifest["peer"]})

@@ -77,6 +77,13 @@ CONFIGS = {  # issue 2's three measured merges, mergekit YAML
         "models": [{"model": "expert"}, {"model": "instruct"}],
         "parameters": {"select_topk": 0.5}, "dtype": "bfloat16",
     },
+    # a frankenmerge: layers 0-11 of the expert on layers 4-15 of the instruct model (24 layers out of 16)
+    "passthrough": {
+        "merge_method": "passthrough",
+        "slices": [{"sources": [{"model": "expert", "layer_range": [0, 12]}]},
+                   {"sources": [{"model": "instruct", "layer_range": [4, 16]}]}],
+        "dtype": "bfloat16",
+    },
 }
 ISSUE_METHODS = ("task_arithmetic", "ties", "slerp")
 # Issue 2's targets: safemerge time / mergekit time, safemerge time / I/O floor, peak RSS.
@@ -139,17 +146,23 @@ def write_configs(root: Path, out_dir: Path) -> dict[str, Path]:
     paths = {}
     for name, cfg in CONFIGS.items():
         cfg = json.loads(json.dumps(cfg))
-        cfg["base_model"] = str(root / cfg["base_model"])
-        for m in cfg["models"]:
+        if "base_model" in cfg:
+            cfg["base_model"] = str(root / cfg["base_model"])
+        for m in _sources(cfg):
             m["model"] = str(root / m["model"])
         paths[name] = out_dir / f"{name}.yml"
         paths[name].write_text(yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None))
     return paths
 
 
+def _sources(cfg: dict) -> list[dict]:
+    """The config's model entries: `models`, or every slice's sources."""
+    return cfg.get("models") or [src for piece in cfg["slices"] for src in piece["sources"]]
+
+
 def input_models(method: str) -> list[str]:
     cfg = CONFIGS[method]
-    return sorted({cfg["base_model"], *(m["model"] for m in cfg["models"])})
+    return sorted({*([cfg["base_model"]] if "base_model" in cfg else []), *(m["model"] for m in _sources(cfg))})
 
 
 # ---------------------------------------------------------------- the three tools

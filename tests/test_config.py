@@ -127,26 +127,50 @@ def test_a_slice_of_whole_models_reads_as_models(tiny_family):
     assert method_params(c, tensor="model.layers.0.self_attn.q_proj.weight", t=0)[1]["density"] == [0.6]
 
 
+def test_slices_that_cut_layers_stay_slices(tiny_family):
+    c = _sliced(tiny_family, ranges=[[0, 2], [1, 3]])
+    assert c.slices is not None and [s.layer_range for s in c.slices[0].sources] == [(0, 2), (1, 3)]
+    assert [m.model for m in c.models] == [str(tiny_family["base"]), str(tiny_family["expert"])]
+    sub = c.slice_config(0)  # the slice's own whole-model config, its parameters before the top level's
+    assert sub.base_model == str(tiny_family["base"]) and [m.model for m in sub.models] == [m.model for m in c.models]
+    assert method_params(sub, tensor="model.layers.0.mlp.up_proj.weight", t=0)[1]["density"] == [0.4]
+    assert method_params(sub, tensor="model.layers.0.self_attn.q_proj.weight", t=0)[1]["density"] == [0.6]
+    with pytest.raises(ConfigError, match="search takes a whole-model config"):
+        c.require_whole_models("search")
+    again = load_config(c.to_yaml_dict())  # what mergekit_config.yml holds reads back the same
+    assert again.slices == c.slices and again.parameters == c.parameters and "models" not in c.to_yaml_dict()
+
+
 @pytest.mark.parametrize("over, words", [
-    ({"ranges": [[0, 2], [0, 2]]}, ["layer_range [0, 2] is not the whole stack [0, 3]", "cutting layers"]),
-    ({"ranges": [[0, 3], [1, 3]]}, ["sources[1]", "layer_range [1, 3]"]),
+    ({"ranges": [[0, 3], [1, 3]]}, ["slices[0]", "the same number of layers", "[1, 3]"]),
+    ({"ranges": [[2, 1], [2, 1]]}, ["layer_range [2, 1] must be [start, stop)"]),
+    ({"ranges": [[0, "3"], [0, 3]]}, ["sources[0]", "layer_range must be [start, stop], two whole numbers"]),
     ({"piece": {"residual_weight": 0.5}}, ["slices[0]", "unknown key 'residual_weight'"]),
     ({"piece": {"base_model": "elsewhere"}}, ["slices[0].base_model 'elsewhere' differs"]),
 ])
-def test_slices_that_cut_layers_are_refused(tiny_family, over, words):
+def test_bad_slices_are_refused(tiny_family, over, words):
     with pytest.raises(ConfigError) as e:
         _sliced(tiny_family, **over)
     for w in words:
         assert w in str(e.value)
 
 
-def test_several_slices_or_unknown_models_are_refused(tiny_family):
-    b = str(tiny_family["base"])
-    one = {"sources": [{"model": b, "layer_range": [0, 3]}]}
-    with pytest.raises(ConfigError, match="2 slices: stacking or cutting layers"):
-        load_config({"merge_method": "linear", "slices": [one, one]})
-    with pytest.raises(ConfigError, match="cannot read the layer count of 'nowhere'"):
-        load_config({"merge_method": "linear", "slices": [{"sources": [{"model": "nowhere", "layer_range": [0, 3]}]}]})
+def test_slice_checks_name_the_slice(tiny_family):
+    b, e, a = (str(tiny_family[k]) for k in ("base", "expert", "aligned"))
+    whole = {"sources": [{"model": b, "layer_range": [0, 3]}]}
+    with pytest.raises(ConfigError, match=r"slices\[1\]: .* is a source twice"):
+        load_config({"merge_method": "linear", "parameters": {"weight": 1.0},
+                     "slices": [whole, {"sources": [{"model": e, "layer_range": [0, 1]}, {"model": e, "layer_range": [1, 2]}]}]})
+    with pytest.raises(ConfigError, match=r"slices\[1\]: ties needs base_model .* among the slice's sources"):
+        load_config({"merge_method": "ties", "base_model": b, "parameters": {"weight": 1.0},
+                     "slices": [whole, {"sources": [{"model": e, "layer_range": [0, 1]}, {"model": a, "layer_range": [0, 1]}]}]})
+    with pytest.raises(ConfigError, match=r"slices\[0\]: .*passthrough takes 1 model; got 2"):
+        load_config({"merge_method": "passthrough", "slices": [
+            {"sources": [{"model": e, "layer_range": [0, 1]}, {"model": a, "layer_range": [0, 1]}]}, whole]})
+    with pytest.raises(ConfigError, match=r"slices\[0\]: .*weight.* is required"):
+        load_config({"merge_method": "linear", "slices": [{"sources": [{"model": e, "layer_range": [0, 1]}]}, whole]})
+    with pytest.raises(ConfigError, match="give `models` or `slices`, not both"):
+        load_config({"merge_method": "linear", "models": [{"model": b}], "slices": [whole]})
 
 
 def test_linear_merges_an_unlisted_base_as_mergekit_does():

@@ -78,6 +78,8 @@ def _run_safemerge(case: str, inputs: Path, out: Path, monkeypatch) -> tuple[dic
     shutil.copyfile(FIXTURES / entry["config"], config_path)
     monkeypatch.chdir(family_dir)
     merge(str(config_path), out)
+    layers = json.loads((out / "config.json").read_text())["num_hidden_layers"]
+    assert layers == entry["num_hidden_layers"], f"{case}: {layers} layers in config.json, mergekit wrote {entry['num_hidden_layers']}"
     return yaml.safe_load(config_path.read_text()), dict(_family.iter_tensors(out))
 
 

@@ -406,8 +406,11 @@ def atomic_write(path: Path, data: bytes | str) -> None:
 
 def sha256_file(file: Path) -> str:
     """The sha256 hex digest of a file, read in chunks (never whole into memory)."""
+    h = hashlib.sha256()
     with open(file, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        while block := f.read(1 << 20):  # hashlib.file_digest is Python 3.11+; the project supports 3.10
+            h.update(block)
+    return h.hexdigest()
 
 
 def check_output_file(path: str | os.PathLike, *, overwrite: bool = False) -> Path:

@@ -51,13 +51,47 @@ class InputModel(BaseModel):
         return v
 
 
+class SliceSource(BaseModel):
+    """One source of a slice: layers [start, stop) of a model, with its per-model parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+    @field_validator("layer_range")
+    @classmethod
+    def _span(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if v[0] < 0 or v[1] <= v[0]:
+            raise ValueError(f"layer_range {list(v)} must be [start, stop) with 0 <= start < stop")
+        return v
+
+
+class Slice(BaseModel):
+    """A run of output layers: layer i of the slice merges layer start + i of every source."""
+
+    model_config = ConfigDict(extra="forbid")
+    sources: list[SliceSource]
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    base_model: Optional[str] = None
+
+    @property
+    def length(self) -> int:
+        start, stop = self.sources[0].layer_range
+        return stop - start
+
+
 class MergeConfig(BaseModel):
-    """A mergekit-compatible merge config (the subset of keys safemerge supports, plus `seed`)."""
+    """A mergekit-compatible merge config (the subset of keys safemerge supports, plus `seed`).
+
+    `slices` (layer stacking and cutting) keeps mergekit's form; `models` then lists every model the slices
+    read, without parameters, and each slice is merged by its own whole-model config (`slice_config`)."""
 
     model_config = ConfigDict(extra="forbid")
     merge_method: str
     base_model: Optional[str] = None
     models: list[InputModel]
+    slices: Optional[list[Slice]] = None
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
     dtype: Optional[str] = None
     out_dtype: Optional[str] = None
@@ -83,6 +117,8 @@ class MergeConfig(BaseModel):
     @model_validator(mode="after")
     def _check_method(self) -> "MergeConfig":
         spec = get_method(self.merge_method)
+        if self.slices is not None:
+            return self._check_slices(spec)
         if spec.inputs == "models" and self.base_model and self.base_model not in [m.model for m in self.models]:
             self.models.append(InputModel(model=self.base_model))  # mergekit merges the base as one more model
         allowed = set(spec.global_params) | set(spec.model_params)
@@ -101,6 +137,10 @@ class MergeConfig(BaseModel):
             raise ValueError("models is empty: list the models to merge")
         if spec.needs_base and not self.base_model:
             raise ValueError(f"merge_method {self.merge_method} needs base_model")
+        if spec.max_models is not None and len(self.models) > spec.max_models:
+            also = " (base_model is merged as one of the models, as in mergekit; leave it out)" if self.base_model else ""
+            raise ValueError(f"{self.merge_method} takes {spec.max_models} model; got {len(self.models)}{also}. To stack "
+                             "layers of several models, give one `slices` entry per run of layers, each with one source")
         if spec.inputs == "pair" and len(self.input_models()) != 2:
             raise ValueError(f"{self.merge_method} merges exactly two models (base_model and one other); got {len(self.input_models())}")
         if spec.inputs == "two" and len(self.others()) != 2:
@@ -119,6 +159,57 @@ class MergeConfig(BaseModel):
             raise ValueError(f"model_stock needs at least two models besides the base; got {len(self.others())}")
         return self
 
+    def _check_slices(self, spec) -> "MergeConfig":
+        if not self.slices:
+            raise ValueError("slices is empty: list the slices of layers to merge")
+        allowed = set(spec.global_params) | set(spec.model_params)
+        for key, value in self.parameters.items():
+            if key not in allowed:
+                raise ValueError(_unknown(key, allowed, f"parameters of {self.merge_method}"))
+            _check_value(key, value, spec, "parameters")
+        for i, piece in enumerate(self.slices):
+            if not piece.sources:
+                raise ValueError(f"slices[{i}].sources is empty: list the models whose layers the slice takes")
+            lengths = {src.layer_range[1] - src.layer_range[0] for src in piece.sources}
+            if len(lengths) > 1:
+                spans = ", ".join(f"{src.model} {list(src.layer_range)}" for src in piece.sources)
+                raise ValueError(f"slices[{i}]: every source must span the same number of layers; got {spans}")
+            seen = [src.model for src in piece.sources]
+            twice = next((m for m in seen if seen.count(m) > 1), None)
+            if twice:
+                raise ValueError(f"slices[{i}]: {twice} is a source twice; a slice takes each model once "
+                                 "(stack its layers with another slice)")
+            base = piece.base_model or self.base_model
+            if spec.needs_base and base not in seen:
+                raise ValueError(f"slices[{i}]: {self.merge_method} needs base_model {base!r} among the slice's sources "
+                                 "(its layers at the same layer_range as the others')" if base else
+                                 f"slices[{i}]: {self.merge_method} needs base_model")
+            try:
+                self.slice_config(i)
+            except ValidationError as e:
+                raise ValueError(f"slices[{i}]: " + "; ".join(_fmt(err) for err in e.errors())) from None
+        return self
+
+    def slice_config(self, i: int) -> "MergeConfig":
+        """The whole-model config that merges slice i: its sources as `models`, its parameters before the top
+        level's (as mergekit reads them), its base (or the top level's) when it is one of the sources."""
+        piece = self.slices[i]
+        base = piece.base_model or self.base_model
+        params = dict(self.parameters)
+        for key, value in piece.parameters.items():
+            params[key] = _fallback_values(value, self.parameters[key]) if key in self.parameters else value
+        return MergeConfig(
+            merge_method=self.merge_method, base_model=base if base in [s.model for s in piece.sources] else None,
+            models=[InputModel(model=s.model, parameters=s.parameters) for s in piece.sources], parameters=params,
+            dtype=self.dtype, out_dtype=self.out_dtype, seed=self.seed)
+
+    def require_whole_models(self, what: str) -> "MergeConfig":
+        """This config, or a ConfigError when it stacks or cuts layers (`slices`), which `what` cannot take."""
+        if self.slices is not None:
+            raise ConfigError(f"{what} takes a whole-model config (`models`, or one slice spanning every layer); "
+                              "this one stacks or cuts layers with several `slices`")
+        return self
+
     # -- derived ----------------------------------------------------------------------------------
     def input_models(self) -> list[str]:
         """Every model the merge reads, base first when there is one, without repeats."""
@@ -135,7 +226,16 @@ class MergeConfig(BaseModel):
         return self.models if get_method(self.merge_method).inputs == "models" else self.others()
 
     def to_yaml_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude_none=True, exclude_defaults=False)
+        data = self.model_dump(mode="json", exclude_none=True, exclude_defaults=False)
+        if self.slices is not None:  # mergekit takes `models` or `slices`, not both
+            data.pop("models")
+            for piece in data["slices"]:
+                for src in piece["sources"]:
+                    if not src["parameters"]:
+                        del src["parameters"]
+                if not piece["parameters"]:
+                    del piece["parameters"]
+        return data
 
 
 # numbers that must lie in a range, as [low, high] with low excluded where marked: (low, high, low_open)
@@ -275,51 +375,73 @@ def _coerce(data: dict) -> dict:
     out = dict(data)
     if "parameters" in out:
         out["parameters"] = params(out["parameters"])
+    def one(m: Any) -> Any:  # a model, slice source or slice, with its parameters read
+        return dict(m, parameters=params(m.get("parameters"))) if isinstance(m, dict) and "parameters" in m else m
+
     if isinstance(out.get("models"), list):
-        out["models"] = [dict(m, parameters=params(m.get("parameters"))) if isinstance(m, dict) and "parameters" in m else m
-                         for m in out["models"]]
+        out["models"] = [one(m) for m in out["models"]]
+    if isinstance(out.get("slices"), list):
+        out["slices"] = [dict(one(p), sources=[one(m) for m in p["sources"]]) for p in out["slices"]]
     return out
 
 
 def _from_slices(data: dict, where: str, folder: Path | None) -> dict:
-    """mergekit's `slices` form of a whole-model merge as `models`: one slice whose sources all span their
-    model's whole layer stack, which is exactly what mergekit makes of `models` itself. Slice-level
-    `parameters` sit between a source's and the top level's, as in mergekit. Anything else (several
-    slices, partial layer ranges: layer surgery) is an error."""
+    """mergekit's `slices` form. One slice whose sources all span their model's whole layer stack is exactly
+    what mergekit makes of `models` itself, and reads as `models` (slice-level `parameters` sit between a
+    source's and the top level's, as in mergekit), so the search can take it. Anything else (several slices,
+    partial layer ranges: stacking or cutting layers) stays `slices`, with `models` listing the models read."""
     slices = data["slices"]
     if "models" in data:
         raise ConfigError(f"{where}: give `models` or `slices`, not both")
-    if not isinstance(slices, list) or len(slices) != 1 or not isinstance(slices[0], dict):
-        n = len(slices) if isinstance(slices, list) else "no list of"
-        raise ConfigError(f"{where}: {n} slices: stacking or cutting layers (frankenmerges, passthrough) is not "
-                          "supported; safemerge merges whole models (one slice whose sources span every layer)")
-    piece = slices[0]
-    for key in piece:
-        if key not in ("sources", "parameters", "base_model"):
-            raise ConfigError(f"{where}: slices[0]: " + _unknown(key, ("sources", "parameters", "base_model"), "a slice"))
-    slice_base, top_base = piece.get("base_model"), data.get("base_model")
-    if slice_base is not None and top_base is not None and slice_base != top_base:
-        raise ConfigError(f"{where}: slices[0].base_model {slice_base!r} differs from base_model {top_base!r}; give one")
-    sources = piece.get("sources")
-    if not isinstance(sources, list) or not sources or not all(isinstance(s, dict) for s in sources):
-        raise ConfigError(f"{where}: slices[0].sources must be a list of {{model, layer_range}} entries")
-    models = []
-    for i, src in enumerate(sources):
-        for key in src:
-            if key not in ("model", "layer_range", "parameters"):
-                raise ConfigError(f"{where}: slices[0].sources[{i}]: "
-                                  + _unknown(key, ("model", "layer_range", "parameters"), "a slice source"))
-        model, span = src.get("model"), src.get("layer_range")
-        if not isinstance(model, str):
-            raise ConfigError(f"{where}: slices[0].sources[{i}].model must be a model path")
-        n = _num_layers(model, folder)
-        if n is None:
-            raise ConfigError(f"{where}: slices[0].sources[{i}]: cannot read the layer count of {model!r} (its "
-                              "config.json) to check its layer_range; use a local model folder, or write `models:`")
-        if span != [0, n]:
-            raise ConfigError(f"{where}: slices[0].sources[{i}] ({model}): layer_range {span} is not the whole "
-                              f"stack [0, {n}]; cutting layers is not supported")
-        models.append({"model": model, **({"parameters": src["parameters"]} if "parameters" in src else {})})
+    if not isinstance(slices, list) or not slices or not all(isinstance(p, dict) for p in slices):
+        raise ConfigError(f"{where}: `slices` must be a list of {{sources: [{{model, layer_range}}, ...]}} entries")
+    for i, piece in enumerate(slices):
+        for key in piece:
+            if key not in ("sources", "parameters", "base_model"):
+                raise ConfigError(f"{where}: slices[{i}]: " + _unknown(key, ("sources", "parameters", "base_model"), "a slice"))
+        slice_base, top_base = piece.get("base_model"), data.get("base_model")
+        if slice_base is not None and top_base is not None and slice_base != top_base:
+            raise ConfigError(f"{where}: slices[{i}].base_model {slice_base!r} differs from base_model {top_base!r}; give one")
+        sources = piece.get("sources")
+        if not isinstance(sources, list) or not sources or not all(isinstance(s, dict) for s in sources):
+            raise ConfigError(f"{where}: slices[{i}].sources must be a list of {{model, layer_range}} entries")
+        for j, src in enumerate(sources):
+            for key in src:
+                if key not in ("model", "layer_range", "parameters"):
+                    raise ConfigError(f"{where}: slices[{i}].sources[{j}]: "
+                                      + _unknown(key, ("model", "layer_range", "parameters"), "a slice source"))
+            if not isinstance(src.get("model"), str):
+                raise ConfigError(f"{where}: slices[{i}].sources[{j}].model must be a model path")
+            span = src.get("layer_range")
+            if not (isinstance(span, list) and len(span) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
+                                                                     for x in span)):
+                raise ConfigError(f"{where}: slices[{i}].sources[{j}] ({src['model']}): layer_range must be "
+                                  f"[start, stop], two whole numbers; got {span!r}")
+    if len(slices) == 1 and all(src["layer_range"] == [0, _num_layers(src["model"], folder)] for src in slices[0]["sources"]):
+        return _whole_slice(data, where)
+    out = {k: v for k, v in data.items() if k != "slices"}
+    out["slices"] = [{**piece, "sources": [dict(src, parameters=_params_or_empty(src.get("parameters")))
+                                           for src in piece["sources"]],
+                      **({"parameters": _params_or_empty(piece["parameters"])} if "parameters" in piece else {})}
+                     for piece in slices]
+    used = [src["model"] for piece in slices for src in piece["sources"]]
+    out["models"] = [{"model": m} for m in dict.fromkeys(used)]
+    base = data.get("base_model") or next((p["base_model"] for p in slices if p.get("base_model")), None)
+    if base is not None:
+        out["base_model"] = base
+    return out
+
+
+def _params_or_empty(p: Any) -> Any:
+    return {} if p is None else p
+
+
+def _whole_slice(data: dict, where: str) -> dict:
+    """One slice of whole layer stacks as the `models` form."""
+    piece = data["slices"][0]
+    slice_base = piece.get("base_model")
+    models = [{"model": src["model"], **({"parameters": src["parameters"]} if "parameters" in src else {})}
+              for src in piece["sources"]]
     out = {k: v for k, v in data.items() if k != "slices"}
     out["models"] = models
     if slice_base is not None:
@@ -330,6 +452,14 @@ def _from_slices(data: dict, where: str, folder: Path | None) -> dict:
         top = data.get("parameters") or {}
         out["parameters"] = {**top, **{k: _fallback(v, top[k]) if k in top else v for k, v in piece["parameters"].items()}}
     return out
+
+
+def _fallback_values(first: Any, then: Any) -> list["FilterValue"]:
+    """`_fallback` on validated values: one filter list that gives `first` where it resolves, else `then`."""
+    def entries(v: Any) -> list[FilterValue]:
+        return list(v) if isinstance(v, list) and v and all(isinstance(e, FilterValue) for e in v) else [FilterValue(value=v)]
+
+    return entries(first) + entries(then)
 
 
 def _fallback(first: Any, then: Any) -> list:
@@ -377,6 +507,10 @@ def _relative_to(data: dict, folder: Path) -> dict:
         data[key] = _local(data.get(key), folder)
     if isinstance(data.get("models"), list):
         data["models"] = [dict(m, model=_local(m.get("model"), folder)) if isinstance(m, dict) else m for m in data["models"]]
+    if isinstance(data.get("slices"), list):
+        data["slices"] = [dict(piece, sources=[dict(s, model=_local(s["model"], folder)) for s in piece["sources"]],
+                               **({"base_model": _local(piece["base_model"], folder)} if piece.get("base_model") else {}))
+                          for piece in data["slices"]]
     return {k: v for k, v in data.items() if v is not None or k not in ("base_model", "tokenizer_source")}
 
 

@@ -28,7 +28,17 @@ from safemerge import chat_templates
 from safemerge.checkpoint import Checkpoint, atomic_output, nonfinite
 from safemerge.config import DTYPES, MergeConfig, load_config, method_params
 from safemerge.errors import CheckpointError, ConfigError
-from safemerge.layout import num_layers, position, stream_order, tied_source
+from safemerge.layout import (
+    before_stack,
+    layer_index,
+    layer_types,
+    num_layers,
+    position,
+    set_num_layers,
+    stream_order,
+    tied_source,
+    with_layer,
+)
 from safemerge.methods import MethodSpec, get_method
 from safemerge.methods.blocks import TaskVector
 from safemerge.writer import TOKENIZER_FILES, ShardedWriter, copy_side_files, write_config, write_model_card
@@ -67,8 +77,9 @@ def _call(spec: MethodSpec, config: MergeConfig, *, name: str, t: float, tensors
     if spec.random:
         device = next(iter(tensors.values())).device
         kwargs["generator"] = torch.Generator(device=device).manual_seed(tensor_seed(config.seed, name))
+    model_kw = {k if k != "weight" else "weights": v for k, v in per.items()}
     if spec.inputs == "models":
-        return spec.fn([tensors[m.model] for m in config.models], weights=per["weight"], **kwargs)
+        return spec.fn([tensors[m.model] for m in config.models], **model_kw, **kwargs)
     if spec.inputs == "two":
         base = tensors[config.base_model] if config.base_model else None
         return spec.fn(base, [tensors[m.model] for m in config.others()], weights=per["weight"], **kwargs)
@@ -79,7 +90,6 @@ def _call(spec: MethodSpec, config: MergeConfig, *, name: str, t: float, tensors
     if spec.inputs == "stock":
         return spec.fn(base, others, **kwargs)
     deltas = [TaskVector(model=o) for o in others]  # τ_i = θ_i − θ_base, formed block by block
-    model_kw = {k if k != "weight" else "weights": v for k, v in per.items()}
     return spec.fn(base, deltas, **model_kw, **kwargs)
 
 
@@ -91,6 +101,15 @@ class _Item:
     stop: int
 
 
+@dataclass(frozen=True)
+class _Route:
+    """Where one output tensor comes from: the (whole-model or slice) config that merges it, the tensor's name
+    in each model it reads, and its layer position t."""
+    config: MergeConfig
+    sources: dict[str, str]
+    t: float
+
+
 @dataclass
 class _Plan:
     config: MergeConfig
@@ -98,12 +117,14 @@ class _Plan:
     models: dict[str, Checkpoint]
     reference: Checkpoint
     names: list[str]
+    shapes: dict[str, tuple[int, ...]]
     out_dtype: dict[str, torch.dtype]
-    n_layers: int
+    routes: dict[str, _Route]
+    out_config: dict
 
     def items(self, chunk_elements: int) -> Iterator[_Item]:
         for name in self.names:
-            shape = self.reference.shape(name)
+            shape = self.shapes[name]
             rows = shape[0] if shape else 1
             row_elems = max(1, _numel(shape) // max(rows, 1))
             step = rows
@@ -127,28 +148,105 @@ def _plan(config: MergeConfig, *, allow_pickle: bool) -> _Plan:
     spec = get_method(config.merge_method)
     models = {m: Checkpoint(m, allow_pickle=allow_pickle) for m in config.input_models()}
     reference = models[config.base_model or config.models[0].model]
-    names = stream_order(n for n in reference.names() if reference.dtype(n).is_floating_point)
-    known = set(names)
-    for model, ckpt in models.items():
-        for name in names:
-            src = name if name in ckpt else tied_source(name, ckpt.names())
-            if src is None:
-                raise CheckpointError(f"{model}: tensor {name!r} is missing (it is in {reference.path}); "
-                                      "the models must share one architecture")
-            a, b = reference.shape(name), ckpt.shape(src)
+    sliced = config.slices is not None
+    routes = _slice_routes(config, models, reference) if sliced else _whole_routes(config, models, reference)
+    names = list(routes)
+    shapes, out_dtype = {}, {}
+    fixed = DTYPES.get(config.out_dtype or config.dtype or "")
+    for name, route in routes.items():
+        first, src = next(iter(route.sources.items()))
+        shapes[name] = models[first].shape(src)
+        out_dtype[name] = fixed or models[first].dtype(src)
+        for model, src in route.sources.items():
+            a, b = shapes[name], models[model].shape(src)
             if a != b:
                 hint = (" — the models have different vocabulary sizes; give them the same tokenizer "
                         "(resize the embeddings of one to the other's vocabulary) before merging"
                         if "embed" in name or "lm_head" in name or "wte" in name else "")
-                raise CheckpointError(f"{model}: tensor {name!r} has shape {list(b)} but {reference.path} has {list(a)}{hint}")
+                raise CheckpointError(f"{model}: tensor {src!r} has shape {list(b)} but {models[first].path} has "
+                                      f"{list(a)} ({first}'s {src!r}){hint}")
+    out_config = _sliced_config(config, models, reference) if sliced else reference.config
+    return _Plan(config, spec, models, reference, names, shapes, out_dtype, routes, out_config)
+
+
+def _source(model: str, ckpt: Checkpoint, name: str, owner: Path) -> str:
+    """The name of output tensor `name` in a model: itself, or the embedding a tied lm_head reads."""
+    src = name if name in ckpt else tied_source(name, ckpt.names())
+    if src is None:
+        raise CheckpointError(f"{model}: tensor {name!r} is missing (it is in {owner}); "
+                              "the models must share one architecture")
+    return src
+
+
+def _whole_routes(config: MergeConfig, models: dict[str, Checkpoint], reference: Checkpoint) -> dict[str, _Route]:
+    names = stream_order(n for n in reference.names() if reference.dtype(n).is_floating_point)
+    n_layers = num_layers(names, reference.config)
+    routes = {n: _Route(config, {m: _source(m, c, n, reference.path) for m, c in models.items()}, position(n, n_layers))
+              for n in names}
+    known = set(names)
+    for model, ckpt in models.items():
         extra = [n for n in ckpt.names() if n not in known and ckpt.dtype(n).is_floating_point
                  and not (n.endswith("lm_head.weight") and tied_source(n, reference.names()))]
         if extra:
             warnings.warn(f"{model}: {len(extra)} tensor(s) that {reference.path} lacks are left out of the merge "
-                          f"(e.g. {extra[0]!r}); the output has the tensors of {reference.path}", stacklevel=3)
-    fixed = DTYPES.get(config.out_dtype or config.dtype or "")
-    out_dtype = {n: fixed or reference.dtype(n) for n in names}
-    return _Plan(config, spec, models, reference, names, out_dtype, num_layers(names, reference.config))
+                          f"(e.g. {extra[0]!r}); the output has the tensors of {reference.path}", stacklevel=4)
+    return routes
+
+
+def _slice_routes(config: MergeConfig, models: dict[str, Checkpoint], reference: Checkpoint) -> dict[str, _Route]:
+    """mergekit's layer plan: the tensors before the stack merged as the first slice merges, the layers slice by
+    slice (output layer L from layer start + k of every source, t = k / (slice length − 1)), the tensors after
+    the stack as the last slice merges (both outside tensors at t = 0, as in mergekit)."""
+    configs = [config.slice_config(i) for i in range(len(config.slices))]
+
+    def outside(names: list[str], cfg: MergeConfig) -> dict[str, _Route]:
+        return {n: _Route(cfg, {m: _source(m, models[m], n, reference.path) for m in cfg.input_models()}, 0.0)
+                for n in names}
+
+    rest = [n for n in stream_order(reference.names()) if layer_index(n) is None and reference.dtype(n).is_floating_point]
+    routes = outside([n for n in rest if before_stack(n)], configs[0])
+    layer = 0
+    for i, (piece, cfg) in enumerate(zip(config.slices, configs)):
+        routes.update(_layer_routes(i, piece, cfg, models, first_layer=layer))
+        layer += piece.length
+    routes.update(outside([n for n in rest if not before_stack(n)], configs[-1]))
+    return routes
+
+
+def _layer_routes(i: int, piece, cfg: MergeConfig, models: dict[str, Checkpoint], *, first_layer: int) -> dict[str, _Route]:
+    """The output layers first_layer, first_layer + 1, ... of slice i."""
+    for j, src in enumerate(piece.sources):
+        start, stop = src.layer_range
+        count = num_layers(models[src.model].names(), models[src.model].config)
+        if stop > count:
+            raise ConfigError(f"slices[{i}].sources[{j}] ({src.model}): layer_range [{start}, {stop}] goes past its "
+                              f"{count} layers; a range is [start, stop) within [0, {count}]")
+    first = piece.sources[0]
+    template = models[first.model]
+    routes = {}
+    for k in range(piece.length):
+        t = k / (piece.length - 1) if piece.length > 1 else 1.0
+        names = sorted(n for n in template.names() if layer_index(n) == first.layer_range[0] + k
+                       and template.dtype(n).is_floating_point)
+        for name in names:
+            sources = {src.model: _source(src.model, models[src.model], with_layer(name, src.layer_range[0] + k), template.path)
+                       for src in piece.sources}
+            routes[with_layer(name, first_layer + k)] = _Route(cfg, sources, t)
+    return routes
+
+
+def _sliced_config(config: MergeConfig, models: dict[str, Checkpoint], reference: Checkpoint) -> dict:
+    """The reference's config.json with the output's layer count, and its `layer_types` taken layer by layer
+    from the model each output layer comes from (mergekit leaves that list as it was)."""
+    types = []
+    for piece in config.slices:
+        first = piece.sources[0]
+        have = layer_types(models[first.model].config)
+        for k in range(piece.length):
+            i = first.layer_range[0] + k
+            types.append(have[i] if have is not None and i < len(have) else None)
+    return set_num_layers(reference.config, sum(p.length for p in config.slices),
+                          None if None in types else types)
 
 
 # -- the streaming loop -------------------------------------------------------------------------------
@@ -157,9 +255,8 @@ _DONE = object()
 
 def _read(plan: _Plan, item: _Item, device: str, allow_nonfinite: bool) -> dict[str, torch.Tensor]:
     out = {}
-    for model, ckpt in plan.models.items():
-        src = item.name if item.name in ckpt else tied_source(item.name, ckpt.names())
-        x = ckpt.get_rows(src, item.start, item.stop)
+    for model, src in plan.routes[item.name].sources.items():
+        x = plan.models[model].get_rows(src, item.start, item.stop)
         if device != "cpu":
             x = x.to(device=device, non_blocking=True)
         if nonfinite(x):
@@ -255,8 +352,8 @@ class _Pipeline:
             seq, item, tensors = got
             ref = next(iter(tensors.values()))
             merged = torch.empty(ref.shape, dtype=self.plan.out_dtype[item.name], device=ref.device)
-            merge_tensor(self.plan.config, name=item.name, t=position(item.name, self.plan.n_layers),
-                         tensors=tensors, out=merged)  # its config errors name the tensor
+            route = self.plan.routes[item.name]
+            merge_tensor(route.config, name=item.name, t=route.t, tensors=tensors, out=merged)  # its errors name the tensor
             del tensors, ref
             with self.cond:
                 self.done[seq] = (item.name, merged.cpu())
@@ -341,7 +438,7 @@ def merge(
     plan = _plan(cfg, allow_pickle=allow_pickle)
     tok_dirs = tokenizer_dirs(cfg)
     check_apart(out_dir, [c.path for c in plan.models.values()] + tok_dirs)
-    specs = [(n, plan.reference.shape(n), plan.out_dtype[n]) for n in plan.names]
+    specs = [(n, plan.shapes[n], plan.out_dtype[n]) for n in plan.names]
     with atomic_output(out_dir, overwrite=overwrite) as tmp, _progress(progress, plan, specs) as advance:
         writer = ShardedWriter(tmp, specs, max_shard_bytes=max_shard_size)
         try:
@@ -384,7 +481,7 @@ def tokenizer_dirs(cfg: MergeConfig) -> list[Path]:
 def _finish(tmp: Path, cfg: MergeConfig, plan: _Plan, *, tok_path: Path, title: str | None, card_extra: str) -> None:
     dtypes = set(plan.out_dtype.values())
     main_dtype = DTYPES.get(cfg.out_dtype or cfg.dtype or "") or (dtypes.pop() if len(dtypes) == 1 else torch.float32)
-    write_config(tmp, plan.reference.config, dtype=main_dtype)
+    write_config(tmp, plan.out_config, dtype=main_dtype)
     template = chat_templates.resolve(cfg.chat_template, [c.path for c in plan.models.values()])
     if not copy_side_files(tmp, tokenizer_source=tok_path, generation_source=plan.reference.path, chat_template=template):
         others = [c.path for c in plan.models.values() if _has_tokenizer(c.path)]

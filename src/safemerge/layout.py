@@ -21,15 +21,51 @@ def layer_index(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
 def num_layers(names: Iterable[str], config: dict | None = None) -> int:
     config = config or {}
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+    for key in _COUNT_KEYS:
         if isinstance(config.get(key), int):
             return config[key]
         if isinstance(config.get("text_config"), dict) and isinstance(config["text_config"].get(key), int):
             return config["text_config"][key]
     idx = [i for i in map(layer_index, names) if i is not None]
     return max(idx) + 1 if idx else 0
+
+
+def with_layer(name: str, index: int) -> str:
+    """`name` with its layer index replaced (model.layers.3.mlp.up_proj.weight → model.layers.<index>...)."""
+    m = _LAYER.search(name)
+    if m is None:
+        raise ValueError(f"{name} is not a layer tensor")
+    return name[:m.start(1)] + str(index) + name[m.end(1):]
+
+
+def set_num_layers(config: dict, n: int, layer_types: list | None = None) -> dict:
+    """A copy of a config.json with the layer count (where `num_layers` reads it) set to n, and its per-layer
+    `layer_types` list (sliding or full attention, in Qwen3, Gemma and others) replaced, or dropped when unknown."""
+    out = dict(config)
+    target = out
+    if not any(isinstance(out.get(k), int) for k in _COUNT_KEYS) and isinstance(out.get("text_config"), dict):
+        target = out["text_config"] = dict(out["text_config"])
+    key = next((k for k in _COUNT_KEYS if isinstance(target.get(k), int)), "num_hidden_layers")
+    target[key] = n
+    if "layer_types" in target:
+        if layer_types is None:
+            del target["layer_types"]
+        else:
+            target["layer_types"] = list(layer_types)
+    return out
+
+
+def layer_types(config: dict) -> list | None:
+    """The per-layer `layer_types` list of a config.json (or its text_config), if it has one."""
+    for cfg in (config, config.get("text_config")):
+        if isinstance(cfg, dict) and isinstance(cfg.get("layer_types"), list):
+            return cfg["layer_types"]
+    return None
 
 
 def position(name: str, n_layers: int) -> float:
@@ -42,13 +78,18 @@ def position(name: str, n_layers: int) -> float:
     return i / (n_layers - 1) if n_layers > 1 else 1.0
 
 
+def before_stack(name: str) -> bool:
+    """A tensor outside the layer stack that comes before it (the embeddings), not after (norm, lm_head)."""
+    return layer_index(name) is None and bool(_PRE.search(name))
+
+
 def stream_order(names: Iterable[str]) -> list[str]:
     """Names in model order: tensors before the stack, then layer by layer, then the rest."""
 
     def key(name: str):
         i = layer_index(name)
         if i is None:
-            return (0, 0, name) if _PRE.search(name) else (2, 0, name)
+            return (0, 0, name) if before_stack(name) else (2, 0, name)
         return (1, i, name)
 
     return sorted(names, key=key)

@@ -17,6 +17,7 @@ PARAMS = {"weight": 0.7, "density": 0.6, "gamma": 0.05}
 def test_inputs_are_left_as_they_were(method, dtype):
     spec = METHODS[method]
     names = ["a", "b"] if spec.inputs == "pair" else ["a", "b", "c"]
+    names = names[:spec.max_models] if spec.max_models else names
     per = {k: v for k, v in PARAMS.items() if k in spec.model_params}
     cfg = {"merge_method": method, "models": [{"model": n, "parameters": per} for n in names],
            "parameters": {"t": 0.3} if "t" in spec.global_params else {}}

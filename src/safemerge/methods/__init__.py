@@ -5,7 +5,8 @@ which parameters it has (global and per model, with defaults), and the engine, t
 config validation all read that one declaration.
 
     inputs="deltas":  fn(base, deltas, *, weights, <params>)   task vectors τ_i = θ_i − θ_base
-    inputs="models":  fn(tensors, *, weights, <params>)         whole weights (base included if given)
+    inputs="models":  fn(tensors, *, <per-model params>, ...)   whole weights (base included if given); a
+                      per-model `weight` arrives as `weights`, every per-model parameter as a list
     inputs="pair":    fn(a, b, *, t)                            two models, a is the base
     inputs="stock":   fn(base, tensors)                         base plus the other models' weights
     inputs="two":     fn(base or None, [a, b], *, weights, ...)  two models, the base optional (nuslerp)
@@ -31,6 +32,7 @@ class MethodSpec:
     elementwise: bool = False  # output element j depends on input elements j only: may run in row chunks
     random: bool = False  # takes a `generator` (seeded per tensor by the engine)
     scale_free: bool = False  # scaling every weight by one factor changes nothing, whatever `normalize` says
+    max_models: int | None = None  # the most models it merges (passthrough: 1)
 
     @property
     def needs_base(self) -> bool:
@@ -59,7 +61,7 @@ def get_method(name: str) -> MethodSpec:
 
 # importing the modules fills METHODS
 from safemerge.methods import linear, slerp, stock, task_arithmetic  # noqa: E402,F401
-from safemerge.methods.linear import linear as linear_merge  # noqa: E402
+from safemerge.methods.linear import linear as linear_merge, passthrough  # noqa: E402
 from safemerge.methods.slerp import nuslerp, slerp as slerp_merge  # noqa: E402
 from safemerge.methods.stock import model_stock  # noqa: E402
 from safemerge.methods.task_arithmetic import (  # noqa: E402
@@ -77,5 +79,5 @@ from safemerge.methods.task_arithmetic import (  # noqa: E402
 __all__ = [
     "METHODS", "MethodSpec", "REQUIRED", "register", "get_method", "linear_merge", "slerp_merge",
     "model_stock", "task_arithmetic_merge", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
-    "della", "della_linear", "sce", "nuslerp",
+    "della", "della_linear", "sce", "nuslerp", "passthrough",
 ]

@@ -1,4 +1,5 @@
-"""Linear (weighted average) merging: θ = Σ w_i·θ_i / Σ w_i (Wortsman et al., 2022, "model soups")."""
+"""Linear (weighted average) merging: θ = Σ w_i·θ_i / Σ w_i (Wortsman et al., 2022, "model soups"), and
+passthrough: one model's tensor as it is (optionally scaled), for stacking layers with `slices`."""
 
 from __future__ import annotations
 
@@ -26,3 +27,13 @@ def linear(tensors: Sequence[torch.Tensor], *, weights: Sequence[float], normali
             acc.add_(x[s:e].to(torch.float32), alpha=c)
         o[s:e] = acc
     return result
+
+
+@register("passthrough", inputs="models", model_params={"scale": 1.0}, elementwise=True, max_models=1)
+def passthrough(tensors: Sequence[torch.Tensor], *, scale: Sequence[float] = (1.0,),
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """The one input tensor, times its `scale` (mergekit's passthrough: frankenmerges stack layers of several
+    models with one single-source slice each; `scale: 0` on o_proj/down_proj is a common way to mute a layer)."""
+    if len(tensors) != 1:
+        raise ValueError(f"passthrough takes one model per tensor; got {len(tensors)}")
+    return linear(tensors, weights=[scale[0]], normalize=False, out=out)

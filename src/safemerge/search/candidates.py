@@ -52,7 +52,7 @@ class CandidateModel:
     """
 
     def __init__(self, config: MergeConfig | Mapping | str, *, device: str = "cpu", allow_pickle: bool = False):
-        self.config = load_config(config)
+        self.config = load_config(config).require_whole_models("an in-memory candidate")
         self.device = torch.device(check_device(device))
         self.models = {m: Checkpoint(m, allow_pickle=allow_pickle) for m in self.config.input_models()}
         check_architecture(self.models)

@@ -99,7 +99,7 @@ def search(
     is called after every candidate (tests use it to interrupt a run).
     """
     start = time.perf_counter()
-    cfg = load_config(config)
+    cfg = load_config(config).require_whole_models("the search")
     lam = check_lambda(lambda_)
     if optimizer not in OPTIMIZERS:
         raise ConfigError(f"--optimizer {optimizer!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")

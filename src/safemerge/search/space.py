@@ -44,7 +44,7 @@ class SearchSpace:
     """The box [low, high]^n of a config's searchable parameters, and the map from its points to configs."""
 
     def __init__(self, config: MergeConfig | Mapping | str, *, ranges: Mapping[str, tuple[float, float]] = RANGES):
-        self.config = load_config(config)
+        self.config = load_config(config).require_whole_models("the search")
         self.spec = get_method(self.config.merge_method)
         self.models = [m.model for m in self.config.weighted_models()]
         names = _short_names(self.models)
