@@ -160,6 +160,34 @@ CASES: dict[str, tuple[str, str, dict]] = {
         "merge_method": "linear",
         "dtype": "float32",
     }),
+    "nearswap": ("fp32", "exact", {
+        "merge_method": "nearswap", "base_model": "base",
+        "models": _models(expert_a={}),
+        "parameters": {"t": [0.001, 0.01, 0.1]},
+        "dtype": "float32",
+    }),
+    "multislerp_base": ("fp32", "exact", {
+        "merge_method": "multislerp", "base_model": "base",
+        "models": _models(expert_a={"weight": 0.5}, expert_b={"weight": 0.3}, aligned={"weight": 0.2}),
+        "dtype": "float32",
+    }),
+    "multislerp": ("fp32", "exact", {
+        "merge_method": "multislerp",
+        "models": _models(expert_a={"weight": 1.0}, aligned={"weight": 2.0}),
+        "parameters": {"normalize_weights": False},
+        "dtype": "float32",
+    }),
+    "karcher": ("fp32", "exact", {
+        "merge_method": "karcher",
+        "models": _models(expert_a={}, expert_b={}, aligned={}),
+        "dtype": "float32",
+    }),
+    "karcher_base": ("fp32", "exact", {  # the base is one more point of the mean, as mergekit merges it
+        "merge_method": "karcher", "base_model": "base",
+        "models": _models(expert_a={}, aligned={}),
+        "parameters": {"max_iter": 3},
+        "dtype": "float32",
+    }),
     "breadcrumbs": ("fp32", "exact", {
         "merge_method": "breadcrumbs", "base_model": "base",
         "models": _models(expert_a={"weight": 1.0, "density": 0.8, "gamma": 0.05},

@@ -77,6 +77,18 @@ CONFIGS = {  # issue 2's three measured merges, mergekit YAML
         "models": [{"model": "expert"}, {"model": "instruct"}],
         "parameters": {"select_topk": 0.5}, "dtype": "bfloat16",
     },
+    "multislerp": {
+        "merge_method": "multislerp", "base_model": "base",
+        "models": [{"model": "expert", "parameters": {"weight": 0.5}},
+                   {"model": "instruct", "parameters": {"weight": 0.5}}],
+        "dtype": "bfloat16",
+    },
+    "karcher": {"merge_method": "karcher", "models": [{"model": "expert"}, {"model": "instruct"}], "dtype": "bfloat16"},
+    "nearswap": {
+        "merge_method": "nearswap", "base_model": "base",
+        "models": [{"model": "base"}, {"model": "expert"}],
+        "parameters": {"t": 0.001}, "dtype": "bfloat16",
+    },
     # a frankenmerge: layers 0-11 of the expert on layers 4-15 of the instruct model (24 layers out of 16)
     "passthrough": {
         "merge_method": "passthrough",

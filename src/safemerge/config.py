@@ -143,8 +143,8 @@ class MergeConfig(BaseModel):
                              "layers of several models, give one `slices` entry per run of layers, each with one source")
         if spec.inputs == "pair" and len(self.input_models()) != 2:
             raise ValueError(f"{self.merge_method} merges exactly two models (base_model and one other); got {len(self.input_models())}")
-        if spec.inputs == "two" and len(self.others()) != 2:
-            raise ValueError(f"{self.merge_method} merges exactly two models (besides an optional base_model); "
+        if spec.others is not None and len(self.others()) != spec.others:
+            raise ValueError(f"{self.merge_method} merges exactly {spec.others} models (besides an optional base_model); "
                              f"got {len(self.others())}")
         if self.tokenizer_source == "union":
             raise ValueError("tokenizer_source 'union' is not supported; name a model (or 'base')")

@@ -80,7 +80,7 @@ def _call(spec: MethodSpec, config: MergeConfig, *, name: str, t: float, tensors
     model_kw = {k if k != "weight" else "weights": v for k, v in per.items()}
     if spec.inputs == "models":
         return spec.fn([tensors[m.model] for m in config.models], **model_kw, **kwargs)
-    if spec.inputs == "two":
+    if spec.inputs == "base_optional":
         base = tensors[config.base_model] if config.base_model else None
         return spec.fn(base, [tensors[m.model] for m in config.others()], weights=per["weight"], **kwargs)
     base = tensors[config.base_model]

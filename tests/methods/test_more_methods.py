@@ -146,7 +146,7 @@ def test_nuslerp_config_takes_exactly_two_models_and_an_optional_base():
     two = [{"model": m, "parameters": {"weight": 0.5}} for m in ("x", "y")]
     load_config({"merge_method": "nuslerp", "models": two})
     load_config({"merge_method": "nuslerp", "base_model": "b", "models": two})
-    with pytest.raises(ConfigError, match="exactly two models"):
+    with pytest.raises(ConfigError, match="exactly 2 models"):
         load_config({"merge_method": "nuslerp", "models": two + [{"model": "z", "parameters": {"weight": 1}}]})
 
 
@@ -183,3 +183,61 @@ def test_sce_counts_k_as_mergekit_does():
     base = torch.zeros(90)
     a, b = torch.zeros(90), torch.arange(1, 91, dtype=torch.float32)  # 90 distinct non-zero variances
     assert torch.count_nonzero(sce(base, [a, b], select_topk=0.7)) == 63
+
+
+# -- nearswap, multislerp, karcher ----------------------------------------------------------------------
+def test_nearswap_takes_near_values_and_moves_far_ones_by_t():
+    from safemerge.methods import nearswap
+
+    a = torch.zeros(1000)
+    b = torch.linspace(-1, 1, 1000)
+    out = nearswap(a, b, t=0.25)
+    near = b.abs() <= 0.25
+    assert torch.allclose(out[near], b[near], atol=1e-7)  # within t: the other model's value
+    assert torch.allclose(out[~near], 0.25 * b[~near].sign(), atol=1e-6)  # beyond: t toward it
+    assert torch.equal(nearswap(a, b, t=0.0), a)
+
+
+def test_multislerp_is_the_normalised_direction_at_the_mean_norm():
+    from safemerge.methods import multislerp
+
+    x, y = torch.zeros(2, 50), torch.zeros(2, 50)
+    x[0, 0], y[1, 3] = 2.0, 4.0  # orthogonal, norms 2 and 4
+    out = multislerp(None, [x, y], weights=[1.0, 1.0])
+    want = torch.zeros(2, 50)
+    want[0, 0] = want[1, 3] = 3.0 / 2**0.5  # the bisector, at the mean norm 3
+    assert torch.allclose(out, want, atol=1e-6)
+    base = torch.randn(2, 50, generator=gen())
+    assert torch.allclose(multislerp(base, [base + x, base + y], weights=[3.0, 3.0]), base + want, atol=1e-6)
+    unnormalised = multislerp(None, [x, y], weights=[1.0, 1.0], normalize_weights=False)
+    assert torch.allclose(unnormalised, 2 * want, atol=1e-6)  # at Σ w_i‖x_i‖ = 6
+    assert torch.equal(multislerp(None, [x], weights=[0.3]), x)  # one model: as it is
+    assert torch.allclose(multislerp(None, [x, -x], weights=[1.0, 1.0]), torch.zeros_like(x))  # antipodal: linear
+    with pytest.raises(ConfigError, match="multislerp, tensor w: the weighted sum of the models' directions is zero"):
+        cfg = load_config({"merge_method": "multislerp", "models": [
+            {"model": m, "parameters": {"weight": w}} for m, w in (("a", 1.0), ("b", 1.0), ("c", 0.0))]})
+        merge_tensor(cfg, name="w", t=0.0, tensors={"a": x, "b": -x, "c": y})
+
+
+def test_karcher_mean_is_a_stationary_point_at_the_mean_norm():
+    from safemerge.methods import karcher
+
+    xs = rand((30, 40), 3, n=3)
+    xs = [x + 0.8 * xs[0] for x in xs]  # correlated, as fine-tunes of one base are
+    out = karcher(xs, max_iter=200, tol=1e-12)
+    norms = [float(x.norm()) for x in xs]
+    assert float(out.norm()) == pytest.approx(sum(norms) / 3, rel=1e-5)
+    m = (out / out.norm()).double().flatten()
+    grad = torch.zeros_like(m)  # Σ log_m(u_i) vanishes at the Karcher mean
+    for x in xs:
+        u = (x / x.norm()).double().flatten()
+        cos = float(m @ u)
+        theta = torch.acos(torch.tensor(cos)).item()
+        grad += theta / torch.sin(torch.tensor(theta)).item() * (u - cos * m)
+    assert float(grad.norm()) < 1e-5
+    # two points: the midpoint of the arc; one: as it is; all zero: zero
+    a, b = torch.zeros(10), torch.zeros(10)
+    a[0], b[1] = 1.0, 3.0
+    assert torch.allclose(karcher([a, b]), 2.0 * torch.tensor([1, 1] + [0] * 8) / 2**0.5, atol=1e-6)
+    assert torch.equal(karcher([a]), a)
+    assert not karcher([torch.zeros(5), torch.zeros(5)]).any()

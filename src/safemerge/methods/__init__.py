@@ -9,7 +9,7 @@ config validation all read that one declaration.
                       per-model `weight` arrives as `weights`, every per-model parameter as a list
     inputs="pair":    fn(a, b, *, t)                            two models, a is the base
     inputs="stock":   fn(base, tensors)                         base plus the other models' weights
-    inputs="two":     fn(base or None, [a, b], *, weights, ...)  two models, the base optional (nuslerp)
+    inputs="base_optional":  fn(base or None, others, *, weights, ...)  the base optional (nuslerp, multislerp)
 """
 
 from __future__ import annotations
@@ -26,13 +26,14 @@ REQUIRED = object()  # default marker for a parameter that must be given
 class MethodSpec:
     name: str
     fn: Callable[..., Any]
-    inputs: Literal["deltas", "models", "pair", "stock", "two"]
+    inputs: Literal["deltas", "models", "pair", "stock", "base_optional"]
     global_params: dict[str, Any] = field(default_factory=dict)
     model_params: dict[str, Any] = field(default_factory=dict)
     elementwise: bool = False  # output element j depends on input elements j only: may run in row chunks
     random: bool = False  # takes a `generator` (seeded per tensor by the engine)
     scale_free: bool = False  # scaling every weight by one factor changes nothing, whatever `normalize` says
     max_models: int | None = None  # the most models it merges (passthrough: 1)
+    others: int | None = None  # exactly this many models besides the base (nuslerp: 2)
 
     @property
     def needs_base(self) -> bool:
@@ -61,8 +62,8 @@ def get_method(name: str) -> MethodSpec:
 
 # importing the modules fills METHODS
 from safemerge.methods import linear, slerp, stock, task_arithmetic  # noqa: E402,F401
-from safemerge.methods.linear import linear as linear_merge, passthrough  # noqa: E402
-from safemerge.methods.slerp import nuslerp, slerp as slerp_merge  # noqa: E402
+from safemerge.methods.linear import linear as linear_merge, nearswap, passthrough  # noqa: E402
+from safemerge.methods.slerp import karcher, multislerp, nuslerp, slerp as slerp_merge  # noqa: E402
 from safemerge.methods.stock import model_stock  # noqa: E402
 from safemerge.methods.task_arithmetic import (  # noqa: E402
     breadcrumbs,
@@ -79,5 +80,5 @@ from safemerge.methods.task_arithmetic import (  # noqa: E402
 __all__ = [
     "METHODS", "MethodSpec", "REQUIRED", "register", "get_method", "linear_merge", "slerp_merge",
     "model_stock", "task_arithmetic_merge", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
-    "della", "della_linear", "sce", "nuslerp", "passthrough",
+    "della", "della_linear", "sce", "nuslerp", "passthrough", "nearswap", "multislerp", "karcher",
 ]

@@ -1,5 +1,5 @@
 """Linear (weighted average) merging: θ = Σ w_i·θ_i / Σ w_i (Wortsman et al., 2022, "model soups"), and
-passthrough: one model's tensor as it is (optionally scaled), for stacking layers with `slices`."""
+passthrough: one model's tensor as it is (optionally scaled), for stacking layers with `slices`; and NearSwap."""
 
 from __future__ import annotations
 
@@ -37,3 +37,18 @@ def passthrough(tensors: Sequence[torch.Tensor], *, scale: Sequence[float] = (1.
     if len(tensors) != 1:
         raise ValueError(f"passthrough takes one model per tensor; got {len(tensors)}")
     return linear(tensors, weights=[scale[0]], normalize=False, out=out)
+
+
+@register("nearswap", inputs="pair", global_params={"t": REQUIRED}, elementwise=True)
+def nearswap(a: torch.Tensor, b: torch.Tensor, *, t: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """mergekit's NearSwap: take the other model's value where it is near the base's. Per element,
+    w = clamp(t / max(|a − b|, 1e-6), 0, 1) and out = w·b + (1 − w)·a (a is the base): elements closer than t
+    become b's, farther ones move toward b by t/|a − b|."""
+    t = float(t)
+    result = output(a, out)
+    xa, xb, o = flat(a), flat(b), flat(result)
+    for s, e in spans(o.numel(), o):
+        x, y = xa[s:e].to(torch.float32), xb[s:e].to(torch.float32)
+        w = torch.sub(x, y).abs_().clamp_min_(1e-6).reciprocal_().mul_(t).clamp_(0.0, 1.0)
+        o[s:e] = y.mul(w).add_(x.mul(w.neg().add_(1.0)))
+    return result

@@ -53,16 +53,156 @@ def _dots(fa: torch.Tensor, fb: torch.Tensor) -> tuple[float, float, float]:
     sums = [0.0, 0.0, 0.0]
     for s, e in spans(fa.numel(), fa):
         x, y = fa[s:e].to(torch.float64), fb[s:e].to(torch.float64)
-        m = x.numel() // ROW * ROW
         for i, (u, v) in enumerate(((x, x), (y, y), (x, y))):
-            p = u * v
-            part = float(p[:m].view(-1, ROW).sum(dim=1).sum()) if m else 0.0
-            sums[i] += part + (float(p[m:].sum()) if m < p.numel() else 0.0)
+            sums[i] += _sum64(u * v)
     return sums[0], sums[1], sums[2]
 
 
-@register("nuslerp", inputs="two", global_params={"nuslerp_flatten": True, "nuslerp_row_wise": False},
-          model_params={"weight": REQUIRED}, scale_free=True)  # t = w_2 / (w_1 + w_2)
+def _sum64(p: torch.Tensor) -> float:
+    """The sum of a flat float64 tensor in a fixed order: rows of ROW elements, each on one thread."""
+    m = p.numel() // ROW * ROW
+    part = float(p[:m].view(-1, ROW).sum(dim=1).sum()) if m else 0.0
+    return part + (float(p[m:].sum()) if m < p.numel() else 0.0)
+
+
+def _gram(blocks) -> torch.Tensor:
+    """G_ij = <x_i, x_j> (float64, on the CPU) over an iterable of blocks, each a list of k float32 pieces of the
+    k vectors; every sum in a fixed order (_sum64), so G does not depend on threads or alignment."""
+    g = None
+    for xs in blocks:
+        k = len(xs)
+        g = torch.zeros(k, k, dtype=torch.float64) if g is None else g
+        wide = [x.to(torch.float64) for x in xs]
+        for i in range(k):
+            for j in range(i, k):
+                g[i, j] += _sum64(wide[i] * wide[j])
+                g[j, i] = g[i, j]
+    return g
+
+
+def _combine(o: torch.Tensor, blocks, coefs: list[float]) -> None:
+    """o = (base +) Σ c_i·x_i, block by block in float32; `blocks` yields (start, end, base block or None, pieces)."""
+    for s, e, bb, xs in blocks:
+        acc = xs[0] * coefs[0]
+        for x, c in zip(xs[1:], coefs[1:]):
+            acc.add_(x * c)
+        o[s:e] = acc if bb is None else acc.add_(bb)
+
+
+def _blocks(xs: list[torch.Tensor], base: torch.Tensor | None):
+    """(start, end, base block or None, [x_i − base or x_i]) in float32, block by block; never in place."""
+    for s, e in spans(xs[0].numel(), xs[0]):
+        bb = base[s:e].to(torch.float32) if base is not None else None
+        yield s, e, bb, [x[s:e].to(torch.float32) if bb is None else torch.sub(x[s:e], bb) for x in xs]
+
+
+@register("multislerp", inputs="base_optional", global_params={"normalize_weights": True, "eps": 1e-8},
+          model_params={"weight": REQUIRED})
+def multislerp(base: torch.Tensor | None, tensors, *, weights, normalize_weights: bool = True, eps: float = 1e-8,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """mergekit's Multi-SLERP: a weighted mean on the hypersphere of the models' (or, with a base, their task
+    vectors') directions, at the weighted mean norm.
+
+    With x_i the flattened tensors (θ_i − θ_base with a base), w the weights (÷ Σw when `normalize_weights`),
+    u_i = x_i / (‖x_i‖ + eps) and S = Σ w_i·u_i: out = (θ_base +) S/‖S‖ · Σ w_i·‖x_i‖. mergekit maps the points
+    to the tangent space at S/‖S‖, averages there and maps back; the averaged tangent vector,
+    Σ w_i·(u_i − <u_i, m>·m) with m = S/‖S‖, is S − ‖S‖·m = 0, so the map back returns m and the closed form above
+    is the same result (up to float32 rounding). Where ‖S‖ < eps: with two models (θ_base +) w_1·x_1 + w_2·x_2,
+    else an error. One model: its tensor as it is. The Gram matrix <x_i, x_j> is one float64 pass, the output
+    another: nothing of the tensor's size beyond a block is allocated.
+    """
+    result = output(tensors[0], out)
+    o, xs = flat(result), [flat(t) for t in tensors]
+    fbase = flat(base) if base is not None else None
+    if len(xs) == 1:
+        _combine(o, _blocks(xs, None), [1.0])
+        return result
+    w = [float(v) for v in weights]
+    if normalize_weights:
+        total = sum(w)
+        if total == 0:
+            raise ValueError(f"the weights {w} sum to 0 and normalize_weights is on")
+        w = [v / total for v in w]
+    g = _gram(xs_ for _, _, _, xs_ in _blocks(xs, fbase))
+    norms = g.diagonal().sqrt()
+    inv = 1.0 / (norms + eps)
+    wv = torch.tensor(w, dtype=torch.float64)
+    a = wv * inv  # S = Σ a_i x_i
+    length = max(float(a @ g @ a), 0.0) ** 0.5
+    if length < eps:
+        if len(xs) != 2:
+            raise ValueError("the weighted sum of the models' directions is zero (antipodal models whose weights "
+                             "balance out); change the weights")
+        coefs = w
+    else:
+        coefs = (a * float(wv @ norms) / length).tolist()
+    _combine(o, _blocks(xs, fbase), coefs)
+    return result
+
+
+@register("karcher", inputs="models", global_params={"max_iter": 10, "tol": 1e-5})
+def karcher(tensors, *, max_iter: float = 10, tol: float = 1e-5, out: torch.Tensor | None = None) -> torch.Tensor:
+    """mergekit's Karcher mean: the Riemannian (Fréchet) mean of the models' directions on the unit hypersphere,
+    equal weights, at the mean of their norms; the base, when given, is one of the points.
+
+    From the mean of the unit vectors u_i (those with ‖θ_i‖ > tol), up to `max_iter` steps of
+    m ← exp_m(Σ α_i·θ_i/sin θ_i·(u_i − cos θ_i·m)), θ_i = acos <m, u_i> (points within tol of m skipped), stopping
+    once the step is below tol; out = m · Σ ‖θ_i‖/N. m stays a combination Σ c_i·u_i, so the iteration runs on
+    the coefficients c and the Gram matrix of the u_i (one float64 pass over the tensors) and the output is
+    one more pass, where mergekit iterates on whole tensors.
+    """
+    result = output(tensors[0], out)
+    o, xs = flat(result), [flat(t) for t in tensors]
+    k = len(xs)
+    if k == 1:
+        _combine(o, _blocks(xs, None), [1.0])
+        return result
+    g = _gram(xs_ for _, _, _, xs_ in _blocks(xs, None))
+    norms = g.diagonal().sqrt()
+    valid = [i for i in range(k) if float(norms[i]) > tol]
+    if not valid:
+        o.zero_()
+        return result
+    safe = torch.where(norms > 0, norms, torch.ones_like(norms))
+    gu = g / safe[:, None] / safe[None, :]  # the Gram matrix of the unit vectors (a zero tensor's unit is 0)
+    alpha = torch.zeros(k, dtype=torch.float64)
+    alpha[valid] = 1.0 / len(valid)
+
+    def size(c: torch.Tensor) -> float:
+        return max(float(c @ gu @ c), 0.0) ** 0.5
+
+    c = alpha.clone()
+    n0 = size(c)
+    if n0 < tol:
+        c = torch.zeros(k, dtype=torch.float64)
+        c[valid[0]] = 1.0
+    else:
+        c = c / n0
+    for _ in range(int(max_iter)):
+        dots = (gu @ c).clamp(-1.0, 1.0)
+        step = torch.zeros(k, dtype=torch.float64)
+        for i in valid:
+            theta = math.acos(float(dots[i]))
+            if theta < tol:
+                continue
+            unit = torch.zeros(k, dtype=torch.float64)
+            unit[i] = 1.0
+            step += alpha[i] * (theta / math.sin(theta)) * (unit - dots[i] * c)
+        length = size(step)
+        if length < tol:
+            break
+        c = math.cos(length) * c + math.sin(length) * step / length
+        n = size(c)
+        if n > tol:
+            c = c / n
+    scale = float(norms.sum()) / k
+    _combine(o, _blocks(xs, None), (scale * c / safe).tolist())
+    return result
+
+
+
+@register("nuslerp", inputs="base_optional", global_params={"nuslerp_flatten": True, "nuslerp_row_wise": False},
+          model_params={"weight": REQUIRED}, scale_free=True, others=2)  # t = w_2 / (w_1 + w_2)
 def nuslerp(base: torch.Tensor | None, tensors, *, weights, nuslerp_flatten: bool = True, nuslerp_row_wise: bool = False,
             out: torch.Tensor | None = None) -> torch.Tensor:
     """mergekit's NuSLERP: slerp between two models at t = w_2 / (w_1 + w_2) (0.5 when the weights sum to 0).

@@ -50,12 +50,12 @@ def grid_points(space: SearchSpace, points: int) -> list[dict[str, float]]:
 
 
 def _normalizes(space: SearchSpace) -> bool:
-    """Whether the method divides by the summed weights: a bool `normalize`, as the config or the default sets it, or
-    a method declared scale-free (NuSLERP: its t is w_2 / (w_1 + w_2))."""
+    """Whether the method divides by the summed weights: a bool `normalize` (`normalize_weights` in Multi-SLERP), as
+    the config or the default sets it, or a method declared scale-free (NuSLERP: its t is w_2 / (w_1 + w_2))."""
     if space.spec.scale_free:
         return True
-    value = space.config.parameters.get("normalize", space.spec.global_params.get("normalize", False))
-    return value is True
+    key = next((k for k in ("normalize", "normalize_weights") if k in space.spec.global_params), None)
+    return key is not None and space.config.parameters.get(key, space.spec.global_params[key]) is True
 
 
 def grid(space: SearchSpace, evaluate: Evaluations, *, points: int = DEFAULT_POINTS) -> tuple[int, Candidate, Score]:
