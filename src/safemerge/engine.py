@@ -154,17 +154,18 @@ def _plan(config: MergeConfig, *, allow_pickle: bool) -> _Plan:
     shapes, out_dtype = {}, {}
     fixed = DTYPES.get(config.out_dtype or config.dtype or "")
     for name, route in routes.items():
-        first, src = next(iter(route.sources.items()))
-        shapes[name] = models[first].shape(src)
-        out_dtype[name] = fixed or models[first].dtype(src)
+        first, first_src = next(iter(route.sources.items()))
+        shapes[name] = models[first].shape(first_src)
+        out_dtype[name] = fixed or models[first].dtype(first_src)
         for model, src in route.sources.items():
             a, b = shapes[name], models[model].shape(src)
             if a != b:
                 hint = (" — the models have different vocabulary sizes; give them the same tokenizer "
                         "(resize the embeddings of one to the other's vocabulary) before merging"
                         if "embed" in name or "lm_head" in name or "wte" in name else "")
-                raise CheckpointError(f"{model}: tensor {src!r} has shape {list(b)} but {models[first].path} has "
-                                      f"{list(a)} ({first}'s {src!r}){hint}")
+                theirs = "" if src == first_src else f" {first_src!r}"
+                raise CheckpointError(f"{model}: tensor {src!r} has shape {list(b)} but {models[first].path}{theirs} "
+                                      f"has {list(a)}{hint}")
     out_config = _sliced_config(config, models, reference) if sliced else reference.config
     return _Plan(config, spec, models, reference, names, shapes, out_dtype, routes, out_config)
 
