@@ -20,7 +20,7 @@ def register(app: typer.Typer) -> None:
 
 
 def merge(
-    config: Annotated[Path, typer.Argument(help="Merge config (mergekit YAML: merge_method, base_model, models, parameters, dtype, ...).")],
+    config: Annotated[Path, typer.Argument(help="Merge config (mergekit YAML: merge_method, base_model, models or slices, parameters, dtype, ...).")],
     out_dir: Annotated[Path, typer.Argument(help="Output model directory (written atomically).")],
     device: Annotated[str, typer.Option(help="Compute on cpu or cuda.")] = "cpu",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
