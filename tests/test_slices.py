@@ -131,3 +131,25 @@ def test_merge_command_reads_a_sliced_yaml_with_relative_paths(tiny_family, tmp_
     assert summary["tensors"] == 3 + 6 * 9 and summary["dtype"] == "bfloat16"
     r = CliRunner().invoke(app, ["methods", "--json"])
     assert json.loads(r.stdout)["passthrough"]["per_model"] == {"scale": 1.0}
+
+
+def test_a_model_with_two_layer_stacks_is_refused(tiny_family, tmp_path):
+    from safetensors.torch import save_file
+
+    state = _tensors(tiny_family["expert"])
+    state["model.vision_tower.layers.0.proj.weight"] = torch.zeros(4, 4)  # a second stack, as multimodal models have
+    (tmp_path / "mm").mkdir()
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_family["expert"] / f, tmp_path / "mm" / f)
+    save_file(state, str(tmp_path / "mm" / "model.safetensors"))
+    cfg = {"merge_method": "passthrough", "slices": [{"sources": [{"model": str(tmp_path / "mm"), "layer_range": [0, 2]}]}]}
+    with pytest.raises(ConfigError, match="2 layer stacks .*model.layers., model.vision_tower.layers."):
+        safemerge.merge(cfg, tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_gpt_neox_output_head_comes_after_the_stack():
+    from safemerge.layout import before_stack
+
+    assert before_stack("gpt_neox.embed_in.weight") and before_stack("model.embed_tokens.weight")
+    assert not before_stack("embed_out.weight") and not before_stack("lm_head.weight")

@@ -143,6 +143,8 @@ class MergeConfig(BaseModel):
                              "layers of several models, give one `slices` entry per run of layers, each with one source")
         if spec.inputs == "pair" and len(self.input_models()) != 2:
             raise ValueError(f"{self.merge_method} merges exactly two models (base_model and one other); got {len(self.input_models())}")
+        if spec.inputs == "base_optional" and not self.others():
+            raise ValueError(f"{self.merge_method} needs at least one model besides base_model")
         if spec.others is not None and len(self.others()) != spec.others:
             raise ValueError(f"{self.merge_method} merges exactly {spec.others} models (besides an optional base_model); "
                              f"got {len(self.others())}")
@@ -180,10 +182,11 @@ class MergeConfig(BaseModel):
                 raise ValueError(f"slices[{i}]: {twice} is a source twice; a slice takes each model once "
                                  "(stack its layers with another slice)")
             base = piece.base_model or self.base_model
-            if spec.needs_base and base not in seen:
-                raise ValueError(f"slices[{i}]: {self.merge_method} needs base_model {base!r} among the slice's sources "
-                                 "(its layers at the same layer_range as the others')" if base else
-                                 f"slices[{i}]: {self.merge_method} needs base_model")
+            if spec.needs_base and not base:
+                raise ValueError(f"slices[{i}]: {self.merge_method} needs base_model")
+            if base and spec.inputs != "models" and base not in seen:  # mergekit refuses a base that is no input
+                raise ValueError(f"slices[{i}]: base_model {base!r} is not among the slice's sources; add its layers at "
+                                 "the same layer_range as the others' (or leave base_model out where the method can)")
             try:
                 self.slice_config(i)
             except ValidationError as e:
@@ -399,9 +402,6 @@ def _from_slices(data: dict, where: str, folder: Path | None) -> dict:
         for key in piece:
             if key not in ("sources", "parameters", "base_model"):
                 raise ConfigError(f"{where}: slices[{i}]: " + _unknown(key, ("sources", "parameters", "base_model"), "a slice"))
-        slice_base, top_base = piece.get("base_model"), data.get("base_model")
-        if slice_base is not None and top_base is not None and slice_base != top_base:
-            raise ConfigError(f"{where}: slices[{i}].base_model {slice_base!r} differs from base_model {top_base!r}; give one")
         sources = piece.get("sources")
         if not isinstance(sources, list) or not sources or not all(isinstance(s, dict) for s in sources):
             raise ConfigError(f"{where}: slices[{i}].sources must be a list of {{model, layer_range}} entries")
@@ -426,10 +426,7 @@ def _from_slices(data: dict, where: str, folder: Path | None) -> dict:
                      for piece in slices]
     used = [src["model"] for piece in slices for src in piece["sources"]]
     out["models"] = [{"model": m} for m in dict.fromkeys(used)]
-    base = data.get("base_model") or next((p["base_model"] for p in slices if p.get("base_model")), None)
-    if base is not None:
-        out["base_model"] = base
-    return out
+    return out  # a slice's own base_model stays its own, as in mergekit
 
 
 def _params_or_empty(p: Any) -> Any:
@@ -439,7 +436,7 @@ def _params_or_empty(p: Any) -> Any:
 def _whole_slice(data: dict, where: str) -> dict:
     """One slice of whole layer stacks as the `models` form."""
     piece = data["slices"][0]
-    slice_base = piece.get("base_model")
+    slice_base = piece.get("base_model")  # a slice's base overrides the top level's, as in mergekit
     models = [{"model": src["model"], **({"parameters": src["parameters"]} if "parameters" in src else {})}
               for src in piece["sources"]]
     out = {k: v for k, v in data.items() if k != "slices"}

@@ -35,6 +35,7 @@ from safemerge.layout import (
     num_layers,
     position,
     set_num_layers,
+    stack_prefix,
     stream_order,
     tied_source,
     with_layer,
@@ -199,6 +200,11 @@ def _slice_routes(config: MergeConfig, models: dict[str, Checkpoint], reference:
     slice (output layer L from layer start + k of every source, t = k / (slice length − 1)), the tensors after
     the stack as the last slice merges (both outside tensors at t = 0, as in mergekit)."""
     configs = [config.slice_config(i) for i in range(len(config.slices))]
+    stacks = {stack_prefix(n) for n in reference.names()} - {None}
+    if len(stacks) > 1:
+        raise ConfigError(f"{reference.path} has {len(stacks)} layer stacks ({', '.join(sorted(stacks))}), e.g. a vision "
+                          "tower beside the language model; slices that stack or cut layers need one (mergekit asks for "
+                          "its `modules:` syntax here, which safemerge does not read)")
 
     def outside(names: list[str], cfg: MergeConfig) -> dict[str, _Route]:
         return {n: _Route(cfg, {m: _source(m, models[m], n, reference.path) for m in cfg.input_models()}, 0.0)

@@ -12,7 +12,7 @@ import re
 from typing import Iterable
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
-_PRE = re.compile(r"embed|wte|wpe|word_embeddings|position_embeddings")
+_PRE = re.compile(r"embed(?!_out)|wte|wpe|word_embeddings|position_embeddings")  # GPT-NeoX's embed_out is its head
 TIED_SOURCES = ("model.embed_tokens.weight", "transformer.wte.weight", "model.embed_tokens.embedding.weight")
 
 
@@ -33,6 +33,12 @@ def num_layers(names: Iterable[str], config: dict | None = None) -> int:
             return config["text_config"][key]
     idx = [i for i in map(layer_index, names) if i is not None]
     return max(idx) + 1 if idx else 0
+
+
+def stack_prefix(name: str) -> str | None:
+    """The layer stack a tensor belongs to (`model.layers.`), or None outside every stack."""
+    m = _LAYER.search(name)
+    return name[:m.start(1)] if m else None
 
 
 def with_layer(name: str, index: int) -> str:
