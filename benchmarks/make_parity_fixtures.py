@@ -130,6 +130,15 @@ CASES: dict[str, tuple[str, str, dict]] = {
         "merge_method": "passthrough",
         "dtype": "float32",
     }),
+    # per-model filters match each source's own tensor names (layers.0. of the second slice's source is output
+    # layer 2), global ones the output's
+    "passthrough_source_filter": ("fp32", "exact", {
+        "slices": [{"sources": [{"model": "expert_a", "layer_range": [0, 2]}]},
+                   {"sources": [{"model": "aligned", "layer_range": [0, 2],
+                                 "parameters": {"scale": [{"filter": "layers.0.", "value": 0.0}, {"value": 1.0}]}}]}],
+        "merge_method": "passthrough",
+        "dtype": "float32",
+    }),
     # t's gradient runs over each slice on its own; a slice's t before the top level's
     "slerp_two_slices": ("fp32", "exact", {
         "slices": [{"sources": [{"model": "base", "layer_range": [0, 2]}, {"model": "expert_a", "layer_range": [0, 2]}],

@@ -530,15 +530,19 @@ def resolve(value: Any, *, tensor: str, t: float) -> Any:
     raise ConfigError(f"parameter value {value!r} for tensor {tensor} is empty or malformed")
 
 
-def method_params(config: MergeConfig, *, tensor: str, t: float) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+def method_params(config: MergeConfig, *, tensor: str, t: float,
+                  model_names: dict[str, str] | None = None) -> tuple[dict[str, Any], dict[str, list[Any]]]:
     """Resolve the method's global parameters and per-model parameters (in `others()` order, or all
-    models for whole-model methods) for one tensor. Raises ConfigError for a missing required one."""
+    models for whole-model methods) for one tensor. Raises ConfigError for a missing required one.
+    `model_names` gives a model's own name of the tensor where it differs (a slice source at another depth):
+    a per-model parameter's filters match that name, as in mergekit; the global ones match `tensor`."""
     spec = get_method(config.merge_method)
+    model_names = model_names or {}
 
-    def pick(key: str, default: Any, sources: list[dict]) -> Any:
+    def pick(key: str, default: Any, sources: list[dict], name: str = tensor) -> Any:
         for src in sources:
             if key in src:
-                v = resolve(src[key], tensor=tensor, t=t)
+                v = resolve(src[key], tensor=name, t=t)
                 if v is not None:
                     return v
         return default
@@ -551,7 +555,7 @@ def method_params(config: MergeConfig, *, tensor: str, t: float) -> tuple[dict[s
     per: dict[str, list[Any]] = {k: [] for k in spec.model_params}
     for m in models:
         for k, d in spec.model_params.items():
-            v = pick(k, d, [m.parameters, config.parameters])
+            v = pick(k, d, [m.parameters, config.parameters], model_names.get(m.model, tensor))
             if v is REQUIRED:
                 raise ConfigError(f"models[{m.model}]: parameter {k!r} of {config.merge_method} is required (tensor {tensor})")
             per[k].append(v)

@@ -55,7 +55,7 @@ def tensor_seed(seed: int, name: str) -> int:
 
 
 def merge_tensor(config: MergeConfig, *, name: str, t: float, tensors: dict[str, torch.Tensor],
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None, model_names: dict[str, str] | None = None) -> torch.Tensor:
     """Merge one tensor: `tensors` maps each input model (as named in the config) to its values (any
     float dtype; they are not modified). The arithmetic is float32; the result goes into `out` (any
     dtype, same shape) or comes back as float32. This is the one place that turns a config into a method
@@ -63,7 +63,7 @@ def merge_tensor(config: MergeConfig, *, name: str, t: float, tensors: dict[str,
     """
     spec = get_method(config.merge_method)
     try:
-        return _call(spec, config, name=name, t=t, tensors=tensors, out=out)
+        return _call(spec, config, name=name, t=t, tensors=tensors, out=out, model_names=model_names)
     except ConfigError:  # already names the tensor
         raise
     except ValueError as e:  # a method's own check of its parameters (della's density ± epsilon, rescale_mode, ...)
@@ -71,8 +71,8 @@ def merge_tensor(config: MergeConfig, *, name: str, t: float, tensors: dict[str,
 
 
 def _call(spec: MethodSpec, config: MergeConfig, *, name: str, t: float, tensors: dict[str, torch.Tensor],
-          out: torch.Tensor | None) -> torch.Tensor:
-    glob, per = method_params(config, tensor=name, t=t)
+          out: torch.Tensor | None, model_names: dict[str, str] | None) -> torch.Tensor:
+    glob, per = method_params(config, tensor=name, t=t, model_names=model_names)
     kwargs: dict[str, Any] = {KWARG.get(k, k): v for k, v in glob.items()}
     kwargs["out"] = out
     if spec.random:
@@ -109,6 +109,7 @@ class _Route:
     config: MergeConfig
     sources: dict[str, str]
     t: float
+    model_names: dict[str, str] | None = None  # each source's own name of a layer tensor (its per-model filters match it)
 
 
 @dataclass
@@ -236,9 +237,9 @@ def _layer_routes(i: int, piece, cfg: MergeConfig, models: dict[str, Checkpoint]
         names = sorted(n for n in template.names() if layer_index(n) == first.layer_range[0] + k
                        and template.dtype(n).is_floating_point)
         for name in names:
-            sources = {src.model: _source(src.model, models[src.model], with_layer(name, src.layer_range[0] + k), template.path)
-                       for src in piece.sources}
-            routes[with_layer(name, first_layer + k)] = _Route(cfg, sources, t)
+            own = {src.model: with_layer(name, src.layer_range[0] + k) for src in piece.sources}
+            sources = {m: _source(m, models[m], n, template.path) for m, n in own.items()}
+            routes[with_layer(name, first_layer + k)] = _Route(cfg, sources, t, own)
     return routes
 
 
@@ -360,7 +361,8 @@ class _Pipeline:
             ref = next(iter(tensors.values()))
             merged = torch.empty(ref.shape, dtype=self.plan.out_dtype[item.name], device=ref.device)
             route = self.plan.routes[item.name]
-            merge_tensor(route.config, name=item.name, t=route.t, tensors=tensors, out=merged)  # its errors name the tensor
+            merge_tensor(route.config, name=item.name, t=route.t, tensors=tensors, out=merged,
+                         model_names=route.model_names)  # its errors name the tensor
             del tensors, ref
             with self.cond:
                 self.done[seq] = (item.name, merged.cpu())
