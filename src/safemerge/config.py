@@ -66,6 +66,10 @@ class SliceSource(BaseModel):
             raise ValueError(f"layer_range {list(v)} must be [start, stop) with 0 <= start < stop")
         return v
 
+    @property
+    def length(self) -> int:
+        return self.layer_range[1] - self.layer_range[0]
+
 
 class Slice(BaseModel):
     """A run of output layers: layer i of the slice merges layer start + i of every source."""
@@ -77,8 +81,7 @@ class Slice(BaseModel):
 
     @property
     def length(self) -> int:
-        start, stop = self.sources[0].layer_range
-        return stop - start
+        return self.sources[0].length
 
 
 class MergeConfig(BaseModel):
@@ -121,11 +124,7 @@ class MergeConfig(BaseModel):
             return self._check_slices(spec)
         if spec.inputs == "models" and self.base_model and self.base_model not in [m.model for m in self.models]:
             self.models.append(InputModel(model=self.base_model))  # mergekit merges the base as one more model
-        allowed = set(spec.global_params) | set(spec.model_params)
-        for key, value in self.parameters.items():
-            if key not in allowed:
-                raise ValueError(_unknown(key, allowed, f"parameters of {self.merge_method}"))
-            _check_value(key, value, spec, "parameters")
+        self._check_top_parameters(spec)
         for m in self.models:
             for key, value in m.parameters.items():
                 if key not in spec.model_params:
@@ -161,18 +160,21 @@ class MergeConfig(BaseModel):
             raise ValueError(f"model_stock needs at least two models besides the base; got {len(self.others())}")
         return self
 
-    def _check_slices(self, spec) -> "MergeConfig":
-        if not self.slices:
-            raise ValueError("slices is empty: list the slices of layers to merge")
+    def _check_top_parameters(self, spec) -> None:
         allowed = set(spec.global_params) | set(spec.model_params)
         for key, value in self.parameters.items():
             if key not in allowed:
                 raise ValueError(_unknown(key, allowed, f"parameters of {self.merge_method}"))
             _check_value(key, value, spec, "parameters")
+
+    def _check_slices(self, spec) -> "MergeConfig":
+        if not self.slices:
+            raise ValueError("slices is empty: list the slices of layers to merge")
+        self._check_top_parameters(spec)
         for i, piece in enumerate(self.slices):
             if not piece.sources:
                 raise ValueError(f"slices[{i}].sources is empty: list the models whose layers the slice takes")
-            lengths = {src.layer_range[1] - src.layer_range[0] for src in piece.sources}
+            lengths = {src.length for src in piece.sources}
             if len(lengths) > 1:
                 spans = ", ".join(f"{src.model} {list(src.layer_range)}" for src in piece.sources)
                 raise ValueError(f"slices[{i}]: every source must span the same number of layers; got {spans}")
@@ -200,7 +202,7 @@ class MergeConfig(BaseModel):
         base = piece.base_model or self.base_model
         params = dict(self.parameters)
         for key, value in piece.parameters.items():
-            params[key] = _fallback_values(value, self.parameters[key]) if key in self.parameters else value
+            params[key] = _fallback(value, self.parameters[key]) if key in self.parameters else value
         return MergeConfig(
             merge_method=self.merge_method, base_model=base if base in [s.model for s in piece.sources] else None,
             models=[InputModel(model=s.model, parameters=s.parameters) for s in piece.sources], parameters=params,
@@ -451,20 +453,14 @@ def _whole_slice(data: dict, where: str) -> dict:
     return out
 
 
-def _fallback_values(first: Any, then: Any) -> list["FilterValue"]:
-    """`_fallback` on validated values: one filter list that gives `first` where it resolves, else `then`."""
-    def entries(v: Any) -> list[FilterValue]:
-        return list(v) if isinstance(v, list) and v and all(isinstance(e, FilterValue) for e in v) else [FilterValue(value=v)]
-
-    return entries(first) + entries(then)
-
-
 def _fallback(first: Any, then: Any) -> list:
     """One filter list that gives `first` where it resolves and `then` elsewhere (a slice's parameter before
-    the top level's, as mergekit reads them): the entries of both, in that order."""
+    the top level's, as mergekit reads them): the entries of both, in that order. Takes values as written
+    ({filter, value} mappings) or validated (FilterValue), and entries of both kinds validate as filter lists."""
     def entries(v: Any) -> list:
         v = _filter_list(v)
-        return list(v) if isinstance(v, list) and v and all(isinstance(e, dict) for e in v) else [{"value": v}]
+        return (list(v) if isinstance(v, list) and v and all(isinstance(e, (dict, FilterValue)) for e in v)
+                else [{"value": v}])
 
     return entries(first) + entries(then)
 

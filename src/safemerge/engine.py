@@ -83,7 +83,7 @@ def _call(spec: MethodSpec, config: MergeConfig, *, name: str, t: float, tensors
         return spec.fn([tensors[m.model] for m in config.models], **model_kw, **kwargs)
     if spec.inputs == "base_optional":
         base = tensors[config.base_model] if config.base_model else None
-        return spec.fn(base, [tensors[m.model] for m in config.others()], weights=per["weight"], **kwargs)
+        return spec.fn(base, [tensors[m.model] for m in config.others()], **model_kw, **kwargs)
     base = tensors[config.base_model]
     others = [tensors[m.model] for m in config.others()]
     if spec.inputs == "pair":
@@ -213,16 +213,26 @@ def _slice_routes(config: MergeConfig, models: dict[str, Checkpoint], reference:
 
     rest = [n for n in stream_order(reference.names()) if layer_index(n) is None and reference.dtype(n).is_floating_point]
     routes = outside([n for n in rest if before_stack(n)], configs[0])
+    by_layer: dict[str, dict[int, list[str]]] = {}  # each slice's first source: its float tensors per layer, read once
+    for piece in config.slices:
+        model = piece.sources[0].model
+        if model not in by_layer:
+            by_layer[model] = {}
+            for n in stream_order(models[model].names()):
+                if layer_index(n) is not None and models[model].dtype(n).is_floating_point:
+                    by_layer[model].setdefault(layer_index(n), []).append(n)
     layer = 0
     for i, (piece, cfg) in enumerate(zip(config.slices, configs)):
-        routes.update(_layer_routes(i, piece, cfg, models, first_layer=layer))
+        routes.update(_layer_routes(i, piece, cfg, models, by_layer[piece.sources[0].model], first_layer=layer))
         layer += piece.length
     routes.update(outside([n for n in rest if not before_stack(n)], configs[-1]))
     return routes
 
 
-def _layer_routes(i: int, piece, cfg: MergeConfig, models: dict[str, Checkpoint], *, first_layer: int) -> dict[str, _Route]:
-    """The output layers first_layer, first_layer + 1, ... of slice i."""
+def _layer_routes(i: int, piece, cfg: MergeConfig, models: dict[str, Checkpoint], names_of: dict[int, list[str]], *,
+                  first_layer: int) -> dict[str, _Route]:
+    """The output layers first_layer, first_layer + 1, ... of slice i; `names_of` lists its first source's tensors
+    per layer."""
     for j, src in enumerate(piece.sources):
         start, stop = src.layer_range
         count = num_layers(models[src.model].names(), models[src.model].config)
@@ -234,9 +244,7 @@ def _layer_routes(i: int, piece, cfg: MergeConfig, models: dict[str, Checkpoint]
     routes = {}
     for k in range(piece.length):
         t = k / (piece.length - 1) if piece.length > 1 else 1.0
-        names = sorted(n for n in template.names() if layer_index(n) == first.layer_range[0] + k
-                       and template.dtype(n).is_floating_point)
-        for name in names:
+        for name in names_of.get(first.layer_range[0] + k, []):
             own = {src.model: with_layer(name, src.layer_range[0] + k) for src in piece.sources}
             sources = {m: _source(m, models[m], n, template.path) for m, n in own.items()}
             routes[with_layer(name, first_layer + k)] = _Route(cfg, sources, t, own)

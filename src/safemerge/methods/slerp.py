@@ -65,13 +65,11 @@ def _sum64(p: torch.Tensor) -> float:
     return part + (float(p[m:].sum()) if m < p.numel() else 0.0)
 
 
-def _gram(blocks) -> torch.Tensor:
-    """G_ij = <x_i, x_j> (float64, on the CPU) over an iterable of blocks, each a list of k float32 pieces of the
-    k vectors; every sum in a fixed order (_sum64), so G does not depend on threads or alignment."""
-    g = None
+def _gram(blocks, k: int) -> torch.Tensor:
+    """G_ij = <x_i, x_j> (float64, on the CPU) of k vectors over an iterable of blocks, each a list of their k
+    float32 pieces; every sum in a fixed order (_sum64), so G does not depend on threads or alignment."""
+    g = torch.zeros(k, k, dtype=torch.float64)
     for xs in blocks:
-        k = len(xs)
-        g = torch.zeros(k, k, dtype=torch.float64) if g is None else g
         wide = [x.to(torch.float64) for x in xs]
         for i in range(k):
             for j in range(i, k):
@@ -123,7 +121,7 @@ def multislerp(base: torch.Tensor | None, tensors, *, weights, normalize_weights
         if total == 0:
             raise ValueError(f"the weights {w} sum to 0 and normalize_weights is on")
         w = [v / total for v in w]
-    g = _gram(xs_ for _, _, _, xs_ in _blocks(xs, fbase))
+    g = _gram((pieces for _, _, _, pieces in _blocks(xs, fbase)), len(xs))
     norms = g.diagonal().sqrt()
     inv = 1.0 / (norms + eps)
     wv = torch.tensor(w, dtype=torch.float64)
@@ -157,7 +155,7 @@ def karcher(tensors, *, max_iter: float = 10, tol: float = 1e-5, out: torch.Tens
     if k == 1:
         _combine(o, _blocks(xs, None), [1.0])
         return result
-    g = _gram(xs_ for _, _, _, xs_ in _blocks(xs, None))
+    g = _gram((pieces for _, _, _, pieces in _blocks(xs, None)), k)
     norms = g.diagonal().sqrt()
     valid = [i for i in range(k) if float(norms[i]) > tol]
     if not valid:
@@ -180,14 +178,12 @@ def karcher(tensors, *, max_iter: float = 10, tol: float = 1e-5, out: torch.Tens
         c = c / n0
     for _ in range(int(max_iter)):
         dots = (gu @ c).clamp(-1.0, 1.0)
-        step = torch.zeros(k, dtype=torch.float64)
+        f = torch.zeros(k, dtype=torch.float64)  # Σ_i f_i·(u_i − cos θ_i·m): f_i = α_i·θ_i/sin θ_i, 0 for skipped points
         for i in valid:
             theta = math.acos(float(dots[i]))
-            if theta < tol:
-                continue
-            unit = torch.zeros(k, dtype=torch.float64)
-            unit[i] = 1.0
-            step += alpha[i] * (theta / math.sin(theta)) * (unit - dots[i] * c)
+            if theta >= tol:
+                f[i] = alpha[i] * theta / math.sin(theta)
+        step = f - float(f @ dots) * c
         length = size(step)
         if length < tol:
             break
@@ -198,7 +194,6 @@ def karcher(tensors, *, max_iter: float = 10, tol: float = 1e-5, out: torch.Tens
     scale = float(norms.sum()) / k
     _combine(o, _blocks(xs, None), (scale * c / safe).tolist())
     return result
-
 
 
 @register("nuslerp", inputs="base_optional", global_params={"nuslerp_flatten": True, "nuslerp_row_wise": False},
