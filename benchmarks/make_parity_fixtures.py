@@ -197,6 +197,11 @@ CASES: dict[str, tuple[str, str, dict]] = {
         "parameters": {"max_iter": 3},
         "dtype": "float32",
     }),
+    "arcee_fusion": ("fp32", "exact", {
+        "merge_method": "arcee_fusion", "base_model": "base",
+        "models": _models(base={}, expert_a={}),
+        "dtype": "float32",
+    }),
     "breadcrumbs": ("fp32", "exact", {
         "merge_method": "breadcrumbs", "base_model": "base",
         "models": _models(expert_a={"weight": 1.0, "density": 0.8, "gamma": 0.05},

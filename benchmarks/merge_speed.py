@@ -89,6 +89,10 @@ CONFIGS = {  # issue 2's three measured merges, mergekit YAML
         "models": [{"model": "base"}, {"model": "expert"}],
         "parameters": {"t": 0.001}, "dtype": "bfloat16",
     },
+    "arcee_fusion": {
+        "merge_method": "arcee_fusion", "base_model": "base",
+        "models": [{"model": "base"}, {"model": "expert"}], "dtype": "bfloat16",
+    },
     # a frankenmerge: layers 0-11 of the expert on layers 4-15 of the instruct model (24 layers out of 16)
     "passthrough": {
         "merge_method": "passthrough",

@@ -241,3 +241,54 @@ def test_karcher_mean_is_a_stationary_point_at_the_mean_norm():
     assert torch.allclose(karcher([a, b]), 2.0 * torch.tensor([1, 1] + [0] * 8) / 2**0.5, atol=1e-6)
     assert torch.equal(karcher([a]), a)
     assert not karcher([torch.zeros(5), torch.zeros(5)]).any()
+
+
+# -- arcee_fusion ---------------------------------------------------------------------------------------
+def _fusion_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The rule written out on whole tensors: importance per element, quantiles from one full sort."""
+    p = torch.softmax(b, dim=-1) + 1e-8
+    q = torch.softmax(a, dim=-1) + 1e-8
+    importance = (b - a).abs() * (p * (p / q).log()).sum(-1, keepdim=True)
+    s = importance.flatten().sort().values
+    n = s.numel()
+    q1, med, q3 = (s[int(f * (n - 1))] for f in (0.25, 0.5, 0.75))
+    return torch.where(importance >= med + 1.5 * (q3 - q1), b, a)
+
+
+def test_arcee_fusion_keeps_the_outlier_changes_of_the_rows_that_moved_most():
+    from safemerge.methods import arcee_fusion
+
+    a = torch.randn(3000, 100, generator=gen())  # more rows than one block: the importance is built in blocks
+    b = a + 0.01 * torch.randn(3000, 100, generator=gen(1))
+    b[7] += torch.linspace(-2, 2, 100)  # one row with a large, row-wide change
+    out = arcee_fusion(a, b)
+    kept = out != a
+    assert torch.allclose(out[kept], b[kept], atol=1e-6)
+    assert torch.allclose(out, _fusion_reference(a, b), atol=1e-6)
+    assert kept[7].float().mean() > 0.5  # the row whose softmax moved keeps most of its change
+    assert kept.float().mean() < 0.1  # an outlier rule: most elements stay the base's
+    one_d = arcee_fusion(a[0], b[0])  # a vector is one row
+    assert torch.allclose(one_d, _fusion_reference(a[0], b[0]), atol=1e-6)
+    assert torch.equal(arcee_fusion(a, a.clone()), a)  # no change: the base
+
+
+def test_arcee_fusion_takes_a_base_and_exactly_one_model():
+    with pytest.raises(ConfigError, match="arcee_fusion"):
+        load_config({"merge_method": "arcee_fusion", "base_model": "b",
+                     "models": [{"model": "x"}, {"model": "y"}]})
+    with pytest.raises(ConfigError, match="base_model"):
+        load_config({"merge_method": "arcee_fusion", "models": [{"model": "x"}, {"model": "y"}]})
+    assert load_config({"merge_method": "arcee_fusion", "base_model": "b", "models": [{"model": "x"}]}).merge_method \
+        == "arcee_fusion"
+
+
+def test_arcee_fusion_quantiles_are_the_sorted_elements_at_every_rank():
+    from safemerge.methods.fusion import _kth_values
+
+    cases = [torch.randn(1001, generator=gen()), torch.tensor([0.0, -0.0, 1.0, -2.0, 5.0, 5.0]),
+             torch.randn(300_000, generator=gen(2)) * 1e-39,  # subnormals, both signs
+             torch.randint(0, 3, (5000,), generator=gen(3)).float(), torch.tensor([3.0])]  # ties; one element
+    for x in cases:
+        ranks = sorted({0, (x.numel() - 1) // 4, (x.numel() - 1) // 2, 3 * (x.numel() - 1) // 4, x.numel() - 1})
+        want = x.sort().values[ranks]
+        assert torch.equal(torch.stack(_kth_values(x, ranks)), want)
