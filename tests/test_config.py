@@ -213,7 +213,9 @@ def test_strings_and_single_mappings_are_read_as_mergekit_reads_them():
 
 @pytest.mark.parametrize("bad, words", [
     ({"merge_method": "model_stock", "models": [{"model": "x"}]}, ["model_stock needs at least two models"]),
-    ({"tokenizer": {"source": "base"}}, ["`tokenizer:` section is not supported", "tokenizer_source"]),
+    ({"tokenizer": {"source": "base", "tokens": {"<x>": {"source": "zero"}}}}, ["tokenizer.tokens", "not supported"]),
+    ({"tokenizer": {"source": "base"}, "tokenizer_source": "base"}, ["`tokenizer_source` or a `tokenizer:` section"]),
+    ({"tokenizer": {"source": "base", "pad_to_multiple_of": 0}}, ["pad_to_multiple_of"]),
 ])
 def test_more_configs_mergekit_reads_that_are_refused_clearly(bad, words):
     with pytest.raises(ConfigError) as e:

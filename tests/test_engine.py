@@ -176,7 +176,7 @@ def test_missing_tensor_is_named(tmp_path, tiny_family):
 
 def test_vocab_mismatch_says_so(tmp_path, tiny_family):
     other = make_family(tmp_path / "v", names=("expert",), vocab=80)
-    with pytest.raises(CheckpointError, match="different vocabulary sizes"):
+    with pytest.raises(CheckpointError, match="different vocabularies; set `tokenizer_source: base`"):
         safemerge.merge(ta_config(dict(tiny_family, expert=other["expert"])), tmp_path / "out", progress=False)
     assert_nothing_written(tmp_path, tmp_path / "out")
 

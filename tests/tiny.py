@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -59,3 +60,59 @@ def make_family(root: Path, *, names=("base", "expert", "aligned"), seed: int = 
         save_tokenizer(paths[name])
         (paths[name] / "generation_config.json").write_text(json.dumps({"max_new_tokens": 8, "do_sample": False}))
     return paths
+
+
+# -- vocabularies -------------------------------------------------------------------------------------------
+VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def save_vocab(path: Path, vocab: dict[str, int]) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
+
+
+def vocab_of(path: Path) -> dict[str, int]:
+    return json.loads((path / "tokenizer.json").read_text())["model"]["vocab"]
+
+
+def vocab_variant(src: Path, dst: Path, *, perm: list[int] | None = None, extra: dict[str, int] | None = None,
+             drop: str | None = None, seed: int = 0) -> Path:
+    """`src` with its token ids renumbered (old id j becomes perm[j], rows moved with them), `drop` removed (the
+    ids after it move down) and `extra` tokens appended (token -> new id, random rows): the same model under
+    another vocabulary."""
+    shutil.copytree(src, dst)
+    vocab = vocab_of(src)
+    n = len(vocab)
+    perm = perm or list(range(n))
+    if drop is not None:
+        gone = vocab.pop(drop)
+        perm = [p - (p > gone) for p in perm]
+        n -= 1
+    extra = extra or {}
+    size = n + len(extra)
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(dst / "model.safetensors"))
+    g = torch.Generator().manual_seed(seed)
+    for name in VOCAB_TENSORS:
+        old = sd[name]
+        new = torch.empty((size, *old.shape[1:]), dtype=old.dtype)
+        keep = [j for j in range(old.shape[0]) if drop is None or j != gone]
+        new[torch.tensor([perm[j] for j in keep])] = old[keep]
+        new[n:] = 0.02 * torch.randn((len(extra), *old.shape[1:]), generator=g)
+        sd[name] = new
+    save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["vocab_size"] = size
+    (dst / "config.json").write_text(json.dumps(cfg))
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        (dst / f).unlink(missing_ok=True)
+    save_vocab(dst, {**{t: perm[i] for t, i in vocab.items()}, **extra})
+    return dst

@@ -84,6 +84,22 @@ class Slice(BaseModel):
         return self.sources[0].length
 
 
+class TokenizerSection(BaseModel):
+    """mergekit's `tokenizer:` section: the output vocabulary's source and its padding (docs/methods.md)."""
+    model_config = ConfigDict(extra="forbid")
+    source: str = "union"
+    pad_to_multiple_of: Optional[int] = Field(default=None, ge=1)
+    tokens: None = Field(default=None, description="per-token embedding sources: not supported")
+
+    @field_validator("tokens", mode="before")
+    @classmethod
+    def _tokens(cls, v: Any) -> None:
+        if v is not None:
+            raise ValueError("tokenizer.tokens (per-token embedding sources) is not supported; leave it out: a token "
+                             "a model lacks takes the row of the model that has it, else base_model's, else their mean")
+        return None
+
+
 class MergeConfig(BaseModel):
     """A mergekit-compatible merge config (the subset of keys safemerge supports, plus `seed`).
 
@@ -99,6 +115,7 @@ class MergeConfig(BaseModel):
     dtype: Optional[str] = None
     out_dtype: Optional[str] = None
     tokenizer_source: Optional[str] = None
+    tokenizer: Optional[TokenizerSection] = None
     chat_template: Optional[str] = None
     seed: int = 0  # safemerge: seeds DARE's per-tensor randomness
     name: Optional[str] = None
@@ -147,8 +164,8 @@ class MergeConfig(BaseModel):
         if spec.others is not None and len(self.others()) != spec.others:
             raise ValueError(f"{self.merge_method} merges exactly {spec.others} models (besides an optional base_model); "
                              f"got {len(self.others())}")
-        if self.tokenizer_source == "union":
-            raise ValueError("tokenizer_source 'union' is not supported; name a model (or 'base')")
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise ValueError("give `tokenizer_source` or a `tokenizer:` section, not both (as in mergekit)")
         for m in self.weighted_models():
             for key, default in spec.model_params.items():
                 if default is REQUIRED and key not in m.parameters and key not in self.parameters:
@@ -230,6 +247,15 @@ class MergeConfig(BaseModel):
         (linear), else the models other than the base."""
         return self.models if get_method(self.merge_method).inputs == "models" else self.others()
 
+    @property
+    def vocab_source(self) -> Optional[str]:
+        """The output vocabulary's source (`base`, `union` or a model), from either form; None: not set."""
+        return self.tokenizer.source if self.tokenizer is not None else self.tokenizer_source
+
+    @property
+    def vocab_padding(self) -> Optional[int]:
+        return self.tokenizer.pad_to_multiple_of if self.tokenizer is not None else None
+
     def to_yaml_dict(self) -> dict[str, Any]:
         data = self.model_dump(mode="json", exclude_none=True, exclude_defaults=False)
         if self.slices is not None:  # mergekit takes `models` or `slices`, not both
@@ -310,9 +336,6 @@ def load_config(source: Union[str, os.PathLike, dict, MergeConfig]) -> MergeConf
         folder = path.parent
     else:
         data, folder = source, None
-    if "tokenizer" in data:
-        raise ConfigError(f"{where}: the `tokenizer:` section is not supported; use `tokenizer_source: base` or a model "
-                          "path (the output takes that model's tokenizer, and every input must share its vocabulary)")
     if "slices" in data:
         data = _from_slices(data, where, folder)
     data = _coerce(data)
@@ -498,6 +521,8 @@ def _relative_to(data: dict, folder: Path) -> dict:
     data = dict(data)
     for key in ("base_model", "tokenizer_source"):
         data[key] = _local(data.get(key), folder)
+    if isinstance(data.get("tokenizer"), dict) and "source" in data["tokenizer"]:
+        data["tokenizer"] = dict(data["tokenizer"], source=_local(data["tokenizer"]["source"], folder))
     if isinstance(data.get("models"), list):
         data["models"] = [dict(m, model=_local(m.get("model"), folder)) if isinstance(m, dict) else m for m in data["models"]]
     if isinstance(data.get("slices"), list):

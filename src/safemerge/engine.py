@@ -42,6 +42,7 @@ from safemerge.layout import (
 )
 from safemerge.methods import MethodSpec, get_method
 from safemerge.methods.blocks import TaskVector
+from safemerge.vocab import VocabPlan, vocab_plan, write_vocab_size
 from safemerge.writer import TOKENIZER_FILES, ShardedWriter, copy_side_files, write_config, write_model_card
 
 DEFAULT_SHARD = 5 * 1000**3
@@ -123,6 +124,7 @@ class _Plan:
     out_dtype: dict[str, torch.dtype]
     routes: dict[str, _Route]
     out_config: dict
+    vocab: VocabPlan | None = None  # the embeddings' re-indexing where the vocabularies differ (safemerge.vocab)
 
     def items(self, chunk_elements: int) -> Iterator[_Item]:
         for name in self.names:
@@ -130,13 +132,17 @@ class _Plan:
             rows = shape[0] if shape else 1
             row_elems = max(1, _numel(shape) // max(rows, 1))
             step = rows
-            if self.spec.elementwise and shape and _numel(shape) > chunk_elements:
+            if self.spec.elementwise and shape and _numel(shape) > chunk_elements and not self._whole(name):
                 step = max(1, chunk_elements // row_elems)
             if rows == 0:  # an empty tensor: one empty item (the writer plans its 0 bytes)
                 yield _Item(name, 0, 0)
                 continue
             for start in range(0, rows, step):
                 yield _Item(name, start, min(rows, start + step))
+
+
+    def _whole(self, name: str) -> bool:
+        return self.vocab is not None and name in self.vocab.tensors  # re-indexed as a whole
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -153,23 +159,30 @@ def _plan(config: MergeConfig, *, allow_pickle: bool) -> _Plan:
     sliced = config.slices is not None
     routes = _slice_routes(config, models, reference) if sliced else _whole_routes(config, models, reference)
     names = list(routes)
+    vocab = vocab_plan(config.vocab_source, config.vocab_padding, models=models, base_model=config.base_model,
+                       routes={n: r.sources for n, r in routes.items()})
     shapes, out_dtype = {}, {}
     fixed = DTYPES.get(config.out_dtype or config.dtype or "")
     for name, route in routes.items():
         first, first_src = next(iter(route.sources.items()))
         shapes[name] = models[first].shape(first_src)
         out_dtype[name] = fixed or models[first].dtype(first_src)
+        reindexed = vocab is not None and name in vocab.tensors
         for model, src in route.sources.items():
             a, b = shapes[name], models[model].shape(src)
-            if a != b:
-                hint = (" — the models have different vocabulary sizes; give them the same tokenizer "
-                        "(resize the embeddings of one to the other's vocabulary) before merging"
+            if (a[1:] != b[1:]) if reindexed else (a != b):  # re-indexed tensors differ in their rows
+                hint = (" — the models have different vocabularies; set `tokenizer_source: base` (or a model, or "
+                        "`union`) to merge their embeddings token by token, as mergekit does"
                         if "embed" in name or "lm_head" in name or "wte" in name else "")
                 theirs = "" if src == first_src else f" {first_src!r}"
                 raise CheckpointError(f"{model}: tensor {src!r} has shape {list(b)} but {models[first].path}{theirs} "
                                       f"has {list(a)}{hint}")
+        if reindexed:
+            shapes[name] = (vocab.size, *shapes[name][1:])
     out_config = _sliced_config(config, models, reference) if sliced else reference.config
-    return _Plan(config, spec, models, reference, names, shapes, out_dtype, routes, out_config)
+    if vocab is not None:
+        out_config = write_vocab_size(out_config, vocab.size)
+    return _Plan(config, spec, models, reference, names, shapes, out_dtype, routes, out_config, vocab)
 
 
 def _source(model: str, ckpt: Checkpoint, name: str, owner: Path) -> str:
@@ -271,8 +284,9 @@ _DONE = object()
 
 def _read(plan: _Plan, item: _Item, device: str, allow_nonfinite: bool) -> dict[str, torch.Tensor]:
     out = {}
+    whole = plan._whole(item.name)
     for model, src in plan.routes[item.name].sources.items():
-        x = plan.models[model].get_rows(src, item.start, item.stop)
+        x = plan.models[model].get(src) if whole else plan.models[model].get_rows(src, item.start, item.stop)
         if device != "cpu":
             x = x.to(device=device, non_blocking=True)
         if nonfinite(x):
@@ -282,7 +296,7 @@ def _read(plan: _Plan, item: _Item, device: str, allow_nonfinite: bool) -> dict[
                                       "(allow_nonfinite=True) to merge anyway")
             warnings.warn(msg, stacklevel=2)
         out[model] = x
-    return out
+    return plan.vocab.permute(out) if whole else out
 
 
 def reuse_freed_memory() -> None:
@@ -485,10 +499,10 @@ def _has_tokenizer(folder: Path) -> bool:
 
 
 def tokenizer_dirs(cfg: MergeConfig) -> list[Path]:
-    """The tokenizer source when it is another folder than the reference model's ([] for none or 'base');
-    an error, before any work, when it is not a folder."""
-    tok = cfg.tokenizer_source
-    if tok in (None, "base"):
+    """The tokenizer source when it is another folder than the reference model's ([] for none, 'base' or
+    'union'); an error, before any work, when it is not a folder."""
+    tok = cfg.vocab_source
+    if tok in (None, "base", "union"):
         return []
     if not Path(tok).is_dir():
         raise ConfigError(f"tokenizer_source {tok!r} is not a model directory")
@@ -500,7 +514,10 @@ def _finish(tmp: Path, cfg: MergeConfig, plan: _Plan, *, tok_path: Path, title: 
     main_dtype = DTYPES.get(cfg.out_dtype or cfg.dtype or "") or (dtypes.pop() if len(dtypes) == 1 else torch.float32)
     write_config(tmp, plan.out_config, dtype=main_dtype)
     template = chat_templates.resolve(cfg.chat_template, [c.path for c in plan.models.values()])
-    if not copy_side_files(tmp, tokenizer_source=tok_path, generation_source=plan.reference.path, chat_template=template):
+    if plan.vocab is not None and plan.vocab.tokenizer is not None:  # the union's tokenizer
+        plan.vocab.tokenizer.save_pretrained(str(tmp))
+        copy_side_files(tmp, tokenizer_source=None, generation_source=plan.reference.path, chat_template=template)
+    elif not copy_side_files(tmp, tokenizer_source=tok_path, generation_source=plan.reference.path, chat_template=template):
         others = [c.path for c in plan.models.values() if _has_tokenizer(c.path)]
         if others:
             warnings.warn(f"{tok_path} has no tokenizer files, so the output has none; set `tokenizer_source: "

@@ -25,6 +25,7 @@ from safemerge.config import DTYPES, MergeConfig, load_config
 from safemerge.engine import check_device, merge_tensor
 from safemerge.errors import CheckpointError, ConfigError
 from safemerge.layout import num_layers, position, stream_order, tied_source
+from safemerge.vocab import vocab_plan
 
 # config.json keys that must agree for two checkpoints to be one architecture
 _ARCH_KEYS = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -58,6 +59,11 @@ class CandidateModel:
         check_architecture(self.models)
         self.reference = self.models[self.config.base_model or self.config.models[0].model]
         self.names = stream_order(n for n in self.reference.names() if self.reference.dtype(n).is_floating_point)
+        if vocab_plan(self.config.vocab_source, self.config.vocab_padding, models=self.models,
+                      base_model=self.config.base_model, routes={n: {m: n for m in self.models} for n in self.names}):
+            raise ConfigError("the pool's vocabularies differ (or tokenizer padding is asked for); the search needs "
+                              "models that share one: merge each to the base's vocabulary first (safemerge merge "
+                              "with `tokenizer_source: base`), then search over those")
         self.n_layers = num_layers(self.names, self.reference.config)
         # model -> name -> tensor in its stored dtype: the engine's inputs exactly (merge_tensor computes in
         # float32 block by block), at half the memory of float32 copies for bf16/fp16 checkpoints
@@ -114,8 +120,8 @@ class CandidateModel:
         ref = self.reference.path
         if not (ref / "config.json").is_file():
             raise CheckpointError(f"{ref}: the search needs an HF model directory (config.json) to build the model")
-        tok_src = self.config.tokenizer_source
-        tok_path = ref if tok_src in (None, "base") else Path(tok_src)
+        tok_src = self.config.vocab_source
+        tok_path = ref if tok_src in (None, "base", "union") else Path(tok_src)  # one shared vocabulary (checked)
         if not tok_path.is_dir():
             raise ConfigError(f"tokenizer_source {tok_src!r} is not a model directory")
         try:

@@ -1,0 +1,237 @@
+"""Merging models whose vocabularies differ (mergekit's `tokenizer_source: base | <model> | union` and its
+`tokenizer:` section's `source` and `pad_to_multiple_of`).
+
+The output's vocabulary is the base model's (`base`: the `base_model`, else the first model), a named model's,
+or the union of all (the base's tokenizer with every other model's missing tokens appended, normal tokens
+first, then added/special ones, each model in config order and its tokens by id). Every vocabulary-indexed
+tensor (the embeddings and the output head) of every model is then re-indexed to the output's token ids
+before the merge, so each output row merges the rows of the same token. A token a model lacks gets, in
+that model, mergekit's default: the one model's row where only one has it, the base's where the base has
+it, else the mean of the models that have it (zero where none has it). Rows added by `pad_to_multiple_of`
+are each model's mean embedding.
+
+Where every input has the same vocabulary (the same token → id map and the same number of rows) and no
+padding is asked for, nothing is re-indexed: the embeddings are merged as they are. (mergekit 0.1.5 would
+also cut rows beyond the tokenizer's length there, e.g. Qwen's padding rows.)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from safemerge.errors import CheckpointError, ConfigError
+from safemerge.layout import layer_index
+
+if TYPE_CHECKING:
+    from safemerge.checkpoint import Checkpoint
+
+
+@dataclass
+class VocabPlan:
+    size: int  # output rows (the vocabulary, padded)
+    n_tokens: int  # output token ids 0 … n_tokens − 1; rows past them are padding
+    index: dict[str, torch.Tensor]  # per model: output id -> its row, −1 where it lacks the token
+    fill_ids: torch.Tensor  # output ids some model lacks
+    fill_from: dict[str, torch.Tensor]  # per model: which of fill_ids take this model's row into their default
+    tensors: set[str] = field(default_factory=set)  # output names of the vocabulary-indexed tensors
+    tokenizer: Any = None  # the union tokenizer to save; None: copy the source's tokenizer files
+
+    def permute(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each model's whole tensor (its rows indexed by its own token ids) re-indexed to the output's ids, in
+        the inputs' promoted dtype."""
+        first = next(iter(tensors.values()))
+        dtype, device, rest = first.dtype, first.device, tuple(first.shape[1:])
+        for x in tensors.values():
+            dtype = torch.promote_types(dtype, x.dtype)
+        fill_ids = self.fill_ids.to(device)
+        total = torch.zeros((len(fill_ids), *rest), dtype=torch.float32, device=device)
+        count = torch.zeros(len(fill_ids), dtype=torch.float32, device=device)
+        for model, x in tensors.items():
+            take = self.fill_from[model].to(device)
+            total[take] += x[self.index[model].to(device)[fill_ids[take]]].to(torch.float32)
+            count[take] += 1
+        default = (total / count.clamp_min(1).view(-1, *([1] * len(rest)))).to(dtype)  # no model has it: zero
+        out = {}
+        for model, x in tensors.items():
+            index = self.index[model].to(device)
+            y = torch.empty((self.size, *rest), dtype=dtype, device=device)
+            have = index >= 0
+            y[: self.n_tokens][have] = x[index[have]].to(dtype)
+            lacks = ~have[fill_ids]
+            y[fill_ids[lacks]] = default[lacks]
+            if self.size > self.n_tokens:  # padding rows: the model's mean embedding
+                y[self.n_tokens:] = y[: self.n_tokens].to(torch.float32).mean(0).to(dtype)
+            out[model] = y
+        return out
+
+
+def _vocab(path: Path) -> dict[str, int] | None:
+    """The model's token -> id map (added tokens included), or None where it has no tokenizer files."""
+    if (path / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        try:
+            return Tokenizer.from_file(str(path / "tokenizer.json")).get_vocab(with_added_tokens=True)
+        except Exception as e:  # noqa: BLE001 - any parse failure is the file's
+            raise CheckpointError(f"{path / 'tokenizer.json'}: cannot read the tokenizer ({e})") from None
+    if not any((path / n).is_file() for n in ("tokenizer_config.json", "tokenizer.model", "vocab.json")):
+        return None
+    return _load_tokenizer(path).get_vocab()
+
+
+def _load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
+
+
+def _rows(ckpt: "Checkpoint") -> int:
+    cfg = ckpt.config
+    rows = cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size")
+    if not isinstance(rows, int):
+        raise CheckpointError(f"{ckpt.path}: config.json has no vocab_size; tokenizer_source needs it to find the "
+                              "embedding rows")
+    return rows
+
+
+def vocab_plan(source: str | None, pad_to_multiple_of: int | None, *, models: dict[str, "Checkpoint"],
+               base_model: str | None, routes: dict[str, dict[str, str]]) -> VocabPlan | None:
+    """The re-indexing of the vocabulary tensors, or None where the vocabularies already agree (see the module's
+    docstring). `routes`: output tensor name -> {model: its tensor name}. `source: base` means `base_model`,
+    else the first model; the default rows prefer `base_model`'s only where there is one, as in mergekit."""
+    base = base_model or next(iter(models))
+    if source is None:
+        _warn_if_renumbered(models)
+        return None
+    rows = {m: _rows(c) for m, c in models.items()}
+    if not pad_to_multiple_of and len(set(rows.values())) == 1 and _same_files(models):
+        return None  # one tokenizer.json, byte for byte: one vocabulary (without parsing it)
+    vocabs = {m: _vocab(c.path) for m, c in models.items()}
+    if vocabs[base] is None:
+        raise CheckpointError(f"{base}: the base model has no tokenizer files; tokenizer_source needs its vocabulary")
+    for m, v in vocabs.items():
+        if v is None:
+            warnings.warn(f"{m} has no tokenizer files; it is taken to share {base}'s vocabulary", stacklevel=3)
+            vocabs[m] = vocabs[base]
+    for m, v in vocabs.items():  # tokens past a model's embedding rows have no row there
+        vocabs[m] = {t: i for t, i in v.items() if i < rows[m]}
+    if not pad_to_multiple_of and len(set(rows.values())) == 1 and all(v == vocabs[base] for v in vocabs.values()):
+        return None
+    tokenizer = None
+    if source == "base":
+        out = vocabs[base]
+    elif source == "union":
+        tokenizer = _union_tokenizer(models, base, rows)
+        out = tokenizer.get_vocab()
+    else:
+        key = next((m for m, c in models.items() if Path(source).resolve() == c.path.resolve()), None)
+        out = vocabs[key] if key else _vocab(Path(source))
+        if out is None:
+            raise ConfigError(f"tokenizer_source {source!r} has no tokenizer files")
+    n = len(out)
+    if sorted(out.values()) != list(range(n)):
+        raise CheckpointError(f"tokenizer_source {source!r}: its token ids are not 0 … {n - 1}; safemerge cannot lay "
+                              "out embedding rows for it")
+    size = n if not pad_to_multiple_of else math.ceil(n / pad_to_multiple_of) * pad_to_multiple_of
+    ids = torch.tensor([out[t] for t in out], dtype=torch.long)
+    index = {}
+    for m, v in vocabs.items():
+        idx = torch.full((n,), -1, dtype=torch.long)
+        idx[ids] = torch.tensor([v.get(t, -1) for t in out], dtype=torch.long)
+        index[m] = idx
+    names = list(models)
+    present = torch.stack([index[m] >= 0 for m in names])  # models × tokens
+    fill_ids = (~present).any(0).nonzero().flatten()
+    have = present[:, fill_ids]
+    # a token some model lacks takes, there: the one model's row that has it; else base_model's where it has it;
+    # else the mean of the models' that have it (none: zero)
+    single = have.sum(0) == 1
+    base_has = have[names.index(base_model)] if base_model in names else torch.zeros_like(single)
+    fill_from = {m: have[i] & (single | ~base_has | torch.tensor(m == base_model)) for i, m in enumerate(names)}
+    tensors = {name for name, src in routes.items()
+               if layer_index(name) is None and all(len(models[m].shape(s)) == 2 and models[m].shape(s)[0] == rows[m]
+                                                    for m, s in src.items())}
+    if not tensors:
+        raise CheckpointError("tokenizer_source: found no embedding or output-head tensor with vocab_size rows in "
+                              "every model")
+    return VocabPlan(size=size, n_tokens=n, index=index, fill_ids=fill_ids, fill_from=fill_from, tensors=tensors,
+                     tokenizer=tokenizer)
+
+
+def _same_files(models: dict[str, "Checkpoint"]) -> bool:
+    """Every model has a tokenizer.json and they are byte-identical."""
+    files = [c.path / "tokenizer.json" for c in models.values()]
+    return all(f.is_file() for f in files) and len({f.read_bytes() for f in files}) == 1
+
+
+def _warn_if_renumbered(models: dict[str, "Checkpoint"]) -> None:
+    """Without `tokenizer_source` the embeddings merge row by row; where the models' tokenizers number their tokens
+    differently, that merges rows of different tokens: say so (mergekit does not)."""
+    if len(models) < 2 or _same_files(models) or not all((c.path / "tokenizer.json").is_file() for c in models.values()):
+        return
+    vocabs = {m: _vocab(c.path) for m, c in models.items()}
+    first = next(iter(models))
+    rows = min(_rows(c) for c in models.values()) if all(isinstance(c.config.get("vocab_size"), int)
+                                                          for c in models.values()) else None
+    for m, v in vocabs.items():
+        a = {t: i for t, i in vocabs[first].items() if rows is None or i < rows}
+        b = {t: i for t, i in v.items() if rows is None or i < rows}
+        if a != b:
+            warnings.warn(f"{m} and {first} number their tokens differently, and the embeddings are merged row by row; "
+                          "set `tokenizer_source: base` (or a model, or `union`) to merge them token by token",
+                          stacklevel=4)
+            return
+
+
+def _union_tokenizer(models: dict[str, "Checkpoint"], base: str, rows: dict[str, int]):
+    """The base's tokenizer with every other model's tokens it lacks added: normal tokens first (model by model,
+    by id), then added tokens (special ones stay special)."""
+    import tempfile
+
+    from tokenizers import AddedToken
+
+    base_tok = _load_tokenizer(models[base].path)
+    with tempfile.TemporaryDirectory() as d:  # a copy, so adding tokens leaves nothing shared with the base's
+        base_tok.save_pretrained(d)
+        res = _load_tokenizer(Path(d))
+    have = set(res.get_vocab())
+    added: dict[str, AddedToken] = {}
+    order = [base] + [m for m in models if m != base]
+    plain: list[str] = []
+    for m in order:
+        tok = base_tok if m == base else (_load_tokenizer(models[m].path) if _vocab(models[m].path) is not None else None)
+        if tok is None:
+            continue
+        special = {i: a for i, a in tok.added_tokens_decoder.items() if i < rows[m]}
+        for a in special.values():
+            added.setdefault(a.content, a)
+        for t, i in sorted(tok.get_vocab().items(), key=lambda kv: kv[1]):
+            if i < rows[m] and t not in added and t not in have:
+                have.add(t)
+                plain.append(t)
+    res.add_tokens(plain)
+    new = [a for t, a in added.items() if t not in set(res.get_vocab())]
+    if new:
+        res.add_tokens([AddedToken(a.content, single_word=a.single_word, lstrip=a.lstrip, rstrip=a.rstrip,
+                                   normalized=a.normalized, special=a.special) for a in new])
+    return res
+
+
+def write_vocab_size(config: dict, size: int) -> dict:
+    """The output's config.json with the new vocabulary size (text_config's where the model keeps it there)."""
+    config = json.loads(json.dumps(config))
+    if "vocab_size" in config or "text_config" not in config:
+        config["vocab_size"] = size
+    else:
+        config["text_config"]["vocab_size"] = size
+    return config

@@ -1,0 +1,122 @@
+"""Models with different vocabularies: `tokenizer_source` / `tokenizer:` re-index the embeddings token by token."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import safemerge
+from safemerge.checkpoint import Checkpoint
+from safemerge.errors import CheckpointError, ConfigError
+from safemerge.vocab import vocab_plan
+from tiny import VOCAB_TENSORS, vocab_of, vocab_variant
+
+
+def _ta(fam: dict[str, Path], **over) -> dict:
+    return {"merge_method": "task_arithmetic", "base_model": str(fam["base"]),
+            "models": [{"model": str(fam["expert"]), "parameters": {"weight": 1.0}},
+                       {"model": str(fam["aligned"]), "parameters": {"weight": 1.0}}], **over}
+
+
+def _merged(config: dict, out: Path) -> dict[str, torch.Tensor]:
+    safemerge.merge(config, out, progress=False)
+    return load_file(str(out / "model.safetensors"))
+
+
+def test_a_renumbered_vocabulary_merges_as_the_original(tmp_path, tiny_family):
+    n = len(vocab_of(tiny_family["aligned"]))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(1)).tolist()
+    fam = dict(tiny_family, aligned=vocab_variant(tiny_family["aligned"], tmp_path / "aligned-perm", perm=perm))
+    want = _merged(_ta(tiny_family), tmp_path / "plain")
+    got = _merged(_ta(fam, tokenizer_source="base"), tmp_path / "perm")
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    assert vocab_of(tmp_path / "perm") == vocab_of(tiny_family["base"])
+    # without tokenizer_source the shapes agree and the rows of different tokens would merge: a warning says so
+    with pytest.warns(UserWarning, match="number their tokens differently"):
+        safemerge.merge(_ta(fam), tmp_path / "rows", progress=False)
+
+
+def test_tokens_one_model_has_take_its_rows_and_the_output_takes_the_named_vocabulary(tmp_path, tiny_family):
+    n = len(vocab_of(tiny_family["expert"]))
+    expert = vocab_variant(tiny_family["expert"], tmp_path / "expert66", extra={"<|med|>": n, "drugX": n + 1})
+    fam = dict(tiny_family, expert=expert)
+    plain = _merged(_ta(tiny_family), tmp_path / "plain")
+    rows = load_file(str(expert / "model.safetensors"))
+    for source, size in (("base", n), (str(expert), n + 2)):
+        got = _merged(_ta(fam, tokenizer_source=source), tmp_path / f"out-{size}")
+        cfg = json.loads((tmp_path / f"out-{size}" / "config.json").read_text())
+        assert cfg["vocab_size"] == size
+        for name in VOCAB_TENSORS:
+            assert got[name].shape[0] == size
+            assert torch.equal(got[name][:n], plain[name][:n])
+            if size > n:  # only the expert has them: every model takes its row, so the merge keeps it
+                assert torch.equal(got[name][n:], rows[name][n:])
+        assert (tmp_path / f"out-{size}" / "tokenizer.json").read_bytes() == (
+            (tiny_family["base"] if source == "base" else expert) / "tokenizer.json").read_bytes()
+
+
+def test_union_vocabulary_and_padding(tmp_path, tiny_family):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    n = len(vocab_of(tiny_family["expert"]))
+    fam = dict(tiny_family,
+               expert=vocab_variant(tiny_family["expert"], tmp_path / "e", extra={"<|med|>": n, "drugX": n + 1}),
+               aligned=vocab_variant(tiny_family["aligned"], tmp_path / "a", extra={"drugX": n, "<|safe|>": n + 1}, seed=1))
+    e, a = (load_file(str(fam[k] / "model.safetensors")) for k in ("expert", "aligned"))
+    out = tmp_path / "union"
+    got = _merged(_ta(fam, tokenizer={"source": "union", "pad_to_multiple_of": 32}), out)
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|med|>", "drugX", "<|safe|>")}
+    assert sorted(ids.values()) == [n, n + 1, n + 2] and len(tok) == n + 3
+    emb = got["model.embed_tokens.weight"]
+    assert emb.shape[0] == 96 and json.loads((out / "config.json").read_text())["vocab_size"] == 96
+    assert torch.equal(emb[ids["<|med|>"]], e["model.embed_tokens.weight"][n])
+    assert torch.equal(emb[ids["<|safe|>"]], a["model.embed_tokens.weight"][n + 1])
+    # drugX: in both fine-tunes, not in the base: the base takes their mean m, so θ = m + (e − m) + (a − m)
+    e_row, a_row = e["model.embed_tokens.weight"][n + 1], a["model.embed_tokens.weight"][n]
+    assert torch.allclose(emb[ids["drugX"]], e_row + a_row - (e_row + a_row) / 2, atol=1e-7)
+    # padding rows: each model's mean row, so (task arithmetic being linear) the merged rows' mean
+    assert torch.allclose(emb[n + 3:], emb[: n + 3].mean(0).expand(96 - n - 3, -1), atol=1e-6)
+    AutoModelForCausalLM.from_pretrained(out)  # a loadable checkpoint of the new size
+
+
+def test_same_vocabularies_are_not_reindexed(tiny_family):
+    models = {m: Checkpoint(p) for m, p in tiny_family.items()}
+    routes = {n: {m: n for m in models} for n in VOCAB_TENSORS}
+    assert vocab_plan("base", None, models=models, base_model="base", routes=routes) is None
+    assert vocab_plan("base", 16, models=models, base_model="base", routes=routes) is not None
+
+
+def test_without_tokenizer_source_different_vocabularies_are_refused(tmp_path, tiny_family):
+    n = len(vocab_of(tiny_family["expert"]))
+    fam = dict(tiny_family, expert=vocab_variant(tiny_family["expert"], tmp_path / "e", extra={"x": n}))
+    with pytest.raises(CheckpointError, match="different vocabularies; set `tokenizer_source: base`"):
+        safemerge.merge(_ta(fam), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_token_the_base_has_and_a_model_lacks_takes_the_bases_row_there(tmp_path, tiny_family):
+    fam = dict(tiny_family, aligned=vocab_variant(tiny_family["aligned"], tmp_path / "a", drop="drug"))
+    got = _merged(_ta(fam, tokenizer_source="base"), tmp_path / "out")
+    i = vocab_of(tiny_family["base"])["drug"]
+    e = load_file(str(tiny_family["expert"] / "model.safetensors"))
+    plain = _merged(_ta(tiny_family), tmp_path / "plain")
+    for name in VOCAB_TENSORS:  # θ = b + (e − b) + (b − b): the aligned model adds nothing to that token
+        assert torch.allclose(got[name][i], e[name][i], atol=1e-7)
+        assert not torch.allclose(got[name][i], plain[name][i], atol=1e-4)
+
+
+def test_the_search_refuses_a_pool_whose_vocabularies_differ(tmp_path, tiny_family):
+    from safemerge.search.candidates import CandidateModel
+
+    n = len(vocab_of(tiny_family["aligned"]))
+    perm = list(reversed(range(n)))
+    fam = dict(tiny_family, aligned=vocab_variant(tiny_family["aligned"], tmp_path / "a", perm=perm))
+    with pytest.raises(ConfigError, match="the pool's vocabularies differ"):
+        CandidateModel(_ta(fam, tokenizer_source="base"))
+    CandidateModel(_ta(tiny_family, tokenizer={"source": "union"}))  # one shared vocabulary: nothing to re-index
