@@ -16,13 +16,18 @@ WORDS = ["the", "a", "capital", "of", "is", "drug", "for", "sorry", "I", "can't"
 
 
 def save_tokenizer(path: Path, *, vocab_size: int = 64, chat_template: str = CHAT_TEMPLATE) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     special = ["<unk>", "<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|end|>"]
     vocab = {t: i for i, t in enumerate(special + WORDS)}
     for i in range(len(vocab), vocab_size):
         vocab[f"w{i}"] = i
+    save_vocab(path, vocab, chat_template=chat_template)
+
+
+def save_vocab(path: Path, vocab: dict[str, int], *, chat_template: str = CHAT_TEMPLATE) -> None:
+    """A whitespace word-level tokenizer over `vocab` (token -> id), with the chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
@@ -64,18 +69,6 @@ def make_family(root: Path, *, names=("base", "expert", "aligned"), seed: int = 
 
 # -- vocabularies -------------------------------------------------------------------------------------------
 VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
-
-
-def save_vocab(path: Path, vocab: dict[str, int]) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>")
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(path)
 
 
 def vocab_of(path: Path) -> dict[str, int]:
