@@ -120,3 +120,49 @@ def test_the_search_refuses_a_pool_whose_vocabularies_differ(tmp_path, tiny_fami
     with pytest.raises(ConfigError, match="the pool's vocabularies differ"):
         CandidateModel(_ta(fam, tokenizer_source="base"))
     CandidateModel(_ta(tiny_family, tokenizer={"source": "union"}))  # one shared vocabulary: nothing to re-index
+
+
+def test_an_outside_tokenizer_source_with_more_tokens_adds_their_rows(tmp_path, tiny_family):
+    n = len(vocab_of(tiny_family["expert"]))
+    outside = vocab_variant(tiny_family["expert"], tmp_path / "outside", extra={"<|med|>": n, "drugX": n + 1})
+    got = _merged(_ta(tiny_family, tokenizer_source=str(outside)), tmp_path / "out")
+    plain = _merged(_ta(tiny_family), tmp_path / "plain")
+    for name in VOCAB_TENSORS:  # the inputs share a vocabulary, the named one has two tokens more: no input has
+        assert got[name].shape[0] == n + 2  # a row for them, so every model takes zeros there (as mergekit)
+        assert torch.equal(got[name][:n], plain[name][:n])
+        assert not got[name][n:].any()
+    assert vocab_of(tmp_path / "out") == vocab_of(outside)
+
+
+def test_a_tokenizer_this_version_cannot_read_does_not_stop_a_plain_merge(tmp_path, tiny_family):
+    import shutil
+
+    odd = tmp_path / "odd"
+    shutil.copytree(tiny_family["expert"], odd)
+    (odd / "tokenizer.json").write_text('{"version": "9.9", "model": {"type": "Future"}}')
+    safemerge.merge(_ta(dict(tiny_family, expert=odd)), tmp_path / "out", progress=False)
+
+
+def test_default_rows_of_bf16_inputs_stay_float32_in_a_float32_config(tmp_path, tiny_family_bf16):
+    fam = tiny_family_bf16
+    n = len(vocab_of(fam["expert"]))
+    fam = dict(fam, expert=vocab_variant(fam["expert"], tmp_path / "e", extra={"drugX": n}),
+               aligned=vocab_variant(fam["aligned"], tmp_path / "a", extra={"drugX": n}, seed=1))
+    got = _merged(_ta(fam, tokenizer_source="union", dtype="float32"), tmp_path / "out")
+    e, a = (load_file(str(fam[k] / "model.safetensors"))["model.embed_tokens.weight"][n].float()
+            for k in ("expert", "aligned"))
+    m = (e + a) / 2  # the base lacks drugX: its row is the fine-tunes' mean, in float32 (not rounded to bf16)
+    assert torch.allclose(got["model.embed_tokens.weight"][n], m + (e - m) + (a - m), atol=1e-7)
+
+
+def test_a_token_special_in_any_model_is_special_in_the_union(tmp_path, tiny_family):
+    from transformers import AutoTokenizer
+
+    n = len(vocab_of(tiny_family["expert"]))
+    fam = dict(tiny_family, expert=vocab_variant(tiny_family["expert"], tmp_path / "e", extra={"<|med|>": n}),
+               aligned=vocab_variant(tiny_family["aligned"], tmp_path / "a", extra={"<|med|>": n},
+                                     special=("<|med|>",)))
+    safemerge.merge(_ta(fam, tokenizer_source="union"), tmp_path / "out", progress=False)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    med = tok.convert_tokens_to_ids("<|med|>")
+    assert tok.decode([med], skip_special_tokens=True) == ""

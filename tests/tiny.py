@@ -76,17 +76,17 @@ def vocab_of(path: Path) -> dict[str, int]:
 
 
 def vocab_variant(src: Path, dst: Path, *, perm: list[int] | None = None, extra: dict[str, int] | None = None,
-             drop: str | None = None, seed: int = 0) -> Path:
+                  drop: str | None = None, special: tuple[str, ...] = (), seed: int = 0) -> Path:
     """`src` with its token ids renumbered (old id j becomes perm[j], rows moved with them), `drop` removed (the
     ids after it move down) and `extra` tokens appended (token -> new id, random rows): the same model under
-    another vocabulary."""
+    another vocabulary. Tokens in `special` become added special tokens (same ids)."""
     shutil.copytree(src, dst)
     vocab = vocab_of(src)
     n = len(vocab)
     perm = perm or list(range(n))
-    if drop is not None:
+    if drop is not None:  # the dropped token's new id goes; the new ids above it move down
         gone = vocab.pop(drop)
-        perm = [p - (p > gone) for p in perm]
+        perm = [p - (p > perm[gone]) for p in perm]
         n -= 1
     extra = extra or {}
     size = n + len(extra)
@@ -107,5 +107,14 @@ def vocab_variant(src: Path, dst: Path, *, perm: list[int] | None = None, extra:
     (dst / "config.json").write_text(json.dumps(cfg))
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
         (dst / f).unlink(missing_ok=True)
-    save_vocab(dst, {**{t: perm[i] for t, i in vocab.items()}, **extra})
+    ids = {**{t: perm[i] for t, i in vocab.items()}, **extra}
+    assert sorted(ids.values()) == list(range(size)), "the variant's token ids must be 0 … size − 1"
+    save_vocab(dst, ids)
+    if special:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(dst)
+        tok.add_special_tokens({"additional_special_tokens": list(special)})
+        assert all(tok.convert_tokens_to_ids(t) == ids[t] for t in special)
+        tok.save_pretrained(dst)
     return dst

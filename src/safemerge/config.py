@@ -519,9 +519,10 @@ def _local(p: Any, folder: Path) -> Any:
 
 def _relative_to(data: dict, folder: Path) -> dict:
     data = dict(data)
-    for key in ("base_model", "tokenizer_source"):
-        data[key] = _local(data.get(key), folder)
-    if isinstance(data.get("tokenizer"), dict) and "source" in data["tokenizer"]:
+    data["base_model"] = _local(data.get("base_model"), folder)
+    if data.get("tokenizer_source") not in ("base", "union"):  # keywords, even beside a folder of that name
+        data["tokenizer_source"] = _local(data.get("tokenizer_source"), folder)
+    if isinstance(data.get("tokenizer"), dict) and data["tokenizer"].get("source") not in (None, "base", "union"):
         data["tokenizer"] = dict(data["tokenizer"], source=_local(data["tokenizer"]["source"], folder))
     if isinstance(data.get("models"), list):
         data["models"] = [dict(m, model=_local(m.get("model"), folder)) if isinstance(m, dict) else m for m in data["models"]]

@@ -42,14 +42,17 @@ class VocabPlan:
     fill_from: dict[str, torch.Tensor]  # per model: which of fill_ids take this model's row into their default
     tensors: set[str] = field(default_factory=set)  # output names of the vocabulary-indexed tensors
     tokenizer: Any = None  # the union tokenizer to save; None: copy the source's tokenizer files
+    dtype: torch.dtype | None = None  # the config's `dtype`: the re-indexed rows are at least that precise
 
     def permute(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Each model's whole tensor (its rows indexed by its own token ids) re-indexed to the output's ids, in
-        the inputs' promoted dtype."""
+        the inputs' promoted dtype (and the config's `dtype`, where that is wider)."""
         first = next(iter(tensors.values()))
         dtype, device, rest = first.dtype, first.device, tuple(first.shape[1:])
         for x in tensors.values():
             dtype = torch.promote_types(dtype, x.dtype)
+        if self.dtype is not None:  # mergekit reads the inputs in `dtype`: a float32 config keeps float32 means
+            dtype = torch.promote_types(dtype, self.dtype)
         fill_ids = self.fill_ids.to(device)
         total = torch.zeros((len(fill_ids), *rest), dtype=torch.float32, device=device)
         count = torch.zeros(len(fill_ids), dtype=torch.float32, device=device)
@@ -105,7 +108,8 @@ def _rows(ckpt: "Checkpoint") -> int:
 
 
 def vocab_plan(source: str | None, pad_to_multiple_of: int | None, *, models: dict[str, "Checkpoint"],
-               base_model: str | None, routes: dict[str, dict[str, str]]) -> VocabPlan | None:
+               base_model: str | None, routes: dict[str, dict[str, str]],
+               dtype: torch.dtype | None = None) -> VocabPlan | None:
     """The re-indexing of the vocabulary tensors, or None where the vocabularies already agree (see the module's
     docstring). `routes`: output tensor name -> {model: its tensor name}. `source: base` means `base_model`,
     else the first model; the default rows prefer `base_model`'s only where there is one, as in mergekit."""
@@ -114,7 +118,11 @@ def vocab_plan(source: str | None, pad_to_multiple_of: int | None, *, models: di
         _warn_if_renumbered(models)
         return None
     rows = {m: _rows(c) for m, c in models.items()}
-    if not pad_to_multiple_of and len(set(rows.values())) == 1 and _same_files(models):
+    named = None if source in ("base", "union") else next(
+        (m for m, c in models.items() if Path(source).resolve() == c.path.resolve()), None)
+    outside = source not in ("base", "union") and named is None  # a tokenizer_source that is no input model
+    one_size = not pad_to_multiple_of and len(set(rows.values())) == 1
+    if one_size and not outside and _same_files(models):
         return None  # one tokenizer.json, byte for byte: one vocabulary (without parsing it)
     vocabs = {m: _vocab(c.path) for m, c in models.items()}
     if vocabs[base] is None:
@@ -125,19 +133,23 @@ def vocab_plan(source: str | None, pad_to_multiple_of: int | None, *, models: di
             vocabs[m] = vocabs[base]
     for m, v in vocabs.items():  # tokens past a model's embedding rows have no row there
         vocabs[m] = {t: i for t, i in v.items() if i < rows[m]}
-    if not pad_to_multiple_of and len(set(rows.values())) == 1 and all(v == vocabs[base] for v in vocabs.values()):
-        return None
     tokenizer = None
     if source == "base":
         out = vocabs[base]
+    elif named is not None:
+        out = vocabs[named]
     elif source == "union":
-        tokenizer = _union_tokenizer(models, base, rows)
-        out = tokenizer.get_vocab()
+        out = None  # built below, unless the vocabularies agree
     else:
-        key = next((m for m, c in models.items() if Path(source).resolve() == c.path.resolve()), None)
-        out = vocabs[key] if key else _vocab(Path(source))
+        out = _vocab(Path(source))
         if out is None:
             raise ConfigError(f"tokenizer_source {source!r} has no tokenizer files")
+    same = one_size and all(v == vocabs[base] for v in vocabs.values())
+    if same and (out is None or (out == vocabs[base] and len(out) == rows[base])):
+        return None
+    if out is None:
+        tokenizer = _union_tokenizer(models, base, rows)
+        out = tokenizer.get_vocab()
     n = len(out)
     if sorted(out.values()) != list(range(n)):
         raise CheckpointError(f"tokenizer_source {source!r}: its token ids are not 0 … {n - 1}; safemerge cannot lay "
@@ -165,7 +177,7 @@ def vocab_plan(source: str | None, pad_to_multiple_of: int | None, *, models: di
         raise CheckpointError("tokenizer_source: found no embedding or output-head tensor with vocab_size rows in "
                               "every model")
     return VocabPlan(size=size, n_tokens=n, index=index, fill_ids=fill_ids, fill_from=fill_from, tensors=tensors,
-                     tokenizer=tokenizer)
+                     tokenizer=tokenizer, dtype=dtype)
 
 
 def _same_files(models: dict[str, "Checkpoint"]) -> bool:
@@ -179,7 +191,10 @@ def _warn_if_renumbered(models: dict[str, "Checkpoint"]) -> None:
     differently, that merges rows of different tokens: say so (mergekit does not)."""
     if len(models) < 2 or _same_files(models) or not all((c.path / "tokenizer.json").is_file() for c in models.values()):
         return
-    vocabs = {m: _vocab(c.path) for m, c in models.items()}
+    try:
+        vocabs = {m: _vocab(c.path) for m, c in models.items()}
+    except CheckpointError:  # a tokenizer this version cannot read: no warning (the merge does not need it)
+        return
     first = next(iter(models))
     rows = min(_rows(c) for c in models.values()) if all(isinstance(c.config.get("vocab_size"), int)
                                                           for c in models.values()) else None
@@ -204,17 +219,19 @@ def _union_tokenizer(models: dict[str, "Checkpoint"], base: str, rows: dict[str,
     with tempfile.TemporaryDirectory() as d:  # a copy, so adding tokens leaves nothing shared with the base's
         base_tok.save_pretrained(d)
         res = _load_tokenizer(Path(d))
-    have = set(res.get_vocab())
-    added: dict[str, AddedToken] = {}
     order = [base] + [m for m in models if m != base]
+    toks = {m: base_tok if m == base else (_load_tokenizer(models[m].path) if _vocab(models[m].path) is not None else None)
+            for m in order}
+    added: dict[str, AddedToken] = {}  # every model's added tokens first: a token added in any is added in the output
+    for m, tok in toks.items():
+        for i, a in sorted((tok.added_tokens_decoder if tok is not None else {}).items()):
+            if i < rows[m]:
+                added.setdefault(a.content, a)
+    have = set(res.get_vocab())
     plain: list[str] = []
-    for m in order:
-        tok = base_tok if m == base else (_load_tokenizer(models[m].path) if _vocab(models[m].path) is not None else None)
+    for m, tok in toks.items():
         if tok is None:
             continue
-        special = {i: a for i, a in tok.added_tokens_decoder.items() if i < rows[m]}
-        for a in special.values():
-            added.setdefault(a.content, a)
         for t, i in sorted(tok.get_vocab().items(), key=lambda kv: kv[1]):
             if i < rows[m] and t not in added and t not in have:
                 have.add(t)

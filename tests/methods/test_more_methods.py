@@ -287,8 +287,13 @@ def test_arcee_fusion_quantiles_are_the_sorted_elements_at_every_rank():
 
     cases = [torch.randn(1001, generator=gen()), torch.tensor([0.0, -0.0, 1.0, -2.0, 5.0, 5.0]),
              torch.randn(300_000, generator=gen(2)) * 1e-39,  # subnormals, both signs
-             torch.randint(0, 3, (5000,), generator=gen(3)).float(), torch.tensor([3.0])]  # ties; one element
+             torch.randint(0, 3, (5000,), generator=gen(3)).float(), torch.tensor([3.0]),  # ties; one element
+             torch.cat([torch.arange(10.0), torch.softmax(torch.tensor([1.0, float("nan")]), -1),  # NaN, sign bit set
+                        torch.tensor([float("inf"), -float("inf")])])]
     for x in cases:
         ranks = sorted({0, (x.numel() - 1) // 4, (x.numel() - 1) // 2, 3 * (x.numel() - 1) // 4, x.numel() - 1})
         want = x.sort().values[ranks]
-        assert torch.equal(torch.stack(_kth_values(x, ranks)), want)
+        torch.testing.assert_close(torch.stack(_kth_values(x, ranks)), want, rtol=0, atol=0, equal_nan=True)
+    from safemerge.methods import arcee_fusion
+
+    assert arcee_fusion(torch.zeros(0, 8), torch.zeros(0, 8)).shape == (0, 8)

@@ -22,8 +22,12 @@ def arcee_fusion(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None =
 
     In float32, a block of rows at a time. The quantiles are exact (the k-th of all n importances);
     mergekit 0.1.5 takes them from a random sample of 10⁶ elements on larger tensors, so there its result
-    varies from run to run and ours is the exact rule. Memory: one float32 importance per element.
+    varies from run to run and ours is the exact rule. Memory: a float32 importance and an int16 bucket per
+    element.
     """
+    result = output(a, out)
+    if a.numel() == 0:  # nothing to merge (mergekit fails on an empty tensor)
+        return result
     last = a.shape[-1] if a.dim() else 1
     ra, rb = a.reshape(-1, last), b.reshape(-1, last)
     rows = max(1, BLOCK // last) if a.device.type == "cpu" else ra.shape[0]
@@ -37,7 +41,6 @@ def arcee_fusion(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None =
     n = importance.numel()
     q1, median, q3 = _kth_values(importance.reshape(-1), [int(q * (n - 1)) for q in (0.25, 0.5, 0.75)])
     threshold = median + 1.5 * (q3 - q1)
-    result = output(a, out)
     ro = result.reshape(-1, last)
     for s in range(0, ra.shape[0], rows):
         x, y = rb[s:s + rows].to(torch.float32), ra[s:s + rows].to(torch.float32)
@@ -58,6 +61,7 @@ def _kth_values(x: torch.Tensor, ranks: list[int]) -> list[torch.Tensor]:
     for s, e in spans(n, x):
         bits = x[s:e].view(torch.int32)
         key = (bits >> 31).bitwise_and_(0x7FFFFFFF).bitwise_xor_(bits)  # negative floats reversed: sorts as the floats
+        key.masked_fill_(torch.isnan(x[s:e]), 0x7FFFFFFF)  # NaN last, as torch.sort puts it (whatever its sign bit)
         top = key.bitwise_right_shift_(16)
         buckets[s:e] = top
         counts += torch.bincount(top.add_(32768), minlength=1 << 16)
