@@ -42,9 +42,9 @@ class InputModel(BaseModel):
 
     @field_validator("model")
     @classmethod
-    def _no_lora(cls, v: str) -> str:
-        if "+" in v and not Path(v).exists():
-            raise ValueError(f"model {v!r}: 'model+lora' references are not supported; merge the LoRA into the model first")
+    def _reference(cls, v: str) -> str:
+        if "+" in v and not Path(v).exists() and len([p for p in v.split("+") if p]) != 2:
+            raise ValueError(f"model {v!r}: a LoRA reference is `model_path+adapter_path` (one '+')")
         if "@" in v and not Path(v).exists() and Path(v.rsplit("@", 1)[0]).exists():
             raise ValueError(f"model {v!r}: 'model@revision' references are not supported; check out that revision "
                              "into a folder and give its path")
@@ -511,9 +511,14 @@ def _fmt(err: dict) -> str:
 
 
 def _local(p: Any, folder: Path) -> Any:
-    """A model path as given when it exists, else relative to the config's folder when it exists there."""
-    if isinstance(p, str) and not Path(p).exists() and (folder / p).exists():
-        return str(folder / p)
+    """A model path as given when it exists, else relative to the config's folder when it exists there (each part
+    of a `model+adapter` reference on its own)."""
+    if isinstance(p, str) and not Path(p).exists():
+        if (folder / p).exists():
+            return str(folder / p)
+        if "+" in p:
+            return "+".join(str(folder / q) if q and not Path(q).exists() and (folder / q).exists() else q
+                            for q in p.split("+"))
     return p
 
 

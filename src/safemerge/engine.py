@@ -40,6 +40,7 @@ from safemerge.layout import (
     tied_source,
     with_layer,
 )
+from safemerge.lora import open_model
 from safemerge.methods import MethodSpec, get_method
 from safemerge.methods.blocks import TaskVector
 from safemerge.vocab import VocabPlan, vocab_plan, write_vocab_size
@@ -154,7 +155,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def _plan(config: MergeConfig, *, allow_pickle: bool) -> _Plan:
     spec = get_method(config.merge_method)
-    models = {m: Checkpoint(m, allow_pickle=allow_pickle) for m in config.input_models()}
+    models = {m: open_model(m, allow_pickle=allow_pickle) for m in config.input_models()}
     reference = models[config.base_model or config.models[0].model]
     sliced = config.slices is not None
     routes = _slice_routes(config, models, reference) if sliced else _whole_routes(config, models, reference)
@@ -468,7 +469,7 @@ def merge(
         raise ConfigError(f"max_shard_size {max_shard_size}: the output shard size must be positive (e.g. 5GB)")
     plan = _plan(cfg, allow_pickle=allow_pickle)
     tok_dirs = tokenizer_dirs(cfg)
-    check_apart(out_dir, [c.path for c in plan.models.values()] + tok_dirs)
+    check_apart(out_dir, input_dirs(plan.models.values()) + tok_dirs)
     specs = [(n, plan.shapes[n], plan.out_dtype[n]) for n in plan.names]
     with atomic_output(out_dir, overwrite=overwrite) as tmp, _progress(progress, plan, specs) as advance:
         writer = ShardedWriter(tmp, specs, max_shard_bytes=max_shard_size)
@@ -481,6 +482,11 @@ def merge(
         _finish(tmp, cfg, plan, tok_path=next(iter(tok_dirs), plan.reference.path), title=title,
                 card_extra=card_extra)
     return Path(out_dir)
+
+
+def input_dirs(models) -> list[Path]:
+    """Every folder the checkpoints read: the models', and the adapters' of `model+adapter` references."""
+    return [p for c in models for p in (c.path, getattr(c, "adapter", None)) if p is not None]
 
 
 def check_apart(out_dir: str | os.PathLike, inputs: list[Path], *, what: str = "the output") -> None:

@@ -25,6 +25,7 @@ from safemerge.config import DTYPES, MergeConfig, load_config
 from safemerge.engine import check_device, merge_tensor
 from safemerge.errors import CheckpointError, ConfigError
 from safemerge.layout import num_layers, position, stream_order, tied_source
+from safemerge.lora import open_model
 from safemerge.vocab import vocab_plan
 
 # config.json keys that must agree for two checkpoints to be one architecture
@@ -55,7 +56,7 @@ class CandidateModel:
     def __init__(self, config: MergeConfig | Mapping | str, *, device: str = "cpu", allow_pickle: bool = False):
         self.config = load_config(config).require_whole_models("an in-memory candidate")
         self.device = torch.device(check_device(device))
-        self.models = {m: Checkpoint(m, allow_pickle=allow_pickle) for m in self.config.input_models()}
+        self.models = {m: open_model(m, allow_pickle=allow_pickle) for m in self.config.input_models()}
         check_architecture(self.models)
         self.reference = self.models[self.config.base_model or self.config.models[0].model]
         self.names = stream_order(n for n in self.reference.names() if self.reference.dtype(n).is_floating_point)

@@ -24,8 +24,9 @@ import yaml
 
 from safemerge.checkpoint import Checkpoint, atomic_output
 from safemerge.config import MergeConfig, load_config
-from safemerge.engine import check_apart, check_device, tokenizer_dirs
+from safemerge.engine import check_apart, check_device, input_dirs, tokenizer_dirs
 from safemerge.errors import ConfigError, OutputExistsError
+from safemerge.lora import open_model
 from safemerge.search.candidates import check_architecture
 from safemerge.search.cmaes import DEFAULT_SIGMA0, DEFAULT_STEPS, cmaes, default_popsize
 from safemerge.search.cocktail import DEFAULT_TEMPERATURE, cocktail
@@ -113,9 +114,9 @@ def search(
     _check_options(steps=steps, popsize=popsize, sigma0=sigma0, temperature=temperature, batch_size=batch_size,
                    max_length=max_length, limit=limit, threads=threads)
     check_device(device)
-    pool = {m: Checkpoint(m) for m in cfg.input_models()}
+    pool = {m: open_model(m) for m in cfg.input_models()}
     check_architecture(pool)  # before any model is loaded
-    inputs = [c.path for c in pool.values()] + tokenizer_dirs(cfg)
+    inputs = input_dirs(pool.values()) + tokenizer_dirs(cfg)
     check_apart(out, inputs)
     data = _data(safety_data, domain_data, lam, limit)
     space = SearchSpace(cfg) if optimizer != "cocktail" else None

@@ -1,0 +1,142 @@
+"""`model+lora` references (mergekit's): a model with a LoRA adapter merged in, read tensor by tensor.
+
+mergekit merges the adapter into a full copy of the model with peft (`merge_and_unload`) and saves it to a cache
+folder first. safemerge adds each adapted weight's low-rank update as the tensor is read, so nothing is loaded
+whole or written: W' = W + s·B·A (transposed for `fan_in_fan_out` layers; (B·A)ᵀ for embeddings), s = α/r
+(α/√r with `use_rslora`), computed in float32 and rounded to W's dtype as peft's merge rounds it. Tensors the adapter saves
+whole (`modules_to_save`, and embeddings saved with the adapter) replace the model's. Adapters with options
+that change this arithmetic (DoRA, LoRA biases, per-module rank or alpha patterns, layer replication, and any
+adapter type but LoRA) are refused by name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from safemerge.checkpoint import Checkpoint, _file_digest
+from safemerge.errors import CheckpointError
+
+PREFIX = "base_model.model."
+ROWS = 1024  # the low-rank update is computed in blocks of this many rows
+# adapter_config.json keys whose non-default values change the merged weights in ways not implemented here
+_UNSUPPORTED = ("use_dora", "lora_bias", "alpha_pattern", "rank_pattern", "layer_replication", "target_parameters",
+                "trainable_token_indices", "use_qalora", "use_bdlora")
+
+
+def split_reference(ref: str) -> tuple[str, str | None]:
+    """(model, adapter) of a `model+adapter` reference (as mergekit splits it); (ref, None) for a plain model or a
+    path that exists as written."""
+    if "+" not in ref or Path(ref).expanduser().exists():
+        return ref, None
+    parts = ref.split("+")
+    if len(parts) != 2 or not all(parts):
+        raise CheckpointError(f"{ref!r}: a LoRA reference is `model_path+adapter_path` (one '+')")
+    return parts[0], parts[1]
+
+
+def open_model(ref: str, *, allow_pickle: bool = False) -> Checkpoint:
+    """A Checkpoint for a config's model reference: a folder (or .safetensors file), or `model+adapter`."""
+    model, adapter = split_reference(ref)
+    if adapter is None:
+        return Checkpoint(model, allow_pickle=allow_pickle)
+    return LoraCheckpoint(model, adapter, allow_pickle=allow_pickle)
+
+
+class LoraCheckpoint(Checkpoint):
+    """The model at `path` with the LoRA adapter at `adapter` merged in (see the module's docstring)."""
+
+    def __init__(self, path: str | os.PathLike, adapter: str | os.PathLike, *, allow_pickle: bool = False):
+        super().__init__(path, allow_pickle=allow_pickle)
+        self.adapter = Path(adapter).expanduser()
+        cfg_file, weights = self.adapter / "adapter_config.json", self.adapter / "adapter_model.safetensors"
+        if not cfg_file.is_file():
+            raise CheckpointError(f"{self.adapter}: no adapter_config.json; a `model+adapter` reference needs a PEFT "
+                                  "LoRA adapter folder")
+        if not weights.is_file():
+            what = " (adapter_model.bin is a pickle; save the adapter with safetensors)" if (
+                self.adapter / "adapter_model.bin").is_file() else ""
+            raise CheckpointError(f"{self.adapter}: no adapter_model.safetensors{what}")
+        try:
+            cfg = json.loads(cfg_file.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{cfg_file}: not readable JSON ({e})") from None
+        if cfg.get("peft_type", "LORA") != "LORA":
+            raise CheckpointError(f"{cfg_file}: peft_type {cfg.get('peft_type')!r}; only LoRA adapters can be merged in")
+        bad = [k for k in _UNSUPPORTED if cfg.get(k)]
+        if bad:
+            raise CheckpointError(f"{cfg_file}: {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not supported; "
+                                  "merge the adapter into the model with peft (merge_and_unload) and give that folder")
+        r, alpha = cfg.get("r"), cfg.get("lora_alpha")
+        if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)):
+            raise CheckpointError(f"{cfg_file}: r and lora_alpha must be a positive whole number and a number")
+        self.scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        self.fan_in_fan_out = bool(cfg.get("fan_in_fan_out"))
+        self.adapter_weights = Checkpoint(weights)
+        self._low_rank: dict[str, tuple[str, str, bool]] = {}  # weight name -> (A name, B name, is embedding)
+        self._whole: dict[str, str] = {}  # weight name -> adapter tensor that replaces it
+        for key in self.adapter_weights.names():
+            name = key.removeprefix(PREFIX)
+            for a_suffix, b_suffix, embedding in ((".lora_A.weight", ".lora_B.weight", False),
+                                                  (".lora_embedding_A", ".lora_embedding_B", True)):
+                if name.endswith(a_suffix):
+                    module = name.removesuffix(a_suffix)
+                    self._low_rank[module + ".weight"] = (key, key.removesuffix(a_suffix) + b_suffix, embedding)
+                    break
+            else:
+                if name.endswith((".lora_B.weight", ".lora_embedding_B")):
+                    continue
+                target = name.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
+                self._whole[target] = key
+        for name in [*self._low_rank, *self._whole]:
+            if name not in self:
+                raise CheckpointError(f"{self.adapter}: adapts {name!r}, which {self.path} does not have; was the "
+                                      "adapter trained on another model?")
+        for name, (a, b, embedding) in self._low_rank.items():
+            (ra, ca), (rb, cb) = self.adapter_weights.shape(a), self.adapter_weights.shape(b)
+            want = (ca, rb) if embedding or self.fan_in_fan_out else (rb, ca)
+            if ra != cb or tuple(self.shape(name)) != want:
+                raise CheckpointError(f"{self.adapter}: the update of {name!r} has shape {list(want)} but the tensor "
+                                      f"has {list(self.shape(name))}")
+        for name, key in self._whole.items():
+            if tuple(self.shape(name)) != tuple(self.adapter_weights.shape(key)):
+                raise CheckpointError(f"{self.adapter}: {key!r} has shape {list(self.adapter_weights.shape(key))} "
+                                      f"but {name!r} has {list(self.shape(name))}")
+
+    def __repr__(self) -> str:
+        return f"LoraCheckpoint({str(self.path)!r}, {str(self.adapter)!r})"
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        if name in self._whole:
+            x = self.adapter_weights.get_rows(self._whole[name], start, stop).to(self.dtype(name), copy=True)
+        else:
+            x = super().get_rows(name, start, stop)
+        if name not in self._low_rank:
+            return x
+        a_key, b_key, embedding = self._low_rank[name]
+        a = self.adapter_weights.get(a_key).to(torch.float32)
+        b = self.adapter_weights.get(b_key).to(torch.float32)
+        transposed = embedding or self.fan_in_fan_out  # rows of (B·A)ᵀ: columns of B·A
+        # in blocks of ROWS rows on a fixed grid: a matrix product's rounding may depend on its shape, and a tensor
+        # read whole or by any row range must give the same values (the engine reads large tensors in ranges)
+        lo, total = start // ROWS * ROWS, self.shape(name)[0]
+        parts = [(b @ a[:, s:s + ROWS]).T if transposed else b[s:s + ROWS] @ a for s in range(lo, min(stop, total), ROWS)]
+        delta = torch.cat(parts)[start - lo:stop - lo] if parts else torch.zeros_like(x, dtype=torch.float32)
+        delta = delta * self.scale
+        if embedding:  # as peft merges: an embedding's update is cast to the weight's dtype first (two roundings) ...
+            return x.clone().add_(delta.to(x.dtype))
+        return x.to(torch.float32, copy=True).add_(delta).to(x.dtype)  # ... a linear layer's added in float32 (one)
+
+    def fingerprint(self) -> str:
+        """The model's fingerprint and the adapter's files together."""
+        if self._fingerprint is None:
+            h = hashlib.sha256(super().fingerprint().encode())
+            for f in ("adapter_config.json", "adapter_model.safetensors"):
+                h.update(_file_digest(self.adapter / f).encode())
+            self._fingerprint = h.hexdigest()[:32]
+        return self._fingerprint
