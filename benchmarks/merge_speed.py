@@ -93,6 +93,13 @@ CONFIGS = {  # issue 2's three measured merges, mergekit YAML
         "merge_method": "arcee_fusion", "base_model": "base",
         "models": [{"model": "base"}, {"model": "expert"}], "dtype": "bfloat16",
     },
+    # MergeAlign with the expert as a LoRA adapter on the base (a `model+adapter` reference; the adapter is made
+    # once with peft: r 16, α 32, every projection of every layer)
+    "lora": {
+        "merge_method": "task_arithmetic", "base_model": "base",
+        "models": [{"model": "base+expert-lora", "parameters": {"weight": 1.0}},
+                   {"model": "instruct", "parameters": {"weight": 1.0}}], "dtype": "bfloat16",
+    },
     # a frankenmerge: layers 0-11 of the expert on layers 4-15 of the instruct model (24 layers out of 16)
     "passthrough": {
         "merge_method": "passthrough",
@@ -165,7 +172,7 @@ def write_configs(root: Path, out_dir: Path) -> dict[str, Path]:
         if "base_model" in cfg:
             cfg["base_model"] = str(root / cfg["base_model"])
         for m in _sources(cfg):
-            m["model"] = str(root / m["model"])
+            m["model"] = "+".join(str(root / part) for part in m["model"].split("+"))
         paths[name] = out_dir / f"{name}.yml"
         paths[name].write_text(yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None))
     return paths
@@ -177,8 +184,32 @@ def _sources(cfg: dict) -> list[dict]:
 
 
 def input_models(method: str) -> list[str]:
+    """The folders the method's config reads (both parts of a `model+adapter` reference)."""
     cfg = CONFIGS[method]
-    return sorted({*([cfg["base_model"]] if "base_model" in cfg else []), *(m["model"] for m in _sources(cfg))})
+    refs = [*([cfg["base_model"]] if "base_model" in cfg else []), *(m["model"] for m in _sources(cfg))]
+    return sorted({part for ref in refs for part in ref.split("+")})
+
+
+def ensure_adapter(root: Path, *, log) -> Path:
+    """root/expert-lora: a LoRA adapter of the base (peft; r 16, α 32, every projection), made once."""
+    out = root / "expert-lora"
+    if (out / "adapter_model.safetensors").is_file():
+        return out
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    log(f"writing a LoRA adapter to {out} (once) ...")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(root / "base", dtype=torch.bfloat16)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=targets))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero
+                p.normal_(std=0.01)
+    peft_model.save_pretrained(out)
+    return out
 
 
 # ---------------------------------------------------------------- the three tools
@@ -209,8 +240,12 @@ def run_tool(tool: str, method: str, *, root: Path, config: Path, work: Path, me
         cmd = safemerge_cmd(config, out, device)
     elif tool == "mergekit":
         cmd = mergekit_cmd(mergekit, config, out, device)
-    else:
-        cmd = io_floor_cmd(models, out)
+        if any("+" in m.get("model", "") for m in _sources(CONFIGS[method])):  # it merges the adapter into a copy
+            cache = work / "mergekit-lora-cache"  # first: emptied, so every run pays for that copy
+            shutil.rmtree(cache, ignore_errors=True)
+            cmd += ["--lora-merge-cache", str(cache)]
+    else:  # the model folders (an adapter's weights are read by the merges, but are not a model to copy)
+        cmd = io_floor_cmd([m for m in models if (m / "config.json").is_file()], out)
     warm(models)
     run = measure(cmd, tool=tool, method=method, env=env)
     run.output_gib = output_bytes(out) / GIB
@@ -391,6 +426,8 @@ def main(argv: list[str] | None = None) -> None:
     scales = [1] if args.scale == 1 else [1, args.scale]
     for scale in scales:
         root = ensure_family(args.cache, scale, log=log)
+        if any("+" in m["model"] for method in methods for m in _sources(CONFIGS[method])):
+            ensure_adapter(root, log=log)
         configs = write_configs(root, root / "configs")
         log(f"scale {scale}: {_family.num_params(scaled_spec(scale)) / 1e9:.2f}B parameters per model ({root})")
         compare = args.compare and {"safemerge", "mergekit"} <= set(tools)
