@@ -135,3 +135,67 @@ def test_the_output_may_not_be_the_adapters_folder(lora_family):
     with pytest.raises(ConfigError, match="is the input model"):
         safemerge.merge(config, adapter, overwrite=True, progress=False)
     assert (adapter / "adapter_model.safetensors").is_file()
+
+
+def test_gpt2_conv1d_layers_are_transposed_per_layer_as_peft_does(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    gpt = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4))
+    gpt.save_pretrained(tmp_path / "gpt2")
+    # c_attn is (32, 96) stored (in, out); c_proj (32, 32) is square: only the layer type says it is transposed.
+    # peft writes fan_in_fan_out as the last wrapped layer left it, so the file's flag cannot decide.
+    adapter = _adapter(tmp_path / "gpt2", tmp_path / "ad", target_modules=["c_attn", "c_proj"], modules_to_save=None,
+                       fan_in_fan_out=True)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg["fan_in_fan_out"] = False
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    want = _peft_merged(tmp_path / "gpt2", adapter)
+    ckpt = open_model(f"{tmp_path / 'gpt2'}+{adapter}")
+    for name in ckpt.names():
+        if name in want:
+            torch.testing.assert_close(ckpt.get(name), want[name], rtol=0, atol=1e-6, msg=name)
+    assert not torch.equal(ckpt.get("transformer.h.0.attn.c_proj.weight"),
+                           open_model(str(tmp_path / "gpt2")).get("transformer.h.0.attn.c_proj.weight"))
+
+
+def test_adapters_peft_would_merge_otherwise_are_refused_by_name(lora_family, tmp_path):
+    import shutil
+
+    fam, adapter = lora_family
+    for key, value, words in (("init_lora_weights", "olora", "init_lora_weights 'olora'"),
+                              ("arrow_config", {"top_k": 2}, "arrow_config"),
+                              ("some_future_option", 3, "some_future_option")):
+        odd = tmp_path / key
+        shutil.copytree(adapter, odd)
+        cfg = json.loads((odd / "adapter_config.json").read_text())
+        cfg[key] = value
+        (odd / "adapter_config.json").write_text(json.dumps(cfg))
+        with pytest.raises(CheckpointError, match=words):
+            open_model(f"{fam['base']}+{odd}")
+    with pytest.raises(CheckpointError, match="no such adapter folder"):
+        open_model(f"{fam['base']}+{tmp_path / 'missing'}")
+    with pytest.raises(ConfigError, match="one '\\+'"):
+        safemerge.merge({"merge_method": "linear", "models": [{"model": "a++b", "parameters": {"weight": 1}}]},
+                        tmp_path / "o", progress=False)
+
+
+def test_an_adapter_that_would_untie_a_tied_model_is_refused(tmp_path):
+    tied = make_family(tmp_path / "tied", names=("base",), tie=True)["base"]
+    assert not any(n.startswith("lm_head") for n in open_model(str(tied)).names())
+    ok = _adapter(tied, tmp_path / "embed-lora", target_modules=["q_proj", "embed_tokens"], modules_to_save=None)
+    want = _peft_merged(tied, ok)  # a low-rank update of the shared matrix keeps the tie, as in peft
+    ckpt = open_model(f"{tied}+{ok}")
+    torch.testing.assert_close(ckpt.get("model.embed_tokens.weight"), want["model.embed_tokens.weight"], rtol=0, atol=1e-6)
+    untie = _adapter(tied, tmp_path / "save-embed", target_modules=["q_proj"], modules_to_save=["embed_tokens"])
+    with pytest.raises(CheckpointError, match="tied to its embeddings"):
+        open_model(f"{tied}+{untie}")
+
+
+def test_a_whole_span_slice_of_model_plus_adapter_reads_as_models(lora_family):
+    from safemerge.config import load_config
+
+    fam, adapter = lora_family
+    ref = f"{fam['base']}+{adapter}"
+    cfg = load_config({"merge_method": "passthrough", "slices": [{"sources": [{"model": ref, "layer_range": [0, 3]}]}]})
+    assert cfg.slices is None and [m.model for m in cfg.models] == [ref]

@@ -43,7 +43,7 @@ class InputModel(BaseModel):
     @field_validator("model")
     @classmethod
     def _reference(cls, v: str) -> str:
-        if "+" in v and not Path(v).exists() and len([p for p in v.split("+") if p]) != 2:
+        if "+" in v and not Path(v).exists() and not (len(v.split("+")) == 2 and all(v.split("+"))):
             raise ValueError(f"model {v!r}: a LoRA reference is `model_path+adapter_path` (one '+')")
         if "@" in v and not Path(v).exists() and Path(v.rsplit("@", 1)[0]).exists():
             raise ValueError(f"model {v!r}: 'model@revision' references are not supported; check out that revision "
@@ -494,7 +494,10 @@ def _num_layers(model: str, folder: Path | None) -> int | None:
 
     from safemerge.layout import num_layers
 
-    root = Path(_local(model, folder) if folder is not None else model).expanduser()
+    ref = _local(model, folder) if folder is not None else model
+    if "+" in ref and not Path(ref).expanduser().exists():  # `model+adapter`: the model's layers
+        ref = ref.split("+")[0]
+    root = Path(ref).expanduser()
     try:
         cfg = json.loads((root / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -24,9 +24,15 @@ from safemerge.errors import CheckpointError
 
 PREFIX = "base_model.model."
 ROWS = 1024  # the low-rank update is computed in blocks of this many rows
-# adapter_config.json keys whose non-default values change the merged weights in ways not implemented here
-_UNSUPPORTED = ("use_dora", "lora_bias", "alpha_pattern", "rank_pattern", "layer_replication", "target_parameters",
-                "trainable_token_indices", "use_qalora", "use_bdlora")
+# adapter_config.json keys understood here (any value), and the initialisations that leave the base weights as
+# they are: any other key with a value (DoRA, LoRA biases, rank/alpha patterns, PiSSA/OLoRA/LoftQ/CorDA inits that
+# rewrite the base weights when peft loads the adapter, aLoRA, Arrow, ...) is refused by name
+_KNOWN = {"base_model_name_or_path", "revision", "task_type", "peft_type", "inference_mode", "r", "lora_alpha",
+          "lora_dropout", "target_modules", "exclude_modules", "fan_in_fan_out", "bias", "use_rslora", "modules_to_save",
+          "init_lora_weights", "layers_to_transform", "layers_pattern", "auto_mapping", "peft_version", "megatron_core",
+          "eva_config", "qalora_group_size", "ensure_weight_tying"}
+_PLAIN_INITS = (True, False, "gaussian")
+CONV1D_MODELS = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}  # transformers' Conv1D: weights stored (in, out)
 
 
 def split_reference(ref: str) -> tuple[str, str | None]:
@@ -54,6 +60,8 @@ class LoraCheckpoint(Checkpoint):
     def __init__(self, path: str | os.PathLike, adapter: str | os.PathLike, *, allow_pickle: bool = False):
         super().__init__(path, allow_pickle=allow_pickle)
         self.adapter = Path(adapter).expanduser()
+        if not self.adapter.is_dir():
+            raise CheckpointError(f"{self.adapter}: no such adapter folder (a reference is `model_path+adapter_path`)")
         cfg_file, weights = self.adapter / "adapter_config.json", self.adapter / "adapter_model.safetensors"
         if not cfg_file.is_file():
             raise CheckpointError(f"{self.adapter}: no adapter_config.json; a `model+adapter` reference needs a PEFT "
@@ -68,7 +76,9 @@ class LoraCheckpoint(Checkpoint):
             raise CheckpointError(f"{cfg_file}: not readable JSON ({e})") from None
         if cfg.get("peft_type", "LORA") != "LORA":
             raise CheckpointError(f"{cfg_file}: peft_type {cfg.get('peft_type')!r}; only LoRA adapters can be merged in")
-        bad = [k for k in _UNSUPPORTED if cfg.get(k)]
+        bad = sorted(k for k, v in cfg.items() if k not in _KNOWN and v not in (None, False, {}, [], ""))
+        if cfg.get("init_lora_weights", True) not in _PLAIN_INITS:  # peft re-initialises the base weights on loading
+            bad.append(f"init_lora_weights {cfg['init_lora_weights']!r}")
         if bad:
             raise CheckpointError(f"{cfg_file}: {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not supported; "
                                   "merge the adapter into the model with peft (merge_and_unload) and give that folder")
@@ -76,9 +86,9 @@ class LoraCheckpoint(Checkpoint):
         if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)):
             raise CheckpointError(f"{cfg_file}: r and lora_alpha must be a positive whole number and a number")
         self.scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-        self.fan_in_fan_out = bool(cfg.get("fan_in_fan_out"))
+        self.conv1d = self.config.get("model_type") in CONV1D_MODELS
         self.adapter_weights = Checkpoint(weights)
-        self._low_rank: dict[str, tuple[str, str, bool]] = {}  # weight name -> (A name, B name, is embedding)
+        self._low_rank: dict[str, tuple[str, str, bool]] = {}  # weight name -> (A name, B name, transposed)
         self._whole: dict[str, str] = {}  # weight name -> adapter tensor that replaces it
         for key in self.adapter_weights.names():
             name = key.removeprefix(PREFIX)
@@ -93,20 +103,51 @@ class LoraCheckpoint(Checkpoint):
                     continue
                 target = name.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
                 self._whole[target] = key
+        self._check_tied()
         for name in [*self._low_rank, *self._whole]:
             if name not in self:
                 raise CheckpointError(f"{self.adapter}: adapts {name!r}, which {self.path} does not have; was the "
                                       "adapter trained on another model?")
-        for name, (a, b, embedding) in self._low_rank.items():
-            (ra, ca), (rb, cb) = self.adapter_weights.shape(a), self.adapter_weights.shape(b)
-            want = (ca, rb) if embedding or self.fan_in_fan_out else (rb, ca)
-            if ra != cb or tuple(self.shape(name)) != want:
-                raise CheckpointError(f"{self.adapter}: the update of {name!r} has shape {list(want)} but the tensor "
-                                      f"has {list(self.shape(name))}")
+        for name, (a, b, embedding) in list(self._low_rank.items()):
+            shapes = [self.adapter_weights.shape(a), self.adapter_weights.shape(b)]
+            if any(len(x) != 2 for x in shapes):
+                raise CheckpointError(f"{self.adapter}: the LoRA matrices of {name!r} have shapes {shapes}; only LoRA on "
+                                      "linear and embedding layers is supported (not convolutions, nor unsharded "
+                                      "ZeRO-3 saves)")
+            (ra, ca), (rb, cb) = shapes
+            rows_first, transposed = (rb, ca), (ca, rb)  # nn.Linear: (out, in); embeddings, Conv1D: (in, out)
+            have = tuple(self.shape(name))
+            if ra != cb or have not in (rows_first, transposed):
+                raise CheckpointError(f"{self.adapter}: the update of {name!r} has shape {list(rows_first)} but the "
+                                      f"tensor has {list(have)}")
+            # peft transposes per layer type, whatever adapter_config.json says: embeddings and Conv1D layers
+            flip = embedding or have != rows_first or (self.conv1d and rows_first == transposed
+                                                          and name.rsplit(".", 2)[-2] in ("c_attn", "c_proj", "c_fc", "q_attn"))
+            self._low_rank[name] = (a, b, flip)
         for name, key in self._whole.items():
             if tuple(self.shape(name)) != tuple(self.adapter_weights.shape(key)):
                 raise CheckpointError(f"{self.adapter}: {key!r} has shape {list(self.adapter_weights.shape(key))} "
                                       f"but {name!r} has {list(self.shape(name))}")
+
+    def _check_tied(self) -> None:
+        """A model whose lm_head is its embedding matrix (no lm_head tensor stored): an adapter that changes one of the
+        two and not the other unties them in peft's merge, which one shared tensor cannot hold. A saved copy equal
+        to the model's own tensor (peft saves the embeddings with `save_embedding_layers`) changes nothing."""
+        if "lm_head.weight" in self:
+            return
+        embed = next((n for n in ("model.embed_tokens.weight", "transformer.wte.weight") if n in self), None)
+        for name in list(self._whole):
+            if name == "lm_head.weight" or name == embed:
+                same = embed is not None and torch.equal(self.adapter_weights.get(self._whole[name]).to(self.dtype(embed)),
+                                                         super().get_rows(embed, 0, self.shape(embed)[0]))
+                if not same:
+                    raise CheckpointError(f"{self.adapter}: replaces {name!r} of a model whose lm_head is tied to its "
+                                          "embeddings; peft's merge unties them, which safemerge does not do: merge the "
+                                          "adapter with peft (merge_and_unload) and give that folder")
+                del self._whole[name]
+        if "lm_head.weight" in self._low_rank:
+            raise CheckpointError(f"{self.adapter}: adapts 'lm_head.weight' of a model whose lm_head is tied to its "
+                                  "embeddings; merge the adapter with peft (merge_and_unload) and give that folder")
 
     def __repr__(self) -> str:
         return f"LoraCheckpoint({str(self.path)!r}, {str(self.adapter)!r})"
@@ -118,10 +159,10 @@ class LoraCheckpoint(Checkpoint):
             x = super().get_rows(name, start, stop)
         if name not in self._low_rank:
             return x
-        a_key, b_key, embedding = self._low_rank[name]
+        a_key, b_key, transposed = self._low_rank[name]  # transposed: rows of (B·A)ᵀ are columns of B·A
+        embedding = a_key.endswith("lora_embedding_A")
         a = self.adapter_weights.get(a_key).to(torch.float32)
         b = self.adapter_weights.get(b_key).to(torch.float32)
-        transposed = embedding or self.fan_in_fan_out  # rows of (B·A)ᵀ: columns of B·A
         # in blocks of ROWS rows on a fixed grid: a matrix product's rounding may depend on its shape, and a tensor
         # read whole or by any row range must give the same values (the engine reads large tensors in ranges)
         lo, total = start // ROWS * ROWS, self.shape(name)[0]
