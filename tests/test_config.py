@@ -216,6 +216,7 @@ def test_strings_and_single_mappings_are_read_as_mergekit_reads_them():
     ({"tokenizer": {"source": "base", "tokens": {"<x>": {"source": "zero"}}}}, ["tokenizer.tokens", "not supported"]),
     ({"tokenizer": {"source": "base"}, "tokenizer_source": "base"}, ["`tokenizer_source` or a `tokenizer:` section"]),
     ({"tokenizer": {"source": "base", "pad_to_multiple_of": 0}}, ["pad_to_multiple_of"]),
+    ({"modules": {"text_decoder": {"models": [{"model": "x"}]}}}, ["`modules:`", "not supported"]),
 ])
 def test_more_configs_mergekit_reads_that_are_refused_clearly(bad, words):
     with pytest.raises(ConfigError) as e:

@@ -336,6 +336,9 @@ def load_config(source: Union[str, os.PathLike, dict, MergeConfig]) -> MergeConf
         folder = path.parent
     else:
         data, folder = source, None
+    if "modules" in data:
+        raise ConfigError(f"{where}: `modules:` (mergekit's per-module merges of multimodal models) is not supported; "
+                          "merge with `models` (whole models) or `slices` (one layer stack)")
     if "slices" in data:
         data = _from_slices(data, where, folder)
     data = _coerce(data)
