@@ -199,3 +199,13 @@ def test_a_whole_span_slice_of_model_plus_adapter_reads_as_models(lora_family):
     ref = f"{fam['base']}+{adapter}"
     cfg = load_config({"merge_method": "passthrough", "slices": [{"sources": [{"model": ref, "layer_range": [0, 3]}]}]})
     assert cfg.slices is None and [m.model for m in cfg.models] == [ref]
+
+
+def test_a_passthrough_of_model_plus_adapter_writes_peft_s_merged_model(lora_family, tmp_path):
+    fam, adapter = lora_family  # the way to audit or evaluate a LoRA expert: write it out as a folder first
+    out = safemerge.merge({"merge_method": "passthrough", "models": [{"model": f"{fam['base']}+{adapter}"}]},
+                          tmp_path / "expert", progress=False)
+    want = _peft_merged(fam["base"], adapter)
+    for name, t in load_file(str(out / "model.safetensors")).items():
+        torch.testing.assert_close(t, want[name], rtol=0, atol=1e-6, msg=name)
+    assert (out / "tokenizer.json").is_file()
