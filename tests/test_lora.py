@@ -209,3 +209,11 @@ def test_a_passthrough_of_model_plus_adapter_writes_peft_s_merged_model(lora_fam
     for name, t in load_file(str(out / "model.safetensors")).items():
         torch.testing.assert_close(t, want[name], rtol=0, atol=1e-6, msg=name)
     assert (out / "tokenizer.json").is_file()
+
+
+def test_evaluation_says_how_to_evaluate_a_model_plus_adapter(lora_family):
+    from safemerge.evaluate.loading import resolve_model_path
+
+    fam, adapter = lora_family
+    with pytest.raises(CheckpointError, match="merge_method: passthrough"):
+        resolve_model_path(f"{fam['base']}+{adapter}")

@@ -62,6 +62,10 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
                 f"{model}: not a local directory, and downloading it from the hub failed ({type(e).__name__}); "
                 "download the checkpoint and pass its path"
             ) from None
+    if "+" in str(model) and all(Path(q).expanduser().is_dir() for q in str(model).split("+")):
+        raise CheckpointError(f"{model}: a `model+adapter` reference is read by merges only; to evaluate or audit the "
+                              "LoRA expert, write it out first (safemerge merge of `merge_method: passthrough` with that "
+                              "one model) and pass that folder")
     raise CheckpointError(f"{p}: no such model directory; check the path")
 
 
