@@ -49,57 +49,34 @@ SLERP_T = [0, 0.5, 1, 0.5, 0]
 
 # expert and instruct, weight 1 and density 0.5 each (configs are copied before they are changed or written)
 HALF_DENSE = [{"model": m, "parameters": {"weight": 1.0, "density": 0.5}} for m in ("expert", "instruct")]
+HALF_WEIGHTS = [{"model": m, "parameters": {"weight": 0.5}} for m in ("expert", "instruct")]
+TWO = [{"model": "expert"}, {"model": "instruct"}]
 
+
+def _on_base(method: str, models: list, **params) -> dict:
+    """A bf16 config of `method` over `models` with `base` as base_model."""
+    return {"merge_method": method, "base_model": "base", "models": models,
+            **({"parameters": params} if params else {}), "dtype": "bfloat16"}
+
+
+BASE_EXPERT = [{"model": "base"}, {"model": "expert"}]
 CONFIGS = {  # issue 2's three measured merges, mergekit YAML
-    "task_arithmetic": {  # MergeAlign, alpha = beta = 1
-        "merge_method": "task_arithmetic", "base_model": "base",
-        "models": [{"model": "expert", "parameters": {"weight": 1.0}},
-                   {"model": "instruct", "parameters": {"weight": 1.0}}],
-        "dtype": "bfloat16",
-    },
-    "ties": {"merge_method": "ties", "base_model": "base", "models": HALF_DENSE, "dtype": "bfloat16"},
-    "slerp": {
-        "merge_method": "slerp", "base_model": "base",
-        "models": [{"model": "base"}, {"model": "expert"}],
-        "parameters": {"t": SLERP_T}, "dtype": "bfloat16",
-    },
+    "task_arithmetic": _on_base("task_arithmetic", [{"model": "expert", "parameters": {"weight": 1.0}},  # MergeAlign
+                                                    {"model": "instruct", "parameters": {"weight": 1.0}}]),
+    "ties": _on_base("ties", HALF_DENSE),
+    "slerp": _on_base("slerp", BASE_EXPERT, t=SLERP_T),
     # beyond issue 2's three: mergekit's other common methods (not run unless named in --methods)
-    "della": {"merge_method": "della", "base_model": "base", "models": HALF_DENSE, "parameters": {"epsilon": 0.15},
-              "dtype": "bfloat16"},
-    "nuslerp": {
-        "merge_method": "nuslerp", "base_model": "base",
-        "models": [{"model": "expert", "parameters": {"weight": 0.5}},
-                   {"model": "instruct", "parameters": {"weight": 0.5}}],
-        "dtype": "bfloat16",
-    },
-    "sce": {
-        "merge_method": "sce", "base_model": "base",
-        "models": [{"model": "expert"}, {"model": "instruct"}],
-        "parameters": {"select_topk": 0.5}, "dtype": "bfloat16",
-    },
-    "multislerp": {
-        "merge_method": "multislerp", "base_model": "base",
-        "models": [{"model": "expert", "parameters": {"weight": 0.5}},
-                   {"model": "instruct", "parameters": {"weight": 0.5}}],
-        "dtype": "bfloat16",
-    },
-    "karcher": {"merge_method": "karcher", "models": [{"model": "expert"}, {"model": "instruct"}], "dtype": "bfloat16"},
-    "nearswap": {
-        "merge_method": "nearswap", "base_model": "base",
-        "models": [{"model": "base"}, {"model": "expert"}],
-        "parameters": {"t": 0.001}, "dtype": "bfloat16",
-    },
-    "arcee_fusion": {
-        "merge_method": "arcee_fusion", "base_model": "base",
-        "models": [{"model": "base"}, {"model": "expert"}], "dtype": "bfloat16",
-    },
+    "della": _on_base("della", HALF_DENSE, epsilon=0.15),
+    "nuslerp": _on_base("nuslerp", HALF_WEIGHTS),
+    "sce": _on_base("sce", TWO, select_topk=0.5),
+    "multislerp": _on_base("multislerp", HALF_WEIGHTS),
+    "karcher": {"merge_method": "karcher", "models": TWO, "dtype": "bfloat16"},
+    "nearswap": _on_base("nearswap", BASE_EXPERT, t=0.001),
+    "arcee_fusion": _on_base("arcee_fusion", BASE_EXPERT),
     # MergeAlign with the expert as a LoRA adapter on the base (a `model+adapter` reference; the adapter is made
     # once with peft: r 16, α 32, every projection of every layer)
-    "lora": {
-        "merge_method": "task_arithmetic", "base_model": "base",
-        "models": [{"model": "base+expert-lora", "parameters": {"weight": 1.0}},
-                   {"model": "instruct", "parameters": {"weight": 1.0}}], "dtype": "bfloat16",
-    },
+    "lora": _on_base("task_arithmetic", [{"model": "base+expert-lora", "parameters": {"weight": 1.0}},
+                                                     {"model": "instruct", "parameters": {"weight": 1.0}}]),
     # a frankenmerge: layers 0-11 of the expert on layers 4-15 of the instruct model (24 layers out of 16)
     "passthrough": {
         "merge_method": "passthrough",

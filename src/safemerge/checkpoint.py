@@ -274,6 +274,11 @@ class Checkpoint:
         except Exception:
             pass
 
+    @property
+    def folders(self) -> list[Path]:
+        """Every folder this checkpoint reads (a `model+adapter` reference reads two)."""
+        return [self.path]
+
     def weight_files(self) -> list[Path]:
         return sorted({i.file for i in self._infos.values()})
 

@@ -35,6 +35,20 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+VOCAB_KEYWORDS = ("base", "union")  # tokenizer sources that are not a model path
+
+
+def split_reference(ref: str) -> tuple[str, str | None]:
+    """(model, adapter) of a `model+adapter` (LoRA) reference, split at its one '+' as mergekit splits it; (ref, None)
+    for a plain model, or for a path that exists as written."""
+    if "+" not in ref or Path(ref).expanduser().exists():
+        return ref, None
+    parts = ref.split("+")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"model {ref!r}: a LoRA reference is `model_path+adapter_path` (one '+')")
+    return parts[0], parts[1]
+
+
 class InputModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
@@ -43,8 +57,7 @@ class InputModel(BaseModel):
     @field_validator("model")
     @classmethod
     def _reference(cls, v: str) -> str:
-        if "+" in v and not Path(v).exists() and not (len(v.split("+")) == 2 and all(v.split("+"))):
-            raise ValueError(f"model {v!r}: a LoRA reference is `model_path+adapter_path` (one '+')")
+        split_reference(v)  # a malformed `model+adapter` reference is an error here
         if "@" in v and not Path(v).exists() and Path(v.rsplit("@", 1)[0]).exists():
             raise ValueError(f"model {v!r}: 'model@revision' references are not supported; check out that revision "
                              "into a folder and give its path")
@@ -497,10 +510,7 @@ def _num_layers(model: str, folder: Path | None) -> int | None:
 
     from safemerge.layout import num_layers
 
-    ref = _local(model, folder) if folder is not None else model
-    if "+" in ref and not Path(ref).expanduser().exists():  # `model+adapter`: the model's layers
-        ref = ref.split("+")[0]
-    root = Path(ref).expanduser()
+    root = Path(split_reference(_local(model, folder) if folder is not None else model)[0]).expanduser()
     try:
         cfg = json.loads((root / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -522,19 +532,22 @@ def _local(p: Any, folder: Path) -> Any:
     if isinstance(p, str) and not Path(p).exists():
         if (folder / p).exists():
             return str(folder / p)
-        if "+" in p:
-            return "+".join(str(folder / q) if q and not Path(q).exists() and (folder / q).exists() else q
-                            for q in p.split("+"))
+        model, adapter = split_reference(p)
+        if adapter is not None:
+            return f"{_local(model, folder)}+{_local(adapter, folder)}"
     return p
 
 
 def _relative_to(data: dict, folder: Path) -> dict:
     data = dict(data)
     data["base_model"] = _local(data.get("base_model"), folder)
-    if data.get("tokenizer_source") not in ("base", "union"):  # keywords, even beside a folder of that name
-        data["tokenizer_source"] = _local(data.get("tokenizer_source"), folder)
-    if isinstance(data.get("tokenizer"), dict) and data["tokenizer"].get("source") not in (None, "base", "union"):
-        data["tokenizer"] = dict(data["tokenizer"], source=_local(data["tokenizer"]["source"], folder))
+
+    def source(v: Any) -> Any:  # a keyword stays one, even beside a folder of that name
+        return v if v in VOCAB_KEYWORDS else _local(v, folder)
+
+    data["tokenizer_source"] = source(data.get("tokenizer_source"))
+    if isinstance(data.get("tokenizer"), dict) and "source" in data["tokenizer"]:
+        data["tokenizer"] = dict(data["tokenizer"], source=source(data["tokenizer"]["source"]))
     if isinstance(data.get("models"), list):
         data["models"] = [dict(m, model=_local(m.get("model"), folder)) if isinstance(m, dict) else m for m in data["models"]]
     if isinstance(data.get("slices"), list):

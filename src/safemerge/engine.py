@@ -26,7 +26,7 @@ import yaml
 
 from safemerge import chat_templates
 from safemerge.checkpoint import Checkpoint, atomic_output, nonfinite
-from safemerge.config import DTYPES, MergeConfig, load_config, method_params
+from safemerge.config import DTYPES, VOCAB_KEYWORDS, MergeConfig, load_config, method_params
 from safemerge.errors import CheckpointError, ConfigError
 from safemerge.layout import (
     before_stack,
@@ -133,7 +133,7 @@ class _Plan:
             rows = shape[0] if shape else 1
             row_elems = max(1, _numel(shape) // max(rows, 1))
             step = rows
-            if self.spec.elementwise and shape and _numel(shape) > chunk_elements and not self._whole(name):
+            if self.spec.elementwise and shape and _numel(shape) > chunk_elements and not self.reindexed(name):
                 step = max(1, chunk_elements // row_elems)
             if rows == 0:  # an empty tensor: one empty item (the writer plans its 0 bytes)
                 yield _Item(name, 0, 0)
@@ -141,9 +141,13 @@ class _Plan:
             for start in range(0, rows, step):
                 yield _Item(name, start, min(rows, start + step))
 
+    def reindexed(self, name: str) -> bool:
+        return _reindexed(self.vocab, name)
 
-    def _whole(self, name: str) -> bool:
-        return self.vocab is not None and name in self.vocab.tensors  # re-indexed as a whole
+
+def _reindexed(vocab: VocabPlan | None, name: str) -> bool:
+    """Whether `name` is a vocabulary tensor re-indexed to the output's token ids (read and merged whole)."""
+    return vocab is not None and name in vocab.tensors
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -168,7 +172,7 @@ def _plan(config: MergeConfig, *, allow_pickle: bool) -> _Plan:
         first, first_src = next(iter(route.sources.items()))
         shapes[name] = models[first].shape(first_src)
         out_dtype[name] = fixed or models[first].dtype(first_src)
-        reindexed = vocab is not None and name in vocab.tensors
+        reindexed = _reindexed(vocab, name)
         for model, src in route.sources.items():
             a, b = shapes[name], models[model].shape(src)
             if (a[1:] != b[1:]) if reindexed else (a != b):  # re-indexed tensors differ in their rows
@@ -285,7 +289,7 @@ _DONE = object()
 
 def _read(plan: _Plan, item: _Item, device: str, allow_nonfinite: bool) -> dict[str, torch.Tensor]:
     out = {}
-    whole = plan._whole(item.name)
+    whole = plan.reindexed(item.name)
     for model, src in plan.routes[item.name].sources.items():
         x = plan.models[model].get(src) if whole else plan.models[model].get_rows(src, item.start, item.stop)
         if device != "cpu":
@@ -485,8 +489,8 @@ def merge(
 
 
 def input_dirs(models) -> list[Path]:
-    """Every folder the checkpoints read: the models', and the adapters' of `model+adapter` references."""
-    return [p for c in models for p in (c.path, getattr(c, "adapter", None)) if p is not None]
+    """Every folder the checkpoints read (the adapters' of `model+adapter` references too)."""
+    return [f for c in models for f in c.folders]
 
 
 def check_apart(out_dir: str | os.PathLike, inputs: list[Path], *, what: str = "the output") -> None:
@@ -508,7 +512,7 @@ def tokenizer_dirs(cfg: MergeConfig) -> list[Path]:
     """The tokenizer source when it is another folder than the reference model's ([] for none, 'base' or
     'union'); an error, before any work, when it is not a folder."""
     tok = cfg.vocab_source
-    if tok in (None, "base", "union"):
+    if tok is None or tok in VOCAB_KEYWORDS:
         return []
     if not Path(tok).is_dir():
         raise ConfigError(f"tokenizer_source {tok!r} is not a model directory")

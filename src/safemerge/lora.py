@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from safemerge.checkpoint import Checkpoint, _file_digest
+from safemerge.config import split_reference
 from safemerge.errors import CheckpointError
 
 PREFIX = "base_model.model."
@@ -33,17 +34,6 @@ _KNOWN = {"base_model_name_or_path", "revision", "task_type", "peft_type", "infe
           "eva_config", "qalora_group_size", "ensure_weight_tying"}
 _PLAIN_INITS = (True, False, "gaussian")
 CONV1D_MODELS = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}  # transformers' Conv1D: weights stored (in, out)
-
-
-def split_reference(ref: str) -> tuple[str, str | None]:
-    """(model, adapter) of a `model+adapter` reference (as mergekit splits it); (ref, None) for a plain model or a
-    path that exists as written."""
-    if "+" not in ref or Path(ref).expanduser().exists():
-        return ref, None
-    parts = ref.split("+")
-    if len(parts) != 2 or not all(parts):
-        raise CheckpointError(f"{ref!r}: a LoRA reference is `model_path+adapter_path` (one '+')")
-    return parts[0], parts[1]
 
 
 def open_model(ref: str, *, allow_pickle: bool = False) -> Checkpoint:
@@ -152,9 +142,13 @@ class LoraCheckpoint(Checkpoint):
     def __repr__(self) -> str:
         return f"LoraCheckpoint({str(self.path)!r}, {str(self.adapter)!r})"
 
+    @property
+    def folders(self) -> list[Path]:
+        return [self.path, self.adapter]
+
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         if name in self._whole:
-            x = self.adapter_weights.get_rows(self._whole[name], start, stop).to(self.dtype(name), copy=True)
+            x = self.adapter_weights.get_rows(self._whole[name], start, stop).to(self.dtype(name))
         else:
             x = super().get_rows(name, start, stop)
         if name not in self._low_rank:
@@ -170,7 +164,7 @@ class LoraCheckpoint(Checkpoint):
         delta = torch.cat(parts)[start - lo:stop - lo] if parts else torch.zeros_like(x, dtype=torch.float32)
         delta = delta * self.scale
         if embedding:  # as peft merges: an embedding's update is cast to the weight's dtype first (two roundings) ...
-            return x.clone().add_(delta.to(x.dtype))
+            return x.add_(delta.to(x.dtype))  # (x is this call's own: a read buffer or a copy-on-write mapping)
         return x.to(torch.float32, copy=True).add_(delta).to(x.dtype)  # ... a linear layer's added in float32 (one)
 
     def fingerprint(self) -> str:

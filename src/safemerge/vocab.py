@@ -17,7 +17,7 @@ also cut rows beyond the tokenizer's length there, e.g. Qwen's padding rows.)
 
 from __future__ import annotations
 
-import json
+import copy
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from safemerge.config import VOCAB_KEYWORDS
 from safemerge.errors import CheckpointError, ConfigError
 from safemerge.layout import layer_index
 
@@ -75,6 +76,10 @@ class VocabPlan:
         return out
 
 
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"))
+
+
 def _vocab(path: Path) -> dict[str, int] | None:
     """The model's token -> id map (added tokens included), or None where it has no tokenizer files."""
     if (path / "tokenizer.json").is_file():
@@ -84,9 +89,7 @@ def _vocab(path: Path) -> dict[str, int] | None:
             return Tokenizer.from_file(str(path / "tokenizer.json")).get_vocab(with_added_tokens=True)
         except Exception as e:  # noqa: BLE001 - any parse failure is the file's
             raise CheckpointError(f"{path / 'tokenizer.json'}: cannot read the tokenizer ({e})") from None
-    if not any((path / n).is_file() for n in ("tokenizer_config.json", "tokenizer.model", "vocab.json")):
-        return None
-    return _load_tokenizer(path).get_vocab()
+    return _load_tokenizer(path).get_vocab() if _has_tokenizer(path) else None
 
 
 def _load_tokenizer(path: Path):
@@ -118,9 +121,9 @@ def vocab_plan(source: str | None, pad_to_multiple_of: int | None, *, models: di
         _warn_if_renumbered(models)
         return None
     rows = {m: _rows(c) for m, c in models.items()}
-    named = None if source in ("base", "union") else next(
+    named = None if source in VOCAB_KEYWORDS else next(
         (m for m, c in models.items() if Path(source).resolve() == c.path.resolve()), None)
-    outside = source not in ("base", "union") and named is None  # a tokenizer_source that is no input model
+    outside = source not in VOCAB_KEYWORDS and named is None  # a tokenizer_source that is no input model
     one_size = not pad_to_multiple_of and len(set(rows.values())) == 1
     if one_size and not outside and _same_files(models):
         return None  # one tokenizer.json, byte for byte: one vocabulary (without parsing it)
@@ -189,23 +192,24 @@ def _same_files(models: dict[str, "Checkpoint"]) -> bool:
 def _warn_if_renumbered(models: dict[str, "Checkpoint"]) -> None:
     """Without `tokenizer_source` the embeddings merge row by row; where the models' tokenizers number their tokens
     differently, that merges rows of different tokens: say so (mergekit does not)."""
-    if len(models) < 2 or _same_files(models) or not all((c.path / "tokenizer.json").is_file() for c in models.values()):
+    if len(models) < 2 or not all((c.path / "tokenizer.json").is_file() for c in models.values()) or _same_files(models):
         return
     try:
         vocabs = {m: _vocab(c.path) for m, c in models.items()}
     except CheckpointError:  # a tokenizer this version cannot read: no warning (the merge does not need it)
         return
+    sizes = [c.config.get("vocab_size") for c in models.values()]
+    rows = min(sizes) if all(isinstance(n, int) for n in sizes) else None  # ids past a model's rows are unused
+
+    def used(v: dict[str, int]) -> dict[str, int]:
+        return {t: i for t, i in v.items() if rows is None or i < rows}
+
     first = next(iter(models))
-    rows = min(_rows(c) for c in models.values()) if all(isinstance(c.config.get("vocab_size"), int)
-                                                          for c in models.values()) else None
-    for m, v in vocabs.items():
-        a = {t: i for t, i in vocabs[first].items() if rows is None or i < rows}
-        b = {t: i for t, i in v.items() if rows is None or i < rows}
-        if a != b:
-            warnings.warn(f"{m} and {first} number their tokens differently, and the embeddings are merged row by row; "
-                          "set `tokenizer_source: base` (or a model, or `union`) to merge them token by token",
-                          stacklevel=4)
-            return
+    want = used(vocabs[first])
+    other = next((m for m, v in vocabs.items() if used(v) != want), None)
+    if other is not None:
+        warnings.warn(f"{other} and {first} number their tokens differently, and the embeddings are merged row by row; "
+                      "set `tokenizer_source: base` (or a model, or `union`) to merge them token by token", stacklevel=4)
 
 
 def _union_tokenizer(models: dict[str, "Checkpoint"], base: str, rows: dict[str, int]):
@@ -220,7 +224,7 @@ def _union_tokenizer(models: dict[str, "Checkpoint"], base: str, rows: dict[str,
         base_tok.save_pretrained(d)
         res = _load_tokenizer(Path(d))
     order = [base] + [m for m in models if m != base]
-    toks = {m: base_tok if m == base else (_load_tokenizer(models[m].path) if _vocab(models[m].path) is not None else None)
+    toks = {m: base_tok if m == base else (_load_tokenizer(models[m].path) if _has_tokenizer(models[m].path) else None)
             for m in order}
     added: dict[str, AddedToken] = {}  # every model's added tokens first: a token added in any is added in the output
     for m, tok in toks.items():
@@ -246,7 +250,7 @@ def _union_tokenizer(models: dict[str, "Checkpoint"], base: str, rows: dict[str,
 
 def write_vocab_size(config: dict, size: int) -> dict:
     """The output's config.json with the new vocabulary size (text_config's where the model keeps it there)."""
-    config = json.loads(json.dumps(config))
+    config = copy.deepcopy(config)
     if "vocab_size" in config or "text_config" not in config:
         config["vocab_size"] = size
     else:

@@ -14,7 +14,6 @@ method (task vectors, whole-weight and SLERP) go through the engine's own code p
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import torch
@@ -22,7 +21,7 @@ import torch
 from safemerge._hf import quiet_transformers
 from safemerge.checkpoint import Checkpoint
 from safemerge.config import DTYPES, MergeConfig, load_config
-from safemerge.engine import check_device, merge_tensor
+from safemerge.engine import check_device, merge_tensor, tokenizer_dirs
 from safemerge.errors import CheckpointError, ConfigError
 from safemerge.layout import num_layers, position, stream_order, tied_source
 from safemerge.lora import open_model
@@ -121,10 +120,7 @@ class CandidateModel:
         ref = self.reference.path
         if not (ref / "config.json").is_file():
             raise CheckpointError(f"{ref}: the search needs an HF model directory (config.json) to build the model")
-        tok_src = self.config.vocab_source
-        tok_path = ref if tok_src in (None, "base", "union") else Path(tok_src)  # one shared vocabulary (checked)
-        if not tok_path.is_dir():
-            raise ConfigError(f"tokenizer_source {tok_src!r} is not a model directory")
+        tok_path = next(iter(tokenizer_dirs(self.config)), ref)  # the pool shares one vocabulary (checked)
         try:
             with quiet_transformers():
                 tokenizer = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=False)
