@@ -200,3 +200,23 @@ def test_evaluation_on_cuda_matches_the_cpu(micro_testbed, tmp_path):
         got[device] = (s["safe_rate"], d["acc"])
     assert got["cuda"][0] == pytest.approx(got["cpu"][0], abs=0.03)
     assert got["cuda"][1] == pytest.approx(got["cpu"][1], abs=0.02)
+
+
+@pytest.mark.parametrize("svd", ["exact", "randomized"])
+def test_lora_extraction_on_cuda_matches_the_cpu(tiny_family, tmp_path, svd):
+    from safemerge.extract import extract_lora
+
+    fam = tiny_family
+    cpu = extract_lora(fam["expert"], fam["base"], tmp_path / "cpu", rank=8, svd=svd, progress=False)
+    gpu = extract_lora(fam["expert"], fam["base"], tmp_path / "gpu", rank=8, svd=svd, device="cuda", progress=False)
+    assert cpu.ranks == gpu.ranks
+    if svd == "randomized":  # the GPU's random stream is another: the same error, not the same factors
+        assert gpu.total_error == pytest.approx(cpu.total_error, rel=2e-2)
+        return
+    assert gpu.total_error == pytest.approx(cpu.total_error, rel=1e-4)
+    a, b = Checkpoint(cpu.path / "adapter_model.safetensors"), Checkpoint(gpu.path / "adapter_model.safetensors")
+    for key in a.names():  # compare the products B·A: singular vectors' signs may differ between devices
+        if key.endswith("lora_A.weight"):
+            pa = a.get(key.replace("lora_A", "lora_B")) @ a.get(key)
+            pb = b.get(key.replace("lora_A", "lora_B")) @ b.get(key)
+            torch.testing.assert_close(pb, pa, rtol=0, atol=1e-3 * float(pa.abs().max()) + 1e-7, msg=key)

@@ -114,6 +114,26 @@ def test_bad_adapters_are_refused_by_name(lora_family, tmp_path):
     assert cfg["peft_type"] == "LORA"
 
 
+@pytest.mark.parametrize("rslora", [False, True])
+def test_rank_and_alpha_patterns_are_matched_as_peft_matches_them(lora_family, tmp_path, rslora):
+    fam, _ = lora_family
+    # a suffix pattern (every q_proj), a full escaped name, and an alpha pattern that overlaps them
+    adapter = _adapter(fam["base"], tmp_path / "pat", target_modules=["q_proj", "down_proj"], modules_to_save=None,
+                       rank_pattern={"q_proj": 2, r"model\.layers\.1\.mlp\.down_proj": 6},
+                       alpha_pattern={"down_proj": 3}, use_rslora=rslora)
+    want = _peft_merged(fam["base"], adapter)
+    ckpt = open_model(f"{fam['base']}+{adapter}")
+    for name in ckpt.names():
+        torch.testing.assert_close(ckpt.get(name), want[name], rtol=0, atol=1e-6, msg=name)
+    a = load_file(str(adapter / "adapter_model.safetensors"))
+    assert a["base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"].shape[0] == 6
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg["rank_pattern"] = {"q_proj": 3}  # the matrices say 2
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="have rank 2, but adapter_config.json gives it r = 3"):
+        open_model(f"{fam['base']}+{adapter}")
+
+
 def test_the_search_reads_model_plus_adapter_as_the_engine_does(lora_family, tmp_path):
     from safemerge.search.candidates import CandidateModel
 

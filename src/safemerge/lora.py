@@ -3,10 +3,11 @@
 mergekit merges the adapter into a full copy of the model with peft (`merge_and_unload`) and saves it to a cache
 folder first. safemerge adds each adapted weight's low-rank update as the tensor is read, so nothing is loaded
 whole or written: W' = W + s·B·A (transposed for `fan_in_fan_out` layers; (B·A)ᵀ for embeddings), s = α/r
-(α/√r with `use_rslora`), computed in float32 and rounded to W's dtype as peft's merge rounds it. Tensors the adapter saves
+(α/√r with `use_rslora`; r and α per module from `rank_pattern` / `alpha_pattern`, matched as peft matches
+them), computed in float32 and rounded to W's dtype as peft's merge rounds it. Tensors the adapter saves
 whole (`modules_to_save`, and embeddings saved with the adapter) replace the model's. Adapters with options
-that change this arithmetic (DoRA, LoRA biases, per-module rank or alpha patterns, layer replication, and any
-adapter type but LoRA) are refused by name.
+that change this arithmetic (DoRA, LoRA biases, layer replication, and any adapter type but LoRA) are refused by
+name.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -26,12 +28,12 @@ from safemerge.errors import CheckpointError
 PREFIX = "base_model.model."
 ROWS = 1024  # the low-rank update is computed in blocks of this many rows
 # adapter_config.json keys understood here (any value), and the initialisations that leave the base weights as
-# they are: any other key with a value (DoRA, LoRA biases, rank/alpha patterns, PiSSA/OLoRA/LoftQ/CorDA inits that
+# they are: any other key with a value (DoRA, LoRA biases, PiSSA/OLoRA/LoftQ/CorDA inits that
 # rewrite the base weights when peft loads the adapter, aLoRA, Arrow, ...) is refused by name
 _KNOWN = {"base_model_name_or_path", "revision", "task_type", "peft_type", "inference_mode", "r", "lora_alpha",
           "lora_dropout", "target_modules", "exclude_modules", "fan_in_fan_out", "bias", "use_rslora", "modules_to_save",
           "init_lora_weights", "layers_to_transform", "layers_pattern", "auto_mapping", "peft_version", "megatron_core",
-          "eva_config", "qalora_group_size", "ensure_weight_tying"}
+          "eva_config", "qalora_group_size", "ensure_weight_tying", "rank_pattern", "alpha_pattern"}
 _PLAIN_INITS = (True, False, "gaussian")
 CONV1D_MODELS = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}  # transformers' Conv1D: weights stored (in, out)
 
@@ -75,11 +77,16 @@ class LoraCheckpoint(Checkpoint):
         r, alpha = cfg.get("r"), cfg.get("lora_alpha")
         if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)):
             raise CheckpointError(f"{cfg_file}: r and lora_alpha must be a positive whole number and a number")
-        self.scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        patterns = {k: cfg.get(k) or {} for k in ("rank_pattern", "alpha_pattern")}
+        if any(not isinstance(p, dict) or not all(isinstance(v, (int, float)) and v > 0 for v in p.values())
+               for p in patterns.values()):
+            raise CheckpointError(f"{cfg_file}: rank_pattern and alpha_pattern must map module patterns to positive numbers")
+        rslora = bool(cfg.get("use_rslora"))
         self.conv1d = self.config.get("model_type") in CONV1D_MODELS
         self.adapter_weights = Checkpoint(weights)
         self._low_rank: dict[str, tuple[str, str, bool]] = {}  # weight name -> (A name, B name, transposed)
         self._whole: dict[str, str] = {}  # weight name -> adapter tensor that replaces it
+        self._scale: dict[str, float] = {}  # weight name -> s = α/r (α/√r with rsLoRA)
         for key in self.adapter_weights.names():
             name = key.removeprefix(PREFIX)
             for a_suffix, b_suffix, embedding in ((".lora_A.weight", ".lora_B.weight", False),
@@ -114,6 +121,13 @@ class LoraCheckpoint(Checkpoint):
             flip = embedding or have != rows_first or (self.conv1d and rows_first == transposed
                                                           and name.rsplit(".", 2)[-2] in ("c_attn", "c_proj", "c_fc", "q_attn"))
             self._low_rank[name] = (a, b, flip)
+            module = name.removesuffix(".weight")  # as peft picks a module's r and α: the first pattern that matches
+            rank = patterns["rank_pattern"].get(_pattern_key(patterns["rank_pattern"], module), r)
+            a_rank = patterns["alpha_pattern"].get(_pattern_key(patterns["alpha_pattern"], module), alpha)
+            if ra != rank:
+                raise CheckpointError(f"{self.adapter}: the LoRA matrices of {name!r} have rank {ra}, but "
+                                      f"adapter_config.json gives it r = {rank}")
+            self._scale[name] = a_rank / math.sqrt(rank) if rslora else a_rank / rank
         for name, key in self._whole.items():
             if tuple(self.shape(name)) != tuple(self.adapter_weights.shape(key)):
                 raise CheckpointError(f"{self.adapter}: {key!r} has shape {list(self.adapter_weights.shape(key))} "
@@ -162,7 +176,7 @@ class LoraCheckpoint(Checkpoint):
         lo, total = start // ROWS * ROWS, self.shape(name)[0]
         parts = [(b @ a[:, s:s + ROWS]).T if transposed else b[s:s + ROWS] @ a for s in range(lo, min(stop, total), ROWS)]
         delta = torch.cat(parts)[start - lo:stop - lo] if parts else torch.zeros_like(x, dtype=torch.float32)
-        delta = delta * self.scale
+        delta = delta * self._scale[name]
         if embedding:  # as peft merges: an embedding's update is cast to the weight's dtype first (two roundings) ...
             return x.add_(delta.to(x.dtype))  # (x is this call's own: a read buffer or a copy-on-write mapping)
         return x.to(torch.float32, copy=True).add_(delta).to(x.dtype)  # ... a linear layer's added in float32 (one)
@@ -175,3 +189,15 @@ class LoraCheckpoint(Checkpoint):
                 h.update(_file_digest(self.adapter / f).encode())
             self._fingerprint = h.hexdigest()[:32]
         return self._fingerprint
+
+
+def _pattern_key(patterns: dict, module: str) -> str | None:
+    """peft's rule (peft.utils.other.get_pattern_key): the first key that, read as a regular expression, matches the
+    module's full name or a dotted suffix of it."""
+    for key in patterns:
+        try:
+            if re.match(rf"(.*\.)?({key})$", module):
+                return key
+        except re.error:
+            raise CheckpointError(f"rank/alpha pattern {key!r}: not a regular expression") from None
+    return None

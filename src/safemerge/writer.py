@@ -37,11 +37,12 @@ class _Shard:
 class ShardedWriter:
     """Writes tensors, in the planned order, into `model-0000i-of-0000n.safetensors` (+ index).
 
-    `specs` is an ordered list of (name, shape, dtype). With one shard the file is `model.safetensors`
-    and no index is written, as `save_pretrained` does.
+    `specs` is an ordered list of (name, shape, dtype). With one shard the file is `single_name`
+    (`model.safetensors`) and no index is written, as `save_pretrained` does.
     """
 
-    def __init__(self, out_dir: Path, specs: list[tuple[str, tuple[int, ...], torch.dtype]], *, max_shard_bytes: int):
+    def __init__(self, out_dir: Path, specs: list[tuple[str, tuple[int, ...], torch.dtype]], *, max_shard_bytes: int,
+                 single_name: str = "model.safetensors"):
         self.out_dir = Path(out_dir)
         self._shards: list[_Shard] = []
         self._where: dict[str, _Shard] = {}
@@ -58,7 +59,7 @@ class ShardedWriter:
             self._where[name] = shard
         n = len(self._shards)
         for i, shard in enumerate(self._shards):
-            shard.file = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            shard.file = single_name if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         self._open: tuple[_Shard, Any] | None = None
         self._next = 0  # index into the flat order
         self._pending = 0  # bytes of the current tensor written so far

@@ -1,4 +1,4 @@
-"""CLI: `merge`, `mergealign` and `methods`."""
+"""CLI: `merge`, `mergealign`, `extract-lora` and `methods`."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from safemerge.cli._common import emit_json, out, user_errors
 def register(app: typer.Typer) -> None:
     app.command("merge")(merge)
     app.command("mergealign")(mergealign)
+    app.command("extract-lora")(extract_lora)
     app.command("methods")(methods)
 
 
@@ -70,6 +71,44 @@ def mergealign(
                                     device=device, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
                                     progress=progress)
         _report(path, json_out, time.perf_counter() - start)
+
+
+def extract_lora(
+    model: Annotated[str, typer.Argument(help="The fine-tuned model (a folder, or model+adapter).")],
+    out_dir: Annotated[Path, typer.Argument(help="Output adapter folder (PEFT LoRA; written atomically).")],
+    base: Annotated[str, typer.Option(help="The base MODEL was fine-tuned from.")],
+    rank: Annotated[int, typer.Option("--rank", "--max-rank", min=1, help="Largest LoRA rank per module.")] = 128,
+    sv_epsilon: Annotated[float, typer.Option(min=0.0, help="Drop singular values at or below this (per-module ranks).")] = 0.0,
+    embed_lora: Annotated[bool, typer.Option(help="Factor the embeddings and lm_head too (default: save them whole when changed).")] = False,
+    save_module: Annotated[Optional[list[str]], typer.Option(help="Save this module whole (full name or last part; repeatable).")] = None,
+    include: Annotated[Optional[list[str]], typer.Option("--include", "-i", help="Only modules whose name matches this regex (repeatable).")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", "-e", help="Leave out modules whose name matches this regex (repeatable).")] = None,
+    svd: Annotated[str, typer.Option(help="exact, or randomized (seeded; faster on large matrices).")] = "exact",
+    dtype: Annotated[Optional[str], typer.Option(help="dtype of the LoRA factors (default: the model's).")] = None,
+    device: Annotated[str, typer.Option(help="Compute on cpu or cuda.")] = "cpu",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    allow_pickle: Annotated[bool, typer.Option(help="Allow reading .bin (pickle) checkpoints; only for inputs you trust.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Extract MODEL's change from its base as a PEFT LoRA adapter (truncated SVD per layer), as mergekit-extract-lora does."""
+    from safemerge.extract import extract_lora as run  # no _start_engine: LAPACK's varied buffers grow a kept heap
+
+    with user_errors():
+        start = time.perf_counter()
+        result = run(model, base, out_dir, rank=rank, sv_epsilon=sv_epsilon, embed_lora=embed_lora,
+                     save_modules=save_module or (), include=include or (), exclude=exclude or (), svd=svd, dtype=dtype,
+                     device=device, overwrite=overwrite, allow_pickle=allow_pickle, progress=progress)
+        summary = dict(result.summary(), seconds=round(time.perf_counter() - start, 2))
+        if json_out:
+            return emit_json(summary)
+        out.print(f"[green]wrote[/] {escape(str(result.path))}: {summary['factored']} modules as LoRA (rank ≤ "
+                  f"{summary['max_rank']}), relative error {summary['relative_error']:.4f}; "
+                  f"{len(result.whole)} saved whole, {result.unchanged} unchanged; {summary['seconds']:.1f} s", soft_wrap=True)
+        if result.excluded:
+            shown = ", ".join(result.excluded[:4]) + (f" and {len(result.excluded) - 4} more" if len(result.excluded) > 4 else "")
+            out.print(f"{len(result.excluded)} changed modules left out (--include / --exclude / --sv-epsilon): "
+                      f"{escape(shown)}", soft_wrap=True)
 
 
 def methods(json_out: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False) -> None:
