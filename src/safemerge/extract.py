@@ -25,11 +25,13 @@ from pathlib import Path
 import torch
 import yaml
 
+from safemerge._progress import progress_bar
 from safemerge.checkpoint import atomic_output, nonfinite
+from safemerge.config import DTYPES
 from safemerge.engine import check_apart, check_device, input_dirs, tensor_seed
 from safemerge.errors import CheckpointError, ConfigError
 from safemerge.lora import PREFIX, open_model
-from safemerge.writer import DTYPE_NAMES, ShardedWriter
+from safemerge.writer import ShardedWriter
 
 SVD_WAYS = ("exact", "randomized")
 OVERSAMPLE, POWER_ITERATIONS = 10, 4  # the randomized SVD's extra columns and power iterations (Halko et al. 2011)
@@ -115,10 +117,11 @@ def extract_lora(
     whole: list[_Module] = []
     sq_err = sq_norm = 0.0
     tied = "lm_head.weight" not in fine and any(m.kind == "embedding" for m in modules)
-    with _bar(progress, len(modules)) as advance:
+    with progress_bar(len(modules), "extracting LoRA: modules", enabled=progress) as advance:
         for m in modules:
-            advance()
-            changed = {p: n for p, n in m.tensors.items() if not torch.equal(fine.get(n), ref.get(n))}
+            advance(1)
+            values = {p: (fine.get(n), ref.get(n)) for p, n in m.tensors.items()}  # each tensor read once
+            changed = {p: m.tensors[p] for p, (x, y) in values.items() if not torch.equal(x, y)}
             if not changed:
                 result.unchanged += 1
                 continue
@@ -140,7 +143,7 @@ def extract_lora(
             if m.kind in ("embedding", "output") and not embed_lora:
                 warnings.warn(f"{m.name}: the model's lm_head is tied to its embeddings, which peft unties when it "
                               "saves them whole; factoring them as LoRA instead (as --embed-lora does)", stacklevel=2)
-            delta = _delta(fine, ref, m.tensors["weight"], device)
+            delta = _delta(*values.pop("weight"), m.tensors["weight"], device)
             if m.kind in ("embedding", "conv1d"):  # peft: (B·A)ᵀ for embeddings and Conv1D (weights stored (in, out))
                 delta = delta.T
             u, s, vh, kept = _truncated_svd(delta, rank, sv_epsilon, svd, tensor_seed(seed, m.name))
@@ -157,7 +160,7 @@ def extract_lora(
             result.ranks[m.name] = kept
             result.errors[m.name] = math.sqrt(err2 / norm2) if norm2 else 0.0
             factors[m.name] = (a.cpu(), b.cpu(), m.kind == "embedding")
-            del delta, u, s, vh
+            del delta, u, s, vh, values
     if not factors and not whole:
         what = " outside the excluded modules" if result.excluded else ""
         raise CheckpointError(f"{fine.path} and {ref.path} have the same weights{what}: there is no change to extract")
@@ -198,12 +201,9 @@ def extract_lora(
 
 
 def _dtype(name: str | None) -> torch.dtype | None:
-    if name is None:
-        return None
-    names = {**{v: k for k, v in DTYPE_NAMES.items()}, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    if name not in names or names[name] is torch.float64:
+    if name is not None and (name not in DTYPES or DTYPES[name] is torch.float64):
         raise ConfigError(f"dtype {name!r}: the factors' dtype is one of bfloat16, float16, float32")
-    return names[name]
+    return DTYPES.get(name)
 
 
 def _check_same(fine, ref) -> None:
@@ -261,8 +261,8 @@ def _modules(ckpt) -> list[_Module]:
     return list(found.values())
 
 
-def _delta(fine, ref, name: str, device: str) -> torch.Tensor:
-    delta = fine.get(name).to(device=device, dtype=torch.float32) - ref.get(name).to(device=device, dtype=torch.float32)
+def _delta(mine: torch.Tensor, theirs: torch.Tensor, name: str, device: str) -> torch.Tensor:
+    delta = mine.to(device=device, dtype=torch.float32) - theirs.to(device=device, dtype=torch.float32)
     if nonfinite(delta):
         raise CheckpointError(f"tensor {name!r}: the difference between the two models has NaN or Inf values")
     return delta
@@ -290,30 +290,6 @@ def _truncated_svd(m: torch.Tensor, rank: int, eps: float, how: str, seed: int):
 
 def _causal(ckpt) -> bool:
     return str((ckpt.config.get("architectures") or [""])[0]).endswith("ForCausalLM")
-
-
-class _bar:
-    """A transient rich progress bar over the modules (or nothing), yielding `advance`."""
-
-    def __init__(self, enabled: bool, total: int):
-        self.enabled, self.total = enabled, total
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda: None
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-        self.bar = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                            TimeRemainingColumn(), transient=True, console=Console(stderr=True))
-        self.bar.__enter__()
-        task = self.bar.add_task("extracting LoRA: modules", total=self.total)
-        return lambda: self.bar.advance(task)
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.bar.__exit__(*exc)
-        return False
 
 
 def _card(out: Path, *, model: str, base: str, result: Extraction, rank: int, svd: str) -> None:

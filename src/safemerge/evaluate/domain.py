@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 from safemerge.data.loaders import MCQuestion, QuestionSet, load_multiple_choice
 from safemerge.errors import SafemergeError
-from safemerge.evaluate._progress import progress_bar
+from safemerge._progress import progress_bar
 from safemerge.evaluate.backends import EvaluationWarning, TransformersBackend, get_backend, render_prompt
 from safemerge.evaluate.loading import ModelRef, model_ref
 from safemerge.evaluate.loglik import encode_pairs, loglikelihoods, max_length

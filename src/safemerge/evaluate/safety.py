@@ -23,7 +23,7 @@ from typing import Any, Iterator, Sequence
 from safemerge.checkpoint import atomic_write, check_output_file
 from safemerge.data.loaders import PromptSet, load_prompts
 from safemerge.errors import SafemergeError
-from safemerge.evaluate._progress import progress_bar
+from safemerge._progress import progress_bar
 from safemerge.evaluate.backends import EvaluationWarning, Generation, GenerationSettings, get_backend
 from safemerge.evaluate.judges import Judge, Verdict, get_judge
 from safemerge.evaluate.loading import model_ref

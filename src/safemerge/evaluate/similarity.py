@@ -25,7 +25,7 @@ import torch
 
 from safemerge.checkpoint import nonfinite
 from safemerge.errors import CheckpointError, SafemergeError
-from safemerge.evaluate._progress import progress_bar
+from safemerge._progress import progress_bar
 from safemerge.layout import layer_index, stream_order, tied_source
 
 
