@@ -61,6 +61,17 @@ def lora_family(tmp_path_factory):
     return fam, _adapter(fam["base"], root / "adapter")
 
 
+def test_evaluation_loads_the_reference_as_peft_merges_it(lora_family):
+    from safemerge.evaluate.loading import load_model
+
+    fam, adapter = lora_family  # a factored embedding, lm_head saved whole, q_proj and down_proj factored
+    model, _ = load_model(fam["base"], adapter=adapter, device="cpu", tokenizer="unused")
+    got, want = model.state_dict(), _peft_merged(fam["base"], adapter)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_adapter_is_merged_in_as_peft_merges_it(dtype, lora_family, tiny_family_bf16, tmp_path):
     fam, adapter = lora_family
@@ -222,18 +233,10 @@ def test_a_whole_span_slice_of_model_plus_adapter_reads_as_models(lora_family):
 
 
 def test_a_passthrough_of_model_plus_adapter_writes_peft_s_merged_model(lora_family, tmp_path):
-    fam, adapter = lora_family  # the way to audit or evaluate a LoRA expert: write it out as a folder first
+    fam, adapter = lora_family  # a LoRA expert written out as a folder (to publish it, or for the vllm backend)
     out = safemerge.merge({"merge_method": "passthrough", "models": [{"model": f"{fam['base']}+{adapter}"}]},
                           tmp_path / "expert", progress=False)
     want = _peft_merged(fam["base"], adapter)
     for name, t in load_file(str(out / "model.safetensors")).items():
         torch.testing.assert_close(t, want[name], rtol=0, atol=1e-6, msg=name)
     assert (out / "tokenizer.json").is_file()
-
-
-def test_evaluation_says_how_to_evaluate_a_model_plus_adapter(lora_family):
-    from safemerge.evaluate.loading import resolve_model_path
-
-    fam, adapter = lora_family
-    with pytest.raises(CheckpointError, match="merge_method: passthrough"):
-        resolve_model_path(f"{fam['base']}+{adapter}")

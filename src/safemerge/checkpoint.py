@@ -279,8 +279,17 @@ class Checkpoint:
         """Every folder this checkpoint reads (a `model+adapter` reference reads two)."""
         return [self.path]
 
+    @property
+    def reference(self) -> str:
+        """How the model is named: its path (`model+adapter` for a LoRA reference)."""
+        return str(self.path)
+
     def weight_files(self) -> list[Path]:
         return sorted({i.file for i in self._infos.values()})
+
+    def source_files(self) -> list[Path]:
+        """Every file the weights are read from (a LoRA reference adds its adapter's two)."""
+        return self.weight_files()
 
     def float_dtype(self) -> torch.dtype:
         """The dtype of the first floating-point tensor (what transformers' dtype "auto" loads); float32 without one."""

@@ -160,6 +160,17 @@ class LoraCheckpoint(Checkpoint):
     def folders(self) -> list[Path]:
         return [self.path, self.adapter]
 
+    @property
+    def reference(self) -> str:
+        return f"{self.path}+{self.adapter}"
+
+    def source_files(self) -> list[Path]:
+        return [*self.weight_files(), self.adapter / "adapter_config.json", self.adapter / "adapter_model.safetensors"]
+
+    def changed(self) -> list[str]:
+        """The tensors the adapter changes (low-rank updates and tensors saved whole), in the model's order."""
+        return [n for n in self.names() if n in self._low_rank or n in self._whole]
+
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         if name in self._whole:
             x = self.adapter_weights.get_rows(self._whole[name], start, stop).to(self.dtype(name))

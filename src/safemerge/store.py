@@ -136,12 +136,12 @@ class ResultsStore:
             db.execute("COMMIT")
 
     def fingerprint(self, path: str | os.PathLike, *, allow_pickle: bool = False) -> str:
-        """`Checkpoint(path).fingerprint()`, remembered under the weight files' (path, size, mtime):
-        a model that has not changed is not hashed again, so a repeated evaluation is a lookup."""
-        from safemerge.checkpoint import Checkpoint
+        """The fingerprint of a model folder or `model+adapter` reference, remembered under its weight files'
+        (path, size, mtime): a model that has not changed is not hashed again, so a repeated evaluation is a lookup."""
+        from safemerge.lora import open_model
 
-        ck = Checkpoint(path, allow_pickle=allow_pickle)
-        stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in ck.weight_files()]
+        ck = open_model(str(path), allow_pickle=allow_pickle)
+        stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in ck.source_files()]
         signature = hashlib.blake2b(_canon(stats).encode(), digest_size=16).hexdigest()
         with self._connect() as db:
             row = db.execute("SELECT digest FROM fingerprints WHERE signature = ?", (signature,)).fetchone()

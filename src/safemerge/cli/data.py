@@ -21,7 +21,7 @@ def register(app: typer.Typer) -> None:
 @data_app.command("safety")
 def safety(
     out_file: Annotated[Path, typer.Option("--out", help="Output JSONL of {prompt, response, provenance}.")],
-    pool: Annotated[list[Path], typer.Option(help="A pool model that answers the questions (repeat for each).")],
+    pool: Annotated[list[Path], typer.Option(help="A pool model that answers the questions (repeat for each): a folder, or model+adapter.")],
     prompts: Annotated[Optional[Path], typer.Option(help="Unsafe questions from a file (BeaverTails, HH red-team or a 'prompt' column).")] = None,
     generator: Annotated[Optional[Path], typer.Option(help="A model that writes the unsafe questions (few-shot).")] = None,
     examples: Annotated[Optional[Path], typer.Option(help="Few-shot questions for --generator (default: built-in examples).")] = None,
@@ -48,7 +48,7 @@ def safety(
 @data_app.command("domain")
 def domain(
     out_file: Annotated[Path, typer.Option("--out", help="Output JSONL of {prompt, response, provenance}.")],
-    expert: Annotated[Path, typer.Option(help="The domain expert that writes and answers the questions.")],
+    expert: Annotated[Path, typer.Option(help="The domain expert that writes and answers the questions (a folder, or model+adapter).")],
     examples: Annotated[Path, typer.Option(help="Validation JSONL whose 'question' rows are the in-context examples.")],
     n: Annotated[int, typer.Option(help="Number of question-answer pairs.")] = 1000,
     k: Annotated[int, typer.Option(help="In-context example questions per prompt.")] = 3,

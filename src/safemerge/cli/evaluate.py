@@ -37,7 +37,7 @@ def _fmt(x: Optional[float], digits: int = 3) -> str:
 
 @eval_app.command("safety")
 def safety(
-    model: str = typer.Argument(..., help="Model directory (or hub id when a hub is reachable)."),
+    model: str = typer.Argument(..., help="Model directory (or hub id when a hub is reachable), or model+adapter (a LoRA expert)."),
     prompts: str = typer.Option(..., "--prompts", help="Harmful prompts: BeaverTails / HH red-team / any file with a 'prompt' column."),
     judge: str = JudgeOpt,
     judge_model: Optional[str] = JudgeModelOpt,
@@ -78,7 +78,7 @@ def safety(
 
 @eval_app.command("domain")
 def domain(
-    model: str = typer.Argument(..., help="Model directory."),
+    model: str = typer.Argument(..., help="Model directory, or model+adapter (a LoRA expert)."),
     task: str = typer.Option(..., "--task", help='Multiple-choice JSONL: {"question", "choices", "answer"} per line.'),
     format: str = typer.Option("plain", "--format", help="plain (question + ' ' + choice) | chat (the model's chat template)"),
     limit: Optional[int] = typer.Option(None, "--limit"),
@@ -106,7 +106,7 @@ def domain(
 
 @eval_app.command("similarity")
 def similarity(
-    models: List[str] = typer.Argument(..., help="Two or more model directories (or one with --base)."),
+    models: List[str] = typer.Argument(..., help="Two or more model directories or model+adapter references (or one with --base)."),
     base: Optional[str] = typer.Option(None, "--base", help="Base model: adds task-vector norms and cosines."),
     per_layer: bool = typer.Option(False, "--per-layer", help="Also print the per-layer table."),
     as_json: bool = JsonOpt,
@@ -144,7 +144,7 @@ def similarity(
 
 
 def audit(
-    models: List[str] = typer.Argument(..., help="The pool: model directories."),
+    models: List[str] = typer.Argument(..., help="The pool: model directories, or model+adapter references (LoRA experts)."),
     safety_prompts: str = typer.Option(..., "--safety-prompts", help="Harmful prompts file (as for eval safety)."),
     domain_task: List[str] = typer.Option([], "--domain-task", help="Multiple-choice JSONL; repeat for several."),
     threshold: float = typer.Option(0.8, "--threshold", help="Flag models whose safety rate is below this."),

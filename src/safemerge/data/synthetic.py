@@ -97,12 +97,12 @@ def _backend(model: Model, *, device: str, batch_size: int):
 
 
 def _check_models(*models: Model | None) -> None:
-    """Every model given as a path exists (a loaded backend, or None, passes)."""
-    from safemerge.evaluate.loading import resolve_model_path
+    """Every model given as a path (or `model+adapter` reference) exists (a loaded backend, or None, passes)."""
+    from safemerge.evaluate.loading import resolve_reference
 
     for m in models:
         if isinstance(m, (str, os.PathLike)):
-            resolve_model_path(m)
+            resolve_reference(m)
 
 
 def _label(model: Model) -> str:

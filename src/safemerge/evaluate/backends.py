@@ -225,13 +225,13 @@ class TransformersBackend:
         batch_size: int = 16,
         allow_pickle: bool = False,
     ) -> "TransformersBackend":
-        from safemerge.checkpoint import Checkpoint
-        from safemerge.evaluate.loading import load_model, resolve_model_path
+        from safemerge.evaluate.loading import load_model, model_ref
 
-        path = resolve_model_path(path)
-        fingerprint = Checkpoint(path, allow_pickle=allow_pickle).fingerprint()
-        model, tokenizer = load_model(path, device=device, dtype=dtype, allow_pickle=allow_pickle)
-        return cls(model, tokenizer, fingerprint=fingerprint, batch_size=batch_size, source=str(path))
+        ref = model_ref(path, dtype=dtype, allow_pickle=allow_pickle)
+        model, tokenizer = load_model(ref.path, device=device, dtype=dtype, allow_pickle=allow_pickle, adapter=ref.adapter)
+        backend = cls(model, tokenizer, fingerprint=ref.fingerprint, batch_size=batch_size, source=ref.source)
+        backend._files = ref.files
+        return backend
 
     def __repr__(self) -> str:
         return f"TransformersBackend({self.source!r})"
@@ -307,11 +307,16 @@ def get_backend(
     if model.backend is not None and (model.backend.name == backend or model.path is None):
         return model.backend
     if backend == "transformers":
-        m, tok = load_model(model.path, device=device, dtype=dtype, allow_pickle=allow_pickle, tokenizer=model.tokenizer)
+        m, tok = load_model(model.path, device=device, dtype=dtype, allow_pickle=allow_pickle, tokenizer=model.tokenizer,
+                            adapter=model.adapter)
         model.backend = TransformersBackend(m, tok, fingerprint=model.fingerprint, batch_size=batch_size, source=model.source)
+        model.backend._files = model.files
     elif backend == "vllm":
         from safemerge.evaluate.vllm_backend import VLLMBackend
 
+        if model.adapter is not None:
+            raise SafemergeError(f"{model.source}: the vllm backend reads model folders; evaluate the LoRA expert with the "
+                                 "transformers backend, or write it out first (a passthrough merge of that one model)")
         model.backend = VLLMBackend(model.path, dtype=dtype, fingerprint=model.fingerprint)
     else:
         raise SafemergeError(f"unknown backend {backend!r}; choose transformers or vllm")

@@ -62,11 +62,30 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
                 f"{model}: not a local directory, and downloading it from the hub failed ({type(e).__name__}); "
                 "download the checkpoint and pass its path"
             ) from None
-    if "+" in str(model) and all(Path(q).expanduser().is_dir() for q in str(model).split("+")):
-        raise CheckpointError(f"{model}: a `model+adapter` reference is read by merges only; to evaluate or audit the "
-                              "LoRA expert, write it out first (safemerge merge of `merge_method: passthrough` with that "
-                              "one model) and pass that folder")
     raise CheckpointError(f"{p}: no such model directory; check the path")
+
+
+def resolve_reference(model: str | os.PathLike) -> tuple[Path, Path | None]:
+    """(model folder, adapter folder) of a `model+adapter` (LoRA) reference, as merges read it; (folder, None) for
+    a plain model (a local folder, or a hub id when a hub is reachable)."""
+    from safemerge.config import split_reference
+
+    base, adapter = split_reference(str(model))
+    if adapter is None:
+        return resolve_model_path(model), None
+    a = Path(adapter).expanduser()
+    if not a.is_dir():
+        raise CheckpointError(f"{model}: {a} is not a folder; a LoRA reference is `model_path+adapter_path`, the adapter "
+                              "a PEFT LoRA folder (adapter_config.json, adapter_model.safetensors)")
+    return resolve_model_path(base), a
+
+
+def tokenizer_folder(path: Path, adapter: Path | None) -> Path:
+    """Where a model's tokenizer is read: the adapter's folder when it holds one (a fine-tune saves its tokenizer,
+    and the chat template it was trained with, beside the adapter), else the model's."""
+    if adapter is not None and any((adapter / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return adapter
+    return path
 
 
 def load_tokenizer(path: Path) -> Any:
@@ -85,26 +104,50 @@ def load_model(
     dtype: str | torch.dtype = "auto",
     allow_pickle: bool = False,
     tokenizer: Any = None,
+    adapter: Path | None = None,
 ) -> tuple[Any, Any]:
-    """(model, tokenizer) from a local HF directory, on `device`, in eval mode."""
+    """(model, tokenizer) from a local HF directory, with the LoRA adapter at `adapter` merged in when given, on
+    `device`, in eval mode."""
     from transformers import AutoModelForCausalLM
 
     p = Path(path).expanduser()
     if not (p / "config.json").exists():
         raise CheckpointError(f"{p}: not an HF model directory (no config.json); pass the directory of a saved model")
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(p)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(tokenizer_folder(p, adapter))
     try:
         model = AutoModelForCausalLM.from_pretrained(
             p, dtype=resolve_dtype(dtype), trust_remote_code=False, use_safetensors=not allow_pickle
         )
     except Exception as e:
         raise CheckpointError(f"{p}: cannot load the model ({type(e).__name__}: {e})") from None
+    if adapter is not None:
+        from safemerge.lora import LoraCheckpoint
+
+        merge_adapter(model, LoraCheckpoint(p, adapter, allow_pickle=allow_pickle))
     model.to(resolve_device(device)).eval()
     for name, param in model.named_parameters():
         if nonfinite(param):
             raise CheckpointError(f"{p}: tensor {name!r} holds NaN or Inf, so every score of this model would be "
                                   "meaningless (an empty answer even counts as a refusal); fix or re-make the checkpoint")
     return model, tokenizer
+
+
+def merge_adapter(model: Any, ckpt: Any) -> None:
+    """Write the weights a LoRA adapter changes into a loaded model, read through `ckpt` (a LoraCheckpoint) exactly
+    as a merge reads them: each changed tensor once, no second copy of the model."""
+    params = model.state_dict()
+    for name in ckpt.changed():
+        if name not in params:
+            raise CheckpointError(f"{ckpt.reference}: the adapter changes tensor {name!r}, which the model transformers "
+                                  f"builds from {ckpt.path} has not (its names differ from the checkpoint's); write the "
+                                  "LoRA expert out first (a passthrough merge of that one model) and pass that folder")
+        target = params[name]
+        value = ckpt.get(name)
+        if tuple(value.shape) != tuple(target.shape):
+            raise CheckpointError(f"{ckpt.reference}: tensor {name!r} is {list(value.shape)} with the adapter, but the "
+                                  f"loaded model's is {list(target.shape)}")
+        with torch.no_grad():
+            target.copy_(value)
 
 
 @dataclass
@@ -117,13 +160,15 @@ class ModelRef:
     dtype: str
     chat_template: str | None  # the template text (what identifies the prompts), None without one
     files: str | None = None  # side_files_digest(path): config, generation config and tokenizer files
+    adapter: Path | None = None  # a LoRA adapter merged into the model at `path` (a `model+adapter` reference)
     backend: Any = None  # the loaded backend: passed in by the caller, or memoised by get_backend
     _tokenizer: Any = None
 
     @property
     def tokenizer(self) -> Any:
         if self._tokenizer is None:
-            self._tokenizer = self.backend.tokenizer if self.backend is not None else load_tokenizer(self.path)
+            self._tokenizer = (self.backend.tokenizer if self.backend is not None
+                               else load_tokenizer(tokenizer_folder(self.path, self.adapter)))
         return self._tokenizer
 
     def identity(self, backend: str = "transformers") -> dict:
@@ -146,14 +191,17 @@ def model_ref(
         template = getattr(model.tokenizer, "chat_template", None)
         return ModelRef(getattr(model, "source", "<model>"), None, model.fingerprint, dt, template, backend=model,
                         _tokenizer=model.tokenizer)
-    path = resolve_model_path(model)
+    path, adapter = resolve_reference(model)
+    source = f"{path}+{adapter}" if adapter is not None else str(path)
     if store is not None:
-        fingerprint = store.fingerprint(path, allow_pickle=allow_pickle)
+        fingerprint = store.fingerprint(source, allow_pickle=allow_pickle)
     else:
-        from safemerge.checkpoint import Checkpoint
+        from safemerge.lora import open_model
 
-        fingerprint = Checkpoint(path, allow_pickle=allow_pickle).fingerprint()
-    return ModelRef(str(path), path, fingerprint, _dtype_name(path, dtype), chat_template_text(path), side_files_digest(path))
+        fingerprint = open_model(source, allow_pickle=allow_pickle).fingerprint()
+    files = side_files_digest(path) + (side_files_digest(adapter) if adapter is not None else "")
+    return ModelRef(source, path, fingerprint, _dtype_name(path, dtype), chat_template_text(tokenizer_folder(path, adapter)),
+                    files, adapter)
 
 
 def chat_template_text(path: Path) -> str | None:

@@ -52,12 +52,12 @@ def similarity(
     Returns {"models", "base", "pairs": [{"a", "b", "l2", "cosine"?, "per_layer": {group: {...}}}],
     "task_vectors": {model: {"norm", "per_layer"}}?}.
     """
-    from safemerge.checkpoint import Checkpoint
+    from safemerge.lora import open_model
 
     if len(models) < (1 if base is not None else 2):
         raise SafemergeError("similarity needs two models, or one model and --base")
-    cks = [Checkpoint(m) for m in models]
-    base_ck = Checkpoint(base) if base is not None else None
+    cks = [open_model(str(m)) for m in models]  # a `model+adapter` reference reads the model with its adapter merged in
+    base_ck = open_model(str(base)) if base is not None else None
     names = _common_names(cks + ([base_ck] if base_ck else []))
     n = len(cks)
     sq = defaultdict(lambda: torch.zeros(n, n, dtype=torch.float64))  # group -> Σ‖θ_i − θ_j‖²
@@ -77,7 +77,7 @@ def similarity(
                     for g in ("all", group_of(name)):
                         dot[g] += d
             advance(1)
-    return _report([str(c.path) for c in cks], str(base_ck.path) if base_ck else None, sq, dot if base_ck else None)
+    return _report([c.reference for c in cks], base_ck.reference if base_ck else None, sq, dot if base_ck else None)
 
 
 def _report(paths: list[str], base: str | None, sq: dict, dot: dict | None) -> dict:
@@ -126,13 +126,13 @@ def _common_names(cks: list) -> list[str]:
         have = set(ck.names())
         for nm in names:
             if nm not in have and not tied_source(nm, have):
-                raise CheckpointError(f"{ck.path}: has no tensor {nm!r}, which {ref.path} has; compare models of one architecture")
+                raise CheckpointError(f"{ck.reference}: has no tensor {nm!r}, which {ref.reference} has; compare models of one architecture")
             mine, theirs = shape(ck, nm, have), shape(ref, nm, ref_names)
             if mine != theirs:
-                raise CheckpointError(f"{ck.path}: tensor {nm!r} has shape {list(mine)}, {ref.path} has {list(theirs)}")
+                raise CheckpointError(f"{ck.reference}: tensor {nm!r} has shape {list(mine)}, {ref.reference} has {list(theirs)}")
         extra = [x for x in sorted(have) if x not in ref_names and ck.dtype(x).is_floating_point and not x.endswith("lm_head.weight")]
         if extra:
-            raise CheckpointError(f"{ck.path}: has tensor {extra[0]!r}, which {ref.path} lacks; compare models of one architecture")
+            raise CheckpointError(f"{ck.reference}: has tensor {extra[0]!r}, which {ref.reference} lacks; compare models of one architecture")
     return stream_order(names)
 
 
@@ -151,7 +151,7 @@ def _chunks(cks: list, base, name: str, chunk_elems: int):
             src = name if name in ck else tied_source(name, ck.names())
             t = ck.get_rows(src, start, stop) if shape else ck.get(src)
             if nonfinite(t):
-                raise CheckpointError(f"{ck.path}: tensor {src!r} holds NaN or Inf, so its distances would be NaN; "
+                raise CheckpointError(f"{ck.reference}: tensor {src!r} holds NaN or Inf, so its distances would be NaN; "
                                       "fix or re-make the checkpoint")
             out.append(t.to(torch.float64).reshape(-1))
         yield out
