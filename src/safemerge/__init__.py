@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 _API = {
     "merge": "safemerge.engine",
     "mergealign": "safemerge.recipes",
+    "multimerge": "safemerge.multistage",
     "extract_lora": "safemerge.extract",
     "MergeConfig": "safemerge.config",
     "load_config": "safemerge.config",

@@ -332,23 +332,36 @@ def load_config(source: Union[str, os.PathLike, dict, MergeConfig]) -> MergeConf
     """
     if isinstance(source, MergeConfig):
         return source
-    where = "config"
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        where = str(path)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start}); a merge config is YAML text") from None
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read the merge config ({e.strerror})") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        docs = read_yaml_documents(path)
+        if len(docs) != 1:
+            raise ConfigError(f"{path}: holds {len(docs)} merge configs (YAML documents); a multi-stage config runs with "
+                              "`safemerge multimerge`, one merge per document" if docs else
+                              f"{path}: is empty; a merge config is a YAML mapping with merge_method, models, ...")
+        return parse_config(docs[0], where=str(path), folder=path.parent)
+    return parse_config(source)
+
+
+def read_yaml_documents(path: Path) -> list[dict]:
+    """The merge configs of a YAML file, one per document (empty documents left out)."""
+    try:
+        docs = [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d is not None]
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start}); a merge config is YAML text") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the merge config ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    for i, data in enumerate(docs):
         if not isinstance(data, dict):
-            raise ConfigError(f"{path}: a merge config is a YAML mapping with merge_method, models, ...")
-        folder = path.parent
-    else:
-        data, folder = source, None
+            where = f"{path}" if len(docs) == 1 else f"{path}, document {i + 1}"
+            raise ConfigError(f"{where}: a merge config is a YAML mapping with merge_method, models, ...")
+    return docs
+
+
+def parse_config(data: dict, *, where: str = "config", folder: Path | None = None) -> MergeConfig:
+    """Validate one config's mapping; with `folder`, model paths that do not exist as written are looked up there."""
     if "modules" in data:
         raise ConfigError(f"{where}: `modules:` (mergekit's per-module merges of multimodal models) is not supported; "
                           "merge with `models` (whole models) or `slices` (one layer stack)")

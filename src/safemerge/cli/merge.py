@@ -1,4 +1,4 @@
-"""CLI: `merge`, `mergealign`, `extract-lora` and `methods`."""
+"""CLI: `merge`, `multimerge`, `mergealign`, `extract-lora` and `methods`."""
 
 from __future__ import annotations
 
@@ -12,9 +12,21 @@ from rich.markup import escape
 
 from safemerge.cli._common import emit_json, out, user_errors
 
+# The options that every merge command shares.
+Device = Annotated[str, typer.Option(help="Compute on cpu or cuda.")]
+AllowPickle = Annotated[bool, typer.Option(help="Allow reading .bin (pickle) checkpoints; only for inputs you trust.")]
+AllowNonfinite = Annotated[bool, typer.Option(help="Merge tensors with NaN/Inf (warn instead of failing).")]
+ShardSize = Annotated[str, typer.Option(help="Maximum output shard size, e.g. 5GB, 500MB.")]
+Workers = Annotated[Optional[int], typer.Option("--workers", "-j", min=1,
+                                                help="Tensors merged at once (default: one per CPU core; 1 on cuda).")]
+Progress = Annotated[bool, typer.Option(help="Show a progress bar.")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+
+
 
 def register(app: typer.Typer) -> None:
     app.command("merge")(merge)
+    app.command("multimerge")(multimerge)
     app.command("mergealign")(mergealign)
     app.command("extract-lora")(extract_lora)
     app.command("methods")(methods)
@@ -23,14 +35,14 @@ def register(app: typer.Typer) -> None:
 def merge(
     config: Annotated[Path, typer.Argument(help="Merge config (mergekit YAML: merge_method, base_model, models or slices, parameters, dtype, ...).")],
     out_dir: Annotated[Path, typer.Argument(help="Output model directory (written atomically).")],
-    device: Annotated[str, typer.Option(help="Compute on cpu or cuda.")] = "cpu",
+    device: Device = "cpu",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
-    allow_pickle: Annotated[bool, typer.Option(help="Allow reading .bin (pickle) checkpoints; only for inputs you trust.")] = False,
-    allow_nonfinite: Annotated[bool, typer.Option(help="Merge tensors with NaN/Inf (warn instead of failing).")] = False,
-    shard_size: Annotated[str, typer.Option(help="Maximum output shard size, e.g. 5GB, 500MB.")] = "5GB",
-    workers: Annotated[Optional[int], typer.Option("--workers", "-j", min=1, help="Tensors merged at once (default: one per CPU core; 1 on cuda).")] = None,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    allow_pickle: AllowPickle = False,
+    allow_nonfinite: AllowNonfinite = False,
+    shard_size: ShardSize = "5GB",
+    workers: Workers = None,
+    progress: Progress = True,
+    json_out: JsonOut = False,
 ) -> None:
     """Merge models as a mergekit-style YAML config describes; write a complete HF checkpoint."""
     import safemerge
@@ -44,6 +56,36 @@ def merge(
         _report(path, json_out, time.perf_counter() - start)
 
 
+def multimerge(
+    config: Annotated[Path, typer.Argument(help="Multi-stage config: YAML documents (separated by ---), one merge each, "
+                                                "named by `name:`; a name used as a model path means that merge's output.")],
+    intermediate_dir: Annotated[Path, typer.Option("--intermediate-dir", "-I", help="Folder of the named merges' outputs.")],
+    out_path: Annotated[Optional[Path], typer.Option("--out-path", help="Output folder of the unnamed (final) merge.")] = None,
+    lazy: Annotated[bool, typer.Option(help="Keep a merge whose output exists with the same config and inputs.")] = True,
+    device: Device = "cpu",
+    overwrite: Annotated[bool, typer.Option(help="Let a merge replace a folder that this config's earlier runs did not write.")] = False,
+    allow_pickle: AllowPickle = False,
+    allow_nonfinite: AllowNonfinite = False,
+    shard_size: ShardSize = "5GB",
+    workers: Workers = None,
+    progress: Progress = True,
+    json_out: JsonOut = False,
+) -> None:
+    """Run several merges that build on each other (mergekit-multimerge's configs), in dependency order."""
+    import safemerge
+
+    _start_engine()
+    with user_errors():
+        result = safemerge.multimerge(
+            config, out_path, intermediate_dir=intermediate_dir, lazy=lazy, overwrite=overwrite, progress=progress,
+            report=None if json_out else (lambda line: out.print(escape(line))), device=device, allow_pickle=allow_pickle,
+            allow_nonfinite=allow_nonfinite, max_shard_size=parse_size(shard_size), workers=workers)
+        if json_out:
+            emit_json(result.summary())
+        else:
+            out.print(f"[green]done[/]: {len(result.made)} made, {len(result.kept)} kept")
+
+
 def mergealign(
     out_dir: Annotated[Path, typer.Argument(help="Output model directory.")],
     base: Annotated[Path, typer.Option(help="The pre-trained base θ shared by all models.")],
@@ -53,12 +95,12 @@ def mergealign(
     beta: Annotated[float, typer.Option(help="Weight β of the alignment vector.")] = 1.0,
     dtype: Annotated[Optional[str], typer.Option(help="Output dtype (default: the base model's).")] = None,
     tokenizer_source: Annotated[Optional[Path], typer.Option(help="Tokenizer and chat template source (default: the aligned model).")] = None,
-    device: Annotated[str, typer.Option(help="Compute on cpu or cuda.")] = "cpu",
+    device: Device = "cpu",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
-    allow_pickle: Annotated[bool, typer.Option(help="Allow reading .bin (pickle) checkpoints; only for inputs you trust.")] = False,
-    allow_nonfinite: Annotated[bool, typer.Option(help="Merge tensors with NaN/Inf (warn instead of failing).")] = False,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    allow_pickle: AllowPickle = False,
+    allow_nonfinite: AllowNonfinite = False,
+    progress: Progress = True,
+    json_out: JsonOut = False,
 ) -> None:
     """MergeAlign: θ + α·Σ(θ_d − θ) + β·(θ_a − θ), a domain expert made safe by merging."""
     import safemerge
@@ -85,11 +127,11 @@ def extract_lora(
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", "-e", help="Leave out modules whose name matches this regex (repeatable).")] = None,
     svd: Annotated[str, typer.Option(help="exact, or randomized (seeded; faster on large matrices).")] = "exact",
     dtype: Annotated[Optional[str], typer.Option(help="dtype of the LoRA factors (default: the model's).")] = None,
-    device: Annotated[str, typer.Option(help="Compute on cpu or cuda.")] = "cpu",
+    device: Device = "cpu",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
-    allow_pickle: Annotated[bool, typer.Option(help="Allow reading .bin (pickle) checkpoints; only for inputs you trust.")] = False,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    allow_pickle: AllowPickle = False,
+    progress: Progress = True,
+    json_out: JsonOut = False,
 ) -> None:
     """Extract MODEL's change from its base as a PEFT LoRA adapter (truncated SVD per layer), as mergekit-extract-lora does."""
     from safemerge.extract import extract_lora as run  # no _start_engine: LAPACK's varied buffers grow a kept heap

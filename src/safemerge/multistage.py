@@ -1,0 +1,237 @@
+"""Multi-stage merges (mergekit-multimerge's configs): several merges in one YAML file, one per document.
+
+Each document is a merge config with a `name:`. A document uses an earlier merge's output by giving that name where
+a model path goes: `base_model`, `models[].model`, a slice's `sources[].model` or `base_model`, `tokenizer_source`
+(`tokenizer.source`), or the model part of a `name+adapter` reference. Named merges are written to
+INTERMEDIATE_DIR/<name>; one unnamed document, the final merge, to OUT. Merges run in dependency order (document
+order among those ready), each one through `safemerge.merge`, so each output is written atomically.
+
+Reruns are incremental. `INTERMEDIATE_DIR/multimerge.json` records each merge's config, its inputs' fingerprints and
+its output; a merge whose output is there with the same config and the same inputs is kept, any other merge is made
+again, and so is every merge that reads it. (mergekit's `--lazy` keeps any output that exists, so an edited stage,
+or a stage whose input was remade, stays stale.) `lazy=False` makes every merge again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from safemerge.checkpoint import atomic_write
+from safemerge.config import VOCAB_KEYWORDS, MergeConfig, parse_config, read_yaml_documents, split_reference
+from safemerge.errors import ConfigError
+
+RECORD = "multimerge.json"
+
+
+@dataclass
+class Stage:
+    """One merge of a multi-stage config: its validated config, the earlier merges it reads, where it is written."""
+
+    name: str | None  # None: the final merge
+    config: MergeConfig
+    needs: list[str]
+    out: Path
+    data: dict  # the document with names replaced, parsed again once the merges it reads exist (see `reparse`)
+    where: str
+    folder: Path
+
+    def reparse(self) -> MergeConfig:
+        """The config read again now that its inputs exist: a slice spanning a whole intermediate model's layers
+        reads as `models` only once that model's layer count can be read, as it does in a merge run by hand."""
+        self.config = parse_config(self.data, where=self.where, folder=self.folder)
+        return self.config
+
+    @property
+    def label(self) -> str:
+        return self.name if self.name is not None else "the final merge"
+
+
+@dataclass
+class MultimergeResult:
+    """What `multimerge` did: every merge's output, and which were made and which kept (labels, in run order)."""
+
+    outputs: dict[str | None, Path] = field(default_factory=dict)
+    made: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {"outputs": {k if k is not None else "": str(v) for k, v in self.outputs.items()},
+                "made": self.made, "kept": self.kept}
+
+
+def plan(config: str | os.PathLike, out: str | os.PathLike | None, intermediate_dir: str | os.PathLike) -> list[Stage]:
+    """The merges of a multi-stage config in the order they run, each validated, names replaced by output paths."""
+    path = Path(config).expanduser()
+    docs = read_yaml_documents(path)
+    if not docs:
+        raise ConfigError(f"{path}: is empty; a multi-stage config is YAML documents (separated by ---), one merge each")
+    inter = Path(intermediate_dir).expanduser().absolute()
+    names = [_name(d.get("name"), path, i) for i, d in enumerate(docs)]
+    for n in set(names):
+        if names.count(n) > 1:
+            raise ConfigError(f"{path}: two merges are named {n!r}; names must differ" if n is not None else
+                              f"{path}: {names.count(None)} merges have no `name`; only the final merge may be unnamed")
+    if None in names and out is None:
+        raise ConfigError(f"{path}: has an unnamed (final) merge; give the path it is written to (--out-path)")
+    if None not in names and out is not None:
+        raise ConfigError(f"{path}: every merge is named, so each goes to the intermediate folder and none to {out}; "
+                          "leave out --out-path, or remove the `name` of the final merge")
+    if out is not None:
+        final = Path(out).expanduser().absolute()
+        if final == inter or inter in final.parents or final in inter.parents:
+            raise ConfigError(f"the final merge's folder {final} and the intermediate folder {inter} overlap, and writing "
+                              "one would replace the other; give two separate folders")
+    stages = []
+    for doc, name in zip(docs, names):
+        needs: list[str] = []
+        data = _substitute({k: v for k, v in doc.items() if k != "name"}, set(names) - {None}, inter, needs)
+        label = name if name is not None else "the final merge"
+        if name in needs:
+            raise ConfigError(f"{path}: merge {name!r} reads its own output")
+        cfg = parse_config(data, where=f"{path}, {label}", folder=path.parent)
+        target = inter / name if name is not None else Path(out).expanduser().absolute()
+        stages.append(Stage(name, cfg, needs, target, data, f"{path}, {label}", path.parent))
+    return _order(stages, path)
+
+
+def multimerge(
+    config: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    *,
+    intermediate_dir: str | os.PathLike,
+    lazy: bool = True,
+    overwrite: bool = False,
+    progress: bool = True,
+    report: Callable[[str], None] | None = None,
+    **merge_options: Any,
+) -> MultimergeResult:
+    """Run a multi-stage config (see the module's docstring). `merge_options` go to every `safemerge.merge` (device,
+    allow_pickle, allow_nonfinite, max_shard_size, workers). `overwrite` lets a merge replace a folder that this
+    config's earlier runs did not write; `report` receives one line per merge as it is made or kept."""
+    from safemerge.engine import merge
+    from safemerge.lora import open_model
+
+    stages = plan(config, out, intermediate_dir)
+    inter = Path(intermediate_dir).expanduser().absolute()
+    record = _read_record(inter)
+    made_by_us = {e.get("out") for e in record.values()}
+    made_here = {s.name for s in stages if s.name is not None}
+    for s in stages:  # every input that no stage makes must be readable before any work
+        for m in s.config.input_models():
+            if split_reference(m)[0] not in {str(inter / n) for n in made_here}:
+                open_model(m, allow_pickle=merge_options.get("allow_pickle", False))
+    for s in stages:
+        if s.out.exists() and not overwrite and str(s.out) not in made_by_us:
+            raise ConfigError(f"{s.out} ({s.label}'s output) already exists and was not written by this config's earlier "
+                              "runs; pass --overwrite to replace it, or choose another "
+                              + ("--out-path" if s.name is None else "--intermediate-dir"))
+    result, remade = MultimergeResult(), set()
+    for i, s in enumerate(stages, 1):
+        key, cfg_yaml = s.name or "", (s.reparse() if s.needs else s.config).to_yaml_dict()
+        entry = record.get(key, {})
+        inputs = None
+        if lazy and (s.out / "config.json").is_file() and not remade & set(s.needs) \
+                and entry.get("config") == cfg_yaml and entry.get("out") == str(s.out):
+            inputs = _fingerprints(s.config)
+            if entry.get("inputs") == inputs:
+                result.kept.append(s.label)
+                result.outputs[s.name] = s.out
+                if report:
+                    report(f"{i}/{len(stages)} {s.label}: kept {s.out} (same config and inputs)")
+                continue
+        if report:
+            report(f"{i}/{len(stages)} {s.label}: {s.config.merge_method} of {len(s.config.input_models())} models "
+                   f"-> {s.out}")
+        merge(s.config, s.out, overwrite=True, progress=progress, **merge_options)
+        record[key] = {"config": cfg_yaml, "inputs": inputs or _fingerprints(s.config), "out": str(s.out)}
+        atomic_write(inter / RECORD, json.dumps(record, indent=1, sort_keys=True))
+        remade.add(s.name)
+        result.made.append(s.label)
+        result.outputs[s.name] = s.out
+    return result
+
+
+def _name(value: Any, path: Path, i: int) -> str | None:
+    if value is None:
+        return None
+    bad = not isinstance(value, str) or not value or value in (".", "..") or any(c in value for c in "/\\+")
+    if bad:
+        raise ConfigError(f"{path}, document {i + 1}: name {value!r} must be a plain folder name (no '/', '\\', '+'), "
+                          "as it names the merge's folder in the intermediate directory")
+    return value
+
+
+def _substitute(data: dict, names: set[str], inter: Path, needs: list[str]) -> dict:
+    """The config with every model reference that names an earlier merge replaced by that merge's output folder."""
+
+    def ref(value: Any, keyword_ok: bool = False) -> Any:
+        if not isinstance(value, str) or (keyword_ok and value in VOCAB_KEYWORDS):
+            return value
+        model, adapter = split_reference(value) if "+" in value else (value, None)
+        if model not in names:
+            return value
+        needs.append(model)
+        return str(inter / model) + (f"+{adapter}" if adapter is not None else "")
+
+    def models(entries: Any, key: str = "model") -> Any:
+        if not isinstance(entries, list):
+            return entries
+        return [dict(e, **{key: ref(e[key])}) if isinstance(e, dict) and key in e else e for e in entries]
+
+    data = dict(data)
+    if "base_model" in data:
+        data["base_model"] = ref(data["base_model"])
+    if "models" in data:
+        data["models"] = models(data["models"])
+    if isinstance(data.get("slices"), list):
+        data["slices"] = [dict(p, sources=models(p.get("sources")), **({"base_model": ref(p["base_model"])}
+                                                                       if "base_model" in p else {}))
+                          if isinstance(p, dict) else p for p in data["slices"]]
+    if "tokenizer_source" in data:
+        data["tokenizer_source"] = ref(data["tokenizer_source"], keyword_ok=True)
+    if isinstance(data.get("tokenizer"), dict) and "source" in data["tokenizer"]:
+        data["tokenizer"] = dict(data["tokenizer"], source=ref(data["tokenizer"]["source"], keyword_ok=True))
+    return data
+
+
+def _order(stages: list[Stage], path: Path) -> list[Stage]:
+    """Dependency order; among the merges ready to run, document order. A cycle is an error that names it."""
+    done: set[str | None] = set()
+    order: list[Stage] = []
+    todo = list(stages)
+    while todo:
+        ready = next((s for s in todo if set(s.needs) <= done), None)
+        if ready is None:
+            cycle = _cycle({s.name: s.needs for s in todo})
+            raise ConfigError(f"{path}: the merges {' -> '.join(cycle)} read each other's outputs in a cycle")
+        order.append(ready)
+        done.add(ready.name)
+        todo.remove(ready)
+    return order
+
+
+def _cycle(needs: dict[str | None, list[str]]) -> list[str]:
+    node = next(iter(needs))
+    seen: list = []
+    while node not in seen:
+        seen.append(node)
+        node = next(n for n in needs[node] if n in needs)
+    return [str(n) for n in seen[seen.index(node):]] + [str(node)]
+
+
+def _fingerprints(cfg: MergeConfig) -> dict[str, str]:
+    from safemerge.lora import open_model
+
+    return {m: open_model(m).fingerprint() for m in cfg.input_models()}
+
+
+def _read_record(inter: Path) -> dict:
+    try:
+        data = json.loads((inter / RECORD).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
