@@ -1,7 +1,7 @@
 """Regenerate the mergekit parity fixtures under tests/fixtures/mergekit/.
 
     benchmarks/setup_mergekit.sh                   # once: .bench-venv with mergekit 0.1.5
-    .venv/bin/python benchmarks/make_parity_fixtures.py [--mergekit .bench-venv/bin/mergekit-yaml]
+    .venv/bin/python benchmarks/make_parity_fixtures.py [--mergekit .bench-venv/bin/mergekit-yaml] [--only CASE ...]
 
 What is committed (well under 2 MB): one YAML per case (model paths are role names, resolved against
 the directory holding the regenerated inputs), mergekit's merged tensors as ``<case>.safetensors``
@@ -9,6 +9,10 @@ the directory holding the regenerated inputs), mergekit's merged tensors as ``<c
 of the inputs and their fingerprints. The inputs themselves are not committed:
 ``tests/test_mergekit_parity.py`` rebuilds them with ``benchmarks/_family.py`` from the recipe and
 checks the fingerprints first, so a change in torch's RNG shows up as such, not as a merge bug.
+
+A case whose config is a list of documents is a multi-stage merge, run with mergekit-multi (beside mergekit-yaml)
+and, in the test, with `safemerge.multimerge`; its names stand for earlier stages' outputs. `--only` remakes the
+cases named and keeps the others' fixtures as they are.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ def _models(**weights: dict) -> list[dict]:
 
 
 # name -> (family, kind, config). kind "exact": tensors compared; "stats": random (DARE) methods.
-CASES: dict[str, tuple[str, str, dict]] = {
+CASES: dict[str, tuple[str, str, dict | list[dict]]] = {
     "linear": ("fp32", "exact", {
         "merge_method": "linear",
         "models": _models(base={"weight": 0.6}, expert_a={"weight": 0.3}, aligned={"weight": 0.3}),
@@ -169,6 +173,16 @@ CASES: dict[str, tuple[str, str, dict]] = {
         "merge_method": "linear",
         "dtype": "float32",
     }),
+    # merges of merges: a soup of the experts, SLERP of the soup toward the aligned model, TIES of that and expert_b
+    "multi_stage": ("fp32", "exact", [
+        {"merge_method": "ties", "base_model": "base",
+         "models": _models(mid={"weight": 1.0, "density": 0.6}, expert_b={"weight": 0.5, "density": 0.5}),
+         "dtype": "float32"},
+        {"name": "soup", "merge_method": "linear", "models": _models(expert_a={"weight": 0.6}, expert_b={"weight": 0.4}),
+         "dtype": "float32"},
+        {"name": "mid", "merge_method": "slerp", "base_model": "soup", "models": _models(soup={}, aligned={}),
+         "parameters": {"t": GRADIENT}, "dtype": "float32"},
+    ]),
     "nearswap": ("fp32", "exact", {
         "merge_method": "nearswap", "base_model": "base",
         "models": _models(expert_a={}),
@@ -293,20 +307,41 @@ def build_inputs(root: Path, family: str) -> dict[str, Path]:
     return _family.write_family(Path(root) / family, spec=SPEC, roles=ROLES, **FAMILIES[family])
 
 
-def absolute_config(config: dict, inputs: Path) -> dict:
-    """The case config with role names replaced by absolute model dirs under ``inputs``."""
+def absolute_config(config: dict | list[dict], inputs: Path) -> dict | list[dict]:
+    """The case config with role names replaced by absolute model dirs under ``inputs`` (stage names kept)."""
+    if isinstance(config, list):
+        stages = {d["name"] for d in config if "name" in d}
+        return [_absolute(d, inputs, keep=stages) for d in config]
+    return _absolute(config, inputs)
+
+
+def _absolute(config: dict, inputs: Path, *, keep: set[str] = frozenset()) -> dict:
     cfg = json.loads(json.dumps(config))
+
+    def path(role: str) -> str:
+        return role if role in keep else str(inputs / role)
+
     if "base_model" in cfg:
-        cfg["base_model"] = str(inputs / cfg["base_model"])
+        cfg["base_model"] = path(cfg["base_model"])
     for m in cfg.get("models", []) + [src for piece in cfg.get("slices", []) for src in piece["sources"]]:
-        m["model"] = str(inputs / m["model"])
+        m["model"] = path(m["model"])
     return cfg
 
 
-def run_mergekit(mergekit: str, config: dict, out: Path, *, seed: int | None = None) -> None:
+def _dump(config: dict | list[dict]) -> str:
+    docs = config if isinstance(config, list) else [config]
+    return yaml.safe_dump_all(docs, sort_keys=False, default_flow_style=None)
+
+
+def run_mergekit(mergekit: str, config: dict | list[dict], out: Path, *, seed: int | None = None) -> None:
     cfg_path = out.parent / (out.name + ".yml")
-    cfg_path.write_text(yaml.safe_dump(config, sort_keys=False, default_flow_style=None))
-    cmd = [mergekit, str(cfg_path), str(out), "--quiet", "--no-copy-tokenizer", "--no-write-model-card"]
+    cfg_path.write_text(_dump(config))
+    if isinstance(config, list):  # a multi-stage case: mergekit-multi, the stages under OUT-stages
+        cmd = [str(Path(mergekit).with_name("mergekit-multi")), str(cfg_path), "-I", f"{out}-stages",
+               "--out-path", str(out)]
+    else:
+        cmd = [mergekit, str(cfg_path), str(out)]
+    cmd += ["--quiet", "--no-copy-tokenizer", "--no-write-model-card"]
     if seed is not None:
         cmd += ["--random-seed", str(seed)]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
@@ -326,6 +361,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--mergekit", default=str(REPO / ".bench-venv" / "bin" / "mergekit-yaml"))
     ap.add_argument("--out", type=Path, default=FIXTURES)
     ap.add_argument("--seed", type=int, default=0, help="mergekit --random-seed for the DARE cases")
+    ap.add_argument("--only", nargs="+", choices=sorted(CASES), help="remake these cases; keep the others' fixtures")
     args = ap.parse_args(argv)
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -338,12 +374,21 @@ def main(argv: list[str] | None = None) -> None:
         "fingerprints": {},
         "cases": {},
     }
+    if args.only:  # the other cases stay as they were made, so the inputs and the peer must be the same
+        old = json.loads((args.out / "manifest.json").read_text())
+        for key in ("peer", "torch", "spec", "roles", "families"):
+            if old[key] != manifest[key]:
+                raise SystemExit(f"--only: the existing fixtures were made with {key} {old[key]!r}, not "
+                                 f"{manifest[key]!r}; remake them all")
+        manifest["cases"] = {k: v for k, v in old["cases"].items() if k not in args.only}
     with tempfile.TemporaryDirectory(prefix="sm-parity-") as tmp:
         tmp = Path(tmp)
         for family in FAMILIES:
             dirs = build_inputs(tmp / "inputs", family)
             manifest["fingerprints"][family] = {r: _family.fingerprint(d) for r, d in dirs.items()}
         for name, (family, kind, config) in CASES.items():
+            if args.only and name not in args.only:
+                continue
             inputs = tmp / "inputs" / family
             out = tmp / "out" / name
             out.parent.mkdir(exist_ok=True)
@@ -352,8 +397,8 @@ def main(argv: list[str] | None = None) -> None:
             tensors = dict(_family.iter_tensors(out))
             (args.out / f"{name}.yml").write_text(
                 f"# parity case {name!r}: models are role names in the {family} family (see manifest.json)\n"
-                + yaml.safe_dump(config, sort_keys=False, default_flow_style=None))
-            entry = {"family": family, "kind": kind, "config": f"{name}.yml",
+                + _dump(config))
+            entry = {"family": family, "kind": kind, "config": f"{name}.yml", "stages": isinstance(config, list),
                      "dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch."),
                      "num_hidden_layers": json.loads((out / "config.json").read_text())["num_hidden_layers"]}
             if kind == "exact":

@@ -69,18 +69,24 @@ def inputs(tmp_path_factory) -> Path:
 
 
 def _run_safemerge(case: str, inputs: Path, out: Path, monkeypatch) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Merge the case's YAML as a file sitting next to its models (paths are role names)."""
-    from safemerge import merge
+    """Merge the case's YAML as a file sitting next to its models (paths are role names); a multi-stage case
+    (mergekit-multi's) through `multimerge`, returning its final merge's config."""
+    from safemerge import merge, multimerge
 
     entry = MANIFEST["cases"][case]
     family_dir = inputs / entry["family"]
     config_path = family_dir / f"{case}.yml"
     shutil.copyfile(FIXTURES / entry["config"], config_path)
     monkeypatch.chdir(family_dir)
-    merge(str(config_path), out)
+    if entry.get("stages"):
+        multimerge(str(config_path), out, intermediate_dir=out.with_name(out.name + "-stages"), progress=False)
+        config = next(d for d in yaml.safe_load_all(config_path.read_text()) if "name" not in d)
+    else:
+        merge(str(config_path), out)
+        config = yaml.safe_load(config_path.read_text())
     layers = json.loads((out / "config.json").read_text())["num_hidden_layers"]
     assert layers == entry["num_hidden_layers"], f"{case}: {layers} layers in config.json, mergekit wrote {entry['num_hidden_layers']}"
-    return yaml.safe_load(config_path.read_text()), dict(_family.iter_tensors(out))
+    return config, dict(_family.iter_tensors(out))
 
 
 def _ulp_bf16(x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Multi-stage configs (mergekit-multimerge's): merges of merges, dependency order, incremental reruns, errors."""
+"""Multi-stage configs (mergekit-multi's): merges of merges, dependency order, incremental reruns, errors."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Multi-stage merges (mergekit-multimerge's configs): several merges in one YAML file, one per document.
+"""Multi-stage merges (mergekit-multi's configs): several merges in one YAML file, one per document.
 
 Each document is a merge config with a `name:`. A document uses an earlier merge's output by giving that name where
 a model path goes: `base_model`, `models[].model`, a slice's `sources[].model` or `base_model`, `tokenizer_source`

@@ -71,7 +71,7 @@ def multimerge(
     progress: Progress = True,
     json_out: JsonOut = False,
 ) -> None:
-    """Run several merges that build on each other (mergekit-multimerge's configs), in dependency order."""
+    """Run several merges that build on each other (mergekit-multi's configs), in dependency order."""
     import safemerge
 
     _start_engine()
