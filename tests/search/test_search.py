@@ -45,7 +45,10 @@ class Stop(Exception):
 
 
 def test_uninterrupted_run_prefers_the_expert_for_domain_data(uninterrupted):
-    assert uninterrupted.candidates == 12 and uninterrupted.scored == 12
+    assert uninterrupted.candidates == 13 and uninterrupted.scored == 13  # the start, then 3 generations of 4
+    start = uninterrupted.history[0]
+    assert start["params"] == {"expert.weight": 0.5, "aligned.weight": 0.5}  # the config's own weights, scored first
+    assert uninterrupted.score.objective <= start["objective"]
     p = uninterrupted.params
     assert p["expert.weight"] > p["aligned.weight"]  # λ = 0: the expert wrote the domain data
 
@@ -61,7 +64,7 @@ def test_resume_after_an_interrupt_ends_with_the_same_best(tiny_family, family_d
     with _journal_rows(tmp_path / "out.journal.sqlite") as rows:
         assert [r[0] for r in rows] == list(range(6))  # each written before the next candidate was scored
     resumed = _run(tiny_family, family_data, tmp_path / "out", resume=True)
-    assert (resumed.scored, resumed.candidates) == (6, 12)
+    assert (resumed.scored, resumed.candidates) == (7, 13)
     assert resumed.params == uninterrupted.params and resumed.score == uninterrupted.score
     assert _history(resumed) == _history(uninterrupted)
 
@@ -81,7 +84,7 @@ _run({ {k: str(v) for k, v in tiny_family.items()} !r}, { {k: str(v) for k, v in
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     resumed = _run(tiny_family, family_data, tmp_path / "out", resume=True)
-    assert (resumed.scored, resumed.candidates) == (5, 12)
+    assert (resumed.scored, resumed.candidates) == (6, 13)
     assert resumed.params == uninterrupted.params and _history(resumed) == _history(uninterrupted)
 
 
@@ -104,22 +107,22 @@ def test_the_output_is_the_best_merge_and_its_yaml_reproduces_it(uninterrupted, 
     assert all(torch.equal(a.get(n), b.get(n)) for n in a.names())
     summary = json.loads((out / "search.json").read_text())
     assert summary["best"]["objective"] == min(h["objective"] for h in summary["history"])
-    assert len(summary["history"]) == 12
+    assert len(summary["history"]) == 13
 
 
 def test_a_finished_cmaes_run_resumes_with_more_steps(tiny_family, family_data, tmp_path, uninterrupted):
     """cma's first generations do not depend on how many follow: 1 step, then --resume --steps 3, is the 3-step run;
     and --steps 2 on that journal replays the 2-step run."""
     short = _run(tiny_family, family_data, tmp_path / "out", steps=1)
-    assert short.candidates == 4
+    assert short.candidates == 5
     with pytest.raises(OutputExistsError, match="--resume, --overwrite keeps the journal"):
         _run(tiny_family, family_data, tmp_path / "out", resume=True)
     longer = _run(tiny_family, family_data, tmp_path / "out", resume=True, overwrite=True)  # steps 3 (CMAES)
-    assert (longer.scored, longer.candidates) == (8, 12)
+    assert (longer.scored, longer.candidates) == (8, 13)
     assert longer.params == uninterrupted.params and _history(longer) == _history(uninterrupted)
     shorter = _run(tiny_family, family_data, tmp_path / "out", resume=True, overwrite=True, steps=2)  # a prefix: replayed
-    assert (shorter.scored, shorter.candidates) == (0, 8) and _history(shorter) == _history(uninterrupted)[:8]
-    assert shorter.score.objective == min(h[3] for h in _history(uninterrupted)[:8])
+    assert (shorter.scored, shorter.candidates) == (0, 9) and _history(shorter) == _history(uninterrupted)[:9]
+    assert shorter.score.objective == min(h[3] for h in _history(uninterrupted)[:9])
 
 
 def test_resume_of_another_search_and_reuse_without_resume_are_errors(tiny_family, family_data, uninterrupted, tmp_path):

@@ -6,7 +6,8 @@ package, as mergekit-evolve and the safety-aware search of Hammoud et al. (2024)
 and updates the mean, step size and covariance from the ranking.
 
     population λ_pop = 4 + ⌊3 ln n⌋ (cma's default) for n searched numbers
-    start        the config's own values;   sigma0 = 0.25 (a quarter of the unit range)
+    start        the config's own values, scored first (candidate 0), so the best candidate is never worse
+                 than the config the search started from;   sigma0 = 0.25 (a quarter of the unit range)
     bounds       the space's box, handled by cma's BoundTransform (points are always inside it)
 
 All randomness comes from one `numpy.random.Generator` seeded with `seed` and handed to cma as its
@@ -34,7 +35,7 @@ def default_popsize(n: int) -> int:
 def cmaes(space: SearchSpace, evaluate: Evaluations, *,
           steps: int = DEFAULT_STEPS, seed: int = 0, popsize: int | None = None,
           sigma0: float = DEFAULT_SIGMA0) -> tuple[int, Candidate, Score]:
-    """Run `steps` generations (fewer if cma's own stopping criteria fire) and return the best
+    """Score the start, run `steps` generations (fewer if cma's own stopping criteria fire) and return the best
     (index, candidate, score) evaluated."""
     import cma
     import numpy as np
@@ -55,6 +56,7 @@ def cmaes(space: SearchSpace, evaluate: Evaluations, *,
     }
     x0 = [space.start()[label] for label in space.labels]
     es = cma.CMAEvolutionStrategy(x0, sigma0, options)
+    evaluate([_candidate(space, x0)])  # cma never proposes its mean itself; it draws nothing from rng here
     for _ in range(steps):
         if es.stop():
             break
