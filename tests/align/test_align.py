@@ -184,3 +184,30 @@ def test_unknown_lora_targets_exit_2_listing_the_layers(tiny_family, tmp_path, t
     text = " ".join(r.output.split())
     assert r.exit_code == 2 and f"--target-modules: {named} is not a linear layer" in text and "q_proj" in text, r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_a_lora_expert_is_tuned_as_the_model_with_its_adapter_merged(micro_testbed, tmp_path):
+    """`align BASE+ADAPTER`: the adapter merged in first, so the result equals aligning the merged model written
+    out; the run record names the reference, the tokenizer comes from the adapter folder."""
+    import safemerge
+    from safemerge.errors import CheckpointError
+    from safemerge.lora import open_model
+
+    base, expert = micro_testbed / "base", micro_testbed / "expert-medicine"
+    adapter = tmp_path / "medicine-lora"
+    safemerge.extract_lora(expert, base, adapter, rank=8, progress=False)
+    ref = f"{base}+{adapter}"
+    written = tmp_path / "written"
+    safemerge.merge({"merge_method": "passthrough", "models": [{"model": ref}], "dtype": "float32"}, written, progress=False)
+    kw = dict(data=micro_testbed / "data" / "prefs.jsonl", method="dpo", max_samples=8, **FAST)
+    with one_thread():
+        a = align(ref, out=tmp_path / "a", **kw)
+        b = align(written, out=tmp_path / "b", **kw)
+    ta, tb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    run = load_run(a)
+    assert run["model"] == ref and run["fingerprint"] == open_model(ref).fingerprint()
+    assert "# DPO of base+medicine-lora" in (a / "README.md").read_text()
+    with pytest.raises(CheckpointError, match="no adapter_config.json"):
+        align(f"{base}+{tmp_path}", out=tmp_path / "c", **kw)
+    assert not (tmp_path / "c").exists()

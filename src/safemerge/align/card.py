@@ -20,7 +20,7 @@ def write_card(out_dir: Path, run: dict[str, Any]) -> None:
     settings = {k: v for k, v in s.items() if k != "method"}
     card = (
         f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n"
-        f"# {method.upper()} of {Path(run['model']).name}\n\n"
+        f"# {method.upper()} of {'+'.join(Path(p).name for p in run['model'].split('+'))}\n\n"
         f"The model `{run['model']}` (weights fingerprint `{run['fingerprint']}`) preference-tuned with "
         f"{method.upper()} through a LoRA adapter, which was then merged into the weights (peft "
         "`merge_and_unload`), so this is a plain checkpoint. The adapter itself is in `adapter/`. "

@@ -27,8 +27,11 @@ from safemerge.align.data import PreferenceDataError, as_chat, is_chat, load_pre
 from safemerge.align.progress import RichProgress
 from safemerge.align.settings import AlignSettings
 from safemerge.checkpoint import Checkpoint, atomic_output
+from safemerge.config import split_reference
 from safemerge.engine import check_apart
 from safemerge.errors import CheckpointError, ConfigError
+from safemerge.evaluate.loading import merge_adapter, tokenizer_folder
+from safemerge.lora import open_model
 
 RUN_RECORD = "align_run.json"  # in OUT/adapter/
 
@@ -59,7 +62,9 @@ def align(
     device: str | None = None,
     progress: bool = True,
 ) -> Path:
-    """Preference-tune the HF model directory `model` on `data` and write the result to `out`.
+    """Preference-tune the HF model directory `model` on `data` and write the result to `out`. `model` may be a
+    `model+adapter` reference (a LoRA expert): the adapter is merged into the model first, as merges and evaluation
+    read it, and the tokenizer is the adapter folder's when it has one.
 
     `data`: a JSONL/JSON/CSV/Parquet file (or hub name, or list of dicts) of {prompt, chosen, rejected}
     pairs, or HH-RLHF {chosen, rejected} transcripts (see `safemerge.align.data`). `chat=None` renders
@@ -76,9 +81,9 @@ def align(
         lr=lr, warmup_steps=warmup_steps, batch_size=batch_size, grad_accum=grad_accum, epochs=epochs,
         max_samples=max_samples, max_steps=max_steps, beta=beta, sft_weight=sft_weight, max_length=max_length, chat=chat,
         seed=seed)
-    src = _model_dir(model)
-    ckpt = Checkpoint(src)
-    check_apart(out, [src])  # with --overwrite the output would replace the model it tunes
+    ckpt = _open(model)
+    src, tok_src = ckpt.path, tokenizer_folder(ckpt.path, getattr(ckpt, "adapter", None))
+    check_apart(out, ckpt.folders)  # with --overwrite the output would replace the model it tunes
     if isinstance(data, (str, os.PathLike)) and Path(out).expanduser().resolve() in Path(data).expanduser().resolve().parents:
         raise ConfigError(f"{out}: the preference data {data} lies inside the output folder; write the model elsewhere")
     device = _device(device)
@@ -86,18 +91,18 @@ def align(
     started = time.perf_counter()
     with atomic_output(out, overwrite=overwrite) as tmp, quiet_transformers():
         pairs = load_preferences(data, max_samples=settings.max_samples, seed=seed)
-        tokenizer = _tokenizer(src)
-        use_chat = _use_chat(settings.chat, pairs, tokenizer, src)
+        tokenizer = _tokenizer(tok_src)
+        use_chat = _use_chat(settings.chat, pairs, tokenizer, tok_src)
         if use_chat:
             pairs = [as_chat(p) for p in pairs]
         out_dtype = ckpt.float_dtype()
-        net = _load_model(src, device=device, stored=out_dtype)
+        net = _load_model(ckpt, device=device, stored=out_dtype)
         _check_targets(net, settings)
         _zero_dropout(net)
         bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
         length = settings.max_length or min(1024, getattr(net.config, "max_position_embeddings", None) or 1024)
         _warn_warmup(settings, len(pairs))
-        bar = RichProgress(f"{settings.method.upper()} {src.name}") if progress else None
+        bar = RichProgress(f"{settings.method.upper()} {_label(ckpt)}") if progress else None
         t0 = time.perf_counter()
         try:
             outcome = _trl.train(net, tokenizer, pairs, settings=settings, lora=_lora_config(settings), device=device,
@@ -107,8 +112,8 @@ def align(
             if bar:
                 bar.close()
         train_s = time.perf_counter() - t0
-        _save(outcome.model, tmp, src=src, config=ckpt.config, dtype=out_dtype)
-        run = _record(src, ckpt, data, pairs, settings, outcome, use_chat=use_chat, device=device, bf16=bf16,
+        _save(outcome.model, tmp, src=src, tokenizer_source=tok_src, config=ckpt.config, dtype=out_dtype)
+        run = _record(ckpt, data, pairs, settings, outcome, use_chat=use_chat, device=device, bf16=bf16,
                       dtype=out_dtype, max_length=length, train_s=train_s, wall_s=time.perf_counter() - started)
         (tmp / "adapter" / RUN_RECORD).write_text(json.dumps(run, indent=2) + "\n")
         write_card(tmp, run)
@@ -126,12 +131,19 @@ def load_run(out: str | os.PathLike) -> dict:
 # -- pieces ---------------------------------------------------------------------------------------
 
 
-def _model_dir(model: str | os.PathLike) -> Path:
-    path = Path(model).expanduser()
+def _open(model: str | os.PathLike) -> Checkpoint:
+    """The model to tune: a local HF folder, or `folder+adapter` (a LoRA expert, read as merges read it)."""
+    folder, adapter = split_reference(str(model))
+    path = Path(folder).expanduser()
     if not path.is_dir() or not (path / "config.json").is_file():
-        raise CheckpointError(f"{model}: not a model directory with a config.json; pass a local HF checkpoint "
+        raise CheckpointError(f"{folder}: not a model directory with a config.json; pass a local HF checkpoint "
                               "(hub names are not downloaded)")
-    return path.absolute()
+    return open_model(str(path.absolute()) + (f"+{Path(adapter).expanduser().absolute()}" if adapter else ""))
+
+
+def _label(ckpt: Checkpoint) -> str:
+    adapter = getattr(ckpt, "adapter", None)
+    return ckpt.path.name + (f"+{adapter.name}" if adapter is not None else "")
 
 
 def _device(device: str | None) -> str:
@@ -168,14 +180,18 @@ def _use_chat(chat: bool | None, pairs: list[dict], tokenizer, src: Path) -> boo
     return has_template if chat is None else chat or any(is_chat(p) for p in pairs)
 
 
-def _load_model(src: Path, *, device: str, stored: torch.dtype):
-    """float32 on the CPU; on CUDA the stored dtype, fp16 read as bf16 where the GPU has it."""
+def _load_model(ckpt: Checkpoint, *, device: str, stored: torch.dtype):
+    """float32 on the CPU; on CUDA the stored dtype, fp16 read as bf16 where the GPU has it. A LoRA reference's
+    adapter is merged into the weights it changes."""
     from transformers import AutoModelForCausalLM
 
     dtype = torch.float32
     if device == "cuda" and stored in (torch.bfloat16, torch.float16):
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return AutoModelForCausalLM.from_pretrained(str(src), dtype=dtype, trust_remote_code=False, use_safetensors=True)
+    net = AutoModelForCausalLM.from_pretrained(str(ckpt.path), dtype=dtype, trust_remote_code=False, use_safetensors=True)
+    if getattr(ckpt, "adapter", None) is not None:
+        merge_adapter(net, ckpt)
+    return net
 
 
 def _check_targets(model, s: AlignSettings) -> None:
@@ -213,7 +229,7 @@ def _warn_warmup(s: AlignSettings, n_pairs: int) -> None:
                       f"reaches lr={s.lr}; lower --warmup-steps", stacklevel=3)
 
 
-def _save(peft_model, tmp: Path, *, src: Path, config: dict, dtype: torch.dtype) -> None:
+def _save(peft_model, tmp: Path, *, src: Path, tokenizer_source: Path, config: dict, dtype: torch.dtype) -> None:
     from safemerge.writer import copy_side_files
 
     peft_model.save_pretrained(str(tmp / "adapter"))
@@ -223,7 +239,7 @@ def _save(peft_model, tmp: Path, *, src: Path, config: dict, dtype: torch.dtype)
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # the Trainer aligns them to the tokenizer: undo
         setattr(merged.config, key, config.get(key))
     merged.save_pretrained(str(tmp))
-    copy_side_files(tmp, tokenizer_source=src, generation_source=src, chat_template=None)
+    copy_side_files(tmp, tokenizer_source=tokenizer_source, generation_source=src, chat_template=None)
     trainer_dir = tmp / ".trainer"
     if trainer_dir.exists():
         import shutil
@@ -231,7 +247,7 @@ def _save(peft_model, tmp: Path, *, src: Path, config: dict, dtype: torch.dtype)
         shutil.rmtree(trainer_dir)
 
 
-def _record(src, ckpt, data, pairs, s: AlignSettings, outcome, *, use_chat, device, bf16, dtype, max_length,
+def _record(ckpt, data, pairs, s: AlignSettings, outcome, *, use_chat, device, bf16, dtype, max_length,
             train_s, wall_s) -> dict:
     import peft
     import transformers
@@ -239,7 +255,7 @@ def _record(src, ckpt, data, pairs, s: AlignSettings, outcome, *, use_chat, devi
     losses = [h["loss"] for h in outcome.history if "loss" in h]
     settings = s.as_dict() | {"max_length": max_length, "chat": use_chat}
     return {
-        "model": str(src),
+        "model": ckpt.reference,
         "fingerprint": ckpt.fingerprint(),
         "data": {"source": str(data) if not isinstance(data, list) else "<list>", "fingerprint": _data_digest(data),
                  "pairs": len(pairs), "chat": use_chat},

@@ -22,7 +22,7 @@ def register(app: typer.Typer) -> None:
 
 
 def align(
-    model: Annotated[Path, typer.Argument(metavar="MODEL", help="The model to tune (a local HF checkpoint directory), e.g. the domain expert.")],
+    model: Annotated[Path, typer.Argument(metavar="MODEL", help="The model to tune (a local HF checkpoint directory, or MODEL+ADAPTER for a LoRA expert), e.g. the domain expert.")],
     out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="Output model directory (written atomically).")],
     data: Annotated[str, typer.Option(help="Preference pairs: JSONL/JSON/CSV/Parquet with prompt, chosen, rejected "
                                            "(or HH-RLHF chosen/rejected transcripts), or a hub dataset name.")],
