@@ -120,10 +120,11 @@ def multimerge(
     record = _read_record(inter)
     made_by_us = {e.get("out") for e in record.values()}
     made_here = {s.name for s in stages if s.name is not None}
+    pickle = merge_options.get("allow_pickle", False)
     for s in stages:  # every input that no stage makes must be readable before any work
         for m in s.config.input_models():
             if split_reference(m)[0] not in {str(inter / n) for n in made_here}:
-                open_model(m, allow_pickle=merge_options.get("allow_pickle", False))
+                open_model(m, allow_pickle=pickle)
     for s in stages:
         if s.out.exists() and not overwrite and str(s.out) not in made_by_us:
             raise ConfigError(f"{s.out} ({s.label}'s output) already exists and was not written by this config's earlier "
@@ -136,7 +137,7 @@ def multimerge(
         inputs = None
         if lazy and (s.out / "config.json").is_file() and not remade & set(s.needs) \
                 and entry.get("config") == cfg_yaml and entry.get("out") == str(s.out):
-            inputs = _fingerprints(s.config)
+            inputs = _fingerprints(s.config, pickle)
             if entry.get("inputs") == inputs:
                 result.kept.append(s.label)
                 result.outputs[s.name] = s.out
@@ -147,7 +148,7 @@ def multimerge(
             report(f"{i}/{len(stages)} {s.label}: {s.config.merge_method} of {len(s.config.input_models())} models "
                    f"-> {s.out}")
         merge(s.config, s.out, overwrite=True, progress=progress, **merge_options)
-        record[key] = {"config": cfg_yaml, "inputs": inputs or _fingerprints(s.config), "out": str(s.out)}
+        record[key] = {"config": cfg_yaml, "inputs": inputs or _fingerprints(s.config, pickle), "out": str(s.out)}
         atomic_write(inter / RECORD, json.dumps(record, indent=1, sort_keys=True))
         remade.add(s.name)
         result.made.append(s.label)
@@ -223,10 +224,10 @@ def _cycle(needs: dict[str | None, list[str]]) -> list[str]:
     return [str(n) for n in seen[seen.index(node):]] + [str(node)]
 
 
-def _fingerprints(cfg: MergeConfig) -> dict[str, str]:
+def _fingerprints(cfg: MergeConfig, allow_pickle: bool) -> dict[str, str]:
     from safemerge.lora import open_model
 
-    return {m: open_model(m).fingerprint() for m in cfg.input_models()}
+    return {m: open_model(m, allow_pickle=allow_pickle).fingerprint() for m in cfg.input_models()}
 
 
 def _read_record(inter: Path) -> dict:
