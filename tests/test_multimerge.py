@@ -75,16 +75,26 @@ def test_bad_multi_stage_configs_are_errors_before_any_merge(tiny_family, tmp_pa
     final, soup, ta = _docs(tiny_family)
     inter, out = tmp_path / "inter", tmp_path / "out"
 
-    def fails(match, *docs, out=out, **kw):
+    def fails(match, *docs, out=out, inter=inter, **kw):
         cfg = _write(tmp_path / "bad.yml", *docs)
         with pytest.raises((ConfigError, CheckpointError), match=match):
             safemerge.multimerge(cfg, out, intermediate_dir=inter, progress=False, **kw)
         assert not inter.exists() or not any(inter.iterdir())
-        assert out is None or not out.exists()
+        assert out is None or not out.exists() or out in tiny_family.values()
 
     fails("two merges are named 'soup'", final, soup, dict(soup), ta)
     fails("2 merges have no `name`; only the final merge may be unnamed", final, dict(final), soup, ta)
     fails("name 'a/b' must be a plain folder name", final, dict(soup, name="a/b"), ta)
+    fails("name 'multimerge.json' must be a plain folder name", final, dict(soup, name="multimerge.json"), ta)
+    fails("name 2024 must be text", final, dict(soup, name=2024), ta)
+    fails("name 'base' is a tokenizer_source keyword", final, dict(soup, name="base"), ta)
+    fails("has a '\\+', which reads as `model\\+adapter`", final, soup, ta, inter=tmp_path / "a+b")
+    # inputs that no merge makes, checked before the first merge: a tokenizer source, an adapter on a merge's output
+    fails("the final merge: tokenizer_source .*no-such-tokenizer' is not a model directory",
+          dict(final, tokenizer_source=str(tmp_path / "no-such-tokenizer")), soup, ta)
+    fails("no-such-adapter: no such adapter folder", final, soup,
+          dict(ta, models=[{"model": "soup+" + str(tmp_path / "no-such-adapter"), "parameters": {"weight": 1.0}}]))
+    fails("the final merge's output is the input model", final, soup, ta, out=tiny_family["expert"], overwrite=True)
     fails(r"the merges (soup -> ta -> soup|ta -> soup -> ta) read each other's outputs in a cycle",
           final, dict(soup, models=[{"model": "ta", "parameters": {"weight": 1.0}}]), ta)
     fails("merge 'soup' reads its own output", final, dict(soup, models=[{"model": "soup", "parameters": {"weight": 1.0}}]), ta)
@@ -98,7 +108,7 @@ def test_bad_multi_stage_configs_are_errors_before_any_merge(tiny_family, tmp_pa
     out.mkdir()
     (out / "keep.txt").write_text("someone else's")
     cfg = _write(tmp_path / "bad.yml", final, soup, ta)
-    with pytest.raises(ConfigError, match="already exists and was not written by this config's earlier runs"):
+    with pytest.raises(ConfigError, match="already exists and was not written by an earlier multimerge into this"):
         safemerge.multimerge(cfg, out, intermediate_dir=inter, progress=False)
     assert (out / "keep.txt").read_text() == "someone else's" and not inter.exists()
     (inter / "ta").mkdir(parents=True)  # an intermediate folder that this config did not write is kept too
@@ -122,6 +132,8 @@ def test_the_multimerge_command(tiny_family, tmp_path):
     assert json.loads(res.stdout)["made"] == ["soup", "ta", "the final merge"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0 and "3/3 the final merge: kept" in res.stdout and "0 made, 3 kept" in res.stdout
+    res = CliRunner().invoke(app, args + ["--no-lazy", "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["made"] == ["soup", "ta", "the final merge"]
     res = CliRunner().invoke(app, ["multimerge", str(cfg), "-I", str(tmp_path / "inter2")])
     assert res.exit_code != 0 and "--out-path" in res.output
 
@@ -148,3 +160,31 @@ def test_slices_read_intermediate_merges_and_reruns_keep_them(tiny_family, tmp_p
     assert (final["model.layers.1.mlp.up_proj.weight"] == got["model.layers.1.mlp.up_proj.weight"]).all()
     assert (final["model.layers.3.mlp.up_proj.weight"] == soup_t["model.layers.2.mlp.up_proj.weight"]).all()
     assert safemerge.multimerge(cfg, out, intermediate_dir=inter, progress=False).kept == ["soup", "whole", "the final merge"]
+
+
+def test_a_merge_read_only_as_tokenizer_source_and_edited_tokenizer_files_are_inputs(tiny_family, tmp_path):
+    """What a merge depends on besides its config is in the record: a merge it reads only as `tokenizer_source`
+    (remade in a run that stopped before the final merge), and an input's tokenizer files edited in place."""
+    final, soup, _ = _docs(tiny_family)
+    final = dict(final, tokenizer_source="soup", models=[{"model": str(tiny_family["aligned"]), "parameters": {"weight": 1.0}}])
+    cfg, out, inter = tmp_path / "multi.yml", tmp_path / "out", tmp_path / "inter"
+    _write(cfg, final, soup)
+    safemerge.multimerge(cfg, out, intermediate_dir=inter, progress=False)
+    _write(cfg, final, dict(soup, chat_template="chatml"))  # the soup's tokenizer files change, and so the final's
+
+    def stop_before_the_final_merge(line):
+        if line.startswith("2/2"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        safemerge.multimerge(cfg, out, intermediate_dir=inter, progress=False, report=stop_before_the_final_merge)
+    assert safemerge.multimerge(cfg, out, intermediate_dir=inter, progress=False).made == ["the final merge"]
+    assert "<|im_start|>" in (out / "chat_template.jinja").read_text()
+    tok = tiny_family["aligned"] / "tokenizer_config.json"
+    before = tok.read_text()
+    try:
+        tok.write_text(before.replace("{", '{"model_max_length": 4096, ', 1))
+        r = safemerge.multimerge(cfg, out, intermediate_dir=inter, progress=False)
+    finally:
+        tok.write_text(before)
+    assert r.made == ["soup", "the final merge"]

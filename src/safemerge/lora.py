@@ -46,41 +46,51 @@ def open_model(ref: str, *, allow_pickle: bool = False) -> Checkpoint:
     return LoraCheckpoint(model, adapter, allow_pickle=allow_pickle)
 
 
+def read_adapter_config(adapter: Path) -> dict:
+    """The validated adapter_config.json of a PEFT LoRA folder; a CheckpointError that says what is wrong (a missing
+    folder or file, a pickled adapter, another PEFT method, options this reader does not apply)."""
+    if not adapter.is_dir():
+        raise CheckpointError(f"{adapter}: no such adapter folder (a reference is `model_path+adapter_path`)")
+    cfg_file, weights = adapter / "adapter_config.json", adapter / "adapter_model.safetensors"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{adapter}: no adapter_config.json; a `model+adapter` reference needs a PEFT "
+                              "LoRA adapter folder")
+    if not weights.is_file():
+        what = " (adapter_model.bin is a pickle; save the adapter with safetensors)" if (
+            adapter / "adapter_model.bin").is_file() else ""
+        raise CheckpointError(f"{adapter}: no adapter_model.safetensors{what}")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{cfg_file}: not readable JSON ({e})") from None
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise CheckpointError(f"{cfg_file}: peft_type {cfg.get('peft_type')!r}; only LoRA adapters can be merged in")
+    bad = sorted(k for k, v in cfg.items() if k not in _KNOWN and v not in (None, False, {}, [], ""))
+    if cfg.get("init_lora_weights", True) not in _PLAIN_INITS:  # peft re-initialises the base weights on loading
+        bad.append(f"init_lora_weights {cfg['init_lora_weights']!r}")
+    if bad:
+        raise CheckpointError(f"{cfg_file}: {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not supported; "
+                              "merge the adapter into the model with peft (merge_and_unload) and give that folder")
+    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
+    if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)):
+        raise CheckpointError(f"{cfg_file}: r and lora_alpha must be a positive whole number and a number")
+    patterns = {k: cfg.get(k) or {} for k in ("rank_pattern", "alpha_pattern")}
+    if any(not isinstance(p, dict) or not all(isinstance(v, (int, float)) and v > 0 for v in p.values())
+           for p in patterns.values()):
+        raise CheckpointError(f"{cfg_file}: rank_pattern and alpha_pattern must map module patterns to positive numbers")
+    return cfg
+
+
 class LoraCheckpoint(Checkpoint):
     """The model at `path` with the LoRA adapter at `adapter` merged in (see the module's docstring)."""
 
     def __init__(self, path: str | os.PathLike, adapter: str | os.PathLike, *, allow_pickle: bool = False):
         super().__init__(path, allow_pickle=allow_pickle)
         self.adapter = Path(adapter).expanduser()
-        if not self.adapter.is_dir():
-            raise CheckpointError(f"{self.adapter}: no such adapter folder (a reference is `model_path+adapter_path`)")
-        cfg_file, weights = self.adapter / "adapter_config.json", self.adapter / "adapter_model.safetensors"
-        if not cfg_file.is_file():
-            raise CheckpointError(f"{self.adapter}: no adapter_config.json; a `model+adapter` reference needs a PEFT "
-                                  "LoRA adapter folder")
-        if not weights.is_file():
-            what = " (adapter_model.bin is a pickle; save the adapter with safetensors)" if (
-                self.adapter / "adapter_model.bin").is_file() else ""
-            raise CheckpointError(f"{self.adapter}: no adapter_model.safetensors{what}")
-        try:
-            cfg = json.loads(cfg_file.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{cfg_file}: not readable JSON ({e})") from None
-        if cfg.get("peft_type", "LORA") != "LORA":
-            raise CheckpointError(f"{cfg_file}: peft_type {cfg.get('peft_type')!r}; only LoRA adapters can be merged in")
-        bad = sorted(k for k, v in cfg.items() if k not in _KNOWN and v not in (None, False, {}, [], ""))
-        if cfg.get("init_lora_weights", True) not in _PLAIN_INITS:  # peft re-initialises the base weights on loading
-            bad.append(f"init_lora_weights {cfg['init_lora_weights']!r}")
-        if bad:
-            raise CheckpointError(f"{cfg_file}: {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not supported; "
-                                  "merge the adapter into the model with peft (merge_and_unload) and give that folder")
-        r, alpha = cfg.get("r"), cfg.get("lora_alpha")
-        if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)):
-            raise CheckpointError(f"{cfg_file}: r and lora_alpha must be a positive whole number and a number")
+        cfg = read_adapter_config(self.adapter)
+        weights = self.adapter / "adapter_model.safetensors"
+        r, alpha = cfg["r"], cfg["lora_alpha"]
         patterns = {k: cfg.get(k) or {} for k in ("rank_pattern", "alpha_pattern")}
-        if any(not isinstance(p, dict) or not all(isinstance(v, (int, float)) and v > 0 for v in p.values())
-               for p in patterns.values()):
-            raise CheckpointError(f"{cfg_file}: rank_pattern and alpha_pattern must map module patterns to positive numbers")
         rslora = bool(cfg.get("use_rslora"))
         self.conv1d = self.config.get("model_type") in CONV1D_MODELS
         self.adapter_weights = Checkpoint(weights)

@@ -70,6 +70,9 @@ def plan(config: str | os.PathLike, out: str | os.PathLike | None, intermediate_
     if not docs:
         raise ConfigError(f"{path}: is empty; a multi-stage config is YAML documents (separated by ---), one merge each")
     inter = Path(intermediate_dir).expanduser().absolute()
+    if "+" in str(inter):
+        raise ConfigError(f"--intermediate-dir {inter}: has a '+', which reads as `model+adapter` in the paths of the "
+                          "merges written there; choose a folder without one")
     names = [_name(d.get("name"), path, i) for i, d in enumerate(docs)]
     for n in set(names):
         if names.count(n) > 1:
@@ -121,14 +124,11 @@ def multimerge(
     made_by_us = {e.get("out") for e in record.values()}
     made_here = {s.name for s in stages if s.name is not None}
     pickle = merge_options.get("allow_pickle", False)
-    for s in stages:  # every input that no stage makes must be readable before any work
-        for m in s.config.input_models():
-            if split_reference(m)[0] not in {str(inter / n) for n in made_here}:
-                open_model(m, allow_pickle=pickle)
+    _check_inputs(stages, {str(inter / n) for n in made_here}, pickle)
     for s in stages:
         if s.out.exists() and not overwrite and str(s.out) not in made_by_us:
-            raise ConfigError(f"{s.out} ({s.label}'s output) already exists and was not written by this config's earlier "
-                              "runs; pass --overwrite to replace it, or choose another "
+            raise ConfigError(f"{s.out} ({s.label}'s output) already exists and was not written by an earlier multimerge "
+                              "into this intermediate folder; pass --overwrite to replace it, or choose another "
                               + ("--out-path" if s.name is None else "--intermediate-dir"))
     result, remade = MultimergeResult(), set()
     for i, s in enumerate(stages, 1):
@@ -137,7 +137,7 @@ def multimerge(
         inputs = None
         if lazy and (s.out / "config.json").is_file() and not remade & set(s.needs) \
                 and entry.get("config") == cfg_yaml and entry.get("out") == str(s.out):
-            inputs = _fingerprints(s.config, pickle)
+            inputs = _inputs(s.config, pickle)
             if entry.get("inputs") == inputs:
                 result.kept.append(s.label)
                 result.outputs[s.name] = s.out
@@ -148,7 +148,7 @@ def multimerge(
             report(f"{i}/{len(stages)} {s.label}: {s.config.merge_method} of {len(s.config.input_models())} models "
                    f"-> {s.out}")
         merge(s.config, s.out, overwrite=True, progress=progress, **merge_options)
-        record[key] = {"config": cfg_yaml, "inputs": inputs or _fingerprints(s.config, pickle), "out": str(s.out)}
+        record[key] = {"config": cfg_yaml, "inputs": inputs or _inputs(s.config, pickle), "out": str(s.out)}
         atomic_write(inter / RECORD, json.dumps(record, indent=1, sort_keys=True))
         remade.add(s.name)
         result.made.append(s.label)
@@ -159,10 +159,15 @@ def multimerge(
 def _name(value: Any, path: Path, i: int) -> str | None:
     if value is None:
         return None
-    bad = not isinstance(value, str) or not value or value in (".", "..") or any(c in value for c in "/\\+")
-    if bad:
-        raise ConfigError(f"{path}, document {i + 1}: name {value!r} must be a plain folder name (no '/', '\\', '+'), "
-                          "as it names the merge's folder in the intermediate directory")
+    where = f"{path}, document {i + 1}: name {value!r}"
+    if not isinstance(value, str):
+        raise ConfigError(f"{where} must be text (quote it: name: \"{value}\")")
+    if not value or value.startswith(".") or any(c in value for c in "/\\+") or value == RECORD:
+        raise ConfigError(f"{where} must be a plain folder name (not starting with '.', no '/', '\\' or '+', not "
+                          f"{RECORD}), as it names the merge's folder in the intermediate directory")
+    if value in VOCAB_KEYWORDS:
+        raise ConfigError(f"{where} is a tokenizer_source keyword ({', '.join(sorted(VOCAB_KEYWORDS))}), so "
+                          "`tokenizer_source: " + value + "` could not name this merge; choose another name")
     return value
 
 
@@ -224,10 +229,47 @@ def _cycle(needs: dict[str | None, list[str]]) -> list[str]:
     return [str(n) for n in seen[seen.index(node):]] + [str(node)]
 
 
-def _fingerprints(cfg: MergeConfig, allow_pickle: bool) -> dict[str, str]:
-    from safemerge.lora import open_model
+def _check_inputs(stages: list[Stage], stage_dirs: set[str], allow_pickle: bool) -> None:
+    """Before any merge: every model, adapter and tokenizer folder that no merge makes can be read, and no merge
+    writes where another one's input lies."""
+    from safemerge.engine import check_apart, tokenizer_dirs
+    from safemerge.lora import open_model, read_adapter_config
 
-    return {m: open_model(m, allow_pickle=allow_pickle).fingerprint() for m in cfg.input_models()}
+    outside: list[Path] = []
+    for s in stages:
+        for m in s.config.input_models():
+            folder, adapter = split_reference(m)
+            if folder not in stage_dirs:
+                outside += open_model(m, allow_pickle=allow_pickle).folders
+            elif adapter is not None:
+                read_adapter_config(Path(adapter).expanduser())
+                outside.append(Path(adapter).expanduser())
+        tok = s.config.vocab_source
+        if tok is not None and tok not in stage_dirs:
+            try:
+                outside += tokenizer_dirs(s.config)
+            except ConfigError as e:
+                raise ConfigError(f"{s.label}: {e}") from None
+    for s in stages:
+        check_apart(s.out, outside, what=f"{s.label}'s output")
+
+
+def _inputs(cfg: MergeConfig, allow_pickle: bool) -> dict[str, str]:
+    """What a merge's output depends on besides its config: each input's weights (fingerprint) and side files
+    (config, tokenizer, chat template), and the tokenizer source's."""
+    from safemerge.evaluate.loading import side_files_digest
+    from safemerge.lora import open_model
+    from safemerge.writer import TOKENIZER_FILES
+
+    files = ("config.json", "generation_config.json", *TOKENIZER_FILES)
+    out = {}
+    for m in cfg.input_models():
+        ckpt = open_model(m, allow_pickle=allow_pickle)
+        out[m] = f"{ckpt.fingerprint()} {side_files_digest(ckpt.path, files)}"
+    tok = cfg.vocab_source
+    if tok is not None and tok not in VOCAB_KEYWORDS and Path(tok).is_dir():
+        out["tokenizer_source"] = side_files_digest(Path(tok), files)
+    return out
 
 
 def _read_record(inter: Path) -> dict:
@@ -235,4 +277,4 @@ def _read_record(inter: Path) -> dict:
         data = json.loads((inter / RECORD).read_text())
     except (OSError, ValueError):
         return {}
-    return data if isinstance(data, dict) else {}
+    return {k: v for k, v in data.items() if isinstance(v, dict)} if isinstance(data, dict) else {}

@@ -7,6 +7,8 @@ from typing import Any
 
 import yaml
 
+from safemerge.config import split_reference
+
 
 def write_card(out_dir: Path, run: dict[str, Any]) -> None:
     """README.md with front matter (base_model, tags [safemerge, <method>, lora]) and the run record.
@@ -20,7 +22,7 @@ def write_card(out_dir: Path, run: dict[str, Any]) -> None:
     settings = {k: v for k, v in s.items() if k != "method"}
     card = (
         f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n"
-        f"# {method.upper()} of {'+'.join(Path(p).name for p in run['model'].split('+'))}\n\n"
+        f"# {method.upper()} of {'+'.join(Path(p).name for p in split_reference(run['model']) if p)}\n\n"
         f"The model `{run['model']}` (weights fingerprint `{run['fingerprint']}`) preference-tuned with "
         f"{method.upper()} through a LoRA adapter, which was then merged into the weights (peft "
         "`merge_and_unload`), so this is a plain checkpoint. The adapter itself is in `adapter/`. "

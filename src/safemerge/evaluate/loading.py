@@ -225,13 +225,13 @@ SIDE_FILES = ("config.json", "generation_config.json",
               *(f for f in TOKENIZER_FILES if not f.startswith("chat_template")))  # the template is hashed on its own
 
 
-def side_files_digest(path: Path) -> str:
-    """A digest of the model's config, generation config and tokenizer files, so that a stored result is not
-    served after one of them was edited in place (the weight fingerprint does not cover them)."""
+def side_files_digest(path: Path, names: tuple[str, ...] = SIDE_FILES) -> str:
+    """A digest of the model's config, generation config and tokenizer files (`names`), so that a stored result is
+    not served after one of them was edited in place (the weight fingerprint does not cover them)."""
     import hashlib
 
     h = hashlib.blake2b(digest_size=8)
-    for name in SIDE_FILES:
+    for name in names:
         f = path / name
         if f.is_file():
             h.update(name.encode() + b"\0" + f.read_bytes() + b"\0")
