@@ -6,7 +6,7 @@
 A tiny Llama family (tests/tiny.py) where the expert has two tokens of its own and the aligned model a
 renumbered vocabulary, one token fewer and two tokens of its own (one shared with the expert). Task arithmetic
 with `tokenizer_source: base`, `tokenizer_source: <expert>` and `tokenizer: {source: union, pad_to_multiple_of:
-32}`; prints, per case, the largest difference of every tensor, the embedding rows compared token by token
+32}`, and a union with `tokens` (zero, a named model's row forced, another token's row); prints, per case, the largest difference of every tensor, the embedding rows compared token by token
 (the union's token ids may be numbered in another order: mergekit orders the models as a set), and whether
 the output vocabularies hold the same tokens.
 """
@@ -52,7 +52,12 @@ def main(argv: list[str] | None = None) -> None:
                    aligned=vocab_variant(fam["aligned"], root / "a", perm=perm, drop="drug",
                                          extra={"drugX": n - 1, "<|safe|>": n}, seed=1))
         cases = {"base": {"tokenizer_source": "base"}, "expert": {"tokenizer_source": str(fam["expert"])},
-                 "union, padded to 32": {"tokenizer": {"source": "union", "pad_to_multiple_of": 32}}}
+                 "union, padded to 32": {"tokenizer": {"source": "union", "pad_to_multiple_of": 32}},
+                 "union with tokens": {"tokenizer": {"source": "union", "tokens": {
+                     "<|med|>": {"source": {"kind": "zero"}},  # only the expert has it: zero in the others
+                     "drugX": {"source": str(fam["aligned"]), "force": True},  # the aligned model's row, everywhere
+                     "<|safe|>": {"source": {"kind": "model_token", "model": str(fam["expert"]), "token": "<|med|>"}},
+                     "capital": {"source": str(fam["expert"]), "force": True}}}}}
         for i, (case, over) in enumerate(cases.items()):
             cfg = {"merge_method": "task_arithmetic", "base_model": str(fam["base"]), "dtype": "float32",
                    "models": [{"model": str(fam["expert"]), "parameters": {"weight": 1.0}},

@@ -213,7 +213,10 @@ def test_strings_and_single_mappings_are_read_as_mergekit_reads_them():
 
 @pytest.mark.parametrize("bad, words", [
     ({"merge_method": "model_stock", "models": [{"model": "x"}]}, ["model_stock needs at least two models"]),
-    ({"tokenizer": {"source": "base", "tokens": {"<x>": {"source": "zero"}}}}, ["tokenizer.tokens", "not supported"]),
+    ({"tokenizer": {"source": "base", "tokens": {"<x>": {"source": "zero"}}}},  # {kind: zero}, not a model "zero"
+     ["tokenizer.tokens['<x>']: zero is not one of the merged models", "{kind: zero}"]),
+    ({"tokenizer": {"tokens": {"<x>": {"source": {"kind": "model_token", "model": "x", "token": "a", "token_id": 1}}}}},
+     ["tokenizer.tokens.<x>.source: {kind: model_token} needs a model and one of token or token_id"]),
     ({"tokenizer": {"source": "base"}, "tokenizer_source": "base"}, ["`tokenizer_source` or a `tokenizer:` section"]),
     ({"tokenizer": {"source": "base", "pad_to_multiple_of": 0}}, ["pad_to_multiple_of"]),
     ({"modules": {"text_decoder": {"models": [{"model": "x"}]}}}, ["`modules:`", "not supported"]),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -188,3 +189,17 @@ def test_a_merge_read_only_as_tokenizer_source_and_edited_tokenizer_files_are_in
     finally:
         tok.write_text(before)
     assert r.made == ["soup", "the final merge"]
+
+
+def test_a_tokens_row_from_an_earlier_merge(tiny_family, tmp_path):
+    _, soup, _ = _docs(tiny_family)
+    final = {"merge_method": "linear", "dtype": "float32",
+             "models": [{"model": "soup", "parameters": {"weight": 0.5}},
+                        {"model": str(tiny_family["base"]), "parameters": {"weight": 0.5}}],
+             "tokenizer": {"source": "base", "tokens": {"<|end|>": {"source": "soup", "force": True}}}}
+    cfg, out = _write(tmp_path / "multi.yml", final, soup), tmp_path / "out"
+    safemerge.multimerge(cfg, out, intermediate_dir=tmp_path / "inter", progress=False)
+    end = json.loads((tiny_family["base"] / "tokenizer.json").read_text())["model"]["vocab"]["<|end|>"]
+    got, soup_t = _tensors(out), _tensors(tmp_path / "inter" / "soup")
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(got[name][end], soup_t[name][end])  # forced: both models take the soup's row

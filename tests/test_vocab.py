@@ -166,3 +166,58 @@ def test_a_token_special_in_any_model_is_special_in_the_union(tmp_path, tiny_fam
     tok = AutoTokenizer.from_pretrained(tmp_path / "out")
     med = tok.convert_tokens_to_ids("<|med|>")
     assert tok.decode([med], skip_special_tokens=True) == ""
+
+
+def _linear(fam: dict[str, Path], **over) -> dict:
+    return {"merge_method": "linear", "dtype": "float32",
+            "models": [{"model": str(fam["expert"]), "parameters": {"weight": 0.5}},
+                       {"model": str(fam["aligned"]), "parameters": {"weight": 0.5}}], **over}
+
+
+def test_tokenizer_tokens_give_rows_per_token(tmp_path, tiny_family):
+    """mergekit's `tokenizer.tokens`: a token's rows from a named model, zero, or another token's row
+    (`model_token`); where a model lacks the token, or in every model with `force`."""
+    n = len(vocab_of(tiny_family["expert"]))
+    expert = vocab_variant(tiny_family["expert"], tmp_path / "expert-med", extra={"<|med|>": n})
+    fam = dict(tiny_family, expert=expert)
+    e, a = load_file(str(expert / "model.safetensors")), load_file(str(tiny_family["aligned"] / "model.safetensors"))
+    word = next(t for t, i in vocab_of(expert).items() if i == 20)  # a word both models have, at id 20
+    auto = _merged(_linear(fam, tokenizer={"source": "union"}), tmp_path / "auto")
+    tokens = {"<|med|>": {"source": {"kind": "zero"}},  # the aligned model lacks it: zero there, not the expert's row
+              word: {"source": str(tiny_family["aligned"]), "force": True},  # both take the aligned model's row
+              "</s>": {"source": {"kind": "model_token", "model": str(expert), "token": word}}}  # both have it: unused
+    got = _merged(_linear(fam, tokenizer={"source": "union", "tokens": tokens}), tmp_path / "tokens")
+    out = vocab_of(tmp_path / "tokens") if (tmp_path / "tokens" / "tokenizer.json").is_file() else None
+    med = n if out is None else out["<|med|>"]
+    for name in VOCAB_TENSORS:
+        assert torch.equal(auto[name][med], e[name][n])  # the default: the one model's row that has it
+        torch.testing.assert_close(got[name][med], 0.5 * e[name][n], rtol=0, atol=1e-7)
+        assert torch.equal(got[name][20], a[name][20])
+        assert torch.equal(got[name][3], auto[name][3])
+        others = [i for i in range(n) if i != 20]
+        assert torch.equal(got[name][others], auto[name][others])
+    # a forced model_token row: both models take the expert's row of `word` for <|med|>
+    tokens = {"<|med|>": {"source": {"kind": "model_token", "model": str(expert), "token": word}, "force": True}}
+    got = _merged(_linear(fam, tokenizer={"source": "union", "tokens": tokens}), tmp_path / "model-token")
+    for name in VOCAB_TENSORS:
+        assert torch.equal(got[name][med], e[name][20])
+
+
+def test_bad_tokenizer_tokens_are_errors_naming_the_token(tmp_path, tiny_family):
+    n = len(vocab_of(tiny_family["expert"]))
+    expert = vocab_variant(tiny_family["expert"], tmp_path / "expert-med", extra={"<|med|>": n})
+    fam = dict(tiny_family, expert=expert)
+
+    def fails(error, match, tokens):
+        with pytest.raises(error, match=match):
+            safemerge.merge(_linear(fam, tokenizer={"source": "union", "tokens": tokens}), tmp_path / "out", progress=False)
+        assert not (tmp_path / "out").exists()
+
+    fails(ConfigError, r"tokens\['<\|nope\|>'\]: the output vocabulary .* has no such token",
+          {"<|nope|>": {"source": {"kind": "zero"}}})
+    fails(ConfigError, r"tokens\['<\|med\|>'\]: .*aligned has no token '<\|med\|>'",
+          {"<|med|>": {"source": str(tiny_family["aligned"])}})
+    fails(ConfigError, r"tokens\['<\|med\|>'\]: .*base is not one of the merged models",
+          {"<|med|>": {"source": str(tiny_family["base"])}})
+    fails(ConfigError, r"tokens\.<\|med\|>\.source: \{kind: model_token\} needs a model and one of token or token_id",
+          {"<|med|>": {"source": {"kind": "model_token", "model": str(expert)}}})

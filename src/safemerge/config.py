@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import torch
 import yaml
@@ -97,20 +97,55 @@ class Slice(BaseModel):
         return self.sources[0].length
 
 
+class TokenRow(BaseModel):
+    """mergekit's non-model sources of one token's row: `{kind: zero}`, or `{kind: model_token, model, token |
+    token_id}` (another token's row of that model)."""
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["zero", "model_token"]
+    model: Optional[str] = None
+    token: Optional[str] = None
+    token_id: Optional[int] = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "TokenRow":
+        if self.kind == "zero" and (self.model, self.token, self.token_id) != (None, None, None):
+            raise ValueError("{kind: zero} takes no model, token or token_id")
+        if self.kind == "model_token" and (self.model is None or (self.token is None) == (self.token_id is None)):
+            raise ValueError("{kind: model_token} needs a model and one of token or token_id")
+        return self
+
+
+class TokenSpec(BaseModel):
+    """One entry of `tokenizer.tokens`: where the token's embedding and output-head rows come from (a merged model's
+    row of that token, or a TokenRow), and whether every model takes it (`force`) or only those lacking the token."""
+    model_config = ConfigDict(extra="forbid")
+    source: Any  # str | TokenRow, read by _source (pydantic's union would report both members' errors)
+    force: bool = False
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _source(cls, v: Any) -> Union[str, TokenRow]:
+        if isinstance(v, str):
+            return v
+        if isinstance(v, dict):
+            try:
+                return TokenRow.model_validate(v)
+            except ValidationError as e:
+                raise ValueError("; ".join(_fmt(err) for err in e.errors())) from None
+        raise ValueError(f"{v!r}: give a merged model's path, {{kind: zero}} or {{kind: model_token, model, token}}")
+
+    @property
+    def model(self) -> Optional[str]:
+        return self.source if isinstance(self.source, str) else self.source.model
+
+
 class TokenizerSection(BaseModel):
-    """mergekit's `tokenizer:` section: the output vocabulary's source and its padding (docs/methods.md)."""
+    """mergekit's `tokenizer:` section: the output vocabulary's source, its padding and per-token row sources
+    (docs/methods.md, "Vocabularies")."""
     model_config = ConfigDict(extra="forbid")
     source: str = "union"
     pad_to_multiple_of: Optional[int] = Field(default=None, ge=1)
-    tokens: None = Field(default=None, description="per-token embedding sources: not supported")
-
-    @field_validator("tokens", mode="before")
-    @classmethod
-    def _tokens(cls, v: Any) -> None:
-        if v is not None:
-            raise ValueError("tokenizer.tokens (per-token embedding sources) is not supported; leave it out: a token "
-                             "a model lacks takes the row of the model that has it, else base_model's, else their mean")
-        return None
+    tokens: Optional[dict[str, TokenSpec]] = None
 
 
 class MergeConfig(BaseModel):
@@ -179,6 +214,10 @@ class MergeConfig(BaseModel):
                              f"got {len(self.others())}")
         if self.tokenizer_source is not None and self.tokenizer is not None:
             raise ValueError("give `tokenizer_source` or a `tokenizer:` section, not both (as in mergekit)")
+        for token, row in self.vocab_tokens.items():
+            if row.model is not None and not any(same_model(row.model, m) for m in self.input_models()):
+                raise ValueError(f"tokenizer.tokens[{token!r}]: {row.model} is not one of the merged models; a token's "
+                                 f"row comes from one of {', '.join(self.input_models())} (or {{kind: zero}})")
         for m in self.weighted_models():
             for key, default in spec.model_params.items():
                 if default is REQUIRED and key not in m.parameters and key not in self.parameters:
@@ -268,6 +307,11 @@ class MergeConfig(BaseModel):
     @property
     def vocab_padding(self) -> Optional[int]:
         return self.tokenizer.pad_to_multiple_of if self.tokenizer is not None else None
+
+    @property
+    def vocab_tokens(self) -> dict[str, TokenSpec]:
+        """`tokenizer.tokens`: per-token row sources ({} for none)."""
+        return (self.tokenizer.tokens or {}) if self.tokenizer is not None else {}
 
     def to_yaml_dict(self) -> dict[str, Any]:
         data = self.model_dump(mode="json", exclude_none=True, exclude_defaults=False)
@@ -551,6 +595,15 @@ def _local(p: Any, folder: Path) -> Any:
     return p
 
 
+def same_model(a: str, b: str) -> bool:
+    """Two references to one model: the same text, or paths of the same folder(s)."""
+    if a == b:
+        return True
+    (ma, aa), (mb, ab) = split_reference(a), split_reference(b)
+    same = lambda x, y: x == y or (x is not None and y is not None and Path(x).expanduser().resolve() == Path(y).expanduser().resolve())  # noqa: E731
+    return same(ma, mb) and same(aa, ab)
+
+
 def _relative_to(data: dict, folder: Path) -> dict:
     data = dict(data)
     data["base_model"] = _local(data.get("base_model"), folder)
@@ -559,8 +612,10 @@ def _relative_to(data: dict, folder: Path) -> dict:
         return v if v in VOCAB_KEYWORDS else _local(v, folder)
 
     data["tokenizer_source"] = source(data.get("tokenizer_source"))
-    if isinstance(data.get("tokenizer"), dict) and "source" in data["tokenizer"]:
-        data["tokenizer"] = dict(data["tokenizer"], source=source(data["tokenizer"]["source"]))
+    if isinstance(data.get("tokenizer"), dict):
+        data["tokenizer"] = map_token_models(data["tokenizer"], lambda m: _local(m, folder))
+        if "source" in data["tokenizer"]:
+            data["tokenizer"] = dict(data["tokenizer"], source=source(data["tokenizer"]["source"]))
     if isinstance(data.get("models"), list):
         data["models"] = [dict(m, model=_local(m.get("model"), folder)) if isinstance(m, dict) else m for m in data["models"]]
     if isinstance(data.get("slices"), list):
@@ -568,6 +623,25 @@ def _relative_to(data: dict, folder: Path) -> dict:
                                **({"base_model": _local(piece["base_model"], folder)} if piece.get("base_model") else {}))
                           for piece in data["slices"]]
     return {k: v for k, v in data.items() if v is not None or k not in ("base_model", "tokenizer_source")}
+
+
+def map_token_models(section: dict, f: Any) -> dict:
+    """A `tokenizer:` mapping as written, with `f` applied to the model of each `tokens` entry's source."""
+    tokens = section.get("tokens")
+    if not isinstance(tokens, dict):
+        return section
+
+    def entry(e: Any) -> Any:
+        if not isinstance(e, dict):
+            return e
+        src = e.get("source")
+        if isinstance(src, str):
+            return dict(e, source=f(src))
+        if isinstance(src, dict) and isinstance(src.get("model"), str):
+            return dict(e, source=dict(src, model=f(src["model"])))
+        return e
+
+    return dict(section, tokens={t: entry(e) for t, e in tokens.items()})
 
 
 # -- parameter resolution ---------------------------------------------------------------------------

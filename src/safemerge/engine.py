@@ -165,7 +165,8 @@ def _plan(config: MergeConfig, *, allow_pickle: bool) -> _Plan:
     routes = _slice_routes(config, models, reference) if sliced else _whole_routes(config, models, reference)
     names = list(routes)
     vocab = vocab_plan(config.vocab_source, config.vocab_padding, models=models, base_model=config.base_model,
-                       routes={n: r.sources for n, r in routes.items()}, dtype=DTYPES.get(config.dtype or ""))
+                       routes={n: r.sources for n, r in routes.items()}, dtype=DTYPES.get(config.dtype or ""),
+                       tokens=config.vocab_tokens)
     shapes, out_dtype = {}, {}
     fixed = DTYPES.get(config.out_dtype or config.dtype or "")
     for name, route in routes.items():

@@ -2,7 +2,7 @@
 
 Each document is a merge config with a `name:`. A document uses an earlier merge's output by giving that name where
 a model path goes: `base_model`, `models[].model`, a slice's `sources[].model` or `base_model`, `tokenizer_source`
-(`tokenizer.source`), or the model part of a `name+adapter` reference. Named merges are written to
+(`tokenizer.source`), a `tokenizer.tokens` entry's model, or the model part of a `name+adapter` reference. Named merges are written to
 INTERMEDIATE_DIR/<name>; one unnamed document, the final merge, to OUT. Merges run in dependency order (document
 order among those ready), each one through `safemerge.merge`, so each output is written atomically.
 
@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from safemerge.checkpoint import atomic_write
-from safemerge.config import VOCAB_KEYWORDS, MergeConfig, parse_config, read_yaml_documents, split_reference
+from safemerge.config import (VOCAB_KEYWORDS, MergeConfig, map_token_models, parse_config, read_yaml_documents,
+                              split_reference)
 from safemerge.errors import ConfigError
 
 RECORD = "multimerge.json"
@@ -199,8 +200,10 @@ def _substitute(data: dict, names: set[str], inter: Path, needs: list[str]) -> d
                           if isinstance(p, dict) else p for p in data["slices"]]
     if "tokenizer_source" in data:
         data["tokenizer_source"] = ref(data["tokenizer_source"], keyword_ok=True)
-    if isinstance(data.get("tokenizer"), dict) and "source" in data["tokenizer"]:
-        data["tokenizer"] = dict(data["tokenizer"], source=ref(data["tokenizer"]["source"], keyword_ok=True))
+    if isinstance(data.get("tokenizer"), dict):
+        data["tokenizer"] = map_token_models(data["tokenizer"], ref)
+        if "source" in data["tokenizer"]:
+            data["tokenizer"] = dict(data["tokenizer"], source=ref(data["tokenizer"]["source"], keyword_ok=True))
     return data
 
 

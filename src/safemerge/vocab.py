@@ -1,5 +1,5 @@
 """Merging models whose vocabularies differ (mergekit's `tokenizer_source: base | <model> | union` and its
-`tokenizer:` section's `source` and `pad_to_multiple_of`).
+`tokenizer:` section's `source`, `pad_to_multiple_of` and `tokens`).
 
 The output's vocabulary is the base model's (`base`: the `base_model`, else the first model), a named model's,
 or the union of all (the base's tokenizer with every other model's missing tokens appended, normal tokens
@@ -7,8 +7,9 @@ first, then added/special ones, each model in config order and its tokens by id)
 tensor (the embeddings and the output head) of every model is then re-indexed to the output's token ids
 before the merge, so each output row merges the rows of the same token. A token a model lacks gets, in
 that model, mergekit's default: the one model's row where only one has it, the base's where the base has
-it, else the mean of the models that have it (zero where none has it). Rows added by `pad_to_multiple_of`
-are each model's mean embedding.
+it, else the mean of the models that have it (zero where none has it). `tokens` (mergekit's per-token sources)
+replaces that default for the tokens it lists, or, with `force`, every model's row of the token. Rows added by
+`pad_to_multiple_of` are each model's mean embedding.
 
 Where every input has the same vocabulary (the same token → id map and the same number of rows) and no
 padding is asked for, nothing is re-indexed: the embeddings are merged as they are. (mergekit 0.1.5 would
@@ -32,6 +33,7 @@ from safemerge.layout import layer_index
 
 if TYPE_CHECKING:
     from safemerge.checkpoint import Checkpoint
+    from safemerge.config import TokenSpec
 
 
 @dataclass
@@ -44,6 +46,8 @@ class VocabPlan:
     tensors: set[str] = field(default_factory=set)  # output names of the vocabulary-indexed tensors
     tokenizer: Any = None  # the union tokenizer to save; None: copy the source's tokenizer files
     dtype: torch.dtype | None = None  # the config's `dtype`: the re-indexed rows are at least that precise
+    rows: dict[int, tuple[str | None, int]] = field(default_factory=dict)  # `tokens`: output id -> (model, its row); None: zero
+    forced: set[int] = field(default_factory=set)  # output ids whose row every model takes from `rows`
 
     def permute(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Each model's whole tensor (its rows indexed by its own token ids) re-indexed to the output's ids, in
@@ -62,6 +66,8 @@ class VocabPlan:
             total[take] += x[self.index[model].to(device)[fill_ids[take]]].to(torch.float32)
             count[take] += 1
         default = (total / count.clamp_min(1).view(-1, *([1] * len(rest)))).to(dtype)  # no model has it: zero
+        given = {i: tensors[m][row].to(dtype) if m is not None else torch.zeros(rest, dtype=dtype, device=device)
+                 for i, (m, row) in self.rows.items()}
         out = {}
         for model, x in tensors.items():
             index = self.index[model].to(device)
@@ -70,6 +76,9 @@ class VocabPlan:
             y[: self.n_tokens][have] = x[index[have]].to(dtype)
             lacks = ~have[fill_ids]
             y[fill_ids[lacks]] = default[lacks]
+            for i, row in given.items():  # `tokens`: where the model lacks the token, or everywhere with `force`
+                if i in self.forced or not have[i]:
+                    y[i] = row
             if self.size > self.n_tokens:  # padding rows: the model's mean embedding
                 y[self.n_tokens:] = y[: self.n_tokens].to(torch.float32).mean(0).to(dtype)
             out[model] = y
@@ -112,10 +121,11 @@ def _rows(ckpt: "Checkpoint") -> int:
 
 def vocab_plan(source: str | None, pad_to_multiple_of: int | None, *, models: dict[str, "Checkpoint"],
                base_model: str | None, routes: dict[str, dict[str, str]],
-               dtype: torch.dtype | None = None) -> VocabPlan | None:
-    """The re-indexing of the vocabulary tensors, or None where the vocabularies already agree (see the module's
-    docstring). `routes`: output tensor name -> {model: its tensor name}. `source: base` means `base_model`,
-    else the first model; the default rows prefer `base_model`'s only where there is one, as in mergekit."""
+               dtype: torch.dtype | None = None, tokens: dict[str, "TokenSpec"] | None = None) -> VocabPlan | None:
+    """The re-indexing of the vocabulary tensors, or None where the vocabularies already agree and no `tokens` are
+    given (see the module's docstring). `routes`: output tensor name -> {model: its tensor name}. `source: base`
+    means `base_model`, else the first model; the default rows prefer `base_model`'s only where there is one, as
+    in mergekit. `tokens`: mergekit's `tokenizer.tokens`, per-token row sources."""
     base = base_model or next(iter(models))
     if source is None:
         _warn_if_renumbered(models)
@@ -125,7 +135,7 @@ def vocab_plan(source: str | None, pad_to_multiple_of: int | None, *, models: di
         (m for m, c in models.items() if Path(source).resolve() == c.path.resolve()), None)
     outside = source not in VOCAB_KEYWORDS and named is None  # a tokenizer_source that is no input model
     one_size = not pad_to_multiple_of and len(set(rows.values())) == 1
-    if one_size and not outside and _same_files(models):
+    if one_size and not outside and not tokens and _same_files(models):
         return None  # one tokenizer.json, byte for byte: one vocabulary (without parsing it)
     vocabs = {m: _vocab(c.path) for m, c in models.items()}
     if vocabs[base] is None:
@@ -148,7 +158,7 @@ def vocab_plan(source: str | None, pad_to_multiple_of: int | None, *, models: di
         if out is None:
             raise ConfigError(f"tokenizer_source {source!r} has no tokenizer files")
     same = one_size and all(v == vocabs[base] for v in vocabs.values())
-    if same and (out is None or (out == vocabs[base] and len(out) == rows[base])):
+    if same and not tokens and (out is None or (out == vocabs[base] and len(out) == rows[base])):
         return None
     if out is None:
         tokenizer = _union_tokenizer(models, base, rows)
@@ -179,8 +189,43 @@ def vocab_plan(source: str | None, pad_to_multiple_of: int | None, *, models: di
     if not tensors:
         raise CheckpointError("tokenizer_source: found no embedding or output-head tensor with vocab_size rows in "
                               "every model")
+    given, forced = _token_rows(tokens or {}, out, vocabs, rows, source)
+    for model in {m for m, _ in given.values() if m is not None}:
+        missing = sorted(t for t in tensors if model not in routes[t])
+        if missing:
+            raise ConfigError(f"tokenizer.tokens: {model} gives token rows, but {', '.join(missing)} is not merged from "
+                              "it (a sliced merge takes the embeddings from its first slice's models and the output "
+                              "head from its last); take the rows from a model that is")
     return VocabPlan(size=size, n_tokens=n, index=index, fill_ids=fill_ids, fill_from=fill_from, tensors=tensors,
-                     tokenizer=tokenizer, dtype=dtype)
+                     tokenizer=tokenizer, dtype=dtype, rows=given, forced=forced)
+
+
+def _token_rows(tokens: dict[str, "TokenSpec"], out: dict[str, int], vocabs: dict[str, dict[str, int]],
+                rows: dict[str, int], source: str) -> tuple[dict[int, tuple[str | None, int]], set[int]]:
+    """`tokenizer.tokens` as (output id -> (model, row in that model's tensors; None: a zero row), forced ids)."""
+    from safemerge.config import same_model
+
+    given, forced = {}, set()
+    for token, spec in tokens.items():
+        if token not in out:
+            raise ConfigError(f"tokenizer.tokens[{token!r}]: the output vocabulary (tokenizer source {source!r}) has no "
+                              "such token; list tokens of the output's tokenizer")
+        if spec.model is None:
+            given[out[token]] = (None, -1)
+        else:
+            model = next(m for m in vocabs if same_model(spec.model, m))
+            src = spec.source if not isinstance(spec.source, str) else None
+            want = token if src is None else src.token
+            row = src.token_id if src is not None and src.token_id is not None else vocabs[model].get(want, -1)
+            if not 0 <= row < rows[model]:
+                what = f"token id {row}" if src is not None and src.token_id is not None else f"no token {want!r}"
+                raise ConfigError(f"tokenizer.tokens[{token!r}]: {model} has {what} among its {rows[model]} rows; "
+                                  "take the row from a model that has it, or {kind: model_token, model, token} for "
+                                  "another token's row")
+            given[out[token]] = (model, row)
+        if spec.force:
+            forced.add(out[token])
+    return given, forced
 
 
 def _same_files(models: dict[str, "Checkpoint"]) -> bool:

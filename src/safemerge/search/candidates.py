@@ -60,8 +60,10 @@ class CandidateModel:
         self.reference = self.models[self.config.base_model or self.config.models[0].model]
         self.names = stream_order(n for n in self.reference.names() if self.reference.dtype(n).is_floating_point)
         if vocab_plan(self.config.vocab_source, self.config.vocab_padding, models=self.models,
-                      base_model=self.config.base_model, routes={n: {m: n for m in self.models} for n in self.names}):
-            raise ConfigError("the pool's vocabularies differ (or tokenizer padding is asked for); the search needs "
+                      base_model=self.config.base_model, routes={n: {m: n for m in self.models} for n in self.names},
+                      tokens=self.config.vocab_tokens):
+            raise ConfigError("the pool's vocabularies differ (or tokenizer padding or `tokens` rows are asked for); the "
+                              "search needs "
                               "models that share one: merge each to the base's vocabulary first (safemerge merge "
                               "with `tokenizer_source: base`), then search over those")
         self.n_layers = num_layers(self.names, self.reference.config)
