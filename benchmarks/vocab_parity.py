@@ -6,7 +6,8 @@
 A tiny Llama family (tests/tiny.py) where the expert has two tokens of its own and the aligned model a
 renumbered vocabulary, one token fewer and two tokens of its own (one shared with the expert). Task arithmetic
 with `tokenizer_source: base`, `tokenizer_source: <expert>` and `tokenizer: {source: union, pad_to_multiple_of:
-32}`, and a union with `tokens` (zero, a named model's row forced, another token's row); prints, per case, the largest difference of every tensor, the embedding rows compared token by token
+32}`, a union with `tokens` (zero, a named model's row forced, another token's row by token and by id, a token no
+model has, added), and the aligned model's vocabulary with two tokens it lacks added through `tokens`; prints, per case, the largest difference of every tensor, the embedding rows compared token by token
 (the union's token ids may be numbered in another order: mergekit orders the models as a set), and whether
 the output vocabularies hold the same tokens.
 """
@@ -57,7 +58,11 @@ def main(argv: list[str] | None = None) -> None:
                      "<|med|>": {"source": {"kind": "zero"}},  # only the expert has it: zero in the others
                      "drugX": {"source": str(fam["aligned"]), "force": True},  # the aligned model's row, everywhere
                      "<|safe|>": {"source": {"kind": "model_token", "model": str(fam["expert"]), "token": "<|med|>"}},
-                     "capital": {"source": str(fam["expert"]), "force": True}}}}}
+                     "capital": {"source": str(fam["expert"]), "force": True},
+                     "<|new|>": {"source": {"kind": "model_token", "model": str(fam["base"]), "token_id": 7}}}}},
+                 "aligned's, tokens added": {"tokenizer": {"source": str(fam["aligned"]), "tokens": {
+                     "<|med|>": {"source": str(fam["expert"])},  # the aligned model lacks it: added, the expert's row
+                     "<|new|>": {"source": {"kind": "zero"}}}}}}
         for i, (case, over) in enumerate(cases.items()):
             cfg = {"merge_method": "task_arithmetic", "base_model": str(fam["base"]), "dtype": "float32",
                    "models": [{"model": str(fam["expert"]), "parameters": {"weight": 1.0}},

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
 import safemerge
 from safemerge.checkpoint import Checkpoint
@@ -213,11 +214,41 @@ def test_bad_tokenizer_tokens_are_errors_naming_the_token(tmp_path, tiny_family)
             safemerge.merge(_linear(fam, tokenizer={"source": "union", "tokens": tokens}), tmp_path / "out", progress=False)
         assert not (tmp_path / "out").exists()
 
-    fails(ConfigError, r"tokens\['<\|nope\|>'\]: the output vocabulary .* has no such token",
-          {"<|nope|>": {"source": {"kind": "zero"}}})
-    fails(ConfigError, r"tokens\['<\|med\|>'\]: .*aligned has no token '<\|med\|>'",
+    fails(ConfigError, r"tokens\['<\|med\|>'\]: .*aligned has no token '<\|med\|>' among its 64 rows; take the row",
           {"<|med|>": {"source": str(tiny_family["aligned"])}})
+    fails(ConfigError, r"tokens\['<\|med\|>'\]: .*aligned has no token 'nope' among its 64 rows$",
+          {"<|med|>": {"source": {"kind": "model_token", "model": str(tiny_family["aligned"]), "token": "nope"}}})
+    fails(ConfigError, r"tokens\['<\|med\|>'\]: .*aligned has no token id 64 among its 64 rows$",
+          {"<|med|>": {"source": {"kind": "model_token", "model": str(tiny_family["aligned"]), "token_id": 64}}})
     fails(ConfigError, r"tokens\['<\|med\|>'\]: .*base is not one of the merged models",
           {"<|med|>": {"source": str(tiny_family["base"])}})
     fails(ConfigError, r"tokens\.<\|med\|>\.source: \{kind: model_token\} needs a model and one of token or token_id",
           {"<|med|>": {"source": {"kind": "model_token", "model": str(expert)}}})
+    sliced = {"merge_method": "passthrough", "dtype": "float32",
+              "slices": [{"sources": [{"model": str(expert), "layer_range": [0, 3]}]}],
+              "tokenizer": {"source": "base", "tokens": {"<|med|>": {"source": str(tiny_family["base"])}}}}
+    with pytest.raises(ConfigError, match="base is not one of the merged models"):
+        safemerge.merge(sliced, tmp_path / "out", progress=False)
+
+
+def test_tokens_the_output_lacks_are_added_and_unused_entries_are_not_read(tmp_path, tiny_family):
+    """As mergekit: a listed token the output vocabulary lacks is added to its tokenizer (every model then takes the
+    given row, or its own where it has the token); an entry no model needs (all have the token, no force) is not
+    read, even where its source could not give a row."""
+    n = len(vocab_of(tiny_family["expert"]))
+    expert = vocab_variant(tiny_family["expert"], tmp_path / "expert-med", extra={"<|med|>": n})
+    fam = dict(tiny_family, expert=expert)
+    e = load_file(str(expert / "model.safetensors"))
+    tokens = {"<|new|>": {"source": {"kind": "model_token", "model": str(expert), "token_id": 7}},
+              "<|med|>": {"source": {"kind": "zero"}},
+              "the": {"source": {"kind": "model_token", "model": str(tiny_family["aligned"]), "token": "<|med|>"}}}
+    for source in ("base", str(tiny_family["aligned"]), "union"):
+        out = tmp_path / f"out-{len(source)}"
+        got = _merged(_linear(fam, tokenizer={"source": source, "tokens": tokens}), out)
+        vocab = AutoTokenizer.from_pretrained(out).get_vocab()
+        size = n + 2  # <|med|> (the expert's, in the union; added, in the others) and <|new|>
+        assert json.loads((out / "config.json").read_text())["vocab_size"] == size == len(vocab)
+        for name in VOCAB_TENSORS:
+            assert got[name].shape[0] == size
+            torch.testing.assert_close(got[name][vocab["<|new|>"]], e[name][7], rtol=0, atol=0)
+            torch.testing.assert_close(got[name][vocab["<|med|>"]], 0.5 * e[name][n], rtol=0, atol=1e-7)

@@ -214,10 +214,6 @@ class MergeConfig(BaseModel):
                              f"got {len(self.others())}")
         if self.tokenizer_source is not None and self.tokenizer is not None:
             raise ValueError("give `tokenizer_source` or a `tokenizer:` section, not both (as in mergekit)")
-        for token, row in self.vocab_tokens.items():
-            if row.model is not None and not any(same_model(row.model, m) for m in self.input_models()):
-                raise ValueError(f"tokenizer.tokens[{token!r}]: {row.model} is not one of the merged models; a token's "
-                                 f"row comes from one of {', '.join(self.input_models())} (or {{kind: zero}})")
         for m in self.weighted_models():
             for key, default in spec.model_params.items():
                 if default is REQUIRED and key not in m.parameters and key not in self.parameters:
@@ -227,6 +223,14 @@ class MergeConfig(BaseModel):
                                      "give it per model or under top-level `parameters`")
         if spec.inputs == "stock" and len(self.others()) < 2:
             raise ValueError(f"model_stock needs at least two models besides the base; got {len(self.others())}")
+        return self
+
+    @model_validator(mode="after")
+    def _check_tokens(self) -> "MergeConfig":
+        for token, row in self.vocab_tokens.items():
+            if row.model is not None and not any(same_model(row.model, m) for m in self.input_models()):
+                raise ValueError(f"tokenizer.tokens[{token!r}]: {row.model} is not one of the merged models; a token's "
+                                 f"row comes from one of {', '.join(self.input_models())} (or {{kind: zero}})")
         return self
 
     def _check_top_parameters(self, spec) -> None:

@@ -163,6 +163,13 @@ def vocab_plan(source: str | None, pad_to_multiple_of: int | None, *, models: di
     if out is None:
         tokenizer = _union_tokenizer(models, base, rows)
         out = tokenizer.get_vocab()
+    new = [t for t in tokens or {} if t not in out]
+    if new:  # as mergekit: listed tokens the output lacks are added to its tokenizer (plain added tokens)
+        if tokenizer is None:
+            tokenizer = _copy_tokenizer(_load_tokenizer(models[base].path if source == "base" else
+                                                        models[named].path if named is not None else Path(source)))
+        tokenizer.add_tokens(new)
+        out = tokenizer.get_vocab()
     n = len(out)
     if sorted(out.values()) != list(range(n)):
         raise CheckpointError(f"tokenizer_source {source!r}: its token ids are not 0 … {n - 1}; safemerge cannot lay "
@@ -189,7 +196,7 @@ def vocab_plan(source: str | None, pad_to_multiple_of: int | None, *, models: di
     if not tensors:
         raise CheckpointError("tokenizer_source: found no embedding or output-head tensor with vocab_size rows in "
                               "every model")
-    given, forced = _token_rows(tokens or {}, out, vocabs, rows, source)
+    given, forced = _token_rows(tokens or {}, out, index, vocabs, rows)
     for model in {m for m, _ in given.values() if m is not None}:
         missing = sorted(t for t in tensors if model not in routes[t])
         if missing:
@@ -200,31 +207,37 @@ def vocab_plan(source: str | None, pad_to_multiple_of: int | None, *, models: di
                      tokenizer=tokenizer, dtype=dtype, rows=given, forced=forced)
 
 
-def _token_rows(tokens: dict[str, "TokenSpec"], out: dict[str, int], vocabs: dict[str, dict[str, int]],
-                rows: dict[str, int], source: str) -> tuple[dict[int, tuple[str | None, int]], set[int]]:
-    """`tokenizer.tokens` as (output id -> (model, row in that model's tensors; None: a zero row), forced ids)."""
+def _token_rows(tokens: dict[str, "TokenSpec"], out: dict[str, int], index: dict[str, torch.Tensor],
+                vocabs: dict[str, dict[str, int]], rows: dict[str, int]) -> tuple[dict[int, tuple[str | None, int]], set[int]]:
+    """`tokenizer.tokens` as (output id -> (model, row in that model's tensors; None: a zero row), forced ids). An
+    entry is read only where it is used (some model lacks the token, or `force`), as in mergekit."""
     from safemerge.config import same_model
 
     given, forced = {}, set()
     for token, spec in tokens.items():
-        if token not in out:
-            raise ConfigError(f"tokenizer.tokens[{token!r}]: the output vocabulary (tokenizer source {source!r}) has no "
-                              "such token; list tokens of the output's tokenizer")
+        i = out[token]
+        if not spec.force and all(int(idx[i]) >= 0 for idx in index.values()):
+            continue  # every model has its own row of the token: the entry is not used
         if spec.model is None:
-            given[out[token]] = (None, -1)
+            given[i] = (None, -1)
         else:
-            model = next(m for m in vocabs if same_model(spec.model, m))
+            model = next((m for m in vocabs if same_model(spec.model, m)), None)
+            if model is None:
+                raise ConfigError(f"tokenizer.tokens[{token!r}]: {spec.model} is not one of the merged models; a "
+                                  f"token's row comes from one of {', '.join(vocabs)} (or {{kind: zero}})")
             src = spec.source if not isinstance(spec.source, str) else None
-            want = token if src is None else src.token
-            row = src.token_id if src is not None and src.token_id is not None else vocabs[model].get(want, -1)
+            if src is not None and src.token_id is not None:
+                row, what, hint = src.token_id, f"no token id {src.token_id}", ""
+            else:
+                want = token if src is None else src.token
+                row, what = vocabs[model].get(want, -1), f"no token {want!r}"
+                hint = ("; take the row from a model that has it, or {kind: model_token, model, token} for another "
+                        "token's row") if src is None else ""
             if not 0 <= row < rows[model]:
-                what = f"token id {row}" if src is not None and src.token_id is not None else f"no token {want!r}"
-                raise ConfigError(f"tokenizer.tokens[{token!r}]: {model} has {what} among its {rows[model]} rows; "
-                                  "take the row from a model that has it, or {kind: model_token, model, token} for "
-                                  "another token's row")
-            given[out[token]] = (model, row)
+                raise ConfigError(f"tokenizer.tokens[{token!r}]: {model} has {what} among its {rows[model]} rows{hint}")
+            given[i] = (model, row)
         if spec.force:
-            forced.add(out[token])
+            forced.add(i)
     return given, forced
 
 
@@ -257,17 +270,22 @@ def _warn_if_renumbered(models: dict[str, "Checkpoint"]) -> None:
                       "set `tokenizer_source: base` (or a model, or `union`) to merge them token by token", stacklevel=4)
 
 
+def _copy_tokenizer(tok: Any):
+    """A loaded tokenizer, saved and loaded again, so that tokens added to the copy leave nothing shared."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        tok.save_pretrained(d)
+        return _load_tokenizer(Path(d))
+
+
 def _union_tokenizer(models: dict[str, "Checkpoint"], base: str, rows: dict[str, int]):
     """The base's tokenizer with every other model's tokens it lacks added: normal tokens first (model by model,
     by id), then added tokens (special ones stay special)."""
-    import tempfile
-
     from tokenizers import AddedToken
 
     base_tok = _load_tokenizer(models[base].path)
-    with tempfile.TemporaryDirectory() as d:  # a copy, so adding tokens leaves nothing shared with the base's
-        base_tok.save_pretrained(d)
-        res = _load_tokenizer(Path(d))
+    res = _copy_tokenizer(base_tok)
     order = [base] + [m for m in models if m != base]
     toks = {m: base_tok if m == base else (_load_tokenizer(models[m].path) if _has_tokenizer(models[m].path) else None)
             for m in order}

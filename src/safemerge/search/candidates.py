@@ -62,10 +62,10 @@ class CandidateModel:
         if vocab_plan(self.config.vocab_source, self.config.vocab_padding, models=self.models,
                       base_model=self.config.base_model, routes={n: {m: n for m in self.models} for n in self.names},
                       tokens=self.config.vocab_tokens):
-            raise ConfigError("the pool's vocabularies differ (or tokenizer padding or `tokens` rows are asked for); the "
-                              "search needs "
-                              "models that share one: merge each to the base's vocabulary first (safemerge merge "
-                              "with `tokenizer_source: base`), then search over those")
+            raise ConfigError("the search needs models that share one vocabulary, merged row by row: here the pool's "
+                              "vocabularies differ, or tokenizer padding or `tokenizer.tokens` rows are asked for. "
+                              "Leave out padding and `tokens`; merge each model to the base's vocabulary first "
+                              "(safemerge merge with `tokenizer_source: base`) and search over those")
         self.n_layers = num_layers(self.names, self.reference.config)
         # model -> name -> tensor in its stored dtype: the engine's inputs exactly (merge_tensor computes in
         # float32 block by block), at half the memory of float32 copies for bf16/fp16 checkpoints
