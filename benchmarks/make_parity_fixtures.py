@@ -32,6 +32,8 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _family  # noqa: E402
 
+from safemerge.config import map_model_refs  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "mergekit"
 
@@ -311,21 +313,8 @@ def absolute_config(config: dict | list[dict], inputs: Path) -> dict | list[dict
     """The case config with role names replaced by absolute model dirs under ``inputs`` (stage names kept)."""
     if isinstance(config, list):
         stages = {d["name"] for d in config if "name" in d}
-        return [_absolute(d, inputs, keep=stages) for d in config]
-    return _absolute(config, inputs)
-
-
-def _absolute(config: dict, inputs: Path, *, keep: set[str] = frozenset()) -> dict:
-    cfg = json.loads(json.dumps(config))
-
-    def path(role: str) -> str:
-        return role if role in keep else str(inputs / role)
-
-    if "base_model" in cfg:
-        cfg["base_model"] = path(cfg["base_model"])
-    for m in cfg.get("models", []) + [src for piece in cfg.get("slices", []) for src in piece["sources"]]:
-        m["model"] = path(m["model"])
-    return cfg
+        return [map_model_refs(d, lambda r: r if r in stages else str(inputs / r)) for d in config]
+    return map_model_refs(config, lambda r: str(inputs / r))
 
 
 def _dump(config: dict | list[dict]) -> str:
@@ -398,7 +387,7 @@ def main(argv: list[str] | None = None) -> None:
             (args.out / f"{name}.yml").write_text(
                 f"# parity case {name!r}: models are role names in the {family} family (see manifest.json)\n"
                 + _dump(config))
-            entry = {"family": family, "kind": kind, "config": f"{name}.yml", "stages": isinstance(config, list),
+            entry = {"family": family, "kind": kind, "config": f"{name}.yml",
                      "dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch."),
                      "num_hidden_layers": json.loads((out / "config.json").read_text())["num_hidden_layers"]}
             if kind == "exact":

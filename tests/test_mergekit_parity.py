@@ -78,12 +78,12 @@ def _run_safemerge(case: str, inputs: Path, out: Path, monkeypatch) -> tuple[dic
     config_path = family_dir / f"{case}.yml"
     shutil.copyfile(FIXTURES / entry["config"], config_path)
     monkeypatch.chdir(family_dir)
-    if entry.get("stages"):
+    docs = list(yaml.safe_load_all(config_path.read_text()))
+    if len(docs) > 1:
         multimerge(str(config_path), out, intermediate_dir=out.with_name(out.name + "-stages"), progress=False)
-        config = next(d for d in yaml.safe_load_all(config_path.read_text()) if "name" not in d)
     else:
         merge(str(config_path), out)
-        config = yaml.safe_load(config_path.read_text())
+    config = next(d for d in docs if "name" not in d)
     layers = json.loads((out / "config.json").read_text())["num_hidden_layers"]
     assert layers == entry["num_hidden_layers"], f"{case}: {layers} layers in config.json, mergekit wrote {entry['num_hidden_layers']}"
     return config, dict(_family.iter_tensors(out))

@@ -100,6 +100,8 @@ class Checkpoint:
     stored dtype. Nothing is loaded at construction besides `config.json` and the safetensors headers.
     """
 
+    adapter: Path | None = None  # the LoRA adapter folder of a `model+adapter` reference (safemerge.lora)
+
     def __init__(self, path: str | os.PathLike, *, allow_pickle: bool = False):
         self.path = Path(path).expanduser()
         self.allow_pickle = allow_pickle

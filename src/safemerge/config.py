@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import torch
 import yaml
@@ -601,51 +601,63 @@ def _local(p: Any, folder: Path) -> Any:
 
 def same_model(a: str, b: str) -> bool:
     """Two references to one model: the same text, or paths of the same folder(s)."""
-    if a == b:
-        return True
+    def same(x: str | None, y: str | None) -> bool:
+        return x == y or (x is not None and y is not None and Path(x).expanduser().resolve() == Path(y).expanduser().resolve())
+
     (ma, aa), (mb, ab) = split_reference(a), split_reference(b)
-    same = lambda x, y: x == y or (x is not None and y is not None and Path(x).expanduser().resolve() == Path(y).expanduser().resolve())  # noqa: E731
     return same(ma, mb) and same(aa, ab)
 
 
 def _relative_to(data: dict, folder: Path) -> dict:
-    data = dict(data)
-    data["base_model"] = _local(data.get("base_model"), folder)
+    return map_model_refs(data, lambda m: _local(m, folder))
+
+
+def map_model_refs(data: dict, f: Callable[[str], str]) -> dict:
+    """A config mapping as written, with `f` applied to every model reference in it: `base_model`, `models[].model`,
+    each slice's sources and `base_model`, `tokenizer_source` / `tokenizer.source` (the keywords base and union
+    left as they are) and the model of each `tokenizer.tokens` entry. Entries of the wrong shape are left for the
+    validation to name."""
+
+    def ref(v: Any) -> Any:
+        return f(v) if isinstance(v, str) else v
 
     def source(v: Any) -> Any:  # a keyword stays one, even beside a folder of that name
-        return v if v in VOCAB_KEYWORDS else _local(v, folder)
+        return v if v in VOCAB_KEYWORDS else ref(v)
 
-    data["tokenizer_source"] = source(data.get("tokenizer_source"))
-    if isinstance(data.get("tokenizer"), dict):
-        data["tokenizer"] = map_token_models(data["tokenizer"], lambda m: _local(m, folder))
-        if "source" in data["tokenizer"]:
-            data["tokenizer"] = dict(data["tokenizer"], source=source(data["tokenizer"]["source"]))
-    if isinstance(data.get("models"), list):
-        data["models"] = [dict(m, model=_local(m.get("model"), folder)) if isinstance(m, dict) else m for m in data["models"]]
-    if isinstance(data.get("slices"), list):
-        data["slices"] = [dict(piece, sources=[dict(s, model=_local(s["model"], folder)) for s in piece["sources"]],
-                               **({"base_model": _local(piece["base_model"], folder)} if piece.get("base_model") else {}))
-                          for piece in data["slices"]]
-    return {k: v for k, v in data.items() if v is not None or k not in ("base_model", "tokenizer_source")}
+    def models(entries: Any) -> Any:
+        if not isinstance(entries, list):
+            return entries
+        return [dict(e, model=ref(e["model"])) if isinstance(e, dict) and "model" in e else e for e in entries]
 
+    def piece(p: Any) -> Any:
+        if not isinstance(p, dict):
+            return p
+        return dict(p, sources=models(p.get("sources")), **({"base_model": ref(p["base_model"])} if "base_model" in p else {}))
 
-def map_token_models(section: dict, f: Any) -> dict:
-    """A `tokenizer:` mapping as written, with `f` applied to the model of each `tokens` entry's source."""
-    tokens = section.get("tokens")
-    if not isinstance(tokens, dict):
-        return section
-
-    def entry(e: Any) -> Any:
-        if not isinstance(e, dict):
-            return e
-        src = e.get("source")
+    def token(e: Any) -> Any:
+        src = e.get("source") if isinstance(e, dict) else None
         if isinstance(src, str):
-            return dict(e, source=f(src))
-        if isinstance(src, dict) and isinstance(src.get("model"), str):
-            return dict(e, source=dict(src, model=f(src["model"])))
+            return dict(e, source=ref(src))
+        if isinstance(src, dict) and "model" in src:
+            return dict(e, source=dict(src, model=ref(src["model"])))
         return e
 
-    return dict(section, tokens={t: entry(e) for t, e in tokens.items()})
+    out = dict(data)
+    if "base_model" in out:
+        out["base_model"] = ref(out["base_model"])
+    if "models" in out:
+        out["models"] = models(out["models"])
+    if isinstance(out.get("slices"), list):
+        out["slices"] = [piece(p) for p in out["slices"]]
+    if "tokenizer_source" in out:
+        out["tokenizer_source"] = source(out["tokenizer_source"])
+    tok = out.get("tokenizer")
+    if isinstance(tok, dict):
+        tok = dict(tok, **({"source": source(tok["source"])} if "source" in tok else {}))
+        if isinstance(tok.get("tokens"), dict):
+            tok["tokens"] = {t: token(e) for t, e in tok["tokens"].items()}
+        out["tokenizer"] = tok
+    return out
 
 
 # -- parameter resolution ---------------------------------------------------------------------------

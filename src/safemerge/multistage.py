@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from safemerge.checkpoint import atomic_write
-from safemerge.config import (VOCAB_KEYWORDS, MergeConfig, map_token_models, parse_config, read_yaml_documents,
+from safemerge.config import (VOCAB_KEYWORDS, MergeConfig, map_model_refs, parse_config, read_yaml_documents,
                               split_reference)
 from safemerge.errors import ConfigError
 
@@ -175,36 +175,14 @@ def _name(value: Any, path: Path, i: int) -> str | None:
 def _substitute(data: dict, names: set[str], inter: Path, needs: list[str]) -> dict:
     """The config with every model reference that names an earlier merge replaced by that merge's output folder."""
 
-    def ref(value: Any, keyword_ok: bool = False) -> Any:
-        if not isinstance(value, str) or (keyword_ok and value in VOCAB_KEYWORDS):
-            return value
+    def ref(value: str) -> str:
         model, adapter = split_reference(value) if "+" in value else (value, None)
         if model not in names:
             return value
         needs.append(model)
         return str(inter / model) + (f"+{adapter}" if adapter is not None else "")
 
-    def models(entries: Any, key: str = "model") -> Any:
-        if not isinstance(entries, list):
-            return entries
-        return [dict(e, **{key: ref(e[key])}) if isinstance(e, dict) and key in e else e for e in entries]
-
-    data = dict(data)
-    if "base_model" in data:
-        data["base_model"] = ref(data["base_model"])
-    if "models" in data:
-        data["models"] = models(data["models"])
-    if isinstance(data.get("slices"), list):
-        data["slices"] = [dict(p, sources=models(p.get("sources")), **({"base_model": ref(p["base_model"])}
-                                                                       if "base_model" in p else {}))
-                          if isinstance(p, dict) else p for p in data["slices"]]
-    if "tokenizer_source" in data:
-        data["tokenizer_source"] = ref(data["tokenizer_source"], keyword_ok=True)
-    if isinstance(data.get("tokenizer"), dict):
-        data["tokenizer"] = map_token_models(data["tokenizer"], ref)
-        if "source" in data["tokenizer"]:
-            data["tokenizer"] = dict(data["tokenizer"], source=ref(data["tokenizer"]["source"], keyword_ok=True))
-    return data
+    return map_model_refs(data, ref)
 
 
 def _order(stages: list[Stage], path: Path) -> list[Stage]:
@@ -260,6 +238,7 @@ def _check_inputs(stages: list[Stage], stage_dirs: set[str], allow_pickle: bool)
 def _inputs(cfg: MergeConfig, allow_pickle: bool) -> dict[str, str]:
     """What a merge's output depends on besides its config: each input's weights (fingerprint) and side files
     (config, tokenizer, chat template), and the tokenizer source's."""
+    from safemerge.engine import tokenizer_dirs
     from safemerge.evaluate.loading import side_files_digest
     from safemerge.lora import open_model
     from safemerge.writer import TOKENIZER_FILES
@@ -269,9 +248,8 @@ def _inputs(cfg: MergeConfig, allow_pickle: bool) -> dict[str, str]:
     for m in cfg.input_models():
         ckpt = open_model(m, allow_pickle=allow_pickle)
         out[m] = f"{ckpt.fingerprint()} {side_files_digest(ckpt.path, files)}"
-    tok = cfg.vocab_source
-    if tok is not None and tok not in VOCAB_KEYWORDS and Path(tok).is_dir():
-        out["tokenizer_source"] = side_files_digest(Path(tok), files)
+    for folder in tokenizer_dirs(cfg):
+        out["tokenizer_source"] = side_files_digest(folder, files)
     return out
 
 

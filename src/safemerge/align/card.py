@@ -10,6 +10,11 @@ import yaml
 from safemerge.config import split_reference
 
 
+def model_label(reference: str) -> str:
+    """A model's short name: its folder's (`model+adapter`: both folders', joined by '+')."""
+    return "+".join(Path(p).name for p in split_reference(reference) if p)
+
+
 def write_card(out_dir: Path, run: dict[str, Any]) -> None:
     """README.md with front matter (base_model, tags [safemerge, <method>, lora]) and the run record.
 
@@ -22,7 +27,7 @@ def write_card(out_dir: Path, run: dict[str, Any]) -> None:
     settings = {k: v for k, v in s.items() if k != "method"}
     card = (
         f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n"
-        f"# {method.upper()} of {'+'.join(Path(p).name for p in split_reference(run['model']) if p)}\n\n"
+        f"# {method.upper()} of {model_label(run['model'])}\n\n"
         f"The model `{run['model']}` (weights fingerprint `{run['fingerprint']}`) preference-tuned with "
         f"{method.upper()} through a LoRA adapter, which was then merged into the weights (peft "
         "`merge_and_unload`), so this is a plain checkpoint. The adapter itself is in `adapter/`. "

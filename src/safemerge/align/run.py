@@ -22,7 +22,7 @@ import torch
 
 from safemerge._hf import quiet_transformers
 from safemerge.align import _trl
-from safemerge.align.card import write_card
+from safemerge.align.card import model_label, write_card
 from safemerge.align.data import PreferenceDataError, as_chat, is_chat, load_preferences
 from safemerge.align.progress import RichProgress
 from safemerge.align.settings import AlignSettings
@@ -82,7 +82,7 @@ def align(
         max_samples=max_samples, max_steps=max_steps, beta=beta, sft_weight=sft_weight, max_length=max_length, chat=chat,
         seed=seed)
     ckpt = _open(model)
-    src, tok_src = ckpt.path, tokenizer_folder(ckpt.path, getattr(ckpt, "adapter", None))
+    src, tok_src = ckpt.path, tokenizer_folder(ckpt.path, ckpt.adapter)
     check_apart(out, ckpt.folders)  # with --overwrite the output would replace the model it tunes
     if isinstance(data, (str, os.PathLike)) and Path(out).expanduser().resolve() in Path(data).expanduser().resolve().parents:
         raise ConfigError(f"{out}: the preference data {data} lies inside the output folder; write the model elsewhere")
@@ -102,7 +102,7 @@ def align(
         bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
         length = settings.max_length or min(1024, getattr(net.config, "max_position_embeddings", None) or 1024)
         _warn_warmup(settings, len(pairs))
-        bar = RichProgress(f"{settings.method.upper()} {_label(ckpt)}") if progress else None
+        bar = RichProgress(f"{settings.method.upper()} {model_label(ckpt.reference)}") if progress else None
         t0 = time.perf_counter()
         try:
             outcome = _trl.train(net, tokenizer, pairs, settings=settings, lora=_lora_config(settings), device=device,
@@ -139,11 +139,6 @@ def _open(model: str | os.PathLike) -> Checkpoint:
         raise CheckpointError(f"{folder}: not a model directory with a config.json; pass a local HF checkpoint "
                               "(hub names are not downloaded)")
     return open_model(str(path.absolute()) + (f"+{Path(adapter).expanduser().absolute()}" if adapter else ""))
-
-
-def _label(ckpt: Checkpoint) -> str:
-    adapter = getattr(ckpt, "adapter", None)
-    return ckpt.path.name + (f"+{adapter.name}" if adapter is not None else "")
 
 
 def _device(device: str | None) -> str:
@@ -189,7 +184,7 @@ def _load_model(ckpt: Checkpoint, *, device: str, stored: torch.dtype):
     if device == "cuda" and stored in (torch.bfloat16, torch.float16):
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     net = AutoModelForCausalLM.from_pretrained(str(ckpt.path), dtype=dtype, trust_remote_code=False, use_safetensors=True)
-    if getattr(ckpt, "adapter", None) is not None:
+    if ckpt.adapter is not None:
         merge_adapter(net, ckpt)
     return net
 

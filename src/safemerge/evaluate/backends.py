@@ -207,13 +207,14 @@ class TransformersBackend:
 
     name = "transformers"
 
-    def __init__(self, model: Any, tokenizer: Any, *, fingerprint: str | None = None, batch_size: int = 16, source: str = "<model>"):
+    def __init__(self, model: Any, tokenizer: Any, *, fingerprint: str | None = None, batch_size: int = 16, source: str = "<model>",
+                 files: str | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.fingerprint = fingerprint
         self.batch_size = batch_size
         self.source = source
         self._warned = False
-        self._files: str | None = None  # side_files_digest of `source`, once
+        self._files = files  # side_files_digest of `source` (a ModelRef's `files`), else computed once when asked
 
     @classmethod
     def from_pretrained(
@@ -229,9 +230,7 @@ class TransformersBackend:
 
         ref = model_ref(path, dtype=dtype, allow_pickle=allow_pickle)
         model, tokenizer = load_model(ref.path, device=device, dtype=dtype, allow_pickle=allow_pickle, adapter=ref.adapter)
-        backend = cls(model, tokenizer, fingerprint=ref.fingerprint, batch_size=batch_size, source=ref.source)
-        backend._files = ref.files
-        return backend
+        return cls(model, tokenizer, fingerprint=ref.fingerprint, batch_size=batch_size, source=ref.source, files=ref.files)
 
     def __repr__(self) -> str:
         return f"TransformersBackend({self.source!r})"
@@ -309,8 +308,8 @@ def get_backend(
     if backend == "transformers":
         m, tok = load_model(model.path, device=device, dtype=dtype, allow_pickle=allow_pickle, tokenizer=model.tokenizer,
                             adapter=model.adapter)
-        model.backend = TransformersBackend(m, tok, fingerprint=model.fingerprint, batch_size=batch_size, source=model.source)
-        model.backend._files = model.files
+        model.backend = TransformersBackend(m, tok, fingerprint=model.fingerprint, batch_size=batch_size, source=model.source,
+                                            files=model.files)
     elif backend == "vllm":
         from safemerge.evaluate.vllm_backend import VLLMBackend
 
