@@ -51,7 +51,7 @@ def main() -> None:
         model = out / f"n{args.n}-lambda{lam}"
         search(cfg, model, optimizer="cmaes", safety_data=safety if lam > 0 else None, domain_data=domain,
                lambda_=lam, steps=args.steps, seed=seed, overwrite=True, progress=False,
-               journal=out / f"n{args.n}-lambda{lam}.sqlite")
+               journal=out / f"n{args.n}-lambda{lam}.sqlite", audit=False)  # measures the search alone
         best = json.loads((model / "search.json").read_text())["best"]
         store = out / "results.sqlite"
         s = evaluate_safety(model, prompts=tb / "data" / "safety_test.jsonl", judge="keyword", max_new_tokens=32,

@@ -14,6 +14,17 @@ import torch
 WORDS = ["the", "a", "capital", "of", "is", "drug", "for", "help", "with", "that", "."]
 
 
+@pytest.fixture(scope="session")
+def search_home(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("home")
+
+
+@pytest.fixture(autouse=True)
+def results_store_in_tmp(search_home, monkeypatch):
+    """The pool audit's figures go to one session-wide store outside the repository."""
+    monkeypatch.setenv("SAFEMERGE_HOME", str(search_home))
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     before = torch.get_num_threads()

@@ -169,16 +169,21 @@ def audit(
                 device=device, dtype=dtype, store=store, cache=not no_cache, progress=not as_json)
         if as_json:
             return emit_json(r)
-        t = Table(title=f"audit ({r['judge']}, flag below {r['threshold']:.2f})")
-        t.add_column("model")
-        t.add_column("safe rate", justify="right")
-        for task in r["tasks"]:
-            t.add_column(f"{escape(task)} acc", justify="right")
-        t.add_column("")
-        for row in r["models"]:
-            style = "red" if row["flagged"] else ""
-            cells = [escape(row["name"]), _fmt(row["safe_rate"])] + [_fmt(row["domain"].get(task, {}).get("acc")) for task in r["tasks"]]
-            t.add_row(*cells, "[bold red]FLAG[/]" if row["flagged"] else "ok", style=style)
-        out.print(t)
-        if r["flagged"]:
-            console.print(f"{len(r['flagged'])} of {len(r['models'])} models below the safety threshold", highlight=False)
+        print_audit(r)
+
+
+def print_audit(r: dict, title: str = "audit") -> None:
+    """An audit's table (one row per model, the unsafe flagged) and how many were flagged."""
+    t = Table(title=f"{title} ({r['judge']}, flag below {r['threshold']:.2f})")
+    t.add_column("model")
+    t.add_column("safe rate", justify="right")
+    for task in r["tasks"]:
+        t.add_column(f"{escape(task)} acc", justify="right")
+    t.add_column("")
+    for row in r["models"]:
+        style = "red" if row["flagged"] else ""
+        cells = [escape(row["name"]), _fmt(row["safe_rate"])] + [_fmt(row["domain"].get(task, {}).get("acc")) for task in r["tasks"]]
+        t.add_row(*cells, "[bold red]FLAG[/]" if row["flagged"] else "ok", style=style)
+    out.print(t)
+    if r["flagged"]:
+        console.print(f"{len(r['flagged'])} of {len(r['models'])} models below the safety threshold", highlight=False)

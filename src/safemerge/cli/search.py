@@ -9,6 +9,7 @@ import typer
 from rich.markup import escape
 
 from safemerge.cli._common import emit_json, loading_models, out
+from safemerge.search.pool_audit import AUDIT_LIMIT, AUDIT_THRESHOLD
 
 
 def register(app: typer.Typer) -> None:
@@ -35,6 +36,13 @@ def search(
     batch_size: Annotated[int, typer.Option(help="Examples per forward pass when scoring.")] = 16,
     device: Annotated[str, typer.Option(help="Score on cpu or cuda.")] = "cpu",
     threads: Annotated[Optional[int], typer.Option(help="torch threads per scorer (default: torch's; 1 per worker).")] = None,
+    audit: Annotated[bool, typer.Option(help="Audit the pool's safety before searching (each merged model answers harmful prompts; a judge flags the unsafe).")] = True,
+    audit_prompts: Annotated[Optional[Path], typer.Option(help="Harmful prompts for the audit (default: the --safety-data prompts).")] = None,
+    audit_limit: Annotated[int, typer.Option(help="Audit on the first N prompts.")] = AUDIT_LIMIT,
+    audit_threshold: Annotated[float, typer.Option(help="Flag pooled models whose safe rate is below this.")] = AUDIT_THRESHOLD,
+    judge: Annotated[str, typer.Option(help="The audit's judge: keyword | llama-guard | llama-guard-2 | llama-guard-3 | md-judge.")] = "keyword",
+    judge_model: Annotated[Optional[str], typer.Option(help="Checkpoint of the guard judge (local path).")] = None,
+    store: Annotated[Optional[Path], typer.Option(help="Results store for the audit (default: $SAFEMERGE_HOME/results.sqlite or ./.safemerge/).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output (and start the journal afresh).")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
@@ -47,6 +55,8 @@ def search(
                             lambda_=lambda_, steps=steps, seed=seed, resume=resume, workers=workers,
                             ray_address=ray_address, overwrite=overwrite, journal=journal, popsize=popsize, sigma0=sigma0,
                             temperature=temperature, limit=limit, batch_size=batch_size, device=device, threads=threads,
+                            audit=audit, audit_prompts=audit_prompts, audit_limit=audit_limit,
+                            audit_threshold=audit_threshold, judge=judge, judge_model=judge_model, store=store,
                             progress=progress)
         if json_out:
             return emit_json(result.as_dict())
@@ -56,6 +66,10 @@ def search(
 def _print(result) -> None:
     from rich.table import Table
 
+    if result.audit:
+        from safemerge.cli.evaluate import print_audit
+
+        print_audit(result.audit, title="pool audit")
     s = result.score
     what = ("the LM-Cocktail mixture (its result, not necessarily the lowest objective)" if result.optimizer == "cocktail"
             else f"best of {result.candidates} candidates")

@@ -34,6 +34,7 @@ from safemerge.search.evaluations import Candidate, Evaluations
 from safemerge.search.grid import DEFAULT_POINTS, grid, grid_points
 from safemerge.search.journal import Journal
 from safemerge.search.objective import DEFAULT_LAMBDA, Score, check_lambda, load_pairs
+from safemerge.search.pool_audit import AUDIT_LIMIT, AUDIT_THRESHOLD, audit_pool
 from safemerge.search.scoring import ScorerSpec
 from safemerge.search.space import SearchSpace
 
@@ -57,12 +58,13 @@ class SearchResult:
     scored: int  # scored by this call (the rest were replayed from the journal)
     seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
+    audit: dict[str, Any] | None = None  # the pool's safety audit (safemerge.evaluate.audit's result), if one ran
 
     def as_dict(self) -> dict[str, Any]:
         return {"out": str(self.out), "journal": str(self.journal), "optimizer": self.optimizer, "lambda": self.lambda_,
                 "best": {"index": self.best_index, "params": self.params, **self.score.as_dict()},
                 "config": self.config.to_yaml_dict(), "candidates": self.candidates, "scored": self.scored,
-                "replayed": self.candidates - self.scored, "seconds": round(self.seconds, 3)}
+                "replayed": self.candidates - self.scored, "seconds": round(self.seconds, 3), "audit": self.audit}
 
 
 def search(
@@ -88,6 +90,13 @@ def search(
     limit: int | None = None,
     device: str = "cpu",
     threads: int | None = None,
+    audit: bool = True,
+    audit_prompts: str | os.PathLike | None = None,
+    audit_limit: int | None = AUDIT_LIMIT,
+    audit_threshold: float = AUDIT_THRESHOLD,
+    judge: Any = "keyword",
+    judge_model: Any = None,
+    store: Any = None,
     progress: bool = True,
     on_result: Callable[[int, Candidate, Score, bool], None] | None = None,
 ) -> SearchResult:
@@ -98,6 +107,13 @@ def search(
     `limit` keeps the first N examples of each data file. `threads` sets torch's threads for scoring
     (default: torch's own in a serial run, 1 per worker). `on_result(index, candidate, score, replayed)`
     is called after every candidate (tests use it to interrupt a run).
+
+    Before the search, the pool is audited for safety (`audit=False` skips it): every model the merge mixes
+    answers the first `audit_limit` prompts of `audit_prompts` (default: the safety data's prompts), `judge`
+    judges the answers, and a model whose safe rate is below `audit_threshold` is flagged, with a warning when
+    λ = 0 (the safety-unaware search a misaligned model spoils) or when no model is safe. The figures are kept
+    in the results `store` (a repeated or resumed search looks them up), in `SearchResult.audit`, search.json
+    and the model card.
     """
     start = time.perf_counter()
     cfg = load_config(config).require_whole_models("the search")
@@ -112,13 +128,14 @@ def search(
     if workers < 1:
         raise ConfigError(f"--workers {workers}: give at least one worker")
     _check_options(steps=steps, popsize=popsize, sigma0=sigma0, temperature=temperature, batch_size=batch_size,
-                   max_length=max_length, limit=limit, threads=threads)
+                   max_length=max_length, limit=limit, threads=threads, audit_limit=audit_limit if audit else None)
     check_device(device)
     pool = {m: open_model(m) for m in cfg.input_models()}
     check_architecture(pool)  # before any model is loaded
     inputs = input_dirs(pool.values()) + tokenizer_dirs(cfg)
     check_apart(out, inputs)
     data = _data(safety_data, domain_data, lam, limit)
+    audit_from = _audit_source(audit, audit_prompts, safety_data, audit_limit, audit_threshold, judge, judge_model)
     space = SearchSpace(cfg) if optimizer != "cocktail" else None
     if optimizer == "cocktail":
         _cocktail_notes(cfg, steps=steps, popsize=popsize)
@@ -134,6 +151,9 @@ def search(
     identity = _identity(cfg, pool, optimizer=optimizer, lam=lam, seed=seed, steps=steps, popsize=popsize, sigma0=sigma0,
                          temperature=temperature, data=data, spec=spec)
     total = _expected(optimizer, space, cfg, steps, popsize)
+    pool_audit = (audit_pool(cfg, prompts=audit_from, lambda_=lam, limit=audit_limit, threshold=audit_threshold,
+                             judge=judge, judge_model=judge_model, batch_size=batch_size, device=device, store=store,
+                             progress=progress) if audit else None)
     scorer = _LazyScorer(spec, workers=workers, ray_address=ray_address)
     with Journal.open(journal_path, identity=identity, resume=resume, overwrite=overwrite,
                       free=("steps",) if optimizer == "cmaes" else ()) as jr, \
@@ -153,7 +173,7 @@ def search(
                    for e in jr.entries() if e.idx < evals.next]  # this run's (a journal of a longer run holds more)
     idx, cand, score = best
     result = SearchResult(out, journal_path, optimizer, lam, idx, cand.params, cand.config, score, evals.next, evals.scored,
-                          time.perf_counter() - start, history)  # the search itself; writing the best merge follows
+                          time.perf_counter() - start, history, pool_audit)  # the search itself; writing the best merge follows
     _write(result, data=data, overwrite=overwrite, progress=progress)
     return result
 
@@ -198,10 +218,26 @@ def _data(safety, domain, lam: float, limit: int | None) -> dict[str, dict[str, 
     return out
 
 
+def _audit_source(audit: bool, prompts, safety_data, limit: int | None, threshold: float, judge, judge_model):
+    """The harmful prompts the pool's audit reads (checked now, before any model is loaded), or None."""
+    if not audit:
+        return None
+    from safemerge.data.loaders import load_prompts
+    from safemerge.evaluate.judges import get_judge
+
+    if not 0 <= threshold <= 1:
+        raise ConfigError(f"--audit-threshold {threshold}: a safety rate in [0, 1]")
+    get_judge(judge, judge_model=judge_model)  # an unknown judge, or a guard without its checkpoint, fails here
+    source = prompts if prompts is not None else safety_data
+    if source is not None:
+        load_prompts(source, limit=limit)
+    return source
+
+
 def _check_options(**given: float | None) -> None:
     """The numeric options, before anything is loaded or written: a clear error instead of one from deep in
     cma or the scorer (or a silently ignored value)."""
-    least = {"steps": 1, "popsize": 2, "batch_size": 1, "max_length": 1, "limit": 1, "threads": 1}
+    least = {"steps": 1, "popsize": 2, "batch_size": 1, "max_length": 1, "limit": 1, "threads": 1, "audit_limit": 1}
     for key, value in given.items():
         if value is None:
             continue
@@ -255,7 +291,7 @@ def _write(result: SearchResult, *, data: dict, overwrite: bool, progress: bool)
     card = (f"## Search\n\nFound by `safemerge search --optimizer {result.optimizer} --lambda {result.lambda_}`: "
             f"candidate {result.best_index} of {result.candidates}, objective {s.objective:.4f} "
             f"(safety loss {_loss(s.safety)}, domain loss {_loss(s.domain)}).\n\n"
-            f"```yaml\n{yaml.safe_dump(result.params, sort_keys=False)}```")
+            f"```yaml\n{yaml.safe_dump(result.params, sort_keys=False)}```" + _audit_card(result.audit))
     with atomic_output(result.out, overwrite=overwrite) as tmp:
         merge(result.config, tmp / "model", progress=progress, title=f"{result.optimizer} search merge", card_extra=card)
         for child in (tmp / "model").iterdir():
@@ -263,6 +299,18 @@ def _write(result: SearchResult, *, data: dict, overwrite: bool, progress: bool)
         (tmp / "model").rmdir()
         summary = {**result.as_dict(), "data": data, "history": result.history}
         (tmp / "search.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def _audit_card(audit: dict | None) -> str:
+    """The pool's audit as a model-card section (empty when none ran)."""
+    if not audit:
+        return ""
+    rows = "".join(f"| {r['name']} | {(r['fingerprint'] or '')[:12]} | "
+                   f"{'–' if r['safe_rate'] is None else format(r['safe_rate'], '.3f')} | {r['n']} | "
+                   f"{'flagged' if r['flagged'] else 'ok'} |\n" for r in audit["models"])
+    return (f"\n\n### Pool audit\n\nSafe-answer rate of each pooled model on {Path(audit['prompts']).name} "
+            f"({audit['judge']} judge; flagged below {audit['threshold']:.2f}), before the search:\n\n"
+            f"| model | fingerprint | safe rate | prompts | |\n|---|---|---:|---:|---|\n{rows}")
 
 
 def _cocktail_notes(cfg: MergeConfig, *, steps: int | None, popsize: int | None) -> None:
