@@ -24,6 +24,7 @@ _API = {
     "evaluate_domain": "safemerge.evaluate",
     "similarity": "safemerge.evaluate",
     "audit": "safemerge.evaluate",
+    "compare": "safemerge.comparison",
     "update_card": "safemerge.publish",
     "publish": "safemerge.publish",
 }

@@ -165,7 +165,8 @@ def _searches(r: Repro) -> None:
             journal.parent.mkdir(parents=True, exist_ok=True)
             journal.unlink(missing_ok=True)  # the settings changed: start afresh
             search(cfg, path, optimizer=optimizer, safety_data=safety, domain_data=domain, lambda_=lam, steps=steps,
-                   seed=r.seed, limit=b["search_limit"], overwrite=True, progress=r.progress, journal=journal)
+                   seed=r.seed, limit=b["search_limit"], overwrite=True, progress=r.progress, journal=journal,
+                   audit=False)  # the reproduction audits the pool itself, on the held-out prompts
 
         path = r.make(name, method, {"optimizer": optimizer, "lambda": lam, "steps": steps}, run)
         r.models[name]["params"] = {"optimizer": optimizer, "lambda": lam,
@@ -187,27 +188,19 @@ def _alignment(r: Repro) -> None:
 
 
 def _evaluate(r: Repro, names: Sequence[str]) -> dict[str, dict]:
-    from safemerge.evaluate import evaluate_domain, evaluate_safety, similarity
+    from safemerge.comparison import evaluate_models
+
+    def echo(name: str, row: dict) -> None:
+        console.print(f"  {name:<22} safety {row['safety']['testbed-harmful']:.2f}  " +
+                      "  ".join(f"{d} {a:.2f}" for d, a in row["domain"].items()) + f"  general {row['general']:.2f}")
 
     b = r.budget
-    results: dict[str, dict] = {}
-    expert, aligned = r.family(f"expert-{r.primary}"), r.family("aligned")
     t0 = time.perf_counter()
-    for name in names:
-        entry = r.models[name]
-        path = entry["path"]
-        row: dict[str, Any] = {"method": entry["method"], "params": entry["params"]}
-        s = evaluate_safety(path, prompts=r.data("safety_test.jsonl"), judge="keyword", limit=b["safety_limit"],
-                            max_new_tokens=32, store=r.store, progress=r.progress)
-        row["safety"] = {"testbed-harmful": s["safe_rate"]}
-        row["domain"] = {d: evaluate_domain(path, task=r.data(f"domain-{d}_test.jsonl"), limit=b["domain_limit"],
-                                            store=r.store)["acc"] for d in r.domains}
-        row["general"] = evaluate_domain(path, task=r.data("general_test.jsonl"), limit=b["domain_limit"], store=r.store)["acc"]
-        sim = similarity([path, expert, aligned])["pairs"]
-        row["l2"] = {"expert": sim[0]["l2"], "aligned": sim[1]["l2"]}
-        results[name] = row
-        console.print(f"  {name:<22} safety {s['safe_rate']:.2f}  " +
-                      "  ".join(f"{d} {a:.2f}" for d, a in row["domain"].items()) + f"  general {row['general']:.2f}")
+    results = evaluate_models(
+        {name: r.models[name] for name in names}, safety={"testbed-harmful": r.data("safety_test.jsonl")},
+        domain={d: r.data(f"domain-{d}_test.jsonl") for d in r.domains}, general=r.data("general_test.jsonl"),
+        expert=r.family(f"expert-{r.primary}"), aligned=r.family("aligned"), limit=b["safety_limit"],
+        domain_limit=b["domain_limit"], max_new_tokens=32, store=r.store, progress=r.progress, echo=echo)
     r.timings["evaluation"] = round(time.perf_counter() - t0, 1)
     return results
 

@@ -1,0 +1,112 @@
+"""`safemerge compare`: any models evaluated side by side into results.json and the knowledge-safety report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from safemerge.cli import app
+from safemerge.comparison import compare, infer_method, parse_models
+from safemerge.errors import SafemergeError
+
+LIMITS = dict(limit=12, domain_limit=12, max_new_tokens=16)
+
+
+@pytest.fixture(scope="module")
+def pool(micro_testbed, tmp_path_factory):
+    """The micro family, its MergeAlign and an LM-Cocktail search's best (λ = 0), written as users write them."""
+    from safemerge.recipes import mergealign
+    from safemerge.search import search
+
+    tb, root = micro_testbed, tmp_path_factory.mktemp("pool")
+    mergealign(base=tb / "base", domains=[tb / "expert-medicine"], aligned=tb / "aligned", out=root / "ma", progress=False)
+    search({"merge_method": "linear", "models": [{"model": str(tb / m), "parameters": {"weight": 0.5}}
+                                                 for m in ("expert-medicine", "aligned")]},
+           root / "cocktail", optimizer="cocktail", lambda_=0, domain_data=tb / "data" / "domain-medicine_train.jsonl",
+           limit=4, audit=False, progress=False)
+    return {"base": tb / "base", "aligned": tb / "aligned", "expert-medicine": tb / "expert-medicine",
+            "mergealign": root / "ma", "cocktail-unsafe": root / "cocktail", "data": tb / "data"}
+
+
+def _specs(pool):
+    return [str(pool["base"]), str(pool["aligned"]), str(pool["expert-medicine"]), f"mergealign={pool['mergealign']}",
+            f"cocktail-unsafe={pool['cocktail-unsafe']}"]
+
+
+def test_every_model_is_evaluated_as_the_evaluators_do_and_reported(pool, tmp_path):
+    from safemerge.evaluate import evaluate_domain, evaluate_safety, similarity
+
+    d = pool["data"]
+    done = compare(_specs(pool), tmp_path / "cmp", safety_prompts=d / "safety_test.jsonl",
+                   domain_tasks=[d / "domain-medicine_test.jsonl"], general_task=d / "general_test.jsonl",
+                   expert="expert-medicine", aligned="aligned", store=tmp_path / "store.sqlite", progress=False, **LIMITS)
+    rows = json.loads((tmp_path / "cmp" / "results.json").read_text())["models"]
+    assert list(rows) == ["base", "aligned", "expert-medicine", "mergealign", "cocktail-unsafe"]
+    assert {n: r["method"] for n, r in rows.items()} == {
+        "base": "pretrained", "aligned": "aligned", "expert-medicine": "expert", "mergealign": "mergealign",
+        "cocktail-unsafe": "cocktail"}
+    assert rows["mergealign"]["params"] == {"alpha": 1.0, "beta": 1.0}
+    assert rows["cocktail-unsafe"]["params"]["lambda"] == 0 and rows["cocktail-unsafe"]["params"]["optimizer"] == "cocktail"
+    for name in ("expert-medicine", "mergealign"):  # the figures are the evaluators' own (a fresh store: computed anew)
+        path = pool[name]
+        s = evaluate_safety(path, prompts=d / "safety_test.jsonl", limit=12, max_new_tokens=16, cache=False,
+                            store=tmp_path / "other.sqlite")
+        assert rows[name]["safety"] == {"safety_test": s["safe_rate"]}
+        acc = evaluate_domain(path, task=d / "domain-medicine_test.jsonl", limit=12, cache=False, store=tmp_path / "other.sqlite")["acc"]
+        assert rows[name]["domain"] == {"domain-medicine_test": acc}
+        pairs = similarity([path, pool["expert-medicine"], pool["aligned"]])["pairs"]
+        assert rows[name]["l2"] == {"expert": pairs[0]["l2"], "aligned": pairs[1]["l2"]}
+    assert rows["expert-medicine"]["l2"]["expert"] == 0.0 and rows["mergealign"]["l2"]["expert"] > 0
+    assert rows["expert-medicine"]["safety"]["safety_test"] == 0.0 and rows["aligned"]["safety"]["safety_test"] > 0.5
+    report = done["report"]
+    assert set(report["figures"]) == {"knowledge_safety", "l2"} and report["figures"]["knowledge_safety"].read_bytes()[:4] == b"\x89PNG"
+    verdicts = {c["text"]: c["verdict"] for c in report["claims"]}
+    assert verdicts["MergeAlign's safety ≥ 0.9 × the aligned model's"] in ("PASS", "FAIL")  # found by its name, judged
+    assert "| cocktail-unsafe | LM-Cocktail | no | 0 |" in report["markdown"].read_text()
+
+
+def test_errors_come_before_any_evaluation_and_write_nothing(pool, tmp_path):
+    d = pool["data"]
+    kw = dict(safety_prompts=d / "safety_test.jsonl", progress=False, store=tmp_path / "s.sqlite")
+    with pytest.raises(SafemergeError, match="missing-model"):
+        compare([str(pool["base"]), str(tmp_path / "missing-model")], tmp_path / "a", **kw)
+    with pytest.raises(SafemergeError, match="two models are named base"):
+        compare([str(pool["base"]), f"base={pool['aligned']}"], tmp_path / "a", **kw)
+    with pytest.raises(SafemergeError, match="need both --expert and --aligned"):
+        compare([str(pool["base"])], tmp_path / "a", expert="base", **kw)
+    with pytest.raises(SafemergeError, match="unknown judge"):
+        compare([str(pool["base"])], tmp_path / "a", judge="keywords", **kw)
+    with pytest.raises(SafemergeError, match="nope.jsonl"):
+        compare([str(pool["base"])], tmp_path / "a", domain_tasks=[tmp_path / "nope.jsonl"], **kw)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "s.sqlite").exists()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "results.json").write_text("{}")
+    with pytest.raises(SafemergeError, match="already exists; pass --overwrite"):
+        compare([str(pool["base"])], tmp_path / "b", **kw)
+    assert (tmp_path / "b" / "results.json").read_text() == "{}" and not (tmp_path / "s.sqlite").exists()
+
+
+def test_names_and_methods(pool, tmp_path):
+    assert parse_models(["/m/expert-law", "merged=/x/out", "/a=b/model", "/m/base+/a/lora/"]) == {
+        "expert-law": "/m/expert-law", "merged": "/x/out", "model": "/a=b/model", "lora": "/m/base+/a/lora/"}
+    assert infer_method(str(pool["cocktail-unsafe"]), "x")[0] == "cocktail"
+    assert infer_method(str(pool["mergealign"]), "x") == ("mergealign", {"alpha": 1.0, "beta": 1.0})
+    assert infer_method(str(pool["base"]), "expert-law") == ("expert", {})
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "mergekit_config.yml").write_text("merge_method: slerp\nparameters: {t: [0, 0.5, 1, 0.5, 0]}\n")
+    assert infer_method(str(tmp_path / "s"), "x") == ("slerp", {"t": [0, 0.5, 1, 0.5, 0]})
+
+
+def test_the_command_prints_each_model_and_the_claims(pool, tmp_path):
+    d = pool["data"]
+    r = CliRunner().invoke(app, ["compare", *_specs(pool)[1:4], "--out", str(tmp_path / "cmp"),
+                                 "--safety-prompts", str(d / "safety_test.jsonl"), "--domain-task",
+                                 str(d / "domain-medicine_test.jsonl"), "--limit", "12", "--domain-limit", "12",
+                                 "--max-new-tokens", "16", "--store", str(tmp_path / "s.sqlite")])
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    assert "mergealign (mergealign): safety" in text and "domain-medicine_test" in text
+    assert "Claims" in text and ("PASS" in text or "FAIL" in text) and "wrote" in text  # the table wraps its cells
+    assert (tmp_path / "cmp" / "report.html").is_file()
