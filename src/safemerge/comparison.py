@@ -29,13 +29,7 @@ def parse_models(specs: Sequence[str] | Mapping[str, str]) -> dict[str, str]:
     if isinstance(specs, Mapping):
         pairs = [(str(k), str(v)) for k, v in specs.items()]
     else:
-        pairs = []
-        for spec in map(str, specs):
-            name, sep, ref = spec.partition("=")
-            if sep and name and re.fullmatch(r"[\w.\-]+", name):
-                pairs.append((name, ref))
-            else:
-                pairs.append((Path(spec.rstrip("/\\")).name, spec))
+        pairs = [_named_item(spec, default=lambda ref: Path(ref.rstrip("/\\")).name) for spec in map(str, specs)]
     if not pairs:
         raise ConfigError("compare needs at least one model")
     names = [n for n, _ in pairs]
@@ -48,12 +42,21 @@ def parse_models(specs: Sequence[str] | Mapping[str, str]) -> dict[str, str]:
     return dict(pairs)
 
 
+def _named_item(spec: str, *, default: Callable[[str], str]) -> tuple[str, str]:
+    """(name, path) of a `NAME=PATH` item, or (default(PATH), PATH) when there is no name or the whole item is an
+    existing path (a folder may have '=' in its name)."""
+    name, sep, ref = spec.partition("=")
+    if sep and name and re.fullmatch(r"[\w.\-]+", name) and not Path(spec).expanduser().exists():
+        return name, ref
+    return default(spec), spec
+
+
 def infer_method(ref: str, name: str) -> tuple[str, dict[str, Any]]:
     """The report's method and parameters of a model, from what safemerge wrote beside its weights (search.json,
     an align run record, mergekit_config.yml), else from its name (`base`, `aligned`, `expert-<d>`, ...)."""
-    from safemerge.report.results import _guess_method
-
-    folder = Path(str(ref).split("+")[0]).expanduser()
+    if "+" in str(ref) and not Path(str(ref)).expanduser().exists():  # model+adapter: its folders say nothing of it
+        return _method_from_name(name), {}
+    folder = Path(str(ref)).expanduser()
     search = folder / "search.json"
     if search.is_file():
         s = _read_json(search)
@@ -64,7 +67,7 @@ def infer_method(ref: str, name: str) -> tuple[str, dict[str, Any]]:
     if run.is_file():
         settings = _read_json(run).get("settings", {})
         method = str(settings.get("method", "align"))
-        return method, {k: settings[k] for k in ("learning_rate", "epochs", "sft_weight") if k in settings}
+        return method, {k: settings[k] for k in ("lr", "epochs", "sft_weight") if k in settings}
     config = folder / "mergekit_config.yml"
     if config.is_file():
         import yaml
@@ -75,15 +78,26 @@ def infer_method(ref: str, name: str) -> tuple[str, dict[str, Any]]:
             cfg = {}
         if isinstance(cfg, dict) and isinstance(cfg.get("merge_method"), str):
             return _merge_method(cfg)
-    return _guess_method(name), {}
+    return _method_from_name(name), {}
+
+
+def _method_from_name(name: str) -> str:
+    """The report's method for a model known only by its name: `base` is the pre-trained model, and a name that
+    begins with a method of the papers (`aligned`, `expert-<d>`, `mergealign-…`, `dpo-…`) is that method; any other
+    name (`Llama-3-8B-Instruct`) is a plain `model`."""
+    from safemerge.report.results import METHOD_ORDER, _guess_method
+
+    method = _guess_method(name)
+    return method if method in METHOD_ORDER else "model"
 
 
 def _merge_method(cfg: dict) -> tuple[str, dict[str, Any]]:
-    weights = [(m.get("model"), (m.get("parameters") or {}).get("weight")) for m in cfg.get("models") or []
-               if isinstance(m, dict)]
+    models = cfg.get("models") if isinstance(cfg.get("models"), list) else []
+    weights = [(m.get("model"), m["parameters"].get("weight")) for m in models
+               if isinstance(m, dict) and isinstance(m.get("parameters"), dict)]
     if cfg.get("name") == "mergealign" and weights:
         return "mergealign", {"alpha": weights[0][1], "beta": weights[-1][1]}
-    params = cfg.get("parameters") or {}
+    params = cfg.get("parameters") if isinstance(cfg.get("parameters"), dict) else {}
     if cfg["merge_method"] == "slerp" and "t" in params:
         return "slerp", {"t": params["t"]}
     return cfg["merge_method"], {}
@@ -123,7 +137,7 @@ def evaluate_models(
     (name -> prompts), accuracy per task (name -> multiple-choice source), general accuracy and L2 distances to
     `expert` and `aligned` (model references). `batch_size` None keeps each evaluation's own default.
     `echo(name, row)` is called after each model."""
-    from safemerge.evaluate import evaluate_domain, evaluate_safety, similarity
+    from safemerge.evaluate import evaluate_domain, evaluate_safety
     from safemerge.evaluate.judges import get_judge
     from safemerge.evaluate.loading import model_ref
     from safemerge.store import open_store
@@ -145,8 +159,7 @@ def evaluate_models(
                 row["general"] = evaluate_domain(ref, task=general, limit=domain_limit, format=format, **common)["acc"]
             ref.backend = None  # release the weights before the next model
             if expert is not None and aligned is not None:
-                pairs = similarity([entry["path"], expert, aligned])["pairs"]
-                row["l2"] = {"expert": pairs[0]["l2"], "aligned": pairs[1]["l2"]}
+                row["l2"] = _l2(entry["path"], expert, aligned, db, cache)
             results[name] = row
             if echo:
                 echo(name, row)
@@ -154,6 +167,23 @@ def evaluate_models(
         if hasattr(judge_obj, "release"):
             judge_obj.release()
     return results
+
+
+def _l2(model: str, expert: str, aligned: str, db: Any, cache: bool) -> dict[str, float]:
+    """‖θ_model − θ_expert‖ and ‖θ_model − θ_aligned‖, stored under the three weight fingerprints."""
+    from safemerge.evaluate import similarity
+    from safemerge.store import result_key
+
+    fp, *refs = (db.fingerprint(str(m)) for m in (model, expert, aligned))
+    data = ":".join(refs)
+    key = result_key("l2", model=fp, data=data)
+    hit = db.get(key) if cache else None
+    if hit is not None:
+        return hit
+    pairs = similarity([model, expert, aligned])["pairs"]
+    result = {"expert": pairs[0]["l2"], "aligned": pairs[1]["l2"]}
+    db.put(key, result, kind="l2", model=fp, data=data)
+    return result
 
 
 def compare(
@@ -189,42 +219,53 @@ def compare(
 
     Returns {"results": path, "report": write_report's result, "models": results.json's models, "seconds"}.
     """
+    from safemerge.checkpoint import check_output_folder
     from safemerge.data.loaders import load_multiple_choice, load_prompts
+    from safemerge.evaluate.domain import FORMATS
     from safemerge.evaluate.judges import get_judge
-    from safemerge.evaluate.loading import resolve_reference
+    from safemerge.evaluate.loading import resolve_device, resolve_dtype
     from safemerge.report import write_report
     from safemerge.report.assemble import FIGURES, HTML, MARKDOWN
 
     start = time.perf_counter()
     refs = parse_models(models)
-    roles = {}
-    for role, given in (("expert", expert), ("aligned", aligned)):
-        roles[role] = refs.get(given, given) if given is not None else None
+    roles = {role: (refs.get(given, given) if given is not None else None)
+             for role, given in (("expert", expert), ("aligned", aligned))}
     if (roles["expert"] is None) != (roles["aligned"] is None):
         raise ConfigError("L2 distances need both --expert and --aligned (a model's name or a path); give both or neither")
-    for ref in list(refs.values()) + [r for r in roles.values() if r is not None]:
-        resolve_reference(ref)  # every model exists before anything is evaluated
+    where = {ref: _check_model(ref) for ref in list(refs.values()) + [r for r in roles.values() if r is not None]}
     sets = [safety_prompts] if isinstance(safety_prompts, (str, os.PathLike)) else list(safety_prompts)
     if not sets:
         raise ConfigError("compare needs harmful prompts: pass --safety-prompts FILE")
-    safety = _named({_stem(s): load_prompts(s, limit=limit) for s in sets}, len(sets), "safety prompt files")
-    tasks = [load_multiple_choice(t, limit=domain_limit) for t in domain_tasks]
-    domain = _named({t.name: t for t in tasks}, len(tasks), "domain tasks")
+    safety = _unique({_stem(s): load_prompts(s, limit=limit) for s in sets}, len(sets), "safety prompt files")
+    named_tasks = [_named_item(str(t), default=_stem) if isinstance(t, (str, os.PathLike)) else (t.name, t)
+                   for t in domain_tasks]  # DOMAIN=FILE, FILE, or a loaded QuestionSet
+    domain = _unique({key: load_multiple_choice(t, limit=domain_limit) for key, t in named_tasks}, len(named_tasks),
+                     "domain tasks")
     general = load_multiple_choice(general_task, limit=domain_limit) if general_task is not None else None
+    domains = _domains(list(domain), [key != _stem(str(t)) for key, t in named_tasks], list(refs))
+    picked = [knowledge] if isinstance(knowledge, str) else list(knowledge or [])
+    unknown = [k for k in picked if k not in domains]
+    if unknown:
+        raise ConfigError(f"--knowledge {', '.join(unknown)}: no domain task of that name; the domains are "
+                          f"{', '.join(domains) or 'none (give --domain-task)'} (name a task's domain with DOMAIN=FILE)")
+    if format not in FORMATS:
+        raise ConfigError(f"--format {format!r}: choose one of {', '.join(FORMATS)}")
+    resolve_device(device)
+    resolve_dtype(dtype)
     get_judge(judge, judge_model=judge_model)  # an unknown judge, or a guard without its checkpoint, fails now
     out = Path(out).expanduser().absolute()
+    check_output_folder(out, "--out names a folder")
     targets = [out / RESULTS, out / MARKDOWN, out / HTML] + [out / f for f, _ in FIGURES.values()]
     existing = [p for p in targets if p.exists()]
     if existing and not overwrite:
         raise OutputExistsError(f"{existing[0]}: already exists; pass --overwrite (overwrite=True) or choose another --out")
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"{out}: is a file; --out names a folder")
     entries = {}
     for name, ref in refs.items():
         method, params = infer_method(ref, name)
-        if roles["aligned"] == ref:
+        if roles["aligned"] is not None and where[ref] == where[roles["aligned"]]:
             method = "aligned"
-        elif roles["expert"] == ref:
+        elif roles["expert"] is not None and where[ref] == where[roles["expert"]]:
             method = "expert"
         entries[name] = {"path": ref, "method": method, "params": params}
     rows = evaluate_models(entries, safety=safety, domain=domain, general=general, expert=roles["expert"],
@@ -235,8 +276,10 @@ def compare(
     meta: dict[str, Any] = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "judge": str(judge),
                             "safety_prompts": ", ".join(str(s) for s in sets),
                             "timings": {"evaluation": round(time.perf_counter() - start, 1)}}
-    if knowledge:
-        meta["primary_domain"] = [knowledge] if isinstance(knowledge, str) else list(knowledge)
+    if domains:
+        meta["domains"] = domains
+    if picked:
+        meta["primary_domain"] = picked
     doc = {"meta": meta, "models": {name: {**row, "path": str(entries[name]["path"])} for name, row in rows.items()}}
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".{RESULTS}.tmp"
@@ -251,12 +294,44 @@ def compare(
             "seconds": round(time.perf_counter() - start, 1)}
 
 
+def _check_model(ref: str) -> tuple[str, str | None]:
+    """That `ref` is a model (a folder with weights, or `model+adapter`), before anything is evaluated; its resolved
+    (model, adapter) folders, which say whether two references name the same model."""
+    from safemerge.evaluate.loading import resolve_reference
+    from safemerge.lora import open_model
+
+    path, adapter = resolve_reference(ref)
+    open_model(f"{path}+{adapter}" if adapter is not None else str(path))
+    return str(path.resolve()), (str(adapter.resolve()) if adapter is not None else None)
+
+
+def _domains(keys: list[str], named: list[bool], models: list[str]) -> list[str]:
+    """The study's domains, one per task column: the domain a task was given (DOMAIN=FILE); else the <d> of an
+    `expert-<d>` model when d is a word of the task's name; else the task itself. An expert whose domain has no task
+    gets a warning (the knowledge claim compares MergeAlign with expert-<d> on d's task)."""
+    import warnings
+
+    from safemerge.report.results import _is_word_of
+
+    experts = [m[len("expert-"):] for m in models if m.startswith("expert-")]
+    out = []
+    for key, given in zip(keys, named):
+        d = key if given else next((e for e in experts if _is_word_of(e, key)), key)
+        out.append(d)
+    missing = [e for e in experts if e not in out]
+    if keys and missing:
+        warnings.warn(f"{', '.join('expert-' + e for e in missing)}: no domain task belongs to "
+                      f"{', '.join(missing)}, so the knowledge claim cannot compare with it; name the expert's task "
+                      f"with --domain-task {missing[0]}=FILE", UserWarning, stacklevel=3)
+    return list(dict.fromkeys(out))
+
+
 def _stem(source: Any) -> str:
     return Path(str(source)).name.split(".")[0] or str(source)
 
 
-def _named(items: dict, given: int, what: str) -> dict:
+def _unique(items: dict, given: int, what: str) -> dict:
     if len(items) < given:
-        raise ConfigError(f"two {what} have the same name (the part of the file name before its first dot), and the "
-                          "report has one column per name; rename one of the files")
+        raise ConfigError(f"two {what} have the same name (the part of the file name before its first dot, or the "
+                          "DOMAIN of DOMAIN=FILE), and the report has one column per name; rename one")
     return items

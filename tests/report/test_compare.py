@@ -35,14 +35,21 @@ def _specs(pool):
             f"cocktail-unsafe={pool['cocktail-unsafe']}"]
 
 
-def test_every_model_is_evaluated_as_the_evaluators_do_and_reported(pool, tmp_path):
+def test_every_model_is_evaluated_as_the_evaluators_do_and_reported(pool, tmp_path, monkeypatch):
+    import shutil
+
+    import safemerge.evaluate as ev
     from safemerge.evaluate import evaluate_domain, evaluate_safety, similarity
 
     d = pool["data"]
-    done = compare(_specs(pool), tmp_path / "cmp", safety_prompts=d / "safety_test.jsonl",
-                   domain_tasks=[d / "domain-medicine_test.jsonl"], general_task=d / "general_test.jsonl",
-                   expert="expert-medicine", aligned="aligned", store=tmp_path / "store.sqlite", progress=False, **LIMITS)
-    rows = json.loads((tmp_path / "cmp" / "results.json").read_text())["models"]
+    medqa = shutil.copy(d / "domain-medicine_test.jsonl", tmp_path / "medqa.jsonl")  # a name without its domain's
+    kw = dict(safety_prompts=d / "safety_test.jsonl", domain_tasks=[f"medicine={medqa}"],
+              general_task=d / "general_test.jsonl", expert="expert-medicine", aligned=str(pool["aligned"]) + "/",
+              store=tmp_path / "store.sqlite", progress=False, **LIMITS)
+    done = compare(_specs(pool), tmp_path / "cmp", **kw)
+    doc = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    rows = doc["models"]
+    assert doc["meta"]["domains"] == ["medicine"]
     assert list(rows) == ["base", "aligned", "expert-medicine", "mergealign", "cocktail-unsafe"]
     assert {n: r["method"] for n, r in rows.items()} == {
         "base": "pretrained", "aligned": "aligned", "expert-medicine": "expert", "mergealign": "mergealign",
@@ -54,8 +61,8 @@ def test_every_model_is_evaluated_as_the_evaluators_do_and_reported(pool, tmp_pa
         s = evaluate_safety(path, prompts=d / "safety_test.jsonl", limit=12, max_new_tokens=16, cache=False,
                             store=tmp_path / "other.sqlite")
         assert rows[name]["safety"] == {"safety_test": s["safe_rate"]}
-        acc = evaluate_domain(path, task=d / "domain-medicine_test.jsonl", limit=12, cache=False, store=tmp_path / "other.sqlite")["acc"]
-        assert rows[name]["domain"] == {"domain-medicine_test": acc}
+        acc = evaluate_domain(path, task=medqa, limit=12, cache=False, store=tmp_path / "other.sqlite")["acc"]
+        assert rows[name]["domain"] == {"medicine": acc}
         pairs = similarity([path, pool["expert-medicine"], pool["aligned"]])["pairs"]
         assert rows[name]["l2"] == {"expert": pairs[0]["l2"], "aligned": pairs[1]["l2"]}
     assert rows["expert-medicine"]["l2"]["expert"] == 0.0 and rows["mergealign"]["l2"]["expert"] > 0
@@ -64,7 +71,15 @@ def test_every_model_is_evaluated_as_the_evaluators_do_and_reported(pool, tmp_pa
     assert set(report["figures"]) == {"knowledge_safety", "l2"} and report["figures"]["knowledge_safety"].read_bytes()[:4] == b"\x89PNG"
     verdicts = {c["text"]: c["verdict"] for c in report["claims"]}
     assert verdicts["MergeAlign's safety ≥ 0.9 × the aligned model's"] in ("PASS", "FAIL")  # found by its name, judged
+    assert verdicts["MergeAlign's domain accuracy ≥ 0.9 × the expert's"] in ("PASS", "FAIL")  # medqa is medicine's task
     assert "| cocktail-unsafe | LM-Cocktail | no | 0 |" in report["markdown"].read_text()
+
+    def nothing_again(*a, **k):
+        raise AssertionError("evaluated again")
+
+    monkeypatch.setattr(ev, "similarity", nothing_again)  # every figure, L2 too, is looked up the second time
+    again = compare(_specs(pool), tmp_path / "cmp", overwrite=True, **kw)
+    assert again["models"] == done["models"]
 
 
 def test_errors_come_before_any_evaluation_and_write_nothing(pool, tmp_path):
@@ -86,11 +101,37 @@ def test_errors_come_before_any_evaluation_and_write_nothing(pool, tmp_path):
     with pytest.raises(SafemergeError, match="already exists; pass --overwrite"):
         compare([str(pool["base"])], tmp_path / "b", **kw)
     assert (tmp_path / "b" / "results.json").read_text() == "{}" and not (tmp_path / "s.sqlite").exists()
+    (tmp_path / "file").write_text("")
+    (tmp_path / "not-a-model").mkdir()
+    for bad, match in ((dict(out=tmp_path / "file" / "cmp"), "is a file, so nothing can be written under it"),
+                       (dict(format="mc"), "--format 'mc': choose one of plain, chat"),
+                       (dict(models=[str(tmp_path / "not-a-model")]), "not-a-model"),
+                       (dict(knowledge="law", domain_tasks=[d / "domain-medicine_test.jsonl"]), "--knowledge law: no domain task")):
+        args = {"models": [str(pool["base"])], "out": tmp_path / "c", **kw, **bad}
+        with pytest.raises(SafemergeError, match=match):
+            compare(args.pop("models"), args.pop("out"), **args)
+    assert not (tmp_path / "c").exists() and not (tmp_path / "s.sqlite").exists()
 
 
-def test_names_and_methods(pool, tmp_path):
+def test_an_expert_whose_domain_has_no_task_is_a_warning(pool, tmp_path, monkeypatch):
+    import safemerge.comparison as cmp
+
+    monkeypatch.setattr(cmp, "evaluate_models", lambda entries, **k: {n: {"method": e["method"]} for n, e in entries.items()})
+    with pytest.warns(UserWarning, match="expert-medicine: no domain task belongs to medicine.*--domain-task medicine=FILE"):
+        cmp.compare([str(pool["expert-medicine"])], tmp_path / "c", safety_prompts=pool["data"] / "safety_test.jsonl",
+                    domain_tasks=[pool["data"] / "general_test.jsonl"], progress=False, store=tmp_path / "s.sqlite")
+
+
+def test_names_and_methods(pool, tmp_path, monkeypatch):
     assert parse_models(["/m/expert-law", "merged=/x/out", "/a=b/model", "/m/base+/a/lora/"]) == {
         "expert-law": "/m/expert-law", "merged": "/x/out", "model": "/a=b/model", "lora": "/m/base+/a/lora/"}
+    (tmp_path / "lr=1e-5" / "merged").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert parse_models(["lr=1e-5/merged"]) == {"merged": "lr=1e-5/merged"}  # an existing path, not NAME=PATH
+    assert infer_method(str(tmp_path / "lr=1e-5" / "merged"), "Llama-3-8B-Instruct") == ("model", {})
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "mergekit_config.yml").write_text("merge_method: ties\nparameters: [1, 2]\nmodels: 3\n")
+    assert infer_method(str(tmp_path / "odd"), "x") == ("ties", {})
     assert infer_method(str(pool["cocktail-unsafe"]), "x")[0] == "cocktail"
     assert infer_method(str(pool["mergealign"]), "x") == ("mergealign", {"alpha": 1.0, "beta": 1.0})
     assert infer_method(str(pool["base"]), "expert-law") == ("expert", {})

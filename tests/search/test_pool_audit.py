@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import warnings
 
@@ -94,12 +95,25 @@ def test_a_domain_only_search_without_audit_prompts_says_the_pool_was_not_audite
     ({"judge": "llama-guard-3"}, "needs its checkpoint: pass --judge-model"),
     ({"audit_prompts": "missing.jsonl"}, "missing.jsonl"),
 ])
-def test_bad_audit_options_fail_before_anything_is_written(tiny_family, family_data, tmp_path, kw, message):
+def test_bad_audit_options_fail_before_anything_is_written(tiny_family, family_data, tmp_path, kw, message, monkeypatch):
+    monkeypatch.setattr(importlib.import_module("safemerge.evaluate.audit"), "audit", _no_audit)
     with pytest.raises(SafemergeError, match=None) as e:
         search(task_config(tiny_family), tmp_path / "out", optimizer="cocktail", safety_data=family_data["safety"],
                domain_data=family_data["domain"], progress=False, **kw)
     assert message in str(e.value)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.journal.sqlite").exists()
+
+
+def _no_audit(*args, **kwargs):
+    raise AssertionError("the pool was audited before the error")  # (safemerge.evaluate.audit is also the function)
+
+
+def test_a_journal_that_does_not_fit_fails_before_the_audit(tiny_family, family_data, tmp_path, monkeypatch):
+    (tmp_path / "out.journal.sqlite").write_text("not a journal")
+    monkeypatch.setattr(importlib.import_module("safemerge.evaluate.audit"), "audit", _no_audit)
+    with pytest.raises(SafemergeError, match="out.journal.sqlite"):
+        search(task_config(tiny_family), tmp_path / "out", optimizer="cocktail", safety_data=family_data["safety"],
+               domain_data=family_data["domain"], progress=False)
 
 
 def test_the_pool_is_what_the_method_mixes(tiny_family):

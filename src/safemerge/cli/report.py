@@ -68,7 +68,7 @@ def compare(
     models: Annotated[list[str], typer.Argument(help="The models: NAME=PATH or PATH (named by its folder); model+adapter references work too.", show_default=False)],
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for results.json, report.md, report.html and the figures.")],
     safety_prompts: Annotated[list[str], typer.Option("--safety-prompts", help="Harmful prompts (as for eval safety); repeat for several sets.")],
-    domain_task: Annotated[list[str], typer.Option("--domain-task", help="Multiple-choice JSONL; repeat for several.")] = [],
+    domain_task: Annotated[list[str], typer.Option("--domain-task", help="Multiple-choice JSONL, or DOMAIN=FILE to name its domain (medicine=medqa.jsonl); repeat for several.")] = [],
     general_task: Annotated[Optional[str], typer.Option("--general-task", help="A general-knowledge multiple-choice JSONL.")] = None,
     expert: Annotated[Optional[str], typer.Option(help="The expert (a model's NAME, or a path): L2 distances to it, with --aligned.")] = None,
     aligned: Annotated[Optional[str], typer.Option(help="The aligned model (a NAME, or a path): L2 distances to it, with --expert.")] = None,

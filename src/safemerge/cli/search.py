@@ -37,7 +37,7 @@ def search(
     device: Annotated[str, typer.Option(help="Score on cpu or cuda.")] = "cpu",
     threads: Annotated[Optional[int], typer.Option(help="torch threads per scorer (default: torch's; 1 per worker).")] = None,
     audit: Annotated[bool, typer.Option(help="Audit the pool's safety before searching (each merged model answers harmful prompts; a judge flags the unsafe).")] = True,
-    audit_prompts: Annotated[Optional[Path], typer.Option(help="Harmful prompts for the audit (default: the --safety-data prompts).")] = None,
+    audit_prompts: Annotated[Optional[str], typer.Option(help="Harmful prompts for the audit: a file or a dataset name, as eval safety reads (default: the --safety-data prompts).")] = None,
     audit_limit: Annotated[int, typer.Option(help="Audit on the first N prompts.")] = AUDIT_LIMIT,
     audit_threshold: Annotated[float, typer.Option(help="Flag pooled models whose safe rate is below this.")] = AUDIT_THRESHOLD,
     judge: Annotated[str, typer.Option(help="The audit's judge: keyword | llama-guard | llama-guard-2 | llama-guard-3 | md-judge.")] = "keyword",

@@ -151,24 +151,26 @@ def search(
     identity = _identity(cfg, pool, optimizer=optimizer, lam=lam, seed=seed, steps=steps, popsize=popsize, sigma0=sigma0,
                          temperature=temperature, data=data, spec=spec)
     total = _expected(optimizer, space, cfg, steps, popsize)
-    pool_audit = (audit_pool(cfg, prompts=audit_from, lambda_=lam, limit=audit_limit, threshold=audit_threshold,
-                             judge=judge, judge_model=judge_model, batch_size=batch_size, device=device, store=store,
-                             progress=progress) if audit else None)
     scorer = _LazyScorer(spec, workers=workers, ray_address=ray_address)
     with Journal.open(journal_path, identity=identity, resume=resume, overwrite=overwrite,
-                      free=("steps",) if optimizer == "cmaes" else ()) as jr, \
-            _progress(progress, total, optimizer) as report:
-        def notify(idx: int, cand: Candidate, score: Score, replayed: bool) -> None:
-            report(score)
-            if on_result:
-                on_result(idx, cand, score, replayed)
+                      free=("steps",) if optimizer == "cmaes" else ()) as jr:
+        # the audit runs once the journal is known to fit (a resume of another run fails before any answer is generated)
+        pool_audit = (audit_pool(cfg, prompts=audit_from, lambda_=lam, limit=audit_limit, threshold=audit_threshold,
+                                 judge=judge, judge_model=judge_model, batch_size=batch_size, device=device, store=store,
+                                 progress=progress) if audit else None)
 
-        evals = Evaluations(jr, scorer, on_result=notify)
-        try:
-            best = _optimize(optimizer, cfg, space, evals, steps=steps, seed=seed, popsize=popsize, sigma0=sigma0,
-                             temperature=temperature)
-        finally:
-            scorer.close()
+        with _progress(progress, total, optimizer) as report:
+            def notify(idx: int, cand: Candidate, score: Score, replayed: bool) -> None:
+                report(score)
+                if on_result:
+                    on_result(idx, cand, score, replayed)
+
+            evals = Evaluations(jr, scorer, on_result=notify)
+            try:
+                best = _optimize(optimizer, cfg, space, evals, steps=steps, seed=seed, popsize=popsize, sigma0=sigma0,
+                                 temperature=temperature)
+            finally:
+                scorer.close()
         history = [{"index": e.idx, "params": e.params, **e.score.as_dict(), "seconds": round(e.seconds, 4)}
                    for e in jr.entries() if e.idx < evals.next]  # this run's (a journal of a longer run holds more)
     idx, cand, score = best
