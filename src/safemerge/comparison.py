@@ -238,12 +238,11 @@ def compare(
     if not sets:
         raise ConfigError("compare needs harmful prompts: pass --safety-prompts FILE")
     safety = _unique({_stem(s): load_prompts(s, limit=limit) for s in sets}, len(sets), "safety prompt files")
-    named_tasks = [_named_item(str(t), default=_stem) if isinstance(t, (str, os.PathLike)) else (t.name, t)
-                   for t in domain_tasks]  # DOMAIN=FILE, FILE, or a loaded QuestionSet
-    domain = _unique({key: load_multiple_choice(t, limit=domain_limit) for key, t in named_tasks}, len(named_tasks),
+    keyed = _task_columns(domain_tasks)
+    domain = _unique({key: load_multiple_choice(src, limit=domain_limit) for key, _, src in keyed}, len(keyed),
                      "domain tasks")
     general = load_multiple_choice(general_task, limit=domain_limit) if general_task is not None else None
-    domains = _domains(list(domain), [key != _stem(str(t)) for key, t in named_tasks], list(refs))
+    domains = _domains([(key, d) for key, d, _ in keyed], list(refs))
     picked = [knowledge] if isinstance(knowledge, str) else list(knowledge or [])
     unknown = [k for k in picked if k not in domains]
     if unknown:
@@ -305,7 +304,23 @@ def _check_model(ref: str) -> tuple[str, str | None]:
     return str(path.resolve()), (str(adapter.resolve()) if adapter is not None else None)
 
 
-def _domains(keys: list[str], named: list[bool], models: list[str]) -> list[str]:
+def _task_columns(tasks: Sequence[Any]) -> list[tuple[str, str | None, Any]]:
+    """(column, given domain or None, source) per domain task: DOMAIN=FILE is headed DOMAIN (DOMAIN-<file stem> when
+    several tasks share the domain), FILE by its stem, a loaded QuestionSet by its name."""
+    from collections import Counter
+
+    items = []
+    for t in tasks:
+        if isinstance(t, (str, os.PathLike)):
+            d, src = _named_item(str(t), default=lambda spec: "")
+            items.append((d or None, _stem(src), src))
+        else:
+            items.append((None, t.name, t))
+    shared = Counter(d for d, _, _ in items if d)
+    return [((d if shared[d] == 1 else f"{d}-{stem}") if d else stem, d, src) for d, stem, src in items]
+
+
+def _domains(columns: list[tuple[str, str | None]], models: list[str]) -> list[str]:
     """The study's domains, one per task column: the domain a task was given (DOMAIN=FILE); else the <d> of an
     `expert-<d>` model when d is a word of the task's name; else the task itself. An expert whose domain has no task
     gets a warning (the knowledge claim compares MergeAlign with expert-<d> on d's task)."""
@@ -314,12 +329,9 @@ def _domains(keys: list[str], named: list[bool], models: list[str]) -> list[str]
     from safemerge.report.results import _is_word_of
 
     experts = [m[len("expert-"):] for m in models if m.startswith("expert-")]
-    out = []
-    for key, given in zip(keys, named):
-        d = key if given else next((e for e in experts if _is_word_of(e, key)), key)
-        out.append(d)
+    out = [given or next((e for e in experts if _is_word_of(e, key)), key) for key, given in columns]
     missing = [e for e in experts if e not in out]
-    if keys and missing:
+    if columns and missing:
         warnings.warn(f"{', '.join('expert-' + e for e in missing)}: no domain task belongs to "
                       f"{', '.join(missing)}, so the knowledge claim cannot compare with it; name the expert's task "
                       f"with --domain-task {missing[0]}=FILE", UserWarning, stacklevel=3)
