@@ -214,3 +214,16 @@ def test_sharded_pickle_fingerprint_covers_every_shard(tmp_path):
             "a": "pytorch_model-00001-of-00002.bin", "b": "pytorch_model-00002-of-00002.bin"}}))
         fps.append(Checkpoint(d, allow_pickle=True).fingerprint())
     assert fps[0] != fps[1]
+
+
+def test_a_file_that_is_not_weights_is_not_called_a_pickle(tmp_path):
+    from safemerge.checkpoint import Checkpoint
+    from safemerge.errors import CheckpointError
+
+    f = tmp_path / "prompts.jsonl"
+    f.write_text('{"prompt": "x"}\n')
+    with pytest.raises(CheckpointError, match="prompts.jsonl: is not a model; a model is a folder with config.json"):
+        Checkpoint(f)
+    (tmp_path / "w.bin").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="is a pickle checkpoint"):
+        Checkpoint(tmp_path / "w.bin")

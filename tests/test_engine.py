@@ -198,6 +198,16 @@ def test_nonfinite_input_fails_unless_allowed(tmp_path, tiny_family):
         safemerge.merge(cfg, tmp_path / "out", allow_nonfinite=True, progress=False)
 
 
+def test_a_merge_that_overflows_its_dtype_fails_unless_allowed(tmp_path, tiny_family):
+    """Finite inputs, but weights so large that the output is Inf: an error naming the tensor, not a broken model."""
+    cfg = ta_config(tiny_family)
+    cfg["models"][0]["parameters"]["weight"] = 1e39
+    with pytest.raises(CheckpointError, match=r"tensor '.*': the merge gives NaN or Inf in torch.float32.*--allow-nonfinite"):
+        safemerge.merge(cfg, tmp_path / "out", progress=False)
+    assert_nothing_written(tmp_path, tmp_path / "out")
+    safemerge.merge(cfg, tmp_path / "out", allow_nonfinite=True, progress=False)  # written when asked for
+
+
 def test_existing_output_needs_overwrite(tmp_path, tiny_family):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep").write_text("precious")

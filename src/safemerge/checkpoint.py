@@ -93,6 +93,9 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
     return infos
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # a single weights file in torch's pickle format
+
+
 class Checkpoint:
     """A lazy, read-only view of an HF model directory (or one `.safetensors` file).
 
@@ -120,8 +123,11 @@ class Checkpoint:
         if not p.exists():
             raise CheckpointError(f"{p}: no such model directory or file; check the path")
         if p.is_file():
-            if p.suffix != ".safetensors":
+            if p.suffix in PICKLE_SUFFIXES:
                 return self._pickle_or_fail([p])
+            if p.suffix != ".safetensors":
+                raise CheckpointError(f"{p}: is not a model; a model is a folder with config.json and *.safetensors "
+                                      "weights (or a single .safetensors file)")
             return read_header(p)
         if (p / "config.json").exists():
             try:

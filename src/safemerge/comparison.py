@@ -46,9 +46,14 @@ def _named_item(spec: str, *, default: Callable[[str], str]) -> tuple[str, str]:
     """(name, path) of a `NAME=PATH` item, or (default(PATH), PATH) when there is no name or the whole item is an
     existing path (a folder may have '=' in its name)."""
     name, sep, ref = spec.partition("=")
-    if sep and name and re.fullmatch(r"[\w.\-]+", name) and not Path(spec).expanduser().exists():
-        return name, ref
-    return default(spec), spec
+    if not sep or Path(spec).expanduser().exists():
+        return default(spec), spec
+    if not re.fullmatch(r"[\w.\-]+", name):
+        raise ConfigError(f"{spec!r}: in NAME=PATH the NAME is letters, digits, '.', '_' or '-' (or give an existing "
+                          "path)")
+    if not ref:
+        raise ConfigError(f"{spec!r}: NAME=PATH needs a path after '='")
+    return name, ref
 
 
 def infer_method(ref: str, name: str) -> tuple[str, dict[str, Any]]:
@@ -223,7 +228,7 @@ def compare(
     from safemerge.data.loaders import load_multiple_choice, load_prompts
     from safemerge.evaluate.domain import FORMATS
     from safemerge.evaluate.judges import get_judge
-    from safemerge.evaluate.loading import resolve_device, resolve_dtype
+    from safemerge.evaluate.loading import check_batch_size, resolve_device, resolve_dtype
     from safemerge.report import write_report
     from safemerge.report.assemble import FIGURES, HTML, MARKDOWN
 
@@ -237,10 +242,12 @@ def compare(
     sets = [safety_prompts] if isinstance(safety_prompts, (str, os.PathLike)) else list(safety_prompts)
     if not sets:
         raise ConfigError("compare needs harmful prompts: pass --safety-prompts FILE")
-    safety = _unique({_stem(s): load_prompts(s, limit=limit) for s in sets}, len(sets), "safety prompt files")
+    safety = _unique([(_stem(s), s) for s in sets], "safety prompt files", "rename one of the files",
+                     lambda s: load_prompts(s, limit=limit))
     keyed = _task_columns(domain_tasks)
-    domain = _unique({key: load_multiple_choice(src, limit=domain_limit) for key, _, src in keyed}, len(keyed),
-                     "domain tasks")
+    domain = _unique([(key, src) for key, _, src in keyed], "domain tasks",
+                     "rename one of the files, or give each its domain with DOMAIN=FILE",
+                     lambda src: load_multiple_choice(src, limit=domain_limit))
     general = load_multiple_choice(general_task, limit=domain_limit) if general_task is not None else None
     domains = _domains([(key, d) for key, d, _ in keyed], list(refs))
     picked = [knowledge] if isinstance(knowledge, str) else list(knowledge or [])
@@ -253,10 +260,18 @@ def compare(
     resolve_device(device)
     resolve_dtype(dtype)
     get_judge(judge, judge_model=judge_model)  # an unknown judge, or a guard without its checkpoint, fails now
+    if batch_size is not None:
+        check_batch_size(batch_size=batch_size)
     out = Path(out).expanduser().absolute()
     check_output_folder(out, "--out names a folder")
+    inside = next((m for m, _ in where.values() if out.resolve() == Path(m) or Path(m) in out.resolve().parents), None)
+    if inside is not None:
+        raise OutputExistsError(f"--out {out}: lies in the model folder {inside}; write the report elsewhere")
     targets = [out / RESULTS, out / MARKDOWN, out / HTML] + [out / f for f, _ in FIGURES.values()]
     existing = [p for p in targets if p.exists()]
+    if any(not p.is_file() for p in existing):
+        raise OutputExistsError(f"{next(p for p in existing if not p.is_file())}: is a folder where compare writes a "
+                                "file; move it away or choose another --out")
     if existing and not overwrite:
         raise OutputExistsError(f"{existing[0]}: already exists; pass --overwrite (overwrite=True) or choose another --out")
     entries = {}
@@ -342,8 +357,11 @@ def _stem(source: Any) -> str:
     return Path(str(source)).name.split(".")[0] or str(source)
 
 
-def _unique(items: dict, given: int, what: str) -> dict:
-    if len(items) < given:
-        raise ConfigError(f"two {what} have the same name (the part of the file name before its first dot, or the "
-                          "DOMAIN of DOMAIN=FILE), and the report has one column per name; rename one")
-    return items
+def _unique(items: list[tuple[str, Any]], what: str, fix: str, load: Callable[[Any], Any]) -> dict[str, Any]:
+    """Column name -> loaded source; two sources under one column name are an error naming it."""
+    names = [k for k, _ in items]
+    twice = sorted({k for k in names if names.count(k) > 1})
+    if twice:
+        raise ConfigError(f"two {what} have the column name {', '.join(twice)} (a file's name before its first dot), and "
+                          f"the report has one column per name; {fix}")
+    return {k: load(src) for k, src in items}

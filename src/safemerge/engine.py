@@ -391,6 +391,10 @@ class _Pipeline:
             route = self.plan.routes[item.name]
             merge_tensor(route.config, name=item.name, t=route.t, tensors=tensors, out=merged,
                          model_names=route.model_names)  # its errors name the tensor
+            if not self.allow_nonfinite and nonfinite(merged):  # finite inputs, but the weights overflow the dtype
+                raise CheckpointError(f"tensor {item.name!r}: the merge gives NaN or Inf in {merged.dtype} (a weight, "
+                                      "scale or lambda too large for it?); check the config's numbers, or pass "
+                                      "--allow-nonfinite (allow_nonfinite=True) to write it anyway")
             del tensors, ref
             with self.cond:
                 self.done[seq] = (item.name, merged.cpu())

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from safemerge import __version__
 from safemerge.checkpoint import atomic_write
 from safemerge.errors import CheckpointError, SafemergeError
@@ -54,6 +56,9 @@ def stored_evaluations(model: str | os.PathLike, *, store: ResultsStore | str | 
     from safemerge.evaluate.loading import model_ref
 
     path = _model_dir(model)
+    if isinstance(store, (str, os.PathLike)) and not Path(store).expanduser().is_file():
+        raise SafemergeError(f"--store {store}: no results store there; pass the store that holds the evaluations "
+                             "(the --store of `safemerge eval`, else $SAFEMERGE_HOME/results.sqlite or ./.safemerge/)")
     db = open_store(store)
     ref = model_ref(path, store=db)
     ident = ref.identity()
@@ -197,7 +202,7 @@ def _write_card(ev: Evaluations, *, model_name: str, note: str | None, dry_run: 
             card.data.model_name = model_name
         card.text = _replace_section(card.text, _section(ev, note))
         text = str(card)
-    except (ValueError, TypeError, AttributeError) as e:  # front matter that is not a mapping / not valid YAML
+    except (ValueError, TypeError, AttributeError, yaml.YAMLError) as e:  # front matter that is not a mapping / not YAML
         raise CheckpointError(f"{readme}: the model card's front matter cannot be read ({e}); fix or remove it") from None
     changed = text != old
     if changed and not dry_run:
@@ -285,7 +290,8 @@ def _fmt(x: Any) -> str:
 def _model_dir(model: str | os.PathLike) -> Path:
     p = Path(model).expanduser()
     if not p.is_dir():
-        raise CheckpointError(f"{p}: no such model directory; publish and update_card work on a local model folder")
+        what = "is a file, not a model folder" if p.exists() else "no such model folder"
+        raise CheckpointError(f"{p}: {what}; `safemerge card` and `publish` take a local model folder")
     return p.resolve()
 
 

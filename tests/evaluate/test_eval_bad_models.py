@@ -119,3 +119,18 @@ def test_similarity_compares_a_tied_lm_head_in_either_order(chat_model, tmp_path
     ba = similarity([tied, chat_model])["pairs"][0]
     assert ab["l2"] > 0 and ab["l2"] == pytest.approx(ba["l2"])
     assert ab["per_layer"]["lm_head"]["l2"] == pytest.approx(ba["per_layer"]["lm_head"]["l2"])
+
+
+def test_bad_batch_sizes_files_and_outputs_are_clear_errors(chat_model, mc_file, prompts_file, store, tmp_path):
+    for size in (0, -2):
+        with pytest.raises(SafemergeError, match=f"--batch-size {size}: must be a whole number of at least 1"):
+            evaluate_safety(chat_model, prompts=prompts_file, batch_size=size, store=store)
+        with pytest.raises(SafemergeError, match=f"--batch-size {size}: must be a whole number of at least 1"):
+            evaluate_domain(chat_model, task=mc_file, batch_size=size, store=store)
+    for not_a_folder in (mc_file, chat_model / "model.safetensors"):
+        with pytest.raises(CheckpointError, match="is a file; evaluation needs a model folder"):
+            evaluate_domain(not_a_folder, task=mc_file, store=store)
+    before = prompts_file.read_text()
+    with pytest.raises(SafemergeError, match="is the prompts file itself"):
+        evaluate_safety(chat_model, prompts=prompts_file, out=prompts_file, overwrite=True, max_new_tokens=2, store=store)
+    assert prompts_file.read_text() == before

@@ -10,7 +10,7 @@ from huggingface_hub import ModelCard
 from typer.testing import CliRunner
 
 from safemerge.cli import app
-from safemerge.errors import CheckpointError
+from safemerge.errors import CheckpointError, SafemergeError
 from safemerge.evaluate import evaluate_domain, evaluate_safety
 from safemerge.publish import END, START, PublishError, publish, stored_evaluations, update_card
 
@@ -141,7 +141,7 @@ def test_bad_input_is_refused_before_anything_is_written(model, prompts_file, tm
             publish(model, repo, store=store, min_safety=0.0, api=FakeHub())
     with pytest.raises(PublishError, match="in \\[0, 1\\]"):
         publish(model, "me/m", store=store, min_safety=1.5, api=FakeHub())
-    with pytest.raises(CheckpointError, match="no such model directory"):
+    with pytest.raises(CheckpointError, match="no such model folder"):
         publish(tmp_path / "missing", "me/m", store=store, api=FakeHub())
     pickled = tmp_path / "pickled"
     pickled.mkdir()
@@ -153,6 +153,13 @@ def test_bad_input_is_refused_before_anything_is_written(model, prompts_file, tm
     with pytest.raises(CheckpointError, match="README.md: the model card's front matter"):
         update_card(model, store=store)
     assert (model / "README.md").read_text() == "---\n- a list, not a mapping\n---\ntext\n"
+    (model / "README.md").write_text("---\nlicense: [unclosed\n---\ntext\n")  # not YAML at all
+    with pytest.raises(CheckpointError, match="README.md: the model card's front matter"):
+        update_card(model, store=store)
+    with pytest.raises(SafemergeError, match="--store .*typo.sqlite: no results store there"):
+        update_card(model, store=tmp_path / "typo.sqlite")  # a mistyped store would otherwise empty the card
+    assert not (tmp_path / "typo.sqlite").exists()
+    assert (model / "README.md").read_text() == "---\nlicense: [unclosed\n---\ntext\n"
 
 
 def test_a_failed_upload_is_one_clear_error(model, prompts_file, store):
@@ -163,6 +170,9 @@ def test_a_failed_upload_is_one_clear_error(model, prompts_file, store):
 
 def test_cli_card_and_publish(model, prompts_file, store):
     runner = CliRunner()
+    r = runner.invoke(app, ["publish", str(model), "me/m", "--store", str(store.path), "--dry-run"])
+    assert r.exit_code == 2 and "no results store there" in r.output  # nothing evaluated into it yet
+    store.fingerprint(model)  # the store exists now, without a safety evaluation
     r = runner.invoke(app, ["publish", str(model), "me/m", "--store", str(store.path), "--dry-run"])
     assert r.exit_code == 2 and "no stored safety evaluation" in r.output
     _safety(model, prompts_file, store)

@@ -65,6 +65,13 @@ def test_never_overwrites_without_being_asked(full, tmp_path):
     assert "No claims" not in done["markdown"].read_text() and done["verdicts"]["SKIPPED"] == 6
 
 
+def test_a_folder_where_a_report_file_goes_is_an_error_before_anything_is_written(full, tmp_path):
+    (tmp_path / "report.html").mkdir()
+    with pytest.raises(OutputExistsError, match="report.html: is a folder where the report writes a file"):
+        write_report(full, tmp_path, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]
+
+
 def test_reads_results_json_and_takes_given_claims(full, tmp_path):
     full["models"] = {k: full["models"][k] for k in ("aligned", "mergealign")}
     path = tmp_path / "results.json"

@@ -137,8 +137,8 @@ def _detect(columns: set[str], name: str, prompt_column: str) -> str:
         return "plain"
     raise DataError(
         f"{name}: no {prompt_column!r} column (columns: {', '.join(sorted(columns)) or 'none'}); "
-        f"rename the prompt column to {prompt_column!r}, pass prompt_column=/--prompt-column, or use "
-        "a BeaverTails or HH-RLHF red-team file"
+        f"rename the prompt column to {prompt_column!r} (`safemerge eval safety` also takes --prompt-column, the "
+        "Python API prompt_column=), or use a BeaverTails or HH-RLHF red-team file"
     )
 
 

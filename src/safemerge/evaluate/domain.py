@@ -28,7 +28,7 @@ from safemerge.data.loaders import MCQuestion, QuestionSet, load_multiple_choice
 from safemerge.errors import SafemergeError
 from safemerge._progress import progress_bar
 from safemerge.evaluate.backends import EvaluationWarning, TransformersBackend, get_backend, render_prompt
-from safemerge.evaluate.loading import ModelRef, model_ref
+from safemerge.evaluate.loading import ModelRef, check_batch_size, model_ref
 from safemerge.evaluate.loglik import encode_pairs, loglikelihoods, max_length
 from safemerge.store import ResultsStore, open_store, result_key
 
@@ -77,6 +77,7 @@ def evaluate_domain(
     """
     if format not in FORMATS:
         raise SafemergeError(f"unknown format {format!r}; choose plain or chat")
+    check_batch_size(batch_size=batch_size)
     qs = load_multiple_choice(task, limit=limit)
     db = open_store(store)
     ref = model_ref(model, dtype=dtype, store=db)

@@ -65,6 +65,13 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
     raise CheckpointError(f"{p}: no such model directory; check the path")
 
 
+def check_batch_size(**sizes: int) -> None:
+    """Batch sizes are whole numbers of at least 1 (a clear error instead of one from deep in the batching loop)."""
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SafemergeError(f"--{name.replace('_', '-')} {value}: must be a whole number of at least 1")
+
+
 def resolve_reference(model: str | os.PathLike) -> tuple[Path, Path | None]:
     """(model folder, adapter folder) of a `model+adapter` (LoRA) reference, as merges read it; (folder, None) for
     a plain model (a local folder, or a hub id when a hub is reachable)."""
@@ -192,6 +199,9 @@ def model_ref(
         return ModelRef(getattr(model, "source", "<model>"), None, model.fingerprint, dt, template, backend=model,
                         _tokenizer=model.tokenizer)
     path, adapter = resolve_reference(model)
+    if path.is_file():
+        raise CheckpointError(f"{path}: is a file; evaluation needs a model folder (config.json, tokenizer and "
+                              "*.safetensors weights)")
     source = f"{path}+{adapter}" if adapter is not None else str(path)
     if store is not None:
         fingerprint = store.fingerprint(source, allow_pickle=allow_pickle)

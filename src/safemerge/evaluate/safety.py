@@ -26,7 +26,7 @@ from safemerge.errors import SafemergeError
 from safemerge._progress import progress_bar
 from safemerge.evaluate.backends import EvaluationWarning, Generation, GenerationSettings, get_backend
 from safemerge.evaluate.judges import Judge, Verdict, get_judge
-from safemerge.evaluate.loading import model_ref
+from safemerge.evaluate.loading import check_batch_size, model_ref
 from safemerge.store import ResultsStore, open_store, result_key
 
 
@@ -95,6 +95,7 @@ def evaluate_safety(
     Judge. Responses and verdicts go to `out` (JSONL; default: beside the store, named by the result key).
     Returns the summary (see `summarize`) plus identification, timing and the JSONL path.
     """
+    check_batch_size(batch_size=batch_size, judge_batch_size=judge_batch_size)
     settings = generation or GenerationSettings(max_new_tokens=max_new_tokens)
     ps = load_prompts(prompts, limit=limit, prompt_column=prompt_column)
     db = open_store(store)
@@ -103,6 +104,8 @@ def evaluate_safety(
     judge_id = judge_obj.identity()
     key_settings = {**settings.as_dict(), **ref.identity(backend)}
     key = result_key("safety", model=ref.fingerprint or "", data=ps.fingerprint, judge=_canon(judge_id), settings=key_settings)
+    if out is not None and Path(ps.source).expanduser().is_file() and Path(out).expanduser().resolve() == Path(ps.source).expanduser().resolve():
+        raise SafemergeError(f"--out {out}: is the prompts file itself; write the answers to another file")
     out_path = (check_output_file(out, overwrite=overwrite) if out is not None
                 else db.path.parent / "responses" / f"{key}.jsonl")
     cacheable = bool(ref.fingerprint) and judge_id.get("model", "") is not None

@@ -45,6 +45,10 @@ def write_report(results: dict | str | os.PathLike, out_dir: str | os.PathLike, 
     out = Path(out_dir).expanduser().absolute()
     targets = [out / MARKDOWN, out / HTML] + [out / f for f, _ in FIGURES.values()]
     existing = [p for p in targets if p.exists()]
+    folders = [p for p in existing if not p.is_file()]
+    if folders:
+        raise OutputExistsError(f"{folders[0]}: is a folder where the report writes a file; move it away or choose "
+                                "another --out")
     if existing and not overwrite:
         raise OutputExistsError(f"{existing[0]}: already exists; pass --overwrite (overwrite=True) to replace "
                                 "the report, or choose another --out")

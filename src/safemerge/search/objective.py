@@ -58,7 +58,8 @@ def load_pairs(path: str | os.PathLike, *, limit: int | None = None) -> PairSet:
     """
     p = Path(path).expanduser()
     if not p.is_file():
-        raise DataError(f"{p}: no such data file; pass a JSONL file of {{\"prompt\", \"response\"}} rows")
+        what = "is a folder" if p.is_dir() else "no such data file"
+        raise DataError(f"{p}: {what}; pass a JSONL file of {{\"prompt\", \"response\"}} rows")
     raw = p.read_bytes()
     pairs = []
     for i, line in enumerate(raw.decode("utf-8", errors="replace").splitlines()):
