@@ -76,3 +76,25 @@ def test_pool_with_another_architecture_is_an_error(tiny_family, tmp_path):
                       {"model": str(other), "parameters": {"weight": 1}}]}
     with pytest.raises(CheckpointError, match="num_hidden_layers: 3 vs 4"):
         CandidateModel(cfg)
+
+
+def test_the_scorer_cuts_examples_to_the_models_context(tiny_family, tmp_path):
+    """An example longer than max_position_embeddings is cut from the left of its prompt to the context (the default
+    --max-length 512 is more than the tiny models read), never scored past the positions the model has."""
+    import json
+
+    from safemerge.search.scoring import ScorerSpec, SerialScorer
+
+    context = json.loads((tiny_family["base"] / "config.json").read_text())["max_position_embeddings"]
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"prompt": " ".join(["the capital of"] * 80), "response": "help with that."}) + "\n"
+                    + json.dumps({"prompt": "a drug", "response": "is."}) + "\n")
+    scorer = SerialScorer(ScorerSpec(config=task_config(tiny_family), safety_data=None, domain_data=str(data),
+                                     lambda_=0.0, batch_size=1, threads=1))
+    try:
+        widths = [ids.shape[1] for ids, _, _ in scorer.objective.domain.batches]
+        assert max(widths) == context and min(widths) < context
+        score, _ = scorer.score_one(task_config(tiny_family))
+        assert score.domain == score.domain  # a number, not NaN
+    finally:
+        scorer.close()

@@ -60,8 +60,10 @@ class SerialScorer:
         self.candidate = CandidateModel(spec.config, device=spec.device, allow_pickle=spec.allow_pickle)
         safety = load_pairs(spec.safety_data, limit=spec.limit) if spec.safety_data else None
         domain = load_pairs(spec.domain_data, limit=spec.limit) if spec.domain_data else None
+        context = getattr(self.candidate.model.config, "max_position_embeddings", None)  # no example longer than the model reads
+        max_length = min(x for x in (spec.max_length, context) if x) if (spec.max_length or context) else None
         self.objective = Objective(self.candidate.tokenizer, safety=safety, domain=domain, lambda_=spec.lambda_,
-                                   batch_size=spec.batch_size, max_length=spec.max_length)
+                                   batch_size=spec.batch_size, max_length=max_length)
 
     def score_one(self, config: dict[str, Any]) -> tuple[Score, float]:
         start = time.perf_counter()
