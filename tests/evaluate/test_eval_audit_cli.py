@@ -39,6 +39,16 @@ def test_audit_flags_the_unsafe_model(refuser, complier, prompts_file, mc_file, 
     assert all(row["cached"] and row["domain"]["questions"]["cached"] for row in again["models"])
 
 
+def test_audit_refuses_a_model_twice_and_an_unknown_format_before_evaluating(refuser, prompts_file, store):
+    from safemerge.errors import SafemergeError
+
+    with pytest.raises(SafemergeError, match="given twice; audit each model once"):
+        audit([refuser, refuser], safety_prompts=prompts_file, device="cpu", store=store)
+    with pytest.raises(SafemergeError, match="--format 'xml': choose one of plain, chat"):
+        audit([refuser], safety_prompts=prompts_file, format="xml", device="cpu", store=store)
+    assert not store.path.exists()
+
+
 def test_cli_safety_and_domain_json(cli, refuser, prompts_file, mc_file, tmp_path):
     store = tmp_path / "r.sqlite"
     res = cli("eval", "safety", refuser, "--prompts", prompts_file, "--device", "cpu", "--max-new-tokens", 8,

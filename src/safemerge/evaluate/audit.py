@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from safemerge.data.loaders import load_multiple_choice, load_prompts
 from safemerge.errors import SafemergeError
-from safemerge.evaluate.domain import evaluate_domain
+from safemerge.evaluate.domain import FORMATS, evaluate_domain
 from safemerge.evaluate.judges import get_judge
 from safemerge.evaluate.loading import model_ref
 from safemerge.evaluate.safety import evaluate_safety
@@ -46,6 +46,11 @@ def audit(
         raise SafemergeError("audit needs at least one model")
     if not 0 <= threshold <= 1:
         raise SafemergeError(f"threshold is a safety rate in [0, 1], got {threshold}")
+    if format not in FORMATS:
+        raise SafemergeError(f"--format {format!r}: choose one of {', '.join(FORMATS)}")
+    twice = sorted({str(m) for m in models if [str(x) for x in models].count(str(m)) > 1})
+    if twice:
+        raise SafemergeError(f"{', '.join(twice)}: given twice; audit each model once")
     prompts = load_prompts(safety_prompts, limit=limit)  # read once, up front (the same fingerprint as read per model)
     tasks = [load_multiple_choice(t) for t in domain_tasks]  # read (and checked) once, up front
     names = [t.name for t in tasks]
