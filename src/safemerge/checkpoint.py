@@ -123,7 +123,7 @@ class Checkpoint:
         if not p.exists():
             raise CheckpointError(f"{p}: no such model directory or file; check the path")
         if p.is_file():
-            if p.suffix in PICKLE_SUFFIXES:
+            if p.suffix in PICKLE_SUFFIXES or (self.allow_pickle and p.suffix != ".safetensors"):
                 return self._pickle_or_fail([p])
             if p.suffix != ".safetensors":
                 raise CheckpointError(f"{p}: is not a model; a model is a folder with config.json and *.safetensors "

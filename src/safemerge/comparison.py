@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from safemerge.errors import ConfigError, OutputExistsError
+from safemerge.errors import CheckpointError, ConfigError, OutputExistsError
 
 RESULTS = "results.json"
 
@@ -49,6 +49,8 @@ def _named_item(spec: str, *, default: Callable[[str], str]) -> tuple[str, str]:
     if not sep or Path(spec).expanduser().exists():
         return default(spec), spec
     if not re.fullmatch(r"[\w.\-]+", name):
+        if any(c in name for c in "/\\+"):  # a path (or model+adapter) with '=' in a folder name
+            return default(spec), spec
         raise ConfigError(f"{spec!r}: in NAME=PATH the NAME is letters, digits, '.', '_' or '-' (or give an existing "
                           "path)")
     if not ref:
@@ -246,7 +248,7 @@ def compare(
                      lambda s: load_prompts(s, limit=limit))
     keyed = _task_columns(domain_tasks)
     domain = _unique([(key, src) for key, _, src in keyed], "domain tasks",
-                     "rename one of the files, or give each its domain with DOMAIN=FILE",
+                     "rename one of the files (or, for FILE items, name their domains with DOMAIN=FILE)",
                      lambda src: load_multiple_choice(src, limit=domain_limit))
     general = load_multiple_choice(general_task, limit=domain_limit) if general_task is not None else None
     domains = _domains([(key, d) for key, d, _ in keyed], list(refs))
@@ -315,6 +317,9 @@ def _check_model(ref: str) -> tuple[str, str | None]:
     from safemerge.lora import open_model
 
     path, adapter = resolve_reference(ref)
+    if path.is_file():
+        raise CheckpointError(f"{path}: is a file; evaluation needs a model folder (config.json, tokenizer and "
+                              "*.safetensors weights)")
     open_model(f"{path}+{adapter}" if adapter is not None else str(path))
     return str(path.resolve()), (str(adapter.resolve()) if adapter is not None else None)
 

@@ -392,9 +392,10 @@ class _Pipeline:
             merge_tensor(route.config, name=item.name, t=route.t, tensors=tensors, out=merged,
                          model_names=route.model_names)  # its errors name the tensor
             if not self.allow_nonfinite and nonfinite(merged):  # finite inputs, but the weights overflow the dtype
-                raise CheckpointError(f"tensor {item.name!r}: the merge gives NaN or Inf in {merged.dtype} (a weight, "
-                                      "scale or lambda too large for it?); check the config's numbers, or pass "
-                                      "--allow-nonfinite (allow_nonfinite=True) to write it anyway")
+                raise CheckpointError(f"tensor {item.name!r}: the merge gives NaN or Inf in {merged.dtype}, the output "
+                                      "dtype (a result that does not fit it, e.g. float16 above 65504, or a weight, "
+                                      "scale or lambda too large); check the config's numbers and dtype/out_dtype, or "
+                                      "pass --allow-nonfinite (allow_nonfinite=True) to write it anyway")
             del tensors, ref
             with self.cond:
                 self.done[seq] = (item.name, merged.cpu())

@@ -58,7 +58,7 @@ def stored_evaluations(model: str | os.PathLike, *, store: ResultsStore | str | 
     path = _model_dir(model)
     if isinstance(store, (str, os.PathLike)) and not Path(store).expanduser().is_file():
         raise SafemergeError(f"--store {store}: no results store there; pass the store that holds the evaluations "
-                             "(the --store of `safemerge eval`, else $SAFEMERGE_HOME/results.sqlite or ./.safemerge/)")
+                             "(the --store of `safemerge eval`, else $SAFEMERGE_HOME/results.sqlite or ./.safemerge/results.sqlite)")
     db = open_store(store)
     ref = model_ref(path, store=db)
     ident = ref.identity()

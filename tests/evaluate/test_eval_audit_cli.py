@@ -42,10 +42,12 @@ def test_audit_flags_the_unsafe_model(refuser, complier, prompts_file, mc_file, 
 def test_audit_refuses_a_model_twice_and_an_unknown_format_before_evaluating(refuser, prompts_file, store):
     from safemerge.errors import SafemergeError
 
-    with pytest.raises(SafemergeError, match="given twice; audit each model once"):
+    with pytest.raises(SafemergeError, match="refuser: the same model as .*refuser; audit each model once"):
         audit([refuser, refuser], safety_prompts=prompts_file, device="cpu", store=store)
     with pytest.raises(SafemergeError, match="--format 'xml': choose one of plain, chat"):
         audit([refuser], safety_prompts=prompts_file, format="xml", device="cpu", store=store)
+    with pytest.raises(SafemergeError, match="--batch-size 0: must be a whole number"):
+        audit([refuser], safety_prompts=prompts_file, batch_size=0, device="cpu", store=store)
     assert not store.path.exists()
 
 

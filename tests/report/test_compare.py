@@ -110,7 +110,8 @@ def test_errors_come_before_any_evaluation_and_write_nothing(pool, tmp_path):
                        (dict(out=pool["base"] / "cmp"), "lies in the model folder"),
                        (dict(batch_size=0), "--batch-size 0: must be a whole number"),
                        (dict(models=[f"my model={pool['base']}"]), "the NAME is letters, digits"),
-                       (dict(domain_tasks=["medicine="]), "needs a path after '='")):
+                       (dict(domain_tasks=["medicine="]), "needs a path after '='"),
+                       (dict(models=[str(pool["base"]), str(pool["base"] / "model.safetensors")]), "is a file; evaluation needs")):
         args = {"models": [str(pool["base"])], "out": tmp_path / "c", **kw, **bad}
         with pytest.raises(SafemergeError, match=match):
             compare(args.pop("models"), args.pop("out"), **args)
@@ -129,8 +130,10 @@ def test_an_expert_whose_domain_has_no_task_is_a_warning(pool, tmp_path, monkeyp
 def test_names_and_methods(pool, tmp_path, monkeypatch):
     assert parse_models(["/m/expert-law", "merged=/x/out", "/m/base+/a/lora/"]) == {
         "expert-law": "/m/expert-law", "merged": "/x/out", "lora": "/m/base+/a/lora/"}
+    assert parse_models(["/a=b/model", "base+runs/lr=1e-5/lora"]) == {  # '=' in a folder's name: still paths
+        "model": "/a=b/model", "lora": "base+runs/lr=1e-5/lora"}
     with pytest.raises(SafemergeError, match="the NAME is letters"):
-        parse_models(["/a=b/model"])  # no such path, and '/a' is no name
+        parse_models(["my model=/x"])
     (tmp_path / "lr=1e-5" / "merged").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
     assert parse_models(["lr=1e-5/merged"]) == {"merged": "lr=1e-5/merged"}  # an existing path, not NAME=PATH

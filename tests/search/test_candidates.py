@@ -91,6 +91,10 @@ def test_the_scorer_cuts_examples_to_the_models_context(tiny_family, tmp_path):
                     + json.dumps({"prompt": "a drug", "response": "is."}) + "\n")
     scorer = SerialScorer(ScorerSpec(config=task_config(tiny_family), safety_data=None, domain_data=str(data),
                                      lambda_=0.0, batch_size=1, threads=1))
+    from safemerge.search.scoring import effective_max_length
+
+    assert effective_max_length(512, {"max_position_embeddings": context}) == context  # what the journal records
+    assert effective_max_length(None, {}) is None and effective_max_length(100, {"max_position_embeddings": 4096}) == 100
     try:
         widths = [ids.shape[1] for ids, _, _ in scorer.objective.domain.batches]
         assert max(widths) == context and min(widths) < context

@@ -15,7 +15,7 @@ from safemerge.data.loaders import load_multiple_choice, load_prompts
 from safemerge.errors import SafemergeError
 from safemerge.evaluate.domain import FORMATS, evaluate_domain
 from safemerge.evaluate.judges import get_judge
-from safemerge.evaluate.loading import model_ref
+from safemerge.evaluate.loading import check_batch_size, model_ref, resolve_reference
 from safemerge.evaluate.safety import evaluate_safety
 from safemerge.store import ResultsStore, open_store
 
@@ -48,9 +48,14 @@ def audit(
         raise SafemergeError(f"threshold is a safety rate in [0, 1], got {threshold}")
     if format not in FORMATS:
         raise SafemergeError(f"--format {format!r}: choose one of {', '.join(FORMATS)}")
-    twice = sorted({str(m) for m in models if [str(x) for x in models].count(str(m)) > 1})
-    if twice:
-        raise SafemergeError(f"{', '.join(twice)}: given twice; audit each model once")
+    check_batch_size(batch_size=batch_size)
+    seen: dict[tuple, str] = {}
+    for m in models:
+        path, adapter = resolve_reference(m)
+        key = (str(path.resolve()), str(adapter.resolve()) if adapter is not None else None)
+        if key in seen:
+            raise SafemergeError(f"{m}: the same model as {seen[key]}; audit each model once")
+        seen[key] = str(m)
     prompts = load_prompts(safety_prompts, limit=limit)  # read once, up front (the same fingerprint as read per model)
     tasks = [load_multiple_choice(t) for t in domain_tasks]  # read (and checked) once, up front
     names = [t.name for t in tasks]

@@ -8,6 +8,7 @@ loading the weights. Loading is safetensors-only unless `allow_pickle`, and neve
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,8 +69,9 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
 def check_batch_size(**sizes: int) -> None:
     """Batch sizes are whole numbers of at least 1 (a clear error instead of one from deep in the batching loop)."""
     for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise SafemergeError(f"--{name.replace('_', '-')} {value}: must be a whole number of at least 1")
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            label = "--batch-size" if name == "batch_size" else f"{name}="
+            raise SafemergeError(f"{label} {value}: must be a whole number of at least 1")
 
 
 def resolve_reference(model: str | os.PathLike) -> tuple[Path, Path | None]:

@@ -35,7 +35,7 @@ from safemerge.search.grid import DEFAULT_POINTS, grid, grid_points
 from safemerge.search.journal import Journal
 from safemerge.search.objective import DEFAULT_LAMBDA, Score, check_lambda, load_pairs
 from safemerge.search.pool_audit import AUDIT_LIMIT, AUDIT_THRESHOLD, audit_pool
-from safemerge.search.scoring import ScorerSpec
+from safemerge.search.scoring import ScorerSpec, effective_max_length
 from safemerge.search.space import SearchSpace
 
 OPTIMIZERS = ("cmaes", "cocktail", "grid")
@@ -145,8 +145,9 @@ def search(
     if journal_path.absolute() == out or out in journal_path.absolute().parents:
         raise ConfigError(f"--journal {journal_path}: the journal would lie in the output {out}, which is written at the "
                           "end (and replaced with --overwrite); put it beside the output")
+    reference = pool[cfg.base_model or cfg.models[0].model].config
     spec = ScorerSpec(config=cfg.to_yaml_dict(), safety_data=data["safety"]["path"], domain_data=data["domain"]["path"],
-                      lambda_=lam, batch_size=batch_size, max_length=max_length, limit=limit, device=device,
+                      lambda_=lam, batch_size=batch_size, max_length=effective_max_length(max_length, reference), limit=limit, device=device,
                       threads=threads or (1 if (workers > 1 or ray_address) else None))
     identity = _identity(cfg, pool, optimizer=optimizer, lam=lam, seed=seed, steps=steps, popsize=popsize, sigma0=sigma0,
                          temperature=temperature, data=data, spec=spec)

@@ -37,6 +37,14 @@ class ScorerSpec:
         return asdict(self)
 
 
+def effective_max_length(max_length: int | None, config: dict) -> int | None:
+    """`max_length`, but no more than the model's `max_position_embeddings`: no example is scored past the positions
+    the model has (the search journals this value, so a resume cannot mix cut and uncut scores)."""
+    context = config.get("max_position_embeddings") if isinstance(config, dict) else None
+    values = [x for x in (max_length, context) if isinstance(x, int) and x > 0]
+    return min(values) if values else None
+
+
 class Scorer(Protocol):
     """Scores candidate configs; yields (position in `configs`, score, seconds) as each one finishes."""
 
@@ -60,8 +68,7 @@ class SerialScorer:
         self.candidate = CandidateModel(spec.config, device=spec.device, allow_pickle=spec.allow_pickle)
         safety = load_pairs(spec.safety_data, limit=spec.limit) if spec.safety_data else None
         domain = load_pairs(spec.domain_data, limit=spec.limit) if spec.domain_data else None
-        context = getattr(self.candidate.model.config, "max_position_embeddings", None)  # no example longer than the model reads
-        max_length = min(x for x in (spec.max_length, context) if x) if (spec.max_length or context) else None
+        max_length = effective_max_length(spec.max_length, self.candidate.reference.config)
         self.objective = Objective(self.candidate.tokenizer, safety=safety, domain=domain, lambda_=spec.lambda_,
                                    batch_size=spec.batch_size, max_length=max_length)
 
