@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from safemerge.errors import CheckpointError, ConfigError, OutputExistsError
+from safemerge.errors import ConfigError, OutputExistsError
 
 RESULTS = "results.json"
 
@@ -313,15 +313,12 @@ def compare(
 def _check_model(ref: str) -> tuple[str, str | None]:
     """That `ref` is a model (a folder with weights, or `model+adapter`), before anything is evaluated; its resolved
     (model, adapter) folders, which say whether two references name the same model."""
-    from safemerge.evaluate.loading import resolve_reference
+    from safemerge.evaluate.loading import same_model_key
     from safemerge.lora import open_model
 
-    path, adapter = resolve_reference(ref)
-    if path.is_file():
-        raise CheckpointError(f"{path}: is a file; evaluation needs a model folder (config.json, tokenizer and "
-                              "*.safetensors weights)")
-    open_model(f"{path}+{adapter}" if adapter is not None else str(path))
-    return str(path.resolve()), (str(adapter.resolve()) if adapter is not None else None)
+    key = same_model_key(ref)  # refuses a single weights file
+    open_model(f"{key[0]}+{key[1]}" if key[1] is not None else key[0])
+    return key
 
 
 def _task_columns(tasks: Sequence[Any]) -> list[tuple[str, str | None, Any]]:

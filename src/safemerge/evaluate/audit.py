@@ -15,7 +15,7 @@ from safemerge.data.loaders import load_multiple_choice, load_prompts
 from safemerge.errors import SafemergeError
 from safemerge.evaluate.domain import FORMATS, evaluate_domain
 from safemerge.evaluate.judges import get_judge
-from safemerge.evaluate.loading import check_batch_size, model_ref, resolve_reference
+from safemerge.evaluate.loading import check_batch_size, model_ref, same_model_key
 from safemerge.evaluate.safety import evaluate_safety
 from safemerge.store import ResultsStore, open_store
 
@@ -51,8 +51,7 @@ def audit(
     check_batch_size(batch_size=batch_size)
     seen: dict[tuple, str] = {}
     for m in models:
-        path, adapter = resolve_reference(m)
-        key = (str(path.resolve()), str(adapter.resolve()) if adapter is not None else None)
+        key = same_model_key(m)
         if key in seen:
             raise SafemergeError(f"{m}: the same model as {seen[key]}; audit each model once")
         seen[key] = str(m)

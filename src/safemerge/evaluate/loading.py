@@ -89,6 +89,21 @@ def resolve_reference(model: str | os.PathLike) -> tuple[Path, Path | None]:
     return resolve_model_path(base), a
 
 
+def model_folders(model: str | os.PathLike) -> tuple[Path, Path | None]:
+    """resolve_reference for evaluation: a single weights file is refused (evaluating needs the config and tokenizer)."""
+    path, adapter = resolve_reference(model)
+    if path.is_file():
+        raise CheckpointError(f"{path}: is a file; evaluation needs a model folder (config.json, tokenizer and "
+                              "*.safetensors weights)")
+    return path, adapter
+
+
+def same_model_key(model: str | os.PathLike) -> tuple[str, str | None]:
+    """The resolved (model, adapter) folders of a reference: equal for two spellings of one model (./m, m/, a link)."""
+    path, adapter = model_folders(model)
+    return str(path.resolve()), (str(adapter.resolve()) if adapter is not None else None)
+
+
 def tokenizer_folder(path: Path, adapter: Path | None) -> Path:
     """Where a model's tokenizer is read: the adapter's folder when it holds one (a fine-tune saves its tokenizer,
     and the chat template it was trained with, beside the adapter), else the model's."""
@@ -200,10 +215,7 @@ def model_ref(
         template = getattr(model.tokenizer, "chat_template", None)
         return ModelRef(getattr(model, "source", "<model>"), None, model.fingerprint, dt, template, backend=model,
                         _tokenizer=model.tokenizer)
-    path, adapter = resolve_reference(model)
-    if path.is_file():
-        raise CheckpointError(f"{path}: is a file; evaluation needs a model folder (config.json, tokenizer and "
-                              "*.safetensors weights)")
+    path, adapter = model_folders(model)
     source = f"{path}+{adapter}" if adapter is not None else str(path)
     if store is not None:
         fingerprint = store.fingerprint(source, allow_pickle=allow_pickle)

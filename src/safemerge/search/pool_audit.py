@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from safemerge.config import MergeConfig
+from safemerge.data.loaders import PromptSet
 from safemerge.methods import get_method
 
 AUDIT_LIMIT = 100  # harmful prompts per model (the first N of the file)
@@ -33,7 +34,7 @@ def pool_members(cfg: MergeConfig) -> list[str]:
 def audit_pool(
     cfg: MergeConfig,
     *,
-    prompts: str | os.PathLike | None,
+    prompts: "str | os.PathLike | PromptSet | None",
     lambda_: float,
     limit: int | None = AUDIT_LIMIT,
     threshold: float = AUDIT_THRESHOLD,
@@ -57,8 +58,9 @@ def audit_pool(
     result = audit(members, safety_prompts=prompts, judge=judge, judge_model=judge_model, threshold=threshold,
                    limit=limit, max_new_tokens=AUDIT_MAX_NEW_TOKENS, batch_size=batch_size, device=device, dtype="auto",
                    store=store, progress=progress)
-    local = Path(prompts).expanduser()
-    result["prompts"] = str(local.absolute()) if local.exists() else str(prompts)  # a file, or a dataset's name
+    source = prompts.source if isinstance(prompts, PromptSet) else str(prompts)
+    local = Path(source).expanduser()
+    result["prompts"] = str(local.absolute()) if local.exists() else source  # a file, or a dataset's name
     flagged = [r for r in result["models"] if r["flagged"]]
     named = ", ".join(f"{r['name']} (safety {_rate(r['safe_rate'])})" for r in flagged)
     below = f"below the audit's threshold {threshold:.2f}"

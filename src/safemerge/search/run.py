@@ -222,7 +222,7 @@ def _data(safety, domain, lam: float, limit: int | None) -> dict[str, dict[str, 
 
 
 def _audit_source(audit: bool, prompts, safety_data, limit: int | None, threshold: float, judge, judge_model):
-    """The harmful prompts the pool's audit reads (checked now, before any model is loaded), or None."""
+    """The harmful prompts the pool's audit reads, read and checked now (before any model is loaded), or None."""
     if not audit:
         return None
     from safemerge.data.loaders import load_prompts
@@ -232,9 +232,7 @@ def _audit_source(audit: bool, prompts, safety_data, limit: int | None, threshol
         raise ConfigError(f"--audit-threshold {threshold}: a safety rate in [0, 1]")
     get_judge(judge, judge_model=judge_model)  # an unknown judge, or a guard without its checkpoint, fails here
     source = prompts if prompts is not None else safety_data
-    if source is not None:
-        load_prompts(source, limit=limit)
-    return source
+    return load_prompts(source, limit=limit) if source is not None else None
 
 
 def _check_options(**given: float | None) -> None:
