@@ -173,7 +173,7 @@ class ResultsStore:
         try:
             db.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
             if not self._ready:
-                db.execute("PRAGMA journal_mode = WAL")
+                _set_wal(db, self.timeout)
                 db.execute("BEGIN IMMEDIATE")
                 for stmt in filter(str.strip, _SCHEMA.split(";")):
                     db.execute(stmt)
@@ -186,6 +186,20 @@ class ResultsStore:
             raise SafemergeError(f"{self.path}: results store error ({e}); move the file aside to start a new store") from None
         finally:
             db.close()
+
+
+def _set_wal(db: sqlite3.Connection, timeout: float) -> None:
+    """Switch to WAL. SQLite can answer "database is locked" here at once, without its busy handler, while another
+    process creates the same new store; retry until `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def open_store(store: ResultsStore | str | os.PathLike | None) -> ResultsStore:
