@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from safemerge.errors import ConfigError, OutputExistsError
+from safemerge.naming import file_stem, named_item, task_columns, unique_columns
 
 RESULTS = "results.json"
 
@@ -29,7 +29,7 @@ def parse_models(specs: Sequence[str] | Mapping[str, str]) -> dict[str, str]:
     if isinstance(specs, Mapping):
         pairs = [(str(k), str(v)) for k, v in specs.items()]
     else:
-        pairs = [_named_item(spec, default=lambda ref: Path(ref.rstrip("/\\")).name) for spec in map(str, specs)]
+        pairs = [named_item(spec, default=lambda ref: Path(ref.rstrip("/\\")).name) for spec in map(str, specs)]
     if not pairs:
         raise ConfigError("compare needs at least one model")
     names = [n for n, _ in pairs]
@@ -40,22 +40,6 @@ def parse_models(specs: Sequence[str] | Mapping[str, str]) -> dict[str, str]:
     if twice:
         raise ConfigError(f"two models are named {', '.join(twice)}; name them apart with NAME=PATH")
     return dict(pairs)
-
-
-def _named_item(spec: str, *, default: Callable[[str], str]) -> tuple[str, str]:
-    """(name, path) of a `NAME=PATH` item, or (default(PATH), PATH) when there is no name or the whole item is an
-    existing path (a folder may have '=' in its name)."""
-    name, sep, ref = spec.partition("=")
-    if not sep or Path(spec).expanduser().exists():
-        return default(spec), spec
-    if not re.fullmatch(r"[\w.\-]+", name):
-        if any(c in name for c in "/\\+"):  # a path (or model+adapter) with '=' in a folder name
-            return default(spec), spec
-        raise ConfigError(f"{spec!r}: in NAME=PATH the NAME is letters, digits, '.', '_' or '-' (or give an existing "
-                          "path)")
-    if not ref:
-        raise ConfigError(f"{spec!r}: NAME=PATH needs a path after '='")
-    return name, ref
 
 
 def infer_method(ref: str, name: str) -> tuple[str, dict[str, Any]]:
@@ -244,10 +228,10 @@ def compare(
     sets = [safety_prompts] if isinstance(safety_prompts, (str, os.PathLike)) else list(safety_prompts)
     if not sets:
         raise ConfigError("compare needs harmful prompts: pass --safety-prompts FILE")
-    safety = _unique([(_stem(s), s) for s in sets], "safety prompt files", "rename one of the files",
+    safety = unique_columns([(file_stem(s), s) for s in sets], "safety prompt files", "rename one of the files",
                      lambda s: load_prompts(s, limit=limit))
-    keyed = _task_columns(domain_tasks)
-    domain = _unique([(key, src) for key, _, src in keyed], "domain tasks",
+    keyed = task_columns(domain_tasks)
+    domain = unique_columns([(key, src) for key, _, src in keyed], "domain tasks",
                      "rename one of the files (or, for FILE items, name their domains with DOMAIN=FILE)",
                      lambda src: load_multiple_choice(src, limit=domain_limit))
     general = load_multiple_choice(general_task, limit=domain_limit) if general_task is not None else None
@@ -321,22 +305,6 @@ def _check_model(ref: str) -> tuple[str, str | None]:
     return key
 
 
-def _task_columns(tasks: Sequence[Any]) -> list[tuple[str, str | None, Any]]:
-    """(column, given domain or None, source) per domain task: DOMAIN=FILE is headed DOMAIN (DOMAIN-<file stem> when
-    several tasks share the domain), FILE by its stem, a loaded QuestionSet by its name."""
-    from collections import Counter
-
-    items = []
-    for t in tasks:
-        if isinstance(t, (str, os.PathLike)):
-            d, src = _named_item(str(t), default=lambda spec: "")
-            items.append((d or None, _stem(src), src))
-        else:
-            items.append((None, t.name, t))
-    shared = Counter(d for d, _, _ in items if d)
-    return [((d if shared[d] == 1 else f"{d}-{stem}") if d else stem, d, src) for d, stem, src in items]
-
-
 def _domains(columns: list[tuple[str, str | None]], models: list[str]) -> list[str]:
     """The study's domains, one per task column: the domain a task was given (DOMAIN=FILE); else the <d> of an
     `expert-<d>` model when d is a word of the task's name; else the task itself. An expert whose domain has no task
@@ -353,17 +321,3 @@ def _domains(columns: list[tuple[str, str | None]], models: list[str]) -> list[s
                       f"{', '.join(missing)}, so the knowledge claim cannot compare with it; name the expert's task "
                       f"with --domain-task {missing[0]}=FILE", UserWarning, stacklevel=3)
     return list(dict.fromkeys(out))
-
-
-def _stem(source: Any) -> str:
-    return Path(str(source)).name.split(".")[0] or str(source)
-
-
-def _unique(items: list[tuple[str, Any]], what: str, fix: str, load: Callable[[Any], Any]) -> dict[str, Any]:
-    """Column name -> loaded source; two sources under one column name are an error naming it."""
-    names = [k for k, _ in items]
-    twice = sorted({k for k in names if names.count(k) > 1})
-    if twice:
-        raise ConfigError(f"two {what} have the column name {', '.join(twice)} (a file's name before its first dot), and "
-                          f"the report has one column per name; {fix}")
-    return {k: load(src) for k, src in items}

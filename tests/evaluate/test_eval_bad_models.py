@@ -101,8 +101,16 @@ def test_audit_refuses_two_tasks_of_one_name(chat_model, mc_file, prompts_file, 
     other = tmp_path / "x" / mc_file.name
     other.parent.mkdir()
     other.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS[:2]))
-    with pytest.raises(SafemergeError, match="two domain tasks have the same name"):
+    with pytest.raises(SafemergeError, match="two domain tasks have the column name"):
         audit([chat_model], safety_prompts=prompts_file, domain_tasks=[mc_file, other], store=store, device="cpu")
+    # named apart with DOMAIN=FILE, each column holds its own file's accuracy
+    r = audit([chat_model], safety_prompts=prompts_file, domain_tasks=[f"full={mc_file}", f"two={other}"], store=store,
+              device="cpu", max_new_tokens=4)
+    assert r["tasks"] == ["full", "two"]
+    for column, task in (("full", mc_file), ("two", other)):
+        alone = evaluate_domain(chat_model, task=task, store=store, device="cpu")
+        assert r["models"][0]["domain"][column]["n"] == alone["n"]
+        assert r["models"][0]["domain"][column]["acc"] == alone["acc"]
 
 
 def test_similarity_compares_a_tied_lm_head_in_either_order(chat_model, tmp_path):

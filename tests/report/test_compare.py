@@ -138,9 +138,10 @@ def test_names_and_methods(pool, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert parse_models(["lr=1e-5/merged"]) == {"merged": "lr=1e-5/merged"}  # an existing path, not NAME=PATH
     assert infer_method(str(tmp_path / "lr=1e-5" / "merged"), "Llama-3-8B-Instruct") == ("model", {})
-    from safemerge.comparison import _domains, _task_columns
+    from safemerge.comparison import _domains
+    from safemerge.naming import task_columns
 
-    cols = _task_columns(["medicine=a/medqa.jsonl", "medicine=b/pubmedqa.jsonl", "c/domain-finance_test.jsonl", "x.jsonl"])
+    cols = task_columns(["medicine=a/medqa.jsonl", "medicine=b/pubmedqa.jsonl", "c/domain-finance_test.jsonl", "x.jsonl"])
     assert [c[0] for c in cols] == ["medicine-medqa", "medicine-pubmedqa", "domain-finance_test", "x"]
     assert _domains([c[:2] for c in cols], ["expert-finance", "base"]) == ["medicine", "finance", "x"]
     (tmp_path / "odd").mkdir()

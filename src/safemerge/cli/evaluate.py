@@ -146,7 +146,7 @@ def similarity(
 def audit(
     models: List[str] = typer.Argument(..., help="The pool: model directories, or model+adapter references (LoRA experts)."),
     safety_prompts: str = typer.Option(..., "--safety-prompts", help="Harmful prompts file (as for eval safety)."),
-    domain_task: List[str] = typer.Option([], "--domain-task", help="Multiple-choice JSONL; repeat for several."),
+    domain_task: List[str] = typer.Option([], "--domain-task", help="Multiple-choice JSONL, or DOMAIN=FILE to head its column DOMAIN; repeat for several."),
     threshold: float = typer.Option(0.8, "--threshold", help="Flag models whose safety rate is below this."),
     judge: str = JudgeOpt,
     judge_model: Optional[str] = JudgeModelOpt,

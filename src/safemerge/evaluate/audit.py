@@ -17,6 +17,7 @@ from safemerge.evaluate.domain import FORMATS, evaluate_domain
 from safemerge.evaluate.judges import get_judge
 from safemerge.evaluate.loading import check_batch_size, model_ref, same_model_key
 from safemerge.evaluate.safety import evaluate_safety
+from safemerge.naming import task_columns, unique_columns
 from safemerge.store import ResultsStore, open_store
 
 
@@ -24,7 +25,7 @@ def audit(
     models: Sequence[str | os.PathLike],
     *,
     safety_prompts: Any,
-    domain_tasks: Sequence[str | os.PathLike] = (),
+    domain_tasks: Sequence[Any] = (),
     judge: Any = "keyword",
     judge_model: Any = None,
     threshold: float = 0.8,
@@ -39,6 +40,9 @@ def audit(
     progress: bool = False,
 ) -> dict:
     """A row per model: safety rate, per-task accuracy, and `flagged` = safety rate < `threshold`.
+
+    Each domain task is a multiple-choice JSONL (its column is the file's name before the first dot), a
+    `DOMAIN=FILE` item (the column is DOMAIN), or a loaded QuestionSet (its name).
 
     Returns {"threshold", "judge", "tasks", "models": [rows], "flagged": [model paths]}.
     """
@@ -56,12 +60,9 @@ def audit(
             raise SafemergeError(f"{m}: the same model as {seen[key]}; audit each model once")
         seen[key] = str(m)
     prompts = load_prompts(safety_prompts, limit=limit)  # read once, up front (the same fingerprint as read per model)
-    tasks = [load_multiple_choice(t) for t in domain_tasks]  # read (and checked) once, up front
-    names = [t.name for t in tasks]
-    if len(set(names)) < len(names):
-        same = sorted({n for n in names if names.count(n) > 1})
-        raise SafemergeError(f"two domain tasks have the same name ({', '.join(same)}: the part of the file name "
-                             "before its first dot), and the audit reports one column per name; rename one of the files")
+    tasks = unique_columns([(column, src) for column, _, src in task_columns(domain_tasks)], "domain tasks",
+                           "rename one of the files, or name each task's column with DOMAIN=FILE",
+                           load_multiple_choice)  # read (and checked) once, up front
     db = open_store(store)
     judge_obj = get_judge(judge, judge_model=judge_model, device=device, dtype=dtype, store=db)  # loaded once, on first use
     rows = []
@@ -72,10 +73,10 @@ def audit(
             batch_size=batch_size, device=device, dtype=dtype, store=db, cache=cache, progress=progress,
         )
         domain = {}
-        for t in tasks:
+        for column, t in tasks.items():
             d = evaluate_domain(ref, task=t, format=format, batch_size=batch_size, device=device, dtype=dtype,
                                 store=db, cache=cache, progress=progress)
-            domain[d["task"]] = {"acc": d["acc"], "acc_norm": d["acc_norm"], "n": d["n"], "cached": d["cached"]}
+            domain[column] = {"acc": d["acc"], "acc_norm": d["acc_norm"], "n": d["n"], "cached": d["cached"]}
         ref.backend = None
         rate = s["safe_rate"]
         rows.append({
