@@ -94,7 +94,20 @@ def test_a_bad_shard_size_is_a_usage_error(tmp_path, tiny_family, size):
 def test_mergealign_refuses_non_finite_weights(tmp_path, tiny_family, flag):
     r = runner.invoke(app, ["mergealign", str(tmp_path / "ma"), "--base", str(tiny_family["base"]),
                             "--domain", str(tiny_family["expert"]), "--aligned", str(tiny_family["aligned"]), *flag])
-    assert r.exit_code == 2 and "is not a finite number" in r.output, r.output
+    text = " ".join(r.output.split())
+    assert r.exit_code == 2 and f"MergeAlign {flag[0]} {flag[1]}: give a finite number" in text, r.output
+    assert not (tmp_path / "ma").exists()
+
+
+@pytest.mark.parametrize("role", ["aligned", "domain"])
+def test_mergealign_refuses_a_model_in_two_roles(tmp_path, tiny_family, role):
+    """--aligned (or --domain) naming the base again would make its task vector zero: an unsafe merge, no error."""
+    given = {"base": str(tiny_family["base"]), "domain": str(tiny_family["expert"]), "aligned": str(tiny_family["aligned"])}
+    given[role] = str(tiny_family["base"]) + "/"  # another spelling of the same folder
+    r = runner.invoke(app, ["mergealign", str(tmp_path / "ma"), "--base", given["base"], "--domain", given["domain"],
+                            "--aligned", given["aligned"]])
+    text = " ".join(r.output.split())
+    assert r.exit_code == 2 and f"MergeAlign --{role}" in text and "the same model as --base" in text, r.output
     assert not (tmp_path / "ma").exists()
 
 

@@ -8,11 +8,12 @@ works best in the paper.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Sequence
 
-from safemerge.config import MergeConfig, load_config
+from safemerge.config import MergeConfig, load_config, split_reference
 from safemerge.engine import merge
 from safemerge.errors import ConfigError
 
@@ -24,6 +25,14 @@ def mergealign_config(*, base: PathLike, domains: Sequence[PathLike], aligned: P
     """The mergekit-compatible task_arithmetic config that MergeAlign is."""
     if not domains:
         raise ConfigError("MergeAlign needs at least one domain expert (--domain)")
+    for flag, value in (("--alpha", alpha), ("--beta", beta)):
+        try:
+            ok = math.isfinite(float(value))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ConfigError(f"MergeAlign {flag} {value!r}: give a finite number (the paper's default is 1)")
+    _check_roles(base, domains, aligned)
     models = [{"model": str(d), "parameters": {"weight": float(alpha)}} for d in domains]
     models.append({"model": str(aligned), "parameters": {"weight": float(beta)}})
     cfg = {"merge_method": "task_arithmetic", "base_model": str(base), "models": models,
@@ -31,6 +40,27 @@ def mergealign_config(*, base: PathLike, domains: Sequence[PathLike], aligned: P
     if dtype:
         cfg["dtype"] = dtype
     return load_config(cfg)
+
+
+def _check_roles(base: PathLike, domains: Sequence[PathLike], aligned: PathLike) -> None:
+    """Each role a different model: the base given again as the aligned model (or an expert) makes its task vector
+    zero, and the merge silently no safer (or no more expert) than without it."""
+
+    def place(ref: PathLike) -> tuple[str, str | None]:
+        model, adapter = split_reference(str(ref))
+        resolved = [str(Path(p).expanduser().resolve()) if Path(p).expanduser().exists() else str(p)
+                    for p in (model, adapter) if p is not None]
+        return resolved[0], (resolved[1] if adapter is not None else None)
+
+    seen: dict[tuple[str, str | None], str] = {}
+    for flag, ref in [("--base", base)] + [("--domain", d) for d in domains] + [("--aligned", aligned)]:
+        key = place(ref)
+        if key in seen:
+            why = ("a task vector is a model's difference from --base, so the base given again adds nothing"
+                   if seen[key].startswith("--base") else "a model given twice adds its task vector twice; "
+                   "--alpha and --beta set the weights")
+            raise ConfigError(f"MergeAlign {flag} {ref}: the same model as {seen[key]}; give each role its own model ({why})")
+        seen[key] = f"{flag} {ref}"
 
 
 def mergealign(*, base: PathLike, domains: Sequence[PathLike], aligned: PathLike, out: PathLike, alpha: float = 1.0,
