@@ -245,12 +245,12 @@ def _read_file(path: Path, *, split: str | None) -> tuple[list[dict], str, str]:
     raw = path.read_bytes()
     if not raw.strip():
         raise DataError(f"{path}: the file is empty; it needs at least one row")
+    if path.suffix.lower() == ".jsonl":
+        _check_jsonl(path, raw)  # names the bad line, where datasets logs an error naming a block of rows, then raises
     try:
         with quiet_datasets():
             ds = getattr(datasets.Dataset, f"from_{kind}")(str(path), keep_in_memory=True)
     except Exception as e:  # datasets raises many kinds; the message is what matters
-        if path.suffix.lower() == ".jsonl":
-            _check_jsonl(path, raw)  # names the bad line, where datasets names a block of rows
         raise DataError(f"{path}: cannot be read as {kind} ({type(e).__name__}: {_short(e)}); check its format") from None
     if split and split != "train":
         warnings.warn(f"{path}: split={split!r} is ignored for a local file", stacklevel=4)
