@@ -154,6 +154,21 @@ def test_bad_slices_are_refused(tiny_family, over, words):
         assert w in str(e.value)
 
 
+def test_a_model_listed_twice_is_refused_as_mergekit_does(tiny_family):
+    """mergekit refuses duplicate merge inputs; the engine had summed both entries and the search kept one."""
+    b, e, a = (str(tiny_family[k]) for k in ("base", "expert", "aligned"))
+    for again in (e, e + "/", str(tiny_family["expert"].parent / "." / tiny_family["expert"].name)):
+        with pytest.raises(ConfigError, match=r"models: .* is listed twice; list each model once"):
+            load_config({"merge_method": "task_arithmetic", "base_model": b, "models": [
+                {"model": e, "parameters": {"weight": 1.0}}, {"model": a, "parameters": {"weight": 1.0}},
+                {"model": again, "parameters": {"weight": 0.5}}]})
+    assert len(load_config({"merge_method": "ties", "base_model": b, "models": [
+        {"model": b}, {"model": e, "parameters": {"weight": 1.0}}]}).models) == 2  # the base once in models is fine
+    with pytest.raises(ConfigError, match=r"slices\[0\]: .* is a source twice"):
+        load_config({"merge_method": "linear", "parameters": {"weight": 1.0},
+                     "slices": [{"sources": [{"model": e, "layer_range": [0, 1]}, {"model": e + "/", "layer_range": [1, 2]}]}]})
+
+
 def test_slice_checks_name_the_slice(tiny_family):
     b, e, a = (str(tiny_family[k]) for k in ("base", "expert", "aligned"))
     whole = {"sources": [{"model": b, "layer_range": [0, 3]}]}

@@ -199,6 +199,10 @@ class MergeConfig(BaseModel):
                 _check_value(key, value, spec, f"models[{m.model}].parameters")
         if not self.models:
             raise ValueError("models is empty: list the models to merge")
+        twice = _given_twice([m.model for m in self.models])
+        if twice:  # mergekit refuses it too ("Duplicate merge inputs"); summing its two entries would be a guess
+            raise ValueError(f"models: {twice} is listed twice; list each model once (to weight it more, raise its "
+                             "`weight`)")
         if spec.needs_base and not self.base_model:
             raise ValueError(f"merge_method {self.merge_method} needs base_model")
         if spec.max_models is not None and len(self.models) > spec.max_models:
@@ -252,7 +256,7 @@ class MergeConfig(BaseModel):
                 spans = ", ".join(f"{src.model} {list(src.layer_range)}" for src in piece.sources)
                 raise ValueError(f"slices[{i}]: every source must span the same number of layers; got {spans}")
             seen = [src.model for src in piece.sources]
-            twice = next((m for m in seen if seen.count(m) > 1), None)
+            twice = _given_twice(seen)
             if twice:
                 raise ValueError(f"slices[{i}]: {twice} is a source twice; a slice takes each model once "
                                  "(stack its layers with another slice)")
@@ -597,6 +601,11 @@ def _local(p: Any, folder: Path) -> Any:
         if adapter is not None:
             return f"{_local(model, folder)}+{_local(adapter, folder)}"
     return p
+
+
+def _given_twice(refs: list[str]) -> str | None:
+    """The first reference that names the same model as an earlier one, if any."""
+    return next((b for i, b in enumerate(refs) if any(same_model(a, b) for a in refs[:i])), None)
 
 
 def same_model(a: str, b: str) -> bool:
