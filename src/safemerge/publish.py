@@ -271,7 +271,11 @@ def _data_name(source: Any) -> str:
     """A local file by its name (the card does not show the publisher's folders); a hub dataset by its id."""
     if not isinstance(source, str):
         return "?"
-    local = Path(source).expanduser().exists() or source.startswith(("/", "~", "."))
+    from safemerge.data.loaders import DATA_SUFFIXES
+
+    # a data file's suffix marks a local file wherever the card is written from, as the loader reads it
+    local = (Path(source).suffix.lower() in DATA_SUFFIXES or Path(source).expanduser().exists()
+             or source.startswith(("/", "~", ".")))
     return Path(source).name if local else source
 
 

@@ -61,6 +61,18 @@ def test_card_shows_the_stored_evaluations(model, prompts_file, mc_file, store):
     assert not again["changed"] and (model / "README.md").read_text() == text
 
 
+def test_a_relative_data_path_shows_by_name_from_any_folder(model, prompts_file, store, monkeypatch, tmp_path):
+    """The store keeps the path as typed; carding from another folder must not take `data/x.jsonl` for a hub id."""
+    (tmp_path / "work" / "data").mkdir(parents=True)
+    shutil.copy(prompts_file, tmp_path / "work" / "data" / "harmful.jsonl")
+    monkeypatch.chdir(tmp_path / "work")
+    _safety(model, "data/harmful.jsonl", store)
+    monkeypatch.chdir(tmp_path)
+    update_card(model, store=store)
+    text = (model / "README.md").read_text()
+    assert "| harmful.jsonl |" in text and "data/harmful.jsonl" not in text
+
+
 def test_card_keeps_what_others_wrote(model, prompts_file, store):
     (model / "README.md").write_text(
         "---\nlicense: mit\nmodel-index:\n- name: mine\n  results:\n  - task: {type: text-generation}\n"

@@ -32,7 +32,7 @@ from safemerge._hf import is_hub_id, quiet_datasets
 from safemerge.errors import SafemergeError
 
 FORMATS = ("auto", "beavertails", "hh-redteam", "plain")
-_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".gz": "json"}
+DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".gz": "json"}
 _FIRST_HUMAN = re.compile(r"Human:(.*?)(?:\n\s*\n\s*Assistant:|\Z)", re.DOTALL)
 # hub datasets whose useful part is not their default config / split
 _HUB_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -229,7 +229,7 @@ def read_rows(source: str | os.PathLike, *, split: str | None) -> tuple[list[dic
     path = Path(source).expanduser()
     if path.exists():
         return _read_file(path, split=split)
-    if is_hub_id(source) and path.suffix.lower() not in _SUFFIXES:  # (name.jsonl etc.: a mistyped file)
+    if is_hub_id(source) and path.suffix.lower() not in DATA_SUFFIXES:  # (name.jsonl etc.: a mistyped file)
         return _read_hub(source, split=split)
     raise DataError(f"{source}: no such file (and not a hub dataset name like 'org/name'); check the path")
 
@@ -239,7 +239,7 @@ def _read_file(path: Path, *, split: str | None) -> tuple[list[dict], str, str]:
 
     if path.is_dir():
         raise DataError(f"{path}: is a directory; pass the data file inside it")
-    kind = _SUFFIXES.get(path.suffix.lower())
+    kind = DATA_SUFFIXES.get(path.suffix.lower())
     if kind is None:
         raise DataError(f"{path}: unknown file type {path.suffix!r}; use .jsonl, .json, .csv or .parquet")
     raw = path.read_bytes()
