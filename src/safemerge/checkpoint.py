@@ -181,8 +181,9 @@ class Checkpoint:
         if not self.allow_pickle:
             raise CheckpointError(
                 f"{self.path}: {files[0].name} is a pickle checkpoint, which can run code when loaded; "
-                "convert it to safetensors, or, if you trust it, allow pickle: `safemerge merge/mergealign --allow-pickle`, "
-                "allow_pickle=True in the Python API"
+                "convert it to safetensors first (if you trust it, a one-model `linear` merge with `safemerge merge "
+                "--allow-pickle` writes a safetensors copy), or pass --allow-pickle to merge, multimerge, mergealign or "
+                "extract-lora (allow_pickle=True in the Python API)"
             )
         tensors: dict[str, torch.Tensor] = {}
         infos: dict[str, TensorInfo] = {}
