@@ -259,7 +259,7 @@ def _steps(optimizer: str, steps: int | None) -> int | None:
 
 def _expected(optimizer: str, space: SearchSpace | None, cfg: MergeConfig, steps: int | None, popsize: int | None) -> int:
     if optimizer == "cmaes":
-        return steps * (popsize or default_popsize(len(space.dims)))
+        return 1 + steps * (popsize or default_popsize(len(space.dims)))  # the start, then each generation
     if optimizer == "grid":
         return len(grid_points(space, steps))
     return len(cfg.models) + 1
