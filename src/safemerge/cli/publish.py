@@ -71,7 +71,8 @@ def publish(
         table.add_row(escape(str(c["data"])), escape(str(c["judge"])), str(c["n"]), rate)
     out.print(table)
     if not gate["passed"]:
-        console.print(f"[yellow]warning:[/] {escape(gate['reason'])} (published with --allow-unsafe)", highlight=False)
+        done = "would be published" if r["dry_run"] else "published"
+        console.print(f"[yellow]warning:[/] {escape(gate['reason'])} ({done} with --allow-unsafe)", highlight=False)
     size = sum(f["bytes"] for f in r["files"]) / 1e9
     if r["dry_run"]:
         out.print(f"dry run: would upload {len(r['files'])} files ({size:.2f} GB) to {escape(r['repo_id'])}; nothing written",
