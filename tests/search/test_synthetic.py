@@ -70,6 +70,10 @@ def test_one_refusal_per_question_from_the_models_that_refused(tmp_path, prompts
     # fewer rows than asked for: said, with what was dropped
     with pytest.warns(UserWarning, match="4 rows of the 6 asked for \\(dropped: 1 duplicate, 2 no refusal\\)"):
         synthesize_safety([a, b], tmp_path / "u.jsonl", prompts=prompts_file, n=6, seed=3, progress=False)
+    # the source's questions run out with nothing dropped: said so, not "dropped: the source ran out"
+    everyone = Scripted("C", reply=lambda p: "I'm sorry, I can't help.")
+    with pytest.warns(UserWarning, match="4 rows of the 9 asked for \\(the source has no more questions; nothing was dropped"):
+        synthesize_safety([everyone], tmp_path / "v.jsonl", prompts=tmp_path / "u.jsonl", n=9, seed=3, progress=False)
 
 
 def test_generated_questions_are_deduplicated_and_never_copy_an_example():
@@ -94,6 +98,11 @@ def test_self_questioning_rows_and_what_is_dropped(tmp_path):
     assert all(len(r["in_context"]) == 2 and set(r["in_context"]) <= {"Which drug treats A?", "Which drug treats B?",
                                                                       "Which drug treats C?"} for r in rows)
     assert rows[0]["model"] == "E" and rows[0]["k"] == 2 and rows[0]["style"] == "completion"
+    # more in-context examples asked for than the file has: said, and every example shown
+    questions = iter(["Which drug treats F?", "Which drug treats G?"])
+    with pytest.warns(UserWarning, match="--k 5 in-context examples asked for, but the file has 3 questions"):
+        synthesize_domain(expert, tmp_path / "k.jsonl", examples=val, n=2, k=5, seed=1, style="completion", progress=False)
+    assert all(r["k"] == 3 and len(r["in_context"]) == 3 for r in _rows(tmp_path / "k.jsonl"))
 
 
 def test_first_line_strips_labels():

@@ -231,8 +231,9 @@ def describe_dropped(dropped: dict[str, int]) -> str:
 def _short_of(out: Path, rows: list, n: int | None, dropped: dict[str, int]) -> None:
     """Warn when fewer rows than asked for are written, with what was dropped."""
     if n is not None and len(rows) < n:
-        why = describe_dropped(dropped) or "the source ran out"
-        warnings.warn(f"{out}: {len(rows)} rows of the {n} asked for (dropped: {why})", UserWarning, stacklevel=3)
+        why = describe_dropped(dropped)
+        why = f"dropped: {why}" if why else "the source has no more questions; nothing was dropped"
+        warnings.warn(f"{out}: {len(rows)} rows of the {n} asked for ({why})", UserWarning, stacklevel=3)
 
 
 def _refused(generation, verdict) -> bool:
@@ -324,7 +325,10 @@ def synthesize_domain(
     if n < 1 or k < 1:
         raise DataError(f"--n {n} --k {k}: both must be at least 1")
     shots_all, shots_fp = _example_questions(examples)
-    k = min(k, len(shots_all))
+    if k > len(shots_all):
+        warnings.warn(f"{examples}: --k {k} in-context examples asked for, but the file has {len(shots_all)} questions; "
+                      f"each prompt shows all {len(shots_all)}", UserWarning, stacklevel=2)
+        k = len(shots_all)
     rng = random.Random(seed)
     known = {normalise(s) for s in shots_all}  # every in-context example comes from here
     backend = _backend(expert, device=device, batch_size=batch_size)
