@@ -229,13 +229,14 @@ def compare(
     if not sets:
         raise ConfigError("compare needs harmful prompts: pass --safety-prompts FILE")
     safety = unique_columns([(file_stem(s), s) for s in sets], "safety prompt files", "rename one of the files",
-                     lambda s: load_prompts(s, limit=limit))
+                            lambda s: load_prompts(s, limit=limit))
     keyed = task_columns(domain_tasks)
     domain = unique_columns([(key, src) for key, _, src in keyed], "domain tasks",
-                     "rename one of the files (or, for FILE items, name their domains with DOMAIN=FILE)",
-                     lambda src: load_multiple_choice(src, limit=domain_limit))
+                            "rename one of the files (or, for FILE items, name their domains with DOMAIN=FILE)",
+                            lambda src: load_multiple_choice(src, limit=domain_limit))
     general = load_multiple_choice(general_task, limit=domain_limit) if general_task is not None else None
     domains = _domains([(key, d) for key, d, _ in keyed], list(refs))
+    _warn_role_names(refs, expert=expert, aligned=aligned)
     picked = [knowledge] if isinstance(knowledge, str) else list(knowledge or [])
     unknown = [k for k in picked if k not in domains]
     if unknown:
@@ -303,6 +304,18 @@ def _check_model(ref: str) -> tuple[str, str | None]:
     key = same_model_key(ref)  # refuses a single weights file
     open_model(f"{key[0]}+{key[1]}" if key[1] is not None else key[0])
     return key
+
+
+def _warn_role_names(refs: dict[str, str], **given: str | None) -> None:
+    """--expert/--aligned name a model the claims will not find: they look for `expert-<d>` and `aligned`."""
+    import warnings
+
+    for role, ref in given.items():
+        name = ref if ref in refs else next((n for n, r in refs.items() if r == ref), None)
+        wanted = "expert-<domain>" if role == "expert" else "aligned"
+        if name is not None and not (name.startswith("expert-") if role == "expert" else name == "aligned"):
+            warnings.warn(f"--{role} {ref}: used for the L2 distances, but the papers' claims look for the model named "
+                          f"{wanted}; to check them, name it so ({wanted}=PATH)", UserWarning, stacklevel=3)
 
 
 def _domains(columns: list[tuple[str, str | None]], models: list[str]) -> list[str]:

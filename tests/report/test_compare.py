@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 from typer.testing import CliRunner
@@ -125,6 +126,23 @@ def test_an_expert_whose_domain_has_no_task_is_a_warning(pool, tmp_path, monkeyp
     with pytest.warns(UserWarning, match="expert-medicine: no domain task belongs to medicine.*--domain-task medicine=FILE"):
         cmp.compare([str(pool["expert-medicine"])], tmp_path / "c", safety_prompts=pool["data"] / "safety_test.jsonl",
                     domain_tasks=[pool["data"] / "general_test.jsonl"], progress=False, store=tmp_path / "s.sqlite")
+
+
+def test_roles_the_claims_cannot_find_are_a_warning(pool, tmp_path):
+    """--expert/--aligned feed the L2 distances; the claims look for `expert-<d>` and `aligned` by name."""
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "results.json").write_text("{}")  # stops compare right after its checks
+    specs = [f"instruct={pool['aligned']}", f"medic={pool['expert-medicine']}"]
+    kw = dict(safety_prompts=pool["data"] / "safety_test.jsonl", progress=False, store=tmp_path / "s.sqlite")
+    with pytest.warns(UserWarning) as seen, pytest.raises(SafemergeError, match="already exists"):
+        compare(specs, tmp_path / "b", expert="medic", aligned=str(pool["aligned"]), **kw)
+    text = [str(w.message) for w in seen]
+    assert any(t.startswith("--expert medic: used for the L2") and "expert-<domain>=PATH" in t for t in text)
+    assert any(t.startswith(f"--aligned {pool['aligned']}: used for the L2") and "(aligned=PATH)" in t for t in text)
+    with warnings.catch_warnings(), pytest.raises(SafemergeError, match="already exists"):
+        warnings.simplefilter("error")  # names the claims use: no warning
+        compare([f"aligned={pool['aligned']}", f"expert-medicine={pool['expert-medicine']}"], tmp_path / "b",
+                expert="expert-medicine", aligned="aligned", **kw)
 
 
 def test_names_and_methods(pool, tmp_path, monkeypatch):
