@@ -51,6 +51,9 @@ def test_every_model_is_evaluated_as_the_evaluators_do_and_reported(pool, tmp_pa
     doc = json.loads((tmp_path / "cmp" / "results.json").read_text())
     rows = doc["models"]
     assert doc["meta"]["domains"] == ["medicine"]
+    assert doc["meta"]["domain_task_files"] == f"medicine: {medqa}"  # the report names the file behind a column
+    assert doc["meta"]["general_task_file"] == str(d / "general_test.jsonl")
+    assert f"medicine: {medqa}" in done["report"]["markdown"].read_text()
     assert list(rows) == ["base", "aligned", "expert-medicine", "mergealign", "cocktail-unsafe"]
     assert {n: r["method"] for n, r in rows.items()} == {
         "base": "pretrained", "aligned": "aligned", "expert-medicine": "expert", "mergealign": "mergealign",

@@ -39,6 +39,15 @@ def test_writes_markdown_html_and_figures(full_report):
     assert html.count("<table") == 5 and html.count('<span class="badge PASS">PASS</span>') == 6
 
 
+def test_tables_are_numbered_without_gaps(full, tmp_path):
+    """A comparison without searches has no Table 3; the L2 table is then Table 3, not Table 4."""
+    full["models"] = {k: v for k, v in full["models"].items() if v.get("method") not in ("evomm", "cocktail")}
+    md = write_report(full, tmp_path)["markdown"].read_text()
+    titles = re.findall(r"\*\*(Table \d+): ([^*]+)\*\*", md)
+    assert [t for t, _ in titles] == ["Table 1", "Table 2", "Table 3"]
+    assert titles[2][1].startswith("L2 distance")
+
+
 def test_fail_and_skipped_are_shown_not_hidden(full, tmp_path):
     full["models"] = {k: v for k, v in full["models"].items() if k in ("aligned", "expert-medicine", "mergealign",
                                                                        "slerp-gradient", "evomm-safe", "evomm-unsafe",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import html
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 from safemerge.report.claims import Claim
@@ -133,7 +133,7 @@ def _name_cols() -> list[tuple[str, Callable[[ModelResult], str]]]:
 
 def main_table(res: Results) -> Table:
     models = list(res.models.values())
-    return _table("Table 1: domain accuracy and safety of every model", models, _name_cols(),
+    return _table("domain accuracy and safety of every model", models, _name_cols(),
                   _score_columns(res, models),
                   "Accuracy (%) on each domain's task, general knowledge, and safe-answer rate (%) per safety "
                   "set; best of each column in bold. knowledge = mean accuracy over the knowledge domains; "
@@ -144,7 +144,7 @@ def weighting_table(res: Results) -> Table | None:
     models = res.by_method("mergealign") + res.by_method("slerp")
     if not models:
         return None
-    return _table("Table 2: weightings (MergeAlign α/β, Slerp t)", models,
+    return _table("weightings (MergeAlign α/β, Slerp t)", models,
                   _name_cols() + [("weights", lambda m: format_params(m.params))], _score_columns(res, models),
                   "MergeAlign: θ + α·Σ_d τ_d + β·τ_aligned. Slerp: t = 0 is the first model; a list is a "
                   "gradient over the layers. Scores in %.")
@@ -163,7 +163,7 @@ def safety_data_table(res: Results) -> Table | None:
         return MISSING if v is None else f"{v:g}" if isinstance(v, (int, float)) else str(v)
 
     lead = _name_cols() + [("safety data", aware), ("λ", lam)]
-    return _table("Table 3: safety-aware vs safety-unaware merge search", models, lead,
+    return _table("safety-aware vs safety-unaware merge search", models, lead,
                   _score_columns(res, models),
                   "EvoMM (CMA-ES) and LM-Cocktail searched with (λ > 0) and without (λ = 0) safety data in "
                   "the objective. Scores in %.")
@@ -176,7 +176,7 @@ def l2_table(res: Results) -> Table | None:
     refs = list(dict.fromkeys(k for m in models for k in m.l2))
     rows = [[Cell(m.name), Cell(method_label(m.method))]
             + [Cell(MISSING if r not in m.l2 else fmt_l2(m.l2[r]), numeric=True) for r in refs] for m in models]
-    return Table("Table 4: L2 distance to the expert and to the aligned model", ["model", "method"]
+    return Table("L2 distance to the expert and to the aligned model", ["model", "method"]
                  + [f"L2 to {r}" for r in refs], rows,
                  "‖θ_model − θ_reference‖₂ over all parameters.", [False, False] + [True] * len(refs))
 
@@ -190,7 +190,8 @@ def report_tables(res: Results) -> dict[str, Table]:
     """The score tables in report order, by key; those without any model to show are left out."""
     tables = {"main": main_table(res), "weighting": weighting_table(res), "safety_data": safety_data_table(res),
               "l2": l2_table(res)}
-    return {k: t for k, t in tables.items() if t is not None}
+    shown = {k: t for k, t in tables.items() if t is not None}
+    return {k: replace(t, title=f"Table {i}: {t.title}") for i, (k, t) in enumerate(shown.items(), 1)}  # no gaps
 
 
 # ---- rendering ----------------------------------------------------------------------------------------
