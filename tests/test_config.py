@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from safemerge.config import load_config, method_params, resolve
@@ -241,6 +243,31 @@ def test_more_configs_mergekit_reads_that_are_refused_clearly(bad, words):
         cfg(**bad)
     for w in words:
         assert w in str(e.value)
+
+
+def test_a_single_default_module_reads_as_the_plain_form(tiny_family):
+    """mergekit-multi writes every config back as `modules: {default: {slices: ...}}`; its parameters sit between
+    the slice's and the top level's."""
+    b, e = str(tiny_family["base"]), str(tiny_family["expert"])
+    slices = [{"sources": [{"model": b, "layer_range": [0, 2]}, {"model": e, "layer_range": [0, 2]}]},
+              {"sources": [{"model": e, "layer_range": [2, 3]}, {"model": b, "layer_range": [2, 3]}]}]
+    c = load_config({"merge_method": "slerp", "base_model": b, "parameters": {"t": 0.2},
+                     "modules": {"default": {"slices": slices, "parameters": {"t": [{"filter": "mlp", "value": 0.7}]}}}})
+    plain = load_config({"merge_method": "slerp", "base_model": b, "slices": slices,
+                         "parameters": {"t": [{"filter": "mlp", "value": 0.7}, {"value": 0.2}]}})
+    assert c.to_yaml_dict() == plain.to_yaml_dict()
+    assert method_params(c, tensor="model.layers.0.mlp.up_proj.weight", t=0)[0]["t"] == 0.7
+    assert method_params(c, tensor="model.layers.0.self_attn.q_proj.weight", t=0)[0]["t"] == 0.2
+    whole = load_config({"merge_method": "linear", "modules": {"default": {"models": [
+        {"model": e, "parameters": {"weight": 1.0}}]}}})
+    assert [m.model for m in whole.models] == [e]
+    for bad, words in (({"default": {"models": [], "slices": slices}}, "needs `models` or `slices` (one of them)"),
+                       ({"default": {"slices": slices, "sources": []}}, "modules.default: unknown key 'sources'"),
+                       ({"default": {"slices": slices}, "vision_tower": {"slices": slices}}, "only a single `default`")):
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            load_config({"merge_method": "slerp", "base_model": b, "parameters": {"t": 0.2}, "modules": bad})
+    with pytest.raises(ConfigError, match="give `modules` or `models`, not both"):
+        load_config({"merge_method": "linear", "models": [{"model": e}], "modules": {"default": {"models": [{"model": e}]}}})
 
 
 def test_a_model_revision_is_refused_clearly(tmp_path):

@@ -415,8 +415,7 @@ def read_yaml_documents(path: Path) -> list[dict]:
 def parse_config(data: dict, *, where: str = "config", folder: Path | None = None) -> MergeConfig:
     """Validate one config's mapping; with `folder`, model paths that do not exist as written are looked up there."""
     if "modules" in data:
-        raise ConfigError(f"{where}: `modules:` (mergekit's per-module merges of multimodal models) is not supported; "
-                          "merge with `models` (whole models) or `slices` (one layer stack)")
+        data = _from_modules(data, where)
     if "slices" in data:
         data = _from_slices(data, where, folder)
     data = _coerce(data)
@@ -533,6 +532,37 @@ def _from_slices(data: dict, where: str, folder: Path | None) -> dict:
     used = [src["model"] for piece in slices for src in piece["sources"]]
     out["models"] = [{"model": m} for m in dict.fromkeys(used)]
     return out  # a slice's own base_model stays its own, as in mergekit
+
+
+def _from_modules(data: dict, where: str) -> dict:
+    """mergekit's `modules:` form with its one `default` module (what mergekit-multi writes back for a text model)
+    as the plain form: the module's `models` or `slices` at the top level, its `parameters` before the top level's
+    (mergekit looks a parameter up in source, slice, module, then top level). Several modules (multimodal
+    models: a text decoder beside a vision tower) are refused."""
+    modules = data["modules"]
+    if not isinstance(modules, dict) or list(modules) != ["default"] or not isinstance(modules["default"], dict):
+        names = ", ".join(map(str, modules)) if isinstance(modules, dict) else repr(modules)
+        raise ConfigError(f"{where}: `modules:` ({names}): only a single `default` module is read (the form mergekit "
+                          "writes for a text model); per-module merges of multimodal models are not supported, so "
+                          "merge with `models` (whole models) or `slices` (one layer stack)")
+    module = modules["default"]
+    for key in module:
+        if key not in ("models", "slices", "parameters"):
+            raise ConfigError(f"{where}: modules.default: " + _unknown(key, ("models", "slices", "parameters"), "a module"))
+    if ("models" in module) == ("slices" in module):
+        raise ConfigError(f"{where}: modules.default needs `models` or `slices` (one of them)")
+    clash = [k for k in ("models", "slices") if k in data]
+    if clash:
+        raise ConfigError(f"{where}: give `modules` or `{clash[0]}`, not both")
+    out = {k: v for k, v in data.items() if k != "modules"}
+    out.update({k: module[k] for k in ("models", "slices") if k in module})
+    own = module.get("parameters")
+    if own:
+        top = data.get("parameters") or {}
+        if not isinstance(own, dict) or not isinstance(top, dict):
+            raise ConfigError(f"{where}: modules.default.parameters and parameters must be mappings of parameter: value")
+        out["parameters"] = {**top, **{k: _fallback(v, top[k]) if k in top else v for k, v in own.items()}}
+    return out
 
 
 def _params_or_empty(p: Any) -> Any:
