@@ -111,6 +111,18 @@ def test_mergealign_refuses_a_model_in_two_roles(tmp_path, tiny_family, role):
     assert not (tmp_path / "ma").exists()
 
 
+def test_merge_ignore_unknown_warns_and_merges(tmp_path, tiny_family):
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": str(tiny_family["base"]), "int_space": 1,
+                                   "models": [{"model": str(tiny_family["expert"]), "parameters": {"weight": 1.0}}]}))
+    r = runner.invoke(app, ["merge", str(cfg), str(tmp_path / "o")])
+    assert r.exit_code == 2 and "--ignore-unknown" in " ".join(r.output.split()) and not (tmp_path / "o").exists()
+    r = runner.invoke(app, ["merge", str(cfg), str(tmp_path / "o"), "--ignore-unknown"])
+    text = " ".join(r.output.split())
+    assert r.exit_code == 0 and "warning:" in text and "ignored 1 unknown key(s)" in text and "int_space" in text, r.output
+    assert "int_space" not in (tmp_path / "o" / "mergekit_config.yml").read_text()  # the config that was merged
+
+
 def test_methods_lists_declared_parameters():
     r = runner.invoke(app, ["methods", "--json"])
     rows = json.loads(r.stdout)

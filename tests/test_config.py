@@ -270,6 +270,31 @@ def test_a_single_default_module_reads_as_the_plain_form(tiny_family):
         load_config({"merge_method": "linear", "models": [{"model": e}], "modules": {"default": {"models": [{"model": e}]}}})
 
 
+def test_unknown_keys_are_errors_unless_ignored_as_mergekit_does(tiny_family):
+    """Real configs carry keys mergekit ignores (sce's `normalize`, model_stock's `weight`, a stray `dype`)."""
+    b, e, a = (str(tiny_family[k]) for k in ("base", "expert", "aligned"))
+    messy = {"merge_method": "sce", "base_model": b, "dype": "bfloat16", "parameters": {"select_topk": 0.5, "normalize": True},
+             "models": [{"model": e, "parameters": {"weight": 0.5}}, {"model": a, "parameters": {"weight": 0.5}}],
+             "tokenizer": {"source": "base", "mode": "x"}}
+    clean = {"merge_method": "sce", "base_model": b, "parameters": {"select_topk": 0.5},
+             "models": [{"model": e}, {"model": a}], "tokenizer": {"source": "base"}}
+    with pytest.raises(ConfigError, match=r"unknown key 'dype'.*--ignore-unknown"):
+        load_config(messy)
+    with pytest.warns(UserWarning, match=r"ignored 5 unknown key\(s\).*: dype, models\[0\]\.parameters\.weight, "
+                                         r"models\[1\]\.parameters\.weight, parameters\.normalize, tokenizer\.mode"):
+        got = load_config(messy, ignore_unknown=True)
+    assert got.to_yaml_dict() == load_config(clean).to_yaml_dict()
+    sliced = {"merge_method": "passthrough", "slices": [{"sources": [{"model": e, "layer_range": [0, 2], "revision": "main"}]}]}
+    with pytest.warns(UserWarning, match=r"slices\[0\]\.sources\[0\]\.revision"):
+        load_config(sliced, ignore_unknown=True)
+    with pytest.raises(ConfigError, match="parameters.t\\[0\\]: unknown key 'pattern' in a filter entry") as err:
+        load_config({"merge_method": "slerp", "base_model": b, "models": [{"model": e}],
+                     "parameters": {"t": [{"pattern": "mlp", "value": 0.3}, {"value": 0.5}]}}, ignore_unknown=True)
+    assert "--ignore-unknown" not in str(err.value)  # it would not help: the entry's meaning depends on the key
+    with pytest.raises(ConfigError, match="merge_method 'ranked_ties' is unknown"):  # not an empty `parameters:` error
+        load_config({"merge_method": "ranked_ties", "parameters": None, "models": [{"model": e}]})
+
+
 def test_a_model_revision_is_refused_clearly(tmp_path):
     (tmp_path / "m").mkdir()
     with pytest.raises(ConfigError, match="'model@revision' references are not supported"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
 
@@ -376,11 +377,11 @@ def _unknown(key: str, allowed, where: str) -> str:
     return f"unknown key {key!r} in {where}{did_you_mean(key, allowed)} (allowed: {', '.join(sorted(allowed)) or 'none'})"
 
 
-def load_config(source: Union[str, os.PathLike, dict, MergeConfig]) -> MergeConfig:
+def load_config(source: Union[str, os.PathLike, dict, MergeConfig], *, ignore_unknown: bool = False) -> MergeConfig:
     """Parse and validate a config from a YAML path, a dict or a MergeConfig.
 
     Model paths that do not exist relative to the working directory are looked up relative to the
-    YAML file's directory.
+    YAML file's directory. `ignore_unknown`: see parse_config.
     """
     if isinstance(source, MergeConfig):
         return source
@@ -391,8 +392,8 @@ def load_config(source: Union[str, os.PathLike, dict, MergeConfig]) -> MergeConf
             raise ConfigError(f"{path}: holds {len(docs)} merge configs (YAML documents); a multi-stage config runs with "
                               "`safemerge multimerge`, one merge per document" if docs else
                               f"{path}: is empty; a merge config is a YAML mapping with merge_method, models, ...")
-        return parse_config(docs[0], where=str(path), folder=path.parent)
-    return parse_config(source)
+        return parse_config(docs[0], where=str(path), folder=path.parent, ignore_unknown=ignore_unknown)
+    return parse_config(source, ignore_unknown=ignore_unknown)
 
 
 def read_yaml_documents(path: Path) -> list[dict]:
@@ -412,19 +413,101 @@ def read_yaml_documents(path: Path) -> list[dict]:
     return docs
 
 
-def parse_config(data: dict, *, where: str = "config", folder: Path | None = None) -> MergeConfig:
-    """Validate one config's mapping; with `folder`, model paths that do not exist as written are looked up there."""
-    if "modules" in data:
-        data = _from_modules(data, where)
-    if "slices" in data:
-        data = _from_slices(data, where, folder)
-    data = _coerce(data)
-    if folder is not None:
-        data = _relative_to(data, folder)
+def parse_config(data: dict, *, where: str = "config", folder: Path | None = None,
+                 ignore_unknown: bool = False) -> MergeConfig:
+    """Validate one config's mapping; with `folder`, model paths that do not exist as written are looked up there.
+    With `ignore_unknown`, keys and parameters safemerge does not know are left out with a warning (mergekit
+    ignores them without one) instead of being errors."""
+    if ignore_unknown:
+        data = drop_unknown(data, where)
     try:
+        if "modules" in data:
+            data = _from_modules(data, where)
+        method = data.get("merge_method")
+        if isinstance(method, str):
+            get_method(method)  # an unknown method is the error to give, before anything it would explain
+        if "slices" in data:
+            data = _from_slices(data, where, folder)
+        data = _coerce(data)
+        if folder is not None:
+            data = _relative_to(data, folder)
         return MergeConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(f"{where}: " + "; ".join(_fmt(err) for err in e.errors())) from None
+    except (ConfigError, ValidationError) as e:
+        text = "; ".join(_fmt(err) for err in e.errors()) if isinstance(e, ValidationError) else str(e)
+        text = text if text.startswith(f"{where}: ") else f"{where}: {text}"
+        if not ignore_unknown and re.search(r"unknown key '[^']*'(?! in a filter entry)", text):
+            text += " (mergekit ignores unknown keys; --ignore-unknown / ignore_unknown=True does too, with a warning)"
+        raise ConfigError(text) from None
+
+
+def drop_unknown(data: dict, where: str) -> dict:
+    """`data` without the keys and the merge method's parameters that safemerge does not know, each named in one
+    warning. Values are not checked here; a known key with a bad value is still an error."""
+    import warnings
+
+    from safemerge.methods import METHODS
+
+    spec = METHODS.get(data.get("merge_method")) if isinstance(data.get("merge_method"), str) else None
+    dropped: list[str] = []
+
+    def keep(d: Any, allowed: Any, at: str) -> Any:
+        if not isinstance(d, dict):
+            return d
+        for k in d:
+            if k not in allowed:
+                dropped.append(f"{at}{k}")
+        return {k: v for k, v in d.items() if k in allowed}
+
+    def params(d: Any, allowed: Any, at: str) -> Any:
+        return d if spec is None else keep(d, allowed, at)
+
+    every = (set(spec.global_params) | set(spec.model_params)) if spec else set()
+    per_model = set(spec.model_params) if spec else set()
+
+    def entry(d: Any, keys: tuple[str, ...], allowed: Any, at: str) -> Any:
+        """A model, slice source or slice: its own keys, then its parameters."""
+        d = keep(d, keys, at)
+        if isinstance(d, dict) and "parameters" in d:
+            d = {**d, "parameters": params(d["parameters"], allowed, f"{at}parameters.")}
+        return d
+
+    def models(entries: Any, at: str) -> Any:
+        if not isinstance(entries, list):
+            return entries
+        return [entry(m, ("model", "parameters"), per_model, f"{at}[{i}].") for i, m in enumerate(entries)]
+
+    def slices(entries: Any, at: str) -> Any:
+        if not isinstance(entries, list):
+            return entries
+        out = []
+        for i, piece in enumerate(entries):
+            piece = entry(piece, ("sources", "parameters", "base_model"), every, f"{at}[{i}].")
+            if isinstance(piece, dict) and isinstance(piece.get("sources"), list):
+                piece = {**piece, "sources": [entry(src, ("model", "layer_range", "parameters"), per_model,
+                                                    f"{at}[{i}].sources[{j}].") for j, src in enumerate(piece["sources"])]}
+            out.append(piece)
+        return out
+
+    def body(d: dict, at: str) -> dict:
+        d = dict(d)
+        if "models" in d:
+            d["models"] = models(d["models"], f"{at}models")
+        if "slices" in d:
+            d["slices"] = slices(d["slices"], f"{at}slices")
+        if "parameters" in d:
+            d["parameters"] = params(d["parameters"], every, f"{at}parameters.")
+        return d
+
+    out = body(keep(data, set(MergeConfig.model_fields) | {"modules"}, ""), "")
+    if isinstance(out.get("modules"), dict) and isinstance(out["modules"].get("default"), dict):
+        module = keep(out["modules"]["default"], ("models", "slices", "parameters"), "modules.default.")
+        out["modules"] = {**out["modules"], "default": body(module, "modules.default.")}
+    if isinstance(out.get("tokenizer"), dict):
+        out["tokenizer"] = keep(out["tokenizer"], set(TokenizerSection.model_fields), "tokenizer.")
+    if dropped:
+        warnings.warn(f"{where}: ignored {len(dropped)} unknown key(s) (mergekit ignores them too): "
+                      f"{', '.join(dropped)}", UserWarning, stacklevel=3)
+    return out
 
 
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
@@ -471,6 +554,12 @@ def _coerce(data: dict) -> dict:
     def value(key: str, v: Any) -> Any:
         v = _filter_list(v)
         if isinstance(v, list):
+            for i, e in enumerate(v):
+                odd = sorted(str(k) for k in e if k not in ("filter", "value")) if isinstance(e, dict) else []
+                if odd:  # mergekit drops such a key, so the entry would apply to every tensor
+                    hint = " (mergekit's older `pattern:` is `filter:` now)" if "pattern" in odd else ""
+                    raise ConfigError(f"parameters.{key}[{i}]: unknown key {odd[0]!r} in a filter entry (allowed: "
+                                      f"filter, value){hint}")
             return [{**e, "value": value(key, e["value"])} if isinstance(e, dict) and "value" in e else leaf(key, e)
                     for e in v]
         return leaf(key, v)

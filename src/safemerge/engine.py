@@ -465,15 +465,17 @@ def merge(
     progress: bool = True,
     title: str | None = None,
     card_extra: str = "",
+    ignore_unknown: bool = False,
 ) -> Path:
     """Merge the models of a mergekit-style config into a complete HF checkpoint at `out_dir`.
 
     Computes in float32 on `device` ("cpu" or "cuda") and casts each tensor once to `out_dtype`
     (else `dtype`, else the base model's). The output appears at `out_dir` only when complete.
     `workers` tensors are merged at once (default: one per core on the CPU, one on a GPU); with more
-    than one, torch runs single-threaded inside each for the duration of the merge.
+    than one, torch runs single-threaded inside each for the duration of the merge. `ignore_unknown`: keys and
+    parameters safemerge does not know are left out with a warning (as mergekit ignores them) instead of errors.
     """
-    cfg = load_config(config)
+    cfg = load_config(config, ignore_unknown=ignore_unknown)
     check_device(device)
     if max_shard_size <= 0:
         raise ConfigError(f"max_shard_size {max_shard_size}: the output shard size must be positive (e.g. 5GB)")

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from safemerge.checkpoint import atomic_write
-from safemerge.config import (VOCAB_KEYWORDS, MergeConfig, map_model_refs, parse_config, read_yaml_documents,
-                              split_reference)
+from safemerge.config import (VOCAB_KEYWORDS, MergeConfig, drop_unknown, map_model_refs, parse_config,
+                              read_yaml_documents, split_reference)
 from safemerge.errors import ConfigError
 
 RECORD = "multimerge.json"
@@ -64,8 +64,10 @@ class MultimergeResult:
                 "made": self.made, "kept": self.kept}
 
 
-def plan(config: str | os.PathLike, out: str | os.PathLike | None, intermediate_dir: str | os.PathLike) -> list[Stage]:
-    """The merges of a multi-stage config in the order they run, each validated, names replaced by output paths."""
+def plan(config: str | os.PathLike, out: str | os.PathLike | None, intermediate_dir: str | os.PathLike, *,
+         ignore_unknown: bool = False) -> list[Stage]:
+    """The merges of a multi-stage config in the order they run, each validated, names replaced by output paths
+    (with `ignore_unknown`, keys safemerge does not know left out with a warning: config.parse_config)."""
     path = Path(config).expanduser()
     docs = read_yaml_documents(path)
     if not docs:
@@ -96,6 +98,8 @@ def plan(config: str | os.PathLike, out: str | os.PathLike | None, intermediate_
         label = name if name is not None else "the final merge"
         if name in needs:
             raise ConfigError(f"{path}: merge {name!r} reads its own output")
+        if ignore_unknown:
+            data = drop_unknown(data, f"{path}, {label}")
         cfg = parse_config(data, where=f"{path}, {label}", folder=path.parent)
         target = inter / name if name is not None else Path(out).expanduser().absolute()
         stages.append(Stage(name, cfg, needs, target, data, f"{path}, {label}", path.parent))
@@ -111,6 +115,7 @@ def multimerge(
     overwrite: bool = False,
     progress: bool = True,
     report: Callable[[str], None] | None = None,
+    ignore_unknown: bool = False,
     **merge_options: Any,
 ) -> MultimergeResult:
     """Run a multi-stage config (see the module's docstring). `merge_options` go to every `safemerge.merge` (device,
@@ -119,7 +124,7 @@ def multimerge(
     from safemerge.engine import merge
     from safemerge.lora import open_model
 
-    stages = plan(config, out, intermediate_dir)
+    stages = plan(config, out, intermediate_dir, ignore_unknown=ignore_unknown)
     inter = Path(intermediate_dir).expanduser().absolute()
     record = _read_record(inter)
     made_by_us = {e.get("out") for e in record.values()}

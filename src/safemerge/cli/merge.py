@@ -16,6 +16,8 @@ from safemerge.cli._common import emit_json, out, user_errors
 Device = Annotated[str, typer.Option(help="Compute on cpu or cuda.")]
 AllowPickle = Annotated[bool, typer.Option(help="Allow reading .bin (pickle) checkpoints; only for inputs you trust.")]
 AllowNonfinite = Annotated[bool, typer.Option(help="Merge tensors with NaN/Inf (warn instead of failing).")]
+IgnoreUnknown = Annotated[bool, typer.Option(help="Leave out config keys and method parameters safemerge does not know, "
+                                                  "with a warning, as mergekit ignores them (default: an error).")]
 ShardSize = Annotated[str, typer.Option(help="Maximum output shard size, e.g. 5GB, 500MB.")]
 Workers = Annotated[Optional[int], typer.Option("--workers", "-j", min=1,
                                                 help="Tensors merged at once (default: one per CPU core; 1 on cuda).")]
@@ -39,6 +41,7 @@ def merge(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
     allow_pickle: AllowPickle = False,
     allow_nonfinite: AllowNonfinite = False,
+    ignore_unknown: IgnoreUnknown = False,
     shard_size: ShardSize = "5GB",
     workers: Workers = None,
     progress: Progress = True,
@@ -52,7 +55,7 @@ def merge(
         start = time.perf_counter()
         path = safemerge.merge(config, out_dir, device=device, overwrite=overwrite, allow_pickle=allow_pickle,
                                allow_nonfinite=allow_nonfinite, max_shard_size=parse_size(shard_size), workers=workers,
-                               progress=progress)
+                               progress=progress, ignore_unknown=ignore_unknown)
         _report(path, json_out, time.perf_counter() - start)
 
 
@@ -66,6 +69,7 @@ def multimerge(
     overwrite: Annotated[bool, typer.Option(help="Let a merge replace a folder that this config's earlier runs did not write.")] = False,
     allow_pickle: AllowPickle = False,
     allow_nonfinite: AllowNonfinite = False,
+    ignore_unknown: IgnoreUnknown = False,
     shard_size: ShardSize = "5GB",
     workers: Workers = None,
     progress: Progress = True,
@@ -79,7 +83,8 @@ def multimerge(
         result = safemerge.multimerge(
             config, out_path, intermediate_dir=intermediate_dir, lazy=lazy, overwrite=overwrite, progress=progress,
             report=None if json_out else (lambda line: out.print(escape(line))), device=device, allow_pickle=allow_pickle,
-            allow_nonfinite=allow_nonfinite, max_shard_size=parse_size(shard_size), workers=workers)
+            allow_nonfinite=allow_nonfinite, max_shard_size=parse_size(shard_size), workers=workers,
+            ignore_unknown=ignore_unknown)
         if json_out:
             emit_json(result.summary())
         else:
