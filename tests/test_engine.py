@@ -344,6 +344,9 @@ def test_interrupted_merge_leaves_nothing_at_the_target(tmp_path, tiny_family, s
 @pytest.mark.parametrize("value, rendered", [
     ("chatml", "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"),
     ("llama3", "<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"),
+    ("alpaca", "### Instruction:\nhi\n\n### Response:\n"),
+    ("mistral", "[INST] hi [/INST]"),
+    ("exaone", "[|system|][|endofturn|]\n[|user|]hi\n[|assistant|]"),
     ("{% for m in messages %}[{{ m['content'] }}]{% endfor %}", "[hi]"),
 ])
 def test_chat_template_names_and_texts_as_mergekit_reads_them(tmp_path, tiny_family, value, rendered):
@@ -360,7 +363,7 @@ def test_chat_template_auto_takes_the_inputs_own_and_bad_names_are_refused(tmp_p
 
     out = safemerge.merge(ta_config(tiny_family, chat_template="auto"), tmp_path / "auto", progress=False)
     assert chat_template_text(out).strip() == chat_template_text(tiny_family["aligned"]).strip()
-    for bad, words in (("chatm", "neither a built-in template (chatml, llama3)"), ("{% for %}", "not a valid Jinja")):
+    for bad, words in (("chatm", "neither a built-in template (alpaca, chatml, exaone, llama3, mistral)"), ("{% for %}", "not a valid Jinja")):
         with pytest.raises(ConfigError, match=re.escape(words)):
             safemerge.merge(ta_config(tiny_family, chat_template=bad), tmp_path / "bad", progress=False)
         assert not (tmp_path / "bad").exists()

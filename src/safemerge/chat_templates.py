@@ -1,6 +1,7 @@
 """The config's `chat_template` key, as mergekit reads it: a built-in name, `auto`, or the template itself.
 
-- `chatml` / `llama3`: the ChatML and Llama 3 chat formats, written here;
+- `chatml`, `llama3`, `alpaca`, `mistral`, `exaone`: those chat formats (mergekit 0.1.5's built-in names),
+  written here;
 - `auto`: the template most of the input models carry (the first of them on a tie), else none;
 - any other string containing `{` is a Jinja template, checked to compile;
 - anything else is an error (a name would otherwise be stored as the template text, and every
@@ -26,6 +27,31 @@ BUILT_IN = {
         "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
         "{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+    ),
+    "alpaca": (  # a system message, then "### Instruction:" / "### Response:" blocks
+        "{% for message in messages %}"
+        "{% if message['role'] == 'system' %}{{ message['content'] | trim + '\\n\\n' }}"
+        "{% elif message['role'] == 'user' %}{{ '### Instruction:\\n' + message['content'] | trim + '\\n\\n' }}"
+        "{% elif message['role'] == 'assistant' %}{{ '### Response:\\n' + message['content'] | trim + eos_token + '\\n\\n' }}"
+        "{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}"
+    ),
+    "mistral": (  # [INST] ... [/INST] turns; a system message goes before the first user turn's text
+        "{{ bos_token }}"
+        "{% set system = messages[0]['content'] | trim if messages and messages[0]['role'] == 'system' else '' %}"
+        "{% for message in messages if message['role'] != 'system' %}"
+        "{% if message['role'] == 'user' %}"
+        "{{ '[INST] ' + (system + '\\n\\n' if loop.first and system else '') + message['content'] | trim + ' [/INST]' }}"
+        "{% else %}{{ ' ' + message['content'] | trim + eos_token }}{% endif %}"
+        "{% endfor %}"
+    ),
+    "exaone": (  # [|role|] turns, each but the user's closed by [|endofturn|]; an empty system turn when none is given
+        "{% for message in messages %}"
+        "{% if loop.first and message['role'] != 'system' %}{{ '[|system|][|endofturn|]\\n' }}{% endif %}"
+        "{{ '[|' + message['role'] + '|]' + message['content'] }}"
+        "{{ '\\n' if message['role'] == 'user' else '[|endofturn|]\\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '[|assistant|]' }}{% endif %}"
     ),
 }
 
