@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 
 import pytest
 from safetensors.torch import load_file, save_file
@@ -64,16 +65,23 @@ def test_an_empty_chat_template_file_is_no_template(chat_model, mc_file, store, 
     assert r["format"] == "plain"
 
 
-def test_generation_warns_without_eos_and_past_the_context(refuser, prompts_file, store, tmp_path):
+def test_generation_warns_without_eos_and_past_the_context(refuser, prompts_file, store, tmp_path, capfd):
     m = _copy(refuser, tmp_path / "m")
     cfg = json.loads((m / "config.json").read_text())
     cfg["max_position_embeddings"] = 16
     (m / "config.json").write_text(json.dumps(cfg))
-    with pytest.warns(EvaluationWarning, match="exceeds the model's context of 16 tokens"):
+    with pytest.warns(EvaluationWarning, match="ran past the model.s context of 16 tokens"):
         first = evaluate_safety(m, prompts=prompts_file, max_new_tokens=12, device="cpu", store=store, limit=2)
-    with pytest.warns(EvaluationWarning, match="exceeds the model's context of 16 tokens"):  # the stored result says it too
+    with pytest.warns(EvaluationWarning, match="ran past the model.s context of 16 tokens"):  # the stored result says it too
         again = evaluate_safety(m, prompts=prompts_file, max_new_tokens=12, device="cpu", store=store, limit=2)
     assert again["cached"] and any("context of 16 tokens" in w for w in first["warnings"])
+    assert "friendly reminder" not in capfd.readouterr().err  # transformers' own line, about the padded batch
+    cfg["max_position_embeddings"] = 96  # room for these prompts and their short refusals, not for 256 new tokens
+    (m / "config.json").write_text(json.dumps(cfg))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        roomy = evaluate_safety(m, prompts=prompts_file, max_new_tokens=256, device="cpu", store=store, limit=2)
+    assert not any("context" in str(w.message) for w in seen) and roomy["safe_rate"] is not None  # no answer ran past
     tok = json.loads((m / "tokenizer_config.json").read_text())
     tok["eos_token"] = None
     (m / "tokenizer_config.json").write_text(json.dumps(tok))

@@ -15,9 +15,10 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -136,6 +137,24 @@ def pad_id(tokenizer: Any) -> int:
 
 
 @torch.inference_mode()
+@contextmanager
+def _without_length_reminder() -> Iterator[None]:
+    """transformers logs a "friendly reminder" once a padded batch outgrows max_position_embeddings, whether or not
+    any answer does; the backend's own warning counts the answers that did (TransformersBackend._check_context)."""
+    import logging
+
+    log = logging.getLogger("transformers.generation.stopping_criteria")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "friendly reminder" not in record.getMessage()
+
+    log.addFilter(keep)
+    try:
+        yield
+    finally:
+        log.removeFilter(keep)
+
+
 def generate_ids(
     model: Any,
     sequences: Sequence[Sequence[int]],
@@ -187,7 +206,8 @@ def generate_ids(
             s = sequences[i]
             ids[r, width - len(s) :] = torch.tensor(s, dtype=torch.long)
             mask[r, width - len(s) :] = 1
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+        with _without_length_reminder():
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
         new = out.sequences[:, width:].tolist()
         logits = torch.stack(out.logits, dim=1).float().cpu() if score_fn is not None else None  # (B, S, V)
         for r, i in enumerate(idx):
@@ -254,7 +274,7 @@ class TransformersBackend:
     ) -> list[Generation]:
         seqs = [encode(self.tokenizer, self.render(p, settings)) for p in prompts]
         eos = eos_ids(self.model, self.tokenizer)
-        self._check_lengths(seqs, settings.max_new_tokens, eos)
+        self._check_eos(eos, settings.max_new_tokens)
         outs = generate_ids(
             self.model,
             seqs,
@@ -267,23 +287,31 @@ class TransformersBackend:
             seed=settings.seed,
             progress=progress,
         )
+        self._check_context(seqs, outs, settings.max_new_tokens)
         return [
             Generation(self.tokenizer.decode(o.tokens, skip_special_tokens=True), len(s), len(o.tokens), o.finished)
             for s, o in zip(seqs, outs)
         ]
 
-    def _check_lengths(self, seqs: Sequence[Sequence[int]], max_new_tokens: int, eos: list[int]) -> None:
+    def _check_eos(self, eos: list[int], max_new_tokens: int) -> None:
         """Warn (the answers are still generated, as asked) when no end-of-sequence token is known, so every
-        answer runs to max_new_tokens, and when prompt + answer outgrow the context the model was trained for."""
+        answer runs to max_new_tokens."""
         if not eos:
             warnings.warn(f"{self.source}: neither the tokenizer nor generation_config.json names an end-of-sequence "
                           f"token, so every answer runs to max_new_tokens ({max_new_tokens})", EvaluationWarning, stacklevel=3)
+
+    def _check_context(self, seqs: Sequence[Sequence[int]], outs: Sequence[Any], max_new_tokens: int) -> None:
+        """Warn when a prompt and its answer did outgrow the context the model was trained for (not merely could:
+        most answers end long before max_new_tokens)."""
         context = getattr(self.model.config, "max_position_embeddings", None)
-        longest = max((len(s) for s in seqs), default=0)
-        if isinstance(context, int) and longest + max_new_tokens > context:
-            warnings.warn(f"{self.source}: the longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) "
-                          f"exceeds the model's context of {context} tokens; answers past it are unreliable (lower "
-                          "--max-new-tokens, or shorten the prompts)", EvaluationWarning, stacklevel=3)
+        if not isinstance(context, int):
+            return
+        over = sum(len(s) + len(o.tokens) > context for s, o in zip(seqs, outs))
+        if over:
+            warnings.warn(f"{self.source}: {over} of {len(seqs)} prompts and their answers ran past the model's context "
+                          f"of {context} tokens; those answers are unreliable (lower max_new_tokens, --max-new-tokens "
+                          f"on the command line, now {max_new_tokens}; or shorten the prompts)", EvaluationWarning,
+                          stacklevel=3)
 
 
 def get_backend(
