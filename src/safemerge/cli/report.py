@@ -77,7 +77,7 @@ def compare(
     judge_model: Annotated[Optional[str], typer.Option(help="Checkpoint of the guard judge (local path).")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Use the first N harmful prompts of each set.")] = None,
     domain_limit: Annotated[Optional[int], typer.Option(help="Use the first N questions of each task.")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per harmful prompt.")] = 64,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per harmful prompt.")] = 256,
     format: Annotated[str, typer.Option(help="Prompt format of the multiple-choice tasks: plain | chat")] = "plain",
     batch_size: Annotated[Optional[int], typer.Option(help="Batch size (default: each evaluation's own).")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
