@@ -66,7 +66,11 @@ def _classes(method: str):
         from trl import DPOConfig, DPOTrainer
 
         return DPOConfig, DPOTrainer
-    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+    import warnings
+
+    with warnings.catch_warnings():  # the notice that trl.experimental may change is for TRL's users; we pin TRL
+        warnings.filterwarnings("ignore", message="You are importing from 'trl.experimental'")
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
     return ORPOConfig, ORPOTrainer
 
