@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from safemerge._hf import is_hub_id
+from safemerge._hf import is_hub_id, quiet_transformers
 from safemerge.checkpoint import nonfinite
 from safemerge.errors import CheckpointError, SafemergeError
 from safemerge.writer import TOKENIZER_FILES
@@ -139,9 +139,10 @@ def load_model(
         raise CheckpointError(f"{p}: not an HF model directory (no config.json); pass the directory of a saved model")
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(tokenizer_folder(p, adapter))
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            p, dtype=resolve_dtype(dtype), trust_remote_code=False, use_safetensors=not allow_pickle
-        )
+        with quiet_transformers():  # its "Loading weights" bar per model; the evaluations show their own
+            model = AutoModelForCausalLM.from_pretrained(
+                p, dtype=resolve_dtype(dtype), trust_remote_code=False, use_safetensors=not allow_pickle
+            )
     except Exception as e:
         raise CheckpointError(f"{p}: cannot load the model ({type(e).__name__}: {e})") from None
     if adapter is not None:
