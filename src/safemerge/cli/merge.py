@@ -160,7 +160,7 @@ def extract_lora(
 
 def methods(json_out: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False) -> None:
     """List the merge methods with their parameters and defaults."""
-    from rich.table import Table
+    from rich.table import Column, Table
 
     from safemerge.methods import METHODS, REQUIRED
 
@@ -173,11 +173,12 @@ def methods(json_out: Annotated[bool, typer.Option("--json", help="Print as JSON
         return emit_json(rows)
     from safemerge.methods import native
 
-    table = Table("method", "takes", "global parameters", "per-model parameters",
+    table = Table("method", "takes", Column("global parameters", overflow="fold"),
+                  Column("per-model parameters", overflow="fold"),
                   caption=f"fused CPU kernels for task_arithmetic and ties: {native.status()}")
     for n, r in rows.items():
-        table.add_row(n, r["inputs"], ", ".join(f"{k}={v}" for k, v in r["global"].items()),
-                      ", ".join(f"{k}={v}" for k, v in r["per_model"].items()))
+        table.add_row(n, r["inputs"], "\n".join(f"{k}={v}" for k, v in r["global"].items()),  # one a line: none cut
+                      "\n".join(f"{k}={v}" for k, v in r["per_model"].items()))
     out.print(table)
 
 
