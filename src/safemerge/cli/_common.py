@@ -6,11 +6,14 @@ import json
 import sys
 import warnings
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Annotated, Any, Iterator
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+
+IgnoreUnknown = Annotated[bool, typer.Option(help="Leave out config keys and method parameters safemerge does not know, "
+                                                  "with a warning, as mergekit ignores them (default: an error).")]
 
 # the results store option of the commands that read or write stored evaluations (eval, card, publish)
 StoreOpt = typer.Option(None, "--store", help="Results store (default: $SAFEMERGE_HOME/results.sqlite or ./.safemerge/).")

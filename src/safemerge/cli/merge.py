@@ -10,14 +10,12 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from safemerge.cli._common import emit_json, out, user_errors
+from safemerge.cli._common import IgnoreUnknown, emit_json, out, user_errors
 
 # The options that every merge command shares.
 Device = Annotated[str, typer.Option(help="Compute on cpu or cuda.")]
 AllowPickle = Annotated[bool, typer.Option(help="Allow reading .bin (pickle) checkpoints; only for inputs you trust.")]
 AllowNonfinite = Annotated[bool, typer.Option(help="Merge tensors with NaN/Inf (warn instead of failing).")]
-IgnoreUnknown = Annotated[bool, typer.Option(help="Leave out config keys and method parameters safemerge does not know, "
-                                                  "with a warning, as mergekit ignores them (default: an error).")]
 ShardSize = Annotated[str, typer.Option(help="Maximum output shard size, e.g. 5GB, 500MB.")]
 Workers = Annotated[Optional[int], typer.Option("--workers", "-j", min=1,
                                                 help="Tensors merged at once (default: one per CPU core; 1 on cuda).")]

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from safemerge.cli._common import emit_json, loading_models, out
+from safemerge.cli._common import IgnoreUnknown, emit_json, loading_models, out
 from safemerge.search.pool_audit import AUDIT_LIMIT, AUDIT_THRESHOLD
 
 
@@ -44,6 +44,7 @@ def search(
     judge_model: Annotated[Optional[str], typer.Option(help="Checkpoint of the guard judge (local path).")] = None,
     store: Annotated[Optional[Path], typer.Option(help="Results store for the audit (default: $SAFEMERGE_HOME/results.sqlite or ./.safemerge/).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output (and start the journal afresh).")] = False,
+    ignore_unknown: IgnoreUnknown = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
@@ -57,7 +58,7 @@ def search(
                             temperature=temperature, limit=limit, batch_size=batch_size, device=device, threads=threads,
                             audit=audit, audit_prompts=audit_prompts, audit_limit=audit_limit,
                             audit_threshold=audit_threshold, judge=judge, judge_model=judge_model, store=store,
-                            progress=progress)
+                            ignore_unknown=ignore_unknown, progress=progress)
         if json_out:
             return emit_json(result.as_dict())
         _print(result)

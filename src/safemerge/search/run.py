@@ -97,6 +97,7 @@ def search(
     judge: Any = "keyword",
     judge_model: Any = None,
     store: Any = None,
+    ignore_unknown: bool = False,
     progress: bool = True,
     on_result: Callable[[int, Candidate, Score, bool], None] | None = None,
 ) -> SearchResult:
@@ -106,7 +107,8 @@ def search(
     `steps`: CMA-ES generations (default 100), grid points per axis (default 5); unused by cocktail.
     `limit` keeps the first N examples of each data file. `threads` sets torch's threads for scoring
     (default: torch's own in a serial run, 1 per worker). `on_result(index, candidate, score, replayed)`
-    is called after every candidate (tests use it to interrupt a run).
+    is called after every candidate (tests use it to interrupt a run). `ignore_unknown`: config keys safemerge
+    does not know are left out with a warning, as mergekit ignores them (safemerge.config.parse_config).
 
     Before the search, the pool is audited for safety (`audit=False` skips it): every model the merge mixes
     answers the first `audit_limit` prompts of `audit_prompts` (default: the safety data's prompts), `judge`
@@ -116,7 +118,7 @@ def search(
     and the model card.
     """
     start = time.perf_counter()
-    cfg = load_config(config).require_whole_models("the search")
+    cfg = load_config(config, ignore_unknown=ignore_unknown).require_whole_models("the search")
     lam = check_lambda(lambda_)
     if optimizer not in OPTIMIZERS:
         raise ConfigError(f"--optimizer {optimizer!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
