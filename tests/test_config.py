@@ -166,6 +166,9 @@ def test_a_model_listed_twice_is_refused_as_mergekit_does(tiny_family):
                 {"model": again, "parameters": {"weight": 0.5}}]})
     assert len(load_config({"merge_method": "ties", "base_model": b, "models": [
         {"model": b}, {"model": e, "parameters": {"weight": 1.0}}]}).models) == 2  # the base once in models is fine
+    spelt = load_config({"merge_method": "linear", "base_model": b, "models": [  # another spelling: not added again
+        {"model": b + "/", "parameters": {"weight": 0.5}}, {"model": e, "parameters": {"weight": 0.5}}]})
+    assert [m.model for m in spelt.models] == [b + "/", e]
     with pytest.raises(ConfigError, match=r"slices\[0\]: .* is a source twice"):
         load_config({"merge_method": "linear", "parameters": {"weight": 1.0},
                      "slices": [{"sources": [{"model": e, "layer_range": [0, 1]}, {"model": e + "/", "layer_range": [1, 2]}]}]})

@@ -188,7 +188,7 @@ class MergeConfig(BaseModel):
         spec = get_method(self.merge_method)
         if self.slices is not None:
             return self._check_slices(spec)
-        if spec.inputs == "models" and self.base_model and self.base_model not in [m.model for m in self.models]:
+        if spec.inputs == "models" and self.base_model and not any(same_model(self.base_model, m.model) for m in self.models):
             self.models.append(InputModel(model=self.base_model))  # mergekit merges the base as one more model
         self._check_top_parameters(spec)
         for m in self.models:
