@@ -55,6 +55,21 @@ def test_merges_of_merges_equal_the_merges_run_one_by_one(tiny_family, tmp_path)
     assert r.outputs == {"soup": tmp_path / "inter" / "soup", "ta": tmp_path / "inter" / "ta", None: tmp_path / "out"}
 
 
+def test_stages_in_the_modules_form_mergekit_writes_back_read_earlier_merges(tiny_family, tmp_path):
+    final, soup, ta = _docs(tiny_family)
+    plain = safemerge.multimerge(_write(tmp_path / "plain.yml", final, soup, ta), tmp_path / "plain",
+                                 intermediate_dir=tmp_path / "i1", progress=False)
+
+    def as_module(doc):
+        return {**{k: v for k, v in doc.items() if k != "models"}, "modules": {"default": {"models": doc["models"]}}}
+
+    r = safemerge.multimerge(_write(tmp_path / "modules.yml", as_module(final), soup, as_module(ta)), tmp_path / "mod",
+                             intermediate_dir=tmp_path / "i2", progress=False)
+    assert r.made == plain.made == ["soup", "ta", "the final merge"]  # `soup` inside modules.default is a reference
+    want, got = _tensors(tmp_path / "plain"), _tensors(tmp_path / "mod")
+    assert want.keys() == got.keys() and all((want[k] == got[k]).all() for k in want)
+
+
 def test_reruns_keep_what_did_not_change_and_remake_what_reads_a_remade_merge(tiny_family, tmp_path):
     cfg, out, inter = tmp_path / "multi.yml", tmp_path / "out", tmp_path / "inter"
     _write(cfg, *_docs(tiny_family))

@@ -742,7 +742,7 @@ def _relative_to(data: dict, folder: Path) -> dict:
 
 def map_model_refs(data: dict, f: Callable[[str], str]) -> dict:
     """A config mapping as written, with `f` applied to every model reference in it: `base_model`, `models[].model`,
-    each slice's sources and `base_model`, `tokenizer_source` / `tokenizer.source` (the keywords base and union
+    each slice's sources and `base_model` (at the top level and in each `modules:` entry), `tokenizer_source` / `tokenizer.source` (the keywords base and union
     left as they are) and the model of each `tokenizer.tokens` entry. Entries of the wrong shape are left for the
     validation to name."""
 
@@ -770,13 +770,19 @@ def map_model_refs(data: dict, f: Callable[[str], str]) -> dict:
             return dict(e, source=dict(src, model=ref(src["model"])))
         return e
 
-    out = dict(data)
+    def body(d: dict) -> dict:  # the top level, or a `modules:` entry
+        d = dict(d)
+        if "models" in d:
+            d["models"] = models(d["models"])
+        if isinstance(d.get("slices"), list):
+            d["slices"] = [piece(p) for p in d["slices"]]
+        return d
+
+    out = body(data)
     if "base_model" in out:
         out["base_model"] = ref(out["base_model"])
-    if "models" in out:
-        out["models"] = models(out["models"])
-    if isinstance(out.get("slices"), list):
-        out["slices"] = [piece(p) for p in out["slices"]]
+    if isinstance(out.get("modules"), dict):
+        out["modules"] = {k: body(m) if isinstance(m, dict) else m for k, m in out["modules"].items()}
     if "tokenizer_source" in out:
         out["tokenizer_source"] = source(out["tokenizer_source"])
     tok = out.get("tokenizer")
