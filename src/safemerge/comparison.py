@@ -236,7 +236,7 @@ def compare(
                             lambda src: load_multiple_choice(src, limit=domain_limit))
     general = load_multiple_choice(general_task, limit=domain_limit) if general_task is not None else None
     domains = _domains([(key, d) for key, d, _ in keyed], list(refs))
-    _warn_role_names(refs, expert=expert, aligned=aligned)
+    _warn_role_names(refs, expert=expert)
     picked = [knowledge] if isinstance(knowledge, str) else list(knowledge or [])
     unknown = [k for k in picked if k not in domains]
     if unknown:
@@ -311,16 +311,16 @@ def _check_model(ref: str) -> tuple[str, str | None]:
     return key
 
 
-def _warn_role_names(refs: dict[str, str], **given: str | None) -> None:
-    """--expert/--aligned name a model the claims will not find: they look for `expert-<d>` and `aligned`."""
+def _warn_role_names(refs: dict[str, str], *, expert: str | None) -> None:
+    """--expert names a model the knowledge claim will not find: it compares MergeAlign with `expert-<d>` by name
+    (the aligned model is found by its method too, which compare gives the --aligned model)."""
     import warnings
 
-    for role, ref in given.items():
-        name = ref if ref in refs else next((n for n, r in refs.items() if r == ref), None)
-        wanted = "expert-<domain>" if role == "expert" else "aligned"
-        if name is not None and not (name.startswith("expert-") if role == "expert" else name == "aligned"):
-            warnings.warn(f"--{role} {ref}: used for the L2 distances, but the papers' claims look for the model named "
-                          f"{wanted}; to check them, name it so ({wanted}=PATH)", UserWarning, stacklevel=3)
+    name = expert if expert in refs else next((n for n, r in refs.items() if r == expert), None)
+    if name is not None and not name.startswith("expert-"):
+        warnings.warn(f"--expert {expert}: used for the L2 distances, but the knowledge claim compares MergeAlign with "
+                      "the model named expert-<domain>; to check it, name the expert so (expert-<domain>=PATH)",
+                      UserWarning, stacklevel=3)
 
 
 def _domains(columns: list[tuple[str, str | None]], models: list[str]) -> list[str]:
