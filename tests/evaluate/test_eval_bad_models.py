@@ -65,17 +65,27 @@ def test_an_empty_chat_template_file_is_no_template(chat_model, mc_file, store, 
     assert r["format"] == "plain"
 
 
-def test_generation_warns_without_eos_and_past_the_context(refuser, prompts_file, store, tmp_path, capfd):
+def test_generation_warns_without_eos_and_past_the_context(refuser, prompts_file, store, tmp_path):
+    import logging
+
     m = _copy(refuser, tmp_path / "m")
     cfg = json.loads((m / "config.json").read_text())
     cfg["max_position_embeddings"] = 16
     (m / "config.json").write_text(json.dumps(cfg))
-    with pytest.warns(EvaluationWarning, match="ran past the model.s context of 16 tokens"):
-        first = evaluate_safety(m, prompts=prompts_file, max_new_tokens=12, device="cpu", store=store, limit=2)
+    logged: list[str] = []
+    catch = logging.Handler()
+    catch.emit = lambda record: logged.append(record.getMessage())
+    reminders = logging.getLogger("transformers.generation.stopping_criteria")
+    reminders.addHandler(catch)  # sees what the logger's filters let through
+    try:
+        with pytest.warns(EvaluationWarning, match="ran past the model.s context of 16 tokens"):
+            first = evaluate_safety(m, prompts=prompts_file, max_new_tokens=12, device="cpu", store=store, limit=2)
+    finally:
+        reminders.removeHandler(catch)
+    assert not any("friendly reminder" in line for line in logged)  # transformers' own line, about the padded batch
     with pytest.warns(EvaluationWarning, match="ran past the model.s context of 16 tokens"):  # the stored result says it too
         again = evaluate_safety(m, prompts=prompts_file, max_new_tokens=12, device="cpu", store=store, limit=2)
     assert again["cached"] and any("context of 16 tokens" in w for w in first["warnings"])
-    assert "friendly reminder" not in capfd.readouterr().err  # transformers' own line, about the padded batch
     cfg["max_position_embeddings"] = 96  # room for these prompts and their short refusals, not for 256 new tokens
     (m / "config.json").write_text(json.dumps(cfg))
     with warnings.catch_warnings(record=True) as seen:
@@ -150,3 +160,17 @@ def test_bad_batch_sizes_files_and_outputs_are_clear_errors(chat_model, mc_file,
     with pytest.raises(SafemergeError, match="is the prompts file itself"):
         evaluate_safety(chat_model, prompts=prompts_file, out=prompts_file, overwrite=True, max_new_tokens=2, store=store)
     assert prompts_file.read_text() == before
+
+
+def test_generation_runs_in_inference_mode(refuser):
+    """generate_ids is decorated with torch.inference_mode(): no autograd state while answers are generated."""
+    import torch
+
+    from safemerge.evaluate.backends import eos_ids, generate_ids
+    from safemerge.evaluate.loading import load_model
+
+    model, tok = load_model(refuser, device="cpu")
+    seen = []
+    generate_ids(model, [tok("Why?")["input_ids"]], max_new_tokens=2, pad=0, eos=eos_ids(model, tok),
+                 score_fn=lambda logits, tokens: seen.append(torch.is_inference_mode_enabled()))
+    assert seen == [True]

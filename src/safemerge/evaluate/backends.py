@@ -136,7 +136,6 @@ def pad_id(tokenizer: Any) -> int:
     return 0
 
 
-@torch.inference_mode()
 @contextmanager
 def _without_length_reminder() -> Iterator[None]:
     """transformers logs a "friendly reminder" once a padded batch outgrows max_position_embeddings, whether or not
@@ -155,6 +154,7 @@ def _without_length_reminder() -> Iterator[None]:
         log.removeFilter(keep)
 
 
+@torch.inference_mode()
 def generate_ids(
     model: Any,
     sequences: Sequence[Sequence[int]],
