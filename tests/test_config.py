@@ -169,6 +169,12 @@ def test_a_model_listed_twice_is_refused_as_mergekit_does(tiny_family):
     spelt = load_config({"merge_method": "linear", "base_model": b, "models": [  # another spelling: not added again
         {"model": b + "/", "parameters": {"weight": 0.5}}, {"model": e, "parameters": {"weight": 0.5}}]})
     assert [m.model for m in spelt.models] == [b + "/", e]
+    from safemerge.search.cocktail import linear_config
+
+    ties = load_config({"merge_method": "ties", "base_model": b, "models": [
+        {"model": b + "/"}, {"model": e, "parameters": {"weight": 1.0, "density": 0.5}}]})
+    assert [m.model for m in ties.others()] == [e]  # the base under another spelling is still the base
+    assert [m.model for m in linear_config(ties, [0.4, 0.6]).models] == [b + "/", e]  # LM-Cocktail's mix: no 2nd base
     with pytest.raises(ConfigError, match=r"slices\[0\]: .* is a source twice"):
         load_config({"merge_method": "linear", "parameters": {"weight": 1.0},
                      "slices": [{"sources": [{"model": e, "layer_range": [0, 1]}, {"model": e + "/", "layer_range": [1, 2]}]}]})

@@ -301,7 +301,7 @@ class MergeConfig(BaseModel):
 
     def others(self) -> list[InputModel]:
         """The models other than the base, in config order."""
-        return [m for m in self.models if m.model != self.base_model]
+        return [m for m in self.models if not (self.base_model and same_model(m.model, self.base_model))]
 
     def weighted_models(self) -> list[InputModel]:
         """The models whose per-model parameters the method reads: every model for a whole-model method

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from safemerge.config import MergeConfig, load_config
+from safemerge.config import MergeConfig, load_config, same_model
 from safemerge.errors import ConfigError, SafemergeError
 from safemerge.search.evaluations import Candidate, Evaluations
 from safemerge.search.objective import Score
@@ -47,7 +47,7 @@ def linear_config(config: MergeConfig, weights: list[float]) -> MergeConfig:
     data["merge_method"] = "linear"
     data["parameters"] = {"normalize": True}
     data["models"] = [{"model": m.model, "parameters": {"weight": float(w)}} for m, w in zip(config.models, weights)]
-    if config.base_model and config.base_model not in [m.model for m in config.models]:
+    if config.base_model and not any(same_model(config.base_model, m.model) for m in config.models):
         data["models"].append({"model": config.base_model, "parameters": {"weight": 0.0}})
     return load_config(data)
 
