@@ -159,7 +159,7 @@ def test_bad_slices_are_refused(tiny_family, over, words):
 def test_a_model_listed_twice_is_refused_as_mergekit_does(tiny_family):
     """mergekit refuses duplicate merge inputs; the engine had summed both entries and the search kept one."""
     b, e, a = (str(tiny_family[k]) for k in ("base", "expert", "aligned"))
-    for again in (e, e + "/", str(tiny_family["expert"].parent / "." / tiny_family["expert"].name)):
+    for again in (e, e + "/", f"{tiny_family['expert'].parent}/./{tiny_family['expert'].name}"):
         with pytest.raises(ConfigError, match=r"models: .* is listed twice; list each model once"):
             load_config({"merge_method": "task_arithmetic", "base_model": b, "models": [
                 {"model": e, "parameters": {"weight": 1.0}}, {"model": a, "parameters": {"weight": 1.0}},
@@ -270,7 +270,12 @@ def test_a_single_default_module_reads_as_the_plain_form(tiny_family):
     whole = load_config({"merge_method": "linear", "modules": {"default": {"models": [
         {"model": e, "parameters": {"weight": 1.0}}]}}})
     assert [m.model for m in whole.models] == [e]
-    for bad, words in (({"default": {"models": [], "slices": slices}}, "needs `models` or `slices` (one of them)"),
+    empty = load_config({"merge_method": "slerp", "base_model": b, "parameters": {"t": 0.2}, "models": None,
+                         "modules": {"default": {"models": [], "slices": slices}}})  # empty or null reads as absent
+    assert empty.to_yaml_dict() == load_config({"merge_method": "slerp", "base_model": b, "parameters": {"t": 0.2},
+                                                "slices": slices}).to_yaml_dict()
+    for bad, words in (({"default": {"models": [], "slices": []}}, "needs `models` or `slices` (one of them)"),
+                       ({"default": None}, "modules.default must be a mapping"),
                        ({"default": {"slices": slices, "sources": []}}, "modules.default: unknown key 'sources'"),
                        ({"default": {"slices": slices}, "vision_tower": {"slices": slices}}, "only a single `default`")):
         with pytest.raises(ConfigError, match=re.escape(words)):

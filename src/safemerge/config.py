@@ -503,7 +503,16 @@ def drop_unknown(data: dict, where: str) -> dict:
         module = keep(out["modules"]["default"], ("models", "slices", "parameters"), "modules.default.")
         out["modules"] = {**out["modules"], "default": body(module, "modules.default.")}
     if isinstance(out.get("tokenizer"), dict):
-        out["tokenizer"] = keep(out["tokenizer"], set(TokenizerSection.model_fields), "tokenizer.")
+        tok = keep(out["tokenizer"], set(TokenizerSection.model_fields), "tokenizer.")
+        if isinstance(tok.get("tokens"), dict):
+            tokens = {}
+            for t, e in tok["tokens"].items():
+                e = keep(e, set(TokenSpec.model_fields), f"tokenizer.tokens[{t!r}].")
+                if isinstance(e, dict) and isinstance(e.get("source"), dict):
+                    e = {**e, "source": keep(e["source"], set(TokenRow.model_fields), f"tokenizer.tokens[{t!r}].source.")}
+                tokens[t] = e
+            tok = {**tok, "tokens": tokens}
+        out["tokenizer"] = tok
     if dropped:
         warnings.warn(f"{where}: ignored {len(dropped)} unknown key(s) (mergekit ignores them too): "
                       f"{', '.join(dropped)}", UserWarning, stacklevel=3)
@@ -551,34 +560,39 @@ def _coerce(data: dict) -> dict:
                 return v
         return v
 
-    def value(key: str, v: Any) -> Any:
+    def value(key: str, v: Any, at: str) -> Any:
         v = _filter_list(v)
         if isinstance(v, list):
             for i, e in enumerate(v):
                 odd = sorted(str(k) for k in e if k not in ("filter", "value")) if isinstance(e, dict) else []
                 if odd:  # mergekit drops such a key, so the entry would apply to every tensor
                     hint = " (mergekit's older `pattern:` is `filter:` now)" if "pattern" in odd else ""
-                    raise ConfigError(f"parameters.{key}[{i}]: unknown key {odd[0]!r} in a filter entry (allowed: "
+                    raise ConfigError(f"{at}.{key}[{i}]: unknown key {odd[0]!r} in a filter entry (allowed: "
                                       f"filter, value){hint}")
-            return [{**e, "value": value(key, e["value"])} if isinstance(e, dict) and "value" in e else leaf(key, e)
+            return [{**e, "value": value(key, e["value"], at)} if isinstance(e, dict) and "value" in e else leaf(key, e)
                     for e in v]
         return leaf(key, v)
 
-    def params(p: Any) -> Any:
+    def params(p: Any, at: str) -> Any:
         if p is None:
             return {}
-        return {k: value(k, v) for k, v in p.items()} if isinstance(p, dict) else p
+        return {k: value(k, v, at) for k, v in p.items()} if isinstance(p, dict) else p
+
+    def one(m: Any, at: str) -> Any:  # a model, slice source or slice, with its parameters read
+        if not (isinstance(m, dict) and "parameters" in m):
+            return m
+        return dict(m, parameters=params(m.get("parameters"), f"{at}.parameters"))
 
     out = dict(data)
     if "parameters" in out:
-        out["parameters"] = params(out["parameters"])
-    def one(m: Any) -> Any:  # a model, slice source or slice, with its parameters read
-        return dict(m, parameters=params(m.get("parameters"))) if isinstance(m, dict) and "parameters" in m else m
-
+        out["parameters"] = params(out["parameters"], "parameters")
     if isinstance(out.get("models"), list):
-        out["models"] = [one(m) for m in out["models"]]
+        out["models"] = [one(m, f"models[{m.get('model') if isinstance(m, dict) else i}]")
+                         for i, m in enumerate(out["models"])]
     if isinstance(out.get("slices"), list):
-        out["slices"] = [dict(one(p), sources=[one(m) for m in p["sources"]]) for p in out["slices"]]
+        out["slices"] = [dict(one(p, f"slices[{i}]"), sources=[one(m, f"slices[{i}].sources[{j}]")
+                                                                for j, m in enumerate(p["sources"])])
+                         for i, p in enumerate(out["slices"])]
     return out
 
 
@@ -629,22 +643,25 @@ def _from_modules(data: dict, where: str) -> dict:
     (mergekit looks a parameter up in source, slice, module, then top level). Several modules (multimodal
     models: a text decoder beside a vision tower) are refused."""
     modules = data["modules"]
-    if not isinstance(modules, dict) or list(modules) != ["default"] or not isinstance(modules["default"], dict):
+    if not isinstance(modules, dict) or list(modules) != ["default"]:
         names = ", ".join(map(str, modules)) if isinstance(modules, dict) else repr(modules)
         raise ConfigError(f"{where}: `modules:` ({names}): only a single `default` module is read (the form mergekit "
                           "writes for a text model); per-module merges of multimodal models are not supported, so "
                           "merge with `models` (whole models) or `slices` (one layer stack)")
     module = modules["default"]
+    if not isinstance(module, dict):
+        raise ConfigError(f"{where}: modules.default must be a mapping with `models` or `slices`, got {module!r}")
     for key in module:
         if key not in ("models", "slices", "parameters"):
             raise ConfigError(f"{where}: modules.default: " + _unknown(key, ("models", "slices", "parameters"), "a module"))
-    if ("models" in module) == ("slices" in module):
+    given = [k for k in ("models", "slices") if module.get(k)]  # mergekit reads an empty list or null as absent
+    if len(given) != 1:
         raise ConfigError(f"{where}: modules.default needs `models` or `slices` (one of them)")
-    clash = [k for k in ("models", "slices") if k in data]
+    clash = [k for k in ("models", "slices") if data.get(k)]
     if clash:
         raise ConfigError(f"{where}: give `modules` or `{clash[0]}`, not both")
-    out = {k: v for k, v in data.items() if k != "modules"}
-    out.update({k: module[k] for k in ("models", "slices") if k in module})
+    out = {k: v for k, v in data.items() if k not in ("modules", "models", "slices")}
+    out[given[0]] = module[given[0]]
     own = module.get("parameters")
     if own:
         top = data.get("parameters") or {}

@@ -43,7 +43,7 @@ def search(
     judge: Annotated[str, typer.Option(help="The audit's judge: keyword | llama-guard | llama-guard-2 | llama-guard-3 | md-judge.")] = "keyword",
     judge_model: Annotated[Optional[str], typer.Option(help="Checkpoint of the guard judge (local path).")] = None,
     store: Annotated[Optional[Path], typer.Option(help="Results store for the audit (default: $SAFEMERGE_HOME/results.sqlite or ./.safemerge/).")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output (and start the journal afresh).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output; the journal starts afresh, or with --resume is kept.")] = False,
     ignore_unknown: IgnoreUnknown = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
