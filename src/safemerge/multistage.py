@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from safemerge.checkpoint import atomic_write
-from safemerge.config import (VOCAB_KEYWORDS, MergeConfig, drop_unknown, map_model_refs, parse_config,
-                              read_yaml_documents, split_reference)
+from safemerge.config import (VOCAB_KEYWORDS, MergeConfig, map_model_refs, parse_config, read_yaml_documents,
+                              split_reference)
+from safemerge.config_forms import drop_unknown
 from safemerge.errors import ConfigError
 
 RECORD = "multimerge.json"
