@@ -277,11 +277,10 @@ def compare(
     meta: dict[str, Any] = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "judge": str(judge),
                             "safety_prompts": ", ".join(str(s) for s in sets),
                             "timings": {"evaluation": round(time.perf_counter() - start, 1)}}
-    if keyed:
-        meta["domain_task_files"] = "; ".join(f"{key}: {src if isinstance(src, (str, os.PathLike)) else src.source}"
-                                              for key, _, src in keyed)
-    if general_task is not None:
-        meta["general_task_file"] = str(general_task if isinstance(general_task, (str, os.PathLike)) else general.source)
+    if domain:
+        meta["domain_task_files"] = "; ".join(f"{key}: {qs.source}" for key, qs in domain.items())
+    if general is not None:
+        meta["general_task_file"] = general.source
     if domains:
         meta["domains"] = domains
     if picked:

@@ -278,9 +278,7 @@ class MergeConfig(BaseModel):
         level's (as mergekit reads them), its base (or the top level's) when it is one of the sources."""
         piece = self.slices[i]
         base = piece.base_model or self.base_model
-        params = dict(self.parameters)
-        for key, value in piece.parameters.items():
-            params[key] = _fallback(value, self.parameters[key]) if key in self.parameters else value
+        params = params_before(piece.parameters, self.parameters)
         return MergeConfig(
             merge_method=self.merge_method, base_model=base if base in [s.model for s in piece.sources] else None,
             models=[InputModel(model=s.model, parameters=s.parameters) for s in piece.sources], parameters=params,
@@ -455,6 +453,12 @@ def _kind(default: Any) -> str | None:
     if isinstance(default, bool):
         return "bool"
     return "number" if default is REQUIRED or isinstance(default, (int, float)) else None
+
+
+def params_before(own: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`top`'s parameters with `own`'s looked up first (a slice's or a module's before the top level's, as mergekit
+    reads them): a key in both becomes one filter list that falls through to the top level's value."""
+    return {**top, **{k: _fallback(v, top[k]) if k in top else v for k, v in own.items()}}
 
 
 def _fallback(first: Any, then: Any) -> list:

@@ -14,8 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from safemerge.config import (_FALSE, _TRUE, MergeConfig, TokenizerSection, TokenRow, TokenSpec, _fallback,
-                              _filter_list, _kind, _local, _unknown, split_reference)
+from safemerge.config import (_FALSE, _TRUE, MergeConfig, TokenizerSection, TokenRow, TokenSpec, _filter_list, _kind,
+                              _local, _unknown, params_before, split_reference)
 from safemerge.errors import ConfigError
 from safemerge.methods import get_method
 
@@ -227,12 +227,8 @@ def _from_modules(data: dict, where: str) -> dict:
         raise ConfigError(f"{where}: give `modules` or `{clash[0]}`, not both")
     out = {k: v for k, v in data.items() if k not in ("modules", "models", "slices")}
     out[given[0]] = module[given[0]]
-    own = module.get("parameters")
-    if own:
-        top = data.get("parameters") or {}
-        if not isinstance(own, dict) or not isinstance(top, dict):
-            raise ConfigError(f"{where}: modules.default.parameters and parameters must be mappings of parameter: value")
-        out["parameters"] = {**top, **{k: _fallback(v, top[k]) if k in top else v for k, v in own.items()}}
+    if module.get("parameters"):
+        out["parameters"] = _own_first(module["parameters"], data, where, "modules.default")
     return out
 
 
@@ -251,11 +247,16 @@ def _whole_slice(data: dict, where: str) -> dict:
     if slice_base is not None:
         out["base_model"] = slice_base
     if piece.get("parameters"):
-        if not isinstance(piece["parameters"], dict) or not isinstance(data.get("parameters") or {}, dict):
-            raise ConfigError(f"{where}: slices[0].parameters and parameters must be mappings of parameter: value")
-        top = data.get("parameters") or {}
-        out["parameters"] = {**top, **{k: _fallback(v, top[k]) if k in top else v for k, v in piece["parameters"].items()}}
+        out["parameters"] = _own_first(piece["parameters"], data, where, "slices[0]")
     return out
+
+
+def _own_first(own: Any, data: dict, where: str, label: str) -> dict:
+    """The top level's parameters with `label`'s own (a slice's or a module's) looked up first, as written."""
+    top = data.get("parameters") or {}
+    if not isinstance(own, dict) or not isinstance(top, dict):
+        raise ConfigError(f"{where}: {label}.parameters and parameters must be mappings of parameter: value")
+    return params_before(own, top)
 
 
 def _num_layers(model: str, folder: Path | None) -> int | None:

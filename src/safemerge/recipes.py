@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from safemerge.config import MergeConfig, load_config, split_reference
+from safemerge.config import MergeConfig, load_config, same_model
 from safemerge.engine import merge
 from safemerge.errors import ConfigError
 
@@ -45,22 +45,15 @@ def mergealign_config(*, base: PathLike, domains: Sequence[PathLike], aligned: P
 def _check_roles(base: PathLike, domains: Sequence[PathLike], aligned: PathLike) -> None:
     """Each role a different model: the base given again as the aligned model (or an expert) makes its task vector
     zero, and the merge silently no safer (or no more expert) than without it."""
-
-    def place(ref: PathLike) -> tuple[str, str | None]:
-        model, adapter = split_reference(str(ref))
-        resolved = [str(Path(p).expanduser().resolve()) if Path(p).expanduser().exists() else str(p)
-                    for p in (model, adapter) if p is not None]
-        return resolved[0], (resolved[1] if adapter is not None else None)
-
-    seen: dict[tuple[str, str | None], str] = {}
+    seen: list[tuple[str, str]] = []  # (flag and reference as given, reference)
     for flag, ref in [("--base", base)] + [("--domain", d) for d in domains] + [("--aligned", aligned)]:
-        key = place(ref)
-        if key in seen:
+        earlier = next((given for given, r in seen if same_model(str(r), str(ref))), None)
+        if earlier is not None:
             why = ("a task vector is a model's difference from --base, so the base given again adds nothing"
-                   if seen[key].startswith("--base") else "a model given twice adds its task vector twice; "
+                   if earlier.startswith("--base") else "a model given twice adds its task vector twice; "
                    "--alpha and --beta set the weights")
-            raise ConfigError(f"MergeAlign {flag} {ref}: the same model as {seen[key]}; give each role its own model ({why})")
-        seen[key] = f"{flag} {ref}"
+            raise ConfigError(f"MergeAlign {flag} {ref}: the same model as {earlier}; give each role its own model ({why})")
+        seen.append((f"{flag} {ref}", ref))
 
 
 def mergealign(*, base: PathLike, domains: Sequence[PathLike], aligned: PathLike, out: PathLike, alpha: float = 1.0,
