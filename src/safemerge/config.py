@@ -9,6 +9,7 @@ resolved at t = 0, before the stack (embeddings) and after it (final norm, lm_he
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -501,10 +502,22 @@ def _given_twice(refs: list[str]) -> str | None:
 def same_model(a: str, b: str) -> bool:
     """Two references to one model: the same text, or paths of the same folder(s)."""
     def same(x: str | None, y: str | None) -> bool:
-        return x == y or (x is not None and y is not None and Path(x).expanduser().resolve() == Path(y).expanduser().resolve())
+        if x == y:
+            return True
+        if x is None or y is None:
+            return False
+        cwd = os.getcwd()
+        return _resolved(x, cwd) == _resolved(y, cwd)
 
     (ma, aa), (mb, ab) = split_reference(a), split_reference(b)
     return same(ma, mb) and same(aa, ab)
+
+
+@functools.lru_cache(maxsize=4096)
+def _resolved(ref: str, cwd: str) -> Path:
+    """`ref` as an absolute path with links resolved, from `cwd` (a key: the same text means another folder
+    elsewhere). Cached: the engine asks for every tensor, and resolving is a system call per path part."""
+    return Path(ref).expanduser().resolve()
 
 
 def _relative_to(data: dict, folder: Path) -> dict:
