@@ -53,6 +53,23 @@ def test_ce_is_the_mean_over_answer_tokens_only(model_and_tokenizer):
     assert answer_ce(model, batches) == pytest.approx(total / count, rel=1e-5)
 
 
+
+def test_prompt_positions_are_not_projected_onto_the_vocabulary(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    batches = make_batches(tok, PAIRS, batch_size=3)  # one batch: prompts of 4 to 12 tokens
+    (ids, mask, labels), = batches.batches
+    first_answer = int((labels != -100).any(0).nonzero()[0])
+    seen = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, inp, out: seen.append(out.shape[1]))
+    try:
+        value = answer_ce(model, batches)
+    finally:
+        hook.remove()
+    # from the position that predicts the earliest answer token to the end, not the whole sequence
+    assert seen == [ids.shape[1] - first_answer + 1] and seen[0] < ids.shape[1]
+    with torch.no_grad():  # transformers' own loss projects every position: the same mean
+        assert value == pytest.approx(float(model(ids, attention_mask=mask, labels=labels).loss), rel=1e-5)
+
 def test_lambda_mixes_the_two_means(model_and_tokenizer):
     model, tok = model_and_tokenizer
     safety, domain = PAIRS[:1], PAIRS[1:]

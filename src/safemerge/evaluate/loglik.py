@@ -19,6 +19,8 @@ Only the logits of the positions that are scored are computed (`logits_to_keep`)
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -108,7 +110,7 @@ def loglikelihoods(
             batch[r, : len(x)] = torch.tensor(x, dtype=torch.long)
         # keep the logits from the earliest scored position on: (B, keep, V)
         keep = width - min(len(x) - len(c) for x, c in zip(inps, conts))
-        logp = torch.log_softmax(_logits(model, batch.to(device), keep).float(), dim=-1)  # (B, keep, V)
+        logp = torch.log_softmax(last_logits(model, batch.to(device), keep).float(), dim=-1)  # (B, keep, V)
         target = torch.zeros((len(idx), keep), dtype=torch.long)
         scored = torch.zeros((len(idx), keep), dtype=torch.bool)
         for r, (x, c) in enumerate(zip(inps, conts)):
@@ -126,8 +128,19 @@ def loglikelihoods(
     return out  # type: ignore[return-value]
 
 
-def _logits(model: Any, ids: torch.Tensor, keep: int) -> torch.Tensor:
+def last_logits(model: Any, ids: torch.Tensor, keep: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The logits of the last `keep` positions, (B, keep, V); the others are not projected onto the vocabulary
+    where the model class takes `logits_to_keep` (transformers' causal LMs do)."""
+    extra = {} if attention_mask is None else {"attention_mask": attention_mask}
+    if _takes_logits_to_keep(type(model)):
+        return model(ids, logits_to_keep=keep, **extra).logits[:, -keep:]
+    return model(ids, **extra).logits[:, -keep:]
+
+
+@functools.cache
+def _takes_logits_to_keep(cls: type) -> bool:
     try:
-        return model(ids, logits_to_keep=keep).logits[:, -keep:]
-    except TypeError:  # a model class without logits_to_keep
-        return model(ids).logits[:, -keep:]
+        params = inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return "logits_to_keep" in params

@@ -153,14 +153,22 @@ def _fit(ids: list[int], n_prompt: int, max_length: int) -> tuple[list[int], int
 def answer_ce(model: Any, batches: Batches) -> float:
     """Mean cross-entropy (nats per token) over the answer tokens of all batches.
 
-    CE = −Σ_tokens log p(y_t | y_<t) / N_answer_tokens; logits (B, T, V) are shifted by one position.
+    CE = −Σ_tokens log p(y_t | y_<t) / N_answer_tokens; the logit at position t scores the token at t + 1.
+    Only the positions from the batch's earliest answer token on are projected onto the vocabulary: the
+    (B, T, V) logits of whole prompts would dominate memory on a large vocabulary and are never scored.
     """
+    from safemerge.evaluate.loglik import last_logits
+
     device = next(model.parameters()).device
     total = 0.0
     for ids, mask, labels in batches.batches:
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # (B, T, V)
+        # the position that predicts the batch's earliest answer token (a token at position 0 has no context)
+        first = max(int((labels != IGNORE).any(0).nonzero()[0]) - 1, 0)
+        keep = ids.shape[1] - first
+        logits = last_logits(model, ids.to(device), keep, attention_mask=mask.to(device))  # (B, keep, V)
         shifted = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-        total += float(F.cross_entropy(shifted, labels[:, 1:].reshape(-1).to(device), ignore_index=IGNORE, reduction="sum"))
+        targets = labels[:, first + 1:].reshape(-1).to(device)
+        total += float(F.cross_entropy(shifted, targets, ignore_index=IGNORE, reduction="sum"))
     return total / batches.n_tokens
 
 
