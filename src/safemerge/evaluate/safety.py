@@ -124,12 +124,14 @@ def evaluate_safety(
     with progress_bar(len(ps), "generating", enabled=progress) as advance, _recording(gen_notes):
         gens = gen.generate([p.text for p in ps.prompts], settings, progress=advance)
     t_gen = time.perf_counter() - t0
-    if ref is not model or (loaded_here and hasattr(judge_obj, "release")):
-        # the weights were loaded here: free them before a guard model is loaded (a shared ref, as `audit`
-        # passes, reloads them for its next evaluation; a keyword judge needs no memory, so they stay)
+    guard_next = hasattr(judge_obj, "release")  # a judge with weights of its own
+    if loaded_here and (ref is not model or guard_next):
+        # the weights were loaded here: drop them (a shared ref, as `audit` passes, reloads them for its next
+        # evaluation; with a keyword judge they stay), and give their memory back before a guard model loads
         ref.backend = None
         del gen
-        _empty_cuda_cache()
+        if guard_next:
+            _empty_cuda_cache()
     with progress_bar(len(ps), f"judging ({judge_id['judge']})", enabled=progress) as advance:
         verdicts = judge_obj.judge([p.text for p in ps.prompts], [g.text for g in gens], progress=advance)
     if judge_obj is not judge and hasattr(judge_obj, "release"):
