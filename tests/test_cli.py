@@ -51,6 +51,17 @@ def test_engine_import_leaves_the_collector_as_it_found_it():
     assert gc.isenabled()
 
 
+def test_the_cli_loads_without_torch():
+    """`safemerge --help` and option parsing must not pay for torch and transformers (seconds): only a command
+    that merges, evaluates or trains imports them."""
+    import subprocess
+    import sys
+
+    code = "import sys, safemerge.cli; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_errors_exit_2_with_a_message(tmp_path, tiny_family):
     cfg = tmp_path / "c.yml"
     cfg.write_text(yaml.safe_dump({"merge_method": "tie", "base_model": "x", "models": [{"model": "y"}]}))

@@ -25,7 +25,6 @@ from typing import Any
 import yaml
 
 from safemerge import __version__
-from safemerge.checkpoint import atomic_write
 from safemerge.errors import CheckpointError, SafemergeError
 from safemerge.store import ResultsStore, open_store
 
@@ -206,6 +205,8 @@ def _write_card(ev: Evaluations, *, model_name: str, note: str | None, dry_run: 
         raise CheckpointError(f"{readme}: the model card's front matter cannot be read ({e}); fix or remove it") from None
     changed = text != old
     if changed and not dry_run:
+        from safemerge.checkpoint import atomic_write  # (torch is imported with it: not for the CLI's --help)
+
         atomic_write(readme, text)
     counts = {"safety": len(ev.safety), "domain": len(ev.domain), "left_out": ev.left_out}
     return {"card": str(readme), "text": text, "evaluations": counts, "changed": changed, "written": changed and not dry_run,

@@ -6,14 +6,27 @@ with CMA-ES (EvoMM), LM-Cocktail or a grid, scoring every candidate in memory, j
 SQLite (resumable), optionally on worker processes or Ray. See docs/search.md.
 """
 
-from safemerge.search.candidates import CandidateModel
-from safemerge.search.evaluations import Candidate, Evaluations
-from safemerge.search.journal import Journal
-from safemerge.search.objective import DEFAULT_LAMBDA, Objective, PairSet, Score, answer_ce, load_pairs
-from safemerge.search.run import OPTIMIZERS, SearchResult, search
-from safemerge.search.space import SearchSpace
+from __future__ import annotations
 
-__all__ = [
-    "search", "SearchResult", "OPTIMIZERS", "SearchSpace", "CandidateModel", "Candidate", "Evaluations", "Journal",
-    "Objective", "Score", "PairSet", "load_pairs", "answer_ce", "DEFAULT_LAMBDA",
-]
+import importlib
+from typing import Any
+
+# public name -> submodule that defines it; imported on first use, so that a submodule without torch (the
+# CLI's option defaults in pool_audit) does not pull torch and transformers in with the package
+_API = {
+    "search": "run", "SearchResult": "run", "OPTIMIZERS": "run", "SearchSpace": "space", "CandidateModel": "candidates",
+    "Candidate": "evaluations", "Evaluations": "evaluations", "Journal": "journal", "Objective": "objective",
+    "Score": "objective", "PairSet": "objective", "load_pairs": "objective", "answer_ce": "objective",
+    "DEFAULT_LAMBDA": "objective",
+}
+__all__ = list(_API)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        return getattr(importlib.import_module(f"safemerge.search.{_API[name]}"), name)
+    raise AttributeError(f"module 'safemerge.search' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -12,11 +12,11 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from safemerge.config import MergeConfig
-from safemerge.data.loaders import PromptSet
-from safemerge.methods import get_method
+if TYPE_CHECKING:  # imported where used: the CLI reads this module's defaults without loading torch
+    from safemerge.config import MergeConfig
+    from safemerge.data.loaders import PromptSet
 
 AUDIT_LIMIT = 100  # harmful prompts per model (the first N of the file)
 AUDIT_MAX_NEW_TOKENS = 64  # a refusal shows in its first words; the judge reads the whole answer
@@ -26,6 +26,8 @@ AUDIT_THRESHOLD = 0.8  # as `safemerge audit`
 def pool_members(cfg: MergeConfig) -> list[str]:
     """The models whose behaviour the merge mixes: for task-vector methods the models other than the base
     (the base is only the origin of their vectors), else every input model (a SLERP's base is an endpoint)."""
+    from safemerge.methods import get_method
+
     if get_method(cfg.merge_method).inputs in ("deltas", "stock"):
         return list(dict.fromkeys(m.model for m in cfg.others()))
     return cfg.input_models()
@@ -58,6 +60,8 @@ def audit_pool(
     result = audit(members, safety_prompts=prompts, judge=judge, judge_model=judge_model, threshold=threshold,
                    limit=limit, max_new_tokens=AUDIT_MAX_NEW_TOKENS, batch_size=batch_size, device=device, dtype="auto",
                    store=store, progress=progress)
+    from safemerge.data.loaders import PromptSet
+
     source = prompts.source if isinstance(prompts, PromptSet) else str(prompts)
     local = Path(source).expanduser()
     result["prompts"] = str(local.absolute()) if local.exists() else source  # a file, or a dataset's name
