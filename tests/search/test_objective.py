@@ -54,8 +54,15 @@ def test_ce_is_the_mean_over_answer_tokens_only(model_and_tokenizer):
 
 
 
-def test_prompt_positions_are_not_projected_onto_the_vocabulary(model_and_tokenizer):
+@pytest.mark.parametrize("wrapped", [False, True], ids=["plain", "peft"])
+def test_prompt_positions_are_not_projected_onto_the_vocabulary(model_and_tokenizer, wrapped):
     model, tok = model_and_tokenizer
+    if wrapped:  # a PEFT model's forward takes **kwargs and passes logits_to_keep on
+        import copy
+
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=["q_proj"])).eval()
     batches = make_batches(tok, PAIRS, batch_size=3)  # one batch: prompts of 4 to 12 tokens
     (ids, mask, labels), = batches.batches
     first_answer = int((labels != -100).any(0).nonzero()[0])

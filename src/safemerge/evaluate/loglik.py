@@ -132,15 +132,20 @@ def last_logits(model: Any, ids: torch.Tensor, keep: int, attention_mask: torch.
     """The logits of the last `keep` positions, (B, keep, V); the others are not projected onto the vocabulary
     where the model class takes `logits_to_keep` (transformers' causal LMs do)."""
     extra = {} if attention_mask is None else {"attention_mask": attention_mask}
-    if _takes_logits_to_keep(type(model)):
-        return model(ids, logits_to_keep=keep, **extra).logits[:, -keep:]
+    if _may_take_logits_to_keep(type(model)):
+        try:
+            return model(ids, logits_to_keep=keep, **extra).logits[:, -keep:]
+        except TypeError as e:  # passed on through **kwargs to a forward without it
+            if "logits_to_keep" not in str(e):
+                raise
     return model(ids, **extra).logits[:, -keep:]
 
 
 @functools.cache
-def _takes_logits_to_keep(cls: type) -> bool:
+def _may_take_logits_to_keep(cls: type) -> bool:
+    """Whether `cls.forward` names `logits_to_keep` or takes **kwargs (a PEFT wrapper passes them on)."""
     try:
-        params = inspect.signature(cls.forward).parameters
+        params = inspect.signature(cls.forward).parameters.values()
     except (TypeError, ValueError):
-        return False
-    return "logits_to_keep" in params
+        return True
+    return any(p.name == "logits_to_keep" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
