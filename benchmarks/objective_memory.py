@@ -11,7 +11,9 @@ question). Two ways, each in its own process so that peak memory is its own:
 
 Both give the mean cross-entropy over the answer tokens; the script prints both values (they must agree
 to float32 rounding), the seconds per batch and the peak memory (the process's peak RSS on the CPU, the
-allocator's peak on CUDA) above the model's own, as one JSON object.
+allocator's peak on CUDA) above the peak after building the model, as one JSON object. On the CPU that peak is a
+running maximum: where building the model peaked above its resident size, the figure understates scoring's memory
+by that excess, alike for both ways.
 """
 
 from __future__ import annotations

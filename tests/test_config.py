@@ -174,6 +174,19 @@ def test_a_model_listed_twice_is_refused_as_mergekit_does(tiny_family):
     ties = load_config({"merge_method": "ties", "base_model": b, "models": [
         {"model": b + "/"}, {"model": e, "parameters": {"weight": 1.0, "density": 0.5}}]})
     assert [m.model for m in ties.others()] == [e]  # the base under another spelling is still the base
+    import safemerge.config as config_module
+
+    calls = []
+    real = config_module.same_model
+    config_module.same_model = lambda x, y: calls.append(1) or real(x, y)
+    try:  # the engine asks for every tensor: the paths are compared once per (base, models), not per call
+        for _ in range(50):
+            assert [m.model for m in ties.others()] == [e]
+        assert calls == []
+        ties.base_model = e  # what others() was computed from has changed: computed again
+        assert [m.model for m in ties.others()] == [b + "/"] and len(calls) == 2
+    finally:
+        config_module.same_model = real
     assert [m.model for m in linear_config(ties, [0.4, 0.6]).models] == [b + "/", e]  # LM-Cocktail's mix: no 2nd base
     with pytest.raises(ConfigError, match=r"slices\[0\]: .* is a source twice"):
         load_config({"merge_method": "linear", "parameters": {"weight": 1.0},

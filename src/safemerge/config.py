@@ -9,7 +9,6 @@ resolved at t = 0, before the stack (embeddings) and after it (final norm, lm_he
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import re
@@ -18,7 +17,7 @@ from typing import Any, Callable, Literal, Optional, Union
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from safemerge.errors import ConfigError, did_you_mean
 from safemerge.methods import REQUIRED, get_method
@@ -169,6 +168,9 @@ class MergeConfig(BaseModel):
     chat_template: Optional[str] = None
     seed: int = 0  # safemerge: seeds DARE's per-tensor randomness
     name: Optional[str] = None
+    # others() for the (base, models) it was computed from: the engine asks for every tensor, and comparing
+    # paths resolves them (a system call per path part)
+    _others: tuple[tuple, list] | None = PrivateAttr(default=None)
 
     @field_validator("dtype", "out_dtype")
     @classmethod
@@ -300,7 +302,10 @@ class MergeConfig(BaseModel):
 
     def others(self) -> list[InputModel]:
         """The models other than the base, in config order."""
-        return [m for m in self.models if not (self.base_model and same_model(m.model, self.base_model))]
+        key = (self.base_model, tuple(m.model for m in self.models))
+        if self._others is None or self._others[0] != key:
+            self._others = (key, [m for m in self.models if not (self.base_model and same_model(m.model, self.base_model))])
+        return list(self._others[1])
 
     def weighted_models(self) -> list[InputModel]:
         """The models whose per-model parameters the method reads: every model for a whole-model method
@@ -502,22 +507,10 @@ def _given_twice(refs: list[str]) -> str | None:
 def same_model(a: str, b: str) -> bool:
     """Two references to one model: the same text, or paths of the same folder(s)."""
     def same(x: str | None, y: str | None) -> bool:
-        if x == y:
-            return True
-        if x is None or y is None:
-            return False
-        cwd = os.getcwd()
-        return _resolved(x, cwd) == _resolved(y, cwd)
+        return x == y or (x is not None and y is not None and Path(x).expanduser().resolve() == Path(y).expanduser().resolve())
 
     (ma, aa), (mb, ab) = split_reference(a), split_reference(b)
     return same(ma, mb) and same(aa, ab)
-
-
-@functools.lru_cache(maxsize=4096)
-def _resolved(ref: str, cwd: str) -> Path:
-    """`ref` as an absolute path with links resolved, from `cwd` (a key: the same text means another folder
-    elsewhere). Cached: the engine asks for every tensor, and resolving is a system call per path part."""
-    return Path(ref).expanduser().resolve()
 
 
 def _relative_to(data: dict, folder: Path) -> dict:

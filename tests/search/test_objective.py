@@ -115,3 +115,11 @@ def _ok(tmp_path):
     f = tmp_path / "ok.jsonl"
     f.write_text("".join(json.dumps({"prompt": f"p{i}", "response": "r"}) + "\n" for i in range(3)))
     return f
+
+
+def test_a_max_length_that_leaves_no_answer_token_is_an_error(model_and_tokenizer):
+    _, tok = model_and_tokenizer
+    with pytest.raises(ConfigError, match="max_length 1 leaves an example no answer token"):
+        make_batches(tok, PAIRS, max_length=1)
+    batches = make_batches(tok, PAIRS, max_length=2)  # one prompt token and one answer token each
+    assert batches.n_tokens == len(PAIRS)

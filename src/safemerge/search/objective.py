@@ -123,6 +123,9 @@ def make_batches(tokenizer: Any, pairs: Sequence[Pair], *, batch_size: int = 16,
     encoded = [encode_pair(tokenizer, p, chat_template=chat_template) for p in pairs]
     if max_length is not None:
         encoded = [_fit(ids, n, max_length) for ids, n in encoded]
+        if any(n >= len(ids) for ids, n in encoded):
+            raise ConfigError(f"max_length {max_length} leaves an example no answer token to score; give a larger "
+                              "max_length (the default is 512)")
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     out, total = [], 0
@@ -144,7 +147,7 @@ def make_batches(tokenizer: Any, pairs: Sequence[Pair], *, batch_size: int = 16,
 def _fit(ids: list[int], n_prompt: int, max_length: int) -> tuple[list[int], int]:
     if len(ids) <= max_length:
         return ids, n_prompt
-    cut = min(len(ids) - max_length, n_prompt - 1)  # keep ≥ 1 prompt token: the first answer token needs a context
+    cut = max(0, min(len(ids) - max_length, n_prompt - 1))  # keep ≥ 1 prompt token: the first answer token needs a context
     ids, n_prompt = ids[cut:], n_prompt - cut
     return ids[:max_length], n_prompt
 
@@ -154,8 +157,9 @@ def answer_ce(model: Any, batches: Batches) -> float:
     """Mean cross-entropy (nats per token) over the answer tokens of all batches.
 
     CE = −Σ_tokens log p(y_t | y_<t) / N_answer_tokens; the logit at position t scores the token at t + 1.
-    Only the positions from the batch's earliest answer token on are projected onto the vocabulary: the
-    (B, T, V) logits of whole prompts would dominate memory on a large vocabulary and are never scored.
+    Only the positions from the one that predicts the batch's earliest answer token on are projected onto the
+    vocabulary: the (B, T, V) logits of whole prompts would dominate memory on a large vocabulary and are never
+    scored.
     """
     from safemerge.evaluate.loglik import last_logits
 
