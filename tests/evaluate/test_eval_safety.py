@@ -67,3 +67,23 @@ def test_bad_prompt_files(complier, tmp_path, store):
     (tmp_path / "e.csv").write_text("")
     with pytest.raises(DataError, match="e.csv: the file is empty"):
         evaluate_safety(complier, prompts=tmp_path / "e.csv", device="cpu", store=store)
+
+
+def test_memory_is_given_back_only_before_a_guard_loads(refuser, complier, guard3_unsafe, prompts_file, store, monkeypatch):
+    """A full garbage collection costs a quarter of a second: it runs only when a guard model loads next, and only
+    weights this call loaded are dropped (a backend the caller passed stays theirs)."""
+    import safemerge.evaluate.safety as safety
+    from safemerge.evaluate import get_backend
+
+    collections = []
+    monkeypatch.setattr(safety, "_empty_cuda_cache", lambda: collections.append(1))
+    kw = dict(prompts=prompts_file, device="cpu", store=store, max_new_tokens=4, cache=False)
+    with pytest.warns(EvaluationWarning):
+        evaluate_safety(refuser, **kw)  # a path, keyword judge
+        backend = get_backend(complier, device="cpu")
+        evaluate_safety(backend, **kw)  # a loaded backend, keyword judge
+        evaluate_safety(backend, judge="llama-guard", judge_model=guard3_unsafe, **kw)  # a loaded backend, guard
+    assert collections == []
+    assert backend.model is not None  # the caller's backend still holds its model
+    evaluate_safety(complier, judge="llama-guard", judge_model=guard3_unsafe, **kw)  # a path, guard: weights freed first
+    assert collections == [1]
