@@ -103,3 +103,33 @@ def test_shipped_lm_eval_task_is_the_plain_format(mc_file):
     assert [m["metric"] for m in cfg["metric_list"]] == ["acc", "acc_norm"]
     filled = yaml.safe_load(task_yaml(mc_file, name="t"))
     assert filled["task"] == "t" and filled["dataset_kwargs"]["data_files"]["test"] == str(mc_file.resolve())
+
+
+def test_last_logits_with_models_that_do_not_take_logits_to_keep():
+    """A forward without `logits_to_keep` gets none; one taking **kwargs that passes it to a forward without it is
+    tried once more without; any other TypeError is the model's own and is raised."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from safemerge.evaluate.loglik import last_logits
+
+    full = torch.arange(2 * 6 * 3, dtype=torch.float32).reshape(2, 6, 3)
+
+    class Plain(torch.nn.Module):
+        def forward(self, ids, attention_mask=None):
+            return SimpleNamespace(logits=full)
+
+    class PassesOn(torch.nn.Module):
+        def forward(self, ids, **kwargs):
+            return Plain().forward(ids, **kwargs)
+
+    class Broken(torch.nn.Module):
+        def forward(self, ids, **kwargs):
+            raise TypeError("unsupported operand type(s)")
+
+    ids = torch.zeros(2, 6, dtype=torch.long)
+    for model in (Plain(), PassesOn()):
+        assert torch.equal(last_logits(model, ids, 2), full[:, -2:])
+    with pytest.raises(TypeError, match="unsupported operand"):
+        last_logits(Broken(), ids, 2)
