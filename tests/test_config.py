@@ -174,23 +174,28 @@ def test_a_model_listed_twice_is_refused_as_mergekit_does(tiny_family):
     ties = load_config({"merge_method": "ties", "base_model": b, "models": [
         {"model": b + "/"}, {"model": e, "parameters": {"weight": 1.0, "density": 0.5}}]})
     assert [m.model for m in ties.others()] == [e]  # the base under another spelling is still the base
-    import safemerge.config as config_module
-
-    calls = []
-    real = config_module.same_model
-    config_module.same_model = lambda x, y: calls.append(1) or real(x, y)
-    try:  # the engine asks for every tensor: the paths are compared once per (base, models), not per call
-        for _ in range(50):
-            assert [m.model for m in ties.others()] == [e]
-        assert calls == []
-        ties.base_model = e  # what others() was computed from has changed: computed again
-        assert [m.model for m in ties.others()] == [b + "/"] and len(calls) == 2
-    finally:
-        config_module.same_model = real
     assert [m.model for m in linear_config(ties, [0.4, 0.6]).models] == [b + "/", e]  # LM-Cocktail's mix: no 2nd base
     with pytest.raises(ConfigError, match=r"slices\[0\]: .* is a source twice"):
         load_config({"merge_method": "linear", "parameters": {"weight": 1.0},
                      "slices": [{"sources": [{"model": e, "layer_range": [0, 1]}, {"model": e + "/", "layer_range": [1, 2]}]}]})
+
+
+def test_others_compares_paths_once_per_base_and_models(tiny_family, monkeypatch):
+    """The engine asks for every tensor (of every search candidate): the paths are resolved and compared once per
+    (base, models), not per call; a changed base is seen."""
+    import safemerge.config as config_module
+
+    b, e = str(tiny_family["base"]), str(tiny_family["expert"])
+    ties = load_config({"merge_method": "ties", "base_model": b, "models": [
+        {"model": b + "/"}, {"model": e, "parameters": {"weight": 1.0, "density": 0.5}}]})
+    calls = []
+    real = config_module.same_model
+    monkeypatch.setattr(config_module, "same_model", lambda x, y: calls.append(1) or real(x, y))
+    for _ in range(50):
+        assert [m.model for m in ties.others()] == [e]
+    assert calls == []  # computed once, while the config was validated
+    ties.base_model = e  # what others() was computed from has changed: computed again
+    assert [m.model for m in ties.others()] == [b + "/"] and len(calls) == 2
 
 
 def test_slice_checks_name_the_slice(tiny_family):
