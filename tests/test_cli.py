@@ -147,3 +147,23 @@ def test_methods_table_says_which_kernels_run():
     assert r.exit_code == 0
     text = " ".join(r.output.split())
     assert "fused CPU kernels" in text and native.status().split()[0] in text
+
+
+def test_what_the_machine_refuses_is_one_line_and_a_bug_is_not_hidden(capsys):
+    import errno
+
+    import typer
+
+    from safemerge.cli._common import user_errors
+
+    for err in (PermissionError(errno.EACCES, "Permission denied", "/models/out"),
+                OSError(errno.ENOSPC, "No space left on device", "/models/out/model.safetensors")):
+        with pytest.raises(typer.Exit) as e:
+            with user_errors():
+                raise err
+        assert e.value.exit_code == 2
+        line = capsys.readouterr().err.strip()
+        assert line.startswith(f"error: {err.filename}: {err.strerror}") and "Traceback" not in line
+    with pytest.raises(FileNotFoundError):  # not the machine's refusal: raised as it is
+        with user_errors():
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", "/nowhere")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 import warnings
@@ -42,6 +43,17 @@ def user_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         console.print("[bold red]interrupted[/]: nothing was written at the target path")
         raise typer.Exit(130) from None
+    except OSError as e:
+        if e.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        console.print(f"[bold red]error:[/] {escape(where + (e.strerror or str(e)))} (the machine refused: check the folder's "
+                      "permissions and the free space, then run the command again)", highlight=False)
+        raise typer.Exit(2) from None
+
+
+# what the machine refuses, not a bug: permissions, a read-only or full disk, a quota
+_ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 
 
 def _show_warning(message, *args, **kwargs) -> None:
