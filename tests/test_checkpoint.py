@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -102,14 +104,71 @@ def test_atomic_output_leaves_nothing_on_error_and_refuses_overwrite(tmp_path):
             raise RuntimeError("boom")
     assert not out.exists() and list(tmp_path.iterdir()) == []
     with atomic_output(out) as tmp:
-        (tmp / "done").write_text("x")
-    assert (out / "done").exists()
+        (tmp / "config.json").write_text("{}")
+    assert (out / "config.json").exists()
     with pytest.raises(OutputExistsError, match="--overwrite"):
         with atomic_output(out):
             pass
     with atomic_output(out, overwrite=True) as tmp:
         (tmp / "new").write_text("y")
     assert sorted(p.name for p in out.iterdir()) == ["new"]
+
+
+def test_overwrite_replaces_only_an_earlier_output_folder(tmp_path):
+    """QA: `merge cfg . --overwrite` had replaced the user's project folder (the config with it), and a file named as
+    the output had become a folder."""
+    work = tmp_path / "project"
+    work.mkdir()
+    (work / "merge.yml").write_text("x")
+    (work / "notes.txt").write_text("y")
+    with pytest.raises(OutputExistsError, match=r"holds other files \(merge.yml, notes.txt\) and none that safemerge writes"):
+        with atomic_output(work, overwrite=True):
+            pass
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"z")
+    with pytest.raises(OutputExistsError, match="is a file, and the output is a folder"):
+        with atomic_output(weights, overwrite=True):
+            pass
+    assert sorted(p.name for p in work.iterdir()) == ["merge.yml", "notes.txt"] and weights.read_bytes() == b"z"
+    with atomic_output(work, overwrite=True, replace_any=True) as tmp:  # a folder safemerge alone keeps (its cache)
+        (tmp / "world.json").write_text("{}")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with atomic_output(empty, overwrite=True) as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert (empty / "config.json").exists()
+
+
+def test_an_interrupt_between_the_renames_puts_the_earlier_output_back(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    with atomic_output(out) as tmp:
+        (tmp / "config.json").write_text("old")
+    real_rename = Path.rename
+
+    def rename(self, target):
+        if self.name.startswith(".out.partial-"):
+            raise KeyboardInterrupt
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_output(out, overwrite=True) as tmp:
+            (tmp / "config.json").write_text("new")
+    monkeypatch.undo()
+    assert (out / "config.json").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_an_unfinished_output_of_a_killed_run_is_pointed_out(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    stale = tmp_path / f".out.partial-{dead}"  # what SIGKILL leaves: the process is gone
+    stale.mkdir()
+    with pytest.warns(UserWarning, match=rf"\.out\.partial-{dead}: an unfinished output left by an earlier run"):
+        with atomic_output(tmp_path / "out") as tmp:
+            (tmp / "config.json").write_text("{}")
+    assert stale.exists()  # pointed out, not deleted (it may be another machine's run on a shared disk)
 
 
 def test_a_failed_output_removes_the_folders_made_for_it(tmp_path):

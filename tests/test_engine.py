@@ -214,14 +214,20 @@ def test_existing_output_needs_overwrite(tmp_path, tiny_family):
     with pytest.raises(OutputExistsError):
         safemerge.merge(ta_config(tiny_family), tmp_path / "out", progress=False)
     assert (tmp_path / "out" / "keep").read_text() == "precious"
+    with pytest.raises(OutputExistsError, match=r"holds other files \(keep\) and none that safemerge writes"):
+        safemerge.merge(ta_config(tiny_family), tmp_path / "out", overwrite=True, progress=False)  # not an output
+    assert (tmp_path / "out" / "keep").read_text() == "precious"
+    (tmp_path / "out" / "config.json").write_text("{}")  # an earlier merge's folder: replaced whole
     safemerge.merge(ta_config(tiny_family), tmp_path / "out", overwrite=True, progress=False)
-    assert not (tmp_path / "out" / "keep").exists() and (tmp_path / "out" / "config.json").exists()
+    assert not (tmp_path / "out" / "keep").exists() and (tmp_path / "out" / "model.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_overwriting_a_file_leaves_nothing_beside_it(tmp_path, tiny_family):
+def test_overwrite_never_turns_a_file_into_the_output_folder(tmp_path, tiny_family):
     (tmp_path / "out").write_text("a file where the model goes")
-    safemerge.merge(ta_config(tiny_family), tmp_path / "out", overwrite=True, progress=False)
-    assert (tmp_path / "out" / "config.json").exists()
+    with pytest.raises(OutputExistsError, match="is a file, and the output is a folder"):
+        safemerge.merge(ta_config(tiny_family), tmp_path / "out", overwrite=True, progress=False)
+    assert (tmp_path / "out").read_text() == "a file where the model goes"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 

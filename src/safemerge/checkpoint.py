@@ -376,15 +376,21 @@ def nonfinite(x: torch.Tensor) -> bool:
 
 # -- output ---------------------------------------------------------------------------------------
 @contextmanager
-def atomic_output(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output(out_dir: str | os.PathLike, *, overwrite: bool = False, replace_any: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `out_dir`, on any error it is removed.
 
-    SIGTERM is turned into KeyboardInterrupt while the block runs, so `kill` cleans up like Ctrl-C.
+    With `overwrite`, an existing `out_dir` is replaced only when it is a folder that is empty or holds one of the
+    files safemerge's outputs hold (`OUTPUT_MARKERS`): never a file, nor a folder of the user's other work
+    (`replace_any` lifts the second check, for folders safemerge alone keeps, such as its cache). SIGTERM is turned
+    into KeyboardInterrupt while the block runs, so `kill` cleans up like Ctrl-C.
     """
     out = Path(out_dir).expanduser().absolute()
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out}: already exists; choose another path or pass --overwrite (overwrite=True)")
+    if out.exists() or out.is_symlink():
+        _check_replaceable(out, replace_any=replace_any)
     check_folder(out)
+    _warn_of_stale_partials(out)
     made = [p for p in reversed(out.parents) if not p.exists()]  # folders this call creates, outermost first
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -396,7 +402,11 @@ def atomic_output(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Ite
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)
-            tmp.rename(out)
+            try:
+                tmp.rename(out)
+            except BaseException:  # Ctrl-C or an error between the two renames: the earlier output goes back
+                old.rename(out)
+                raise
             if old.is_dir() and not old.is_symlink():
                 shutil.rmtree(old, ignore_errors=True)
             else:
@@ -453,6 +463,49 @@ def check_output_folder(out: Path, what: str) -> None:
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out}: is a file; {what}")
     check_folder(out)
+
+
+# files that mark a folder as an earlier safemerge output (a model, an adapter, a testbed, a search)
+OUTPUT_MARKERS = ("config.json", "adapter_config.json", "world.json", "search.json")
+
+
+def _check_replaceable(out: Path, *, replace_any: bool) -> None:
+    if not out.is_dir():
+        raise OutputExistsError(f"{out}: is a file, and the output is a folder; choose another path (--overwrite "
+                                "replaces an earlier output folder, never a file)")
+    if replace_any:
+        return
+    entries = sorted(p.name for p in out.iterdir())
+    if entries and not any((out / m).exists() for m in OUTPUT_MARKERS):
+        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+        raise OutputExistsError(f"{out}: --overwrite replaces an earlier output folder, but this one holds other files "
+                                f"({shown}) and none that safemerge writes ({', '.join(OUTPUT_MARKERS)}); choose another "
+                                "path, or remove the folder yourself if it is to go")
+
+
+def _warn_of_stale_partials(out: Path) -> None:
+    """Say where an earlier run that was killed (SIGKILL, out of memory) left its unfinished output beside `out`."""
+    import re
+    import warnings
+
+    if not out.parent.is_dir():
+        return
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.partial-(\d+)")
+    for p in out.parent.iterdir():
+        m = pattern.fullmatch(p.name)
+        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            warnings.warn(f"{p}: an unfinished output left by an earlier run that was killed; delete it to free its "
+                          "space", UserWarning, stacklevel=4)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
 
 
 def check_folder(out: Path) -> None:
