@@ -373,3 +373,20 @@ def test_chat_template_auto_takes_the_inputs_own_and_bad_names_are_refused(tmp_p
         with pytest.raises(ConfigError, match=re.escape(words)):
             safemerge.merge(ta_config(tiny_family, chat_template=bad), tmp_path / "bad", progress=False)
         assert not (tmp_path / "bad").exists()
+
+
+def test_a_base_without_config_json_is_pointed_out(tmp_path, tiny_family):
+    """QA: the output's config.json was {"dtype": ...} alone, which no loader can use, and nothing said so."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_family["base"], base)
+    (base / "config.json").unlink()
+    with pytest.warns(UserWarning, match=r"base: has no config.json, so the merged folder will hold weights that "
+                                          "transformers cannot load"):
+        safemerge.merge(ta_config({**tiny_family, "base": base}), tmp_path / "out", progress=False)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        safemerge.merge(ta_config(tiny_family), tmp_path / "out2", progress=False)  # with one: nothing to say
