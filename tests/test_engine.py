@@ -181,6 +181,19 @@ def test_vocab_mismatch_says_so(tmp_path, tiny_family):
     assert_nothing_written(tmp_path, tmp_path / "out")
 
 
+def test_a_different_hidden_size_is_not_called_a_vocabulary_difference(tmp_path, tiny_family):
+    """QA: an expert of another width got "different vocabularies; set `tokenizer_source: base`", even with it set."""
+    from tiny import llama_config
+    from transformers import LlamaForCausalLM
+
+    wide = tmp_path / "wide"
+    LlamaForCausalLM(llama_config(hidden=48)).save_pretrained(wide)
+    for over in ({}, {"tokenizer_source": "base"}):
+        with pytest.raises(CheckpointError, match=r"has shape \[64, 48\].*differ in more than their vocabularies"):
+            safemerge.merge(ta_config(dict(tiny_family, expert=wide), **over), tmp_path / "out", progress=False)
+    assert_nothing_written(tmp_path, tmp_path / "out")
+
+
 def test_nonfinite_input_fails_unless_allowed(tmp_path, tiny_family):
     from safetensors.torch import load_file, save_file
     import shutil

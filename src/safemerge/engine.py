@@ -177,9 +177,11 @@ def _plan(config: MergeConfig, *, allow_pickle: bool) -> _Plan:
         for model, src in route.sources.items():
             a, b = shapes[name], models[model].shape(src)
             if (a[1:] != b[1:]) if reindexed else (a != b):  # re-indexed tensors differ in their rows
-                hint = (" — the models have different vocabularies; set `tokenizer_source: base` (or a model, or "
-                        "`union`) to merge their embeddings token by token, as mergekit does"
-                        if "embed" in name or "lm_head" in name or "wte" in name else "")
+                vocab_rows = "embed" in name or "lm_head" in name or "wte" in name
+                hint = (" — the models differ in more than their vocabularies (the width of each row: the hidden size); "
+                        "only models of one architecture can be merged" if a[1:] != b[1:] else
+                        " — the models have different vocabularies; set `tokenizer_source: base` (or a model, or "
+                        "`union`) to merge their embeddings token by token, as mergekit does") if vocab_rows else ""
                 theirs = "" if src == first_src else f" {first_src!r}"
                 raise CheckpointError(f"{model}: tensor {src!r} has shape {list(b)} but {models[first].path}{theirs} "
                                       f"has {list(a)}{hint}")
