@@ -446,12 +446,18 @@ def sha256_file(file: Path) -> str:
     return h.hexdigest()
 
 
-def check_output_file(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+def check_output_file(path: str | os.PathLike, *, overwrite: bool = False,
+                      inputs: dict[str, str | os.PathLike | None] | None = None) -> Path:
     """Where a single-file output (JSONL) may go, checked before any work is done: an error if it exists
-    (without overwrite), is a directory, or cannot be created because a file stands where a folder must be."""
+    (without overwrite), is a directory, is one of the command's `inputs` ({option: path}; it would be read and
+    replaced), or cannot be created because a file stands where a folder must be."""
     out = Path(path).expanduser()
     if out.is_dir():
         raise OutputExistsError(f"{out}: is a directory; give a file path for this output")
+    for option, given in (inputs or {}).items():
+        if isinstance(given, (str, os.PathLike)) and Path(given).expanduser().is_file() \
+                and Path(given).expanduser().resolve() == out.resolve():
+            raise OutputExistsError(f"{out}: is the {option} file itself; write the output to another file")
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out}: already exists; choose another path or pass --overwrite (overwrite=True)")
     check_folder(out)

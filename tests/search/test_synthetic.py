@@ -118,6 +118,23 @@ def test_every_pool_model_is_checked_before_any_answer(tmp_path, prompts_file):
     assert not (tmp_path / "s.jsonl").exists()
 
 
+def test_the_output_is_never_an_input_file(tmp_path, prompts_file):
+    """QA: `data safety --out P --prompts P --overwrite` replaced the prompts it read."""
+    import shutil
+
+    from safemerge.errors import OutputExistsError
+
+    prompts = tmp_path / "prompts.jsonl"
+    shutil.copy(prompts_file, prompts)
+    before = prompts.read_text()
+    a = Scripted("A", reply=lambda p: pytest.fail("answered although the output is the input"))
+    with pytest.raises(OutputExistsError, match=r"prompts.jsonl: is the --prompts file itself"):
+        synthesize_safety([a], prompts, prompts=prompts, overwrite=True, progress=False)
+    with pytest.raises(OutputExistsError, match=r"prompts.jsonl: is the --examples file itself"):
+        synthesize_domain(a, prompts, examples=prompts, n=1, overwrite=True, progress=False)
+    assert prompts.read_text() == before
+
+
 def test_safety_data_from_the_micro_testbed_pool(micro_testbed, tmp_path):
     from safemerge.evaluate.judges import KeywordJudge
 

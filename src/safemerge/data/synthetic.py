@@ -178,7 +178,7 @@ def synthesize_safety(
     """
     from safemerge.evaluate.judges import get_judge
 
-    out = check_output_file(out, overwrite=overwrite)
+    out = check_output_file(out, overwrite=overwrite, inputs={"--prompts": prompts, "--examples": examples})
     if not pool:
         raise DataError("give at least one pool model (--pool) to answer the questions")
     if (prompts is None) == (generator is None):
@@ -319,7 +319,7 @@ def synthesize_domain(
     has the model continue a "Question: ..." list without template (experts that do not follow
     instructions). Generation repeats in rounds until n distinct questions exist or `max_rounds` ran.
     """
-    out = check_output_file(out, overwrite=overwrite)
+    out = check_output_file(out, overwrite=overwrite, inputs={"--examples": examples})
     if style not in ("chat", "completion"):
         raise DataError(f"--style {style!r}: choose chat or completion")
     if n < 1 or k < 1:

@@ -98,15 +98,13 @@ def evaluate_safety(
     check_batch_size(batch_size=batch_size, judge_batch_size=judge_batch_size)
     settings = generation or GenerationSettings(max_new_tokens=max_new_tokens)
     ps = load_prompts(prompts, limit=limit, prompt_column=prompt_column)
-    if out is not None and Path(ps.source).expanduser().is_file() and Path(out).expanduser().resolve() == Path(ps.source).expanduser().resolve():
-        raise SafemergeError(f"--out {out}: is the prompts file itself; write the answers to another file")
     db = open_store(store)
     ref = model_ref(model, dtype=dtype, store=db)
     judge_obj = get_judge(judge, judge_model=judge_model, device=device, dtype=dtype, batch_size=judge_batch_size, store=db)
     judge_id = judge_obj.identity()
     key_settings = {**settings.as_dict(), **ref.identity(backend)}
     key = result_key("safety", model=ref.fingerprint or "", data=ps.fingerprint, judge=_canon(judge_id), settings=key_settings)
-    out_path = (check_output_file(out, overwrite=overwrite) if out is not None
+    out_path = (check_output_file(out, overwrite=overwrite, inputs={"prompts": ps.source}) if out is not None
                 else db.path.parent / "responses" / f"{key}.jsonl")
     cacheable = bool(ref.fingerprint) and judge_id.get("model", "") is not None
     if cache and cacheable and (hit := db.get(key)) is not None:
