@@ -59,6 +59,9 @@ def test_missing_prompt_column_names_file_and_column(tmp_path):
     with pytest.raises(DataError, match=r"bad\.jsonl: no 'prompt' column \(columns: label, text\)"):
         load_prompts(path)
     assert [p.text for p in load_prompts(path, prompt_column="text").prompts] == ["hello"]
+    with pytest.raises(DataError, match=r"bad\.jsonl: no 'nope' column, as --prompt-column .* names; the file's columns "
+                                        r"are label, text: name one of them"):  # QA: it said to rename a column to 'nope'
+        load_prompts(path, prompt_column="nope")
 
 
 def test_empty_file_is_an_error(tmp_path):

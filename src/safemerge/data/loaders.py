@@ -135,10 +135,13 @@ def _detect(columns: set[str], name: str, prompt_column: str) -> str:
         return "beavertails"
     if prompt_column in columns:
         return "plain"
+    have = ", ".join(sorted(columns)) or "none"
+    if prompt_column != "prompt":  # the user named the column: say it is not there
+        raise DataError(f"{name}: no {prompt_column!r} column, as --prompt-column (prompt_column=) names; the file's "
+                        f"columns are {have}: name one of them")
     raise DataError(
-        f"{name}: no {prompt_column!r} column (columns: {', '.join(sorted(columns)) or 'none'}); "
-        f"rename the prompt column to {prompt_column!r} (`safemerge eval safety` also takes --prompt-column, the "
-        "Python API prompt_column=), or use a BeaverTails or HH-RLHF red-team file"
+        f"{name}: no 'prompt' column (columns: {have}); name the column that holds the prompts with --prompt-column "
+        "(the Python API's prompt_column=), or use a BeaverTails or HH-RLHF red-team file"
     )
 
 
