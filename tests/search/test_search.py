@@ -198,3 +198,16 @@ def test_ray_workers_score_exactly_as_serial(tiny_family, family_data, tmp_path)
     serial = search(task_config(tiny_family, "ties", density=0.5), tmp_path / "s", **kw)
     on_ray = search(task_config(tiny_family, "ties", density=0.5), tmp_path / "r", workers=2, ray_address="local", **kw)
     assert _history(on_ray) == _history(serial)
+
+
+def test_resume_without_a_journal_says_it_starts_afresh(tmp_path):
+    """QA: `search --resume` with no journal began a new search without a word."""
+    from safemerge.search.journal import Journal
+
+    with pytest.warns(UserWarning, match=r"j.sqlite: no search journal to resume; the search starts from the beginning"):
+        Journal.open(tmp_path / "j.sqlite", identity={"a": 1}, resume=True).close()
+    import warnings
+
+    with warnings.catch_warnings():  # resuming the journal that is now there: nothing to say
+        warnings.simplefilter("error", UserWarning)
+        Journal.open(tmp_path / "j.sqlite", identity={"a": 1}, resume=True).close()

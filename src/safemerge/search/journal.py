@@ -21,6 +21,7 @@ import json
 import math
 import sqlite3
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,9 @@ class Journal:
                 raise OutputExistsError(f"{path}: a search journal is already there; pass --resume to continue that "
                                         "search, or --overwrite to start it again")
             _remove(path)
+        if resume and not path.exists():
+            warnings.warn(f"{path}: no search journal to resume; the search starts from the beginning (a journal sits "
+                          "beside the output as OUT.journal.sqlite unless --journal names another)", UserWarning, stacklevel=3)
         path.parent.mkdir(parents=True, exist_ok=True)
         created = not path.exists()
         try:
