@@ -337,3 +337,21 @@ def test_a_slice_parameter_as_a_single_mapping_falls_through_like_a_list(tiny_fa
     c = _sliced(tiny_family, piece={"parameters": {"density": {"filter": "mlp", "value": 0.4}}})
     assert method_params(c, tensor="model.layers.0.mlp.up_proj.weight", t=0)[1]["density"] == [0.4]
     assert method_params(c, tensor="model.layers.0.self_attn.q_proj.weight", t=0)[1]["density"] == [0.6]
+
+
+def test_a_key_given_twice_is_an_error_on_one_line(tmp_path):
+    """QA: two `weight:` lines merged with the last one, without a word; PyYAML's errors ran over several lines."""
+    twice = tmp_path / "twice.yml"
+    twice.write_text("merge_method: linear\nmodels:\n  - model: a\n    parameters:\n      weight: 0.5\n      weight: 0.1\n")
+    with pytest.raises(ConfigError, match=r"twice.yml: invalid YAML at line 6, column 7: key 'weight' is given twice in "
+                                          r"one mapping \(first on line 5\); keep one$"):
+        load_config(twice)
+    broken = tmp_path / "broken.yml"
+    broken.write_text("merge_method: linear\nmodels:\n  - model: a\n   parameters: x\n")
+    with pytest.raises(ConfigError, match=r"broken.yml: invalid YAML at line 4, column 4: expected <block end>") as e:
+        load_config(broken)
+    assert "\n" not in str(e.value)
+    anchors = tmp_path / "anchors.yml"  # a merge key (<<) and a key that overrides it are not a key given twice
+    anchors.write_text("merge_method: linear\nmodels:\n  - model: a\n    parameters: &p {weight: 0.5}\n"
+                       "  - model: b\n    parameters:\n      <<: *p\n      weight: 0.25\n")
+    assert [m.parameters["weight"] for m in load_config(anchors).models] == [0.5, 0.25]

@@ -400,16 +400,45 @@ def load_config(source: Union[str, os.PathLike, dict, MergeConfig], *, ignore_un
     return parse_config(source, ignore_unknown=ignore_unknown)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error: the loader would keep the
+    last silently (two `weight:` lines, two `merge_method:`), and a merge would run on half of what was written."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # a merge key (<<) brings keys that the mapping's own may override
+                key = self.construct_object(key_node, deep=True)
+                if key in first:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice in one mapping (first on line {first[key] + 1}); keep one",
+                        key_node.start_mark)
+                first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_error(e: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: where (line and column), then what ("mapping values are not allowed here")."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None)
+    if mark is None or problem is None:
+        return f": {' '.join(str(e).split())}"
+    context = getattr(e, "context", None)
+    return f" at line {mark.line + 1}, column {mark.column + 1}: {problem}" + (f" ({context})" if context else "")
+
+
 def read_yaml_documents(path: Path) -> list[dict]:
     """The merge configs of a YAML file, one per document (empty documents left out)."""
     try:
-        docs = [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d is not None]
+        docs = [d for d in yaml.load_all(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) if d is not None]
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start}); a merge config is YAML text") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the merge config ({e.strerror})") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        raise ConfigError(f"{path}: invalid YAML{_yaml_error(e)}") from None
     for i, data in enumerate(docs):
         if not isinstance(data, dict):
             where = f"{path}" if len(docs) == 1 else f"{path}, document {i + 1}"
