@@ -76,6 +76,14 @@ def test_pool_with_another_architecture_is_an_error(tiny_family, tmp_path):
                       {"model": str(other), "parameters": {"weight": 1}}]}
     with pytest.raises(CheckpointError, match="num_hidden_layers: 3 vs 4"):
         CandidateModel(cfg)
+    import shutil
+
+    bare = tmp_path / "bare"  # QA: a model without config.json read as "vs None" in every architecture field
+    shutil.copytree(tiny_family["expert"], bare)
+    (bare / "config.json").unlink()
+    cfg["models"][1]["model"] = str(bare)
+    with pytest.raises(CheckpointError, match=r"bare: has no config.json; the search builds its model"):
+        CandidateModel(cfg)
 
 
 def test_the_scorer_cuts_examples_to_the_models_context(tiny_family, tmp_path):

@@ -35,6 +35,10 @@ _ARCH_KEYS = ("model_type", "architectures", "hidden_size", "num_hidden_layers",
 def check_architecture(models: Mapping[str, Checkpoint]) -> None:
     """Raise CheckpointError when the pool's config.json files describe different architectures."""
     items = list(models.items())
+    for name, ckpt in items:
+        if not ckpt.config:  # compared with the others' it would read as "vs None" in every field
+            raise CheckpointError(f"{name}: has no config.json; the search builds its model from the pool's config, "
+                                  "so every model needs the config.json it was saved with (save_pretrained writes it)")
     ref_name, ref = items[0]
     for name, ckpt in items[1:]:
         diff = [k for k in _ARCH_KEYS if k in ref.config or k in ckpt.config
