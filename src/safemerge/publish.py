@@ -116,6 +116,7 @@ def publish(
     repo_id = _check_repo_id(repo_id)
     path = _model_dir(model)
     _check_checkpoint(path)
+    _check_safety_data(safety_data)
     ev = stored_evaluations(path, store=store)
     gate = _gate(ev, min_safety=min_safety, safety_data=safety_data)
     if not gate["passed"] and not allow_unsafe:
@@ -149,6 +150,20 @@ def publish(
 
 
 # -- the gate -------------------------------------------------------------------------------------
+def _check_safety_data(safety_data: str | os.PathLike | None) -> None:
+    """A --safety-data that names a data file (by its suffix) must exist: else the gate would only say that no
+    evaluation was stored on it. (A dataset's hub name is left to the stored evaluations.)"""
+    from safemerge.data.loaders import DATA_SUFFIXES
+
+    if safety_data is None:
+        return
+    p = Path(safety_data).expanduser()
+    if p.suffix.lower() in DATA_SUFFIXES and not p.is_file():
+        what = "is a folder" if p.is_dir() else "no such file"
+        raise PublishError(f"--safety-data {safety_data}: {what}; name the harmful-prompts file the safety evaluation "
+                           "ran on (`safemerge card MODEL --dry-run` shows the stored evaluations)")
+
+
 def _gate(ev: Evaluations, *, min_safety: float, safety_data: str | os.PathLike | None) -> dict[str, Any]:
     rows = ev.safety
     if safety_data is not None:

@@ -137,6 +137,8 @@ def test_publish_gates_on_the_named_data_set(model, prompts_file, tmp_path, stor
         publish(model, "me/m", store=store, min_safety=rate, api=FakeHub())
     r = publish(model, "me/m", store=store, min_safety=rate, safety_data=prompts_file, dry_run=True)
     assert r["gate"]["passed"] and [c["data"] for c in r["gate"]["checked"]] == ["prompts.jsonl"]
+    with pytest.raises(PublishError, match=r"--safety-data .*missing.jsonl: no such file; name the harmful-prompts file"):
+        publish(model, "me/m", store=store, safety_data=tmp_path / "missing.jsonl", dry_run=True)  # QA: said "run eval"
 
 
 def test_dry_run_writes_and_uploads_nothing(model, prompts_file, store):
