@@ -546,7 +546,8 @@ def _finish(tmp: Path, cfg: MergeConfig, plan: _Plan, *, tok_path: Path, title: 
         others = [c.path for c in plan.models.values() if _has_tokenizer(c.path)]
         if others:
             warnings.warn(f"{tok_path} has no tokenizer files, so the output has none; set `tokenizer_source: "
-                          f"{others[0]}` in the config to take that model's", stacklevel=3)
+                          f"{others[0]}` in the config (mergealign: --tokenizer-source {others[0]}) to take that model's",
+                          stacklevel=3)
     as_yaml = cfg.to_yaml_dict()
     (tmp / "mergekit_config.yml").write_text(yaml.safe_dump(as_yaml, sort_keys=False))
     inputs = [{"model": m, "fingerprint": c.fingerprint()} for m, c in plan.models.items()]

@@ -267,7 +267,8 @@ def _warn_if_renumbered(models: dict[str, "Checkpoint"]) -> None:
     other = next((m for m, v in vocabs.items() if used(v) != want), None)
     if other is not None:
         warnings.warn(f"{other} and {first} number their tokens differently, and the embeddings are merged row by row; "
-                      "set `tokenizer_source: base` (or a model, or `union`) to merge them token by token", stacklevel=4)
+                      "set `tokenizer_source: base` (or a model, or `union`; mergealign: --tokenizer-source) to merge them token by "
+                      "token", stacklevel=4)
 
 
 def _copy_tokenizer(tok: Any):
