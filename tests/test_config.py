@@ -355,3 +355,13 @@ def test_a_key_given_twice_is_an_error_on_one_line(tmp_path):
     anchors.write_text("merge_method: linear\nmodels:\n  - model: a\n    parameters: &p {weight: 0.5}\n"
                        "  - model: b\n    parameters:\n      <<: *p\n      weight: 0.25\n")
     assert [m.parameters["weight"] for m in load_config(anchors).models] == [0.5, 0.25]
+
+
+@pytest.mark.parametrize("value, shown", [(None, "null"), ([1.0, "x"], '[1.0, "x"]')])
+def test_a_parameter_of_no_known_form_is_one_message(value, shown):
+    """QA: `weight: null` gave six pydantic messages, one per form a parameter may take, naming the model by index."""
+    with pytest.raises(ConfigError) as e:
+        load_config({"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": value}},
+                                                          {"model": "b", "parameters": {"weight": 0.5}}]})
+    assert str(e.value) == (f"config: models[a].parameters.weight: {shown} is not a number, a list of numbers (a gradient "
+                            "over the layers) or a list of filter entries ({filter: ..., value: ...})")

@@ -9,6 +9,7 @@ resolved at t = 0, before the stack (embeddings) and after it (final norm, lm_he
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -468,7 +469,7 @@ def parse_config(data: dict, *, where: str = "config", folder: Path | None = Non
             data = _relative_to(data, folder)
         return MergeConfig.model_validate(data)
     except (ConfigError, ValidationError) as e:
-        text = "; ".join(_fmt(err) for err in e.errors()) if isinstance(e, ValidationError) else str(e)
+        text = "; ".join(_fmt_errors(e.errors(), data)) if isinstance(e, ValidationError) else str(e)
         text = text if text.startswith(f"{where}: ") else f"{where}: {text}"
         if not ignore_unknown and re.search(r"unknown key '[^']*'(?! in a filter entry)", text):
             text += " (mergekit ignores unknown keys; --ignore-unknown / ignore_unknown=True does too, with a warning)"
@@ -506,6 +507,34 @@ def _fallback(first: Any, then: Any) -> list:
                 else [{"value": v}])
 
     return entries(first) + entries(then)
+
+
+# the members of ParamValue, as pydantic names them in an error's location
+_PARAM_FORMS = {"bool", "int", "float", "str", "list[float]", "list[FilterValue]"}
+
+
+def _fmt_errors(errors: list[dict], data: Any) -> list[str]:
+    """pydantic's errors as the config's words: a parameter value that fits none of ParamValue's forms is one
+    message (pydantic gives one per form), and `models.0` names the model (`models[PATH]`)."""
+    out: list[str] = []
+    said: set[str] = set()
+    for err in errors:
+        loc = list(err["loc"])
+        if len(loc) > 1 and loc[0] == "models" and isinstance(loc[1], int):
+            try:
+                loc[:2] = [f"models[{data['models'][loc[1]]['model']}]"]
+            except (KeyError, IndexError, TypeError):
+                pass
+        form = next((i for i, x in enumerate(loc) if x in _PARAM_FORMS), None)
+        if form is not None and "parameters" in loc[:form]:
+            where = ".".join(str(x) for x in loc[:form])
+            if where not in said:  # the first form's error holds the whole value
+                said.add(where)
+                out.append(f"{where}: {json.dumps(err['input'], default=str)} is not a number, a list of numbers (a "
+                           "gradient over the layers) or a list of filter entries ({filter: ..., value: ...})")
+            continue
+        out.append(_fmt({**err, "loc": loc}))
+    return out
 
 
 def _fmt(err: dict) -> str:
