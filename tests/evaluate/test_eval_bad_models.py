@@ -174,3 +174,15 @@ def test_generation_runs_in_inference_mode(refuser):
     generate_ids(model, [tok("Why?")["input_ids"]], max_new_tokens=2, pad=0, eos=eos_ids(model, tok),
                  score_fn=lambda logits, tokens: seen.append(torch.is_inference_mode_enabled()))
     assert seen == [True]
+
+
+def test_a_model_that_needs_its_own_code_is_refused_on_one_line(chat_model, mc_file, store, tmp_path):
+    """QA: transformers' several-line text offered trust_remote_code=True, which safemerge does not take."""
+    custom = tmp_path / "custom"
+    shutil.copytree(chat_model, custom)
+    config = json.loads((custom / "config.json").read_text())
+    config.update(model_type="my-own", auto_map={"AutoConfig": "my.MyConfig", "AutoModelForCausalLM": "my.MyModel"})
+    (custom / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="custom: the model needs Python code of its own to load") as e:
+        evaluate_domain(custom, task=mc_file, store=store)
+    assert "\n" not in str(e.value) and "trust_remote_code" not in str(e.value)

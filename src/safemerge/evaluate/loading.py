@@ -118,7 +118,23 @@ def load_tokenizer(path: Path) -> Any:
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception as e:
-        raise CheckpointError(f"{path}: cannot load its tokenizer ({type(e).__name__}: {e}); copy the tokenizer files into it") from None
+        if _needs_own_code(e):
+            raise CheckpointError(f"{path}: {_OWN_CODE}") from None
+        raise CheckpointError(f"{path}: cannot load its tokenizer ({_one_line(e)}); copy the tokenizer files into it") from None
+
+
+_OWN_CODE = ("the model needs Python code of its own to load (its config's auto_map, or a model_type this transformers "
+             "does not know); safemerge never runs code that comes with a model: use a model of a built-in architecture "
+             "or a newer transformers")
+
+
+def _needs_own_code(e: Exception) -> bool:
+    return "trust_remote_code" in str(e)
+
+
+def _one_line(e: Exception) -> str:
+    """An exception from transformers as one line: its type and its text with the line breaks folded."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
 
 
 def load_model(
@@ -144,7 +160,9 @@ def load_model(
                 p, dtype=resolve_dtype(dtype), trust_remote_code=False, use_safetensors=not allow_pickle
             )
     except Exception as e:
-        raise CheckpointError(f"{p}: cannot load the model ({type(e).__name__}: {e})") from None
+        if _needs_own_code(e):
+            raise CheckpointError(f"{p}: {_OWN_CODE}") from None
+        raise CheckpointError(f"{p}: cannot load the model ({_one_line(e)})") from None
     if adapter is not None:
         from safemerge.lora import LoraCheckpoint
 
