@@ -89,6 +89,21 @@ def test_pickle_needs_allow_pickle(tmp_path):
     torch.testing.assert_close(c.get("w"), torch.ones(3))
 
 
+class _RunsCode:
+    def __reduce__(self):  # unpickling would call os.getcwd: code, not a tensor
+        import os
+
+        return (os.getcwd, ())
+
+
+def test_a_pickle_that_refers_to_code_is_refused_even_when_pickle_is_allowed(tmp_path):
+    torch.save({"w": torch.ones(3), "x": _RunsCode()}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"pytorch_model.bin: refers to code, not only tensors \(Trying to load "
+                                              r"unsupported GLOBAL .*getcwd.*\); torch's safe loader does not run it") as e:
+        Checkpoint(tmp_path, allow_pickle=True)
+    assert "\n" not in str(e.value)  # QA: torch's nine lines about weights_only
+
+
 def test_missing_model_and_missing_weights(tmp_path):
     with pytest.raises(CheckpointError, match="no such model"):
         Checkpoint(tmp_path / "nope")

@@ -192,8 +192,14 @@ class Checkpoint:
                 continue
             try:
                 loaded = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as e:  # corrupt, legacy (non-zip) or not a state dict: torch raises many kinds
-                raise CheckpointError(f"{f}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e}); "
+            except Exception as e:  # corrupt, legacy (non-zip), not a state dict, or code torch's safe loader refused
+                lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+                refused = next((x for x in lines if "GLOBAL" in x or "Unsupported global" in x), None)
+                if refused is not None:  # torch's several lines (the weights_only story) reduced to what it refused
+                    raise CheckpointError(f"{f}: refers to code, not only tensors ({refused.rstrip('.')}); torch's safe "
+                                          "loader does not run it, and neither does safemerge: convert the checkpoint to "
+                                          "safetensors where you trust its source") from None
+                raise CheckpointError(f"{f}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {' '.join(lines)}); "
                                       "convert it to safetensors") from None
             if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
                 raise CheckpointError(f"{f}: is not a state dict of tensors; convert it to safetensors")
