@@ -97,6 +97,8 @@ def test_multiple_choice(mc_file):
     [
         ({"question": "q", "choices": ["a", "b"]}, "row 2 has no 'answer' field"),
         ({"question": "q", "choices": ["a"], "answer": 0}, "row 2: 'choices' must be a list of at least two"),
+        ({"question": "q", "choices": ["Alpha", "Beta", "Alpha"], "answer": 0},  # QA: scored 1.0 by position
+         "row 2: the choice 'Alpha' is given twice; each choice must differ"),
         ({"question": "q", "choices": ["a", "b"], "answer": 2}, r"row 2: 'answer' must index the 2 choices"),
         ({"question": "q", "choices": ["a", "b"], "answer": "c"}, "row 2: 'answer' 'c' is not one of the choices"),
     ],

@@ -212,6 +212,9 @@ def _mc_row(row: dict, name: str, i: int) -> MCQuestion:
         raise DataError(f"{where}: 'question' must be a non-empty string")
     if not isinstance(choices, (list, tuple)) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
         raise DataError(f"{where}: 'choices' must be a list of at least two non-empty strings")
+    twice = next((c for i, c in enumerate(choices) if c in choices[:i]), None)
+    if twice is not None:  # scored alike, the first copy would always win: a right answer by position, not knowledge
+        raise DataError(f"{where}: the choice {twice!r} is given twice; each choice must differ from the others")
     if isinstance(answer, bool):
         raise DataError(f"{where}: 'answer' is {answer}, not an index of the choices (or the choice's text)")
     if isinstance(answer, str) and answer.isdigit():
