@@ -310,7 +310,7 @@ def test_unknown_keys_are_errors_unless_ignored_as_mergekit_does(tiny_family):
              "tokenizer": {"source": "base", "mode": "x"}}
     clean = {"merge_method": "sce", "base_model": b, "parameters": {"select_topk": 0.5},
              "models": [{"model": e}, {"model": a}], "tokenizer": {"source": "base"}}
-    with pytest.raises(ConfigError, match=r"unknown key 'dype'.*--ignore-unknown"):
+    with pytest.raises(ConfigError, match=r"unknown key 'dype'; did you mean 'dtype'\?.*--ignore-unknown"):
         load_config(messy)
     with pytest.warns(UserWarning, match=r"ignored 5 unknown key\(s\).*: dype, models\[0\]\.parameters\.weight, "
                                          r"models\[1\]\.parameters\.weight, parameters\.normalize, tokenizer\.mode"):

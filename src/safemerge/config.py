@@ -537,10 +537,16 @@ def _fmt_errors(errors: list[dict], data: Any) -> list[str]:
     return out
 
 
+def _known_keys() -> set[str]:
+    """Every key the config's sections take (for "did you mean" after an unknown one)."""
+    return {name for cls in (MergeConfig, InputModel, Slice, SliceSource, TokenizerSection, TokenSpec, TokenRow, FilterValue)
+            for name in cls.model_fields}
+
+
 def _fmt(err: dict) -> str:
     loc = ".".join(str(x) for x in err["loc"])
     if err["type"] == "extra_forbidden":
-        return f"unknown key {loc!r}"
+        return f"unknown key {loc!r}{did_you_mean(str(err['loc'][-1]), _known_keys(), n=1)}"
     msg = err["msg"].removeprefix("Value error, ")
     return f"{loc}: {msg}" if loc else msg
 
