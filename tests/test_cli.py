@@ -167,3 +167,22 @@ def test_what_the_machine_refuses_is_one_line_and_a_bug_is_not_hidden(capsys):
     with pytest.raises(FileNotFoundError):  # not the machine's refusal: raised as it is
         with user_errors():
             raise FileNotFoundError(errno.ENOENT, "No such file or directory", "/nowhere")
+
+
+def test_sigterm_ends_a_command_as_ctrl_c_does(capsys):
+    """QA: `kill` during a search exited 143 without a word (and without the journal's clean close)."""
+    import os
+    import signal
+
+    import typer
+
+    from safemerge.cli._common import user_errors
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(typer.Exit) as e:
+        with user_errors("; the journal keeps every candidate scored so far"):
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert e.value.exit_code == 130
+    assert capsys.readouterr().err.strip() == ("interrupted: nothing was written at the target path; the journal keeps "
+                                               "every candidate scored so far")
+    assert signal.getsignal(signal.SIGTERM) == before  # put back after the command

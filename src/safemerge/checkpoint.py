@@ -16,7 +16,6 @@ import json
 import mmap
 import os
 import shutil
-import signal
 import struct
 import threading
 from contextlib import contextmanager
@@ -26,6 +25,7 @@ from typing import Iterator
 
 import torch
 
+from safemerge._signals import sigterm_to_interrupt
 from safemerge.errors import CheckpointError, OutputExistsError
 
 MAP_BYTES = 1 << 20  # ranges this large are memory-mapped (Checkpoint.get_rows)
@@ -402,7 +402,7 @@ def atomic_output(out_dir: str | os.PathLike, *, overwrite: bool = False, replac
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    restore = _sigterm_to_interrupt()
+    restore = sigterm_to_interrupt()
     try:
         yield tmp
         if out.exists():
@@ -527,14 +527,3 @@ def check_folder(out: Path) -> None:
             if not parent.is_dir():
                 raise OutputExistsError(f"{out}: {parent} is a file, so nothing can be written under it; choose another path")
             return
-
-
-def _sigterm_to_interrupt():
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    return lambda: signal.signal(signal.SIGTERM, previous)

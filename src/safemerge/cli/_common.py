@@ -28,10 +28,13 @@ class UserError(Exception):
 
 
 @contextmanager
-def user_errors() -> Iterator[None]:
-    """Print SafemergeError/UserError (and Ctrl-C) as one line and exit non-zero; warnings as one line each."""
+def user_errors(interrupted: str = "") -> Iterator[None]:
+    """Print SafemergeError/UserError (and Ctrl-C, or SIGTERM: `kill` ends a command as Ctrl-C does) as one line and
+    exit non-zero; warnings as one line each. `interrupted`: what else to say after an interrupt."""
+    from safemerge._signals import sigterm_to_interrupt
     from safemerge.errors import SafemergeError
 
+    restore = sigterm_to_interrupt()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
@@ -41,7 +44,7 @@ def user_errors() -> Iterator[None]:
         console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)  # the message is text, never markup
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
-        console.print("[bold red]interrupted[/]: nothing was written at the target path")
+        console.print(f"[bold red]interrupted[/]: nothing was written at the target path{escape(interrupted)}", highlight=False)
         raise typer.Exit(130) from None
     except OSError as e:
         if e.errno not in _ENVIRONMENT_ERRNOS:
@@ -50,6 +53,8 @@ def user_errors() -> Iterator[None]:
         console.print(f"[bold red]error:[/] {escape(where + (e.strerror or str(e)))} (the machine refused: check the folder's "
                       "permissions and the free space, then run the command again)", highlight=False)
         raise typer.Exit(2) from None
+    finally:
+        restore()
 
 
 # what the machine refuses, not a bug: permissions, a read-only or full disk, a quota
@@ -61,11 +66,11 @@ def _show_warning(message, *args, **kwargs) -> None:
 
 
 @contextmanager
-def loading_models() -> Iterator[None]:
+def loading_models(interrupted: str = "") -> Iterator[None]:
     """user_errors for commands that load models: also no transformers progress bar per model load."""
     from safemerge._hf import quiet_transformers
 
-    with user_errors(), quiet_transformers():
+    with user_errors(interrupted), quiet_transformers():
         yield
 
 

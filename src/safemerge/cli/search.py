@@ -51,7 +51,7 @@ def search(
     """Find the merge weights and densities (or t) minimising λ·CE(safety) + (1−λ)·CE(domain); write the best merge."""
     from safemerge.search import search as run_search
 
-    with loading_models():
+    with loading_models("; the journal keeps every candidate scored so far: --resume goes on from there"):
         result = run_search(config, out_dir, optimizer=optimizer, safety_data=safety_data, domain_data=domain_data,
                             lambda_=lambda_, steps=steps, seed=seed, resume=resume, workers=workers,
                             ray_address=ray_address, overwrite=overwrite, journal=journal, popsize=popsize, sigma0=sigma0,
