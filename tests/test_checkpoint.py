@@ -301,3 +301,18 @@ def test_a_file_that_is_not_weights_is_not_called_a_pickle(tmp_path):
     (tmp_path / "w.bin").write_bytes(b"x")
     with pytest.raises(CheckpointError, match="is a pickle checkpoint"):
         Checkpoint(tmp_path / "w.bin")
+
+
+def test_outputs_get_the_default_file_mode(tmp_path):
+    """QA: the testbed's (and save_pretrained's) model.safetensors came out 0600: safetensors writes it so."""
+    import os
+
+    from safetensors.torch import save_file
+
+    with atomic_output(tmp_path / "out") as tmp:
+        save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors"))
+        (tmp / "config.json").write_text("{}")
+    umask = os.umask(0o022)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()}
+    assert modes == {"model.safetensors": 0o666 & ~umask, "config.json": 0o666 & ~umask}

@@ -405,6 +405,7 @@ def atomic_output(out_dir: str | os.PathLike, *, overwrite: bool = False, replac
     restore = sigterm_to_interrupt()
     try:
         yield tmp
+        _default_modes(tmp)
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)
@@ -475,6 +476,27 @@ def check_output_folder(out: Path, what: str) -> None:
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out}: is a file; {what}")
     check_folder(out)
+
+
+def _default_modes(folder: Path) -> None:
+    """Give every file under `folder` the mode a new file gets here (0644 under the usual umask 022): safetensors'
+    save_file (and so transformers' save_pretrained) writes 0600, which teammates on a shared disk cannot read."""
+    mode = 0o666 & ~_umask()
+    for f in folder.rglob("*"):
+        if f.is_file() and not f.is_symlink() and (f.stat().st_mode & 0o777) != mode:
+            f.chmod(mode)
+
+
+def _umask() -> int:
+    try:  # Linux: read without changing it (os.umask can only be read by setting it)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
 
 
 # files that mark a folder as an earlier safemerge output (a model, an adapter, a testbed, a search)
