@@ -180,7 +180,8 @@ def test_an_unfinished_output_of_a_killed_run_is_pointed_out(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
     stale = tmp_path / f".out.partial-{dead}"  # what SIGKILL leaves: the process is gone
     stale.mkdir()
-    with pytest.warns(UserWarning, match=rf"\.out\.partial-{dead}: an unfinished output left by an earlier run"):
+    with pytest.warns(UserWarning, match=rf"\.out\.partial-{dead}: an unfinished output, likely of an earlier run that "
+                                         "was killed"):
         with atomic_output(tmp_path / "out") as tmp:
             (tmp / "config.json").write_text("{}")
     assert stale.exists()  # pointed out, not deleted (it may be another machine's run on a shared disk)
@@ -316,3 +317,46 @@ def test_outputs_get_the_default_file_mode(tmp_path):
     os.umask(umask)
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()}
     assert modes == {"model.safetensors": 0o666 & ~umask, "config.json": 0o666 & ~umask}
+
+
+def test_a_folder_that_appears_while_the_output_is_made_is_not_replaced(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(OutputExistsError, match="appeared while this ran"):
+        with atomic_output(out) as tmp:
+            (tmp / "config.json").write_text("{}")
+            out.mkdir()  # another run, or the user, puts something there meanwhile
+            (out / "notes.txt").write_text("mine")
+    assert (out / "notes.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "config.json").write_text("{}")
+    with pytest.raises(OutputExistsError, match="holds other files"):  # with --overwrite: checked again at the swap
+        with atomic_output(earlier, overwrite=True) as tmp:
+            (tmp / "config.json").write_text("{}")
+            (earlier / "config.json").unlink()  # meanwhile the folder became someone's work
+            (earlier / "notes.txt").write_text("mine")
+    assert sorted(p.name for p in earlier.iterdir()) == ["notes.txt"]
+
+
+def test_a_kill_during_the_swap_waits_until_it_is_done(tmp_path, monkeypatch):
+    """Review: a signal landing inside either rename (after its system call) left the earlier output at .old-PID and
+    nothing at the target. Held back during the swap, it arrives once both renames are done."""
+    import os
+    import signal
+
+    out = tmp_path / "out"
+    with atomic_output(out) as tmp:
+        (tmp / "config.json").write_text("old")
+    real_rename = Path.rename
+
+    def rename(self, target):
+        done = real_rename(self, target)
+        os.kill(os.getpid(), signal.SIGTERM)  # atomic_output turns SIGTERM into KeyboardInterrupt
+        return done
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_output(out, overwrite=True) as tmp:
+            (tmp / "config.json").write_text("new")
+    monkeypatch.undo()
+    assert (out / "config.json").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -406,20 +406,24 @@ def atomic_output(out_dir: str | os.PathLike, *, overwrite: bool = False, replac
     try:
         yield tmp
         _default_modes(tmp)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            try:
-                tmp.rename(out)
-            except BaseException:  # Ctrl-C or an error between the two renames: the earlier output goes back
-                old.rename(out)
-                raise
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
+        with _signals_held():  # Ctrl-C or kill waits until both renames are done: never an output half swapped
+            if out.exists() or out.is_symlink():
+                if not overwrite:  # it appeared while this ran (another run, the user): it is not ours to replace
+                    raise OutputExistsError(f"{out}: appeared while this ran; choose another path or pass --overwrite")
+                _check_replaceable(out, replace_any=replace_any)
+                old = out.parent / f".{out.name}.old-{os.getpid()}"
+                out.rename(old)
+                try:
+                    tmp.rename(out)
+                except BaseException:  # an error between the two renames: the earlier output goes back
+                    old.rename(out)
+                    raise
+                if old.is_dir() and not old.is_symlink():
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    old.unlink(missing_ok=True)
             else:
-                old.unlink(missing_ok=True)
-        else:
-            tmp.rename(out)
+                tmp.rename(out)
     finally:
         restore()
         if tmp.exists():
@@ -478,6 +482,27 @@ def check_output_folder(out: Path, what: str) -> None:
     check_folder(out)
 
 
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Ctrl-C (SIGINT) and SIGTERM that arrive while the block runs are noted, and raised as KeyboardInterrupt once
+    it is done (main thread; Python runs signal handlers there, whichever thread the system delivered them to)."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    note = lambda signum, frame: arrived.append(signum)  # noqa: E731
+    previous = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if any(previous[sig] is not signal.SIG_IGN for sig in arrived):  # (an ignored Ctrl-C stays ignored)
+        raise KeyboardInterrupt
+
+
 def _default_modes(folder: Path) -> None:
     """Give every file under `folder` the mode a new file gets here (0644 under the usual umask 022): safetensors'
     save_file (and so transformers' save_pretrained) writes 0600, which teammates on a shared disk cannot read."""
@@ -509,7 +534,7 @@ def _check_replaceable(out: Path, *, replace_any: bool) -> None:
                                 "replaces an earlier output folder, never a file)")
     if replace_any:
         return
-    entries = sorted(p.name for p in out.iterdir())
+    entries = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))  # .DS_Store, .gitkeep: not work
     if entries and not any((out / m).exists() for m in OUTPUT_MARKERS):
         shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
         raise OutputExistsError(f"{out}: --overwrite replaces an earlier output folder, but this one holds other files "
@@ -528,8 +553,9 @@ def _warn_of_stale_partials(out: Path) -> None:
     for p in out.parent.iterdir():
         m = pattern.fullmatch(p.name)
         if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
-            warnings.warn(f"{p}: an unfinished output left by an earlier run that was killed; delete it to free its "
-                          "space", UserWarning, stacklevel=4)
+            warnings.warn(f"{p}: an unfinished output, likely of an earlier run that was killed (or of a run on another "
+                          "machine that shares this disk); once no run is writing it, delete it to free its space",
+                          UserWarning, stacklevel=4)
 
 
 def _alive(pid: int) -> bool:
