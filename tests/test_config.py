@@ -196,6 +196,12 @@ def test_others_compares_paths_once_per_base_and_models(tiny_family, monkeypatch
     assert calls == []  # computed once, while the config was validated
     ties.base_model = e  # what others() was computed from has changed: computed again
     assert [m.model for m in ties.others()] == [b + "/"] and len(calls) == 2
+    from safemerge.config import InputModel
+
+    ties.base_model = b  # new model objects under the same paths: others() gives them, not the ones it first saw
+    ties.models = [InputModel(model=b + "/"), InputModel(model=e, parameters={"weight": 0.25, "density": 0.5})]
+    assert [m.parameters["weight"] for m in ties.others()] == [0.25]
+    assert ties == ties.model_copy(deep=True)  # the memo is no part of the config (the copy has none): not compared
 
 
 def test_slice_checks_name_the_slice(tiny_family):

@@ -13,12 +13,13 @@ import json
 import math
 import os
 import re
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from safemerge.errors import ConfigError, did_you_mean
 from safemerge.methods import REQUIRED, get_method
@@ -150,6 +151,12 @@ class TokenizerSection(BaseModel):
     tokens: Optional[dict[str, TokenSpec]] = None
 
 
+# MergeConfig.others()'s answer per config object (by id, dropped with the object), for the (base, model paths) it was
+# computed from: comparing paths resolves them, a system call per path part. Kept outside the model, so that it is
+# neither a field nor a private attribute that pydantic would compare, copy or serialise.
+_OTHERS: dict[int, tuple[tuple, list[bool]]] = {}
+
+
 class MergeConfig(BaseModel):
     """A mergekit-compatible merge config (the subset of keys safemerge supports, plus `seed`).
 
@@ -169,9 +176,6 @@ class MergeConfig(BaseModel):
     chat_template: Optional[str] = None
     seed: int = 0  # safemerge: seeds DARE's per-tensor randomness
     name: Optional[str] = None
-    # others() for the (base, models) it was computed from: the engine asks for every tensor, and comparing
-    # paths resolves them (a system call per path part)
-    _others: tuple[tuple, list] | None = PrivateAttr(default=None)
 
     @field_validator("dtype", "out_dtype")
     @classmethod
@@ -304,9 +308,13 @@ class MergeConfig(BaseModel):
     def others(self) -> list[InputModel]:
         """The models other than the base, in config order."""
         key = (self.base_model, tuple(m.model for m in self.models))
-        if self._others is None or self._others[0] != key:
-            self._others = (key, [m for m in self.models if not (self.base_model and same_model(m.model, self.base_model))])
-        return list(self._others[1])
+        memo = _OTHERS.get(id(self))
+        if memo is None or memo[0] != key:  # compared once per (base, models): the engine asks for every tensor
+            if memo is None:
+                weakref.finalize(self, _OTHERS.pop, id(self), None)
+            memo = _OTHERS[id(self)] = (key, [not (self.base_model and same_model(m.model, self.base_model))
+                                              for m in self.models])
+        return [m for m, other in zip(self.models, memo[1]) if other]
 
     def weighted_models(self) -> list[InputModel]:
         """The models whose per-model parameters the method reads: every model for a whole-model method
