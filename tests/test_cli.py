@@ -178,11 +178,17 @@ def test_sigterm_ends_a_command_as_ctrl_c_does(capsys):
 
     from safemerge.cli._common import user_errors
 
-    before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(typer.Exit) as e:
-        with user_errors("; the journal keeps every candidate scored so far"):
-            os.kill(os.getpid(), signal.SIGTERM)
+    def sentinel(signum, frame):  # were user_errors' handler missing, this fails the test instead of killing pytest
+        raise AssertionError("user_errors did not take SIGTERM")
+
+    original = signal.signal(signal.SIGTERM, sentinel)
+    try:
+        with pytest.raises(typer.Exit) as e:
+            with user_errors("; the journal keeps every candidate scored so far"):
+                os.kill(os.getpid(), signal.SIGTERM)
+        assert signal.getsignal(signal.SIGTERM) is sentinel  # put back after the command
+    finally:
+        signal.signal(signal.SIGTERM, original)
     assert e.value.exit_code == 130
     assert capsys.readouterr().err.strip() == ("interrupted: nothing was written at the target path; the journal keeps "
                                                "every candidate scored so far")
-    assert signal.getsignal(signal.SIGTERM) == before  # put back after the command

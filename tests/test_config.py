@@ -363,11 +363,19 @@ def test_a_key_given_twice_is_an_error_on_one_line(tmp_path):
     assert [m.parameters["weight"] for m in load_config(anchors).models] == [0.5, 0.25]
 
 
-@pytest.mark.parametrize("value, shown", [(None, "null"), ([1.0, "x"], '[1.0, "x"]')])
+@pytest.mark.parametrize("value, shown", [(None, "weight: null"), ([1.0, "x"], 'weight: [1.0, "x"]'),
+                                          ([{"filter": "mlp", "value": None}], "weight.0.value: null")])
 def test_a_parameter_of_no_known_form_is_one_message(value, shown):
     """QA: `weight: null` gave six pydantic messages, one per form a parameter may take, naming the model by index."""
     with pytest.raises(ConfigError) as e:
         load_config({"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": value}},
                                                           {"model": "b", "parameters": {"weight": 0.5}}]})
-    assert str(e.value) == (f"config: models[a].parameters.weight: {shown} is not a number, a list of numbers (a gradient "
+    assert str(e.value) == (f"config: models[a].parameters.{shown} is not a number, a list of numbers (a gradient "
                             "over the layers) or a list of filter entries ({filter: ..., value: ...})")
+
+
+def test_did_you_mean_never_suggests_the_key_itself():
+    with pytest.raises(ConfigError) as e:  # `layer_range` is a key of slices' sources, not of models
+        load_config({"merge_method": "linear", "models": [{"model": "a", "layer_range": [0, 1], "parameters": {"weight": 1}},
+                                                          {"model": "b", "parameters": {"weight": 1}}]})
+    assert "unknown key 'models[a].layer_range'" in str(e.value) and "did you mean 'layer_range'" not in str(e.value)

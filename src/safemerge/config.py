@@ -522,10 +522,12 @@ _PARAM_FORMS = {"bool", "int", "float", "str", "list[float]", "list[FilterValue]
 
 
 def _fmt_errors(errors: list[dict], data: Any) -> list[str]:
-    """pydantic's errors as the config's words: a parameter value that fits none of ParamValue's forms is one
-    message (pydantic gives one per form), and `models.0` names the model (`models[PATH]`)."""
+    """pydantic's errors as the config's words: `models.0` names the model (`models[PATH]`); a parameter value that
+    fits none of ParamValue's forms is one message (pydantic gives one per form), except a list of filter entries,
+    whose errors say what is wrong in which entry."""
     out: list[str] = []
-    said: set[str] = set()
+    values: dict[str, Any] = {}  # a parameter's location -> its whole value (the input of a form's own error)
+    inner: dict[str, list[str]] = {}  # a parameter's location -> its filter entries' errors
     for err in errors:
         loc = list(err["loc"])
         if len(loc) > 1 and loc[0] == "models" and isinstance(loc[1], int):
@@ -533,16 +535,32 @@ def _fmt_errors(errors: list[dict], data: Any) -> list[str]:
                 loc[:2] = [f"models[{data['models'][loc[1]]['model']}]"]
             except (KeyError, IndexError, TypeError):
                 pass
-        form = next((i for i, x in enumerate(loc) if x in _PARAM_FORMS), None)
-        if form is not None and "parameters" in loc[:form]:
-            where = ".".join(str(x) for x in loc[:form])
-            if where not in said:  # the first form's error holds the whole value
-                said.add(where)
-                out.append(f"{where}: {json.dumps(err['input'], default=str)} is not a number, a list of numbers (a "
-                           "gradient over the layers) or a list of filter entries ({filter: ..., value: ...})")
+        # the form's place: after a parameter's name, or after a filter entry's `value`
+        at = next((i for i, x in enumerate(loc) if x in _PARAM_FORMS
+                   and ((i >= 2 and loc[i - 2] == "parameters") or (i >= 1 and loc[i - 1] == "value"))), None)
+        if at is None:
+            out.append(_fmt({**err, "loc": loc}))
             continue
-        out.append(_fmt({**err, "loc": loc}))
-    return out
+        where = ".".join(str(x) for x in loc[:at])
+        if where not in values and where not in inner:
+            out.append(where)  # a placeholder, filled in below, keeps the errors in pydantic's order
+        if len(loc) == at + 1:
+            values.setdefault(where, err["input"])
+        elif loc[at] == "list[FilterValue]":
+            inner.setdefault(where, []).append({**err, "loc": loc[:at] + loc[at + 1:]})
+            values.setdefault(where, None)
+    lines: list[str] = []
+    for item in out:
+        if item not in values:
+            lines.append(item)
+            continue
+        whole = values[item]
+        if isinstance(whole, list) and any(isinstance(x, dict) for x in whole) and inner.get(item):
+            lines.extend(dict.fromkeys(_fmt_errors(inner[item], None)))  # an entry's `value` is read the same way
+        else:
+            lines.append(f"{item}: {json.dumps(whole, default=str)} is not a number, a list of numbers (a gradient over "
+                         "the layers) or a list of filter entries ({filter: ..., value: ...})")
+    return lines
 
 
 def _known_keys() -> set[str]:
@@ -554,7 +572,8 @@ def _known_keys() -> set[str]:
 def _fmt(err: dict) -> str:
     loc = ".".join(str(x) for x in err["loc"])
     if err["type"] == "extra_forbidden":
-        return f"unknown key {loc!r}{did_you_mean(str(err['loc'][-1]), _known_keys(), n=1)}"
+        key = str(err["loc"][-1])
+        return f"unknown key {loc!r}{did_you_mean(key, _known_keys() - {key}, n=1)}"
     msg = err["msg"].removeprefix("Value error, ")
     return f"{loc}: {msg}" if loc else msg
 

@@ -116,9 +116,10 @@ def publish(
     repo_id = _check_repo_id(repo_id)
     path = _model_dir(model)
     _check_checkpoint(path)
-    _check_safety_data(safety_data)
     ev = stored_evaluations(path, store=store)
     gate = _gate(ev, min_safety=min_safety, safety_data=safety_data)
+    if not gate["checked"]:
+        _check_safety_data(safety_data)  # no evaluation matched: a missing file is the likelier story
     if not gate["passed"] and not allow_unsafe:
         raise PublishError(gate["reason"] + "; nothing was uploaded (pass --allow-unsafe to publish anyway, "
                                             "and the card will say so)")
@@ -151,8 +152,9 @@ def publish(
 
 # -- the gate -------------------------------------------------------------------------------------
 def _check_safety_data(safety_data: str | os.PathLike | None) -> None:
-    """A --safety-data that names a data file (by its suffix) must exist: else the gate would only say that no
-    evaluation was stored on it. (A dataset's hub name is left to the stored evaluations.)"""
+    """A --safety-data that matched no stored evaluation and names a data file (by its suffix) that is not there: say
+    so, rather than that no evaluation was stored on it. (A file moved since its evaluation still matches the stored
+    one by its old path; a dataset's hub name is left to the stored evaluations.)"""
     from safemerge.data.loaders import DATA_SUFFIXES
 
     if safety_data is None:

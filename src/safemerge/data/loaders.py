@@ -140,8 +140,9 @@ def _detect(columns: set[str], name: str, prompt_column: str) -> str:
         raise DataError(f"{name}: no {prompt_column!r} column, as --prompt-column (prompt_column=) names; the file's "
                         f"columns are {have}: name one of them")
     raise DataError(
-        f"{name}: no 'prompt' column (columns: {have}); name the column that holds the prompts with --prompt-column "
-        "(the Python API's prompt_column=), or use a BeaverTails or HH-RLHF red-team file"
+        f"{name}: no 'prompt' column (columns: {have}); rename the column that holds the prompts to 'prompt' (`safemerge "
+        "eval safety` can also be told its name with --prompt-column, the Python API with prompt_column=), or use a "
+        "BeaverTails or HH-RLHF red-team file"
     )
 
 
