@@ -196,7 +196,13 @@ def test_ray_workers_score_exactly_as_serial(tiny_family, family_data, tmp_path)
     pytest.importorskip("ray")
     kw = dict(optimizer="grid", steps=2, safety_data=family_data["safety"], domain_data=family_data["domain"], progress=False)
     serial = search(task_config(tiny_family, "ties", density=0.5), tmp_path / "s", **kw)
-    on_ray = search(task_config(tiny_family, "ties", density=0.5), tmp_path / "r", workers=2, ray_address="local", **kw)
+    mine = lambda signum, frame: None  # noqa: E731  (the CLI's: SIGTERM ends the search as Ctrl-C does)
+    original = signal.signal(signal.SIGTERM, mine)
+    try:
+        on_ray = search(task_config(tiny_family, "ties", density=0.5), tmp_path / "r", workers=2, ray_address="local", **kw)
+        assert signal.getsignal(signal.SIGTERM) is mine  # review: ray.init's own handler (exit 15) had stayed
+    finally:
+        signal.signal(signal.SIGTERM, original)
     assert _history(on_ray) == _history(serial)
 
 

@@ -37,7 +37,7 @@ class RayScorer:
                 kwargs["num_cpus"] = workers
             else:
                 kwargs["address"] = address
-            ray.init(**kwargs)
+            _keeping_sigterm(lambda: ray.init(**kwargs))
         actor = ray.remote(num_cpus=1)(_Actor)
         self._actors = [actor.remote(spec) for _ in range(workers)]
         ray.get([a.ready.remote() for a in self._actors])  # build every scorer before the first population
@@ -63,6 +63,19 @@ class RayScorer:
         self._actors = []
         if self._started:
             ray.shutdown()
+
+
+def _keeping_sigterm(start: Any) -> None:
+    """Run `start` (ray.init), then put back the SIGTERM handler it replaced: Ray's exits at once with status 15,
+    where the CLI's (and atomic_output's) end the search as Ctrl-C does, closing the journal and saying so."""
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
+    start()
+    if before is not None:
+        signal.signal(signal.SIGTERM, before)
 
 
 class _Actor:
