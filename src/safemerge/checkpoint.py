@@ -25,8 +25,8 @@ from typing import Iterator
 
 import torch
 
-from safemerge._signals import sigterm_to_interrupt
-from safemerge.errors import CheckpointError, OutputExistsError
+from safemerge._signals import sigterm_to_interrupt, signals_held
+from safemerge.errors import CheckpointError, OutputExistsError, one_line
 
 MAP_BYTES = 1 << 20  # ranges this large are memory-mapped (Checkpoint.get_rows)
 
@@ -199,7 +199,7 @@ class Checkpoint:
                     raise CheckpointError(f"{f}: refers to code, not only tensors ({refused.rstrip('.')}); torch's safe "
                                           "loader does not run it, and neither does safemerge: convert the checkpoint to "
                                           "safetensors where you trust its source") from None
-                raise CheckpointError(f"{f}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {' '.join(lines)}); "
+                raise CheckpointError(f"{f}: cannot be read as a PyTorch checkpoint ({one_line(e)}); "
                                       "convert it to safetensors") from None
             if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
                 raise CheckpointError(f"{f}: is not a state dict of tensors; convert it to safetensors")
@@ -406,7 +406,7 @@ def atomic_output(out_dir: str | os.PathLike, *, overwrite: bool = False, replac
     try:
         yield tmp
         _default_modes(tmp)
-        with _signals_held():  # Ctrl-C or kill waits until both renames are done: never an output half swapped
+        with signals_held():  # Ctrl-C or kill waits until both renames are done: never an output half swapped
             if out.exists() or out.is_symlink():
                 if not overwrite:  # it appeared while this ran (another run, the user): it is not ours to replace
                     raise OutputExistsError(f"{out}: appeared while this ran; choose another path or pass --overwrite")
@@ -480,27 +480,6 @@ def check_output_folder(out: Path, what: str) -> None:
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out}: is a file; {what}")
     check_folder(out)
-
-
-@contextmanager
-def _signals_held() -> Iterator[None]:
-    """Ctrl-C (SIGINT) and SIGTERM that arrive while the block runs are noted, and raised as KeyboardInterrupt once
-    it is done (main thread; Python runs signal handlers there, whichever thread the system delivered them to)."""
-    import signal
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    arrived: list[int] = []
-    note = lambda signum, frame: arrived.append(signum)  # noqa: E731
-    previous = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if any(previous[sig] is not signal.SIG_IGN for sig in arrived):  # (an ignored Ctrl-C stays ignored)
-        raise KeyboardInterrupt
 
 
 def _default_modes(folder: Path) -> None:

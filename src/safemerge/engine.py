@@ -486,9 +486,10 @@ def merge(
     check_apart(out_dir, input_dirs(plan.models.values()) + tok_dirs)
     if not plan.out_config.get("model_type"):
         ref = plan.reference.path
-        warnings.warn(f"{ref}: {'has no config.json' if ref.is_dir() and not (ref / 'config.json').exists() else 'gives no model config (model_type)'}, "
-                      "so the merged folder will hold weights that transformers cannot load by themselves; copy the "
-                      "model's config.json into it (or merge models saved with save_pretrained)", UserWarning, stacklevel=2)
+        lacks = "has no config.json" if ref.is_dir() and not (ref / "config.json").exists() else "gives no model config (model_type)"
+        warnings.warn(f"{ref}: {lacks}, so the merged folder will hold weights that transformers cannot load by themselves; "
+                      "copy the model's config.json into it (or merge models saved with save_pretrained)", UserWarning,
+                      stacklevel=2)
     specs = [(n, plan.shapes[n], plan.out_dtype[n]) for n in plan.names]
     with atomic_output(out_dir, overwrite=overwrite) as tmp, _progress(progress, plan, specs) as advance:
         writer = ShardedWriter(tmp, specs, max_shard_bytes=max_shard_size)

@@ -12,6 +12,11 @@ def did_you_mean(name: str, known: Iterable[str], n: int = 2) -> str:
     return f"; did you mean {', '.join(map(repr, close))}?" if close else ""
 
 
+def one_line(e: BaseException) -> str:
+    """An exception from a library as one line: its type, then its text with the line breaks folded."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
 class SafemergeError(Exception):
     """Base class: the CLI prints these as one line and exits with code 2."""
 

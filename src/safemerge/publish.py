@@ -155,12 +155,12 @@ def _check_safety_data(safety_data: str | os.PathLike | None) -> None:
     """A --safety-data that matched no stored evaluation and names a data file (by its suffix) that is not there: say
     so, rather than that no evaluation was stored on it. (A file moved since its evaluation still matches the stored
     one by its old path; a dataset's hub name is left to the stored evaluations.)"""
-    from safemerge.data.loaders import DATA_SUFFIXES
+    from safemerge.data.loaders import names_data_file
 
     if safety_data is None:
         return
     p = Path(safety_data).expanduser()
-    if p.suffix.lower() in DATA_SUFFIXES and not p.is_file():
+    if names_data_file(p) and not p.is_file():
         what = "is a folder" if p.is_dir() else "no such file"
         raise PublishError(f"--safety-data {safety_data}: {what}; name the harmful-prompts file the safety evaluation "
                            "ran on (`safemerge card MODEL --dry-run` shows the stored evaluations)")
@@ -289,11 +289,10 @@ def _data_name(source: Any) -> str:
     """A local file by its name (the card does not show the publisher's folders); a hub dataset by its id."""
     if not isinstance(source, str):
         return "?"
-    from safemerge.data.loaders import DATA_SUFFIXES
+    from safemerge.data.loaders import names_data_file
 
     # a data file's suffix marks a local file wherever the card is written from, as the loader reads it
-    local = (Path(source).suffix.lower() in DATA_SUFFIXES or Path(source).expanduser().exists()
-             or source.startswith(("/", "~", ".")))
+    local = names_data_file(source) or Path(source).expanduser().exists() or source.startswith(("/", "~", "."))
     return Path(source).name if local else source
 
 

@@ -33,6 +33,13 @@ from safemerge.errors import SafemergeError
 
 FORMATS = ("auto", "beavertails", "hh-redteam", "plain")
 DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".gz": "json"}
+
+
+def names_data_file(source: str | os.PathLike) -> bool:
+    """Whether `source` is named as a data file (.jsonl, .csv, ...), not a hub dataset, whether or not it exists."""
+    return Path(str(source)).suffix.lower() in DATA_SUFFIXES
+
+
 _FIRST_HUMAN = re.compile(r"Human:(.*?)(?:\n\s*\n\s*Assistant:|\Z)", re.DOTALL)
 # hub datasets whose useful part is not their default config / split
 _HUB_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -236,7 +243,7 @@ def read_rows(source: str | os.PathLike, *, split: str | None) -> tuple[list[dic
     path = Path(source).expanduser()
     if path.exists():
         return _read_file(path, split=split)
-    if is_hub_id(source) and path.suffix.lower() not in DATA_SUFFIXES:  # (name.jsonl etc.: a mistyped file)
+    if is_hub_id(source) and not names_data_file(source):  # (name.jsonl etc.: a mistyped file)
         return _read_hub(source, split=split)
     raise DataError(f"{source}: no such file (and not a hub dataset name like 'org/name'); check the path")
 

@@ -18,7 +18,7 @@ import torch
 
 from safemerge._hf import is_hub_id, quiet_transformers
 from safemerge.checkpoint import nonfinite
-from safemerge.errors import CheckpointError, SafemergeError
+from safemerge.errors import CheckpointError, SafemergeError, one_line
 from safemerge.writer import TOKENIZER_FILES
 
 if TYPE_CHECKING:
@@ -120,7 +120,7 @@ def load_tokenizer(path: Path) -> Any:
     except Exception as e:
         if _needs_own_code(e):
             raise CheckpointError(f"{path}: {_OWN_CODE}") from None
-        raise CheckpointError(f"{path}: cannot load its tokenizer ({_one_line(e)}); copy the tokenizer files into it") from None
+        raise CheckpointError(f"{path}: cannot load its tokenizer ({one_line(e)}); copy the tokenizer files into it") from None
 
 
 _OWN_CODE = ("the model needs Python code of its own to load (its config's auto_map, or a model_type this transformers "
@@ -130,11 +130,6 @@ _OWN_CODE = ("the model needs Python code of its own to load (its config's auto_
 
 def _needs_own_code(e: Exception) -> bool:
     return "trust_remote_code" in str(e)
-
-
-def _one_line(e: Exception) -> str:
-    """An exception from transformers as one line: its type and its text with the line breaks folded."""
-    return f"{type(e).__name__}: {' '.join(str(e).split())}"
 
 
 def load_model(
@@ -162,7 +157,7 @@ def load_model(
     except Exception as e:
         if _needs_own_code(e):
             raise CheckpointError(f"{p}: {_OWN_CODE}") from None
-        raise CheckpointError(f"{p}: cannot load the model ({_one_line(e)})") from None
+        raise CheckpointError(f"{p}: cannot load the model ({one_line(e)})") from None
     if adapter is not None:
         from safemerge.lora import LoraCheckpoint
 

@@ -132,7 +132,7 @@ def evaluate_safety(
             _empty_cuda_cache()
     with progress_bar(len(ps), f"judging ({judge_id['judge']})", enabled=progress) as advance:
         verdicts = judge_obj.judge([p.text for p in ps.prompts], [g.text for g in gens], progress=advance)
-    if judge_obj is not judge and hasattr(judge_obj, "release"):
+    if judge_obj is not judge and guard_next:
         judge_obj.release()
     seconds = time.perf_counter() - t0
 

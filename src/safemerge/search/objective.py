@@ -14,6 +14,7 @@ Safety Alignment: One Bad Model Spoils the Bunch".
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 
 from safemerge.data.loaders import DataError
 from safemerge.errors import ConfigError
+from safemerge.evaluate.loglik import last_logits
 
 DEFAULT_LAMBDA = 0.5
 IGNORE = -100
@@ -116,6 +118,12 @@ class Batches:
     n_tokens: int  # answer tokens in all batches
     n_examples: int
 
+    @functools.cached_property
+    def first_scored(self) -> list[int]:
+        """Per batch, the position whose logit predicts its earliest answer token (a token at position 0 has no
+        context): found once, not for every candidate scored."""
+        return [max(int((labels != IGNORE).any(0).nonzero()[0]) - 1, 0) for _, _, labels in self.batches]
+
 
 def make_batches(tokenizer: Any, pairs: Sequence[Pair], *, batch_size: int = 16, max_length: int | None = None,
                  chat_template: bool = True) -> Batches:
@@ -161,13 +169,9 @@ def answer_ce(model: Any, batches: Batches) -> float:
     vocabulary: the (B, T, V) logits of whole prompts would dominate memory on a large vocabulary and are never
     scored.
     """
-    from safemerge.evaluate.loglik import last_logits
-
     device = next(model.parameters()).device
     total = 0.0
-    for ids, mask, labels in batches.batches:
-        # the position that predicts the batch's earliest answer token (a token at position 0 has no context)
-        first = max(int((labels != IGNORE).any(0).nonzero()[0]) - 1, 0)
+    for (ids, mask, labels), first in zip(batches.batches, batches.first_scored):
         keep = ids.shape[1] - first
         logits = last_logits(model, ids.to(device), keep, attention_mask=mask.to(device))  # (B, keep, V)
         shifted = logits[:, :-1].float().reshape(-1, logits.shape[-1])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator, Sequence
 
+from safemerge._signals import sigterm_kept
 from safemerge.errors import ConfigError, SafemergeError
 from safemerge.search.objective import Score
 from safemerge.search.scoring import ScorerSpec
@@ -37,7 +38,8 @@ class RayScorer:
                 kwargs["num_cpus"] = workers
             else:
                 kwargs["address"] = address
-            _keeping_sigterm(lambda: ray.init(**kwargs))
+            with sigterm_kept():  # Ray's own handler would exit at once, without the CLI's clean-up
+                ray.init(**kwargs)
         actor = ray.remote(num_cpus=1)(_Actor)
         self._actors = [actor.remote(spec) for _ in range(workers)]
         ray.get([a.ready.remote() for a in self._actors])  # build every scorer before the first population
@@ -63,19 +65,6 @@ class RayScorer:
         self._actors = []
         if self._started:
             ray.shutdown()
-
-
-def _keeping_sigterm(start: Any) -> None:
-    """Run `start` (ray.init), then put back the SIGTERM handler it replaced: Ray's exits at once with status 15,
-    where the CLI's (and atomic_output's) end the search as Ctrl-C does, closing the journal and saying so."""
-    import signal
-    import threading
-
-    main = threading.current_thread() is threading.main_thread()
-    before = signal.getsignal(signal.SIGTERM) if main else None
-    start()
-    if before is not None:
-        signal.signal(signal.SIGTERM, before)
 
 
 class _Actor:
