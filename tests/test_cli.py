@@ -169,6 +169,75 @@ def test_what_the_machine_refuses_is_one_line_and_a_bug_is_not_hidden(capsys):
             raise FileNotFoundError(errno.ENOENT, "No such file or directory", "/nowhere")
 
 
+def test_a_full_disk_under_safetensors_is_one_line(capsys):
+    """QA: the testbed and align save through safetensors' save_file, whose (Rust) error carries the OS error only in
+    its text; a full disk printed a traceback. The messages are safetensors 0.8's, from a full tmpfs and a missing
+    folder."""
+    import typer
+    from safetensors import SafetensorError
+
+    from safemerge.cli._common import user_errors
+
+    with pytest.raises(typer.Exit) as e:
+        with user_errors():
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert e.value.exit_code == 2
+    assert capsys.readouterr().err.strip().startswith("error: No space left on device (writing safetensors) (the machine "
+                                                      "refused")
+    with pytest.raises(typer.Exit):
+        with user_errors():
+            raise SafetensorError('Error while serializing: I/O error: Permission denied (os error 13) at path '
+                                  '"/models/out/.tmpSghSGE"')
+    assert capsys.readouterr().err.strip().startswith("error: /models/out: Permission denied (writing safetensors)")
+    with pytest.raises(SafetensorError):  # not the machine's refusal: raised as it is
+        with user_errors():
+            raise SafetensorError('Error while serializing: I/O error: No such file or directory (os error 2) at path '
+                                  '"/nope/.tmpSghSGE"')
+
+
+def test_an_interrupt_after_the_output_is_in_place_does_not_say_nothing_was_written(tmp_path, capsys):
+    """QA: Ctrl-C while the summary printed, after the output was complete, said "nothing was written"."""
+    import typer
+
+    from safemerge.checkpoint import atomic_output, atomic_write
+    from safemerge.cli._common import user_errors
+
+    with pytest.raises(typer.Exit):
+        with user_errors():
+            with atomic_output(tmp_path / "merged") as tmp:
+                (tmp / "config.json").write_text("{}")
+                with atomic_output(tmp / "inner") as inner:  # inside an output still being made: not a finished one
+                    (inner / "config.json").write_text("{}")
+            raise KeyboardInterrupt
+    assert capsys.readouterr().err.strip() == (f"interrupted: {tmp_path / 'merged'} had been written in full before it; "
+                                               "nothing is half-written")
+    with pytest.raises(typer.Exit):
+        with user_errors():
+            atomic_write(tmp_path / "a.json", "{}")
+            atomic_write(tmp_path / "b.json", "{}")
+            raise KeyboardInterrupt
+    assert capsys.readouterr().err.strip() == (f"interrupted: 2 outputs had been written in full before it (the last: "
+                                               f"{tmp_path / 'b.json'}); nothing is half-written")
+    with pytest.raises(typer.Exit):  # each command counts its own outputs
+        with user_errors():
+            raise KeyboardInterrupt
+    assert capsys.readouterr().err.strip() == "interrupted: nothing was written at the target path"
+
+
+def test_progress_bars_leave_no_blank_line_in_a_log(tmp_path, tiny_family):
+    """QA: an error after a progress bar had started printed a blank line before it when stderr was not a terminal."""
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": str(tiny_family["base"]),
+                                   "models": [{"model": str(tiny_family["expert"]), "parameters": {"weight": 1}}]}))
+    r = runner.invoke(app, ["merge", str(cfg), str(tmp_path / "o")])  # progress on (the default)
+    assert r.exit_code == 0, r.output
+    assert r.stderr == ""  # (the summary is on stdout)
+    missing = tmp_path / "missing.jsonl"
+    r = runner.invoke(app, ["data", "safety", "--pool", str(tiny_family["aligned"]), "--prompts", str(missing),
+                            "--out", str(tmp_path / "s.jsonl")])
+    assert r.exit_code == 2 and r.stderr.startswith("error: ") and str(missing) in r.stderr, r.stderr
+
+
 def test_sigterm_ends_a_command_as_ctrl_c_does(capsys):
     """QA: `kill` during a search exited 143 without a word (and without the journal's clean close)."""
     import os

@@ -6,19 +6,25 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 
-@contextmanager
-def progress_bar(total: int, description: str, *, enabled: bool) -> Iterator[Callable[[int], None]]:
-    if not enabled or total <= 0:
-        yield lambda n: None
-        return
+def transient_progress(*columns):
+    """A rich Progress on stderr (stdout stays for --json) that clears itself when done, or None when stderr is not
+    a terminal: a log file gets no bars, nor the blank line a finished bar leaves there."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import Progress
 
     console = Console(stderr=True)
-    if not console.is_terminal:  # a log file gets no bars (nor the blank lines they leave)
+    return Progress(*columns, console=console, transient=True) if console.is_terminal else None
+
+
+@contextmanager
+def progress_bar(total: int, description: str, *, enabled: bool) -> Iterator[Callable[[int], None]]:
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    bar = transient_progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                             TimeRemainingColumn()) if enabled and total > 0 else None
+    if bar is None:
         yield lambda n: None
         return
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
+    with bar:
         task = bar.add_task(description, total=total)
         yield lambda n: bar.advance(task, n)

@@ -56,3 +56,18 @@ def sigterm_kept() -> Iterator[None]:
     finally:
         if before is not None:
             signal.signal(signal.SIGTERM, before)
+
+
+# Outputs put in place in full by this process (atomic_output, atomic_write), so that an interrupt that lands after
+# one is not reported as "nothing was written". Kept here, not in checkpoint, because the CLI reads it without torch.
+finished_outputs: list[str] = []
+
+
+def note_finished(path) -> None:
+    """Record that `path` now holds a complete output, unless it lies inside another output still being made
+    (a `.NAME.partial-PID` folder, which an interrupt removes)."""
+    from pathlib import Path
+
+    p = Path(path)
+    if not any(".partial-" in q.name for q in p.parents):
+        finished_outputs.append(str(p))

@@ -25,7 +25,7 @@ from typing import Iterator
 
 import torch
 
-from safemerge._signals import sigterm_to_interrupt, signals_held
+from safemerge._signals import note_finished, sigterm_to_interrupt, signals_held
 from safemerge.errors import CheckpointError, OutputExistsError, one_line
 
 MAP_BYTES = 1 << 20  # ranges this large are memory-mapped (Checkpoint.get_rows)
@@ -424,6 +424,7 @@ def atomic_output(out_dir: str | os.PathLike, *, overwrite: bool = False, replac
                     old.unlink(missing_ok=True)
             else:
                 tmp.rename(out)
+            note_finished(out)
     finally:
         restore()
         if tmp.exists():
@@ -444,6 +445,7 @@ def atomic_write(path: Path, data: bytes | str) -> None:
     try:
         tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
         tmp.replace(path)
+        note_finished(path)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from safemerge._signals import note_finished
 from safemerge.errors import ConfigError, OutputExistsError
 from safemerge.naming import file_stem, named_item, task_columns, unique_columns
 
@@ -295,6 +296,7 @@ def compare(
         tmp.unlink(missing_ok=True)
         raise
     tmp.replace(out / RESULTS)
+    note_finished(out)
     return {"results": out / RESULTS, "report": report, "models": doc["models"],
             "seconds": round(time.perf_counter() - start, 1)}
 

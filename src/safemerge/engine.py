@@ -25,6 +25,7 @@ import torch
 import yaml
 
 from safemerge import chat_templates
+from safemerge._progress import transient_progress
 from safemerge.checkpoint import Checkpoint, atomic_output, nonfinite
 from safemerge.config import DTYPES, VOCAB_KEYWORDS, MergeConfig, load_config, method_params
 from safemerge.errors import CheckpointError, ConfigError
@@ -565,19 +566,17 @@ class _progress:
         self.label = f"{plan.config.merge_method}: {len(plan.names)} tensors"
 
     def __enter__(self):
-        if not self.enabled:
-            return lambda n: None
-        from rich.console import Console
-        from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+        from rich.progress import BarColumn, DownloadColumn, TimeRemainingColumn, TransferSpeedColumn
 
-        self.bar = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                            TransferSpeedColumn(), TimeRemainingColumn(), transient=True,
-                            console=Console(stderr=True))  # stdout stays for --json
+        self.bar = transient_progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                                      TransferSpeedColumn(), TimeRemainingColumn()) if self.enabled else None
+        if self.bar is None:
+            return lambda n: None
         self.bar.__enter__()
         task = self.bar.add_task(self.label, total=self.total)
         return lambda n: self.bar.advance(task, n)
 
     def __exit__(self, *exc):
-        if self.enabled:
+        if self.bar is not None:
             self.bar.__exit__(*exc)
         return False

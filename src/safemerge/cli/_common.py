@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import re
 import sys
 import warnings
 from contextlib import contextmanager
@@ -31,10 +33,11 @@ class UserError(Exception):
 def user_errors(interrupted: str = "") -> Iterator[None]:
     """Print SafemergeError/UserError (and Ctrl-C, or SIGTERM: `kill` ends a command as Ctrl-C does) as one line and
     exit non-zero; warnings as one line each. `interrupted`: what else to say after an interrupt."""
-    from safemerge._signals import sigterm_to_interrupt
+    from safemerge import _signals
     from safemerge.errors import SafemergeError
 
-    restore = sigterm_to_interrupt()
+    restore = _signals.sigterm_to_interrupt()
+    finished_before = len(_signals.finished_outputs)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
@@ -44,17 +47,41 @@ def user_errors(interrupted: str = "") -> Iterator[None]:
         console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)  # the message is text, never markup
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
-        console.print(f"[bold red]interrupted[/]: nothing was written at the target path{escape(interrupted)}", highlight=False)
+        console.print(f"[bold red]interrupted[/]: {escape(_what_was_written(_signals.finished_outputs[finished_before:]))}"
+                      f"{escape(interrupted)}", highlight=False)
         raise typer.Exit(130) from None
-    except OSError as e:
-        if e.errno not in _ENVIRONMENT_ERRNOS:
+    except Exception as e:
+        refused = _refused(e)
+        if refused is None:
             raise
-        where = f"{e.filename}: " if e.filename else ""
-        console.print(f"[bold red]error:[/] {escape(where + (e.strerror or str(e)))} (the machine refused: check the folder's "
-                      "permissions and the free space, then run the command again)", highlight=False)
+        console.print(f"[bold red]error:[/] {escape(refused)} (the machine refused: check the folder's permissions and the "
+                      "free space, then run the command again)", highlight=False)
         raise typer.Exit(2) from None
     finally:
         restore()
+
+
+def _what_was_written(finished: list[str]) -> str:
+    if not finished:
+        return "nothing was written at the target path"
+    if len(finished) == 1:
+        return f"{finished[0]} had been written in full before it; nothing is half-written"
+    return f"{len(finished)} outputs had been written in full before it (the last: {finished[-1]}); nothing is half-written"
+
+
+def _refused(e: Exception) -> str | None:
+    """What the machine refused (permissions, a read-only or full disk, a quota) as `[path: ]reason`, or None for any
+    other error. safetensors (Rust) reports the OS error only in its message: `I/O error: REASON (os error N)[ at path
+    "P"]`; P is its temporary file, so the folder is named."""
+    if isinstance(e, OSError):
+        if e.errno not in _ENVIRONMENT_ERRNOS:
+            return None
+        return (f"{e.filename}: " if e.filename else "") + (e.strerror or str(e))
+    if type(e).__name__ == "SafetensorError":
+        m = re.search(r'I/O error: (.+?) \(os error (\d+)\)(?: at path "(.+)")?', str(e))
+        if m and int(m[2]) in _ENVIRONMENT_ERRNOS:
+            return (f"{os.path.dirname(m[3])}: " if m[3] else "") + f"{m[1]} (writing safetensors)"
+    return None
 
 
 # what the machine refuses, not a bug: permissions, a read-only or full disk, a quota

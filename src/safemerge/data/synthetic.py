@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from safemerge._progress import transient_progress
 from safemerge.checkpoint import atomic_write, check_output_file
 from safemerge.data.loaders import DataError, load_prompts
 
@@ -384,14 +385,12 @@ class _bar:
         self.enabled = enabled
 
     def __enter__(self):
-        if not self.enabled:
-            return lambda description, total: (lambda k=1: None)
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TimeElapsedColumn
 
-        self.progress = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), transient=True,
-                                 console=Console(stderr=True))  # stdout stays for --json
+        self.progress = transient_progress("[progress.description]{task.description}", BarColumn(),
+                                           MofNCompleteColumn(), TimeElapsedColumn()) if self.enabled else None
+        if self.progress is None:
+            return lambda description, total: (lambda k=1: None)
         self.progress.__enter__()
 
         def bar(description: str, total: int):
@@ -401,6 +400,6 @@ class _bar:
         return bar
 
     def __exit__(self, *exc):
-        if self.enabled:
+        if self.progress is not None:
             self.progress.__exit__(*exc)
         return False

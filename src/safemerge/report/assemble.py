@@ -66,6 +66,7 @@ def write_report(results: dict | str | os.PathLike, out_dir: str | os.PathLike, 
 
 
 def _write_all(out: Path, files: dict[str, bytes], *, stale: list[Path]) -> None:
+    from safemerge._signals import note_finished
     from safemerge.checkpoint import check_output_folder
 
     check_output_folder(out, "the report is written into a folder")
@@ -80,6 +81,7 @@ def _write_all(out: Path, files: dict[str, bytes], *, stale: list[Path]) -> None
             os.replace(tmp / name, out / name)
         for p in stale:              # a figure of an earlier report that this one no longer has
             p.unlink(missing_ok=True)
+        note_finished(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

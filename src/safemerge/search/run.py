@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import yaml
 
+from safemerge._progress import transient_progress
 from safemerge.checkpoint import Checkpoint, atomic_output
 from safemerge.config import MergeConfig, load_config
 from safemerge.engine import check_apart, check_device, input_dirs, tokenizer_dirs
@@ -339,14 +340,12 @@ class _progress:
         self.best = float("inf")
 
     def __enter__(self):
-        if not self.enabled:
-            return lambda score: None
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TimeElapsedColumn, TimeRemainingColumn
 
-        self.bar = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), TimeRemainingColumn(), transient=True,
-                            console=Console(stderr=True))  # stdout stays for --json
+        self.bar = transient_progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                                      TimeElapsedColumn(), TimeRemainingColumn()) if self.enabled else None
+        if self.bar is None:
+            return lambda score: None
         self.bar.__enter__()
         task = self.bar.add_task(f"{self.optimizer}", total=self.total)
 
@@ -358,6 +357,6 @@ class _progress:
         return report
 
     def __exit__(self, *exc):
-        if self.enabled:
+        if self.bar is not None:
             self.bar.__exit__(*exc)
         return False
