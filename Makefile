@@ -5,15 +5,28 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup clean
+.PHONY: demo test setup clean torch-cpu
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --disable-pip-version-check -q torch==2.13.0
-	$(BIN)/pip install --disable-pip-version-check -q -e '.[dev]'
+	$(BIN)/python -c "import torch" 2>/dev/null || $(MAKE) --no-print-directory torch-cpu
+	$(PIP) -e '.[dev]'
 	touch $(STAMP)
+
+# torch's CPU build: PyPI's Linux wheel of torch pulls the multi-GB CUDA libraries, so unless pip already finds a
+# `+cpu` build (a local wheel folder, as on this project's machines) or the machine is a Mac (whose PyPI wheel has no
+# CUDA), it comes from PyTorch's CPU index. (pip < 22.2 has no --report: the CPU index then.)
+TORCH := 2.13.0
+PIP := $(BIN)/pip install --disable-pip-version-check -q
+torch-cpu:
+	if [ "$$(uname -s)" = Darwin ] || $(PIP) --dry-run --no-deps --report - torch==$(TORCH) 2>/dev/null \
+	    | grep -q '"version": "$(TORCH)+cpu"'; then \
+	  $(PIP) torch==$(TORCH); \
+	else \
+	  $(PIP) torch==$(TORCH) --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple; \
+	fi
 
 demo: $(STAMP)
 	$(BIN)/safemerge demo
