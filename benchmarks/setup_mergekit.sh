@@ -5,8 +5,8 @@
 #
 #   benchmarks/setup_mergekit.sh [VENV_DIR]        # default: .bench-venv in the repo root (git-ignored)
 #
-# torch==2.13.0 is installed FIRST (the CPU wheel on this machine's local disk, found through pip's
-# find-links); mergekit only asks for torch>=2.0.0, which that satisfies, so pip pulls no CUDA build.
+# torch==2.13.0 is installed FIRST (its CPU build: `make torch-cpu`, the wheel on this machine's local disk, found
+# through pip's find-links, else PyTorch's CPU index); mergekit only asks for torch>=2.0.0, which that satisfies, so pip pulls no CUDA build.
 # Re-running is cheap: an existing venv with mergekit 0.1.5 is left as it is.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +32,10 @@ pip_install() {
 torch_version() {
   "$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("torch").split("+")[0])' 2>/dev/null
 }
-torch_version >/dev/null || pip_install "$TORCH_SPEC"
+# the default spec goes through the Makefile's torch-cpu (a local +cpu wheel, else PyTorch's CPU index)
+if ! torch_version >/dev/null; then
+  if [ "$TORCH_SPEC" = "torch==2.13.0" ]; then make --no-print-directory torch-cpu BIN="$VENV/bin"; else pip_install "$TORCH_SPEC"; fi
+fi
 # Hold the torch just installed: mergekit's `torch>=2.0.0` must not pull another build.
 pip_install "$MERGEKIT_SPEC" "torch==$(torch_version)"
 "$VENV/bin/mergekit-yaml" --help >/dev/null
