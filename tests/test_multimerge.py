@@ -132,6 +132,12 @@ def test_bad_multi_stage_configs_are_errors_before_any_merge(tiny_family, tmp_pa
     with pytest.raises(ConfigError, match=r"inter/ta \(ta's output\) already exists .* --intermediate-dir"):
         safemerge.multimerge(cfg, tmp_path / "out2", intermediate_dir=inter, progress=False)
     assert (inter / "ta" / "keep.txt").read_text() == "mine" and not (inter / "soup").exists()
+    (inter / "ta" / "keep.txt").unlink()
+    # QA: with --overwrite, a final output folder of other work was refused only after the earlier merges had run
+    from safemerge.errors import OutputExistsError
+    with pytest.raises(OutputExistsError, match="holds other files"):
+        safemerge.multimerge(cfg, out, intermediate_dir=inter, progress=False, overwrite=True)
+    assert (out / "keep.txt").read_text() == "someone else's" and not (inter / "soup").exists()
 
 
 def test_merge_of_a_multi_stage_file_points_to_multimerge(tiny_family, tmp_path):

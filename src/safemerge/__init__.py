@@ -25,8 +25,8 @@ _API = {
     "similarity": "safemerge.evaluate",
     "audit": "safemerge.evaluate",
     "compare": "safemerge.comparison",
-    "update_card": "safemerge.publish",
-    "publish": "safemerge.publish",
+    "update_card": "safemerge.publishing",
+    "publish": "safemerge.publishing",
 }
 
 __all__ = sorted(_API) + ["__version__"]

@@ -394,7 +394,7 @@ def atomic_output(out_dir: str | os.PathLike, *, overwrite: bool = False, replac
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out}: already exists; choose another path or pass --overwrite (overwrite=True)")
     if out.exists() or out.is_symlink():
-        _check_replaceable(out, replace_any=replace_any)
+        check_replaceable(out, replace_any=replace_any)
     check_folder(out)
     _warn_of_stale_partials(out)
     made = [p for p in reversed(out.parents) if not p.exists()]  # folders this call creates, outermost first
@@ -410,7 +410,7 @@ def atomic_output(out_dir: str | os.PathLike, *, overwrite: bool = False, replac
             if out.exists() or out.is_symlink():
                 if not overwrite:  # it appeared while this ran (another run, the user): it is not ours to replace
                     raise OutputExistsError(f"{out}: appeared while this ran; choose another path or pass --overwrite")
-                _check_replaceable(out, replace_any=replace_any)
+                check_replaceable(out, replace_any=replace_any)
                 old = out.parent / f".{out.name}.old-{os.getpid()}"
                 out.rename(old)
                 try:
@@ -509,7 +509,7 @@ def _umask() -> int:
 OUTPUT_MARKERS = ("config.json", "adapter_config.json", "world.json", "search.json")
 
 
-def _check_replaceable(out: Path, *, replace_any: bool) -> None:
+def check_replaceable(out: Path, *, replace_any: bool) -> None:
     if not out.is_dir():
         raise OutputExistsError(f"{out}: is a file, and the output is a folder; choose another path (--overwrite "
                                 "replaces an earlier output folder, never a file)")

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from safemerge._args import checked
 from safemerge._signals import note_finished
 from safemerge.errors import ConfigError, OutputExistsError
 from safemerge.naming import file_stem, named_item, task_columns, unique_columns
@@ -178,6 +179,7 @@ def _l2(model: str, expert: str, aligned: str, db: Any, cache: bool) -> dict[str
     return result
 
 
+@checked
 def compare(
     models: Sequence[str] | Mapping[str, str],
     out: str | os.PathLike,

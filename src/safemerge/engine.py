@@ -24,6 +24,7 @@ from typing import Any, Iterator
 import torch
 import yaml
 
+from safemerge._args import checked, parse_size
 from safemerge import chat_templates
 from safemerge._progress import transient_progress
 from safemerge.checkpoint import Checkpoint, atomic_output, nonfinite
@@ -454,6 +455,7 @@ def _stream(plan: _Plan, writer: ShardedWriter, *, device: str, chunk_elements: 
 
 
 # -- public entry point -------------------------------------------------------------------------------
+@checked
 def merge(
     config: str | os.PathLike | dict | MergeConfig,
     out_dir: str | os.PathLike,
@@ -462,7 +464,7 @@ def merge(
     device: str = "cpu",
     allow_pickle: bool = False,
     allow_nonfinite: bool = False,
-    max_shard_size: int = DEFAULT_SHARD,
+    max_shard_size: int | str = DEFAULT_SHARD,
     chunk_elements: int = 1 << 24,
     workers: int | None = None,
     progress: bool = True,
@@ -473,15 +475,17 @@ def merge(
     """Merge the models of a mergekit-style config into a complete HF checkpoint at `out_dir`.
 
     Computes in float32 on `device` ("cpu" or "cuda") and casts each tensor once to `out_dtype`
-    (else `dtype`, else the base model's). The output appears at `out_dir` only when complete.
+    (else `dtype`, else the base model's). The output appears at `out_dir` only when complete. `max_shard_size`:
+    bytes, or a text such as "5GB".
     `workers` tensors are merged at once (default: one per core on the CPU, one on a GPU); with more
     than one, torch runs single-threaded inside each for the duration of the merge. `ignore_unknown`: keys and
     parameters safemerge does not know are left out with a warning (as mergekit ignores them) instead of errors.
     """
     cfg = load_config(config, ignore_unknown=ignore_unknown)
     check_device(device)
-    if max_shard_size <= 0:
-        raise ConfigError(f"max_shard_size {max_shard_size}: the output shard size must be positive (e.g. 5GB)")
+    max_shard_size = parse_size(max_shard_size)
+    if workers is not None and workers < 1:
+        raise ConfigError(f"workers={workers}: give at least one worker (or None: one per core on the CPU, one on a GPU)")
     plan = _plan(cfg, allow_pickle=allow_pickle)
     tok_dirs = tokenizer_dirs(cfg)
     check_apart(out_dir, input_dirs(plan.models.values()) + tok_dirs)
@@ -502,7 +506,7 @@ def merge(
             writer.abort()
         _finish(tmp, cfg, plan, tok_path=next(iter(tok_dirs), plan.reference.path), title=title,
                 card_extra=card_extra)
-    return Path(out_dir)
+    return Path(out_dir).expanduser()
 
 
 def input_dirs(models) -> list[Path]:

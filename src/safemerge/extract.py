@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from safemerge._args import checked
 from safemerge._progress import progress_bar
 from safemerge.checkpoint import atomic_output, nonfinite
 from safemerge.config import DTYPES
@@ -63,6 +64,7 @@ class _Module:
     tensors: dict[str, str]  # parameter ("weight", "bias", ...) -> checkpoint tensor name
 
 
+@checked
 def extract_lora(
     model: str | os.PathLike,
     base: str | os.PathLike,

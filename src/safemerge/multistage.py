@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from safemerge.checkpoint import atomic_write
+from safemerge._args import checked
+from safemerge.checkpoint import atomic_write, check_replaceable
 from safemerge.config import (VOCAB_KEYWORDS, MergeConfig, map_model_refs, parse_config, read_yaml_documents,
                               split_reference)
 from safemerge.config_forms import drop_unknown
@@ -107,6 +108,7 @@ def plan(config: str | os.PathLike, out: str | os.PathLike | None, intermediate_
     return _order(stages, path)
 
 
+@checked
 def multimerge(
     config: str | os.PathLike,
     out: str | os.PathLike | None = None,
@@ -137,6 +139,8 @@ def multimerge(
             raise ConfigError(f"{s.out} ({s.label}'s output) already exists and was not written by an earlier multimerge "
                               "into this intermediate folder; pass --overwrite to replace it, or choose another "
                               + ("--out-path" if s.name is None else "--intermediate-dir"))
+        if s.out.exists() or s.out.is_symlink():  # a file, or a folder of other work: refused before any merge runs
+            check_replaceable(s.out, replace_any=False)
     result, remade = MultimergeResult(), set()
     for i, s in enumerate(stages, 1):
         key, cfg_yaml = s.name or "", (s.reparse() if s.needs else s.config).to_yaml_dict()

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from safemerge._args import checked
 from safemerge.config import MergeConfig, load_config, same_model
 from safemerge.engine import merge
 from safemerge.errors import ConfigError
@@ -56,6 +57,7 @@ def _check_roles(base: PathLike, domains: Sequence[PathLike], aligned: PathLike)
         seen.append((f"{flag} {ref}", ref))
 
 
+@checked
 def mergealign(*, base: PathLike, domains: Sequence[PathLike], aligned: PathLike, out: PathLike, alpha: float = 1.0,
                beta: float = 1.0, dtype: str | None = None, tokenizer_source: PathLike | None = None,
                overwrite: bool = False, device: str = "cpu", allow_pickle: bool = False, allow_nonfinite: bool = False,

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from safemerge.cli import app
 from safemerge.errors import CheckpointError, SafemergeError
 from safemerge.evaluate import evaluate_domain, evaluate_safety
-from safemerge.publish import END, START, PublishError, publish, stored_evaluations, update_card
+from safemerge.publishing import END, START, PublishError, publish, stored_evaluations, update_card
 
 
 class FakeHub:
@@ -195,3 +195,12 @@ def test_cli_card_and_publish(model, prompts_file, store):
     assert json.loads(r.stdout)["gate"]["passed"] and not (model / "README.md").exists()
     r = runner.invoke(app, ["card", str(model), "--store", str(store.path)])
     assert r.exit_code == 0 and "1 safety and 0 domain" in r.output and START in (model / "README.md").read_text()
+
+
+def test_safemerge_publish_stays_the_function_once_its_module_is_loaded():
+    """QA: the module was safemerge/publish.py, so once anything imported it, `safemerge.publish` was the module
+    (TypeError: 'module' object is not callable) on a second call or after safemerge.update_card."""
+    import safemerge
+
+    safemerge.update_card  # noqa: B018  (loads the module that defines both)
+    assert safemerge.publish is publish and callable(safemerge.publish)

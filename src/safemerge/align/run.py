@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from safemerge._args import checked
 from safemerge._hf import quiet_transformers
 from safemerge.align import _trl
 from safemerge.align.card import model_label, write_card
@@ -36,6 +37,7 @@ from safemerge.lora import open_model
 RUN_RECORD = "align_run.json"  # in OUT/adapter/
 
 
+@checked
 def align(
     model: str | os.PathLike,
     *,

@@ -196,20 +196,14 @@ def _start_engine() -> None:
 
 
 def parse_size(text: str) -> int:
-    units = {"KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "B": 1}
-    t = text.strip().upper()
+    from safemerge._args import parse_size as parse
+    from safemerge.errors import ConfigError
+
     try:
-        for u in sorted(units, key=len, reverse=True):
-            if t.endswith(u):
-                size = int(float(t[: -len(u)]) * units[u])
-                break
-        else:
-            size = int(t)
-    except (ValueError, OverflowError):  # not a number, or inf / 1e400
-        size = 0
-    if size <= 0:
-        raise typer.BadParameter(f"{text!r} is not a positive size; write e.g. 5GB, 500MB or 2GiB", param_hint="--shard-size")
-    return size
+        return parse(text)
+    except ConfigError:
+        raise typer.BadParameter(f"{text!r} is not a positive size; write e.g. 5GB, 500MB or 2GiB",
+                                 param_hint="--shard-size") from None
 
 
 def _report(path: Path, json_out: bool, seconds: float) -> None:

@@ -1,4 +1,4 @@
-"""CLI for publishing: `safemerge card MODEL` and `safemerge publish MODEL REPO_ID` (safemerge.publish)."""
+"""CLI for publishing: `safemerge card MODEL` and `safemerge publish MODEL REPO_ID` (safemerge.publish, in safemerge.publishing)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from safemerge.cli._common import StoreOpt, console, emit_json, out, user_errors
-from safemerge.publish import DEFAULT_MIN_SAFETY
+from safemerge.publishing import DEFAULT_MIN_SAFETY
 
 
 def register(app: typer.Typer) -> None:
@@ -26,7 +26,7 @@ def card(
 ) -> None:
     """Write MODEL's stored evaluations (safety, domain) into its model card and its model-index metadata."""
     with user_errors():
-        from safemerge.publish import update_card
+        from safemerge.publishing import update_card
 
         r = update_card(model, store=store, dry_run=dry_run)
     if as_json:
@@ -58,7 +58,7 @@ def publish(
 ) -> None:
     """Check MODEL's stored safety evaluations, write them into its card, upload it to the hub in one commit."""
     with user_errors():
-        from safemerge.publish import publish as run
+        from safemerge.publishing import publish as run
 
         r = run(model, repo_id, store=store, min_safety=min_safety, safety_data=safety_data, allow_unsafe=allow_unsafe,
                 private=private, revision=revision, commit_message=message, token=token, dry_run=dry_run)

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from safemerge._args import checked
 from safemerge.data.loaders import load_multiple_choice, load_prompts
 from safemerge.errors import SafemergeError
 from safemerge.evaluate.domain import FORMATS, evaluate_domain
@@ -21,6 +22,7 @@ from safemerge.naming import task_columns, unique_columns
 from safemerge.store import ResultsStore, open_store
 
 
+@checked
 def audit(
     models: Sequence[str | os.PathLike],
     *,

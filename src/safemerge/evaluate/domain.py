@@ -24,11 +24,12 @@ import time
 import warnings
 from typing import Any, Sequence
 
+from safemerge._args import checked
 from safemerge.data.loaders import MCQuestion, QuestionSet, load_multiple_choice
 from safemerge.errors import SafemergeError
 from safemerge._progress import progress_bar
 from safemerge.evaluate.backends import EvaluationWarning, TransformersBackend, get_backend, render_prompt
-from safemerge.evaluate.loading import ModelRef, check_batch_size, model_ref
+from safemerge.evaluate.loading import ModelRef, check_batch_size, model_ref, resolve_device, resolve_dtype
 from safemerge.evaluate.loglik import encode_pairs, loglikelihoods, max_length
 from safemerge.store import ResultsStore, open_store, result_key
 
@@ -57,6 +58,7 @@ def score(questions: Sequence[MCQuestion], lls: Sequence[float]) -> dict:
     return {"acc": _mean(acc), "acc_stderr": _stderr(acc), "acc_norm": _mean(acc_norm), "acc_norm_stderr": _stderr(acc_norm)}
 
 
+@checked
 def evaluate_domain(
     model: "str | os.PathLike | TransformersBackend | ModelRef",
     *,
@@ -78,6 +80,7 @@ def evaluate_domain(
     if format not in FORMATS:
         raise SafemergeError(f"unknown format {format!r}; choose plain or chat")
     check_batch_size(batch_size=batch_size)
+    resolve_device(device), resolve_dtype(dtype)  # checked before a stored result can answer
     qs = load_multiple_choice(task, limit=limit)
     db = open_store(store)
     ref = model_ref(model, dtype=dtype, store=db)

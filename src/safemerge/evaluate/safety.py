@@ -20,13 +20,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from safemerge._args import checked
 from safemerge.checkpoint import atomic_write, check_output_file
 from safemerge.data.loaders import PromptSet, load_prompts
 from safemerge.errors import SafemergeError
 from safemerge._progress import progress_bar
 from safemerge.evaluate.backends import EvaluationWarning, Generation, GenerationSettings, get_backend
 from safemerge.evaluate.judges import Judge, Verdict, get_judge
-from safemerge.evaluate.loading import check_batch_size, model_ref
+from safemerge.evaluate.loading import check_batch_size, model_ref, resolve_device, resolve_dtype
 from safemerge.store import ResultsStore, open_store, result_key
 
 
@@ -66,6 +67,7 @@ def records(prompts: PromptSet, gens: Sequence[Generation], verdicts: Sequence[V
     return ("\n".join(lines) + "\n").encode()
 
 
+@checked
 def evaluate_safety(
     model: Any,
     *,
@@ -96,6 +98,7 @@ def evaluate_safety(
     Returns the summary (see `summarize`) plus identification, timing and the JSONL path.
     """
     check_batch_size(batch_size=batch_size, judge_batch_size=judge_batch_size)
+    resolve_device(device), resolve_dtype(dtype)  # checked before a stored result can answer
     settings = generation or GenerationSettings(max_new_tokens=max_new_tokens)
     ps = load_prompts(prompts, limit=limit, prompt_column=prompt_column)
     db = open_store(store)

@@ -23,6 +23,7 @@ from typing import Sequence
 
 import torch
 
+from safemerge._args import checked
 from safemerge.checkpoint import nonfinite
 from safemerge.errors import CheckpointError, SafemergeError
 from safemerge._progress import progress_bar
@@ -40,6 +41,7 @@ def group_of(name: str) -> str:
     return "other"
 
 
+@checked
 def similarity(
     models: Sequence[str | os.PathLike],
     *,

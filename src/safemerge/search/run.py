@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import yaml
 
+from safemerge._args import checked
 from safemerge._progress import transient_progress
 from safemerge.checkpoint import Checkpoint, atomic_output
 from safemerge.config import MergeConfig, load_config
@@ -68,6 +69,7 @@ class SearchResult:
                 "replayed": self.candidates - self.scored, "seconds": round(self.seconds, 3), "audit": self.audit}
 
 
+@checked
 def search(
     config: str | os.PathLike | dict | MergeConfig,
     out: str | os.PathLike,

@@ -25,6 +25,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Iterable
 
+from safemerge._args import checked
 from safemerge.checkpoint import sha256_file
 from safemerge.errors import ConfigError, OutputExistsError
 from safemerge.testbed import corpora
@@ -40,6 +41,7 @@ ROLES_DOC = {
 }
 
 
+@checked
 def build_testbed(out: str | os.PathLike, *, seed: int = 0, preset: str = "small",
                   domains: Iterable[str] = ("medicine", "finance"), overwrite: bool = False,
                   progress: bool = True) -> Path:

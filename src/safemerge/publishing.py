@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from safemerge._args import checked
 from safemerge import __version__
 from safemerge.errors import CheckpointError, SafemergeError
 from safemerge.store import ResultsStore, open_store
@@ -76,6 +77,7 @@ def stored_evaluations(model: str | os.PathLike, *, store: ResultsStore | str | 
     return ev
 
 
+@checked
 def update_card(
     model: str | os.PathLike,
     *,
@@ -91,6 +93,7 @@ def update_card(
     return _write_card(ev, model_name=model_name or ev.model.name, note=None, dry_run=dry_run)
 
 
+@checked
 def publish(
     model: str | os.PathLike,
     repo_id: str,
