@@ -97,3 +97,26 @@ def test_a_stored_result_does_not_answer_for_a_device_that_does_not_exist(tmp_pa
         safemerge.evaluate_safety(tiny_family["aligned"], device="tpu", **kw)
     with pytest.raises(SafemergeError, match="unknown dtype 'fp8'"):
         safemerge.evaluate_safety(tiny_family["aligned"], device="cpu", dtype="fp8", **kw)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: safemerge.merge(None, "o"), "config=None: give a YAML file's path, a dict or a MergeConfig"),
+    (lambda: safemerge.merge(["c.yml"], "o"), r"config=\['c.yml'\]: give"),
+    (lambda: safemerge.evaluate_safety("m", prompts=None), "None: not a data file; give the path"),
+    (lambda: safemerge.evaluate_safety("m", prompts={"prompt": "x"}), "not a data file; .* or a list of rows"),
+    (lambda: safemerge.evaluate_safety("m", prompts=["x", 2]), "prompts list, item 2: 2 is neither a prompt"),
+    (lambda: safemerge.evaluate_domain("m", task=None), "None: not a data file"),
+    (lambda: safemerge.evaluate_domain("m", task=[{"question": "q?", "choices": ["a", "b"], "answer": 0}, "x"]),
+     "questions list: item 2 is not a row"),
+])
+def test_data_and_configs_of_the_wrong_kind_are_named(call, message):
+    from safemerge.errors import SafemergeError
+
+    with pytest.raises(SafemergeError, match=message):
+        call()
+
+
+def test_domain_questions_can_be_a_list_of_rows(tiny_family, tmp_path):
+    rows = [{"question": "Which is a colour?", "choices": ["red", "dog"], "answer": 0}] * 3
+    res = safemerge.evaluate_domain(tiny_family["expert"], task=rows, store=tmp_path / "s.sqlite")
+    assert res["n"] == 3 and 0 <= res["acc"] <= 1

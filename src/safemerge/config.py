@@ -406,6 +406,8 @@ def load_config(source: Union[str, os.PathLike, dict, MergeConfig], *, ignore_un
                               "`safemerge multimerge`, one merge per document" if docs else
                               f"{path}: is empty; a merge config is a YAML mapping with merge_method, models, ...")
         return parse_config(docs[0], where=str(path), folder=path.parent, ignore_unknown=ignore_unknown)
+    if not isinstance(source, dict):
+        raise ConfigError(f"config={source!r}: give a YAML file's path, a dict or a MergeConfig")
     return parse_config(source, ignore_unknown=ignore_unknown)
 
 

@@ -112,6 +112,9 @@ def load_prompts(
     if format not in FORMATS:
         raise DataError(f"unknown prompts format {format!r}; choose one of {', '.join(FORMATS)}")
     if isinstance(source, (list, tuple)):
+        bad = next((i for i, r in enumerate(source) if not isinstance(r, (str, dict))), None)
+        if bad is not None:
+            raise DataError(f"prompts list, item {bad + 1}: {source[bad]!r} is neither a prompt (str) nor a row (dict)")
         rows = [{prompt_column: r} if isinstance(r, str) else dict(r) for r in source]
         name, digest = "<list>", _digest_bytes(json.dumps(rows, sort_keys=True, default=str).encode())
     else:
@@ -194,12 +197,22 @@ def _as_categories(value: Any) -> tuple[str, ...]:
 
 
 # -- multiple choice ------------------------------------------------------------------------------
-def load_multiple_choice(source: str | os.PathLike | QuestionSet, *, limit: int | None = None) -> QuestionSet:
-    """Multiple-choice questions from a JSONL (or JSON/Parquet) file of {question, choices, answer}."""
+def load_multiple_choice(source: str | os.PathLike | Sequence[dict] | QuestionSet, *,
+                         limit: int | None = None) -> QuestionSet:
+    """Multiple-choice questions from a JSONL (or JSON/Parquet) file of {question, choices, answer}, or from a list of
+    such rows."""
     if isinstance(source, QuestionSet):
         qs = source
     else:
-        rows, name, digest = read_rows(source, split=None)
+        if isinstance(source, (list, tuple)):
+            bad = next((i for i, r in enumerate(source) if not isinstance(r, dict)), None)
+            if bad is not None or not source:
+                raise DataError("questions list: " + (f"item {bad + 1} is not a row (dict) of question, choices and answer"
+                                                      if source else "empty; it needs at least one question"))
+            rows, name = [dict(r) for r in source], "<list>"
+            digest = _digest_bytes(json.dumps(rows, sort_keys=True, default=str).encode())
+        else:
+            rows, name, digest = read_rows(source, split=None)
         questions = [_mc_row(row, name, i) for i, row in enumerate(rows)]
         stem = Path(name).name.split(".")[0] if name != "<list>" else "questions"
         qs = QuestionSet(questions, _digest_str(digest, {"kind": "mc"}), name, stem)
@@ -240,6 +253,9 @@ def _mc_row(row: dict, name: str, i: int) -> MCQuestion:
 def read_rows(source: str | os.PathLike, *, split: str | None) -> tuple[list[dict], str, str]:
     """Rows of a local file (JSONL/JSON/CSV/Parquet, through `datasets`) or of a hub dataset;
     (rows, display name, digest). Raises DataError naming the file and what is wrong."""
+    if not isinstance(source, (str, os.PathLike)):
+        raise DataError(f"{source!r}: not a data file; give the path (a str or pathlib.Path) of a JSONL, JSON, CSV or "
+                        "Parquet file" + (", or a list of rows" if isinstance(source, dict) else ""))
     path = Path(source).expanduser()
     if path.exists():
         return _read_file(path, split=split)

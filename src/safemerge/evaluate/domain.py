@@ -62,7 +62,7 @@ def score(questions: Sequence[MCQuestion], lls: Sequence[float]) -> dict:
 def evaluate_domain(
     model: "str | os.PathLike | TransformersBackend | ModelRef",
     *,
-    task: "str | os.PathLike | QuestionSet",
+    task: "str | os.PathLike | Sequence[dict] | QuestionSet",
     format: str = "plain",
     limit: int | None = None,
     batch_size: int = 32,
