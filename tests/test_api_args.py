@@ -16,11 +16,21 @@ from safemerge.errors import ConfigError
 def test_kinds_come_from_the_annotations():
     assert [_kind(a) for a in ("int", "int | None", "float", "str | None", "str | os.PathLike | None")] == \
            ["whole", "whole?", "number", "text?", "path?"]
-    assert [_kind(a) for a in ("Sequence[str | os.PathLike]", "tuple[str, ...] | list[str]", "Sequence[str] | Mapping[str, str]")] \
-        == ["sequence"] * 3
-    # a str alternative, or a type this module does not know, is left to the function
-    assert [_kind(a) for a in ("Sequence[str] | str | None", "str | list[str]", "str | os.PathLike | dict | MergeConfig",
+    # a union with other types, or a type this module does not know, is left to the function
+    assert [_kind(a) for a in ("Sequence[str | os.PathLike]", "str | list[str]", "str | os.PathLike | dict | MergeConfig",
                                "bool", "Any", "Iterable[str]")] == [None] * 6
+
+
+def test_warnings_still_point_at_the_callers_line(tmp_path, tiny_family):
+    """The checks run inside each function, not in a wrapper, so a warning's stacklevel still finds the caller."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_family["base"], base)
+    (base / "config.json").unlink()
+    with pytest.warns(UserWarning, match="has no config.json") as caught:
+        safemerge.merge(_config(tmp_path, {**tiny_family, "base": base}), tmp_path / "o", progress=False)
+    assert {w.filename for w in caught} == {__file__}
 
 
 @pytest.mark.parametrize("call, message", [

@@ -395,9 +395,18 @@ def test_a_base_without_config_json_is_pointed_out(tmp_path, tiny_family):
     base = tmp_path / "base"
     shutil.copytree(tiny_family["base"], base)
     (base / "config.json").unlink()
+    with pytest.warns(UserWarning, match=r"base: has no config.json \(model_type\); the output's config.json is "
+                                          r".*expert's"):  # (QA of the Python API: it wrote {"dtype": ...} alone)
+        safemerge.merge(ta_config({**tiny_family, "base": base}), tmp_path / "out", progress=False)
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written == {**json.loads((tiny_family["expert"] / "config.json").read_text()), "dtype": written["dtype"]}
+    expert = tmp_path / "expert"  # no input with a config.json: said so
+    shutil.copytree(tiny_family["expert"], expert)
+    (expert / "config.json").unlink()
     with pytest.warns(UserWarning, match=r"base: has no config.json, so the merged folder will hold weights that "
                                           "transformers cannot load"):
-        safemerge.merge(ta_config({**tiny_family, "base": base}), tmp_path / "out", progress=False)
+        safemerge.merge(ta_config({**tiny_family, "base": base}, models=[{"model": str(expert), "parameters": {"weight": 1.0}}]),
+                        tmp_path / "out3", progress=False)
     import warnings
 
     with warnings.catch_warnings():

@@ -6,8 +6,9 @@ typed by typer already; this is for calls from Python.
 - `float` (or `float | None`): a number (not a bool, not "1e-5");
 - `str` (or `str | None`): a str;
 - a path (`str | os.PathLike`, optionally `| None`): a str or path object (not 7, not None where None is not allowed);
-- a sequence (`Sequence[...]`, `list[...]`, `tuple[...]`, where a plain str is not also allowed): one str or path is
-  taken as a one-item list (`domains="expert"` means `["expert"]`, not the letters of the word).
+
+and `as_list` for a sequence argument: one str or path is a one-item list (`domains="expert"` means `["expert"]`, not
+the letters of the word).
 """
 
 from __future__ import annotations
@@ -17,11 +18,9 @@ import inspect
 import numbers
 import os
 import re
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable
 
 from safemerge.errors import ConfigError
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 _PATH_PARTS = {"str", "os.PathLike", "PathLike", "Path", "None"}
 
@@ -40,50 +39,42 @@ def _kind(annotation: Any) -> str | None:
         return "text?" if optional else "text"
     if rest and set(parts) <= _PATH_PARTS and "str" in parts and len(rest) > 1:
         return "path?" if optional else "path"
-    if rest and rest[0].startswith(("Sequence[", "list[", "tuple[")) and "str" not in parts:
-        return "sequence"
     return None
 
 
-def _check(kind: str, name: str, value: Any) -> Any:
+_ACCEPTS = {  # kind -> (is the value of that kind, what to give instead)
+    "whole": (lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool), "a whole number"),
+    "number": (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool), "a number"),
+    "text": (lambda v: isinstance(v, str), "a str"),
+    "path": (lambda v: isinstance(v, (str, os.PathLike)), "a path (a str or pathlib.Path)"),
+}
+
+
+def _check(kind: str, name: str, value: Any) -> None:
     if value is None and kind.endswith("?"):
-        return value
-    kind = kind.rstrip("?")
-    if kind == "whole":
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise ConfigError(f"{name}={value!r}: give a whole number")
-        return int(value)
-    if kind == "number":
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise ConfigError(f"{name}={value!r}: give a number")
-        return value
-    if kind == "text":
-        if not isinstance(value, str):
-            raise ConfigError(f"{name}={value!r}: give a str")
-        return value
-    if kind == "path":
-        if not isinstance(value, (str, os.PathLike)):
-            raise ConfigError(f"{name}={value!r}: give a path (a str or pathlib.Path)")
-        return value
-    if isinstance(value, (str, os.PathLike)):  # sequence
-        return [value]
-    return value
+        return
+    accepts, wanted = _ACCEPTS[kind.rstrip("?")]
+    if not accepts(value):
+        raise ConfigError(f"{name}={value!r}: give {wanted}")
 
 
-def checked(fn: F) -> F:
-    """Check (and, for one str given as a sequence, wrap) `fn`'s simple arguments on every call; see the module."""
-    sig = inspect.signature(fn)
-    kinds = {name: k for name, p in sig.parameters.items() if (k := _kind(p.annotation))}
+@functools.cache
+def _kinds(fn: Callable[..., Any]) -> dict[str, str]:
+    return {name: k for name, p in inspect.signature(fn).parameters.items() if (k := _kind(p.annotation))}
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        bound = sig.bind(*args, **kwargs)
-        for name, kind in kinds.items():
-            if name in bound.arguments:
-                bound.arguments[name] = _check(kind, name, bound.arguments[name])
-        return fn(*bound.args, **bound.kwargs)
 
-    return wrapper  # type: ignore[return-value]
+def check_arguments(fn: Callable[..., Any], values: dict[str, Any]) -> None:
+    """Check `fn`'s simple arguments (the module's list). Called first thing in a
+    public function as `check_arguments(f, locals())`, not as a decorator: a wrapper would be one more frame, and each
+    warning's stacklevel would then point into it instead of at the caller's line."""
+    for name, kind in _kinds(fn).items():
+        if name in values:
+            _check(kind, name, values[name])
+
+
+def as_list(value: Any) -> Any:
+    """One str or path given where a sequence is expected, as a one-item list (else the value as it is)."""
+    return [value] if isinstance(value, (str, os.PathLike)) else value
 
 
 _SIZE_UNITS = {"KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "B": 1}

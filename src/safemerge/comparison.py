@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from safemerge._args import checked
+from safemerge._args import as_list, check_arguments
 from safemerge._signals import note_finished
 from safemerge.errors import ConfigError, OutputExistsError
 from safemerge.naming import file_stem, named_item, task_columns, unique_columns
@@ -179,7 +179,6 @@ def _l2(model: str, expert: str, aligned: str, db: Any, cache: bool) -> dict[str
     return result
 
 
-@checked
 def compare(
     models: Sequence[str] | Mapping[str, str],
     out: str | os.PathLike,
@@ -213,6 +212,8 @@ def compare(
 
     Returns {"results": path, "report": write_report's result, "models": results.json's models, "seconds"}.
     """
+    check_arguments(compare, locals())
+    models, domain_tasks = as_list(models), as_list(domain_tasks)
     from safemerge.checkpoint import check_output_folder
     from safemerge.data.loaders import load_multiple_choice, load_prompts
     from safemerge.evaluate.domain import FORMATS

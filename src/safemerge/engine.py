@@ -24,7 +24,7 @@ from typing import Any, Iterator
 import torch
 import yaml
 
-from safemerge._args import checked, parse_size
+from safemerge._args import check_arguments, parse_size
 from safemerge import chat_templates
 from safemerge._progress import transient_progress
 from safemerge.checkpoint import Checkpoint, atomic_output, nonfinite
@@ -189,7 +189,7 @@ def _plan(config: MergeConfig, *, allow_pickle: bool) -> _Plan:
                                       f"has {list(a)}{hint}")
         if reindexed:
             shapes[name] = (vocab.size, *shapes[name][1:])
-    out_config = _sliced_config(config, models, reference) if sliced else reference.config
+    out_config = _sliced_config(config, models, reference) if sliced else _whole_config(reference, models)
     if vocab is not None:
         out_config = write_vocab_size(out_config, vocab.size)
     return _Plan(config, spec, models, reference, names, shapes, out_dtype, routes, out_config, vocab)
@@ -202,6 +202,20 @@ def _source(model: str, ckpt: Checkpoint, name: str, owner: Path) -> str:
         raise CheckpointError(f"{model}: tensor {name!r} is missing (it is in {owner}); "
                               "the models must share one architecture")
     return src
+
+
+def _whole_config(reference: Checkpoint, models: dict[str, Checkpoint]) -> dict:
+    """The reference's config.json; where it has none (a base saved as bare weights), the first other input's that has
+    one, said in a warning: every input carries the reference's tensors (names and shapes checked), so that config
+    describes the output as well."""
+    if reference.config.get("model_type"):
+        return reference.config
+    other = next((c for c in models.values() if c is not reference and c.config.get("model_type")), None)
+    if other is None:
+        return reference.config
+    warnings.warn(f"{reference.path}: has no config.json (model_type); the output's config.json is {other.path}'s",
+                  UserWarning, stacklevel=4)
+    return other.config
 
 
 def _whole_routes(config: MergeConfig, models: dict[str, Checkpoint], reference: Checkpoint) -> dict[str, _Route]:
@@ -455,7 +469,6 @@ def _stream(plan: _Plan, writer: ShardedWriter, *, device: str, chunk_elements: 
 
 
 # -- public entry point -------------------------------------------------------------------------------
-@checked
 def merge(
     config: str | os.PathLike | dict | MergeConfig,
     out_dir: str | os.PathLike,
@@ -481,6 +494,7 @@ def merge(
     than one, torch runs single-threaded inside each for the duration of the merge. `ignore_unknown`: keys and
     parameters safemerge does not know are left out with a warning (as mergekit ignores them) instead of errors.
     """
+    check_arguments(merge, locals())
     cfg = load_config(config, ignore_unknown=ignore_unknown)
     check_device(device)
     max_shard_size = parse_size(max_shard_size)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from safemerge._args import checked
+from safemerge._args import as_list, check_arguments
 from safemerge._progress import progress_bar
 from safemerge.checkpoint import atomic_output, nonfinite
 from safemerge.config import DTYPES
@@ -64,7 +64,6 @@ class _Module:
     tensors: dict[str, str]  # parameter ("weight", "bias", ...) -> checkpoint tensor name
 
 
-@checked
 def extract_lora(
     model: str | os.PathLike,
     base: str | os.PathLike,
@@ -92,6 +91,8 @@ def extract_lora(
     randomized SVD (faster on large matrices, slightly larger error); `dtype` is the factors' dtype (default:
     the model's). Written atomically; nothing is left at `out` on failure.
     """
+    check_arguments(extract_lora, locals())
+    save_modules, include, exclude = as_list(save_modules), as_list(include), as_list(exclude)
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ConfigError(f"rank {rank!r}: the LoRA rank must be a positive whole number")
     if not (sv_epsilon >= 0 and math.isfinite(sv_epsilon)):

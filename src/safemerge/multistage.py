@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from safemerge._args import checked
+from safemerge._args import check_arguments
 from safemerge.checkpoint import atomic_write, check_replaceable
 from safemerge.config import (VOCAB_KEYWORDS, MergeConfig, map_model_refs, parse_config, read_yaml_documents,
                               split_reference)
@@ -108,7 +108,6 @@ def plan(config: str | os.PathLike, out: str | os.PathLike | None, intermediate_
     return _order(stages, path)
 
 
-@checked
 def multimerge(
     config: str | os.PathLike,
     out: str | os.PathLike | None = None,
@@ -124,6 +123,7 @@ def multimerge(
     """Run a multi-stage config (see the module's docstring). `merge_options` go to every `safemerge.merge` (device,
     allow_pickle, allow_nonfinite, max_shard_size, workers). `overwrite` lets a merge replace a folder that this
     config's earlier runs did not write; `report` receives one line per merge as it is made or kept."""
+    check_arguments(multimerge, locals())
     from safemerge.engine import merge
     from safemerge.lora import open_model
 

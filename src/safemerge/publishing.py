@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from safemerge._args import checked
+from safemerge._args import check_arguments
 from safemerge import __version__
 from safemerge.errors import CheckpointError, SafemergeError
 from safemerge.store import ResultsStore, open_store
@@ -77,7 +77,6 @@ def stored_evaluations(model: str | os.PathLike, *, store: ResultsStore | str | 
     return ev
 
 
-@checked
 def update_card(
     model: str | os.PathLike,
     *,
@@ -89,11 +88,11 @@ def update_card(
 
     Returns {"card": path, "text": the new card, "evaluations": counts, "changed": bool, "written": bool}.
     """
+    check_arguments(update_card, locals())
     ev = stored_evaluations(model, store=store)
     return _write_card(ev, model_name=model_name or ev.model.name, note=None, dry_run=dry_run)
 
 
-@checked
 def publish(
     model: str | os.PathLike,
     repo_id: str,
@@ -114,6 +113,7 @@ def publish(
     `api` is a huggingface_hub.HfApi (or anything with its create_repo / create_branch / upload_folder);
     by default a new HfApi(). Returns what was checked and, unless `dry_run`, the commit's URL.
     """
+    check_arguments(publish, locals())
     if not isinstance(min_safety, (int, float)) or math.isnan(min_safety) or not 0 <= min_safety <= 1:
         raise PublishError(f"--min-safety {min_safety}: a safety rate is in [0, 1]")
     repo_id = _check_repo_id(repo_id)

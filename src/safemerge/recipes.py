@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from safemerge._args import checked
+from safemerge._args import as_list, check_arguments
 from safemerge.config import MergeConfig, load_config, same_model
 from safemerge.engine import merge
 from safemerge.errors import ConfigError
@@ -57,13 +57,14 @@ def _check_roles(base: PathLike, domains: Sequence[PathLike], aligned: PathLike)
         seen.append((f"{flag} {ref}", ref))
 
 
-@checked
 def mergealign(*, base: PathLike, domains: Sequence[PathLike], aligned: PathLike, out: PathLike, alpha: float = 1.0,
                beta: float = 1.0, dtype: str | None = None, tokenizer_source: PathLike | None = None,
                overwrite: bool = False, device: str = "cpu", allow_pickle: bool = False, allow_nonfinite: bool = False,
                progress: bool = True) -> Path:
     """Write θ + Σ α·(θ_d − θ) + β·(θ_a − θ) to `out`, with the aligned model's tokenizer and chat template
     (unless `tokenizer_source` names another) and the equivalent YAML as `mergekit_config.yml`."""
+    check_arguments(mergealign, locals())
+    domains = as_list(domains)
     cfg = mergealign_config(base=base, domains=domains, aligned=aligned, alpha=alpha, beta=beta, dtype=dtype,
                             tokenizer_source=tokenizer_source)
     extra = (f"## MergeAlign\n\nθ̂ = θ + α·Σ τ_d + β·τ_a with α = {alpha}, β = {beta}; base `{base}`, "

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from safemerge._args import checked
+from safemerge._args import check_arguments
 from safemerge._hf import quiet_transformers
 from safemerge.align import _trl
 from safemerge.align.card import model_label, write_card
@@ -37,7 +37,6 @@ from safemerge.lora import open_model
 RUN_RECORD = "align_run.json"  # in OUT/adapter/
 
 
-@checked
 def align(
     model: str | os.PathLike,
     *,
@@ -77,6 +76,7 @@ def align(
     available). On the CPU training is float32 without gradient checkpointing; on CUDA it uses bf16
     autocast where supported. Returns `out`.
     """
+    check_arguments(align, locals())
     settings = AlignSettings(
         method=method, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
         target_modules=target_modules if isinstance(target_modules, str) else tuple(target_modules),

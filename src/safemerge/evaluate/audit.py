@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from safemerge._args import checked
+from safemerge._args import as_list, check_arguments
 from safemerge.data.loaders import load_multiple_choice, load_prompts
 from safemerge.errors import SafemergeError
 from safemerge.evaluate.domain import FORMATS, evaluate_domain
@@ -22,7 +22,6 @@ from safemerge.naming import task_columns, unique_columns
 from safemerge.store import ResultsStore, open_store
 
 
-@checked
 def audit(
     models: Sequence[str | os.PathLike],
     *,
@@ -48,6 +47,8 @@ def audit(
 
     Returns {"threshold", "judge", "tasks", "models": [rows], "flagged": [model paths]}.
     """
+    check_arguments(audit, locals())
+    models, domain_tasks = as_list(models), as_list(domain_tasks)
     if not models:
         raise SafemergeError("audit needs at least one model")
     if not 0 <= threshold <= 1:

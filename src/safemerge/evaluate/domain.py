@@ -24,7 +24,7 @@ import time
 import warnings
 from typing import Any, Sequence
 
-from safemerge._args import checked
+from safemerge._args import check_arguments
 from safemerge.data.loaders import MCQuestion, QuestionSet, load_multiple_choice
 from safemerge.errors import SafemergeError
 from safemerge._progress import progress_bar
@@ -58,7 +58,6 @@ def score(questions: Sequence[MCQuestion], lls: Sequence[float]) -> dict:
     return {"acc": _mean(acc), "acc_stderr": _stderr(acc), "acc_norm": _mean(acc_norm), "acc_norm_stderr": _stderr(acc_norm)}
 
 
-@checked
 def evaluate_domain(
     model: "str | os.PathLike | TransformersBackend | ModelRef",
     *,
@@ -77,6 +76,7 @@ def evaluate_domain(
     Returns {"acc", "acc_norm", their stderrs, "n", "format", "task", fingerprints, timing, "cached"}.
     The result is stored (and looked up first, unless cache=False) when the model has a fingerprint.
     """
+    check_arguments(evaluate_domain, locals())
     if format not in FORMATS:
         raise SafemergeError(f"unknown format {format!r}; choose plain or chat")
     check_batch_size(batch_size=batch_size)

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from safemerge._args import checked
+from safemerge._args import check_arguments
 from safemerge.checkpoint import atomic_write, check_output_file
 from safemerge.data.loaders import PromptSet, load_prompts
 from safemerge.errors import SafemergeError
@@ -67,7 +67,6 @@ def records(prompts: PromptSet, gens: Sequence[Generation], verdicts: Sequence[V
     return ("\n".join(lines) + "\n").encode()
 
 
-@checked
 def evaluate_safety(
     model: Any,
     *,
@@ -97,6 +96,7 @@ def evaluate_safety(
     Judge. Responses and verdicts go to `out` (JSONL; default: beside the store, named by the result key).
     Returns the summary (see `summarize`) plus identification, timing and the JSONL path.
     """
+    check_arguments(evaluate_safety, locals())
     check_batch_size(batch_size=batch_size, judge_batch_size=judge_batch_size)
     resolve_device(device), resolve_dtype(dtype)  # checked before a stored result can answer
     settings = generation or GenerationSettings(max_new_tokens=max_new_tokens)

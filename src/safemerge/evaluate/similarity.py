@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-from safemerge._args import checked
+from safemerge._args import as_list, check_arguments
 from safemerge.checkpoint import nonfinite
 from safemerge.errors import CheckpointError, SafemergeError
 from safemerge._progress import progress_bar
@@ -41,7 +41,6 @@ def group_of(name: str) -> str:
     return "other"
 
 
-@checked
 def similarity(
     models: Sequence[str | os.PathLike],
     *,
@@ -54,6 +53,8 @@ def similarity(
     Returns {"models", "base", "pairs": [{"a", "b", "l2", "cosine"?, "per_layer": {group: {...}}}],
     "task_vectors": {model: {"norm", "per_layer"}}?}.
     """
+    check_arguments(similarity, locals())
+    models = as_list(models)
     from safemerge.lora import open_model
 
     if len(models) < (1 if base is not None else 2):

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import yaml
 
-from safemerge._args import checked
+from safemerge._args import check_arguments
 from safemerge._progress import transient_progress
 from safemerge.checkpoint import Checkpoint, atomic_output
 from safemerge.config import MergeConfig, load_config
@@ -69,7 +69,6 @@ class SearchResult:
                 "replayed": self.candidates - self.scored, "seconds": round(self.seconds, 3), "audit": self.audit}
 
 
-@checked
 def search(
     config: str | os.PathLike | dict | MergeConfig,
     out: str | os.PathLike,
@@ -120,6 +119,7 @@ def search(
     in the results `store` (a repeated or resumed search looks them up), in `SearchResult.audit`, search.json
     and the model card.
     """
+    check_arguments(search, locals())
     start = time.perf_counter()
     cfg = load_config(config, ignore_unknown=ignore_unknown).require_whole_models("the search")
     lam = check_lambda(lambda_)

@@ -25,7 +25,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Iterable
 
-from safemerge._args import checked
+from safemerge._args import check_arguments
 from safemerge.checkpoint import sha256_file
 from safemerge.errors import ConfigError, OutputExistsError
 from safemerge.testbed import corpora
@@ -41,7 +41,6 @@ ROLES_DOC = {
 }
 
 
-@checked
 def build_testbed(out: str | os.PathLike, *, seed: int = 0, preset: str = "small",
                   domains: Iterable[str] = ("medicine", "finance"), overwrite: bool = False,
                   progress: bool = True) -> Path:
@@ -50,6 +49,7 @@ def build_testbed(out: str | os.PathLike, *, seed: int = 0, preset: str = "small
     Raises OutputExistsError when `out` exists and not `overwrite`, ConfigError for an unknown
     preset or domain. Nothing partial is ever left at `out` (written to a sibling, then renamed).
     """
+    check_arguments(build_testbed, locals())
     from safemerge.checkpoint import atomic_output, cache_root
 
     spec = get_preset(preset)
