@@ -229,6 +229,11 @@ def compare(
     if (roles["expert"] is None) != (roles["aligned"] is None):
         raise ConfigError("L2 distances need both --expert and --aligned (a model's name or a path); give both or neither")
     where = {ref: _check_model(ref) for ref in list(refs.values()) + [r for r in roles.values() if r is not None]}
+    seen: dict[tuple, str] = {}
+    for name, ref in refs.items():  # (a trailing slash, another spelling of the path: the table would list it twice)
+        if where[ref] in seen:
+            raise ConfigError(f"{name}={ref}: the same model as {seen[where[ref]]}; compare each model once")
+        seen[where[ref]] = f"{name}={ref}"
     sets = [safety_prompts] if isinstance(safety_prompts, (str, os.PathLike)) else list(safety_prompts)
     if not sets:
         raise ConfigError("compare needs harmful prompts: pass --safety-prompts FILE")

@@ -115,7 +115,10 @@ def test_errors_come_before_any_evaluation_and_write_nothing(pool, tmp_path):
                        (dict(batch_size=0), "--batch-size 0: must be a whole number"),
                        (dict(models=[f"my model={pool['base']}"]), "the NAME is letters, digits"),
                        (dict(domain_tasks=["medicine="]), "needs a path after '='"),
-                       (dict(models=[str(pool["base"]), str(pool["base"] / "model.safetensors")]), "is a file; evaluation needs")):
+                       (dict(models=[str(pool["base"]), str(pool["base"] / "model.safetensors")]), "is a file; evaluation needs"),
+                       # QA: the same model under two names (here a trailing slash) was evaluated and listed twice
+                       (dict(models={"a": str(pool["base"]), "b": str(pool["base"]) + "/"}),
+                        r"b=.*/: the same model as a=.*; compare each model once")):
         args = {"models": [str(pool["base"])], "out": tmp_path / "c", **kw, **bad}
         with pytest.raises(SafemergeError, match=match):
             compare(args.pop("models"), args.pop("out"), **args)
