@@ -17,15 +17,17 @@ $(STAMP): pyproject.toml
 
 # torch's CPU build: PyPI's Linux wheel of torch pulls the multi-GB CUDA libraries, so unless pip already finds a
 # `+cpu` build (a local wheel folder, as on this project's machines) or the machine is a Mac (whose PyPI wheel has no
-# CUDA), it comes from PyTorch's CPU index. (pip < 22.2 has no --report: the CPU index then.)
+# CUDA), PyTorch's CPU index is added, whose `2.13.0+cpu` then wins over PyPI's `2.13.0` (configured mirrors stay).
+# The check is a dry run that reads the wheel's metadata only on pip >= 23.2 (older pips would download the wheel to
+# read it, so they go to the CPU index at once).
 TORCH := 2.13.0
 PIP := $(BIN)/pip install --disable-pip-version-check -q
 torch-cpu:
-	if [ "$$(uname -s)" = Darwin ] || $(PIP) --dry-run --no-deps --report - torch==$(TORCH) 2>/dev/null \
-	    | grep -q '"version": "$(TORCH)+cpu"'; then \
+	if [ "$$(uname -s)" = Darwin ] || { $(BIN)/python -c "import sys, pip; sys.exit(tuple(map(int, pip.__version__.split('.')[:2])) < (23, 2))" \
+	    && $(PIP) --dry-run --no-deps --report - torch==$(TORCH) 2>/dev/null | grep -q '"version": "$(TORCH)+cpu"'; }; then \
 	  $(PIP) torch==$(TORCH); \
 	else \
-	  $(PIP) torch==$(TORCH) --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple; \
+	  $(PIP) torch==$(TORCH) --extra-index-url https://download.pytorch.org/whl/cpu; \
 	fi
 
 demo: $(STAMP)

@@ -64,6 +64,7 @@ def test_search_and_align_check_numbers_before_writing_anything(tmp_path):
 
 def test_sizes_parse_as_the_cli_reads_them():
     assert parse_size("5GB") == 5 * 1000**3 and parse_size("2GiB") == 2 * 1024**3 and parse_size(4096) == 4096
+    assert parse_size(5e9) == 5 * 1000**3  # a whole number written as a float
     for bad in ("lots", "0", "-5MB", "infGB", 0, True, 2.5, None):
         with pytest.raises(ConfigError, match="not a positive size"):
             parse_size(bad)
@@ -130,3 +131,23 @@ def test_domain_questions_can_be_a_list_of_rows(tiny_family, tmp_path):
     rows = [{"question": "Which is a colour?", "choices": ["red", "dog"], "answer": 0}] * 3
     res = safemerge.evaluate_domain(tiny_family["expert"], task=rows, store=tmp_path / "s.sqlite")
     assert res["n"] == 3 and 0 <= res["acc"] <= 1
+
+
+def test_what_the_functions_accepted_before_still_passes():
+    """Review: path objects for compare's roles, torch dtypes and devices, a whole size written as a float, numpy
+    numbers and an audit prompt list had worked and must not be refused by the checks."""
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+
+    from safemerge._args import check_arguments
+    from safemerge.search import search
+
+    check_arguments(safemerge.compare, {"expert": Path("e"), "aligned": Path("a"), "dtype": torch.float32})
+    check_arguments(safemerge.merge, {"device": torch.device("cpu"), "card_extra": None, "workers": np.int64(2)})
+    check_arguments(safemerge.evaluate_safety, {"dtype": torch.bfloat16, "limit": np.int64(3)})
+    check_arguments(safemerge.evaluate_domain, {"dtype": torch.float16})
+    check_arguments(safemerge.mergealign, {"alpha": np.float32(0.5), "device": torch.device("cpu")})
+    check_arguments(safemerge.extract_lora, {"device": torch.device("cpu")})
+    check_arguments(search, {"audit_prompts": ["How do I pick a lock?"]})

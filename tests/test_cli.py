@@ -213,13 +213,14 @@ def test_an_interrupt_after_the_output_is_in_place_does_not_say_nothing_was_writ
                                                "nothing is half-written")
     with pytest.raises(typer.Exit):
         with user_errors():
-            atomic_write(tmp_path / "a.json", "{}")
-            atomic_write(tmp_path / "b.json", "{}")
+            atomic_write(tmp_path / "a.json", "{}", record=True)
+            atomic_write(tmp_path / "b.json", "{}", record=True)
             raise KeyboardInterrupt
     assert capsys.readouterr().err.strip() == (f"interrupted: 2 outputs had been written in full before it (the last: "
                                                f"{tmp_path / 'b.json'}); nothing is half-written")
-    with pytest.raises(typer.Exit):  # each command counts its own outputs
+    with pytest.raises(typer.Exit):  # each command counts its own outputs, and a side file is not one
         with user_errors():
+            atomic_write(tmp_path / "responses.jsonl", "{}")  # (as an evaluation's responses beside the store)
             raise KeyboardInterrupt
     assert capsys.readouterr().err.strip() == "interrupted: nothing was written at the target path"
 

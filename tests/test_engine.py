@@ -395,7 +395,7 @@ def test_a_base_without_config_json_is_pointed_out(tmp_path, tiny_family):
     base = tmp_path / "base"
     shutil.copytree(tiny_family["base"], base)
     (base / "config.json").unlink()
-    with pytest.warns(UserWarning, match=r"base: has no config.json \(model_type\); the output's config.json is "
+    with pytest.warns(UserWarning, match=r"base: has no config.json \(or one without model_type\); the output's config.json is "
                                           r".*expert's"):  # (QA of the Python API: it wrote {"dtype": ...} alone)
         safemerge.merge(ta_config({**tiny_family, "base": base}), tmp_path / "out", progress=False)
     written = json.loads((tmp_path / "out" / "config.json").read_text())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import numbers
 import os
 import re
@@ -82,8 +83,8 @@ _SIZE_UNITS = {"KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 102
 
 def parse_size(value: int | str, name: str = "max_shard_size") -> int:
     """A positive byte count from an int or a text such as "5GB", "500MB" or "2GiB"; else a ConfigError."""
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        size = int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        size = int(value) if math.isfinite(value) and value == int(value) else 0  # 5e9 is a size, 2.5 is not
     elif isinstance(value, str):
         t = value.strip().upper()
         try:
@@ -94,5 +95,6 @@ def parse_size(value: int | str, name: str = "max_shard_size") -> int:
     else:
         size = 0
     if size <= 0:
-        raise ConfigError(f"{name}={value!r}: not a positive size; give bytes or e.g. 5GB, 500MB or 2GiB")
+        raise ConfigError(f"{name}={value!r}: not a positive size; give a whole number of bytes, or e.g. 5GB, 500MB or "
+                          "2GiB")
     return size

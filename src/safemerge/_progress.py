@@ -7,13 +7,14 @@ from typing import Callable, Iterator
 
 
 def transient_progress(*columns):
-    """A rich Progress on stderr (stdout stays for --json) that clears itself when done, or None when stderr is not
-    a terminal: a log file gets no bars, nor the blank line a finished bar leaves there."""
+    """A rich Progress on stderr (stdout stays for --json) that clears itself when done, or None when stderr is
+    neither a terminal nor a notebook: a log file gets no bars, nor the blank line a finished bar leaves there."""
     from rich.console import Console
     from rich.progress import Progress
 
     console = Console(stderr=True)
-    return Progress(*columns, console=console, transient=True) if console.is_terminal else None
+    shown = console.is_terminal or console.is_jupyter
+    return Progress(*columns, console=console, transient=True) if shown else None
 
 
 @contextmanager

@@ -382,13 +382,15 @@ def nonfinite(x: torch.Tensor) -> bool:
 
 # -- output ---------------------------------------------------------------------------------------
 @contextmanager
-def atomic_output(out_dir: str | os.PathLike, *, overwrite: bool = False, replace_any: bool = False) -> Iterator[Path]:
+def atomic_output(out_dir: str | os.PathLike, *, overwrite: bool = False, replace_any: bool = False,
+                  record: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `out_dir`, on any error it is removed.
 
     With `overwrite`, an existing `out_dir` is replaced only when it is a folder that is empty or holds one of the
     files safemerge's outputs hold (`OUTPUT_MARKERS`): never a file, nor a folder of the user's other work
     (`replace_any` lifts the second check, for folders safemerge alone keeps, such as its cache). SIGTERM is turned
-    into KeyboardInterrupt while the block runs, so `kill` cleans up like Ctrl-C.
+    into KeyboardInterrupt while the block runs, so `kill` cleans up like Ctrl-C. `record`: note the finished folder as
+    one of the command's outputs (for what an interrupt message says; not for a cache entry).
     """
     out = Path(out_dir).expanduser().absolute()
     if out.exists() and not overwrite:
@@ -424,7 +426,8 @@ def atomic_output(out_dir: str | os.PathLike, *, overwrite: bool = False, replac
                     old.unlink(missing_ok=True)
             else:
                 tmp.rename(out)
-            note_finished(out)
+            if record:
+                note_finished(out)
     finally:
         restore()
         if tmp.exists():
@@ -437,15 +440,17 @@ def atomic_output(out_dir: str | os.PathLike, *, overwrite: bool = False, replac
                     break
 
 
-def atomic_write(path: Path, data: bytes | str) -> None:
+def atomic_write(path: Path, data: bytes | str, *, record: bool = False) -> None:
     """Write `data` (text as UTF-8) to `path` through a hidden temporary sibling renamed into place, so a partial
-    file never sits at `path`; the temporary is removed if the write fails."""
+    file never sits at `path`; the temporary is removed if the write fails. `record`: the file is one of the command's
+    outputs (see atomic_output), not a side file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
         tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
         tmp.replace(path)
-        note_finished(path)
+        if record:
+            note_finished(path)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -15,12 +15,15 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from safemerge._args import as_list, check_arguments
 from safemerge._signals import note_finished
 from safemerge.errors import ConfigError, OutputExistsError
 from safemerge.naming import file_stem, named_item, task_columns, unique_columns
+
+if TYPE_CHECKING:
+    import torch
 
 RESULTS = "results.json"
 
@@ -110,8 +113,8 @@ def evaluate_models(
     safety: Mapping[str, Any],
     domain: Mapping[str, Any],
     general: Any = None,
-    expert: str | None = None,
-    aligned: str | None = None,
+    expert: str | os.PathLike | None = None,
+    aligned: str | os.PathLike | None = None,
     judge: Any = "keyword",
     judge_model: Any = None,
     limit: int | None = None,
@@ -120,7 +123,7 @@ def evaluate_models(
     format: str = "plain",
     batch_size: int | None = None,
     device: str = "auto",
-    dtype: str = "auto",
+    dtype: "str | torch.dtype" = "auto",
     store: Any = None,
     cache: bool = True,
     progress: bool = False,
@@ -186,8 +189,8 @@ def compare(
     safety_prompts: Any,
     domain_tasks: Sequence[Any] = (),
     general_task: Any = None,
-    expert: str | None = None,
-    aligned: str | None = None,
+    expert: str | os.PathLike | None = None,
+    aligned: str | os.PathLike | None = None,
     knowledge: Sequence[str] | str | None = None,
     judge: Any = "keyword",
     judge_model: Any = None,
@@ -197,7 +200,7 @@ def compare(
     format: str = "plain",
     batch_size: int | None = None,
     device: str = "auto",
-    dtype: str = "auto",
+    dtype: "str | torch.dtype" = "auto",
     store: Any = None,
     cache: bool = True,
     title: str = "safemerge: knowledge and safety of the compared models",

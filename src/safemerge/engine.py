@@ -213,7 +213,8 @@ def _whole_config(reference: Checkpoint, models: dict[str, Checkpoint]) -> dict:
     other = next((c for c in models.values() if c is not reference and c.config.get("model_type")), None)
     if other is None:
         return reference.config
-    warnings.warn(f"{reference.path}: has no config.json (model_type); the output's config.json is {other.path}'s",
+    warnings.warn(f"{reference.path}: has no config.json (or one without model_type); the output's config.json is "
+                  f"{other.path}'s",
                   UserWarning, stacklevel=4)
     return other.config
 
@@ -474,7 +475,7 @@ def merge(
     out_dir: str | os.PathLike,
     *,
     overwrite: bool = False,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     allow_pickle: bool = False,
     allow_nonfinite: bool = False,
     max_shard_size: int | str = DEFAULT_SHARD,
@@ -482,7 +483,7 @@ def merge(
     workers: int | None = None,
     progress: bool = True,
     title: str | None = None,
-    card_extra: str = "",
+    card_extra: str | None = "",
     ignore_unknown: bool = False,
 ) -> Path:
     """Merge the models of a mergekit-style config into a complete HF checkpoint at `out_dir`.
@@ -519,7 +520,7 @@ def merge(
         finally:
             writer.abort()
         _finish(tmp, cfg, plan, tok_path=next(iter(tok_dirs), plan.reference.path), title=title,
-                card_extra=card_extra)
+                card_extra=card_extra or "")
     return Path(out_dir).expanduser()
 
 

@@ -78,7 +78,7 @@ def extract_lora(
     svd: str = "exact",
     dtype: str | None = None,
     seed: int = 0,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     overwrite: bool = False,
     allow_pickle: bool = False,
     progress: bool = True,

@@ -227,7 +227,7 @@ def _write_card(ev: Evaluations, *, model_name: str, note: str | None, dry_run: 
     if changed and not dry_run:
         from safemerge.checkpoint import atomic_write  # (torch is imported with it: not for the CLI's --help)
 
-        atomic_write(readme, text)
+        atomic_write(readme, text, record=True)
     counts = {"safety": len(ev.safety), "domain": len(ev.domain), "left_out": ev.left_out}
     return {"card": str(readme), "text": text, "evaluations": counts, "changed": changed, "written": changed and not dry_run,
             "fingerprint": ev.fingerprint}

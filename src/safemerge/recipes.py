@@ -11,12 +11,15 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from safemerge._args import as_list, check_arguments
 from safemerge.config import MergeConfig, load_config, same_model
 from safemerge.engine import merge
 from safemerge.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 PathLike = str | os.PathLike
 
@@ -59,7 +62,7 @@ def _check_roles(base: PathLike, domains: Sequence[PathLike], aligned: PathLike)
 
 def mergealign(*, base: PathLike, domains: Sequence[PathLike], aligned: PathLike, out: PathLike, alpha: float = 1.0,
                beta: float = 1.0, dtype: str | None = None, tokenizer_source: PathLike | None = None,
-               overwrite: bool = False, device: str = "cpu", allow_pickle: bool = False, allow_nonfinite: bool = False,
+               overwrite: bool = False, device: str | torch.device = "cpu", allow_pickle: bool = False, allow_nonfinite: bool = False,
                progress: bool = True) -> Path:
     """Write θ + Σ α·(θ_d − θ) + β·(θ_a − θ) to `out`, with the aligned model's tokenizer and chat template
     (unless `tokenizer_source` names another) and the equivalent YAML as `mergekit_config.yml`."""

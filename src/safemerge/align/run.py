@@ -60,7 +60,7 @@ def align(
     chat: bool | None = None,
     seed: int = 0,
     overwrite: bool = False,
-    device: str | None = None,
+    device: str | torch.device | None = None,
     progress: bool = True,
 ) -> Path:
     """Preference-tune the HF model directory `model` on `data` and write the result to `out`. `model` may be a

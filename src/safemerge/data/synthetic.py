@@ -117,7 +117,7 @@ def _short(model: Model) -> str:
 
 def _write_jsonl(out: Path, rows: list[dict]) -> None:
     """Write through a temporary sibling, so a partial file never sits at `out`."""
-    atomic_write(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    atomic_write(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), record=True)
 
 
 # -- unsafe questions -----------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from safemerge._args import as_list, check_arguments
 from safemerge.data.loaders import load_multiple_choice, load_prompts
@@ -20,6 +20,9 @@ from safemerge.evaluate.loading import check_batch_size, model_ref, same_model_k
 from safemerge.evaluate.safety import evaluate_safety
 from safemerge.naming import task_columns, unique_columns
 from safemerge.store import ResultsStore, open_store
+
+if TYPE_CHECKING:
+    import torch
 
 
 def audit(
@@ -35,7 +38,7 @@ def audit(
     max_new_tokens: int = 256,
     batch_size: int = 16,
     device: str = "auto",
-    dtype: str = "auto",
+    dtype: "str | torch.dtype" = "auto",
     store: "ResultsStore | str | os.PathLike | None" = None,
     cache: bool = True,
     progress: bool = False,

@@ -22,7 +22,7 @@ import math
 import os
 import time
 import warnings
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from safemerge._args import check_arguments
 from safemerge.data.loaders import MCQuestion, QuestionSet, load_multiple_choice
@@ -32,6 +32,9 @@ from safemerge.evaluate.backends import EvaluationWarning, TransformersBackend, 
 from safemerge.evaluate.loading import ModelRef, check_batch_size, model_ref, resolve_device, resolve_dtype
 from safemerge.evaluate.loglik import encode_pairs, loglikelihoods, max_length
 from safemerge.store import ResultsStore, open_store, result_key
+
+if TYPE_CHECKING:
+    import torch
 
 FORMATS = ("plain", "chat")
 
@@ -66,7 +69,7 @@ def evaluate_domain(
     limit: int | None = None,
     batch_size: int = 32,
     device: str = "auto",
-    dtype: str = "auto",
+    dtype: "str | torch.dtype" = "auto",
     store: "ResultsStore | str | os.PathLike | None" = None,
     cache: bool = True,
     progress: bool = False,

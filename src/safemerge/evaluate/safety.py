@@ -18,7 +18,7 @@ import warnings
 from collections import Counter, defaultdict
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from safemerge._args import check_arguments
 from safemerge.checkpoint import atomic_write, check_output_file
@@ -29,6 +29,9 @@ from safemerge.evaluate.backends import EvaluationWarning, Generation, Generatio
 from safemerge.evaluate.judges import Judge, Verdict, get_judge
 from safemerge.evaluate.loading import check_batch_size, model_ref, resolve_device, resolve_dtype
 from safemerge.store import ResultsStore, open_store, result_key
+
+if TYPE_CHECKING:
+    import torch
 
 
 def summarize(prompts: PromptSet, verdicts: Sequence[Verdict]) -> dict:
@@ -80,7 +83,7 @@ def evaluate_safety(
     batch_size: int = 16,
     judge_batch_size: int = 8,
     device: str = "auto",
-    dtype: str = "auto",
+    dtype: "str | torch.dtype" = "auto",
     out: "str | os.PathLike | None" = None,
     overwrite: bool = False,
     store: "ResultsStore | str | os.PathLike | None" = None,
@@ -113,7 +116,7 @@ def evaluate_safety(
     if cache and cacheable and (hit := db.get(key)) is not None:
         blob = db.artifact(key)
         if blob is not None:
-            atomic_write(out_path, blob)
+            atomic_write(out_path, blob, record=out is not None)
         for note in hit.get("warnings") or []:  # a stored result says what it said when it was computed
             warnings.warn(note, EvaluationWarning, stacklevel=2)
         return {**hit, "responses": str(out_path), "cached": True}
@@ -140,7 +143,7 @@ def evaluate_safety(
     seconds = time.perf_counter() - t0
 
     blob = records(ps, gens, verdicts)
-    atomic_write(out_path, blob)
+    atomic_write(out_path, blob, record=out is not None)
     summary = summarize(ps, verdicts)
     notes = gen_notes + _check(summary, gens, out_path, max_invalid=max_invalid, judge=judge_id["judge"])
     result = {

@@ -66,7 +66,7 @@ def write_report(results: dict | str | os.PathLike, out_dir: str | os.PathLike, 
 
 
 def _write_all(out: Path, files: dict[str, bytes], *, stale: list[Path]) -> None:
-    from safemerge._signals import note_finished
+    from safemerge._signals import note_finished, signals_held
     from safemerge.checkpoint import check_output_folder
 
     check_output_folder(out, "the report is written into a folder")
@@ -77,10 +77,11 @@ def _write_all(out: Path, files: dict[str, bytes], *, stale: list[Path]) -> None
     try:
         for name, data in files.items():
             (tmp / name).write_bytes(data)
-        for name in files:
-            os.replace(tmp / name, out / name)
-        for p in stale:              # a figure of an earlier report that this one no longer has
-            p.unlink(missing_ok=True)
+        with signals_held():  # Ctrl-C or kill waits until every file is in place: never half old, half new
+            for name in files:
+                os.replace(tmp / name, out / name)
+            for p in stale:              # a figure of an earlier report that this one no longer has
+                p.unlink(missing_ok=True)
         note_finished(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

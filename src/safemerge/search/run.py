@@ -18,7 +18,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import yaml
 
@@ -39,6 +39,9 @@ from safemerge.search.objective import DEFAULT_LAMBDA, Score, check_lambda, load
 from safemerge.search.pool_audit import AUDIT_LIMIT, AUDIT_THRESHOLD, audit_pool
 from safemerge.search.scoring import ScorerSpec, effective_max_length
 from safemerge.search.space import SearchSpace
+
+if TYPE_CHECKING:
+    from safemerge.data.loaders import PromptSet
 
 OPTIMIZERS = ("cmaes", "cocktail", "grid")
 JOURNAL_VERSION = 1
@@ -93,7 +96,7 @@ def search(
     device: str = "cpu",
     threads: int | None = None,
     audit: bool = True,
-    audit_prompts: str | os.PathLike | None = None,
+    audit_prompts: "str | os.PathLike | Sequence[str] | PromptSet | None" = None,
     audit_limit: int | None = AUDIT_LIMIT,
     audit_threshold: float = AUDIT_THRESHOLD,
     judge: Any = "keyword",

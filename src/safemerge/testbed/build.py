@@ -70,7 +70,7 @@ def build_testbed(out: str | os.PathLike, *, seed: int = 0, preset: str = "small
     else:
         if progress and cached.exists():
             _console().print(f"testbed: the cached build {cached} is incomplete or changed; building it again")
-        with atomic_output(cached, overwrite=True, replace_any=True) as tmp:
+        with atomic_output(cached, overwrite=True, replace_any=True, record=False) as tmp:
             _build_into(tmp, seed=seed, spec=spec, domains=doms, key=key, progress=progress)
             (tmp / MANIFEST).write_text(json.dumps(_manifest(tmp), indent=1, sort_keys=True) + "\n")
     with atomic_output(out, overwrite=overwrite) as tmp:
