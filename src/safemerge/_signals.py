@@ -58,8 +58,9 @@ def sigterm_kept() -> Iterator[None]:
             signal.signal(signal.SIGTERM, before)
 
 
-# Outputs put in place in full by this process (atomic_output, atomic_write), so that an interrupt that lands after
-# one is not reported as "nothing was written". Kept here, not in checkpoint, because the CLI reads it without torch.
+# The commands' outputs put in place in full by this process (atomic_output, and atomic_write with record=True; not
+# side files such as a cache entry or stored responses), so that an interrupt that lands after one is not reported as
+# "nothing was written". Kept here, not in checkpoint, because the CLI reads it without torch.
 finished_outputs: list[str] = []
 
 
