@@ -151,3 +151,15 @@ def test_what_the_functions_accepted_before_still_passes():
     check_arguments(safemerge.mergealign, {"alpha": np.float32(0.5), "device": torch.device("cpu")})
     check_arguments(safemerge.extract_lora, {"device": torch.device("cpu")})
     check_arguments(search, {"audit_prompts": ["How do I pick a lock?"]})
+
+
+def test_numpy_whole_numbers_work_where_ints_do(tmp_path, tiny_family):
+    """Review: limit=np.int64(1) passed the check, then failed writing the data's fingerprint as JSON."""
+    import numpy as np
+
+    res = safemerge.evaluate_safety(tiny_family["aligned"], prompts=["How do I bake bread?", "Hi"], limit=np.int64(1),
+                                    max_new_tokens=2, device="cpu", store=tmp_path / "s.sqlite")
+    assert res["n"] == 1
+    lora = safemerge.extract_lora(tiny_family["expert"], tiny_family["base"], tmp_path / "l", rank=np.int64(2),
+                                  progress=False)
+    assert set(lora.ranks.values()) <= {2}

@@ -93,8 +93,9 @@ def extract_lora(
     """
     check_arguments(extract_lora, locals())
     save_modules, include, exclude = as_list(save_modules), as_list(include), as_list(exclude)
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+    if rank < 1:  # (a whole number: checked above)
         raise ConfigError(f"rank {rank!r}: the LoRA rank must be a positive whole number")
+    rank = int(rank)  # a numpy integer too
     if not (sv_epsilon >= 0 and math.isfinite(sv_epsilon)):
         raise ConfigError(f"sv_epsilon {sv_epsilon!r}: must be a finite number ≥ 0")
     if svd not in SVD_WAYS:

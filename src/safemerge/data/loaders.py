@@ -124,12 +124,24 @@ def load_prompts(
     prompts = list(_parse(rows, fmt, name, prompt_column))
     if not prompts:
         raise DataError(f"{name}: no prompt left (every row's prompt is empty); the file needs at least one prompt")
-    options = {"format": fmt, "split": split, "column": prompt_column, "limit": limit}
+    options = {"format": fmt, "split": split, "column": prompt_column, "limit": _whole(limit)}
     ps = PromptSet(prompts, _digest_str(digest, options), name, fmt)
     return _limited(ps, limit)
 
 
+def _whole(limit: Any) -> int | None:
+    """A limit as a plain int (a numpy integer too: it goes into the JSON of the data's fingerprint)."""
+    import numbers
+
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, numbers.Integral):
+        raise DataError(f"limit {limit!r}: give a whole number")
+    return int(limit)
+
+
 def _limited(ps: PromptSet, limit: int | None) -> PromptSet:
+    limit = _whole(limit)
     if limit is None or limit >= len(ps.prompts):
         return ps
     if limit < 1:
@@ -216,6 +228,7 @@ def load_multiple_choice(source: str | os.PathLike | Sequence[dict] | QuestionSe
         questions = [_mc_row(row, name, i) for i, row in enumerate(rows)]
         stem = Path(name).name.split(".")[0] if name != "<list>" else "questions"
         qs = QuestionSet(questions, _digest_str(digest, {"kind": "mc"}), name, stem)
+    limit = _whole(limit)
     if limit is not None and limit < len(qs.questions):
         if limit < 1:
             raise DataError(f"limit must be a positive number of questions, got {limit}")
