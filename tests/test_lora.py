@@ -240,3 +240,14 @@ def test_a_passthrough_of_model_plus_adapter_writes_peft_s_merged_model(lora_fam
     for name, t in load_file(str(out / "model.safetensors")).items():
         torch.testing.assert_close(t, want[name], rtol=0, atol=1e-6, msg=name)
     assert (out / "tokenizer.json").is_file()
+
+
+def test_mergealign_takes_an_aligned_model_shipped_as_an_adapter(lora_family, tmp_path):
+    """QA (a new user's walkthrough): --aligned BASE+ADAPTER failed with "tokenizer_source ... has no tokenizer files",
+    the default tokenizer source being the aligned reference itself; it is BASE's tokenizer (or the adapter's)."""
+    fam, adapter = lora_family
+    out = safemerge.mergealign(base=fam["base"], domains=[fam["expert"]], aligned=f"{fam['base']}+{adapter}",
+                               out=tmp_path / "ma", progress=False)
+    saved = yaml.safe_load((out / "mergekit_config.yml").read_text())
+    assert saved["tokenizer_source"] == str(fam["base"])
+    assert (out / "tokenizer_config.json").is_file()

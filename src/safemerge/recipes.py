@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from safemerge._args import as_list, check_arguments
-from safemerge.config import MergeConfig, load_config, same_model
-from safemerge.engine import merge
+from safemerge.config import MergeConfig, load_config, same_model, split_reference
+from safemerge.engine import _has_tokenizer, merge
 from safemerge.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -40,10 +40,17 @@ def mergealign_config(*, base: PathLike, domains: Sequence[PathLike], aligned: P
     models = [{"model": str(d), "parameters": {"weight": float(alpha)}} for d in domains]
     models.append({"model": str(aligned), "parameters": {"weight": float(beta)}})
     cfg = {"merge_method": "task_arithmetic", "base_model": str(base), "models": models,
-           "tokenizer_source": str(tokenizer_source or aligned), "name": "mergealign"}
+           "tokenizer_source": str(tokenizer_source or _tokenizer_folder(aligned)), "name": "mergealign"}
     if dtype:
         cfg["dtype"] = dtype
     return load_config(cfg)
+
+
+def _tokenizer_folder(ref: PathLike) -> str:
+    """The aligned model's tokenizer: its folder, or for an aligned model shipped as `BASE+ADAPTER` the adapter's
+    folder where it holds tokenizer files, else BASE's (a tokenizer_source must be a folder)."""
+    model, adapter = split_reference(str(ref))
+    return adapter if adapter is not None and _has_tokenizer(Path(adapter)) else model
 
 
 def _check_roles(base: PathLike, domains: Sequence[PathLike], aligned: PathLike) -> None:

@@ -97,7 +97,7 @@ def mergealign(
     alpha: Annotated[float, typer.Option(help="Weight α of each domain vector.")] = 1.0,
     beta: Annotated[float, typer.Option(help="Weight β of the alignment vector.")] = 1.0,
     dtype: Annotated[Optional[str], typer.Option(help="Output dtype (default: the base model's).")] = None,
-    tokenizer_source: Annotated[Optional[Path], typer.Option(help="Tokenizer and chat template source (default: the aligned model).")] = None,
+    tokenizer_source: Annotated[Optional[Path], typer.Option(help="Tokenizer and chat template source (default: the aligned model; for BASE+ADAPTER, the adapter folder if it holds a tokenizer, else BASE).")] = None,
     device: Device = "cpu",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
     allow_pickle: AllowPickle = False,
