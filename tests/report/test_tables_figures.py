@@ -113,3 +113,38 @@ def test_figures_are_pngs_of_every_point(full, full_report):
 def test_figures_are_none_without_data():
     res = load_results({"models": {"base": {"method": "pretrained", "safety": {"s": 0.1}}}})
     assert knowledge_safety_figure(res) is None and l2_figure(res) is None
+
+
+def test_each_label_reads_as_its_own_points(monkeypatch):
+    """QA (a new user's compare): with the expert at (100, 0), Slerp at (97.5, 0) and TIES at (92.5, 2.5), the label
+    "expert-medicine" sat by the TIES point and "slerp" on the expert's marker, with no leader lines."""
+    from safemerge.report import figures
+
+    models = {"base": ("pretrained", 0.0, 0.275), "aligned": ("aligned", 1.0, 0.325),
+              "expert-medicine": ("expert", 0.0, 1.0), "mergealign": ("mergealign", 1.0, 0.975),
+              "ties": ("ties", 0.025, 0.925), "slerp": ("slerp", 0.0, 0.975)}
+    res = load_results({"meta": {"domains": ["medicine"]},
+                        "models": {n: {"method": m, "safety": {"safety_test": s}, "domain": {"medicine": k}}
+                                   for n, (m, s, k) in models.items()}})
+    seen = {}
+    real = figures._label_points
+
+    def spy(ax, names, xy):
+        real(ax, names, xy)
+        seen.update(ax=ax, names=names, xy=xy)
+
+    monkeypatch.setattr(figures, "_label_points", spy)
+    assert knowledge_safety_figure(res) is not None
+    ax, names = seen["ax"], seen["names"]
+    to_axes = ax.transData + ax.transAxes.inverted()
+    points = [to_axes.transform(p) for p in seen["xy"]]
+    for text in ax.texts:
+        i = names.index(text.get_text())
+        if text.arrow_patch is not None:  # a leader line ties it to its point
+            continue
+        (lx, ly), w = text.get_position(), 0.0105 * len(names[i])
+
+        def gap(q):  # from a marker to the label's box
+            return max(lx - q[0], 0.0, q[0] - lx - w) ** 2 + max(ly - q[1], 0.0, q[1] - ly - 0.02) ** 2
+        near = min(range(len(points)), key=lambda j: gap(points[j]))
+        assert near == i, f"{names[i]!r} sits nearest {names[near]!r}"

@@ -129,8 +129,9 @@ def _pad_limits(ax, xs: list[float], ys: list[float]) -> None:
 
 
 def _label_points(ax, names: list[str], xy: list[tuple[float, float]]) -> None:
-    """Label each point beside it; a label that would cover a marker or an earlier label moves to the
-    nearest free spot (right, left, then further up or down), with a leader line when it moved.
+    """Label each point beside it; a label that would cover a marker or an earlier label, or sit nearer another
+    marker than its own, moves to the nearest free spot (right, left, then further up or down), with a leader line
+    when it moved (or could not get clear of another marker).
 
     Greedy in axes-fraction space, points taken bottom-up: cheap, deterministic, fine for ~30 points.
     Labels stay inside the axes, so a crowded plot never grows the figure.
@@ -144,16 +145,29 @@ def _label_points(ax, names: list[str], xy: list[tuple[float, float]]) -> None:
         return inside and not any(qy - 0.028 < ly < qy + 0.03 and lx < qx + qw and qx < lx + w
                                   for qx, qy, qw in placed)
 
+    points = [tuple(to_axes.transform(p)) for p in xy]
+
+    def clearance(i: int, lx: float, ly: float, w: float) -> float:
+        """How many times farther the label's box is from the nearest other marker than from its own point (squared):
+        a label much nearer another marker is read as that marker's."""
+        def d(q):
+            dx, dy = max(lx - q[0], 0.0, q[0] - lx - w), max(ly - q[1], 0.0, q[1] - ly - 0.02)
+            return dx * dx + dy * dy
+        return min((d(q) for j, q in enumerate(points) if j != i), default=float("inf")) / max(d(points[i]), 1e-6)
+
     for i in sorted(range(len(names)), key=lambda i: (xy[i][1], xy[i][0])):
-        px, py = to_axes.transform(xy[i])
+        px, py = points[i]
         width = 0.0105 * len(names[i])
         xs = (px + 0.012, px - 0.012 - width)                     # right of the point, left of it
         spots = [(x, py + 0.012) for x in xs] + [(x, py - 0.04) for x in xs]
         for k in range(1, 16):
             spots += [(x, py + 0.012 + dy) for dy in (0.034 * k, -0.034 * k - 0.052) for x in xs]
-        lx, ly = next(((x, y) for x, y in spots if free(x, y, width)), spots[0])
+        free_spots = [(x, y) for x, y in spots if free(x, y, width)] or spots[:1]
+        # the nearest free spot that is clearly this point's, else the free spot most clearly so
+        lx, ly = next(((x, y) for x, y in free_spots if clearance(i, x, y, width) > 2.25),
+                      max(free_spots, key=lambda p: clearance(i, p[0], p[1], width)))
         placed.append((lx, ly, width))
-        moved = abs(ly - py) > 0.05
+        moved = abs(ly - py) > 0.05 or clearance(i, lx, ly, width) <= 2.25
         ax.annotate(names[i], xy=(px, py), xycoords="axes fraction", xytext=(lx, ly), textcoords="axes fraction",
                     fontsize=7.5, va="bottom",
                     arrowprops={"arrowstyle": "-", "color": "#999999", "lw": 0.6} if moved else None)
