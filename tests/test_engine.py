@@ -44,7 +44,7 @@ def test_mergealign_output_is_a_complete_hf_model(tmp_path, tiny_family):
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
     card = (out / "README.md").read_text()
     front = yaml.safe_load(card.split("---")[1])
-    assert front["base_model"] == str(tiny_family["base"]) and {"merge", "safemerge"} <= set(front["tags"])
+    assert "base_model" not in front and {"merge", "safemerge"} <= set(front["tags"])  # a local path: in the inputs
     for ck in (b, e, a):
         assert ck.fingerprint() in card
     again = safemerge.load_config(out / "mergekit_config.yml")
@@ -412,3 +412,14 @@ def test_a_base_without_config_json_is_pointed_out(tmp_path, tiny_family):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         safemerge.merge(ta_config(tiny_family), tmp_path / "out2", progress=False)  # with one: nothing to say
+
+
+def test_the_card_names_a_hub_base_model_but_not_a_local_path(tmp_path):
+    """QA (a new user's publish --dry-run): the card's front matter said `base_model: /tmp/walk/tb/base`; the hub reads
+    that field as a model id."""
+    from safemerge.writer import write_model_card
+
+    for base, front in (("/models/llama3-8b", None), ("meta-llama/Meta-Llama-3-8B", "meta-llama/Meta-Llama-3-8B")):
+        write_model_card(tmp_path, base_model=base, merge_config={}, inputs=[{"model": base, "fingerprint": "f"}])
+        meta = yaml.safe_load((tmp_path / "README.md").read_text().split("---")[1])
+        assert meta.get("base_model") == front and f"`{base}`" in (tmp_path / "README.md").read_text()

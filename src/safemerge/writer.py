@@ -163,9 +163,12 @@ def write_model_card(
     title: str = "Merged model",
     extra: str = "",
 ) -> None:
-    """README.md: front matter (base_model, tags), the merge config as YAML and every input's fingerprint."""
+    """README.md: front matter (base_model, tags), the merge config as YAML and every input's fingerprint.
+    The hub reads `base_model` as a hub id, so a local path stays out of it (it is in the inputs table)."""
+    from safemerge._hf import is_hub_id
+
     front: dict[str, Any] = {"tags": ["merge", "safemerge"], "library_name": "transformers"}
-    if base_model:
+    if base_model and is_hub_id(base_model):
         front["base_model"] = base_model
     rows = "\n".join(f"| `{i['model']}` | `{i['fingerprint']}` |" for i in inputs)
     card = (

@@ -7,6 +7,7 @@ from typing import Any
 
 import yaml
 
+from safemerge._hf import is_hub_id
 from safemerge.config import split_reference
 
 
@@ -16,14 +17,17 @@ def model_label(reference: str) -> str:
 
 
 def write_card(out_dir: Path, run: dict[str, Any]) -> None:
-    """README.md with front matter (base_model, tags [safemerge, <method>, lora]) and the run record.
+    """README.md with front matter (base_model where the model is a hub id, tags [safemerge, <method>, lora]) and the
+    run record.
 
     `run` is the record written to adapter/align_run.json: model, fingerprint, data, settings,
     training (steps, epochs, losses, wall time), environment (device, precision, library versions).
     """
     s, t, env = run["settings"], run["training"], run["environment"]
     method = s["method"]
-    front = {"base_model": run["model"], "tags": ["safemerge", method, "lora"], "library_name": "transformers"}
+    front = {"tags": ["safemerge", method, "lora"], "library_name": "transformers"}
+    if is_hub_id(run["model"]):  # the hub reads base_model as a hub id; a local path is in the text below
+        front = {"base_model": run["model"], **front}
     settings = {k: v for k, v in s.items() if k != "method"}
     card = (
         f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n"
