@@ -288,11 +288,14 @@ def compare(
                            progress=progress, echo=echo)
     meta: dict[str, Any] = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "judge": str(judge),
                             "safety_prompts": ", ".join(str(s) for s in sets),
+                            "safety_prompts_used": "; ".join(f"{key}: {len(ps.prompts)}" for key, ps in safety.items()),
                             "timings": {"evaluation": round(time.perf_counter() - start, 1)}}
     if domain:
         meta["domain_task_files"] = "; ".join(f"{key}: {qs.source}" for key, qs in domain.items())
+        meta["domain_questions_used"] = "; ".join(f"{key}: {len(qs.questions)}" for key, qs in domain.items())
     if general is not None:
         meta["general_task_file"] = general.source
+        meta["general_questions_used"] = len(general.questions)
     if domains:
         meta["domains"] = domains
     if picked:

@@ -96,9 +96,9 @@ def _summary(res: Results, claims: Sequence[Claim]) -> str:
 
 
 def _meta_rows(res: Results) -> list[tuple[str, str]]:
-    rows = [(k, ", ".join(map(str, v)) if isinstance(v, list) else str(v))
+    rows = [(k.replace("_", " "), ", ".join(map(str, v)) if isinstance(v, list) else str(v))
             for k, v in res.meta.items() if k != "timings" and not isinstance(v, dict)]
-    if res.domains:
+    if res.domains and any(ts != [d] for d, ts in res.domains.items()):  # (a domain with one task of its own name: no news)
         rows.append(("domain tasks", "; ".join(f"{d}: {', '.join(ts)}" for d, ts in res.domains.items())))
         rows.append(("knowledge domains", ", ".join(res.focus)))
     return rows
