@@ -262,3 +262,15 @@ def test_sigterm_ends_a_command_as_ctrl_c_does(capsys):
     assert e.value.exit_code == 130
     assert capsys.readouterr().err.strip() == ("interrupted: nothing was written at the target path; the journal keeps "
                                                "every candidate scored so far")
+
+
+def test_claims_that_cannot_apply_are_one_line(capsys):
+    """QA (a new user's compare of two experts): six SKIPPED rows of the papers' claims, every run."""
+    from safemerge.cli.report import _print
+
+    skipped = {"verdict": "SKIPPED", "text": "MergeAlign is safer than the expert", "detail": "no model 'mergealign'"}
+    _print({"claims": [skipped] * 6, "html": "r.html", "markdown": "r.md"})
+    text = " ".join(capsys.readouterr().out.split())
+    assert "none of the papers' 6 claims applies to these models (no model 'mergealign'" in text and "SKIPPED" not in text
+    _print({"claims": [skipped, {**skipped, "verdict": "PASS"}], "html": "r.html", "markdown": "r.md"})
+    assert "SKIPPED" in capsys.readouterr().out  # where one applies, the table lists them all

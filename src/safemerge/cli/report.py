@@ -41,10 +41,15 @@ def _print(done: dict) -> None:
     from rich.table import Table
 
     colors = {"PASS": "green", "FAIL": "red", "SKIPPED": "yellow"}
-    table = Table("verdict", "claim", "figures", title="Claims", show_lines=False)
-    for c in done["claims"]:
-        table.add_row(f"[{colors[c['verdict']]}]{c['verdict']}[/]", escape(c["text"]), escape(c["detail"]))
-    out.print(table)
+    claims = done["claims"]
+    if claims and all(c["verdict"] == "SKIPPED" for c in claims):  # models of your own, not the papers' roles: one line
+        out.print(f"[yellow]claims[/]: none of the papers' {len(claims)} claims applies to these models "
+                  f"({escape(claims[0]['detail'])}; docs/report.md names the roles they need)", highlight=False)
+    else:
+        table = Table("verdict", "claim", "figures", title="Claims", show_lines=False)
+        for c in claims:
+            table.add_row(f"[{colors[c['verdict']]}]{c['verdict']}[/]", escape(c["text"]), escape(c["detail"]))
+        out.print(table)
     out.print(f"[green]wrote[/] {escape(str(done['html']))}\n[green]wrote[/] {escape(str(done['markdown']))}")
 
 
