@@ -274,3 +274,17 @@ def test_claims_that_cannot_apply_are_one_line(capsys):
     assert "none of the papers' 6 claims applies to these models (no model 'mergealign'" in text and "SKIPPED" not in text
     _print({"claims": [skipped, {**skipped, "verdict": "PASS"}], "html": "r.html", "markdown": "r.md"})
     assert "SKIPPED" in capsys.readouterr().out  # where one applies, the table lists them all
+
+
+@pytest.mark.parametrize("name", ["merge", "mergealign", "compare"])
+def test_help_at_80_columns_shows_whole_option_names(name):
+    """QA (a new user's walkthrough): at 80 columns (and in a pipe) --help cut names short (`--tokenizer-sour…`),
+    squeezed by a column of `--no-X` forms of flags that are off by default, which turn nothing off."""
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", "from safemerge.cli import main; main()", name, "--help"],
+                       capture_output=True, text=True, env={**os.environ, "COLUMNS": "80"})
+    assert r.returncode == 0 and "…" not in r.stdout and "--no-overwrite" not in r.stdout, r.stdout
+    assert name == "compare" or "--no-progress" in r.stdout  # a flag on by default keeps its --no- form

@@ -25,5 +25,21 @@ for _name in _AREAS:
     importlib.import_module(f"safemerge.cli.{_name}").register(app)
 
 
+def command():
+    """The click command behind `app`, with the `--no-X` form dropped from every flag that is off by default: it turns
+    nothing off, and in an 80-column `--help` the column of those names cut the options' own names short."""
+    root = typer.main.get_command(app)
+    stack = [root]
+    while stack:
+        cmd = stack.pop()
+        stack += list(getattr(cmd, "commands", {}).values())
+        for p in cmd.params:  # (typer's options, not click.Option instances: read by what they have)
+            negatives = getattr(p, "secondary_opts", [])
+            if getattr(p, "is_flag", False) and p.default is False and negatives and \
+                    all(o.startswith("--no-") for o in negatives):
+                p.secondary_opts = []
+    return root
+
+
 def main() -> None:
-    app()
+    command()(prog_name="safemerge")
