@@ -394,7 +394,7 @@ def atomic_output(out_dir: str | os.PathLike, *, overwrite: bool = False, replac
     """
     out = Path(out_dir).expanduser().absolute()
     if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out}: already exists; choose another path or pass --overwrite (overwrite=True)")
+        raise OutputExistsError(f"{out}: already exists; choose another path or pass --overwrite (in Python: overwrite=True)")
     if out.exists() or out.is_symlink():
         check_replaceable(out, replace_any=replace_any)
     check_folder(out)
@@ -477,7 +477,7 @@ def check_output_file(path: str | os.PathLike, *, overwrite: bool = False,
                 and Path(given).expanduser().resolve() == out.resolve():
             raise OutputExistsError(f"{out}: is the {option} file itself; write the output to another file")
     if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out}: already exists; choose another path or pass --overwrite (overwrite=True)")
+        raise OutputExistsError(f"{out}: already exists; choose another path or pass --overwrite (in Python: overwrite=True)")
     check_folder(out)
     return out
 

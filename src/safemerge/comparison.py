@@ -272,7 +272,7 @@ def compare(
         raise OutputExistsError(f"{next(p for p in existing if not p.is_file())}: is a folder where compare writes a "
                                 "file; move it away or choose another --out")
     if existing and not overwrite:
-        raise OutputExistsError(f"{existing[0]}: already exists; pass --overwrite (overwrite=True) or choose another --out")
+        raise OutputExistsError(f"{existing[0]}: already exists; pass --overwrite (in Python: overwrite=True) or choose another --out")
     entries = {}
     for name, ref in refs.items():
         method, params = infer_method(ref, name)

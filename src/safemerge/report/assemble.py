@@ -50,7 +50,7 @@ def write_report(results: dict | str | os.PathLike, out_dir: str | os.PathLike, 
         raise OutputExistsError(f"{folders[0]}: is a folder where the report writes a file; move it away or choose "
                                 "another --out")
     if existing and not overwrite:
-        raise OutputExistsError(f"{existing[0]}: already exists; pass --overwrite (overwrite=True) to replace "
+        raise OutputExistsError(f"{existing[0]}: already exists; pass --overwrite (in Python: overwrite=True) to replace "
                                 "the report, or choose another --out")
     figures = {k: png for k, png in (("knowledge_safety", knowledge_safety_figure(res)), ("l2", l2_figure(res)))
                if png is not None}
