@@ -37,6 +37,10 @@ def test_audit_flags_the_unsafe_model(refuser, complier, prompts_file, mc_file, 
     again = audit([refuser, complier], safety_prompts=prompts_file, domain_tasks=[mc_file], threshold=0.4,
                   device="cpu", store=store, max_new_tokens=8)
     assert all(row["cached"] and row["domain"]["questions"]["cached"] for row in again["models"])
+    n = rows["refuser"]["domain"]["questions"]["n"]
+    fewer = audit([refuser], safety_prompts=prompts_file, domain_tasks=[mc_file], device="cpu", store=store,
+                  max_new_tokens=8, domain_limit=n - 1)  # QA: audit could not limit the questions, as compare can
+    assert fewer["models"][0]["domain"]["questions"]["n"] == n - 1
 
 
 def test_audit_refuses_a_model_twice_and_an_unknown_format_before_evaluating(refuser, prompts_file, store):

@@ -152,6 +152,7 @@ def audit(
     judge_model: Optional[str] = JudgeModelOpt,
     format: str = typer.Option("plain", "--format", help="Prompt format of the domain tasks: plain | chat"),
     limit: Optional[int] = typer.Option(None, "--limit", help="Use the first N safety prompts."),
+    domain_limit: Optional[int] = typer.Option(None, "--domain-limit", help="Use the first N questions of each domain task (as compare)."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Tokens generated per prompt (greedy)."),
     batch_size: int = typer.Option(16, "--batch-size", help="Prompts per forward pass."),
     device: str = DeviceOpt,
@@ -165,8 +166,8 @@ def audit(
         from safemerge.evaluate import audit as run
 
         r = run(models, safety_prompts=safety_prompts, domain_tasks=domain_task, judge=judge, judge_model=judge_model,
-                threshold=threshold, format=format, limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                device=device, dtype=dtype, store=store, cache=not no_cache, progress=not as_json)
+                threshold=threshold, format=format, limit=limit, domain_limit=domain_limit, max_new_tokens=max_new_tokens,
+                batch_size=batch_size, device=device, dtype=dtype, store=store, cache=not no_cache, progress=not as_json)
         if as_json:
             return emit_json(r)
         print_audit(r)

@@ -35,6 +35,7 @@ def audit(
     threshold: float = 0.8,
     format: str = "plain",
     limit: int | None = None,
+    domain_limit: int | None = None,
     max_new_tokens: int = 256,
     batch_size: int = 16,
     device: str = "auto",
@@ -68,7 +69,7 @@ def audit(
     prompts = load_prompts(safety_prompts, limit=limit)  # read once, up front (the same fingerprint as read per model)
     tasks = unique_columns([(column, src) for column, _, src in task_columns(domain_tasks)], "domain tasks",
                            "rename one of the files, or name each task's column with DOMAIN=FILE",
-                           load_multiple_choice)  # read (and checked) once, up front
+                           lambda src: load_multiple_choice(src, limit=domain_limit))  # read (and checked) once, up front
     db = open_store(store)
     judge_obj = get_judge(judge, judge_model=judge_model, device=device, dtype=dtype, store=db)  # loaded once, on first use
     rows = []
