@@ -43,8 +43,13 @@ def _kind(annotation: Any) -> str | None:
     return None
 
 
+def is_whole(value: Any) -> bool:
+    """An int or another integral number (numpy's), but not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 _ACCEPTS = {  # kind -> (is the value of that kind, what to give instead)
-    "whole": (lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool), "a whole number"),
+    "whole": (is_whole, "a whole number"),
     "number": (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool), "a number"),
     "text": (lambda v: isinstance(v, str), "a str"),
     "path": (lambda v: isinstance(v, (str, os.PathLike)), "a path (a str or pathlib.Path)"),

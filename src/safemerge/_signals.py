@@ -70,5 +70,5 @@ def note_finished(path) -> None:
     from pathlib import Path
 
     p = Path(path)
-    if not any(".partial-" in q.name for q in p.parents) and finished_outputs[-1:] != [str(p)]:
+    if not any(".partial-" in q.name for q in p.parents):
         finished_outputs.append(str(p))

@@ -394,9 +394,8 @@ def atomic_output(out_dir: str | os.PathLike, *, overwrite: bool = False, replac
     """
     out = Path(out_dir).expanduser().absolute()
     if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out}: already exists; choose another path or pass --overwrite (in Python: overwrite=True)")
-    if out.exists() or out.is_symlink():
-        check_replaceable(out, replace_any=replace_any)
+        raise OutputExistsError.at(out)
+    check_replaceable(out, replace_any=replace_any)
     check_folder(out)
     _warn_of_stale_partials(out)
     made = [p for p in reversed(out.parents) if not p.exists()]  # folders this call creates, outermost first
@@ -477,7 +476,7 @@ def check_output_file(path: str | os.PathLike, *, overwrite: bool = False,
                 and Path(given).expanduser().resolve() == out.resolve():
             raise OutputExistsError(f"{out}: is the {option} file itself; write the output to another file")
     if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out}: already exists; choose another path or pass --overwrite (in Python: overwrite=True)")
+        raise OutputExistsError.at(out)
     check_folder(out)
     return out
 
@@ -515,6 +514,9 @@ OUTPUT_MARKERS = ("config.json", "adapter_config.json", "world.json", "search.js
 
 
 def check_replaceable(out: Path, *, replace_any: bool) -> None:
+    """That what stands at `out`, if anything, is an earlier output that --overwrite may replace (see atomic_output)."""
+    if not (out.exists() or out.is_symlink()):
+        return
     if not out.is_dir():
         raise OutputExistsError(f"{out}: is a file, and the output is a folder; choose another path (--overwrite "
                                 "replaces an earlier output folder, never a file)")

@@ -305,7 +305,7 @@ def compare(
     tmp = out / f".{RESULTS}.tmp"
     tmp.write_text(json.dumps(doc, indent=2) + "\n")
     try:
-        report = write_report(doc, out, title=title, overwrite=overwrite)
+        report = write_report(doc, out, title=title, overwrite=overwrite, record=False)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -31,3 +31,8 @@ class CheckpointError(SafemergeError):
 
 class OutputExistsError(SafemergeError, FileExistsError):
     """The output path exists and --overwrite was not given."""
+
+    @classmethod
+    def at(cls, path: object, also: str = "") -> "OutputExistsError":
+        """The error for an output `path` that exists (`also`: more to say after the advice)."""
+        return cls(f"{path}: already exists; choose another path or pass --overwrite (in Python: overwrite=True){also}")

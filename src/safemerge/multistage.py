@@ -139,8 +139,7 @@ def multimerge(
             raise ConfigError(f"{s.out} ({s.label}'s output) already exists and was not written by an earlier multimerge "
                               "into this intermediate folder; pass --overwrite to replace it, or choose another "
                               + ("--out-path" if s.name is None else "--intermediate-dir"))
-        if s.out.exists() or s.out.is_symlink():  # a file, or a folder of other work: refused before any merge runs
-            check_replaceable(s.out, replace_any=False)
+        check_replaceable(s.out, replace_any=False)  # a file, or a folder of other work: refused before any merge runs
     result, remade = MultimergeResult(), set()
     for i, s in enumerate(stages, 1):
         key, cfg_yaml = s.name or "", (s.reparse() if s.needs else s.config).to_yaml_dict()

@@ -107,6 +107,7 @@ def load_prompts(
     `limit` keeps the first N prompts (file order). Raises DataError naming the file and the missing
     column when the format cannot be recognised, and when no prompt is left.
     """
+    limit = _whole(limit)
     if isinstance(source, PromptSet):
         return _limited(source, limit)
     if format not in FORMATS:
@@ -124,24 +125,23 @@ def load_prompts(
     prompts = list(_parse(rows, fmt, name, prompt_column))
     if not prompts:
         raise DataError(f"{name}: no prompt left (every row's prompt is empty); the file needs at least one prompt")
-    options = {"format": fmt, "split": split, "column": prompt_column, "limit": _whole(limit)}
+    options = {"format": fmt, "split": split, "column": prompt_column, "limit": limit}
     ps = PromptSet(prompts, _digest_str(digest, options), name, fmt)
     return _limited(ps, limit)
 
 
 def _whole(limit: Any) -> int | None:
     """A limit as a plain int (a numpy integer too: it goes into the JSON of the data's fingerprint)."""
-    import numbers
+    from safemerge._args import is_whole
 
     if limit is None:
         return None
-    if isinstance(limit, bool) or not isinstance(limit, numbers.Integral):
+    if not is_whole(limit):
         raise DataError(f"limit {limit!r}: give a whole number")
     return int(limit)
 
 
 def _limited(ps: PromptSet, limit: int | None) -> PromptSet:
-    limit = _whole(limit)
     if limit is None or limit >= len(ps.prompts):
         return ps
     if limit < 1:

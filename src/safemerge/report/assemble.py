@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
+from safemerge._signals import note_finished
 from safemerge.errors import OutputExistsError
 from safemerge.report.claims import Claim, check_claims
 from safemerge.report.figures import knowledge_safety_figure, l2_figure
@@ -29,13 +30,14 @@ DEFAULT_TITLE = "safemerge: reproduction of MergeAlign and safety-aware merging"
 
 
 def write_report(results: dict | str | os.PathLike, out_dir: str | os.PathLike, *, title: str = DEFAULT_TITLE,
-                 claims: Sequence[Claim] | None = None, overwrite: bool = False) -> dict:
+                 claims: Sequence[Claim] | None = None, overwrite: bool = False, record: bool = True) -> dict:
     """Write OUT/report.md, OUT/report.html and the figures' PNGs; return their paths and the verdicts.
 
     `results` is the results dict or the path of results.json; `claims` defaults to `check_claims(results)`.
     Existing report files are replaced only with `overwrite=True`. All files are drawn and rendered first,
     written to a temporary directory inside `out_dir`, then each renamed into place: no file is ever
-    half-written, and a failure before the renames leaves the previous report untouched.
+    half-written, and a failure before the renames leaves the previous report untouched. `record`: note the report as
+    the command's output (for an interrupt's message; compare notes its folder once results.json is there too).
 
     Returns {"markdown": Path, "html": Path, "figures": {key: Path}, "claims": [claim dicts],
     "verdicts": {"PASS": n, "FAIL": n, "SKIPPED": n}}.
@@ -59,6 +61,8 @@ def write_report(results: dict | str | os.PathLike, out_dir: str | os.PathLike, 
              HTML: render_html(res, tables, figures, claims, title=title).encode()}
     files.update({FIGURES[k][0]: png for k, png in figures.items()})
     _write_all(out, files, stale=[p for p in existing if p.name not in files])
+    if record:
+        note_finished(out)
     verdicts = {v: sum(c.verdict == v for c in claims) for v in ("PASS", "FAIL", "SKIPPED")}
     return {"markdown": out / MARKDOWN, "html": out / HTML,
             "figures": {k: out / FIGURES[k][0] for k in figures},
@@ -66,7 +70,7 @@ def write_report(results: dict | str | os.PathLike, out_dir: str | os.PathLike, 
 
 
 def _write_all(out: Path, files: dict[str, bytes], *, stale: list[Path]) -> None:
-    from safemerge._signals import note_finished, signals_held
+    from safemerge._signals import signals_held
     from safemerge.checkpoint import check_output_folder
 
     check_output_folder(out, "the report is written into a folder")
@@ -82,7 +86,6 @@ def _write_all(out: Path, files: dict[str, bytes], *, stale: list[Path]) -> None
                 os.replace(tmp / name, out / name)
             for p in stale:              # a figure of an earlier report that this one no longer has
                 p.unlink(missing_ok=True)
-        note_finished(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -132,7 +132,7 @@ def search(
     if out.exists() and not overwrite:
         also = (" (with --resume, --overwrite keeps the journal and replaces the output with the resumed search's best; "
                 "that is how a finished CMA-ES run goes on with more --steps)" if resume else "")
-        raise OutputExistsError(f"{out}: already exists; choose another path or pass --overwrite (in Python: overwrite=True){also}")
+        raise OutputExistsError.at(out, also)
     if workers < 1:
         raise ConfigError(f"--workers {workers}: give at least one worker")
     _check_options(steps=steps, popsize=popsize, sigma0=sigma0, temperature=temperature, batch_size=batch_size,

@@ -56,7 +56,7 @@ def build_testbed(out: str | os.PathLike, *, seed: int = 0, preset: str = "small
     doms = canonical_domains(domains)
     out = Path(out).expanduser().absolute()
     if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out}: already exists; choose another path or pass --overwrite (in Python: overwrite=True)")
+        raise OutputExistsError.at(out)
     key = cache_key(seed=seed, preset=preset, domains=doms)
     root = cache_root()
     if root is None:
