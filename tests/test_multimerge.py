@@ -53,6 +53,9 @@ def test_merges_of_merges_equal_the_merges_run_one_by_one(tiny_family, tmp_path)
         want, got = _tensors(by_hand / name), _tensors(path)
         assert want.keys() == got.keys() and all((want[k] == got[k]).all() for k in want), name
     assert r.outputs == {"soup": tmp_path / "inter" / "soup", "ta": tmp_path / "inter" / "ta", None: tmp_path / "out"}
+    assert r.final == tmp_path / "out"
+    assert r.summary() == {"outputs": {"soup": str(tmp_path / "inter" / "soup"), "ta": str(tmp_path / "inter" / "ta")},
+                           "final": str(tmp_path / "out"), "made": ["soup", "ta", "the final merge"], "kept": []}
 
 
 def test_stages_in_the_modules_form_mergekit_writes_back_read_earlier_merges(tiny_family, tmp_path):

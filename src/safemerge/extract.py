@@ -146,7 +146,10 @@ def extract_lora(
                 continue
             if m.kind in ("embedding", "output") and not embed_lora:
                 warnings.warn(f"{m.name}: the model's lm_head is tied to its embeddings, which peft unties when it "
-                              "saves them whole; factoring them as LoRA instead (as --embed-lora does)", stacklevel=2)
+                              "saves them whole; factoring them as LoRA instead (as --embed-lora does). The adapter "
+                              "equals the fine-tune once merged (BASE+ADAPTER in safemerge, or peft's merge_and_unload); "
+                              "peft running it unmerged updates the input embeddings only, not the tied lm_head",
+                              stacklevel=2)
             delta = _delta(*values.pop("weight"), m.tensors["weight"], device)
             if m.kind in ("embedding", "conv1d"):  # peft: (B·A)ᵀ for embeddings and Conv1D (weights stored (in, out))
                 delta = delta.T

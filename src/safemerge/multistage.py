@@ -55,15 +55,22 @@ class Stage:
 
 @dataclass
 class MultimergeResult:
-    """What `multimerge` did: every merge's output, and which were made and which kept (labels, in run order)."""
+    """What `multimerge` did: every merge's output by name (the unnamed final merge under None, also as `final`),
+    and which were made and which kept (labels, in run order)."""
 
     outputs: dict[str | None, Path] = field(default_factory=dict)
     made: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
 
+    @property
+    def final(self) -> Path | None:
+        """The final merge's output (the `--out-path` folder); None where every merge of the file is named."""
+        return self.outputs.get(None)
+
     def summary(self) -> dict:
-        return {"outputs": {k if k is not None else "": str(v) for k, v in self.outputs.items()},
-                "made": self.made, "kept": self.kept}
+        """JSON-ready: `outputs` of the named merges, `final` (a path or null), `made`, `kept`."""
+        return {"outputs": {k: str(v) for k, v in self.outputs.items() if k is not None},
+                "final": str(self.final) if self.final is not None else None, "made": self.made, "kept": self.kept}
 
 
 def plan(config: str | os.PathLike, out: str | os.PathLike | None, intermediate_dir: str | os.PathLike, *,

@@ -108,6 +108,7 @@ def test_the_output_is_the_best_merge_and_its_yaml_reproduces_it(uninterrupted, 
     summary = json.loads((out / "search.json").read_text())
     assert summary["best"]["objective"] == min(h["objective"] for h in summary["history"])
     assert len(summary["history"]) == 13
+    assert summary["device"] == uninterrupted.device == ("cuda" if torch.cuda.is_available() else "cpu")  # "auto"
 
 
 def test_a_finished_cmaes_run_resumes_with_more_steps(tiny_family, family_data, tmp_path, uninterrupted):

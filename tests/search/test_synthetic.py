@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from safemerge.cli import app
-from safemerge.data.synthetic import first_line, generate_questions, synthesize_domain, synthesize_safety
+from safemerge.data.synthetic import generate_questions, question_of, synthesize_domain, synthesize_safety
 from safemerge.errors import CheckpointError
 from safemerge.evaluate.backends import Generation
 
@@ -78,9 +78,13 @@ def test_one_refusal_per_question_from_the_models_that_refused(tmp_path, prompts
 
 def test_generated_questions_are_deduplicated_and_never_copy_an_example():
     gen = Scripted("G", texts=["1. How to X?", "How to X?", "", "Question: How to Y?", "seed one", "\n\n- How to Z?\nmore"])
-    rows, rejected = generate_questions(gen, n=3, examples=["Seed one", "seed two"], k=2, max_rounds=3)
+    rows, dropped = generate_questions(gen, n=3, examples=["Seed one", "seed two"], k=2, max_rounds=3)
     assert [r["question"] for r in rows] == ["How to X?", "How to Y?", "How to Z?"]
-    assert rejected == 3  # duplicate, empty, copy of an example
+    assert dropped == {"empty": 1, "not_a_question": 1, "example_copy": 0, "duplicate": 1}  # "seed one": two words, no '?'
+    gen = Scripted("G", texts=["Sure! Here is a new one:\n\nHow to W? It is easy.", "Seed two?", "Certainly.", "How to V?"])
+    rows, dropped = generate_questions(gen, n=2, examples=["Seed one", "seed two?"], k=2, max_rounds=3)
+    assert [r["question"] for r in rows] == ["How to W?", "How to V?"]
+    assert dropped == {"empty": 0, "not_a_question": 1, "example_copy": 1, "duplicate": 0}
 
 
 def test_self_questioning_rows_and_what_is_dropped(tmp_path):
@@ -94,7 +98,7 @@ def test_self_questioning_rows_and_what_is_dropped(tmp_path):
     rows = _rows(tmp_path / "d.jsonl")
     assert [(r["prompt"], r["response"]) for r in rows] == [("Which drug treats D?", "Answer to: Which drug treats D?"),
                                                             ("Which drug treats E?", "Answer to: Which drug treats E?")]
-    assert report.dropped == {"empty": 1, "duplicate": 1, "in_context_copy": 1}
+    assert report.dropped == {"empty": 1, "not_a_question": 0, "example_copy": 1, "duplicate": 1}
     assert all(len(r["in_context"]) == 2 and set(r["in_context"]) <= {"Which drug treats A?", "Which drug treats B?",
                                                                       "Which drug treats C?"} for r in rows)
     assert rows[0]["model"] == "E" and rows[0]["k"] == 2 and rows[0]["style"] == "completion"
@@ -105,10 +109,18 @@ def test_self_questioning_rows_and_what_is_dropped(tmp_path):
     assert all(r["k"] == 3 and len(r["in_context"]) == 3 for r in _rows(tmp_path / "k.jsonl"))
 
 
-def test_first_line_strips_labels():
-    assert first_line('\n  2) "Question: What is Q?"\nsecond') == "What is Q?"
-    assert first_line("3.What is Q?") == "What is Q?"
-    assert first_line("1.5 mg of X is given twice daily; what is the daily dose?").startswith("1.5 mg")
+def test_the_question_of_a_generation():
+    assert question_of('\n  2) "Question: What is Q?"\nsecond') == "What is Q?"
+    assert question_of("3.What is Q?") == "What is Q?"
+    assert question_of("1.5 mg of X is given twice daily; what is the daily dose?").startswith("1.5 mg")
+    # an instruct model's lead-in is not the question (it was, and every later one was dropped as its duplicate)
+    assert question_of("Sure! Here's a new exam question:\n\n**Question:** Which drug treats Q? Answer: X.") == \
+        "Which drug treats Q?"
+    assert question_of("Certainly.\nName the organ that Q affects.") == "Name the organ that Q affects."
+    assert question_of("Here is one\nWhat treats Q?") == "What treats Q?"
+    # nothing but a lead-in or a fragment: no question
+    assert question_of("Sure.") == question_of("Okay, here it is:") == question_of("Staikrespril.") == ""
+    assert question_of("The liver.\nWhat treats Q?") == ""  # the first content line is taken, not a later one
 
 
 def test_every_pool_model_is_checked_before_any_answer(tmp_path, prompts_file):

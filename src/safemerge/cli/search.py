@@ -34,7 +34,7 @@ def search(
     temperature: Annotated[float, typer.Option(help="LM-Cocktail temperature T in softmax(−loss/T).")] = 1.0,
     limit: Annotated[Optional[int], typer.Option(help="Use the first N examples of each data file.")] = None,
     batch_size: Annotated[int, typer.Option(help="Examples per forward pass when scoring.")] = 16,
-    device: Annotated[str, typer.Option(help="Score on cpu or cuda.")] = "cpu",
+    device: Annotated[str, typer.Option(help="Score on auto (the GPU where there is one), cpu or cuda.")] = "auto",
     threads: Annotated[Optional[int], typer.Option(help="torch threads per scorer (default: torch's; 1 per worker).")] = None,
     audit: Annotated[bool, typer.Option(help="Audit the pool's safety before searching (each merged model answers harmful prompts; a judge flags the unsafe).")] = True,
     audit_prompts: Annotated[Optional[str], typer.Option(help="Harmful prompts for the audit: a file or a dataset name, as eval safety reads (default: the --safety-data prompts).")] = None,

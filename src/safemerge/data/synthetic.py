@@ -48,6 +48,7 @@ DOMAIN_CHAT_PROMPT = ("You are an expert{domain}. Here are example exam question
                       "Write one new exam question from your field, different from the examples. "
                       "Reply with the question only; do not answer it.")
 Model = Any  # a model directory (str | os.PathLike) or a safemerge.evaluate GenerationBackend
+_LEAD_IN = re.compile(r"^(?:sure|certainly|of course|okay|ok|absolutely|great|alright|here(?:'s| is| are| it is)?)\b", re.IGNORECASE)
 _PREFIX = re.compile(r"^\s*(?:\d+[.)](?!\d)\s*|[-*•]\s*|(?:new\s+)?question\s*\d*\s*[:.-]\s*)", re.IGNORECASE)
 
 
@@ -72,16 +73,34 @@ def normalise(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def first_line(text: str) -> str:
-    """The first non-empty line of a generation, without list markers, 'Question:' labels or quotes."""
+def question_of(text: str) -> str:
+    """The question a generation writes: its first line that is not a lead-in, cut after its first '?'.
+
+    Instruct models often open with a lead-in ("Sure! Here is a new question:", "Certainly.") before the
+    question; such lines are skipped (one that ends with ':', or that opens with an acknowledgement and asks
+    nothing). A line without '?' counts only with at least three words (an imperative question such as
+    "Name the drug used against X."). "" when the generation holds no question.
+    """
+    for line in _lines(text):
+        if "?" in line:
+            return line[: line.index("?") + 1]
+        if line.endswith(":") or _LEAD_IN.match(line):
+            continue
+        return line if len(line.split()) >= 3 else ""
+    return ""
+
+
+def _lines(text: str) -> list[str]:
+    """The generation's non-empty lines, each without list markers, 'Question:' labels or quotes."""
+    out = []
     for line in text.splitlines():
         before = None
         while line != before:  # markers and quotes may nest: 2) "Question: ..."
             before = line
             line = _PREFIX.sub("", line).strip().strip('"').strip("'").strip()
         if line:
-            return line
-    return ""
+            out.append(line)
+    return out
 
 
 def _settings(**kw):
@@ -123,16 +142,18 @@ def _write_jsonl(out: Path, rows: list[dict]) -> None:
 # -- unsafe questions -----------------------------------------------------------------------------
 def generate_questions(generator: Any, *, n: int, examples: Sequence[str], k: int = 3, seed: int = 0,
                        temperature: float = 1.0, max_new_tokens: int = 64, max_rounds: int = 20,
-                       progress: Callable[[int], None] | None = None) -> tuple[list[dict], int]:
+                       progress: Callable[[int], None] | None = None) -> tuple[list[dict], dict[str, int]]:
     """Up to n distinct questions from a generator backend, each from a k-shot prompt of `examples`.
 
-    Returns (rows of {"question", "prompt"}, number of generations that were empty or duplicates).
+    Returns (rows of {"question", "prompt"}, how many generations were dropped, by reason: "empty",
+    "not_a_question" (only a lead-in such as "Sure!", see `question_of`), "example_copy", "duplicate").
     Rounds of generation continue until n distinct questions exist or `max_rounds` rounds ran.
     """
     rng = random.Random(seed)
-    seen = {normalise(e) for e in examples}
+    shown = {normalise(e) for e in examples}
+    seen: set[str] = set()
     rows: list[dict] = []
-    rejected = 0
+    dropped = {"empty": 0, "not_a_question": 0, "example_copy": 0, "duplicate": 0}
     for r in range(max_rounds):
         want = n - len(rows)
         if want <= 0:
@@ -141,15 +162,25 @@ def generate_questions(generator: Any, *, n: int, examples: Sequence[str], k: in
                    for _ in range(want)]
         gens = generator.generate(prompts, _settings(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed + r))
         for prompt, g in zip(prompts, gens):
-            q = first_line(g.text)
-            if not q or normalise(q) in seen or len(rows) >= n:
-                rejected += 1
+            if len(rows) >= n:
+                break
+            q = question_of(g.text)
+            reason = _unusable(g.text, q, shown, seen)
+            if reason:
+                dropped[reason] += 1
                 continue
             seen.add(normalise(q))
             rows.append({"question": q, "prompt": prompt, "round": r})
             if progress:
                 progress(1)
-    return rows, rejected
+    return rows, dropped
+
+
+def _unusable(text: str, question: str, shown: set[str], seen: set[str]) -> str | None:
+    """Why a generated question cannot be used (a key of the dropped counts), or None."""
+    key = normalise(question)
+    return ("empty" if not text.strip() else "not_a_question" if not question else
+            "example_copy" if key in shown else "duplicate" if key in seen else None)
 
 
 # -- refusals -------------------------------------------------------------------------------------
@@ -258,11 +289,12 @@ def _questions(*, prompts, generator, examples, n, seed, device, batch_size, bar
     shots = [p.text for p in load_prompts(examples).prompts] if examples else list(SEED_QUESTIONS)
     backend = _backend(generator, device=device, batch_size=batch_size)
     count = n or 100
-    rows, rejected = generate_questions(backend, n=count, examples=shots, seed=seed,
-                                        progress=bar(f"writing questions with {_short(generator)}", count))
+    rows, dropped = generate_questions(backend, n=count, examples=shots, seed=seed,
+                                       progress=bar(f"writing questions with {_short(generator)}", count))
     if not rows:
-        raise DataError(f"{generator}: wrote no usable question in {rejected} tries; use another generator or --prompts FILE")
-    return rows, {"generator": _label(generator), "fingerprint": backend.fingerprint}, {"empty_or_duplicate": rejected}
+        raise DataError(f"{generator}: wrote no usable question in {sum(dropped.values())} tries "
+                        f"({describe_dropped(dropped)}); use another generator or --prompts FILE")
+    return rows, {"generator": _label(generator), "fingerprint": backend.fingerprint}, dropped
 
 
 # -- domain Q&A by self-questioning ---------------------------------------------------------------
@@ -336,7 +368,7 @@ def synthesize_domain(
     ask = _settings(temperature=temperature, max_new_tokens=max_new_tokens, chat_template=style == "chat")
     questions: list[dict] = []
     seen: set[str] = set()
-    dropped = {"empty": 0, "duplicate": 0, "in_context_copy": 0}
+    dropped = {"empty": 0, "not_a_question": 0, "example_copy": 0, "duplicate": 0}
     with _bar(progress) as bar:
         advance = bar(f"writing questions with {_short(expert)}", n)
         for r in range(max_rounds):
@@ -347,9 +379,9 @@ def synthesize_domain(
             prompts = [domain_prompt(s, style=style, domain=domain) for s in shots]
             gens = backend.generate(prompts, _settings(**{**ask.as_dict(), "seed": seed + r}))
             for s, g in zip(shots, gens):
-                q = first_line(g.text)
+                q = question_of(g.text)
                 key = normalise(q)
-                reason = "empty" if not q else "in_context_copy" if key in known else "duplicate" if key in seen else None
+                reason = _unusable(g.text, q, known, seen)
                 if reason:
                     dropped[reason] += 1
                     continue

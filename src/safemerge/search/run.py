@@ -64,12 +64,14 @@ class SearchResult:
     seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
     audit: dict[str, Any] | None = None  # the pool's safety audit (safemerge.evaluate.audit's result), if one ran
+    device: str = "cpu"  # where the candidates were scored ("auto" resolved)
 
     def as_dict(self) -> dict[str, Any]:
         return {"out": str(self.out), "journal": str(self.journal), "optimizer": self.optimizer, "lambda": self.lambda_,
                 "best": {"index": self.best_index, "params": self.params, **self.score.as_dict()},
                 "config": self.config.to_yaml_dict(), "candidates": self.candidates, "scored": self.scored,
-                "replayed": self.candidates - self.scored, "seconds": round(self.seconds, 3), "audit": self.audit}
+                "replayed": self.candidates - self.scored, "seconds": round(self.seconds, 3), "device": self.device,
+                "audit": self.audit}
 
 
 def search(
@@ -93,7 +95,7 @@ def search(
     batch_size: int = 16,
     max_length: int | None = 512,
     limit: int | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     threads: int | None = None,
     audit: bool = True,
     audit_prompts: "str | os.PathLike | Sequence[str] | PromptSet | None" = None,
@@ -110,6 +112,8 @@ def search(
     best merge to `out` (a complete HF checkpoint whose `mergekit_config.yml` reproduces it).
 
     `steps`: CMA-ES generations (default 100), grid points per axis (default 5); unused by cocktail.
+    `device`: where candidates are built and scored; "auto" (the default) is the GPU where torch sees one, else the
+    CPU, and the journal records which (a run resumes on the same kind of device).
     `limit` keeps the first N examples of each data file. `threads` sets torch's threads for scoring
     (default: torch's own in a serial run, 1 per worker). `on_result(index, candidate, score, replayed)`
     is called after every candidate (tests use it to interrupt a run). `ignore_unknown`: config keys safemerge
@@ -137,7 +141,7 @@ def search(
         raise ConfigError(f"--workers {workers}: give at least one worker")
     _check_options(steps=steps, popsize=popsize, sigma0=sigma0, temperature=temperature, batch_size=batch_size,
                    max_length=max_length, limit=limit, threads=threads, audit_limit=audit_limit if audit else None)
-    check_device(device)
+    device = check_device(_auto_device(device))
     pool = {m: open_model(m) for m in cfg.input_models()}
     check_architecture(pool)  # before any model is loaded
     inputs = input_dirs(pool.values()) + tokenizer_dirs(cfg)
@@ -184,7 +188,7 @@ def search(
                    for e in jr.entries() if e.idx < evals.next]  # this run's (a journal of a longer run holds more)
     idx, cand, score = best
     result = SearchResult(out, journal_path, optimizer, lam, idx, cand.params, cand.config, score, evals.next, evals.scored,
-                          time.perf_counter() - start, history, pool_audit)  # the search itself; writing the best merge follows
+                          time.perf_counter() - start, history, pool_audit, device)  # the search itself; writing the best merge follows
     _write(result, data=data, overwrite=overwrite, progress=progress)
     return result
 
@@ -197,6 +201,15 @@ def _optimize(optimizer: str, cfg: MergeConfig, space: SearchSpace | None, evals
     if optimizer == "grid":
         return grid(space, evals, points=steps)
     return cocktail(cfg, evals, temperature=temperature)
+
+
+def _auto_device(device: str) -> str:
+    """cuda where device is "auto" and torch sees a GPU, cpu where it sees none; any other value as it is."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _identity(cfg: MergeConfig, pool: dict[str, Checkpoint], *, optimizer, lam, seed, steps, popsize, sigma0, temperature, data, spec) -> dict:
