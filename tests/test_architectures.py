@@ -10,6 +10,8 @@ architecture, built from a config object (nothing is downloaded):
 - phi3:    fused `qkv_proj` and `gate_up_proj`, untied head
 - gpt2:    Conv1D layers (weights stored transposed, (in, out)), tied `wte`, learned position embeddings
 - qwen2-bf16: the Qwen2 family stored in bfloat16, as real checkpoints are
+- mistral-sw, gemma2-sw (evaluation only): a sliding window of 8 tokens, shorter than every prompt, so that
+  batched generation's left padding meets windowed attention
 
 The tokenizer mimics Llama-3's specifics: a byte-level BPE with a `<|begin_of_text|>`-style BOS, a chat template
 whose turns end with `<|eot_id|>`, no pad token, and a generation_config.json whose eos_token_id is a list
@@ -54,7 +56,7 @@ def _common(vocab: int, special: dict) -> dict:
                 pad_token_id=None)
 
 
-def make_config(arch: str, vocab: int, special: dict):
+def make_config(arch: str, vocab: int, special: dict, *, window: int | None = None):
     import transformers as tf
 
     c = _common(vocab, special)
@@ -63,11 +65,11 @@ def make_config(arch: str, vocab: int, special: dict):
     if arch == "qwen2":
         return tf.Qwen2Config(**llama_like, tie_word_embeddings=True, **c)
     if arch == "mistral":
-        return tf.MistralConfig(**llama_like, tie_word_embeddings=False, sliding_window=None, **c)
+        return tf.MistralConfig(**llama_like, tie_word_embeddings=False, sliding_window=window, **c)
     if arch == "gemma":
         return tf.GemmaConfig(**llama_like, head_dim=HEAD_DIM, tie_word_embeddings=True, **c)
     if arch == "gemma2":
-        return tf.Gemma2Config(**llama_like, head_dim=HEAD_DIM, tie_word_embeddings=True, sliding_window=128, **c)
+        return tf.Gemma2Config(**llama_like, head_dim=HEAD_DIM, tie_word_embeddings=True, sliding_window=window or 128, **c)
     if arch == "phi3":
         return tf.Phi3Config(**llama_like, tie_word_embeddings=False, **c)
     if arch == "gpt2":
@@ -76,6 +78,8 @@ def make_config(arch: str, vocab: int, special: dict):
 
 
 CASES = ["qwen2", "mistral", "gemma", "gemma2", "phi3", "gpt2", "qwen2-bf16"]
+# evaluation only: a sliding window (8 tokens) shorter than every prompt, so left padding meets windowed attention
+WINDOWED = ["mistral-sw", "gemma2-sw"]
 TIED = {"qwen2": True, "mistral": False, "gemma": True, "gemma2": True, "phi3": False, "gpt2": True}
 
 # (case, path) -> reason: what peft cannot do with safemerge's adapters (strict, so a peft release that can shows up).
@@ -87,9 +91,9 @@ KNOWN: dict[tuple[str, str], str] = {(c, "extract_lora_peft_unmerged"): _UNMERGE
                                      for c in ("qwen2", "gemma", "gemma2", "gpt2", "qwen2-bf16")}
 
 
-def cases(path: str):
+def cases(path: str, extra: tuple[str, ...] = ()):
     out = []
-    for case in CASES:
+    for case in [*CASES, *extra]:
         marks = [pytest.mark.xfail(strict=True, reason=KNOWN[case, path])] if (case, path) in KNOWN else []
         out.append(pytest.param(case, id=case, marks=marks))
     return out
@@ -148,8 +152,8 @@ def build_family(root: Path, case: str, tok) -> dict[str, Path]:
 
     arch, dtype = arch_of(case), dtype_of(case)
     special = special_ids(tok)
-    cfg = make_config(arch, len(tok), special)
-    seed = CASES.index(case)
+    cfg = make_config(arch, len(tok), special, window=8 if case.endswith("-sw") else None)
+    seed = [*CASES, *WINDOWED].index(case)
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():
@@ -368,7 +372,7 @@ def hf_greedy(folder: Path, prompts: list[str]) -> list[list[int]]:
     return out
 
 
-@pytest.mark.parametrize("case", cases("evaluate"))
+@pytest.mark.parametrize("case", cases("evaluate", tuple(WINDOWED)))
 def test_evaluate_safety_and_domain(case, families, tmp_path):
     fam = families(case)
     model = fam["expert"]
