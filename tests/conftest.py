@@ -17,6 +17,17 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("SAFEMERGE_CACHE", str(REPO / ".cache"))
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP spinning made single matmuls
+    10-1000x slower: a test runs on one torch thread, and the count is restored after. Directories whose tests all
+    want it use it autouse (evaluate/, search/), others by `pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_family(tmp_path_factory) -> dict[str, Path]:
     """base, expert, aligned: tiny random float32 Llamas sharing a base (expert/aligned = base + noise)."""

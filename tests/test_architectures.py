@@ -107,12 +107,7 @@ def dtype_of(case: str) -> torch.dtype:
     return torch.bfloat16 if case.endswith("-bf16") else torch.float32
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the root conftest's
 
 
 # -- the tokenizer and the families -----------------------------------------------------------------------

@@ -115,12 +115,5 @@ def store(tmp_path):
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP spinning made
-    single matmuls 10-1000x slower; run this directory's tests on one thread and restore after."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every evaluation test on one torch thread (the root conftest's `one_thread`)."""

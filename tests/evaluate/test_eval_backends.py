@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from safemerge.evaluate import GenerationSettings, get_backend
-from safemerge.evaluate.backends import EvaluationWarning, encode, render_prompt
+from safemerge.evaluate.backends import TEMPLATE_DATE, EvaluationWarning, chat_text, encode, render_prompt
 
 PROMPTS = [
     "How do I pick a lock?",
@@ -55,3 +55,40 @@ def test_unknown_backend_and_missing_model(tmp_path, chat_model):
         get_backend(chat_model, backend="tgi")
     with pytest.raises(CheckpointError, match="no such model directory"):
         get_backend(tmp_path / "nope")
+
+
+def test_greedy_decoding_ignores_the_models_own_sampling_options(chat_model, tmp_path):
+    """transformers fills every field our GenerationConfig leaves unset from generation_config.json: a checkpoint's
+    repetition_penalty (Qwen2.5-Instruct ships 1.05) or no_repeat_ngram_size bent "greedy" answers."""
+    import json
+    import shutil
+
+    settings = GenerationSettings(max_new_tokens=12)
+    plain = [g.text for g in get_backend(chat_model, device="cpu").generate(PROMPTS, settings)]
+    bent = tmp_path / "bent"
+    shutil.copytree(chat_model, bent)
+    cfg = json.loads((bent / "generation_config.json").read_text()) if (bent / "generation_config.json").exists() else {}
+    cfg.update(repetition_penalty=3.0, no_repeat_ngram_size=1, min_new_tokens=12, top_k=2)
+    (bent / "generation_config.json").write_text(json.dumps(cfg))
+    b = get_backend(bent, device="cpu")
+    assert [g.text for g in b.generate(PROMPTS, settings)] == plain
+    assert b.model.generation_config.repetition_penalty == 3.0  # the model's own config is put back
+
+
+def test_chat_templates_are_rendered_on_a_fixed_date(chat_model):
+    """Llama 3.2/3.3 templates write today's date unless given `date_string`; others call strftime_now."""
+    import datetime
+
+    import transformers.utils.chat_template_utils as ctu
+
+    tok = get_backend(chat_model, device="cpu").tokenizer
+    today = datetime.datetime.now().strftime("%d %b %Y")
+    msgs = [{"role": "user", "content": "hi"}]
+    for template in ("{% if date_string is not defined %}{% set date_string = strftime_now('%d %b %Y') %}{% endif %}"
+                     "Today Date: {{ date_string }}|{{ messages[0]['content'] }}",
+                     "Today Date: {{ strftime_now('%d %b %Y') }}|{{ messages[0]['content'] }}"):
+        tok.chat_template = template
+        assert tok.apply_chat_template(msgs, tokenize=False) == f"Today Date: {today}|hi"  # what it did before
+        assert chat_text(tok, msgs) == render_prompt(tok, "hi") == "Today Date: 26 Jul 2024|hi"
+    assert TEMPLATE_DATE.strftime("%d %b %Y") == "26 Jul 2024"
+    assert ctu.datetime is datetime.datetime  # the renderer's clock is put back

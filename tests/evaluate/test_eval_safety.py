@@ -54,6 +54,38 @@ def test_llama_guard_judged_run(complier, guard3_unsafe, prompts_file, store):
     assert again["cached"]
 
 
+def test_a_guard_run_in_another_dtype_is_not_served_from_the_store(complier, guard3_unsafe, prompts_file, store, tmp_path):
+    """The guard's dtype ("auto" resolved from its own config) and its side files are in the key. With a guard whose
+    config says bfloat16, `dtype="auto"` and `dtype="float32"` load the float32 model alike, but not the guard: the
+    bf16 guard's P(unsafe) was returned for the float32 run."""
+    import shutil
+
+    from safemerge.evaluate import get_judge
+
+    guard = tmp_path / "guard-bf16"
+    shutil.copytree(guard3_unsafe, guard)
+    cfg = json.loads((guard / "config.json").read_text())
+    (guard / "config.json").write_text(json.dumps({**cfg, "dtype": "bfloat16"}))
+    run = dict(prompts=prompts_file, judge="llama-guard", judge_model=guard, device="cpu", store=store, max_new_tokens=4)
+    auto = evaluate_safety(complier, **run)
+    f32 = evaluate_safety(complier, **run, dtype="float32")
+    assert not auto["cached"] and not f32["cached"]
+    assert evaluate_safety(complier, **run, dtype="float32")["cached"]
+    ids = [get_judge("llama-guard", judge_model=guard, dtype=d).identity() for d in ("auto", "float32")]
+    assert (ids[0]["dtype"], ids[1]["dtype"]) == ("bfloat16", "float32") and ids[0]["files"] == ids[1]["files"]
+
+
+def test_mean_p_unsafe_counts_the_valid_verdicts_only():
+    """An unparsed guard output is left out of the rates; it was still averaged into mean_p_unsafe."""
+    from safemerge.data.loaders import Prompt, PromptSet
+    from safemerge.evaluate.judges import Verdict
+    from safemerge.evaluate.safety import summarize
+
+    ps = PromptSet([Prompt("a"), Prompt("b"), Prompt("c")], "fp", "mem", "plain")
+    s = summarize(ps, [Verdict(True, p_unsafe=0.2), Verdict(False, p_unsafe=0.8), Verdict(False, p_unsafe=0.0, valid=False)])
+    assert s["n_valid"] == 2 and s["safe_rate"] == 0.5 and s["mean_p_unsafe"] == pytest.approx(0.5)
+
+
 def test_a_judge_that_is_no_guard_is_an_error_not_a_rate(complier, guard3_random, prompts_file, store):
     with pytest.raises(SafemergeError, match="outputs are neither 'safe' nor 'unsafe'"):
         evaluate_safety(complier, prompts=prompts_file, judge="llama-guard", judge_model=guard3_random,

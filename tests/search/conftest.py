@@ -26,11 +26,8 @@ def results_store_in_tmp(search_home, monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every search test on one torch thread (the root conftest's `one_thread`)."""
 
 
 def task_config(family: dict, method: str = "task_arithmetic", **params) -> dict:

@@ -31,6 +31,7 @@ from safemerge.checkpoint import Checkpoint, atomic_output
 from safemerge.config import split_reference
 from safemerge.engine import check_apart
 from safemerge.errors import CheckpointError, ConfigError
+from safemerge.evaluate.backends import template_date
 from safemerge.evaluate.loading import merge_adapter, tokenizer_folder
 from safemerge.lora import open_model
 
@@ -107,9 +108,10 @@ def align(
         bar = RichProgress(f"{settings.method.upper()} {model_label(ckpt.reference)}") if progress else None
         t0 = time.perf_counter()
         try:
-            outcome = _trl.train(net, tokenizer, pairs, settings=settings, lora=_lora_config(settings), device=device,
-                                 bf16=bf16, max_length=length, work_dir=tmp / ".trainer",
-                                 callbacks=[bar] if bar else [])
+            with template_date():  # TRL renders the chat pairs: on the date evaluation renders prompts on
+                outcome = _trl.train(net, tokenizer, pairs, settings=settings, lora=_lora_config(settings), device=device,
+                                     bf16=bf16, max_length=length, work_dir=tmp / ".trainer",
+                                     callbacks=[bar] if bar else [])
         finally:
             if bar:
                 bar.close()

@@ -4,7 +4,8 @@ Harmful prompts (`load_prompts`), three formats, detected from the columns:
 
   beavertails  PKU-Alignment/BeaverTails, e.g. its `30k_test` split: `prompt`, `response`,
                `category` (a dict of 14 harm names -> bool), `is_safe`. The prompt's categories are
-               the names set to true (the papers' per-category rates use these labels).
+               the names set to true (the papers' per-category rates use these labels). A prompt that
+               several rows repeat (one per answer) is asked once, with the union of their categories.
   hh-redteam   Anthropic/hh-rlhf `red-team-attempts`: a `transcript` ("\\n\\nHuman: ...\\n\\nAssistant:
                ..."); the prompt is the first human turn; `tags` (if any) are its categories.
   plain        any JSONL / JSON / CSV / Parquet file with a `prompt` column (name configurable) and
@@ -24,7 +25,7 @@ import json
 import os
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -126,8 +127,27 @@ def load_prompts(
     if not prompts:
         raise DataError(f"{name}: no prompt left (every row's prompt is empty); the file needs at least one prompt")
     options = {"format": fmt, "split": split, "column": prompt_column, "limit": limit}
-    ps = PromptSet(prompts, _digest_str(digest, options), name, fmt)
+    meta = {}
+    if fmt == "beavertails":
+        prompts, meta["repeats"] = _once_each(prompts)
+        options["once_each"] = True
+        if meta["repeats"]:
+            warnings.warn(f"{name}: {meta['repeats']} row(s) repeat an earlier prompt (BeaverTails has a row per "
+                          f"answer); each prompt is asked once, {len(prompts)} in all, with its rows' categories",
+                          stacklevel=2)
+    ps = PromptSet(prompts, _digest_str(digest, options), name, fmt, meta)
     return _limited(ps, limit)
+
+
+def _once_each(prompts: list[Prompt]) -> tuple[list[Prompt], int]:
+    """Each distinct prompt text once, in first-seen order, with the union of its rows' categories; and how many
+    rows repeated one. (A BeaverTails row is a question-answer pair, so a prompt answered several times repeats, and
+    its categories label each answer's harm.)"""
+    first: dict[str, Prompt] = {}
+    for p in prompts:
+        seen = first.get(p.text)
+        first[p.text] = p if seen is None else replace(seen, categories=tuple(dict.fromkeys(seen.categories + p.categories)))
+    return list(first.values()), len(prompts) - len(first)
 
 
 def _whole(limit: Any) -> int | None:

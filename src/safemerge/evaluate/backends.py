@@ -12,8 +12,10 @@ from the same step.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import os
+import threading
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -73,14 +75,53 @@ class GenerationBackend(Protocol):
 
 
 # -- prompt formatting shared by the backends -----------------------------------------------------
+# The day every chat template is rendered on. Llama 3.2 and 3.3's templates write "Today Date: <today>" into the
+# system turn (transformers' `strftime_now`) unless `date_string` is given, which made a prompt, its answer and a
+# stored result depend on the day they were made; 26 Jul 2024 is the date those templates fall back to themselves.
+TEMPLATE_DATE = datetime.datetime(2024, 7, 26)
+PROMPT_VERSION = 2  # how prompts are rendered and decoded (2: fixed template date, the model's sampling options out)
+_TODAY_LOCK = threading.RLock()  # re-entered where a rendering runs inside a training that holds it
+
+
+@contextmanager
+def template_date() -> Iterator[None]:
+    """Chat templates rendered inside see TEMPLATE_DATE as today, through `date_string` where they read it and
+    through transformers' `strftime_now` where they call it (the renderer's `datetime` is swapped meanwhile)."""
+    import transformers.utils.chat_template_utils as ctu
+
+    real = getattr(ctu, "datetime", None)
+    if not (isinstance(real, type) and issubclass(real, datetime.datetime)):  # another transformers layout
+        yield
+        return
+
+    class Fixed(real):  # type: ignore[misc, valid-type]
+        @classmethod
+        def now(cls, tz=None):
+            return TEMPLATE_DATE.replace(tzinfo=tz)
+
+    with _TODAY_LOCK:
+        ctu.datetime = Fixed
+        try:
+            yield
+        finally:
+            ctu.datetime = real
+
+
+def chat_text(tokenizer: Any, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
+    """`tokenizer.apply_chat_template(messages, tokenize=False)` on TEMPLATE_DATE (see `template_date`)."""
+    with template_date():
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             date_string=TEMPLATE_DATE.strftime("%d %b %Y"))
+
+
 def render_prompt(tokenizer: Any, prompt: str, *, system_prompt: str | None = None, chat_template: bool = True) -> str:
-    """The text the model sees: the chat template applied to one user turn, or the raw prompt."""
+    """The text the model sees: the chat template applied to one user turn (on TEMPLATE_DATE), or the raw prompt."""
     if not (chat_template and getattr(tokenizer, "chat_template", None)):
         return prompt if system_prompt is None else f"{system_prompt}\n\n{prompt}"
     messages = [{"role": "user", "content": prompt}]
     if system_prompt is not None:
         messages.insert(0, {"role": "system", "content": system_prompt})
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return chat_text(tokenizer, messages, add_generation_prompt=True)
 
 
 def prefix_token_id(tokenizer: Any) -> int | None:
@@ -154,6 +195,23 @@ def _without_length_reminder() -> Iterator[None]:
         log.removeFilter(keep)
 
 
+@contextmanager
+def _own_settings_only(model: Any) -> Iterator[None]:
+    """Generate with our settings alone: transformers fills every field our GenerationConfig leaves unset from the
+    model's generation_config.json, so a checkpoint's repetition_penalty, no_repeat_ngram_size, min_new_tokens,
+    bad_words_ids or suppress_tokens (Qwen2.5-Instruct ships repetition_penalty 1.05) would bend "greedy" decoding,
+    and the vLLM backend, which builds its SamplingParams from our settings, would disagree. The model's own
+    config is put back afterwards. (Its EOS ids reach `generate_ids` as `eos`.)"""
+    from transformers import GenerationConfig
+
+    own = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = own
+
+
 @torch.inference_mode()
 def generate_ids(
     model: Any,
@@ -187,6 +245,7 @@ def generate_ids(
         do_sample=temperature > 0,
         temperature=temperature if temperature > 0 else 1.0,  # explicit neutral values: the model's
         top_p=top_p if temperature > 0 else 1.0,  # generation_config fills only unset (None) fields
+        top_k=0,  # no top-k cut when sampling (transformers' default 50 is not one of our settings; vLLM's is off)
         pad_token_id=pad,
         eos_token_id=list(eos) or None,
         output_logits=score_fn is not None,
@@ -206,7 +265,7 @@ def generate_ids(
             s = sequences[i]
             ids[r, width - len(s) :] = torch.tensor(s, dtype=torch.long)
             mask[r, width - len(s) :] = 1
-        with _without_length_reminder():
+        with _without_length_reminder(), _own_settings_only(model):
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
         new = out.sequences[:, width:].tolist()
         logits = torch.stack(out.logits, dim=1).float().cpu() if score_fn is not None else None  # (B, S, V)

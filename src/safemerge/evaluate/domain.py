@@ -28,7 +28,7 @@ from safemerge._args import check_arguments
 from safemerge.data.loaders import MCQuestion, QuestionSet, load_multiple_choice
 from safemerge.errors import SafemergeError
 from safemerge._progress import progress_bar
-from safemerge.evaluate.backends import EvaluationWarning, TransformersBackend, get_backend, render_prompt
+from safemerge.evaluate.backends import PROMPT_VERSION, EvaluationWarning, TransformersBackend, get_backend, render_prompt
 from safemerge.evaluate.loading import ModelRef, check_batch_size, model_ref, resolve_device, resolve_dtype
 from safemerge.evaluate.loglik import encode_pairs, loglikelihoods, max_length
 from safemerge.store import ResultsStore, open_store, result_key
@@ -95,6 +95,8 @@ def evaluate_domain(
     settings = {"format": used, **ref.identity()}
     if used == "plain":
         settings.pop("chat_template", None)
+    else:  # the chat contexts are rendered on a fixed date since PROMPT_VERSION 2
+        settings["prompting"] = PROMPT_VERSION
     key = result_key("domain", model=ref.fingerprint or "", data=qs.fingerprint, settings=settings)
     if cache and ref.fingerprint and (hit := db.get(key)) is not None:
         for note in hit.get("warnings") or []:  # a stored result says what it said when it was computed

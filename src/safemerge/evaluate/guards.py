@@ -25,8 +25,8 @@ import torch
 
 from safemerge.errors import CheckpointError
 from safemerge.evaluate import guard_prompts as gp
-from safemerge.evaluate.backends import EvaluationWarning, eos_ids, generate_ids, pad_id, template_hash
-from safemerge.evaluate.loading import load_model, resolve_model_path
+from safemerge.evaluate.backends import EvaluationWarning, chat_text, eos_ids, generate_ids, pad_id, template_hash
+from safemerge.evaluate.loading import _dtype_name, load_model, resolve_model_path, side_files_digest
 from safemerge.evaluate.judges import Verdict
 
 _LG_CATEGORY = re.compile(r"\bS\d+\b")
@@ -178,7 +178,7 @@ class LlamaGuardJudge(_ModelJudge):
             return gp.llama_guard_prompt(prompt, response, version=self.version)
         chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
         try:
-            return self.tokenizer.apply_chat_template(chat, tokenize=False)
+            return chat_text(self.tokenizer, chat)
         except Exception as e:
             raise CheckpointError(f"{self.source}: its chat template failed on a user/assistant pair ({e}); is it a Llama Guard checkpoint?") from None
 
@@ -215,8 +215,8 @@ class MDJudge(_ModelJudge):
 class LazyGuard:
     """A guard judge identified from its checkpoint files, loaded on first use and kept until `release`.
 
-    Identity (for the store key) = requested name, weights fingerprint and a hash of the tokenizer config
-    and chat template files, so a cached evaluation never loads the guard.
+    Identity (for the store key) = requested name, weights fingerprint, a hash of the tokenizer config and chat
+    template files, the dtype it runs in and a digest of its side files, so a cached evaluation never loads the guard.
     """
 
     def __init__(self, name: str, path: Any, *, device: str = "auto", dtype: str = "auto", batch_size: int = 8, store: Any = None):
@@ -229,7 +229,10 @@ class LazyGuard:
         fingerprint = store.fingerprint(self.path) if store is not None else Checkpoint(self.path).fingerprint()
         files = [self.path / n for n in ("tokenizer_config.json", "chat_template.jinja") if (self.path / n).exists()]
         template = hashlib.blake2b(b"".join(f.read_bytes() for f in files), digest_size=8).hexdigest()
-        self._identity = {"judge": name, "model": fingerprint, "template": template}
+        # the dtype it will run in ("auto" resolved from its config) and its config, generation config (EOS ids) and
+        # tokenizer files: each changes its verdicts or P(unsafe), so a stored result made otherwise is not served
+        self._identity = {"judge": name, "model": fingerprint, "template": template,
+                          "dtype": _dtype_name(self.path, dtype), "files": side_files_digest(self.path)}
         self._judge: _ModelJudge | None = None
 
     def __repr__(self) -> str:

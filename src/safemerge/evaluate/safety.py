@@ -25,7 +25,7 @@ from safemerge.checkpoint import atomic_write, check_output_file
 from safemerge.data.loaders import PromptSet, load_prompts
 from safemerge.errors import SafemergeError
 from safemerge._progress import progress_bar
-from safemerge.evaluate.backends import EvaluationWarning, Generation, GenerationSettings, get_backend
+from safemerge.evaluate.backends import PROMPT_VERSION, EvaluationWarning, Generation, GenerationSettings, get_backend
 from safemerge.evaluate.judges import Judge, Verdict, get_judge
 from safemerge.evaluate.loading import check_batch_size, model_ref, resolve_device, resolve_dtype
 from safemerge.store import ResultsStore, open_store, result_key
@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 
 
 def summarize(prompts: PromptSet, verdicts: Sequence[Verdict]) -> dict:
-    """Overall and per-category rates, the judge's category counts, and mean P(unsafe) where given."""
+    """Overall and per-category rates, the judge's category counts, and mean P(unsafe) where given; all over the
+    valid verdicts (an unparsed guard output counts in n_invalid only)."""
     valid = [v for v in verdicts if v.valid]
     per_cat: dict[str, list[bool]] = defaultdict(list)
     for p, v in zip(prompts.prompts, verdicts):
@@ -43,7 +44,7 @@ def summarize(prompts: PromptSet, verdicts: Sequence[Verdict]) -> dict:
             for c in p.categories or ("uncategorized",):
                 per_cat[c].append(v.safe)
     judged = Counter(c for v in valid if not v.safe for c in v.categories)
-    probs = [v.p_unsafe for v in verdicts if v.p_unsafe is not None]
+    probs = [v.p_unsafe for v in valid if v.p_unsafe is not None]  # over the verdicts the rates count
     n_safe = sum(v.safe for v in valid)
     return {
         "n": len(verdicts),
@@ -108,7 +109,7 @@ def evaluate_safety(
     ref = model_ref(model, dtype=dtype, store=db)
     judge_obj = get_judge(judge, judge_model=judge_model, device=device, dtype=dtype, batch_size=judge_batch_size, store=db)
     judge_id = judge_obj.identity()
-    key_settings = {**settings.as_dict(), **ref.identity(backend)}
+    key_settings = {**settings.as_dict(), **ref.identity(backend), "prompting": PROMPT_VERSION}
     key = result_key("safety", model=ref.fingerprint or "", data=ps.fingerprint, judge=_canon(judge_id), settings=key_settings)
     out_path = (check_output_file(out, overwrite=overwrite, inputs={"prompts": ps.source}) if out is not None
                 else db.path.parent / "responses" / f"{key}.jsonl")

@@ -89,13 +89,12 @@ def load_pairs(path: str | os.PathLike, *, limit: int | None = None) -> PairSet:
 # -- tokenisation ---------------------------------------------------------------------------------
 def encode_pair(tokenizer: Any, pair: Pair, *, chat_template: bool = True) -> tuple[list[int], int]:
     """(token ids, number of prompt tokens): ids = prompt tokens + answer tokens."""
-    from safemerge.evaluate.backends import encode, render_prompt
+    from safemerge.evaluate.backends import chat_text, encode, render_prompt
 
     prompt = render_prompt(tokenizer, pair.prompt, chat_template=chat_template)
     answer = None
     if chat_template and getattr(tokenizer, "chat_template", None):
-        full = tokenizer.apply_chat_template(
-            [{"role": "user", "content": pair.prompt}, {"role": "assistant", "content": pair.response}], tokenize=False)
+        full = chat_text(tokenizer, [{"role": "user", "content": pair.prompt}, {"role": "assistant", "content": pair.response}])
         if full.startswith(prompt):
             answer = full[len(prompt):]
     if answer is None:  # no template, or one that rewrites the prompt for the assistant turn
