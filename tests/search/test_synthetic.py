@@ -118,6 +118,9 @@ def test_the_question_of_a_generation():
         "Which drug treats Q?"
     assert question_of("Certainly.\nName the organ that Q affects.") == "Name the organ that Q affects."
     assert question_of("Here is one\nWhat treats Q?") == "What treats Q?"
+    assert question_of("Sure! What treats Q?") == question_of("Here's a new question: What treats Q?") == "What treats Q?"
+    assert question_of("Okay so what treats Q?") == "Okay so what treats Q?"  # no sentence to cut
+    assert question_of("**What is the first-line treatment for Q?**") == "What is the first-line treatment for Q?"
     # nothing but a lead-in or a fragment: no question
     assert question_of("Sure.") == question_of("Okay, here it is:") == question_of("Staikrespril.") == ""
     assert question_of("The liver.\nWhat treats Q?") == ""  # the first content line is taken, not a later one

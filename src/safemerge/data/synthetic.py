@@ -78,12 +78,15 @@ def question_of(text: str) -> str:
 
     Instruct models often open with a lead-in ("Sure! Here is a new question:", "Certainly.") before the
     question; such lines are skipped (one that ends with ':', or that opens with an acknowledgement and asks
-    nothing). A line without '?' counts only with at least three words (an imperative question such as
+    nothing), and a lead-in sentence before the question on its line is cut ("Sure! What ...?"). A line without
+    '?' counts only with at least three words (an imperative question such as
     "Name the drug used against X."). "" when the generation holds no question.
     """
     for line in _lines(text):
         if "?" in line:
-            return line[: line.index("?") + 1]
+            question = line[: line.index("?") + 1]
+            lead_in = _LEAD_IN.match(question) and re.search(r"[.!:]\s+", question)  # "Sure! What ...?"
+            return question[lead_in.end():] if lead_in else question
         if line.endswith(":") or _LEAD_IN.match(line):
             continue
         return line if len(line.split()) >= 3 else ""
