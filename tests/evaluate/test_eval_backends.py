@@ -92,3 +92,27 @@ def test_chat_templates_are_rendered_on_a_fixed_date(chat_model):
         assert chat_text(tok, msgs) == render_prompt(tok, "hi") == "Today Date: 26 Jul 2024|hi"
     assert TEMPLATE_DATE.strftime("%d %b %Y") == "26 Jul 2024"
     assert ctu.datetime is datetime.datetime  # the renderer's clock is put back
+
+
+def test_vllm_runs_the_dtype_its_store_key_names(chat_model, monkeypatch, tmp_path):
+    """vLLM's own "auto" runs a float32 model in float16; the key said float32. "auto" now means the stored dtype
+    there too (vLLM itself is faked: it needs a GPU)."""
+    import sys
+    import types
+
+    from safemerge.evaluate.loading import model_ref
+
+    made = []
+
+    class LLM:
+        def __init__(self, model, dtype, **kw):
+            made.append(dtype)
+
+        def get_tokenizer(self):
+            return None
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM))
+    for asked, runs in (("auto", "float32"), ("bfloat16", "bfloat16")):
+        ref = model_ref(chat_model, dtype=asked)
+        get_backend(ref, backend="vllm", dtype=asked)
+        assert made[-1] == runs == ref.identity("vllm")["dtype"]

@@ -403,7 +403,9 @@ def get_backend(
         if model.adapter is not None:
             raise SafemergeError(f"{model.source}: the vllm backend reads model folders; evaluate the LoRA expert with the "
                                  "transformers backend, or write it out first (a passthrough merge of that one model)")
-        model.backend = VLLMBackend(model.path, dtype=dtype, fingerprint=model.fingerprint)
+        # "auto" is the dtype the store key names (the model's stored one, as transformers loads it), not vLLM's own
+        # "auto", which would run a float32 model in float16 under a key that says float32
+        model.backend = VLLMBackend(model.path, dtype=model.dtype if dtype == "auto" else dtype, fingerprint=model.fingerprint)
     else:
         raise SafemergeError(f"unknown backend {backend!r}; choose transformers or vllm")
     return model.backend
