@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -150,6 +151,79 @@ def test_tied_embeddings_and_gpt2_layout(tmp_path):
     torch.testing.assert_close(out.get("transformer.h.2.attn.c_attn.weight"), e.get("transformer.h.2.attn.c_attn.weight"))
     torch.testing.assert_close(out.get("transformer.wte.weight"), b.get("transformer.wte.weight"))  # t = 0 before the stack
     torch.testing.assert_close(out.get("transformer.ln_f.weight"), b.get("transformer.ln_f.weight"))  # and after it (mergekit)
+
+
+def test_a_tied_base_says_it_leaves_an_untied_experts_output_layer_out(tmp_path):
+    """A tied base (no lm_head.weight) merged with an untied expert: the output ties too, and the expert's trained
+    head is left out; that was silent."""
+    tied = make_family(tmp_path / "tied", tie=True, names=("base",))
+    untied = make_family(tmp_path / "untied", tie=False, names=("expert",))
+    cfg = {"merge_method": "task_arithmetic", "base_model": str(tied["base"]),
+           "models": [{"model": str(untied["expert"]), "parameters": {"weight": 1.0}}]}
+    with pytest.warns(UserWarning, match=r"expert: its own 'lm_head.weight' is left out: .* ties its output layer"):
+        out = Checkpoint(safemerge.merge(cfg, tmp_path / "o", progress=False))
+    assert "lm_head.weight" not in out.names()
+    with warnings.catch_warnings():  # tied on both sides: nothing is left out, nothing is said
+        warnings.simplefilter("error")
+        safemerge.merge(ta_config(make_family(tmp_path / "both", tie=True)), tmp_path / "p", progress=False)
+
+
+def test_the_generation_config_goes_with_the_tokenizer_and_template(tiny_family, tmp_path):
+    """MergeAlign speaks the aligned model's chat template; its EOS ids (the end-of-turn token) must come along, not
+    the pretrained base's."""
+    import shutil
+
+    fam = {k: tmp_path / k for k in tiny_family}
+    for k, v in tiny_family.items():
+        shutil.copytree(v, fam[k])
+    (fam["aligned"] / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 2], "temperature": 0.6}))
+    out = safemerge.mergealign(base=fam["base"], domains=[fam["expert"]], aligned=fam["aligned"], out=tmp_path / "ma",
+                               progress=False)
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [1, 2]
+    merged = safemerge.merge(ta_config(fam), tmp_path / "ta", progress=False)  # no tokenizer_source: the base's
+    assert json.loads((merged / "generation_config.json").read_text()) == \
+        json.loads((fam["base"] / "generation_config.json").read_text())
+
+
+def test_a_mixed_dtype_base_keeps_its_configs_dtype(tiny_family_bf16, tmp_path):
+    """A bf16 model with float32 norms: the output's tensors keep their dtypes, and config.json said float32, so
+    transformers' dtype="auto" loaded the whole model in float32."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    fam = {k: tmp_path / k for k in tiny_family_bf16}
+    for k, v in tiny_family_bf16.items():
+        shutil.copytree(v, fam[k])
+        f = fam[k] / "model.safetensors"
+        tensors = {n: (t.float() if "norm" in n else t) for n, t in load_file(f).items()}
+        save_file(tensors, f, metadata={"format": "pt"})
+    out = safemerge.merge(ta_config(fam), tmp_path / "o", progress=False)
+    c = Checkpoint(out)
+    assert {str(c.dtype(n)) for n in c.names()} == {"torch.bfloat16", "torch.float32"}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_quantized_checkpoints_are_refused_and_integer_tensors_named(tiny_family, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    fam = {k: tmp_path / k for k in tiny_family}
+    for k, v in tiny_family.items():
+        shutil.copytree(v, fam[k])
+    cfg_file = fam["expert"] / "config.json"
+    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "quantization_config": {"quant_method": "gptq"}}))
+    with pytest.raises(ConfigError, match=r"expert: a gptq checkpoint \(config.json has quantization_config\)"):
+        safemerge.merge(ta_config(fam), tmp_path / "q", progress=False)
+    assert not (tmp_path / "q").exists()
+    shutil.rmtree(fam["expert"])
+    shutil.copytree(tiny_family["expert"], fam["expert"])
+    f = fam["base"] / "model.safetensors"
+    save_file({**load_file(f), "model.layers.0.self_attn.q_proj.g_idx": torch.zeros(4, dtype=torch.int32)}, f,
+              metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match=r"1 non-floating-point tensor\(s\) are left out .*g_idx', int32"):
+        safemerge.merge(ta_config(fam), tmp_path / "i", progress=False)
 
 
 # -- bad input --------------------------------------------------------------------------------------

@@ -163,6 +163,7 @@ def _plan(config: MergeConfig, *, allow_pickle: bool) -> _Plan:
     spec = get_method(config.merge_method)
     models = {m: open_model(m, allow_pickle=allow_pickle) for m in config.input_models()}
     reference = models[config.base_model or config.models[0].model]
+    _check_not_quantized(models)
     sliced = config.slices is not None
     routes = _slice_routes(config, models, reference) if sliced else _whole_routes(config, models, reference)
     names = list(routes)
@@ -219,6 +220,39 @@ def _whole_config(reference: Checkpoint, models: dict[str, Checkpoint]) -> dict:
     return other.config
 
 
+def _check_not_quantized(models: dict[str, Checkpoint]) -> None:
+    """Quantized checkpoints (GPTQ, AWQ, bitsandbytes: a `quantization_config`) hold integer weights that merging
+    would leave out while merging their scales: refused by name, before anything is read."""
+    for model, ckpt in models.items():
+        q = ckpt.config.get("quantization_config")
+        if q:
+            how = q.get("quant_method", "quantized") if isinstance(q, dict) else "quantized"
+            raise ConfigError(f"{model}: a {how} checkpoint (config.json has quantization_config); merges compute on "
+                              "floating-point weights: merge the unquantized model (or dequantize it first) and "
+                              "quantize the merge")
+
+
+def _left_out(model: str, ckpt: Checkpoint, reference: Checkpoint, known: set[str]) -> None:
+    """Warn about what of `model` the output will not have: tensors the reference lacks (a trained lm_head of an
+    untied model when the reference ties its head to its embeddings among them), and integer tensors."""
+    ref_names = reference.names()
+    extra = [n for n in ckpt.names() if n not in known and ckpt.dtype(n).is_floating_point
+             and not (n.endswith("lm_head.weight") and tied_source(n, ref_names))]
+    if extra:
+        warnings.warn(f"{model}: {len(extra)} tensor(s) that {reference.path} lacks are left out of the merge "
+                      f"(e.g. {extra[0]!r}); the output has the tensors of {reference.path}", stacklevel=5)
+    heads = [n for n in ckpt.names() if n.endswith("lm_head.weight") and n not in known and tied_source(n, ref_names)]
+    if heads and ckpt is not reference and ckpt.config.get("tie_word_embeddings") is not True:
+        warnings.warn(f"{model}: its own {heads[0]!r} is left out: {reference.path} ties its output layer to its "
+                      "embeddings, so the output does too and merges the embeddings only; to merge the output layers, "
+                      f"give a base with an untied lm_head (or make {model} the base)", stacklevel=5)
+    ints = [n for n in ckpt.names() if not ckpt.dtype(n).is_floating_point]
+    if ints and ckpt is reference:
+        warnings.warn(f"{reference.path}: {len(ints)} non-floating-point tensor(s) are left out of the output (e.g. "
+                      f"{ints[0]!r}, {str(ckpt.dtype(ints[0])).replace('torch.', '')}); merges compute on floating-point "
+                      "weights", stacklevel=5)
+
+
 def _whole_routes(config: MergeConfig, models: dict[str, Checkpoint], reference: Checkpoint) -> dict[str, _Route]:
     names = stream_order(n for n in reference.names() if reference.dtype(n).is_floating_point)
     n_layers = num_layers(names, reference.config)
@@ -226,11 +260,7 @@ def _whole_routes(config: MergeConfig, models: dict[str, Checkpoint], reference:
               for n in names}
     known = set(names)
     for model, ckpt in models.items():
-        extra = [n for n in ckpt.names() if n not in known and ckpt.dtype(n).is_floating_point
-                 and not (n.endswith("lm_head.weight") and tied_source(n, reference.names()))]
-        if extra:
-            warnings.warn(f"{model}: {len(extra)} tensor(s) that {reference.path} lacks are left out of the merge "
-                          f"(e.g. {extra[0]!r}); the output has the tensors of {reference.path}", stacklevel=4)
+        _left_out(model, ckpt, reference, known)
     return routes
 
 
@@ -557,13 +587,17 @@ def tokenizer_dirs(cfg: MergeConfig) -> list[Path]:
 
 def _finish(tmp: Path, cfg: MergeConfig, plan: _Plan, *, tok_path: Path, title: str | None, card_extra: str) -> None:
     dtypes = set(plan.out_dtype.values())
-    main_dtype = DTYPES.get(cfg.out_dtype or cfg.dtype or "") or (dtypes.pop() if len(dtypes) == 1 else torch.float32)
+    main_dtype = (DTYPES.get(cfg.out_dtype or cfg.dtype or "") or (dtypes.pop() if len(dtypes) == 1 else None)
+                  or _config_dtype(plan.reference) or plan.reference.float_dtype())  # mixed: what the reference says
     write_config(tmp, plan.out_config, dtype=main_dtype)
     template = chat_templates.resolve(cfg.chat_template, [c.path for c in plan.models.values()])
+    # generation_config.json (its EOS ids: an instruct template's end-of-turn token) goes with the tokenizer and chat
+    # template: MergeAlign's output speaks the aligned model's template, and a base's EOS ids would not stop its turns
+    generation = tok_path if (tok_path / "generation_config.json").is_file() else plan.reference.path
     if plan.vocab is not None and plan.vocab.tokenizer is not None:  # the union's tokenizer
         plan.vocab.tokenizer.save_pretrained(str(tmp))
         copy_side_files(tmp, tokenizer_source=None, generation_source=plan.reference.path, chat_template=template)
-    elif not copy_side_files(tmp, tokenizer_source=tok_path, generation_source=plan.reference.path, chat_template=template):
+    elif not copy_side_files(tmp, tokenizer_source=tok_path, generation_source=generation, chat_template=template):
         others = [c.path for c in plan.models.values() if _has_tokenizer(c.path)]
         if others:
             warnings.warn(f"{tok_path} has no tokenizer files, so the output has none; set `tokenizer_source: "
@@ -574,6 +608,11 @@ def _finish(tmp: Path, cfg: MergeConfig, plan: _Plan, *, tok_path: Path, title: 
     inputs = [{"model": m, "fingerprint": c.fingerprint()} for m, c in plan.models.items()]
     write_model_card(tmp, base_model=cfg.base_model, merge_config=as_yaml, inputs=inputs,
                      title=title or f"{cfg.merge_method} merge", extra=card_extra)
+
+
+def _config_dtype(ckpt: Checkpoint) -> torch.dtype | None:
+    """The dtype the checkpoint's config.json names (`dtype`, or the older `torch_dtype`), if a known one."""
+    return DTYPES.get(str(ckpt.config.get("dtype") or ckpt.config.get("torch_dtype") or ""))
 
 
 class _progress:
