@@ -110,3 +110,38 @@ def test_the_scorer_cuts_examples_to_the_models_context(tiny_family, tmp_path):
         assert score.domain == score.domain  # a number, not NaN
     finally:
         scorer.close()
+
+
+def test_a_tied_model_whose_checkpoint_also_stores_lm_head_scores_as_written(tmp_path):
+    """Both names were bound to the one shared storage, so lm_head's merge overwrote the embedding's: with DARE's
+    per-tensor masks the candidate differed from the merge on disk (logits 0.66 apart)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from tiny import make_family
+
+    fam = make_family(tmp_path / "fam", tie=True)
+    for path in fam.values():  # as some exporters write a tied model: both tensors stored
+        f = path / "model.safetensors"
+        tensors = load_file(f)
+        save_file({**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"].clone()}, f, metadata={"format": "pt"})
+    cfg = {**task_config(fam, "dare_ties", weight=0.7, density=0.5), "seed": 1}
+    cm = CandidateModel(cfg)
+    cm.load(cfg)
+    disk = AutoModelForCausalLM.from_pretrained(safemerge.merge(cfg, tmp_path / "m", progress=False)).eval()
+    ids = torch.tensor([[2, 4, 9, 10, 11, 6, 5, 12, 13]])
+    with torch.no_grad():
+        assert torch.equal(cm.model(ids).logits, disk(ids).logits)
+    st = cm.state()
+    assert not torch.equal(st["model.embed_tokens.weight"], st["lm_head.weight"])  # DARE: two masks, two tensors
+
+
+def test_the_config_chat_template_is_the_one_the_merge_writes(tiny_family, tmp_path):
+    """`chat_template: chatml` set the tokenizer's template to the literal string "chatml"."""
+    from safemerge.chat_templates import BUILT_IN
+    from safemerge.evaluate.loading import chat_template_text
+
+    cfg = {**task_config(tiny_family), "chat_template": "chatml"}
+    cm = CandidateModel(cfg)
+    out = safemerge.merge(cfg, tmp_path / "m", progress=False)
+    assert cm.tokenizer.chat_template == BUILT_IN["chatml"] == chat_template_text(out)

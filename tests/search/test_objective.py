@@ -123,3 +123,14 @@ def test_a_max_length_that_leaves_no_answer_token_is_an_error(model_and_tokenize
         make_batches(tok, PAIRS, max_length=1)
     batches = make_batches(tok, PAIRS, max_length=2)  # one prompt token and one answer token each
     assert batches.n_tokens == len(PAIRS)
+
+
+def test_an_empty_prompt_without_template_gets_the_prefix_token(model_and_tokenizer):
+    """Nothing predicted the first answer token of an empty prompt (no template, no BOS added), yet it counted in the
+    mean; lm-eval puts the prefix token (BOS, else EOS) before an empty context, and so does the objective now."""
+    from safemerge.evaluate.backends import prefix_token_id
+
+    _, tok = model_and_tokenizer
+    assert tok("", add_special_tokens=True)["input_ids"] == []  # this tokenizer adds no BOS by itself
+    ids, n_prompt = encode_pair(tok, Pair("", "good day"), chat_template=False)
+    assert n_prompt == 1 and ids[0] == prefix_token_id(tok) and ids[1:] == tok.encode("good day</s>", add_special_tokens=False)

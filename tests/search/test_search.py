@@ -133,6 +133,33 @@ def test_resume_of_another_search_and_reuse_without_resume_are_errors(tiny_famil
         _run(tiny_family, family_data, tmp_path / "y", journal=uninterrupted.journal)
 
 
+def test_resume_after_the_chat_template_changed_is_an_error(tiny_family, family_data, tmp_path):
+    """The identity held the weights' fingerprints only: a journal scored under another template was resumed, mixing
+    two objectives."""
+    import shutil
+
+    fam = {k: tmp_path / "fam" / k for k in tiny_family}
+    for k, v in tiny_family.items():
+        shutil.copytree(v, fam[k])
+    first = _run(fam, family_data, tmp_path / "a", steps=1)
+    (fam["base"] / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}|{% endfor %}")
+    with pytest.raises(ConfigError, match="differs in: tokenizer"):
+        _run(fam, family_data, tmp_path / "a", steps=1, journal=first.journal, resume=True, overwrite=True)
+
+
+@pytest.mark.parametrize("sigma0", [0.25, 0.4])
+def test_cmaes_searches_slerps_t_alone(tiny_family, family_data, tmp_path, sigma0):
+    """One dimension (SLERP's t): cma 4.5 failed with "not yet initialized (dimension needed)" once its step size
+    reached a third of the range, at once with sigma0 0.4 and partway through otherwise."""
+    config = {"merge_method": "slerp", "base_model": str(tiny_family["base"]), "parameters": {"t": 0.2},
+              "models": [{"model": str(tiny_family["base"])}, {"model": str(tiny_family["expert"])}]}
+    r = search(config, tmp_path / "s", optimizer="cmaes", steps=6, popsize=4, sigma0=sigma0, lambda_=0.0,
+               safety_data=family_data["safety"], domain_data=family_data["domain"], progress=False)
+    ts = [h["params"]["t"] for h in r.history]
+    assert len(ts) == 25 and ts[0] == 0.2 and all(0.0 <= t <= 1.0 for t in ts)
+    assert r.params["t"] > 0.5  # the domain data are the expert's answers: t moves towards the expert (t = 1)
+
+
 def test_grid_shares_one_weight_and_density(tiny_family, family_data, tmp_path):
     config = {**task_config(tiny_family, "ties", density=0.5), "parameters": {"normalize": False}}
     r = search(config, tmp_path / "g", optimizer="grid", steps=2,
@@ -218,3 +245,36 @@ def test_resume_without_a_journal_says_it_starts_afresh(tmp_path):
     with warnings.catch_warnings():  # resuming the journal that is now there: nothing to say
         warnings.simplefilter("error", UserWarning)
         Journal.open(tmp_path / "j.sqlite", identity={"a": 1}, resume=True).close()
+
+
+def test_a_candidate_whose_loss_is_nan_is_journaled_and_ranked_last(tiny_family, tmp_path):
+    """SQLite stores NaN as NULL, and the column was NOT NULL: a NaN objective (logits that overflow) crashed the
+    search, so the penalty CMA-ES gives such candidates never applied. It is journaled, replayed as NaN on resume,
+    and never the best."""
+    import math
+
+    from safemerge.search.cmaes import cmaes
+    from safemerge.search.evaluations import Evaluations
+    from safemerge.search.journal import Journal
+    from safemerge.search.objective import Score
+    from safemerge.search.space import SearchSpace
+
+    class Scorer:  # weight above 0.52: NaN; otherwise a bowl at (0.3, 0.3)
+        def score(self, configs):
+            for k, c in enumerate(configs):
+                ws = [m["parameters"]["weight"] for m in c["models"]]
+                v = math.nan if ws[0] > 0.52 else sum((w - 0.3) ** 2 for w in ws)
+                yield k, Score(v, v, v), 0.0
+
+        def close(self):
+            pass
+
+    cfg = task_config(tiny_family)
+    with Journal.open(tmp_path / "j.sqlite", identity={"run": 1}) as jr:
+        evals = Evaluations(jr, Scorer())
+        idx, cand, score = cmaes(SearchSpace(cfg), evals, steps=4, seed=0, popsize=4)
+        nans = [e.idx for e in jr.entries() if math.isnan(e.score.objective)]
+        assert nans and idx not in nans and math.isfinite(score.objective)
+        assert jr.best().idx == idx
+    with Journal.open(tmp_path / "j.sqlite", identity={"run": 1}, resume=True) as jr:
+        assert [e.idx for e in jr.entries() if math.isnan(e.score.objective)] == nans and jr.best().idx == idx

@@ -18,6 +18,7 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
+from safemerge import chat_templates
 from safemerge._hf import quiet_transformers
 from safemerge.checkpoint import Checkpoint
 from safemerge.config import DTYPES, MergeConfig, load_config
@@ -134,8 +135,10 @@ class CandidateModel:
                                                              use_safetensors=True)
         except Exception as e:  # transformers raises many kinds; say which model and why
             raise CheckpointError(f"{ref}: cannot load the model or tokenizer {tok_path} ({type(e).__name__}: {e})") from None
-        template = self.config.chat_template
-        if template and template != "auto":
+        # the template the merge writes into its output (chat_templates.resolve, as the engine: a built-in name such
+        # as `chatml` is its text, `auto` the pool's most common one), so candidates are scored as the output will chat
+        template = chat_templates.resolve(self.config.chat_template, [c.path for c in self.models.values()])
+        if template:
             tokenizer.chat_template = template
         return model.to(self.device).eval(), tokenizer
 
@@ -146,12 +149,27 @@ class CandidateModel:
             raise CheckpointError(f"{self.reference.path}: tensors {missing[:3]} have no parameter in "
                                   f"{type(self.model).__name__}; the in-memory search supports checkpoints whose tensor "
                                   "names match the model's state_dict")
+        shared: dict[int, str] = {}
+        for n in self.names:  # a tied model whose checkpoint also stores lm_head.weight: the engine writes both tensors
+            first = shared.setdefault(state[n].data_ptr(), n)  # (DARE draws other masks for each), and transformers
+            if first != n:  # unties a checkpoint whose two differ; so does the candidate, or the last write would win
+                self._untie(n, state[n])
+                state = self.model.state_dict(keep_vars=True)
         covered = {n for n in self.names}
         storages = {state[n].data_ptr() for n in covered}
         uncovered = [k for k, v in state.items() if v.is_floating_point() and k not in covered and v.data_ptr() not in storages]
         if uncovered:
             raise CheckpointError(f"{self.reference.path}: model tensors {uncovered[:3]} are not in the checkpoint")
         return {n: state[n].data for n in self.names}
+
+    def _untie(self, name: str, param: torch.Tensor) -> None:
+        """Give parameter `name` storage of its own (and tell the model's config its embeddings are not tied)."""
+        owner, _, attr = name.rpartition(".")
+        module = self.model.get_submodule(owner)
+        setattr(module, attr, torch.nn.Parameter(param.detach().clone(), requires_grad=False))
+        for cfg in (self.model.config, getattr(self.model.config, "get_text_config", lambda: None)()):
+            if cfg is not None and hasattr(cfg, "tie_word_embeddings"):
+                cfg.tie_word_embeddings = False
 
     def _check_same_pool(self, cfg: MergeConfig) -> None:
         if set(cfg.input_models()) != set(self.weights) or cfg.base_model != self.config.base_model:

@@ -54,6 +54,8 @@ def cmaes(space: SearchSpace, evaluate: Evaluations, *,
         "maxiter": steps,
         "verbose": -9, "verb_log": 0, "verb_disp": 0,  # no console output, no outcmaes/ files
     }
+    if n == 1:  # SLERP's or NearSwap's t alone: cma 4.5's cap of the step size at a third of the range fails in one
+        options["maxstd"] = math.inf  # dimension ("not yet initialized") once sigma reaches it; the bounds still hold
     x0 = [space.start()[label] for label in space.labels]
     es = cma.CMAEvolutionStrategy(x0, sigma0, options)
     evaluate([_candidate(space, x0)])  # cma never proposes its mean itself; it draws nothing from rng here

@@ -8,14 +8,13 @@ are scored (in parallel when the scorer is) and each is journaled as soon as it 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from safemerge.config import MergeConfig
 from safemerge.errors import SafemergeError
 from safemerge.search.journal import Journal, canonical
-from safemerge.search.objective import Score
+from safemerge.search.objective import Score, sort_key
 from safemerge.search.scoring import Scorer
 
 
@@ -80,8 +79,3 @@ class Evaluations:
         if not self.history:
             raise SafemergeError("no candidate was scored")
         return min(self.history, key=lambda h: (sort_key(h[2].objective), h[0]))
-
-
-def sort_key(objective: float) -> float:
-    """NaN (a candidate whose loss could not be computed) sorts last."""
-    return math.inf if math.isnan(objective) else objective

@@ -7,7 +7,8 @@ One shared value per parameter kind: every searched model gets the same weight a
     density ∈ linspace(0.1, 1, p)          (when the method declares density)
     t       ∈ linspace(0, 1, p)            (SLERP)
 
-so TIES or DARE-TIES over any pool is a p × p grid, task arithmetic a line of p points. When the method
+and one point per axis (p = 1) is the top of each range: weight 1, density 1, t 1. So TIES or DARE-TIES over any
+pool is a p × p grid, task arithmetic a line of p points. When the method
 normalises by the summed weights (`normalize: true`, TIES's default; NuSLERP), one weight shared by every model
 cancels out, so the weight axis is left at 1 instead of scoring p identical merges per density.
 """

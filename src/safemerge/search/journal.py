@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from safemerge.errors import ConfigError, OutputExistsError
-from safemerge.search.objective import Score
+from safemerge.search.objective import Score, sort_key
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS candidates (
     idx INTEGER PRIMARY KEY, params TEXT NOT NULL, config TEXT NOT NULL,
-    safety_loss REAL, domain_loss REAL, objective REAL NOT NULL, seconds REAL NOT NULL, created TEXT NOT NULL
+    safety_loss REAL, domain_loss REAL, objective REAL, seconds REAL NOT NULL, created TEXT NOT NULL
 );
 """
 
@@ -157,20 +157,20 @@ class Journal:
             self._conn.execute("BEGIN")
             self._conn.execute("INSERT INTO candidates VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                                (idx, canonical(params), canonical(config), _real(score.safety), _real(score.domain),
-                                score.objective, seconds, created))
+                                _real(score.objective), seconds, created))  # NaN (a candidate whose loss is not a number) as NULL
         entry = Entry(idx, params, config, score, seconds, created)
         self._rows[idx] = entry
         return entry
 
     def best(self) -> Entry | None:
-        """The entry with the lowest objective (the earliest among equals)."""
+        """The entry with the lowest objective (the earliest among equals; NaN last)."""
         entries = self.entries()
-        return min(entries, key=lambda e: (e.score.objective, e.idx)) if entries else None
+        return min(entries, key=lambda e: (sort_key(e.score.objective), e.idx)) if entries else None
 
     def _read(self) -> list[Entry]:
         rows = self._conn.execute("SELECT idx, params, config, safety_loss, domain_loss, objective, seconds, created "
                                   "FROM candidates ORDER BY idx").fetchall()
-        return [Entry(i, json.loads(p), json.loads(c), Score(_float(s), _float(d), o), sec, cr)
+        return [Entry(i, json.loads(p), json.loads(c), Score(_float(s), _float(d), _float(o)), sec, cr)
                 for i, p, c, s, d, o, sec, cr in rows]
 
 

@@ -89,7 +89,7 @@ def load_pairs(path: str | os.PathLike, *, limit: int | None = None) -> PairSet:
 # -- tokenisation ---------------------------------------------------------------------------------
 def encode_pair(tokenizer: Any, pair: Pair, *, chat_template: bool = True) -> tuple[list[int], int]:
     """(token ids, number of prompt tokens): ids = prompt tokens + answer tokens."""
-    from safemerge.evaluate.backends import chat_text, encode, render_prompt
+    from safemerge.evaluate.backends import chat_text, encode, prefix_token_id, render_prompt
 
     prompt = render_prompt(tokenizer, pair.prompt, chat_template=chat_template)
     answer = None
@@ -100,6 +100,8 @@ def encode_pair(tokenizer: Any, pair: Pair, *, chat_template: bool = True) -> tu
     if answer is None:  # no template, or one that rewrites the prompt for the assistant turn
         answer = pair.response + (tokenizer.eos_token or "")
     prompt_ids = encode(tokenizer, prompt)
+    if not prompt_ids and prefix_token_id(tokenizer) is not None:  # an empty prompt without BOS: nothing would
+        prompt_ids = [prefix_token_id(tokenizer)]  # predict the first answer token; lm-eval puts the prefix token there
     answer_ids = list(tokenizer.encode(answer, add_special_tokens=False))
     if not answer_ids:
         raise DataError(f"an example's response encodes to no tokens (prompt {pair.prompt[:60]!r}); drop it from the data")
@@ -239,3 +241,8 @@ def combine(safety: float, domain: float, lambda_: float) -> float:
     """λ·safety + (1−λ)·domain, where a loss with weight 0 may be NaN."""
     parts = [(lambda_, safety), (1 - lambda_, domain)]
     return float(sum(w * v for w, v in parts if w > 0))
+
+
+def sort_key(objective: float) -> float:
+    """NaN (a candidate whose loss could not be computed) sorts last."""
+    return math.inf if math.isnan(objective) else objective

@@ -223,7 +223,26 @@ def _identity(cfg: MergeConfig, pool: dict[str, Checkpoint], *, optimizer, lam, 
         "data": {k: v["fingerprint"] for k, v in data.items()}, "limit": spec.limit, "batch_size": spec.batch_size,
         "max_length": spec.max_length, "device": spec.device,
         "models": {m: pool[m].fingerprint() for m in cfg.input_models()},
+        "tokenizer": _tokenizer_identity(cfg, pool),
     }
+
+
+def _tokenizer_identity(cfg: MergeConfig, pool: dict[str, Checkpoint]) -> str:
+    """A hash of the tokenizer files the scorer reads (the tokenizer source's, else the reference model's) and of the
+    chat template it applies: an edited template changes every example's tokens, so a journal scored with the
+    old one must not be resumed (the weights' fingerprints do not cover these files)."""
+    import hashlib
+
+    from safemerge import chat_templates
+    from safemerge.writer import TOKENIZER_FILES
+
+    folder = next(iter(tokenizer_dirs(cfg)), pool[cfg.base_model or cfg.models[0].model].path)
+    h = hashlib.blake2b(digest_size=16)
+    for name in TOKENIZER_FILES:
+        if (folder / name).is_file():
+            h.update(name.encode() + b"\0" + (folder / name).read_bytes() + b"\0")
+    h.update((chat_templates.resolve(cfg.chat_template, [c.path for c in pool.values()]) or "").encode())
+    return h.hexdigest()
 
 
 def _data(safety, domain, lam: float, limit: int | None) -> dict[str, dict[str, Any]]:
@@ -315,7 +334,10 @@ def _write(result: SearchResult, *, data: dict, overwrite: bool, progress: bool)
             f"(safety loss {_loss(s.safety)}, domain loss {_loss(s.domain)}).\n\n"
             f"```yaml\n{yaml.safe_dump(result.params, sort_keys=False)}```" + _audit_card(result.audit))
     with atomic_output(result.out, overwrite=overwrite) as tmp:
-        merge(result.config, tmp / "model", progress=progress, title=f"{result.optimizer} search merge", card_extra=card)
+        # on the device the candidates were built on: DARE's and DELLA's masks are drawn by a generator of that device,
+        # so the best candidate written on another device would not be the one scored
+        merge(result.config, tmp / "model", progress=progress, title=f"{result.optimizer} search merge", card_extra=card,
+              device=result.device)
         for child in (tmp / "model").iterdir():
             child.rename(tmp / child.name)
         (tmp / "model").rmdir()
