@@ -282,29 +282,30 @@ def slerp_config(fam) -> dict:
             "models": [{"model": str(fam["base"])}, {"model": str(fam["expert"])}], "parameters": {"t": 0.3}}
 
 
+def merge_and_load(case: str, families, config, out: Path) -> tuple[torch.dtype, dict, dict]:
+    """Merge by `config` (a dict, or a YAML file as the CLI and mergekit take it) into `out`: (the case's dtype, its
+    inputs in float32, the output as transformers loads it), the output's layout checked against the base's."""
+    fam = families(case)
+    check_output_layout(safemerge.merge(config, out, progress=False), fam["base"])
+    return dtype_of(case), inputs_f32(fam), loaded_state(out)
+
+
 @pytest.mark.parametrize("case", cases("task_arithmetic"))
 def test_merge_task_arithmetic(case, families, tmp_path):
     import yaml
 
-    fam, dtype = families(case), dtype_of(case)
     cfg_file = tmp_path / "ta.yml"
-    cfg_file.write_text(yaml.safe_dump(ta_config(fam)))  # a YAML file, as the CLI and mergekit take it
-    out = safemerge.merge(cfg_file, tmp_path / "out", progress=False)
-    check_output_layout(out, fam["base"])
-    x = inputs_f32(fam)
+    cfg_file.write_text(yaml.safe_dump(ta_config(families(case))))
+    dtype, x, got = merge_and_load(case, families, cfg_file, tmp_path / "out")
     want = {k: (b + 0.7 * (x["expert"][k] - b) + 0.5 * (x["aligned"][k] - b)).to(dtype) for k, b in x["base"].items()}
-    assert_state_close(loaded_state(out), want, dtype, what=f"{case} task_arithmetic")
+    assert_state_close(got, want, dtype, what=f"{case} task_arithmetic")
 
 
 @pytest.mark.parametrize("case", cases("ties"))
 def test_merge_ties(case, families, tmp_path):
-    fam, dtype = families(case), dtype_of(case)
-    out = safemerge.merge(ties_config(fam), tmp_path / "out", progress=False)
-    check_output_layout(out, fam["base"])
-    x = inputs_f32(fam)
+    dtype, x, got = merge_and_load(case, families, ties_config(families(case)), tmp_path / "out")
     want = {k: ties_ref(b, [x["expert"][k], x["aligned"][k]], [1.0, 0.6], [0.5, 0.7]).to(dtype)
             for k, b in x["base"].items()}
-    got = loaded_state(out)
     if dtype == torch.bfloat16:  # a selection on rounded inputs: compare the share of elements that differ
         for k in want:
             bad = ~torch.isclose(got[k].float(), want[k].float(), rtol=1e-2, atol=1e-4)
@@ -315,12 +316,9 @@ def test_merge_ties(case, families, tmp_path):
 
 @pytest.mark.parametrize("case", cases("slerp"))
 def test_merge_slerp(case, families, tmp_path):
-    fam, dtype = families(case), dtype_of(case)
-    out = safemerge.merge(slerp_config(fam), tmp_path / "out", progress=False)
-    check_output_layout(out, fam["base"])
-    x = inputs_f32(fam)
+    dtype, x, got = merge_and_load(case, families, slerp_config(families(case)), tmp_path / "out")
     want = {k: slerp_ref(b, x["expert"][k], 0.3).to(dtype) for k, b in x["base"].items()}
-    assert_state_close(loaded_state(out), want, dtype, what=f"{case} slerp")
+    assert_state_close(got, want, dtype, what=f"{case} slerp")
 
 
 # -- 2. MergeAlign ----------------------------------------------------------------------------------------
