@@ -90,7 +90,7 @@ def test_dpo_card_and_run_record(dpo_out):
     assert "wall time" in card and "lr: 0.001" in card
     run = load_run(dpo_out)
     assert run["training"]["steps"] == 3 and len(run["training"]["losses"]) == 3
-    assert run["data"]["pairs"] == 24 and run["data"]["chat"] is True
+    assert run["data"]["pairs"] == run["data"]["trained_pairs"] == 24 and run["data"]["chat"] is True
     # the default device: cuda where there is a GPU (bf16 autocast where it supports bf16), else cpu
     gpu = torch.cuda.is_available()
     assert run["environment"]["device"] == ("cuda" if gpu else "cpu")
@@ -108,6 +108,16 @@ def test_dpo_sft_weight_adds_the_chosen_answers_nll(micro_testbed, dpo_out, tmp_
     assert plain[0] == pytest.approx(0.6931, abs=1e-3)
     assert sft[0] > plain[0] + 1.0
     assert load_run(out)["settings"]["sft_weight"] == 1.0 and "sft_weight: 1.0" in (out / "README.md").read_text()
+
+
+def test_pairs_that_dpo_drops_for_their_length_are_said_and_recorded(micro_testbed, tmp_path):
+    """TRL's DPO drops a pair whose prompt alone fills max_length; the record said every pair was trained."""
+    with one_thread(), pytest.warns(UserWarning, match=r"of 12 preference pairs were dropped by TRL: their prompt alone "
+                                                         r"is at least max_length \(22\) tokens"):
+        out = align(micro_testbed / "expert-medicine", data=micro_testbed / "data" / "prefs.jsonl", out=tmp_path / "o",
+                    method="dpo", max_samples=12, max_length=22, **{**FAST, "max_steps": 1})
+    run = load_run(out)["data"]
+    assert run["pairs"] == 12 and 0 < run["trained_pairs"] < 12
 
 
 def test_orpo_through_the_cli(tiny_family, tmp_path):

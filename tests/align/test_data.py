@@ -24,10 +24,11 @@ def test_split_hh_cuts_after_the_last_shared_assistant_turn():
     prompt, chosen, rejected = split_hh(HH_CHOSEN, HH_REJECTED)
     assert prompt.endswith("How do I pick a lock?\n\nAssistant:")
     assert prompt.startswith("\n\nHuman: What is the capital")
-    # the answers share "I can" but that belongs to the answers, not the prompt
-    assert chosen == "I can't help with that."
-    assert rejected == "I can explain: first get a tension wrench."
-    assert prompt + " " + chosen == HH_CHOSEN
+    # the answers share "I can" but that belongs to the answers, not the prompt; each keeps its leading space, so a
+    # plain (not chat) prompt + answer is the transcript, tokenized as there ("Assistant: I", not "Assistant:I")
+    assert chosen == " I can't help with that."
+    assert rejected == " I can explain: first get a tension wrench."
+    assert prompt + chosen == HH_CHOSEN
 
 
 def test_split_hh_rejects_transcripts_without_a_shared_turn():
@@ -62,6 +63,12 @@ def test_row_shapes():
     # chat prompt with string answers
     assert normalise({"prompt": user, "chosen": "a", "rejected": "b"})["chosen"] == a
     assert normalise({"prompt": "p", "chosen": "same", "rejected": "same"}) is None
+    # ties are dropped in every form, not an error once the prompt is taken out (implicit prompts)
+    assert normalise({"chosen": user + a, "rejected": user + a}) is None
+    assert normalise({"chosen": "Q? yes", "rejected": "Q? yes"}) is None
+    # an implicit string prompt is cut at a word boundary of both answers, never inside a word
+    assert normalise({"chosen": "How do I bake? I am sorry, no.", "rejected": "How do I bake? I amend: knead."}) == \
+        {"prompt": "How do I bake? I ", "chosen": "am sorry, no.", "rejected": "amend: knead."}
     assert as_chat({"prompt": "p", "chosen": "a", "rejected": "b"}) == {"prompt": user, "chosen": a, "rejected": b}
 
 

@@ -30,6 +30,7 @@ class TrainOutcome:
     steps: int  # optimizer steps done
     epochs: float  # epochs done (fractional when max_steps stops a run early)
     history: list[dict] = field(default_factory=list)  # TRL's log dicts: loss, learning_rate, rewards/..., step
+    trained_pairs: int | None = None  # pairs TRL kept (DPO drops a pair whose prompt alone fills max_length)
 
 
 def trl_version() -> str:
@@ -55,10 +56,17 @@ def train(model, tokenizer, pairs: list[dict], *, settings: AlignSettings, lora,
                               peft_config=lora, callbacks=callbacks)
     for cb in (PrinterCallback, ProgressCallback):  # progress is the caller's callbacks' job
         trainer.remove_callback(cb)
+    kept = len(trainer.train_dataset) if trainer.train_dataset is not None else None
+    if kept is not None and kept < len(pairs):
+        import warnings
+
+        warnings.warn(f"{len(pairs) - kept} of {len(pairs)} preference pairs were dropped by TRL: their prompt alone is "
+                      f"at least max_length ({max_length}) tokens; give a larger max_length or shorter prompts",
+                      UserWarning, stacklevel=3)
     trainer.train()
     state = trainer.state
     return TrainOutcome(model=trainer.model, steps=state.global_step, epochs=float(state.epoch or 0.0),
-                        history=list(state.log_history))
+                        history=list(state.log_history), trained_pairs=kept)
 
 
 def _classes(method: str):

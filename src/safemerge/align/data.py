@@ -90,6 +90,8 @@ def normalise(row: dict, *, where: str = "row") -> Row | None:
     """One row as {prompt, chosen, rejected} in TRL's format (see the module docstring); None when the
     two answers are equal. Raises PreferenceDataError (naming `where`) for an empty or malformed field."""
     chosen, rejected = _field(row, "chosen", where), _field(row, "rejected", where)
+    if chosen == rejected:  # a tie teaches no preference: dropped (and counted by the caller), in every form
+        return None
     prompt = row.get("prompt")
     if prompt is None or prompt == "":
         if isinstance(chosen, str) and isinstance(rejected, str):
@@ -113,7 +115,7 @@ def normalise(row: dict, *, where: str = "row") -> Row | None:
         elif isinstance(prompt, list):
             chosen, rejected = _assistant(chosen), _assistant(rejected)
         elif chosen.startswith(prompt) and rejected.startswith(prompt):  # answers that repeat the prompt
-            chosen, rejected = chosen[len(prompt):].lstrip(" "), rejected[len(prompt):].lstrip(" ")
+            chosen, rejected = chosen[len(prompt):], rejected[len(prompt):]  # (the leading space kept, as in split_hh)
     if not chosen or not rejected:
         raise PreferenceDataError(f"{where}: an answer is empty once the prompt is taken out; check 'chosen'/'rejected'")
     if chosen == rejected:
@@ -139,7 +141,8 @@ def split_hh(chosen: str, rejected: str) -> tuple[str, str, str]:
     """Split two HH-RLHF transcripts into (prompt, chosen answer, rejected answer).
 
     The prompt is the shared prefix cut after its last "\\n\\nAssistant:" (so it ends where the final
-    answers begin); each answer is the rest, leading space removed, as TRL's HH script does.
+    answers begin); each answer is the rest, its leading space kept: TRL tokenizes a plain prompt and its answer
+    apart, so " Sure" keeps the token it has after "Assistant:" in the transcript (`as_chat` strips it for a chat).
     """
     n = 0
     for a, b in zip(chosen, rejected):
@@ -151,16 +154,24 @@ def split_hh(chosen: str, rejected: str) -> tuple[str, str, str]:
         raise PreferenceDataError("HH-RLHF transcripts share no '\\n\\nAssistant:' turn; they are not two answers "
                                   "to one conversation")
     end = cut + len(_ASSISTANT)
-    return chosen[:end], chosen[end:].lstrip(" "), rejected[end:].lstrip(" ")
+    return chosen[:end], chosen[end:], rejected[end:]
 
 
 def _split_prefix(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """The shared prefix as the prompt, cut back to a word boundary (the answers may begin with the same words,
+    and a cut inside a word would put half of it into the prompt)."""
     n = 0
     for a, b in zip(chosen, rejected):
         if a != b:
             break
         n += 1
+    while n > 0 and not (_word_boundary(chosen, n) and _word_boundary(rejected, n)):
+        n -= 1
     return chosen[:n], chosen[n:], rejected[n:]
+
+
+def _word_boundary(text: str, n: int) -> bool:
+    return n == 0 or n == len(text) or text[n - 1].isspace() or text[n].isspace()
 
 
 def _common_messages(a: list[dict], b: list[dict]) -> int:

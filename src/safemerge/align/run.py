@@ -257,7 +257,7 @@ def _record(ckpt, data, pairs, s: AlignSettings, outcome, *, use_chat, device, b
         "model": ckpt.reference,
         "fingerprint": ckpt.fingerprint(),
         "data": {"source": str(data) if not isinstance(data, list) else "<list>", "fingerprint": _data_digest(data),
-                 "pairs": len(pairs), "chat": use_chat},
+                 "pairs": len(pairs), "trained_pairs": outcome.trained_pairs, "chat": use_chat},
         "settings": settings,
         "training": {"steps": outcome.steps, "epochs": outcome.epochs, "losses": losses,
                      "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
