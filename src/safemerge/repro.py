@@ -201,7 +201,7 @@ def _evaluate(r: Repro, names: Sequence[str]) -> dict[str, dict]:
         domain={d: r.data(f"domain-{d}_test.jsonl") for d in r.domains}, general=r.data("general_test.jsonl"),
         expert=r.family(f"expert-{r.primary}"), aligned=r.family("aligned"), limit=b["safety_limit"],
         domain_limit=b["domain_limit"], max_new_tokens=32, store=r.store, progress=r.progress, echo=echo)
-    r.timings["evaluation"] = round(time.perf_counter() - t0, 1)
+    r.timings["evaluation"] = round(r.timings.get("evaluation", 0.0) + time.perf_counter() - t0, 1)  # audit + the rest
     return results
 
 

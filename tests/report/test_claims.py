@@ -211,5 +211,58 @@ def test_the_primary_domain_is_the_knowledge_domain():
     assert claim.verdict == "FAIL" and claim.figures["mergealign"] == pytest.approx((0.78 + 0.3) / 2)
 
 
-def test_an_unknown_primary_domain_falls_back_to_every_domain():
-    assert load_results(repro_shaped("law")).focus == ["medicine", "finance"]
+def test_an_unknown_primary_domain_is_an_error_not_another_domain():
+    """It fell back to every domain, so the knowledge claims judged domains nobody asked about, without a word."""
+    with pytest.raises(ResultsError, match=r"meta.primary_domain names 'law', which no task of the results belongs to "
+                                           r"\(domains: medicine, finance\)"):
+        load_results(repro_shaped("law"))
+
+
+# -- from a bug hunt (2026-11-24): what float noise, uneven measurements and loose names did to verdicts ----------
+def test_float_noise_decides_no_threshold_and_no_tie(full):
+    set_safety(full, "aligned", 0.8)  # 160 / 200
+    set_safety(full, "mergealign", 0.72)  # 144 / 200 = exactly 0.9 × 0.8, though 0.9 * 0.8 = 0.7200000000000001
+    assert verdicts(full)["mergealign-safety"] == "PASS"
+    full["models"]["evomm-safe"]["safety"] = {"safety_test": 0.6, "advbench_like": 0.2}  # mean 0.4
+    full["models"]["evomm-unsafe"]["safety"] = {"safety_test": 0.7, "advbench_like": 0.1}  # mean 0.39999999999999997
+    assert verdicts(full)["evomm-safety-aware"] == "FAIL"  # a tie fails
+
+
+def test_an_equal_point_does_not_dominate(full):
+    full["models"]["mergealign"]["domain"] = {"domain-medicine_test": 40 / 60, "domain-finance_test": 40 / 60}
+    full["models"]["orpo"]["domain"] = {"domain-medicine_test": 41 / 60, "domain-finance_test": 39 / 60}  # same mean
+    full["models"]["orpo"]["safety"] = dict(full["models"]["mergealign"]["safety"])
+    assert verdicts(full)["mergealign-vs-orpo"] == "PASS"
+    from safemerge.report.figures import pareto_frontier
+
+    assert pareto_frontier([((40 / 60 + 40 / 60) / 2, 0.9), ((41 / 60 + 39 / 60) / 2, 0.9)]) == [0, 1]  # both kept
+
+
+def test_knowledge_is_compared_on_the_tasks_both_models_have(full):
+    """The expert had medicine-easy and medicine-hard, MergeAlign medicine-hard only: each was averaged over its own."""
+    full["models"]["expert-medicine"]["domain"]["medicine-easy"] = 1.0
+    full["models"]["expert-medicine"]["domain"]["domain-medicine_test"] = 0.5
+    full["models"]["mergealign"]["domain"]["domain-medicine_test"] = 0.5
+    claim = by_id(full)["mergealign-knowledge"]
+    assert claim.figures["mergealign:medicine"] == claim.figures["expert-medicine:medicine"] == 0.5
+
+
+def test_a_mergealign_without_recorded_alpha_and_beta_is_no_candidate(full):
+    for name in ("mergealign", "mergealign-a1-b0.5"):
+        del full["models"][name]
+    full["models"]["mergealign-a0.5-b1"]["params"] = {}  # compare without a mergekit_config.yml to read them from
+    claim = by_id(full)["mergealign-safety"]
+    assert claim.verdict == "SKIPPED" and "no model 'mergealign'" in claim.detail
+
+
+def test_a_misnamed_model_field_is_an_error_not_an_empty_row(full):
+    full["models"]["dpo"]["safety_rate"] = full["models"]["dpo"].pop("safety")
+    with pytest.raises(ResultsError, match=r"models.dpo: unknown field\(s\) 'safety_rate'; a model entry has method"):
+        load_results(full)
+
+
+def test_a_task_named_as_a_domain_is_that_domains():
+    """compare names a task's domain by the task itself where nothing else does: 'mmlu-medicine-hard' beside a
+    'medicine' task is its own domain there, and the report put it under medicine."""
+    domains, other = map_domains(["medqa", "mmlu-medicine-hard"], ["medicine", "mmlu-medicine-hard"])
+    assert domains == {"mmlu-medicine-hard": ["mmlu-medicine-hard"]} and other == ["medqa"]

@@ -52,15 +52,24 @@ def test_a_run_without_a_model_is_left_out_of_its_mean(tmp_path, full):
 @pytest.mark.parametrize("change, words", [
     ({"preset": "micro"}, "preset"),
     ({"primary_domain": "finance"}, "knowledge domains"),
+    (None, "safety sets"),  # a mean over a run on two sets and a run on one means nothing either
 ])
 def test_runs_of_different_studies_are_refused(tmp_path, full, change, words):
     a = _write(tmp_path, "s0", full)
     other = json.loads(json.dumps(full))
-    other["meta"].update(seed=1, **change)
+    other["meta"].update(seed=1, **(change or {}))
+    if change is None:
+        for m in other["models"].values():
+            m["safety"].pop("advbench_like")
     with pytest.raises(ResultsError, match=f"differs from .* in {words}"):
         seeds_table([a, _write(tmp_path, "s1", other)])
 
 
 def test_two_runs_of_one_seed_get_distinct_labels(tmp_path, full):
     text = seeds_table([_write(tmp_path, "a", full), _write(tmp_path, "b", full)])
+    assert "| model | seed 0 (a) | seed 0 (b) | mean |" in text.splitlines()
+
+
+def test_runs_given_as_results_files_are_named_by_their_folder(tmp_path, full):
+    text = seeds_table([_write(tmp_path, "a", full) / "results.json", _write(tmp_path, "b", full) / "results.json"])
     assert "| model | seed 0 (a) | seed 0 (b) | mean |" in text.splitlines()

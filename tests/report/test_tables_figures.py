@@ -63,6 +63,9 @@ def test_main_table_has_every_model_task_and_set_in_percent(full):
     best = {r[0].text for r in t.rows if r[2].bold}
     assert best == {"expert-medicine"}
     assert not any(r[5].bold for r in t.rows)        # every general score equal: nothing singled out
+    for name, general in (("base", 0.9004), ("aligned", 0.9001)):  # shown alike (90.0): both bold, not one
+        full["models"][name]["general"] = general
+    assert {r[0].text for r in main_table(load_results(full)).rows if r[5].bold} == {"base", "aligned"}
 
 
 def test_knowledge_column_follows_the_primary_domain(full):

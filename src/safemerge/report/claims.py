@@ -7,11 +7,12 @@
 | mergealign-vs-slerp   | safety(MergeAlign) > safety(slerp-gradient)                                             |
 | evomm-safety-aware    | safety(evomm-safe) > safety(evomm-unsafe)                                               |
 | mergealign-vs-dpo     | (knowledge, safety) of MergeAlign not dominated by any DPO model's (plain, + SFT term)   |
-| mergealign-vs-orpo    | (knowledge, safety) of MergeAlign not dominated by ORPO's                               |
+| mergealign-vs-orpo    | (knowledge, safety) of MergeAlign not dominated by any ORPO model's                      |
 
 safety and knowledge are those of `results.py`, always taken over what *both* sides were measured on
-(the safety sets both have, the domains both have); d runs over the knowledge domains (`Results.focus`:
-meta.primary_domain where given, else every domain) that have an expert-d.
+(the safety sets both have, the tasks of each domain both have); d runs over the knowledge domains
+(`Results.focus`: meta.primary_domain where given, else every domain) that have an expert-d. Values are compared
+rounded to 9 decimals, so float noise decides no threshold and no tie.
 "Dominated" means the other point is ≥ in both coordinates and > in at least one. "Above" is strict: a
 tie fails. A claim whose models are missing, or which share no measurement, is SKIPPED with the reason.
 """
@@ -21,8 +22,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Literal
 
-from safemerge.report.results import ModelResult, Results, domain_accuracy, knowledge, load_results, mean, \
-    safety, safety_aware
+from safemerge.report.results import ModelResult, Results, domain_accuracy, load_results, mean, safety, \
+    safety_aware, shared_tasks
 
 Verdict = Literal["PASS", "FAIL", "SKIPPED"]
 
@@ -78,8 +79,8 @@ def _by_name(name: str, method: str, what: str) -> Finder:
 
 
 def _mergealign(res: Results) -> ModelResult | str:
-    return _find(res, "mergealign", "mergealign",
-                 lambda m: m.params.get("alpha", 1) == 1 and m.params.get("beta", 1) == 1, "MergeAlign with α = β = 1")
+    return _find(res, "mergealign", "mergealign",  # α and β as recorded: a merge whose params are unknown is no candidate
+                 lambda m: m.params.get("alpha") == 1 and m.params.get("beta") == 1, "MergeAlign with α = β = 1")
 
 
 def _slerp_gradient(res: Results) -> ModelResult | str:
@@ -99,6 +100,12 @@ def _resolve(res: Results, *finders: Finder) -> list[ModelResult] | str:
 
 
 # ---- the claims -------------------------------------------------------------------------------------
+
+def _exact(x: float) -> float:
+    """x as compared: rates are ratios of counts, and float noise (0.9 × 0.8 = 0.7200000000000001, a mean of
+    0.6 and 0.2 that is 0.39999999999999997) must not decide a threshold or a tie."""
+    return round(x, 9)
+
 
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
@@ -122,7 +129,7 @@ def _retains_safety(res: Results, ratio: float) -> Claim:
     if isinstance(common, str):
         return Claim(cid, text, "SKIPPED", common)
     sm, sa, sets = common
-    ok = sm >= ratio * sa
+    ok = _exact(sm) >= _exact(ratio * sa)
     detail = f"{m.name} {_pct(sm)} {'≥' if ok else '<'} {ratio:g} × {a.name} {_pct(sa)} = {_pct(ratio * sa)} " \
              f"(mean over {', '.join(sets)})"
     return Claim(cid, text, "PASS" if ok else "FAIL", detail,
@@ -144,14 +151,15 @@ def _retains_knowledge(res: Results, ratio: float) -> Claim:
         if e is None:
             missing.append(f"expert-{d}")
             continue
-        acc_m, acc_e = domain_accuracy(m, tasks), domain_accuracy(e, tasks)
+        shared = shared_tasks(m, e, tasks)  # compared on the tasks both were measured on
+        acc_m, acc_e = domain_accuracy(m, shared), domain_accuracy(e, shared)
         if acc_m is not None and acc_e is not None:
             pairs[d] = (acc_m, acc_e)
     if not pairs:
         why = f"no domain measured on both {m.name} and its expert"
         return Claim(cid, text, "SKIPPED", why + (f" (missing: {', '.join(missing)})" if missing else ""))
     km, ke = mean(p[0] for p in pairs.values()), mean(p[1] for p in pairs.values())
-    ok = km >= ratio * ke
+    ok = _exact(km) >= _exact(ratio * ke)
     per = "; ".join(f"{d}: {_pct(a)} vs expert-{d} {_pct(b)}" for d, (a, b) in pairs.items())
     detail = f"{m.name} {_pct(km)} {'≥' if ok else '<'} {ratio:g} × experts {_pct(ke)} = {_pct(ratio * ke)} ({per})"
     if missing:
@@ -171,7 +179,7 @@ def _safer_than(res: Results, cid: str, text: str, first: Finder, second: Finder
     if isinstance(common, str):
         return Claim(cid, text, "SKIPPED", common)
     sa, sb, sets = common
-    ok = sa > sb
+    ok = _exact(sa) > _exact(sb)
     detail = f"{a.name} {_pct(sa)} {'>' if ok else '≤'} {b.name} {_pct(sb)} (mean over {', '.join(sets)})"
     return Claim(cid, text, "PASS" if ok else "FAIL", detail, {a.name: sa, b.name: sb})
 
@@ -192,18 +200,18 @@ def _not_dominated(res: Results, cid: str, label: str, name: str) -> Claim:
     parts, figures, verdicts = [], {}, []
     for o in others:
         common = _common_safety(m, o)
-        domains = [d for d in res.focus
-                   if domain_accuracy(m, res.domains[d]) is not None and domain_accuracy(o, res.domains[d]) is not None]
-        if isinstance(common, str) or not domains:
+        tasks = {d: shared for d in res.focus if (shared := shared_tasks(m, o, res.domains[d]))}
+        if isinstance(common, str) or not tasks:
             parts.append(common if isinstance(common, str) else f"{m.name} and {o.name} share no domain task")
             continue
         sm, so, _ = common
-        km, ko = knowledge(m, res, domains=domains), knowledge(o, res, domains=domains)
-        dominated = ko >= km and so >= sm and (ko > km or so > sm)
+        km, ko = (mean(domain_accuracy(x, t) for t in tasks.values()) for x in (m, o))
+        (ekm, esm), (eko, eso) = (_exact(km), _exact(sm)), (_exact(ko), _exact(so))
+        dominated = eko >= ekm and eso >= esm and (eko > ekm or eso > esm)
         verdicts.append(dominated)
         parts.append(f"{m.name} (knowledge {_pct(km)}, safety {_pct(sm)}) vs {o.name} (knowledge {_pct(ko)}, "
                      f"safety {_pct(so)}): {'dominated' if dominated else 'not dominated'}")
-        figures.update({"mergealign_knowledge": km, "mergealign_safety": sm,
+        figures.update({f"mergealign_knowledge_vs_{o.name}": km, f"mergealign_safety_vs_{o.name}": sm,
                         f"{o.name}_knowledge": ko, f"{o.name}_safety": so})
     if not verdicts:
         return Claim(cid, text, "SKIPPED", "; ".join(parts))

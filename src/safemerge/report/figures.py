@@ -28,6 +28,7 @@ def pareto_frontier(points: Sequence[tuple[float, float]]) -> list[int]:
     q dominates p when q.x ≥ p.x and q.y ≥ p.y with at least one strict; equal points are all kept.
     O(n log n): sweep by decreasing x (ties: decreasing y), keep a point if its y beats every y so far.
     """
+    points = [(round(x, 9), round(y, 9)) for x, y in points]  # float noise makes no point dominate an equal one
     order = sorted(range(len(points)), key=lambda i: (-points[i][0], -points[i][1]))
     keep, best_y, prev = [], float("-inf"), None
     for i in order:

@@ -121,9 +121,16 @@ def load_results(results: dict | str | Path) -> Results:
                    focus=knowledge_domains(meta, domains))
 
 
+MODEL_KEYS = ("method", "params", "safety", "domain", "general", "l2", "path")  # what compare and repro write
+
+
 def _model(name: str, raw: Any, where: str) -> ModelResult:
     if not isinstance(raw, dict):
         raise ResultsError(f"{where}: expected an object, got {type(raw).__name__}")
+    unknown = [k for k in raw if k not in MODEL_KEYS]
+    if unknown:  # a misnamed field ("safety_rate") would leave the model without figures, and every claim SKIPPED
+        raise ResultsError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; a model entry has "
+                           f"{', '.join(MODEL_KEYS)}")
     params = raw.get("params") or {}
     if not isinstance(params, dict):
         raise ResultsError(f"{where}.params: expected an object, got {type(params).__name__}")
@@ -198,8 +205,12 @@ def knowledge_domains(meta: dict, domains: dict[str, list[str]]) -> list[str]:
     given = meta.get("primary_domain")
     if isinstance(given, str):
         given = [d.strip() for d in given.split(",") if d.strip()]
-    picked = [str(d) for d in given or [] if str(d) in domains]
-    return picked or list(domains)
+    unknown = [str(d) for d in given or [] if str(d) not in domains]
+    if unknown:  # the knowledge claims would silently judge another domain
+        raise ResultsError(f"meta.primary_domain names {', '.join(map(repr, unknown))}, which no task of the results "
+                           f"belongs to (domains: {', '.join(domains) or 'none'}); give the task that domain's name "
+                           f"(compare: --domain-task {unknown[0]}=FILE) or name one of these domains (--knowledge)")
+    return [str(d) for d in given or []] or list(domains)
 
 
 def map_domains(tasks: list[str], domains: list[str]) -> tuple[dict[str, list[str]], list[str]]:
@@ -212,8 +223,8 @@ def map_domains(tasks: list[str], domains: list[str]) -> tuple[dict[str, list[st
         return {t: [t] for t in tasks}, []
     out: dict[str, list[str]] = {}
     other = []
-    for t in tasks:
-        d = next((d for d in domains if _is_word_of(d, t)), None)
+    for t in tasks:  # a task named as a domain is that domain's, before any domain that is a word of its name
+        d = t if t in domains else next((d for d in domains if _is_word_of(d, t)), None)
         if d is None:
             other.append(t)
         else:
@@ -244,6 +255,11 @@ def safety_aware(m: ModelResult) -> bool | None:
 def mean(values: Iterable[float]) -> float | None:
     vals = list(values)
     return sum(vals) / len(vals) if vals else None
+
+
+def shared_tasks(a: ModelResult, b: ModelResult, tasks: Iterable[str]) -> list[str]:
+    """Those of `tasks` both models have a number for (a domain compared on what both were measured on)."""
+    return [t for t in tasks if t in a.domain and t in b.domain]  # (missing and NaN values are dropped at loading)
 
 
 def domain_accuracy(m: ModelResult, tasks: list[str]) -> float | None:

@@ -19,13 +19,20 @@ from safemerge.report.results import Results, ResultsError, knowledge, load_resu
 
 def _label(res: Results, path: str | os.PathLike, i: int) -> str:
     seed = res.meta.get("seed")
-    return f"seed {seed}" if seed is not None else f"run {i + 1} ({Path(path).name})"
+    return f"seed {seed}" if seed is not None else f"run {i + 1} ({_run_name(path)})"
+
+
+def _run_name(path: str | os.PathLike) -> str:
+    """The run's folder name: a path to a results.json is named by the folder it lies in."""
+    p = Path(path)
+    return p.parent.name if p.suffix == ".json" else p.name
 
 
 def _same_study(runs: list[Results], paths: Sequence[str | os.PathLike]) -> None:
     """Runs side by side must differ in their seed only: a mean over presets or knowledge domains means nothing."""
     def study(r: Results) -> dict:
-        return {"preset": r.meta.get("preset"), "domains": list(r.domains), "knowledge domains": list(r.focus)}
+        return {"preset": r.meta.get("preset"), "domains": list(r.domains), "knowledge domains": list(r.focus),
+                "safety sets": sorted({s for m in r.models.values() for s in m.safety})}
 
     first = study(runs[0])
     for r, p in zip(runs[1:], paths[1:]):
@@ -51,7 +58,7 @@ def seeds_table(results: Sequence[str | os.PathLike]) -> str:
     _same_study(runs, results)
     labels = [_label(r, p, i) for i, (r, p) in enumerate(zip(runs, results))]
     if len(set(labels)) < len(labels):  # e.g. one seed run twice: name each by its folder too
-        labels = [f"{lab} ({Path(p).name})" for lab, p in zip(labels, results)]
+        labels = [f"{lab} ({_run_name(p)})" for lab, p in zip(labels, results)]
     names: list[str] = []
     for r in runs:
         names += [n for n in r.models if n not in names]

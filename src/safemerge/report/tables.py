@@ -106,9 +106,9 @@ def _score_columns(res: Results, models: Sequence[ModelResult]) -> list[Column]:
 def _table(title: str, models: Sequence[ModelResult], lead: list[tuple[str, Callable[[ModelResult], str]]],
            scores: list[Column], note: str) -> Table:
     values = [[f(m) for _, _, f in scores] for m in models]
-    best = [_best([v[j] for v in values]) for j in range(len(scores))]
+    best = [_best([pct(v[j]) for v in values]) for j in range(len(scores))]  # bold what is shown: 90.0 and 90.0 tie
     rows = [[Cell(f(m)) for _, f in lead]
-            + [Cell(pct(v), bold=v is not None and v == best[j], numeric=True)
+            + [Cell(pct(v), bold=v is not None and pct(v) == best[j], numeric=True)
                for j, v in enumerate(vals)]
             for m, vals in zip(models, values)]
     groups = [("", len(lead))]
@@ -121,10 +121,11 @@ def _table(title: str, models: Sequence[ModelResult], lead: list[tuple[str, Call
                  [False] * len(lead) + [True] * len(scores), groups)
 
 
-def _best(values: list[float | None]) -> float | None:
-    """The column's maximum, or None when there is nothing to single out (fewer than two distinct values)."""
-    present = {v for v in values if v is not None}
-    return max(present) if len(present) > 1 else None
+def _best(shown: list[str]) -> str | None:
+    """The column's largest value as shown, or None when there is nothing to single out (fewer than two distinct
+    shown values)."""
+    present = {v for v in shown if v != MISSING}
+    return max(present, key=float) if len(present) > 1 else None
 
 
 def _name_cols() -> list[tuple[str, Callable[[ModelResult], str]]]:
