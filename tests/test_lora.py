@@ -251,3 +251,25 @@ def test_mergealign_takes_an_aligned_model_shipped_as_an_adapter(lora_family, tm
     saved = yaml.safe_load((out / "mergekit_config.yml").read_text())
     assert saved["tokenizer_source"] == str(fam["base"])
     assert (out / "tokenizer_config.json").is_file()
+
+
+def test_an_adapter_that_replaces_a_tied_opt_embedding_is_refused(tmp_path):
+    """The tied check knew Llama's and GPT-2's embedding names only: for OPT (and BLOOM) a replaced embedding was
+    accepted, and with it silently a new output layer, where peft's merge unties the two."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from safemerge.lora import open_model
+
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, ffn_dim=64,
+                                     num_attention_heads=4, word_embed_proj_dim=32))
+    model.save_pretrained(tmp_path / "opt")
+    adapted = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens"]))
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(0.5)
+    adapted.save_pretrained(tmp_path / "ad")
+    with pytest.raises(CheckpointError, match="replaces 'model.decoder.embed_tokens.weight' of a model whose lm_head is tied"):
+        open_model(f"{tmp_path / 'opt'}+{tmp_path / 'ad'}")

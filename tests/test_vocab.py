@@ -14,7 +14,7 @@ import safemerge
 from safemerge.checkpoint import Checkpoint
 from safemerge.errors import CheckpointError, ConfigError
 from safemerge.vocab import vocab_plan
-from tiny import VOCAB_TENSORS, vocab_of, vocab_variant
+from tiny import VOCAB_TENSORS, make_family, vocab_of, vocab_variant
 
 
 def _ta(fam: dict[str, Path], **over) -> dict:
@@ -252,3 +252,19 @@ def test_tokens_the_output_lacks_are_added_and_unused_entries_are_not_read(tmp_p
             assert got[name].shape[0] == size
             torch.testing.assert_close(got[name][vocab["<|new|>"]], e[name][7], rtol=0, atol=0)
             torch.testing.assert_close(got[name][vocab["<|med|>"]], 0.5 * e[name][n], rtol=0, atol=1e-7)
+
+
+def test_padding_rows_are_kept_however_the_tokenizer_files_are_formatted(tmp_path):
+    """80 embedding rows for 64 tokens (Qwen's padding): byte-identical tokenizer files kept all 80 rows, while the
+    same vocabulary saved with other indentation was re-indexed and cut to 64 (vocab_size 64 in config.json)."""
+    import json
+
+    fam = make_family(tmp_path / "fam", vocab=80)
+    f = fam["expert"] / "tokenizer.json"
+    f.write_text(json.dumps(json.loads(f.read_text()), indent=4))
+    for source in ("base", "union"):
+        cfg = {"merge_method": "task_arithmetic", "base_model": str(fam["base"]), "tokenizer_source": source,
+               "models": [{"model": str(fam[m]), "parameters": {"weight": 0.5}} for m in ("expert", "aligned")]}
+        out = safemerge.merge(cfg, tmp_path / source, progress=False)
+        assert Checkpoint(out).shape("model.embed_tokens.weight") == (80, 32)
+        assert json.loads((out / "config.json").read_text())["vocab_size"] == 80

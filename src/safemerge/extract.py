@@ -120,7 +120,10 @@ def extract_lora(
     factors: dict[str, tuple[torch.Tensor, torch.Tensor, bool]] = {}  # module -> (A, B, embedding-style keys)
     whole: list[_Module] = []
     sq_err = sq_norm = 0.0
-    tied = "lm_head.weight" not in fine and any(m.kind == "embedding" for m in modules)
+    # tied as config.json says (GPT-NeoX's untied head is `embed_out`, not lm_head); else: no output layer of its own
+    said = fine.config.get("tie_word_embeddings")
+    tied = (said if isinstance(said, bool) else not any(m.kind == "output" for m in modules)) \
+        and any(m.kind == "embedding" for m in modules)
     with progress_bar(len(modules), "extracting LoRA: modules", enabled=progress) as advance:
         for m in modules:
             advance(1)

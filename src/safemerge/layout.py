@@ -13,7 +13,8 @@ from typing import Iterable
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
 _PRE = re.compile(r"embed(?!_out)|wte|wpe|word_embeddings|position_embeddings")  # GPT-NeoX's embed_out is its head
-TIED_SOURCES = ("model.embed_tokens.weight", "transformer.wte.weight", "model.embed_tokens.embedding.weight")
+TIED_SOURCES = ("model.embed_tokens.weight", "transformer.wte.weight", "model.embed_tokens.embedding.weight",
+                "model.decoder.embed_tokens.weight", "transformer.word_embeddings.weight")  # ... OPT, BLOOM
 
 
 def layer_index(name: str) -> int | None:

@@ -24,6 +24,7 @@ import torch
 from safemerge.checkpoint import Checkpoint, _file_digest
 from safemerge.config import split_reference
 from safemerge.errors import CheckpointError
+from safemerge.layout import TIED_SOURCES
 
 PREFIX = "base_model.model."
 ROWS = 1024  # the low-rank update is computed in blocks of this many rows
@@ -149,7 +150,7 @@ class LoraCheckpoint(Checkpoint):
         to the model's own tensor (peft saves the embeddings with `save_embedding_layers`) changes nothing."""
         if "lm_head.weight" in self:
             return
-        embed = next((n for n in ("model.embed_tokens.weight", "transformer.wte.weight") if n in self), None)
+        embed = next((n for n in TIED_SOURCES if n in self), None)  # the matrix lm_head is tied to (OPT, BLOOM too)
         for name in list(self._whole):
             if name == "lm_head.weight" or name == embed:
                 same = embed is not None and torch.equal(self.adapter_weights.get(self._whole[name]).to(self.dtype(embed)),

@@ -158,7 +158,7 @@ def vocab_plan(source: str | None, pad_to_multiple_of: int | None, *, models: di
         if out is None:
             raise ConfigError(f"tokenizer_source {source!r} has no tokenizer files")
     same = one_size and all(v == vocabs[base] for v in vocabs.values())
-    if same and not tokens and (out is None or (out == vocabs[base] and len(out) == rows[base])):
+    if same and not tokens and (out is None or out == vocabs[base]):  # rows past the tokenizer (padding) kept
         return None
     if out is None:
         tokenizer = _union_tokenizer(models, base, rows)
