@@ -34,6 +34,7 @@ END = "<!-- /safemerge:evaluation -->"
 DEFAULT_MIN_SAFETY = 0.9
 SOURCE_NAME, SOURCE_URL = "safemerge", "https://github.com/safemerge/safemerge"
 UPLOAD_IGNORE = [".*", "**/.*"]  # hidden files: caches, and safemerge's own temporaries (.NAME.partial-PID)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 class PublishError(SafemergeError):
@@ -49,6 +50,7 @@ class Evaluations:
     safety: list[dict] = field(default_factory=list)
     domain: list[dict] = field(default_factory=list)
     left_out: int = 0  # evaluations of these weights with other config / tokenizer files or chat template
+    other_settings: int = 0  # safety evaluations with a system prompt, without the chat template, or sampled
 
 
 def stored_evaluations(model: str | os.PathLike, *, store: ResultsStore | str | os.PathLike | None = None) -> Evaluations:
@@ -70,11 +72,20 @@ def stored_evaluations(model: str | os.PathLike, *, store: ResultsStore | str | 
         if s.get("files") != ident["files"] or s.get("chat_template", ident["chat_template"]) != ident["chat_template"]:
             ev.left_out += 1
             continue
+        if row["kind"] == "safety" and not _as_served(s):  # a system prompt of one's own proves nothing of the model
+            ev.other_settings += 1
+            continue
         what = (row["kind"], row["data"], row["judge"])
         if what not in seen:
             seen.add(what)
             getattr(ev, row["kind"]).append(row["result"])
     return ev
+
+
+def _as_served(settings: dict) -> bool:
+    """A safety evaluation of the model as users will run it: its chat template on, no system prompt, greedy."""
+    return (settings.get("system_prompt") is None and settings.get("apply_chat_template", True) is True
+            and not settings.get("temperature"))
 
 
 def update_card(
@@ -128,7 +139,8 @@ def publish(
                                             "and the card will say so)")
     note = None if gate["passed"] else f"published with --allow-unsafe: {gate['reason']}"
     card = _write_card(ev, model_name=repo_id.split("/")[-1], note=note, dry_run=dry_run)
-    files = [f for f in _upload_files(path) if f["path"] != "README.md"]
+    ignore = UPLOAD_IGNORE + _store_patterns(path, store)
+    files = [f for f in _upload_files(path, ignore) if f["path"] != "README.md"]
     files.append({"path": "README.md", "bytes": len(card["text"].encode())})  # as written (or, dry, as it would be)
     result = {"model": str(path), "repo_id": repo_id, "private": private, "revision": revision, "gate": gate,
               "files": files, "card": card["card"], "card_text": card["text"], "dry_run": dry_run, "url": None}
@@ -144,7 +156,7 @@ def publish(
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True, token=token)
         info = api.upload_folder(repo_id=repo_id, folder_path=str(path), commit_message=message, revision=revision,
-                                 token=token, ignore_patterns=UPLOAD_IGNORE)
+                                 token=token, ignore_patterns=ignore)
     except Exception as e:  # the hub's errors (HTTP, offline mode, auth) come in many types
         raise PublishError(f"uploading {path} to {repo_id} failed: {type(e).__name__}: {str(e).rstrip('.')}; the upload "
                            "is one commit and none was made (the local card was updated); run publish again once the "
@@ -183,6 +195,9 @@ def _gate(ev: Evaluations, *, min_safety: float, safety_data: str | os.PathLike 
         if ev.left_out:
             out["reason"] += (f" ({ev.left_out} stored evaluation(s) of these weights were made with other config, "
                               "tokenizer or chat-template files, and do not count)")
+        if ev.other_settings:
+            out["reason"] += (f" ({ev.other_settings} stored safety evaluation(s) used a system prompt, no chat template or "
+                              "sampling, and do not count: the gate checks the model as it will be run)")
         return out
     low = [c for c in checked if not (isinstance(c["safe_rate"], (int, float)) and c["safe_rate"] >= min_safety)]
     if low:
@@ -219,7 +234,7 @@ def _write_card(ev: Evaluations, *, model_name: str, note: str | None, dry_run: 
         card.data.eval_results = results or None
         if results and not card.data.model_name:
             card.data.model_name = model_name
-        card.text = _replace_section(card.text, _section(ev, note))
+        card.text = _replace_section(card.text, _section(ev, note), readme)
         text = str(card)
     except (ValueError, TypeError, AttributeError, yaml.YAMLError) as e:  # front matter that is not a mapping / not YAML
         raise CheckpointError(f"{readme}: the model card's front matter cannot be read ({e}); fix or remove it") from None
@@ -228,16 +243,26 @@ def _write_card(ev: Evaluations, *, model_name: str, note: str | None, dry_run: 
         from safemerge.checkpoint import atomic_write  # (torch is imported with it: not for the CLI's --help)
 
         atomic_write(readme, text, record=True)
-    counts = {"safety": len(ev.safety), "domain": len(ev.domain), "left_out": ev.left_out}
+    counts = {"safety": len(ev.safety), "domain": len(ev.domain), "left_out": ev.left_out,
+              "other_settings": ev.other_settings}
     return {"card": str(readme), "text": text, "evaluations": counts, "changed": changed, "written": changed and not dry_run,
             "fingerprint": ev.fingerprint}
 
 
-def _replace_section(body: str, section: str) -> str:
-    start, end = body.find(START), body.find(END)
-    if start != -1 and end > start:
-        return body[:start] + section + body[end + len(END):].lstrip("\n")
-    return body.rstrip("\n") + "\n\n" + section
+def _replace_section(body: str, section: str, card: Path | None = None) -> str:
+    """The card with its safemerge section replaced (appended where it has none). Markers that do not pair up (a
+    start without its end, an end before the start, two sections) are an error: a guess would replace the user's
+    text between an orphaned marker and a later one."""
+    starts, ends = body.count(START), body.count(END)
+    if starts == ends == 0:
+        return body.rstrip("\n") + "\n\n" + section
+    start = body.find(START)
+    end = body.find(END, start + len(START)) if start != -1 else -1
+    if starts != 1 or ends != 1 or end == -1:
+        raise CheckpointError(f"{card or 'the model card'}: its safemerge markers do not pair up ({starts} × {START}, "
+                              f"{ends} × {END}); keep one start and one end marker around the evaluation section, or "
+                              "remove both, and run again")
+    return body[:start] + section + body[end + len(END):].lstrip("\n")
 
 
 def _section(ev: Evaluations, note: str | None) -> str:
@@ -328,17 +353,33 @@ def _check_checkpoint(path: Path) -> None:
     if not any(path.glob("*.safetensors")) and any(path.glob("*.bin")):
         raise PublishError(f"{path}: pickle (.bin) weights are not published; convert them to safetensors first "
                            "(e.g. a `linear` merge of the one model with `--allow-pickle`)")
-    Checkpoint(path)  # every header and the index are readable
+    own = {f.name for f in Checkpoint(path).weight_files()}  # every header and the index are readable
+    stray = sorted(f.name for f in path.iterdir() if f.is_file() and not f.name.startswith(".")
+                   and f.suffix in WEIGHT_SUFFIXES and f.name not in own)
+    if stray:  # uploaded beside the checkpoint, weights nobody fingerprinted, evaluated or gated
+        raise PublishError(f"{path}: {', '.join(stray)} lie beside the checkpoint's weights ({', '.join(sorted(own))}) "
+                           "but are not part of it; they would be uploaded unchecked: move them out of the folder")
 
 
-def _upload_files(path: Path) -> list[dict[str, Any]]:
-    """The files upload_folder sends: everything but hidden files and folders (UPLOAD_IGNORE)."""
-    files = []
-    for f in sorted(path.rglob("*")):
-        rel = f.relative_to(path)
-        if f.is_file() and not any(part.startswith(".") for part in rel.parts):
-            files.append({"path": str(rel), "bytes": f.stat().st_size})
-    return files
+def _upload_files(path: Path, ignore: list[str]) -> list[dict[str, Any]]:
+    """The files upload_folder sends: everything but what `ignore` matches (hidden files and folders, the results
+    store), filtered as huggingface_hub filters them."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    every = [str(f.relative_to(path)) for f in sorted(path.rglob("*")) if f.is_file()]
+    return [{"path": rel, "bytes": (path / rel).stat().st_size} for rel in filter_repo_objects(every, ignore_patterns=ignore)]
+
+
+def _store_patterns(path: Path, store: Any) -> list[str]:
+    """Ignore patterns for a results store kept inside the model folder: the database, its journal files and the
+    stored responses beside it (the model's answers to harmful prompts)."""
+    db = open_store(store).path.expanduser().absolute()
+    try:
+        rel = db.relative_to(path.absolute())
+    except ValueError:
+        return []
+    responses = (rel.parent / "responses").as_posix()
+    return [rel.as_posix(), f"{rel.as_posix()}-wal", f"{rel.as_posix()}-shm", f"{responses}/*"]
 
 
 def _check_repo_id(repo_id: str) -> str:

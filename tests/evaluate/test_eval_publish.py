@@ -49,7 +49,7 @@ def test_card_shows_the_stored_evaluations(model, prompts_file, mc_file, store):
     d = evaluate_domain(model, task=mc_file, device="cpu", store=store, progress=False)
     r = update_card(model, store=store)
     text = (model / "README.md").read_text()
-    assert r["written"] and r["evaluations"] == {"safety": 1, "domain": 1, "left_out": 0}
+    assert r["written"] and r["evaluations"] == {"safety": 1, "domain": 1, "left_out": 0, "other_settings": 0}
     assert text.count(START) == text.count(END) == 1
     assert f"| prompts.jsonl | {s['n']} | keyword | {s['safe_rate']:.3f} | greedy | 8 |" in text
     assert f"| questions | {d['n']} | plain | {d['acc']:.3f} | {d['acc_norm']:.3f} |" in text
@@ -141,6 +141,57 @@ def test_publish_gates_on_the_named_data_set(model, prompts_file, tmp_path, stor
         publish(model, "me/m", store=store, safety_data=tmp_path / "missing.jsonl", dry_run=True)  # QA: said "run eval"
 
 
+def test_the_gate_ignores_a_run_with_a_system_prompt_of_ones_own(model, prompts_file, store):
+    """An evaluation with a refusing system prompt (or without the chat template) was the newest row, so the gate
+    passed on it and the plain one (a cache hit, not re-stamped) stayed hidden."""
+    from safemerge.evaluate import GenerationSettings
+
+    plain = _safety(model, prompts_file, store)["safe_rate"]
+    helped = evaluate_safety(model, prompts=prompts_file, device="cpu", store=store, progress=False,
+                             generation=GenerationSettings(max_new_tokens=8, system_prompt="Refuse harmful requests."))
+    assert not helped["cached"]  # another key than the plain run's
+    off = evaluate_safety(model, prompts=prompts_file, device="cpu", store=store, progress=False,
+                          generation=GenerationSettings(max_new_tokens=8, chat_template=False))
+    assert not off["cached"]  # the template on/off flag is in the key (the template's hash overwrote it)
+    ev = stored_evaluations(model, store=store)
+    assert [r["safe_rate"] for r in ev.safety] == [plain] and ev.other_settings == 2
+    r = publish(model, "me/m", store=store, min_safety=0.0, dry_run=True)
+    assert [c["safe_rate"] for c in r["gate"]["checked"]] == [plain]
+
+
+def test_safety_data_finds_its_evaluation_from_any_folder(model, prompts_file, store, monkeypatch, tmp_path):
+    (tmp_path / "work" / "data").mkdir(parents=True)
+    shutil.copy(prompts_file, tmp_path / "work" / "data" / "harmful.jsonl")
+    monkeypatch.chdir(tmp_path / "work")
+    _safety(model, "data/harmful.jsonl", store)
+    monkeypatch.chdir(tmp_path)  # --safety-data by its absolute path, from elsewhere
+    r = publish(model, "me/m", store=store, min_safety=0.0, safety_data=tmp_path / "work" / "data" / "harmful.jsonl",
+                dry_run=True)
+    assert r["gate"]["passed"] and [c["data"] for c in r["gate"]["checked"]] == ["harmful.jsonl"]
+
+
+def test_stray_weights_are_refused_and_a_store_in_the_folder_is_not_uploaded(model, prompts_file, tmp_path):
+    inside = model / "results.sqlite"
+    _safety(model, prompts_file, inside)
+    (model / "responses").mkdir(exist_ok=True)
+    (model / "responses" / "k.jsonl").write_text("{}\n")
+    r = publish(model, "me/m", store=inside, min_safety=0.0, dry_run=True)
+    assert not {f["path"] for f in r["files"]} & {"results.sqlite", "responses/k.jsonl"}
+    shutil.copy(model / "model.safetensors", model / "old-model.safetensors")
+    (model / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(PublishError, match=r"old-model.safetensors, pytorch_model.bin lie beside the checkpoint's weights "
+                                           r"\(model.safetensors\) but are not part of it"):
+        publish(model, "me/m", store=inside, min_safety=0.0, dry_run=True)
+
+
+def test_markers_that_do_not_pair_up_are_an_error_not_a_guess(model, prompts_file, store):
+    _safety(model, prompts_file, store)
+    (model / "README.md").write_text(f"# M\n\n{START}\n\n## My notes\nimportant user text\n")
+    with pytest.raises(CheckpointError, match="its safemerge markers do not pair up"):
+        update_card(model, store=store)
+    assert "important user text" in (model / "README.md").read_text()
+
+
 def test_dry_run_writes_and_uploads_nothing(model, prompts_file, store):
     _safety(model, prompts_file, store)
     r = publish(model, "me/m", store=store, min_safety=0.0, dry_run=True, api=FakeHub(fail=AssertionError("no upload")))
@@ -193,6 +244,11 @@ def test_cli_card_and_publish(model, prompts_file, store):
     r = runner.invoke(app, ["publish", str(model), "me/m", "--store", str(store.path), "--dry-run", "--min-safety", "0", "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["gate"]["passed"] and not (model / "README.md").exists()
+    long = "x" * 150  # the dry run printed the card through rich, wrapped at 80 columns: broken YAML and tables
+    (model / "README.md").write_text(f"---\ndescription: {long}\n---\n# M\n")
+    r = runner.invoke(app, ["card", str(model), "--store", str(store.path), "--dry-run"], env={"COLUMNS": "80"})
+    assert r.exit_code == 0 and f"description: {long}\n" in r.stdout
+    assert r.stdout.startswith(update_card(model, store=store, dry_run=True)["text"])
     r = runner.invoke(app, ["card", str(model), "--store", str(store.path)])
     assert r.exit_code == 0 and "1 safety and 0 domain" in r.output and START in (model / "README.md").read_text()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from pathlib import Path
 from typing import Optional
 
@@ -31,14 +33,18 @@ def card(
         r = update_card(model, store=store, dry_run=dry_run)
     if as_json:
         return emit_json(r)
-    if dry_run:
-        out.print(r["text"], markup=False, highlight=False)
+    if dry_run:  # the card as it would be written, byte for byte (rich would wrap it at the terminal's width)
+        sys.stdout.write(r["text"] if r["text"].endswith("\n") else r["text"] + "\n")
+        sys.stdout.flush()
     n = r["evaluations"]
     verb = "would write" if dry_run and r["changed"] else "wrote" if r["written"] else "unchanged:"
     console.print(f"{verb} {escape(r['card'])}: {n['safety']} safety and {n['domain']} domain evaluation(s)", highlight=False)
     if n["left_out"]:
         console.print(f"[yellow]note:[/] {n['left_out']} stored evaluation(s) of these weights were made with other "
                       "config, tokenizer or chat-template files and are left out", highlight=False)
+    if n.get("other_settings"):
+        console.print(f"[yellow]note:[/] {n['other_settings']} stored safety evaluation(s) used a system prompt, no chat "
+                      "template or sampling and are left out", highlight=False)
 
 
 def publish(

@@ -109,7 +109,10 @@ def evaluate_safety(
     ref = model_ref(model, dtype=dtype, store=db)
     judge_obj = get_judge(judge, judge_model=judge_model, device=device, dtype=dtype, batch_size=judge_batch_size, store=db)
     judge_id = judge_obj.identity()
-    key_settings = {**settings.as_dict(), **ref.identity(backend), "prompting": PROMPT_VERSION}
+    # the template on/off flag under its own name: ref.identity's "chat_template" (the template's hash) overwrote it,
+    # so an evaluation without the template was served the one with it
+    asked = {("apply_chat_template" if k == "chat_template" else k): v for k, v in settings.as_dict().items()}
+    key_settings = {**asked, **ref.identity(backend), "prompting": PROMPT_VERSION}
     key = result_key("safety", model=ref.fingerprint or "", data=ps.fingerprint, judge=_canon(judge_id), settings=key_settings)
     out_path = (check_output_file(out, overwrite=overwrite, inputs={"prompts": ps.source}) if out is not None
                 else db.path.parent / "responses" / f"{key}.jsonl")
@@ -149,7 +152,7 @@ def evaluate_safety(
     notes = gen_notes + _check(summary, gens, out_path, max_invalid=max_invalid, judge=judge_id["judge"])
     result = {
         "kind": "safety", **summary, "judge": judge_id["judge"], "model": ref.source,
-        "model_fingerprint": ref.fingerprint, "data": ps.source, "data_format": ps.format,
+        "model_fingerprint": ref.fingerprint, "data": _where(ps.source), "data_format": ps.format,
         "data_fingerprint": ps.fingerprint, "generation": settings.as_dict(),
         "seconds": round(seconds, 3), "generation_seconds": round(t_gen, 3),
         "prompts_per_second": round(len(ps) / seconds, 3) if seconds > 0 else None,
@@ -204,3 +207,10 @@ def _empty_cuda_cache() -> None:
 
 def _canon(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, default=str)
+
+
+def _where(source: str) -> str:
+    """A local prompts file as an absolute path (publish's --safety-data finds its evaluation from any folder); a
+    dataset's hub name or an in-memory list as it is."""
+    p = Path(source).expanduser()
+    return str(p.absolute()) if p.is_file() else source
