@@ -47,11 +47,22 @@ def parse_models(specs: Sequence[str] | Mapping[str, str]) -> dict[str, str]:
     return dict(pairs)
 
 
+def _align_method(run: Path) -> tuple[str, dict[str, Any]]:
+    """DPO / ORPO and the settings that tell runs apart, from an align run record (max_steps where it cut a run short
+    of its epochs)."""
+    settings = _read_json(run).get("settings", {})
+    keys = ("lr", "epochs", "max_steps", "sft_weight")
+    return str(settings.get("method", "align")), {k: settings[k] for k in keys if settings.get(k) is not None}
+
+
 def infer_method(ref: str, name: str) -> tuple[str, dict[str, Any]]:
     """The report's method and parameters of a model, from what safemerge wrote beside its weights (search.json,
     an align run record, mergekit_config.yml), else from its name (`base`, `aligned`, `expert-<d>`, ...)."""
-    if "+" in str(ref) and not Path(str(ref)).expanduser().exists():  # model+adapter: its folders say nothing of it
-        return _method_from_name(name), {}
+    if "+" in str(ref) and not Path(str(ref)).expanduser().exists():  # model+adapter: an align run's adapter folder
+        from safemerge.config import split_reference                    # says what made it; others say nothing
+
+        run = Path(split_reference(str(ref))[1]).expanduser() / "align_run.json"
+        return _align_method(run) if run.is_file() else (_method_from_name(name), {})
     folder = Path(str(ref)).expanduser()
     search = folder / "search.json"
     if search.is_file():
@@ -61,9 +72,7 @@ def infer_method(ref: str, name: str) -> tuple[str, dict[str, Any]]:
         return method, {"optimizer": optimizer, "lambda": s.get("lambda"), **s.get("best", {}).get("params", {})}
     run = folder / "adapter" / "align_run.json"
     if run.is_file():
-        settings = _read_json(run).get("settings", {})
-        method = str(settings.get("method", "align"))
-        return method, {k: settings[k] for k in ("lr", "epochs", "sft_weight") if k in settings}
+        return _align_method(run)
     config = folder / "mergekit_config.yml"
     if config.is_file():
         import yaml

@@ -70,3 +70,28 @@ def test_one_model_against_base_and_mismatches(family, tmp_path):
     save_file(t, tmp_path / "broken.safetensors")
     with pytest.raises(CheckpointError, match="has no tensor 'model.norm.weight'"):
         similarity([family["m1"], tmp_path / "broken.safetensors"])
+
+
+def test_two_tied_models_are_compared_alike_whatever_else_is_compared(family, tmp_path):
+    """A third model with its own lm_head made every pair count the head, so two tied models counted their embedding
+    difference twice: compare's ‖model − expert‖ changed with the aligned model beside them (6.06 → 6.29)."""
+    import json
+    import shutil
+
+    tied = {}
+    for name in ("m0", "m1"):  # as tied checkpoints are saved: no lm_head tensor, tie_word_embeddings true
+        tied[name] = tmp_path / name
+        shutil.copytree(family[name], tied[name])
+        f = tied[name] / "model.safetensors"
+        save_file({k: v for k, v in load_file(f).items() if k != "lm_head.weight"}, f, metadata={"format": "pt"})
+        cfg = json.loads((tied[name] / "config.json").read_text())
+        (tied[name] / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    a, b = (_tensors(tied[n]) for n in ("m0", "m1"))
+    want = math.sqrt(sum(torch.sum((a[k] - b[k]) ** 2).item() for k in a))  # every stored tensor once
+    alone = similarity([tied["m0"], tied["m1"]])["pairs"][0]["l2"]
+    beside = similarity([tied["m0"], tied["m1"], family["m2"]])["pairs"]
+    assert alone == pytest.approx(want, rel=1e-12) and beside[0]["l2"] == pytest.approx(want, rel=1e-12)
+    m2 = _tensors(family["m2"])  # a tied model against an untied one: its embedding stands in for its head
+    head = torch.sum((a["model.embed_tokens.weight"] - m2["lm_head.weight"]) ** 2).item()
+    assert beside[1]["l2"] == pytest.approx(math.sqrt(sum(torch.sum((a[k] - m2[k]) ** 2).item() for k in a) + head),
+                                            rel=1e-12)

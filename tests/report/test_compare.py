@@ -173,6 +173,13 @@ def test_names_and_methods(pool, tmp_path, monkeypatch):
     assert infer_method(str(tmp_path / "odd"), "x") == ("ties", {})
     assert infer_method(str(pool["cocktail-unsafe"]), "x")[0] == "cocktail"
     assert infer_method(str(pool["mergealign"]), "x") == ("mergealign", {"alpha": 1.0, "beta": 1.0})
+    # an align run given as BASE+ADAPTER (its adapter folder holds the run record) keeps its method; max_steps shows
+    run = tmp_path / "dpo" / "adapter"
+    run.mkdir(parents=True)
+    (run / "align_run.json").write_text(json.dumps({"settings": {"method": "dpo", "lr": 8e-6, "epochs": 3,
+                                                                 "max_steps": 2, "sft_weight": 0.0}}))
+    assert infer_method(f"{tmp_path / 'base'}+{run}", "tuned") == \
+        ("dpo", {"lr": 8e-6, "epochs": 3, "max_steps": 2, "sft_weight": 0.0})
     assert infer_method(str(pool["base"]), "expert-law") == ("expert", {})
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / "mergekit_config.yml").write_text("merge_method: slerp\nparameters: {t: [0, 0.5, 1, 0.5, 0]}\n")

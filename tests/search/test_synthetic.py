@@ -168,3 +168,15 @@ def test_safety_data_from_the_micro_testbed_pool(micro_testbed, tmp_path):
 def test_data_safety_command_needs_one_question_source(tmp_path):
     r = CliRunner().invoke(app, ["data", "safety", "--pool", str(tmp_path), "--out", str(tmp_path / "s.jsonl")])
     assert r.exit_code == 2 and "give either --prompts FILE" in " ".join(r.output.split()), r.output
+
+
+def test_the_refusal_kept_does_not_depend_on_the_order_of_the_pool(tmp_path, prompts_file):
+    """The refusers were listed in --pool order and one generator ran over every question: reversing the pool flipped
+    every choice (40 of 40 on the micro testbed)."""
+    a = Scripted("A", reply=lambda p: "I'm sorry, A cannot.", fingerprint="fa")
+    b = Scripted("B", reply=lambda p: "I'm sorry, B cannot.", fingerprint="fb")
+    picks = []
+    for i, pool in enumerate(([a, b], [b, a])):
+        synthesize_safety(pool, tmp_path / f"{i}.jsonl", prompts=prompts_file, seed=5, progress=False)
+        picks.append([(r["prompt"], r["model"], r["refused_by"]) for r in _rows(tmp_path / f"{i}.jsonl")])
+    assert picks[0] == picks[1] and len({m for _, m, _ in picks[0]}) == 2  # both models chosen somewhere

@@ -238,14 +238,17 @@ def synthesize_safety(
             per_model[_label(model)] = {"fingerprint": backend.fingerprint, "refusals": refused,
                                      "refusal_rate": refused / max(1, len(questions))}
             del backend
-    rng = random.Random(seed)
     rows, no_refusal = [], 0
     for i, q in enumerate(questions):
-        refusers = [m for m in answers if _refused(*answers[m][i])]
+        # the models that refused, in an order of their own (weights fingerprint, then name), and a generator of the
+        # question's own: the choice depends on the seed, the question and who refused it, not on the order of
+        # --pool or on what the other questions drew
+        refusers = sorted((m for m in answers if _refused(*answers[m][i])),
+                          key=lambda m: (per_model[m]["fingerprint"] or "", m))
         if not refusers:
             no_refusal += 1
             continue
-        model = rng.choice(refusers)
+        model = random.Random(f"{seed}\0{normalise(q['question'])}").choice(refusers)
         rows.append({"prompt": q["question"], "response": answers[model][i][0].text, "kind": "safety", "model": model,
                      "model_fingerprint": per_model[model]["fingerprint"], "refused_by": refusers, "question_source": source,
                      "question_prompt": q.get("prompt"), "judge": judge_.identity(), "generation": settings.as_dict(),
