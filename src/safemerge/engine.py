@@ -236,12 +236,12 @@ def _left_out(model: str, ckpt: Checkpoint, reference: Checkpoint, known: set[st
     """Warn about what of `model` the output will not have: tensors the reference lacks (a trained lm_head of an
     untied model when the reference ties its head to its embeddings among them), and integer tensors."""
     ref_names = reference.names()
-    extra = [n for n in ckpt.names() if n not in known and ckpt.dtype(n).is_floating_point
-             and not (n.endswith("lm_head.weight") and tied_source(n, ref_names))]
+    unknown = [n for n in ckpt.names() if n not in known and ckpt.dtype(n).is_floating_point]
+    heads = [n for n in unknown if n.endswith("lm_head.weight") and tied_source(n, ref_names)]
+    extra = [n for n in unknown if n not in heads]
     if extra:
         warnings.warn(f"{model}: {len(extra)} tensor(s) that {reference.path} lacks are left out of the merge "
                       f"(e.g. {extra[0]!r}); the output has the tensors of {reference.path}", stacklevel=5)
-    heads = [n for n in ckpt.names() if n.endswith("lm_head.weight") and n not in known and tied_source(n, ref_names)]
     if heads and ckpt is not reference and ckpt.config.get("tie_word_embeddings") is not True:
         warnings.warn(f"{model}: its own {heads[0]!r} is left out: {reference.path} ties its output layer to its "
                       "embeddings, so the output does too and merges the embeddings only; to merge the output layers, "
@@ -596,7 +596,7 @@ def _finish(tmp: Path, cfg: MergeConfig, plan: _Plan, *, tok_path: Path, title: 
     generation = tok_path if (tok_path / "generation_config.json").is_file() else plan.reference.path
     if plan.vocab is not None and plan.vocab.tokenizer is not None:  # the union's tokenizer
         plan.vocab.tokenizer.save_pretrained(str(tmp))
-        copy_side_files(tmp, tokenizer_source=None, generation_source=plan.reference.path, chat_template=template)
+        copy_side_files(tmp, tokenizer_source=None, generation_source=generation, chat_template=template)
     elif not copy_side_files(tmp, tokenizer_source=tok_path, generation_source=generation, chat_template=template):
         others = [c.path for c in plan.models.values() if _has_tokenizer(c.path)]
         if others:

@@ -117,8 +117,7 @@ def load_prompts(
         bad = next((i for i, r in enumerate(source) if not isinstance(r, (str, dict))), None)
         if bad is not None:
             raise DataError(f"prompts list, item {bad + 1}: {source[bad]!r} is neither a prompt (str) nor a row (dict)")
-        rows = [{prompt_column: r} if isinstance(r, str) else dict(r) for r in source]
-        name, digest = "<list>", _digest_bytes(json.dumps(rows, sort_keys=True, default=str).encode())
+        rows, name, digest = _in_memory([{prompt_column: r} if isinstance(r, str) else dict(r) for r in source])
     else:
         rows, name, digest = read_rows(source, split=split)
     columns = set(rows[0]) if rows else set()
@@ -137,6 +136,11 @@ def load_prompts(
                           stacklevel=2)
     ps = PromptSet(prompts, _digest_str(digest, options), name, fmt, meta)
     return _limited(ps, limit)
+
+
+def _in_memory(rows: list[dict]) -> tuple[list[dict], str, str]:
+    """Rows given as a list, as `read_rows` returns a file's: (rows, the name "<list>", a digest of their content)."""
+    return rows, "<list>", _digest_bytes(json.dumps(rows, sort_keys=True, default=str).encode())
 
 
 def _once_each(prompts: list[Prompt]) -> tuple[list[Prompt], int]:
@@ -241,8 +245,7 @@ def load_multiple_choice(source: str | os.PathLike | Sequence[dict] | QuestionSe
             if bad is not None or not source:
                 raise DataError("questions list: " + (f"item {bad + 1} is not a row (dict) of question, choices and answer"
                                                       if source else "empty; it needs at least one question"))
-            rows, name = [dict(r) for r in source], "<list>"
-            digest = _digest_bytes(json.dumps(rows, sort_keys=True, default=str).encode())
+            rows, name, digest = _in_memory([dict(r) for r in source])
         else:
             rows, name, digest = read_rows(source, split=None)
         questions = [_mc_row(row, name, i) for i, row in enumerate(rows)]

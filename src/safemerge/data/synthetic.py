@@ -156,7 +156,7 @@ def generate_questions(generator: Any, *, n: int, examples: Sequence[str], k: in
     shown = {normalise(e) for e in examples}
     seen: set[str] = set()
     rows: list[dict] = []
-    dropped = {"empty": 0, "not_a_question": 0, "example_copy": 0, "duplicate": 0}
+    dropped = dict.fromkeys(DROP_REASONS, 0)
     for r in range(max_rounds):
         want = n - len(rows)
         if want <= 0:
@@ -179,8 +179,11 @@ def generate_questions(generator: Any, *, n: int, examples: Sequence[str], k: in
     return rows, dropped
 
 
+DROP_REASONS = ("empty", "not_a_question", "example_copy", "duplicate")  # why a generated question is not used
+
+
 def _unusable(text: str, question: str, shown: set[str], seen: set[str]) -> str | None:
-    """Why a generated question cannot be used (a key of the dropped counts), or None."""
+    """Why a generated question cannot be used (one of DROP_REASONS), or None."""
     key = normalise(question)
     return ("empty" if not text.strip() else "not_a_question" if not question else
             "example_copy" if key in shown else "duplicate" if key in seen else None)
@@ -374,7 +377,7 @@ def synthesize_domain(
     ask = _settings(temperature=temperature, max_new_tokens=max_new_tokens, chat_template=style == "chat")
     questions: list[dict] = []
     seen: set[str] = set()
-    dropped = {"empty": 0, "not_a_question": 0, "example_copy": 0, "duplicate": 0}
+    dropped = dict.fromkeys(DROP_REASONS, 0)
     with _bar(progress) as bar:
         advance = bar(f"writing questions with {_short(expert)}", n)
         for r in range(max_rounds):

@@ -26,7 +26,7 @@ import torch
 from safemerge.errors import CheckpointError
 from safemerge.evaluate import guard_prompts as gp
 from safemerge.evaluate.backends import EvaluationWarning, chat_text, eos_ids, generate_ids, pad_id, template_hash
-from safemerge.evaluate.loading import _dtype_name, load_model, resolve_model_path, side_files_digest
+from safemerge.evaluate.loading import dtype_name, load_model, resolve_model_path, side_files_digest
 from safemerge.evaluate.judges import Verdict
 
 _LG_CATEGORY = re.compile(r"\bS\d+\b")
@@ -232,7 +232,7 @@ class LazyGuard:
         # the dtype it will run in ("auto" resolved from its config) and its config, generation config (EOS ids) and
         # tokenizer files: each changes its verdicts or P(unsafe), so a stored result made otherwise is not served
         self._identity = {"judge": name, "model": fingerprint, "template": template,
-                          "dtype": _dtype_name(self.path, dtype), "files": side_files_digest(self.path)}
+                          "dtype": dtype_name(self.path, dtype), "files": side_files_digest(self.path)}
         self._judge: _ModelJudge | None = None
 
     def __repr__(self) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import unicodedata
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
@@ -65,8 +66,6 @@ MATCHING = 2  # how text is prepared for matching: 2 = NFKC, typographic quotes 
 
 def fold(text: str) -> str:
     """`text` as the keyword judge matches it: NFKC-normalised, typographic apostrophes and quotes made ASCII."""
-    import unicodedata
-
     return unicodedata.normalize("NFKC", text).translate(_QUOTES)
 
 

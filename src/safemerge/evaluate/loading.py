@@ -212,7 +212,7 @@ class ModelRef:
     def identity(self, backend: str = "transformers") -> dict:
         if self.path is None:  # an in-memory backend passed by the caller
             return self.backend.identity()
-        return {"backend": backend, "dtype": self.dtype, "chat_template": _hash(self.chat_template), "files": self.files}
+        return {"backend": backend, "dtype": self.dtype, "chat_template": text_hash(self.chat_template), "files": self.files}
 
 
 def model_ref(
@@ -238,7 +238,7 @@ def model_ref(
 
         fingerprint = open_model(source, allow_pickle=allow_pickle).fingerprint()
     files = side_files_digest(path) + (side_files_digest(adapter) if adapter is not None else "")
-    return ModelRef(source, path, fingerprint, _dtype_name(path, dtype), chat_template_text(tokenizer_folder(path, adapter)),
+    return ModelRef(source, path, fingerprint, dtype_name(path, dtype), chat_template_text(tokenizer_folder(path, adapter)),
                     files, adapter)
 
 
@@ -276,13 +276,16 @@ def side_files_digest(path: Path, names: tuple[str, ...] = SIDE_FILES) -> str:
     return h.hexdigest()
 
 
-def _hash(text: str | None) -> str | None:
+def text_hash(text: str | None) -> str | None:
+    """A short hash of a text (a chat template), for store keys; None for none."""
     import hashlib
 
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest() if text is not None else None
 
 
-def _dtype_name(path: Path, dtype: str | torch.dtype) -> str:
+def dtype_name(path: Path, dtype: str | torch.dtype) -> str:
+    """The dtype a model at `path` is loaded in, by name: `dtype` itself, or for "auto" what transformers loads (the
+    config's dtype, else the weights' own)."""
     if isinstance(dtype, torch.dtype):
         return str(dtype).replace("torch.", "")
     if dtype != "auto":

@@ -73,26 +73,27 @@ def similarity(
                 s = torch.zeros(n, n, dtype=torch.float64)
                 for i, j in combinations(range(n), 2):
                     s[i, j] = s[j, i] = torch.sum((xs[i] - xs[j]) ** 2)
+                s = s if counts is None else s * counts
                 for g in ("all", group_of(name)):
-                    sq[g] += s * counts
+                    sq[g] += s
                 if b is not None:
                     taus = torch.stack([x - b for x in xs])  # (N, chunk)
-                    d = taus @ taus.T
+                    d = taus @ taus.T if counts is None else (taus @ taus.T) * counts
                     for g in ("all", group_of(name)):
-                        dot[g] += d * counts
+                        dot[g] += d
             advance(1)
     return _report([c.reference for c in cks], base_ck.reference if base_ck else None, sq, dot if base_ck else None)
 
 
-def _counted(name: str, cks: list, base) -> torch.Tensor:
-    """(N, N) 1/0: which pairs count tensor `name`. All, but for an lm_head that some models tie to their embeddings
+def _counted(name: str, cks: list, base) -> torch.Tensor | None:
+    """(N, N) 1/0: which pairs count tensor `name` (None: every pair, as for all but one tensor). All, but for an lm_head that some models tie to their embeddings
     (read there as the embedding): a pair of two tied models has no head of its own, and its embedding is already
     counted, so it counts only where one of the two (or, for task vectors, the base) holds its own head. The pairs'
     distances do not depend on which other models are compared with them."""
     own = [name in ck for ck in cks]
     n = len(cks)
     if all(own):
-        return torch.ones(n, n, dtype=torch.float64)
+        return None
     based = base is not None and name in base
     return torch.tensor([[float(own[i] or own[j] or based) for j in range(n)] for i in range(n)], dtype=torch.float64)
 

@@ -28,6 +28,7 @@ from safemerge.checkpoint import Checkpoint, atomic_output
 from safemerge.config import MergeConfig, load_config
 from safemerge.engine import check_apart, check_device, input_dirs, tokenizer_dirs
 from safemerge.errors import ConfigError, OutputExistsError
+from safemerge.evaluate.loading import resolve_device
 from safemerge.lora import open_model
 from safemerge.search.candidates import check_architecture
 from safemerge.search.cmaes import DEFAULT_SIGMA0, DEFAULT_STEPS, cmaes, default_popsize
@@ -141,7 +142,7 @@ def search(
         raise ConfigError(f"--workers {workers}: give at least one worker")
     _check_options(steps=steps, popsize=popsize, sigma0=sigma0, temperature=temperature, batch_size=batch_size,
                    max_length=max_length, limit=limit, threads=threads, audit_limit=audit_limit if audit else None)
-    device = check_device(_auto_device(device))
+    device = check_device(str(resolve_device(device)) if device == "auto" else device)  # auto: as evaluation reads it
     pool = {m: open_model(m) for m in cfg.input_models()}
     check_architecture(pool)  # before any model is loaded
     inputs = input_dirs(pool.values()) + tokenizer_dirs(cfg)
@@ -203,15 +204,6 @@ def _optimize(optimizer: str, cfg: MergeConfig, space: SearchSpace | None, evals
     return cocktail(cfg, evals, temperature=temperature)
 
 
-def _auto_device(device: str) -> str:
-    """cuda where device is "auto" and torch sees a GPU, cpu where it sees none; any other value as it is."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _identity(cfg: MergeConfig, pool: dict[str, Checkpoint], *, optimizer, lam, seed, steps, popsize, sigma0, temperature, data, spec) -> dict:
     """What defines a run's sequence of candidates and scores (the journal checks it on resume).
 
@@ -231,18 +223,13 @@ def _tokenizer_identity(cfg: MergeConfig, pool: dict[str, Checkpoint]) -> str:
     """A hash of the tokenizer files the scorer reads (the tokenizer source's, else the reference model's) and of the
     chat template it applies: an edited template changes every example's tokens, so a journal scored with the
     old one must not be resumed (the weights' fingerprints do not cover these files)."""
-    import hashlib
-
     from safemerge import chat_templates
+    from safemerge.evaluate.loading import side_files_digest, text_hash
     from safemerge.writer import TOKENIZER_FILES
 
     folder = next(iter(tokenizer_dirs(cfg)), pool[cfg.base_model or cfg.models[0].model].path)
-    h = hashlib.blake2b(digest_size=16)
-    for name in TOKENIZER_FILES:
-        if (folder / name).is_file():
-            h.update(name.encode() + b"\0" + (folder / name).read_bytes() + b"\0")
-    h.update((chat_templates.resolve(cfg.chat_template, [c.path for c in pool.values()]) or "").encode())
-    return h.hexdigest()
+    template = chat_templates.resolve(cfg.chat_template, [c.path for c in pool.values()])
+    return f"{side_files_digest(folder, TOKENIZER_FILES)}:{text_hash(template)}"
 
 
 def _data(safety, domain, lam: float, limit: int | None) -> dict[str, dict[str, Any]]:
