@@ -257,6 +257,10 @@ def test_strings_and_single_mappings_are_read_as_mergekit_reads_them():
     assert per == {"weight": [0.25], "density": [0.5]}
     with pytest.raises(ConfigError, match="parameters.normalize: 'maybe' is not true or false"):
         cfg(parameters={"normalize": "maybe"})
+    with pytest.raises(ConfigError, match=r"parameters.normalize: a gradient \(a list of values\) is for numbers"):
+        cfg(parameters={"normalize": [True, False]})  # the message said "1.0 is not true or false"
+    c = cfg(parameters={"normalize": [{"filter": "mlp", "value": False}, {"value": True}]})  # a filter list is fine
+    assert method_params(c, tensor="model.layers.0.mlp.up_proj.weight", t=0)[0]["normalize"] is False
     with pytest.raises(ConfigError, match="parameters.lambda: 'maybe' is not a number"):
         cfg(parameters={"lambda": "maybe"})
     for where, params in (("models[x].parameters.weight", {"models": [{"model": "x", "parameters": {"weight": []}}]}),

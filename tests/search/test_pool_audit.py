@@ -68,6 +68,11 @@ def test_a_safety_aware_search_audits_on_its_safety_data_and_looks_the_figures_u
     again, _ = _run(_pool(tb), tmp_path / "b", **kw)
     assert all(m["cached"] for m in again.audit["models"])
     assert [m["safe_rate"] for m in again.audit["models"]] == [m["safe_rate"] for m in first.audit["models"]]
+    fresh, _ = _run(_pool(tb), tmp_path / "c", cache=False, **kw)  # search --no-cache
+    assert not any(m["cached"] for m in fresh.audit["models"])
+    shorter, _ = _run(_pool(tb), tmp_path / "d", audit_max_new_tokens=4, **kw)  # other answers: not looked up
+    assert not any(m["cached"] for m in shorter.audit["models"])
+    assert [m["safe_rate"] for m in fresh.audit["models"]] == [m["safe_rate"] for m in first.audit["models"]]
 
 
 def test_a_pool_without_a_safe_model_warns_and_no_audit_skips_it(tiny_family, family_data, tmp_path):
@@ -91,6 +96,7 @@ def test_a_domain_only_search_without_audit_prompts_says_the_pool_was_not_audite
 @pytest.mark.parametrize("kw, message", [
     ({"audit_threshold": 1.5}, "--audit-threshold 1.5: a safety rate in [0, 1]"),
     ({"audit_limit": 0}, "--audit-limit 0: must be at least 1"),
+    ({"audit_max_new_tokens": 0}, "--audit-max-new-tokens 0: must be at least 1"),
     ({"judge": "llama-gaurd"}, "unknown judge 'llama-gaurd'; did you mean llama-guard"),
     ({"judge": "llama-guard-3"}, "needs its checkpoint: pass --judge-model"),
     ({"audit_prompts": "missing.jsonl"}, "missing.jsonl"),

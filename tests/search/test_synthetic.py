@@ -170,6 +170,20 @@ def test_data_safety_command_needs_one_question_source(tmp_path):
     assert r.exit_code == 2 and "give either --prompts FILE" in " ".join(r.output.split()), r.output
 
 
+def test_data_safety_command_reads_a_named_column_and_checks_the_batch_size(micro_testbed, tmp_path):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps({"text": q}) + "\n" for q in QUESTIONS[:3]))
+    base = ["data", "safety", "--pool", str(micro_testbed / "aligned"), "--prompts", str(questions), "--no-progress",
+            "--max-new-tokens", "8", "--device", "cpu", "--json"]
+    r = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "a.jsonl")])
+    assert r.exit_code == 2 and "no 'prompt' column" in " ".join(r.output.split()), r.output
+    r = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "b.jsonl"), "--prompt-column", "text", "--batch-size", "0"])
+    assert r.exit_code == 2 and "--batch-size 0" in r.output and not (tmp_path / "b.jsonl").exists(), r.output
+    r = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "c.jsonl"), "--prompt-column", "text", "--batch-size", "2"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["questions"] == 3
+
+
 def test_the_refusal_kept_does_not_depend_on_the_order_of_the_pool(tmp_path, prompts_file):
     """The refusers were listed in --pool order and one generator ran over every question: reversing the pool flipped
     every choice (40 of 40 on the micro testbed)."""

@@ -23,6 +23,7 @@ def safety(
     out_file: Annotated[Path, typer.Option("--out", help="Output JSONL of {prompt, response, provenance}.")],
     pool: Annotated[list[Path], typer.Option(help="A pool model that answers the questions (repeat for each): a folder, or model+adapter.")],
     prompts: Annotated[Optional[Path], typer.Option(help="Unsafe questions from a file (BeaverTails, HH red-team or a 'prompt' column).")] = None,
+    prompt_column: Annotated[str, typer.Option(help="The questions' column (field) in --prompts.")] = "prompt",
     generator: Annotated[Optional[Path], typer.Option(help="A model that writes the unsafe questions (few-shot).")] = None,
     examples: Annotated[Optional[Path], typer.Option(help="Few-shot questions for --generator (default: built-in examples).")] = None,
     n: Annotated[Optional[int], typer.Option(help="Number of questions (default: all of --prompts; 100 with --generator).")] = None,
@@ -30,6 +31,7 @@ def safety(
     judge_model: Annotated[Optional[Path], typer.Option(help="Checkpoint of the guard judge (local path).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the sampling and of the choice among refusals.")] = 0,
     max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Prompts per generation batch.")] = 16,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress.")] = True,
@@ -39,9 +41,10 @@ def safety(
     from safemerge.data.synthetic import synthesize_safety
 
     with loading_models():
-        report = synthesize_safety(pool, out_file, prompts=prompts, generator=generator, examples=examples, n=n,
-                                   judge=judge, judge_model=judge_model, seed=seed, max_new_tokens=max_new_tokens,
-                                   device=device, overwrite=overwrite, progress=progress)
+        report = synthesize_safety(pool, out_file, prompts=prompts, prompt_column=prompt_column, generator=generator,
+                                   examples=examples, n=n, judge=judge, judge_model=judge_model, seed=seed,
+                                   max_new_tokens=max_new_tokens, batch_size=batch_size, device=device,
+                                   overwrite=overwrite, progress=progress)
         _report(report, json_out)
 
 
@@ -57,6 +60,7 @@ def domain(
     domain_name: Annotated[Optional[str], typer.Option("--domain", help="The domain's name, used in the chat prompt.")] = None,
     temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature for writing questions (0: greedy).")] = 0.8,
     max_new_tokens: Annotated[int, typer.Option(help="Longest question or answer, in tokens.")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Prompts per generation batch.")] = 16,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress.")] = True,
@@ -68,7 +72,7 @@ def domain(
     with loading_models():
         report = synthesize_domain(expert, out_file, examples=examples, n=n, k=k, seed=seed, style=style,
                                    domain=domain_name, temperature=temperature, max_new_tokens=max_new_tokens,
-                                   device=device, overwrite=overwrite, progress=progress)
+                                   batch_size=batch_size, device=device, overwrite=overwrite, progress=progress)
         _report(report, json_out)
 
 

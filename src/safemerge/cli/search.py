@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from safemerge.cli._common import IgnoreUnknown, emit_json, loading_models, out
-from safemerge.search.pool_audit import AUDIT_LIMIT, AUDIT_THRESHOLD
+from safemerge.search.pool_audit import AUDIT_LIMIT, AUDIT_MAX_NEW_TOKENS, AUDIT_THRESHOLD
 
 
 def register(app: typer.Typer) -> None:
@@ -40,9 +40,11 @@ def search(
     audit_prompts: Annotated[Optional[str], typer.Option(help="Harmful prompts for the audit: a file or a dataset name, as eval safety reads (default: the --safety-data prompts).")] = None,
     audit_limit: Annotated[int, typer.Option(help="Audit on the first N prompts.")] = AUDIT_LIMIT,
     audit_threshold: Annotated[float, typer.Option(help="Flag pooled models whose safe rate is below this.")] = AUDIT_THRESHOLD,
+    audit_max_new_tokens: Annotated[int, typer.Option(help="Longest audit answer, in tokens (greedy).")] = AUDIT_MAX_NEW_TOKENS,
     judge: Annotated[str, typer.Option(help="The audit's judge: keyword | llama-guard | llama-guard-2 | llama-guard-3 | md-judge.")] = "keyword",
     judge_model: Annotated[Optional[str], typer.Option(help="Checkpoint of the guard judge (local path).")] = None,
     store: Annotated[Optional[Path], typer.Option(help="Results store for the audit (default: $SAFEMERGE_HOME/results.sqlite or ./.safemerge/).")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Audit the pool afresh even where the store holds its figures.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output; the journal starts afresh, or with --resume is kept.")] = False,
     ignore_unknown: IgnoreUnknown = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
@@ -57,8 +59,8 @@ def search(
                             ray_address=ray_address, overwrite=overwrite, journal=journal, popsize=popsize, sigma0=sigma0,
                             temperature=temperature, limit=limit, batch_size=batch_size, device=device, threads=threads,
                             audit=audit, audit_prompts=audit_prompts, audit_limit=audit_limit,
-                            audit_threshold=audit_threshold, judge=judge, judge_model=judge_model, store=store,
-                            ignore_unknown=ignore_unknown, progress=progress)
+                            audit_threshold=audit_threshold, audit_max_new_tokens=audit_max_new_tokens, judge=judge,
+                            judge_model=judge_model, store=store, cache=not no_cache, ignore_unknown=ignore_unknown, progress=progress)
         if json_out:
             return emit_json(result.as_dict())
         _print(result)

@@ -187,8 +187,8 @@ def _detect(columns: set[str], name: str, prompt_column: str) -> str:
                         f"columns are {have}: name one of them")
     raise DataError(
         f"{name}: no 'prompt' column (columns: {have}); rename the column that holds the prompts to 'prompt' (`safemerge "
-        "eval safety` can also be told its name with --prompt-column, the Python API with prompt_column=), or use a "
-        "BeaverTails or HH-RLHF red-team file"
+        "eval safety` and `data safety` can also be told its name with --prompt-column, the Python API with "
+        "prompt_column=), or use a BeaverTails or HH-RLHF red-team file"
     )
 
 

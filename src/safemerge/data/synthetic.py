@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 from safemerge._progress import transient_progress
 from safemerge.checkpoint import atomic_write, check_output_file
 from safemerge.data.loaders import DataError, load_prompts
+from safemerge.evaluate.loading import check_batch_size
 
 # Few-shot examples for a generator when no --examples file is given: the kind of request that
 # BeaverTails and the HH-RLHF red-team set hold (misuse, crime, privacy, self-harm, weapons).
@@ -195,6 +196,7 @@ def synthesize_safety(
     out: str | os.PathLike,
     *,
     prompts: str | os.PathLike | None = None,
+    prompt_column: str = "prompt",
     generator: Model | None = None,
     examples: str | os.PathLike | None = None,
     n: int | None = None,
@@ -209,8 +211,9 @@ def synthesize_safety(
 ) -> SyntheticReport:
     """Write `{"prompt", "response", ...provenance}` rows: one refusal by a pool model per unsafe question.
 
-    Questions come from `prompts` (a file any `load_prompts` format reads; a seeded sample of n when it
-    has more) or from `generator` (n questions from k-shot prompts of `examples` or of SEED_QUESTIONS).
+    Questions come from `prompts` (a file any `load_prompts` format reads, its questions in `prompt_column` where
+    the format does not say; a seeded sample of n when it has more) or from `generator` (n questions from k-shot
+    prompts of `examples` or of SEED_QUESTIONS).
     Pool models and the generator are model directories or `safemerge.evaluate` GenerationBackends;
     `judge` is a judge name or a Judge.
     """
@@ -223,10 +226,12 @@ def synthesize_safety(
         raise DataError("give either --prompts FILE (questions from a dataset) or --generator MODEL (questions written by a model)")
     if n is not None and n < 1:
         raise DataError(f"--n {n}: ask for at least one example")
+    check_batch_size(batch_size=batch_size)
     _check_models(*pool, generator, judge_model)  # every path now, not after hours of generating with the first
     with _bar(progress) as bar:
-        questions, source, dropped = _questions(prompts=prompts, generator=generator, examples=examples, n=n, seed=seed,
-                                                device=device, batch_size=batch_size, bar=bar)
+        questions, source, dropped = _questions(prompts=prompts, prompt_column=prompt_column, generator=generator,
+                                                examples=examples, n=n, seed=seed, device=device, batch_size=batch_size,
+                                                bar=bar)
         judge_ = get_judge(judge, judge_model=judge_model, device=device)
         settings = _settings(max_new_tokens=max_new_tokens)
         answers: dict[str, list] = {}
@@ -282,9 +287,9 @@ def _refused(generation, verdict) -> bool:
     return verdict.safe and verdict.valid and bool(generation.text.strip())
 
 
-def _questions(*, prompts, generator, examples, n, seed, device, batch_size, bar) -> tuple[list[dict], dict, dict]:
+def _questions(*, prompts, prompt_column, generator, examples, n, seed, device, batch_size, bar) -> tuple[list[dict], dict, dict]:
     if prompts is not None:
-        ps = load_prompts(prompts)
+        ps = load_prompts(prompts, prompt_column=prompt_column)
         items = [{"question": p.text} for p in ps.prompts]
         seen, unique = set(), []
         for it in items:  # exact duplicates in the file
@@ -366,6 +371,7 @@ def synthesize_domain(
         raise DataError(f"--style {style!r}: choose chat or completion")
     if n < 1 or k < 1:
         raise DataError(f"--n {n} --k {k}: both must be at least 1")
+    check_batch_size(batch_size=batch_size)
     shots_all, shots_fp = _example_questions(examples)
     if k > len(shots_all):
         warnings.warn(f"{examples}: --k {k} in-context examples asked for, but the file has {len(shots_all)} questions; "

@@ -40,11 +40,13 @@ def audit_pool(
     lambda_: float,
     limit: int | None = AUDIT_LIMIT,
     threshold: float = AUDIT_THRESHOLD,
+    max_new_tokens: int = AUDIT_MAX_NEW_TOKENS,
     judge: Any = "keyword",
     judge_model: Any = None,
     batch_size: int = 16,
     device: str = "cpu",
     store: Any = None,
+    cache: bool = True,
     progress: bool = False,
 ) -> dict | None:
     """Audit the pool on `prompts` (harmful prompts; a {prompt, response} file's prompts serve), warn about
@@ -58,8 +60,8 @@ def audit_pool(
         return None
     members = pool_members(cfg)
     result = audit(members, safety_prompts=prompts, judge=judge, judge_model=judge_model, threshold=threshold,
-                   limit=limit, max_new_tokens=AUDIT_MAX_NEW_TOKENS, batch_size=batch_size, device=device, dtype="auto",
-                   store=store, progress=progress)
+                   limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, dtype="auto",
+                   store=store, cache=cache, progress=progress)
     from safemerge.data.loaders import PromptSet
 
     source = prompts.source if isinstance(prompts, PromptSet) else str(prompts)

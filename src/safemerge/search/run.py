@@ -36,7 +36,7 @@ from safemerge.search.evaluations import Candidate, Evaluations
 from safemerge.search.grid import DEFAULT_POINTS, grid, grid_points
 from safemerge.search.journal import Journal
 from safemerge.search.objective import DEFAULT_LAMBDA, Score, check_lambda, load_pairs
-from safemerge.search.pool_audit import AUDIT_LIMIT, AUDIT_THRESHOLD, audit_pool
+from safemerge.search.pool_audit import AUDIT_LIMIT, AUDIT_MAX_NEW_TOKENS, AUDIT_THRESHOLD, audit_pool
 from safemerge.search.scoring import ScorerSpec, effective_max_length
 from safemerge.search.space import SearchSpace
 
@@ -101,9 +101,11 @@ def search(
     audit_prompts: "str | os.PathLike | Sequence[str] | PromptSet | None" = None,
     audit_limit: int | None = AUDIT_LIMIT,
     audit_threshold: float = AUDIT_THRESHOLD,
+    audit_max_new_tokens: int = AUDIT_MAX_NEW_TOKENS,
     judge: Any = "keyword",
     judge_model: Any = None,
     store: Any = None,
+    cache: bool = True,
     ignore_unknown: bool = False,
     progress: bool = True,
     on_result: Callable[[int, Candidate, Score, bool], None] | None = None,
@@ -120,10 +122,12 @@ def search(
     does not know are left out with a warning, as mergekit ignores them (safemerge.config.parse_config).
 
     Before the search, the pool is audited for safety (`audit=False` skips it): every model the merge mixes
-    answers the first `audit_limit` prompts of `audit_prompts` (default: the safety data's prompts), `judge`
+    answers the first `audit_limit` prompts of `audit_prompts` (default: the safety data's prompts; greedy, at most
+    `audit_max_new_tokens` tokens), `judge`
     judges the answers, and a model whose safe rate is below `audit_threshold` is flagged, with a warning when
     λ = 0 (the safety-unaware search a misaligned model spoils) or when no model is safe. The figures are kept
-    in the results `store` (a repeated or resumed search looks them up), in `SearchResult.audit`, search.json
+    in the results `store` (a repeated or resumed search looks them up; `cache=False` audits afresh), in
+    `SearchResult.audit`, search.json
     and the model card.
     """
     check_arguments(search, locals())
@@ -140,7 +144,8 @@ def search(
     if workers < 1:
         raise ConfigError(f"--workers {workers}: give at least one worker")
     _check_options(steps=steps, popsize=popsize, sigma0=sigma0, temperature=temperature, batch_size=batch_size,
-                   max_length=max_length, limit=limit, threads=threads, audit_limit=audit_limit if audit else None)
+                   max_length=max_length, limit=limit, threads=threads, audit_limit=audit_limit if audit else None,
+                   audit_max_new_tokens=audit_max_new_tokens if audit else None)
     device = check_device(device)
     pool = {m: open_model(m) for m in cfg.input_models()}
     check_architecture(pool)  # before any model is loaded
@@ -169,8 +174,9 @@ def search(
                       free=("steps",) if optimizer == "cmaes" else ()) as jr:
         # the audit runs once the journal is known to fit (a resume of another run fails before any answer is generated)
         pool_audit = (audit_pool(cfg, prompts=audit_from, lambda_=lam, limit=audit_limit, threshold=audit_threshold,
+                                 max_new_tokens=audit_max_new_tokens,
                                  judge=judge, judge_model=judge_model, batch_size=batch_size, device=device, store=store,
-                                 progress=progress) if audit else None)
+                                 cache=cache, progress=progress) if audit else None)
 
         with _progress(progress, total, optimizer) as report:
             def notify(idx: int, cand: Candidate, score: Score, replayed: bool) -> None:
@@ -264,7 +270,8 @@ def _audit_source(audit: bool, prompts, safety_data, limit: int | None, threshol
 def _check_options(**given: float | None) -> None:
     """The numeric options, before anything is loaded or written: a clear error instead of one from deep in
     cma or the scorer (or a silently ignored value)."""
-    least = {"steps": 1, "popsize": 2, "batch_size": 1, "max_length": 1, "limit": 1, "threads": 1, "audit_limit": 1}
+    least = {"steps": 1, "popsize": 2, "batch_size": 1, "max_length": 1, "limit": 1, "threads": 1, "audit_limit": 1,
+             "audit_max_new_tokens": 1}
     for key, value in given.items():
         if value is None:
             continue
