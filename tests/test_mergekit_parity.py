@@ -146,6 +146,18 @@ def _ties_ambiguous(name: str, config: dict, models: dict[str, dict]) -> torch.T
     return ambiguous
 
 
+def _threshold_flips(name: str, config: dict, models: dict[str, dict], ours: torch.Tensor) -> torch.Tensor:
+    """arcee_fusion merged on a GPU (``merge`` picks CUDA where there is one): softmax and log round differently
+    there, so an element whose importance sits at the outlier threshold may take the other side of it
+    (tests/test_cuda.py). Such an element still holds the base's or the model's value: those elements."""
+    if config["merge_method"] != "arcee_fusion" or not torch.cuda.is_available():
+        return torch.zeros(ours.shape, dtype=torch.bool)
+    base = config["base_model"]
+    model = next(m["model"] for m in config["models"] if m["model"] != base)
+    a, x, y = ours.float(), models[base][name].float(), models[model][name].float()
+    return (a == x) | torch.isclose(a, y, rtol=0, atol=1e-6)
+
+
 def _compare(case: str, config: dict, ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor],
              models: dict[str, dict]) -> tuple[float, int]:
     """Assert agreement; return (max |Δ| over all tensors, number of excused elements)."""
@@ -165,6 +177,7 @@ def _compare(case: str, config: dict, ours: dict[str, torch.Tensor], ref: dict[s
             allowed = (_ulp_bf16(b) + _ulp_bf16(_intermediate_scale(name, config, models))).double()
             skip = (_ties_ambiguous(name, config, models) if config["merge_method"] in SIGN_ELECTING
                     else torch.zeros_like(diff, dtype=torch.bool))
+        skip |= _threshold_flips(name, config, models, a) & (diff > allowed)
         bad = (diff > allowed) & ~skip
         if bad.any():
             i = tuple(bad.nonzero()[0].tolist())
@@ -175,6 +188,8 @@ def _compare(case: str, config: dict, ours: dict[str, torch.Tensor], ref: dict[s
         excused += int(skip.sum())
         elements += b.numel()
     assert excused <= 0.05 * elements, f"{case}: {excused} of {elements} elements ambiguous"
+    if config["merge_method"] == "arcee_fusion":  # a flip at the threshold is rare (as in tests/test_cuda.py)
+        assert excused <= 1e-3 * elements, f"{case}: {excused} of {elements} elements flipped at the threshold"
     return worst, excused
 
 
