@@ -123,12 +123,10 @@ def search(
 
     Before the search, the pool is audited for safety (`audit=False` skips it): every model the merge mixes
     answers the first `audit_limit` prompts of `audit_prompts` (default: the safety data's prompts; greedy, at most
-    `audit_max_new_tokens` tokens), `judge`
-    judges the answers, and a model whose safe rate is below `audit_threshold` is flagged, with a warning when
-    λ = 0 (the safety-unaware search a misaligned model spoils) or when no model is safe. The figures are kept
-    in the results `store` (a repeated or resumed search looks them up; `cache=False` audits afresh), in
-    `SearchResult.audit`, search.json
-    and the model card.
+    `audit_max_new_tokens` tokens), `judge` judges the answers, and a model whose safe rate is below
+    `audit_threshold` is flagged, with a warning when λ = 0 (the safety-unaware search a misaligned model spoils)
+    or when no model is safe. The figures are kept in the results `store` (a repeated or resumed search looks them
+    up; `cache=False` audits afresh), in `SearchResult.audit`, search.json and the model card.
     """
     check_arguments(search, locals())
     start = time.perf_counter()
