@@ -20,14 +20,16 @@ def is_hub_id(name: str | os.PathLike) -> bool:
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
     """Hide transformers' own per-load and per-save progress bars while safemerge shows its own, and the
-    deprecation notice trl 1.16 triggers inside transformers 5 on every trainer (nothing a user can act on)."""
+    deprecation notices of the old `gradient_checkpointing` names that trl 1.16 and peft trigger inside
+    transformers 5 on every trainer (`is_gradient_checkpointing`; `gradient_checkpointing_enable` and `_disable`
+    where checkpointing is on, as on CUDA): nothing a user can act on."""
     from transformers.utils import logging as tlog
 
     was = tlog.is_progress_bar_enabled()
     tlog.disable_progress_bar()
     try:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            warnings.filterwarnings("ignore", message=r"`\w*gradient_checkpointing\w*` is deprecated", category=FutureWarning)
             yield
     finally:
         if was:

@@ -222,3 +222,28 @@ def test_a_lora_expert_is_tuned_as_the_model_with_its_adapter_merged(micro_testb
     with pytest.raises(CheckpointError, match="no adapter_config.json"):
         align(f"{base}+{tmp_path}", out=tmp_path / "c", **kw)
     assert not (tmp_path / "c").exists()
+
+
+def test_the_deprecated_checkpointing_names_trl_calls_are_kept_quiet(tiny_family):
+    """On CUDA, DPO turns activation checkpointing on, and TRL 1.16 / peft call transformers 5's deprecated
+    gradient_checkpointing_enable and _disable: four "is deprecated and will be removed in v6" warnings per DPO
+    run on an H100, which no user can act on. They are hidden inside safemerge's training, and only there."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+
+    from safemerge._hf import quiet_transformers
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_family["base"])
+
+    def deprecations(quiet: bool) -> list[str]:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            with quiet_transformers() if quiet else contextlib.nullcontext():
+                model.gradient_checkpointing_enable()
+                model.gradient_checkpointing_disable()
+                assert not model.is_gradient_checkpointing
+        return [str(w.message) for w in seen if "deprecated" in str(w.message)]
+
+    assert len(deprecations(quiet=False)) == 3
+    assert deprecations(quiet=True) == []

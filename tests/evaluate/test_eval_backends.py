@@ -133,3 +133,17 @@ def test_vllm_counts_new_tokens_as_the_transformers_backend_does():
     assert _record(out([5, 6, 9], "stop", 9), 4).new_tokens == 2           # an extra stop id of generation_config
     assert _record(out([5, 6, 7], "length"), 4) == Generation("Sure.", 4, 3, False)
     assert _record(out([5, 6, 2], "stop"), 4).finished
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_generation_settings_raise_no_transformers_warning(chat_model, monkeypatch, temperature):
+    """Greedy decoding passed top_k=0, a sampling flag, and transformers logged "The following generation flags
+    are not valid and may be ignored: ['top_k']" on every run (once per process). Here its config check is strict:
+    any such flag is an error."""
+    from transformers import GenerationConfig
+
+    backend = get_backend(chat_model, device="cpu")
+    validate = GenerationConfig.validate
+    monkeypatch.setattr(GenerationConfig, "validate", lambda self, strict=False, **kw: validate(self, strict=True, **kw))
+    gens = backend.generate(PROMPTS[:2], GenerationSettings(max_new_tokens=4, temperature=temperature))
+    assert all(g.new_tokens == 4 for g in gens)

@@ -245,7 +245,9 @@ def generate_ids(
         do_sample=temperature > 0,
         temperature=temperature if temperature > 0 else 1.0,  # explicit neutral values: the model's
         top_p=top_p if temperature > 0 else 1.0,  # generation_config fills only unset (None) fields
-        top_k=0,  # no top-k cut when sampling (transformers' default 50 is not one of our settings; vLLM's is off)
+        # no top-k cut when sampling (transformers' default 50 is not one of our settings; vLLM's is off); unset when
+        # greedy, where transformers would log that a sampling flag is ignored
+        top_k=0 if temperature > 0 else None,
         pad_token_id=pad,
         eos_token_id=list(eos) or None,
         output_logits=score_fn is not None,
