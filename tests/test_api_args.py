@@ -14,8 +14,8 @@ from safemerge.errors import ConfigError
 
 
 def test_kinds_come_from_the_annotations():
-    assert [_kind(a) for a in ("int", "int | None", "float", "str | None", "str | os.PathLike | None")] == \
-           ["whole", "whole?", "number", "text?", "path?"]
+    assert [_kind(a) for a in ("int", "int | None", "float", "str | None", "str | os.PathLike | None", "PathLike",
+                               "PathLike | None")] == ["whole", "whole?", "number", "text?", "path?", "path", "path?"]
     # a union with other types, or a type this module does not know, is left to the function
     assert [_kind(a) for a in ("Sequence[str | os.PathLike]", "str | list[str]", "str | os.PathLike | dict | MergeConfig",
                                "bool", "Any", "Iterable[str]")] == [None] * 6
@@ -38,6 +38,9 @@ def test_warnings_still_point_at_the_callers_line(tmp_path, tiny_family):
     (lambda: safemerge.build_testbed("tb", seed="abc"), "seed='abc': give a whole number"),
     (lambda: safemerge.evaluate_safety("m", prompts=["x"], limit=2.5), "limit=2.5: give a whole number"),
     (lambda: safemerge.mergealign(base="b", domains=["d"], aligned="a", out="o", alpha=True), "alpha=True: give a number"),
+    # recipes.py annotates with its alias PathLike: the check named merge's out_dir instead of mergealign's out
+    (lambda: safemerge.mergealign(base="b", domains=["d"], aligned="a", out=None), "out=None: give a path"),
+    (lambda: safemerge.mergealign(base=7, domains=["d"], aligned="a", out="o"), "base=7: give a path"),
     (lambda: safemerge.publish("m", None, dry_run=True), "repo_id=None: give a str"),
     (lambda: safemerge.publish("m", "me/x", min_safety="0.5", dry_run=True), "min_safety='0.5': give a number"),
     (lambda: safemerge.multimerge({"models": []}, "o", intermediate_dir="i"), "config={'models': []}: give a path"),
@@ -163,3 +166,17 @@ def test_numpy_whole_numbers_work_where_ints_do(tmp_path, tiny_family):
     lora = safemerge.extract_lora(tiny_family["expert"], tiny_family["base"], tmp_path / "l", rank=np.int64(2),
                                   progress=False)
     assert set(lora.ranks.values()) <= {2}
+
+
+def test_the_errors_the_readme_names_are_the_packages_own():
+    """README: a wrong type "is a ConfigError"; `except safemerge.ConfigError` was an AttributeError."""
+    from safemerge import errors
+    from safemerge.data.loaders import DataError
+    from safemerge.publishing import PublishError
+
+    assert safemerge.ConfigError is errors.ConfigError and safemerge.CheckpointError is errors.CheckpointError
+    assert safemerge.DataError is DataError and safemerge.PublishError is PublishError
+    assert all(issubclass(getattr(safemerge, n), safemerge.SafemergeError)
+               for n in ("ConfigError", "CheckpointError", "OutputExistsError", "DataError", "PublishError"))
+    with pytest.raises(safemerge.ConfigError, match="out=None"):
+        safemerge.mergealign(base="b", domains=["d"], aligned="a", out=None)

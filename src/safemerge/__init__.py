@@ -27,6 +27,13 @@ _API = {
     "compare": "safemerge.comparison",
     "update_card": "safemerge.publishing",
     "publish": "safemerge.publishing",
+    # the errors a caller may catch: every one is a SafemergeError (the CLI prints it as one line, exit code 2)
+    "SafemergeError": "safemerge.errors",
+    "ConfigError": "safemerge.errors",
+    "CheckpointError": "safemerge.errors",
+    "OutputExistsError": "safemerge.errors",
+    "DataError": "safemerge.data.loaders",
+    "PublishError": "safemerge.publishing",
 }
 
 __all__ = sorted(_API) + ["__version__"]

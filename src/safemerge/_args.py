@@ -5,7 +5,8 @@ typed by typer already; this is for calls from Python.
 - `int` (or `int | None`): a whole number (not a bool, not 2.5, not "4");
 - `float` (or `float | None`): a number (not a bool, not "1e-5");
 - `str` (or `str | None`): a str;
-- a path (`str | os.PathLike`, optionally `| None`): a str or path object (not 7, not None where None is not allowed);
+- a path (`str | os.PathLike`, or a module's alias of it named `PathLike`, optionally `| None`): a str or path object
+  (not 7, not None where None is not allowed);
 
 and `as_list` for a sequence argument: one str or path is a one-item list (`domains="expert"` means `["expert"]`, not
 the letters of the word).
@@ -38,8 +39,8 @@ def _kind(annotation: Any) -> str | None:
         return "number?" if optional else "number"
     if rest == ["str"]:
         return "text?" if optional else "text"
-    if rest and set(parts) <= _PATH_PARTS and "str" in parts and len(rest) > 1:
-        return "path?" if optional else "path"
+    if rest == ["PathLike"] or (rest and set(parts) <= _PATH_PARTS and "str" in parts and len(rest) > 1):
+        return "path?" if optional else "path"  # bare `PathLike`: a module's alias of str | os.PathLike (recipes.py)
     return None
 
 

@@ -21,7 +21,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -298,22 +298,36 @@ def _section(ev: Evaluations, note: str | None) -> str:
 
 
 def _eval_results(ev: Evaluations) -> list:
+    """The model-index entries: per data set and judge (safety) or prompt format (domain), the evaluation on the
+    most examples. The table lists every stored run; the metadata, which shows no n, would otherwise put a quick
+    run on a few prompts beside the full one as two figures of the same thing."""
     from huggingface_hub import EvalResult
 
     src = {"source_name": SOURCE_NAME, "source_url": SOURCE_URL}
     out = []
-    for r in ev.safety:
-        if isinstance(r.get("safe_rate"), (int, float)):
-            name = _data_name(r.get("data"))
-            out.append(EvalResult(task_type="text-generation", task_name="safety", dataset_type=name, dataset_name=name,
-                                  metric_type="safe_rate", metric_name=f"safe rate ({r.get('judge')} judge)",
-                                  metric_value=round(r["safe_rate"], 4), **src))
-    for r in ev.domain:
+    safety = [r for r in ev.safety if isinstance(r.get("safe_rate"), (int, float))]
+    for r in _largest(safety, lambda r: (_data_name(r.get("data")), r.get("judge"))):
+        name = _data_name(r.get("data"))
+        out.append(EvalResult(task_type="text-generation", task_name="safety", dataset_type=name, dataset_name=name,
+                              metric_type="safe_rate", metric_name=f"safe rate ({r.get('judge')} judge, n={r.get('n')})",
+                              metric_value=round(r["safe_rate"], 4), **src))
+    for r in _largest(ev.domain, lambda r: (str(r.get("task")), r.get("format"))):
         for metric in ("acc", "acc_norm"):
             if isinstance(r.get(metric), (int, float)):
                 out.append(EvalResult(task_type="multiple-choice", dataset_type=str(r.get("task")), dataset_name=str(r.get("task")),
-                                      metric_type=metric, metric_value=round(r[metric], 4), **src))
+                                      metric_type=metric, metric_name=f"{metric} ({r.get('format', 'plain')} prompts, n={r.get('n')})",
+                                      metric_value=round(r[metric], 4), **src))
     return out
+
+
+def _largest(rows: list[dict], key: Callable[[dict], Any]) -> list[dict]:
+    """Per key, the row of the largest n (the newest among equals: the rows come newest first), in first-seen order."""
+    best: dict[Any, dict] = {}
+    for r in rows:
+        k, n = key(r), r.get("n") if isinstance(r.get("n"), int) else -1
+        if k not in best or n > (best[k].get("n") if isinstance(best[k].get("n"), int) else -1):
+            best[k] = r
+    return list(best.values())
 
 
 def _data_name(source: Any) -> str:

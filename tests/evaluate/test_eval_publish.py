@@ -271,3 +271,20 @@ def test_safemerge_publish_stays_the_function_once_its_module_is_loaded():
 
     safemerge.update_card  # noqa: B018  (loads the module that defines both)
     assert safemerge.publish is publish and callable(safemerge.publish)
+
+
+def test_the_model_index_holds_the_largest_run_per_data_set_and_setting(model, prompts_file, mc_file, store):
+    """A quick run on 2 prompts beside the full one were two safe_rate figures of one data set in the metadata,
+    with nothing to tell them apart (likewise acc); the table keeps both runs, the model-index the larger one."""
+    full = _safety(model, prompts_file, store)
+    evaluate_safety(model, prompts=prompts_file, device="cpu", store=store, max_new_tokens=8, limit=2, progress=False)
+    d = evaluate_domain(model, task=mc_file, device="cpu", store=store, progress=False)
+    evaluate_domain(model, task=mc_file, device="cpu", store=store, limit=2, progress=False)
+    assert full["n"] > 2 and d["n"] > 2
+    update_card(model, store=store)
+    text = (model / "README.md").read_text()
+    assert text.count("| prompts.jsonl |") == 2 and text.count("| questions |") == 2
+    results = [(e.dataset_name, e.metric_type, e.metric_value, e.metric_name) for e in ModelCard(text).data.eval_results]
+    assert results == [("prompts.jsonl", "safe_rate", round(full["safe_rate"], 4), f"safe rate (keyword judge, n={full['n']})"),
+                       ("questions", "acc", round(d["acc"], 4), f"acc (plain prompts, n={d['n']})"),
+                       ("questions", "acc_norm", round(d["acc_norm"], 4), f"acc_norm (plain prompts, n={d['n']})")]

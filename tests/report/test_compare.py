@@ -197,3 +197,15 @@ def test_the_command_prints_each_model_and_the_claims(pool, tmp_path):
     assert "mergealign (mergealign): safety" in text and "domain-medicine_test" in text
     assert "Claims" in text and ("PASS" in text or "FAIL" in text) and "wrote" in text  # the table wraps its cells
     assert (tmp_path / "cmp" / "report.html").is_file()
+
+
+def test_knowledge_takes_comma_separated_domains(pool, tmp_path):
+    """README: a list of names takes commas or repeats; `--knowledge medicine,finance` was read as one domain name."""
+    d = pool["data"]
+    r = CliRunner().invoke(app, ["compare", *_specs(pool)[1:3], "--out", str(tmp_path / "cmp"), "--safety-prompts",
+                                 str(d / "safety_test.jsonl"), "--domain-task", f"medicine={d / 'domain-medicine_test.jsonl'}",
+                                 "--domain-task", f"finance={d / 'domain-finance_test.jsonl'}", "--knowledge", "medicine,law",
+                                 "--store", str(tmp_path / "s.sqlite")])
+    assert r.exit_code == 2, r.output
+    assert "--knowledge law: no domain task" in " ".join(r.output.split())
+    assert not (tmp_path / "cmp").exists()

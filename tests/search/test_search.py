@@ -129,6 +129,9 @@ def test_a_finished_cmaes_run_resumes_with_more_steps(tiny_family, family_data, 
 def test_resume_of_another_search_and_reuse_without_resume_are_errors(tiny_family, family_data, uninterrupted, tmp_path):
     with pytest.raises(ConfigError, match="different search .*differs in: lambda"):
         _run(tiny_family, family_data, tmp_path / "x", journal=uninterrupted.journal, resume=True, lambda_=0.5)
+    # steps may change on a resume, so it is not named as a cause beside one that may not ("lambda, steps" before)
+    with pytest.raises(ConfigError, match=r"differs in: lambda\)"):
+        _run(tiny_family, family_data, tmp_path / "x", journal=uninterrupted.journal, resume=True, lambda_=0.5, steps=2)
     with pytest.raises(OutputExistsError, match="pass --resume"):
         _run(tiny_family, family_data, tmp_path / "y", journal=uninterrupted.journal)
 

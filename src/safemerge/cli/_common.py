@@ -25,6 +25,12 @@ console = Console(stderr=True, soft_wrap=True)  # messages: never broken at the 
 out = Console()
 
 
+def split_names(values: list[str]) -> list[str]:
+    """A list option of names (--domains, --skip, --knowledge), given comma-separated, repeated or both. Lists of
+    paths or patterns are not split: a comma may be part of a file name or a regular expression."""
+    return [name.strip() for value in values for name in value.split(",") if name.strip()]
+
+
 class UserError(Exception):
     """A problem with the user's input: printed as one clear message, exit code 2, no traceback."""
 

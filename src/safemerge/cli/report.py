@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from safemerge.cli._common import emit_json, out, user_errors
+from safemerge.cli._common import emit_json, out, split_names, user_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -78,7 +78,7 @@ def compare(
     general_task: Annotated[Optional[str], typer.Option("--general-task", help="A general-knowledge multiple-choice JSONL.")] = None,
     expert: Annotated[Optional[str], typer.Option(help="The expert (a model's NAME, or a path): L2 distances to it, with --aligned.")] = None,
     aligned: Annotated[Optional[str], typer.Option(help="The aligned model (a NAME, or a path): L2 distances to it, with --expert.")] = None,
-    knowledge: Annotated[list[str], typer.Option("--knowledge", help="Domain(s) the knowledge axis averages (default: every task's).")] = [],
+    knowledge: Annotated[list[str], typer.Option("--knowledge", help="Domain(s) the knowledge axis averages, comma-separated or repeated (default: every task's).")] = [],
     judge: Annotated[str, typer.Option(help="keyword | llama-guard | llama-guard-2 | llama-guard-3 | md-judge")] = "keyword",
     judge_model: Annotated[Optional[str], typer.Option(help="Checkpoint of the guard judge (local path).")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Use the first N harmful prompts of each set.")] = None,
@@ -111,7 +111,7 @@ def compare(
 
     with loading_models():
         done = run(models, out_dir, safety_prompts=safety_prompts, domain_tasks=domain_task, general_task=general_task,
-                   expert=expert, aligned=aligned, knowledge=knowledge or None, judge=judge, judge_model=judge_model,
+                   expert=expert, aligned=aligned, knowledge=split_names(knowledge) or None, judge=judge, judge_model=judge_model,
                    limit=limit, domain_limit=domain_limit, max_new_tokens=max_new_tokens, format=format,
                    batch_size=batch_size, device=device, dtype=dtype, store=store, cache=not no_cache,
                    progress=not (json_out or no_progress), overwrite=overwrite, echo=echo,

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from safemerge.cli._common import emit_json, out, user_errors
+from safemerge.cli._common import emit_json, out, split_names, user_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -29,8 +29,8 @@ def repro(
     from safemerge.repro import repro as run
 
     with user_errors():
-        res = run(out=out_dir, seed=seed, preset=preset, domains=",".join(domains),
-                  skip=[x for v in skip for x in v.split(",")], progress=progress)
+        res = run(out=out_dir, seed=seed, preset=preset, domains=",".join(split_names(domains)),
+                  skip=split_names(skip), progress=progress)
     if json_out:
         return emit_json(res)
     v = res["report"]["verdicts"]

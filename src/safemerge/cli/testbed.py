@@ -9,7 +9,7 @@ from typing import List
 import typer
 from rich.markup import escape
 
-from safemerge.cli._common import console, emit_json, out, user_errors
+from safemerge.cli._common import console, emit_json, out, split_names, user_errors
 
 testbed_app = typer.Typer(help="The synthetic world and its tiny model family (base, aligned, experts).",
                           no_args_is_help=True)
@@ -29,7 +29,7 @@ def build(
     from safemerge.testbed import build_testbed
 
     with user_errors():
-        path = build_testbed(out_dir, seed=seed, preset=preset, domains=",".join(domains).split(","),
+        path = build_testbed(out_dir, seed=seed, preset=preset, domains=split_names(domains),
                              overwrite=overwrite, progress=not (as_json or no_progress))
         summary = _summary(path)
     if as_json:

@@ -123,7 +123,8 @@ class Journal:
                     conn.executemany("UPDATE meta SET value = ? WHERE key = ?", [(text, "identity"), (digest, "hash")])
                 return cls(path, conn, created=created)
             conn.close()
-            raise ConfigError(f"{path}: this journal belongs to a different search (it differs in: {', '.join(diff)}); "
+            fixed = [k for k in diff if k not in free]  # a free key (CMA-ES's steps) that also changed is no cause
+            raise ConfigError(f"{path}: this journal belongs to a different search (it differs in: {', '.join(fixed)}); "
                               "resume with the same config, data and options, or start afresh with --overwrite (without --resume)")
         return cls(path, conn, created=created)
 
