@@ -37,6 +37,14 @@ def test_merge_and_mergealign_commands(tmp_path, tiny_family):
     assert saved["models"][1]["parameters"]["weight"] == 0.5
     assert saved["tokenizer_source"] == str(tiny_family["aligned"])
     assert gc.isenabled()  # paused only while the engine is imported
+    # -j and --shard-size as merge has them (mergealign had neither); the same tensors, in several shards
+    r = runner.invoke(app, ["mergealign", str(tmp_path / "ma2"), "--base", str(tiny_family["base"]),
+                            "--domain", str(tiny_family["expert"]), "--aligned", str(tiny_family["aligned"]),
+                            "--beta", "0.5", "-j", "1", "--shard-size", "40KB", "--json", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["shards"] == len(Checkpoint(tmp_path / "ma2").weight_files()) > 1
+    one, two = Checkpoint(tmp_path / "ma"), Checkpoint(tmp_path / "ma2")
+    assert all(one.get(n).equal(two.get(n)) for n in one.names())
 
 
 def test_engine_import_leaves_the_collector_as_it_found_it():
@@ -277,10 +285,11 @@ def test_claims_that_cannot_apply_are_one_line(capsys):
     assert "SKIPPED" in capsys.readouterr().out  # where one applies, the table lists them all
 
 
-@pytest.mark.parametrize("name", ["merge", "mergealign", "compare"])
+@pytest.mark.parametrize("name", ["merge", "mergealign", "compare", "multimerge", "search"])
 def test_help_at_80_columns_shows_whole_option_names(name):
     """QA (a new user's walkthrough): at 80 columns (and in a pipe) --help cut names short (`--tokenizer-sour…`),
-    squeezed by a column of `--no-X` forms of flags that are off by default, which turn nothing off."""
+    squeezed by a column of `--no-X` forms of flags that are off by default, which turn nothing off; then by
+    `-j`'s `<int range> [x>=1]` (now `N`) and by a store path that could not wrap (`--store`'s help)."""
     import os
     import subprocess
     import sys

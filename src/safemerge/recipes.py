@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from safemerge._args import as_list, check_arguments
 from safemerge.config import MergeConfig, load_config, same_model, split_reference
-from safemerge.engine import _has_tokenizer, merge
+from safemerge.engine import DEFAULT_SHARD, _has_tokenizer, merge
 from safemerge.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -70,7 +70,7 @@ def _check_roles(base: PathLike, domains: Sequence[PathLike], aligned: PathLike)
 def mergealign(*, base: PathLike, domains: Sequence[PathLike], aligned: PathLike, out: PathLike, alpha: float = 1.0,
                beta: float = 1.0, dtype: str | None = None, tokenizer_source: PathLike | None = None,
                overwrite: bool = False, device: str | torch.device = "cpu", allow_pickle: bool = False, allow_nonfinite: bool = False,
-               progress: bool = True) -> Path:
+               max_shard_size: int | str = DEFAULT_SHARD, workers: int | None = None, progress: bool = True) -> Path:
     """Write θ + Σ α·(θ_d − θ) + β·(θ_a − θ) to `out`, with the aligned model's tokenizer and chat template
     (unless `tokenizer_source` names another) and the equivalent YAML as `mergekit_config.yml`."""
     check_arguments(mergealign, locals())
@@ -80,4 +80,4 @@ def mergealign(*, base: PathLike, domains: Sequence[PathLike], aligned: PathLike
     extra = (f"## MergeAlign\n\nθ̂ = θ + α·Σ τ_d + β·τ_a with α = {alpha}, β = {beta}; base `{base}`, "
              f"domain experts {', '.join(f'`{d}`' for d in domains)}, aligned model `{aligned}`.")
     return merge(cfg, out, overwrite=overwrite, device=device, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
-                 progress=progress, title="MergeAlign", card_extra=extra)
+                 max_shard_size=max_shard_size, workers=workers, progress=progress, title="MergeAlign", card_extra=extra)

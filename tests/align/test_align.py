@@ -162,9 +162,9 @@ def test_existing_output_and_bad_settings_fail_before_training(tiny_family, tmp_
         align(tiny_family["expert"], data=tmp_path / "missing.jsonl", out=tmp_path / "o")
     with pytest.raises(ConfigError, match="method 'ppo' is unknown"):
         align(tiny_family["expert"], data=tmp_path / "missing.jsonl", out=tmp_path / "x", method="ppo")
-    with pytest.raises(ConfigError, match="sft_weight is a DPO option"):
+    with pytest.raises(ConfigError, match=r"--sft-weight \(sft_weight=\) is a DPO option"):
         align(tiny_family["expert"], data=tmp_path / "missing.jsonl", out=tmp_path / "x", method="orpo", sft_weight=1)
-    with pytest.raises(ConfigError, match="lora_r must be positive"):
+    with pytest.raises(ConfigError, match=r"--lora-r \(lora_r=\) must be positive"):
         align(tiny_family["expert"], data=tmp_path / "missing.jsonl", out=tmp_path / "x", lora_r=0)
 
 

@@ -87,3 +87,12 @@ def test_cli_errors_are_one_line(cli, refuser, tmp_path):
     assert "bad.jsonl: no 'prompt' column" in text and "Traceback" not in text
     res = cli("eval", "safety", refuser, "--prompts", tmp_path / "bad.jsonl", "--judge", "llama-guard")
     assert res.exit_code == 2
+
+
+def test_a_bad_limit_is_named_as_the_command_line_gives_it(cli, refuser, prompts_file, mc_file, tmp_path):
+    """The message said `limit must be a positive number of prompts`: the API's name after a CLI command."""
+    for args, what in ((("eval", "safety", refuser, "--prompts", prompts_file), "prompts"),
+                       (("eval", "domain", refuser, "--task", mc_file), "questions")):
+        res = cli(*args, "--limit", "0", "--store", tmp_path / "r.sqlite")
+        assert res.exit_code == 2
+        assert f"--limit 0 (limit=): give a positive number of {what}" in " ".join(res.output.split())

@@ -59,7 +59,7 @@ def load_preferences(source: str | os.PathLike | list[dict], *, max_samples: int
         raise PreferenceDataError(f"{name}: every pair has chosen == rejected; nothing to learn a preference from")
     if max_samples is not None:
         if max_samples < 1:
-            raise PreferenceDataError(f"max_samples must be a positive number of pairs, got {max_samples}")
+            raise PreferenceDataError(f"--max-samples {max_samples} (max_samples=): give a positive number of pairs")
         if max_samples < len(pairs):
             random.Random(f"safemerge-align:{seed}").shuffle(pairs)
             pairs = pairs[:max_samples]

@@ -48,16 +48,16 @@ class AlignSettings:
                 positive[opt] = getattr(self, opt)
         for name, value in positive.items():
             if not value > 0:
-                raise ConfigError(f"{name} must be positive, got {value}")
+                raise ConfigError(f"{_opt(name)} must be positive, got {value}")
         if not 0 <= self.lora_dropout < 1:
-            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+            raise ConfigError(f"{_opt('lora_dropout')} must be in [0, 1), got {self.lora_dropout}")
         if self.sft_weight < 0:
-            raise ConfigError(f"sft_weight must be >= 0, got {self.sft_weight}")
+            raise ConfigError(f"{_opt('sft_weight')} must be >= 0, got {self.sft_weight}")
         if self.sft_weight and self.method != "dpo":
-            raise ConfigError(f"sft_weight is a DPO option; {self.method.upper()} has its own NLL term "
-                              "(leave sft_weight at 0)")
+            raise ConfigError(f"{_opt('sft_weight')} is a DPO option; {self.method.upper()} has its own NLL term "
+                              "(leave it at 0)")
         if self.warmup_steps < 0:
-            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+            raise ConfigError(f"{_opt('warmup_steps')} must be >= 0, got {self.warmup_steps}")
 
     @property
     def effective_batch(self) -> int:
@@ -68,3 +68,8 @@ class AlignSettings:
         if isinstance(d["target_modules"], tuple):
             d["target_modules"] = list(d["target_modules"])
         return d
+
+
+def _opt(name: str) -> str:
+    """A setting as both callers know it: `--lora-dropout (lora_dropout=)`, the CLI's option and the API's keyword."""
+    return f"--{name.replace('_', '-')} ({name}=)"

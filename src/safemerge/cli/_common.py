@@ -19,7 +19,7 @@ IgnoreUnknown = Annotated[bool, typer.Option(help="Leave out config keys and met
                                                   "with a warning, as mergekit ignores them (default: an error).")]
 
 # the results store option of the commands that read or write stored evaluations (eval, card, publish)
-StoreOpt = typer.Option(None, "--store", help="Results store (default: $SAFEMERGE_HOME/results.sqlite or ./.safemerge/).")
+StoreOpt = typer.Option(None, "--store", help="Results store (default: results.sqlite in $SAFEMERGE_HOME, else in ./.safemerge/).")
 
 console = Console(stderr=True, soft_wrap=True)  # messages: never broken at the terminal's width (paths stay whole)
 out = Console()

@@ -17,7 +17,7 @@ Device = Annotated[str, typer.Option(help="Compute on cpu, cuda, cuda:N or auto 
 AllowPickle = Annotated[bool, typer.Option(help="Allow reading .bin (pickle) checkpoints; only for inputs you trust.")]
 AllowNonfinite = Annotated[bool, typer.Option(help="Merge tensors with NaN/Inf (warn instead of failing).")]
 ShardSize = Annotated[str, typer.Option(help="Maximum output shard size, e.g. 5GB, 500MB.")]
-Workers = Annotated[Optional[int], typer.Option("--workers", "-j", min=1,
+Workers = Annotated[Optional[int], typer.Option("--workers", "-j", min=1, metavar="N",
                                                 help="Tensors merged at once (default: one per CPU core; 1 on cuda).")]
 Progress = Annotated[bool, typer.Option(help="Show a progress bar.")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
@@ -96,12 +96,14 @@ def mergealign(
     aligned: Annotated[Path, typer.Option(help="The general aligned (instruct) model θ_a.")],
     alpha: Annotated[float, typer.Option(help="Weight α of each domain vector.")] = 1.0,
     beta: Annotated[float, typer.Option(help="Weight β of the alignment vector.")] = 1.0,
-    dtype: Annotated[Optional[str], typer.Option(help="Output dtype: float32, bfloat16, float16 (default, or auto: the base model's).")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="Output dtype: float32, bfloat16 or float16; default (or auto): the base model's.")] = None,
     tokenizer_source: Annotated[Optional[Path], typer.Option(help="Tokenizer and chat template source (default: the aligned model; for BASE+ADAPTER, the adapter folder if it holds a tokenizer, else BASE).")] = None,
     device: Device = "cpu",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
     allow_pickle: AllowPickle = False,
     allow_nonfinite: AllowNonfinite = False,
+    shard_size: ShardSize = "5GB",
+    workers: Workers = None,
     progress: Progress = True,
     json_out: JsonOut = False,
 ) -> None:
@@ -114,7 +116,7 @@ def mergealign(
         path = safemerge.mergealign(base=base, domains=domain, aligned=aligned, out=out_dir, alpha=alpha, beta=beta,
                                     dtype=dtype, tokenizer_source=tokenizer_source, overwrite=overwrite,
                                     device=device, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
-                                    progress=progress)
+                                    max_shard_size=parse_size(shard_size), workers=workers, progress=progress)
         _report(path, json_out, time.perf_counter() - start)
 
 
@@ -122,7 +124,7 @@ def extract_lora(
     model: Annotated[str, typer.Argument(help="The fine-tuned model (a folder, or model+adapter).")],
     out_dir: Annotated[Path, typer.Argument(help="Output adapter folder (PEFT LoRA; written atomically).")],
     base: Annotated[str, typer.Option(help="The base MODEL was fine-tuned from.")],
-    rank: Annotated[int, typer.Option("--rank", "--max-rank", min=1, help="Largest LoRA rank per module.")] = 128,
+    rank: Annotated[int, typer.Option("--rank", "--max-rank", min=1, metavar="N", help="Largest LoRA rank per module.")] = 128,
     sv_epsilon: Annotated[float, typer.Option(min=0.0, help="Drop singular values at or below this (per-module ranks).")] = 0.0,
     embed_lora: Annotated[bool, typer.Option(help="Factor the embeddings and lm_head too (default: save them whole when changed).")] = False,
     save_module: Annotated[Optional[list[str]], typer.Option(help="Save this module whole (full name or last part; repeatable).")] = None,
@@ -130,7 +132,7 @@ def extract_lora(
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", "-e", help="Leave out modules whose name matches this regex (repeatable).")] = None,
     svd: Annotated[str, typer.Option(help="exact, or randomized (seeded by --seed; faster on large matrices).")] = "exact",
     seed: Annotated[int, typer.Option(help="Seed of the randomized SVD.")] = 0,
-    dtype: Annotated[Optional[str], typer.Option(help="dtype of the LoRA factors: float32, bfloat16, float16 (default, or auto: the model's).")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="dtype of the LoRA factors: float32, bfloat16 or float16; default (or auto): the model's.")] = None,
     device: Device = "cpu",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     allow_pickle: AllowPickle = False,

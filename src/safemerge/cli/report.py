@@ -88,7 +88,7 @@ def compare(
     batch_size: Annotated[Optional[int], typer.Option(help="Batch size (default: each evaluation's own).")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
-    store: Annotated[Optional[Path], typer.Option(help="Results store (default: $SAFEMERGE_HOME/results.sqlite or ./.safemerge/).")] = None,
+    store: Annotated[Optional[Path], typer.Option(help="Results store (default: results.sqlite in $SAFEMERGE_HOME, else in ./.safemerge/).")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute even if a result is stored.")] = False,
     title: Annotated[Optional[str], typer.Option(help="The report's title.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing results.json and report in --out.")] = False,

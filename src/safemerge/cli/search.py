@@ -43,7 +43,7 @@ def search(
     audit_max_new_tokens: Annotated[int, typer.Option(help="Longest audit answer, in tokens (greedy).")] = AUDIT_MAX_NEW_TOKENS,
     judge: Annotated[str, typer.Option(help="The audit's judge: keyword | llama-guard | llama-guard-2 | llama-guard-3 | md-judge.")] = "keyword",
     judge_model: Annotated[Optional[str], typer.Option(help="Checkpoint of the guard judge (local path).")] = None,
-    store: Annotated[Optional[Path], typer.Option(help="Results store for the audit (default: $SAFEMERGE_HOME/results.sqlite or ./.safemerge/).")] = None,
+    store: Annotated[Optional[Path], typer.Option(help="Results store for the audit (default: results.sqlite in $SAFEMERGE_HOME, else in ./.safemerge/).")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Audit the pool afresh even where the store holds its figures.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output; the journal starts afresh, or with --resume is kept.")] = False,
     ignore_unknown: IgnoreUnknown = False,

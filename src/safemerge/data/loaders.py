@@ -169,7 +169,7 @@ def _limited(ps: PromptSet, limit: int | None) -> PromptSet:
     if limit is None or limit >= len(ps.prompts):
         return ps
     if limit < 1:
-        raise DataError(f"limit must be a positive number of prompts, got {limit}")
+        raise DataError(f"--limit {limit} (limit=): give a positive number of prompts")
     options = {"limit": limit}
     return PromptSet(ps.prompts[:limit], _digest_str(ps.fingerprint, options), ps.source, ps.format, ps.meta)
 
@@ -254,7 +254,7 @@ def load_multiple_choice(source: str | os.PathLike | Sequence[dict] | QuestionSe
     limit = _whole(limit)
     if limit is not None and limit < len(qs.questions):
         if limit < 1:
-            raise DataError(f"limit must be a positive number of questions, got {limit}")
+            raise DataError(f"--limit {limit} (limit=): give a positive number of questions")
         qs = QuestionSet(qs.questions[:limit], _digest_str(qs.fingerprint, {"limit": limit}), qs.source, qs.name)
     return qs
 

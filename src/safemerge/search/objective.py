@@ -80,7 +80,7 @@ def load_pairs(path: str | os.PathLike, *, limit: int | None = None) -> PairSet:
         raise DataError(f"{p}: the file has no rows; it needs at least one {{\"prompt\", \"response\"}} row")
     if limit is not None:
         if limit < 1:
-            raise DataError(f"limit must be a positive number of examples, got {limit}")
+            raise DataError(f"--limit {limit} (limit=): give a positive number of examples")
         pairs = pairs[:limit]
     digest = hashlib.blake2b(raw + json.dumps({"limit": limit}).encode(), digest_size=16).hexdigest()
     return PairSet(pairs, digest, str(p))
