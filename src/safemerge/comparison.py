@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from safemerge._args import as_list, check_arguments
 from safemerge._signals import note_finished
-from safemerge.errors import ConfigError, OutputExistsError
+from safemerge.errors import ConfigError, OutputExistsError, did_you_mean
 from safemerge.naming import file_stem, named_item, task_columns, unique_columns
 
 if TYPE_CHECKING:
@@ -236,6 +236,11 @@ def compare(
 
     start = time.perf_counter()
     refs = parse_models(models)
+    for role, given in (("expert", expert), ("aligned", aligned)):
+        bare = isinstance(given, str) and not any(c in given for c in "/\\+")  # a name, not a path or model+adapter
+        if bare and given not in refs and not Path(given).expanduser().exists():
+            raise ConfigError(f"--{role} {given}: no model of that name (the names are {', '.join(refs)}) and no folder "
+                              f"of that name here{did_you_mean(given, refs)}")
     roles = {role: (refs.get(given, given) if given is not None else None)
              for role, given in (("expert", expert), ("aligned", aligned))}
     if (roles["expert"] is None) != (roles["aligned"] is None):

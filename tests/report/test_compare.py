@@ -118,7 +118,12 @@ def test_errors_come_before_any_evaluation_and_write_nothing(pool, tmp_path):
                        (dict(models=[str(pool["base"]), str(pool["base"] / "model.safetensors")]), "is a file; evaluation needs"),
                        # QA: the same model under two names (here a trailing slash) was evaluated and listed twice
                        (dict(models={"a": str(pool["base"]), "b": str(pool["base"]) + "/"}),
-                        r"b=.*/: the same model as a=.*; compare each model once")):
+                        r"b=.*/: the same model as a=.*; compare each model once"),
+                       # a misspelt name was "no such model directory", naming neither the names nor the option
+                       (dict(models={"base": str(pool["base"]), "expert-medicine": str(pool["expert-medicine"])},
+                             expert="expert-medicin", aligned="base"),
+                        r"--expert expert-medicin: no model of that name \(the names are base, expert-medicine\).*"
+                        r"did you mean 'expert-medicine'")):
         args = {"models": [str(pool["base"])], "out": tmp_path / "c", **kw, **bad}
         with pytest.raises(SafemergeError, match=match):
             compare(args.pop("models"), args.pop("out"), **args)
