@@ -362,13 +362,13 @@ def _check_value(key: str, value: Any, spec, where: str) -> None:
         raise ValueError(f"{where}.{key}: an empty list; give a value, a gradient of values or a filter list (or "
                          f"leave {key} out for the value of the level above or the default)")
     if kind == "bool":
-        if isinstance(value, list) and not all(isinstance(v, bool) for v in _leaves(value)):
+        bad = [leaf for leaf in _leaves(value) if not isinstance(leaf, bool)]
+        if bad and isinstance(value, list) and not any(isinstance(v, FilterValue) for v in value):
             # pydantic has read [true, false] as a gradient of numbers by now: say what was written, not 1.0
             raise ValueError(f"{where}.{key}: a gradient (a list of values) is for numbers, and {key} is true or false; "
                              f"give one of them (or a list of {{filter, value}} entries, each value true or false)")
-        for leaf in _leaves(value):
-            if not isinstance(leaf, bool):
-                raise ValueError(f"{where}.{key}: {leaf!r} is not true or false")
+        if bad:
+            raise ValueError(f"{where}.{key}: {bad[0]!r} is not true or false")
         return
     if kind != "number":
         return

@@ -322,10 +322,13 @@ def _eval_results(ev: Evaluations) -> list:
 
 def _largest(rows: list[dict], key: Callable[[dict], Any]) -> list[dict]:
     """Per key, the row of the largest n (the newest among equals: the rows come newest first), in first-seen order."""
+    def n(r: dict) -> int:
+        return r["n"] if isinstance(r.get("n"), int) else -1
+
     best: dict[Any, dict] = {}
     for r in rows:
-        k, n = key(r), r.get("n") if isinstance(r.get("n"), int) else -1
-        if k not in best or n > (best[k].get("n") if isinstance(best[k].get("n"), int) else -1):
+        k = key(r)
+        if k not in best or n(r) > n(best[k]):
             best[k] = r
     return list(best.values())
 
