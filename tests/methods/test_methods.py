@@ -182,6 +182,46 @@ def test_radix_fallback_equals_kthvalue(kind):
         assert float(kth_smallest_radix(x, rank)) == float(x.kthvalue(rank).values)
 
 
+@pytest.mark.parametrize("kind", ["gaussian", "few_values", "bf16_differences"])
+@pytest.mark.parametrize("n", [1, 97, 1 << 14, 300_007])
+def test_every_threshold_select_gives_the_same_triple(kind, n):
+    """(threshold, entries above, entries equal) decide the trim's mask: the direct select (small tensors), the
+    sorted magnitudes (the in-memory search) and the sampled bracket give the radix select's."""
+    from safemerge.methods import task_arithmetic as ta
+
+    g = torch.Generator().manual_seed(n)
+    base = torch.randn(n, generator=g)
+    sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+    model = base + sign * _magnitudes_of_kind(kind, n, seed=4)
+    tv = ta.TaskVector(model=model)
+    memo = ta.SortedMagnitudes([base, model], budget=4 * n)
+    for rank in sorted({1, min(2, n), n // 3 + 1, n // 2 + 1, max(n - 1, 1), n}):
+        want = ta._radix_select(base, tv, rank)
+        assert ta._direct_select(base, tv, rank) == want
+        assert memo.select(base, tv, rank) == want
+        if n > 4 * ta.SAMPLE:
+            assert ta._bracket_select(base, tv, rank) in (want, None)
+    assert memo.left == 0 and len(memo._sorted) == 1
+
+
+def test_sorted_magnitudes_keep_only_held_tensors_within_their_budget():
+    from safemerge.methods import task_arithmetic as ta
+
+    base, a, b = torch.zeros(10), torch.arange(10.0), torch.arange(10.0).flip(0)
+    memo = ta.SortedMagnitudes([base, a], budget=40)
+    assert memo.select(base, ta.TaskVector(model=b), 3) is None  # b is not held: its address could be reused
+    assert memo.select(base, ta.TaskVector(model=a), 3) == (2.0, 7, 1) and memo.left == 0
+    small = ta.SortedMagnitudes([base, a], budget=39)
+    assert small.select(base, ta.TaskVector(model=a), 3) is None and not small._sorted
+    # in use: a trim inside remembering() reads the memo; outside it does not
+    with ta.remembering(memo):
+        assert ta.TopK(base, ta.TaskVector(model=a), 4).thr == 6.0
+    memo._sorted[next(iter(memo._sorted))] = torch.full((10,), 5.0)  # a planted memo shows which path ran
+    with ta.remembering(memo):
+        assert ta.TopK(base, ta.TaskVector(model=a), 4).thr == 5.0
+    assert ta.TopK(base, ta.TaskVector(model=a), 4).thr == 6.0
+
+
 def test_topk_bracket_miss_falls_back(monkeypatch):
     """A sample that brackets the wrong place (forced here) still gives the exact top-k."""
     from safemerge.methods import task_arithmetic as ta

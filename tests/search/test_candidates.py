@@ -24,6 +24,8 @@ CASES = {
     "dare_ties": (lambda f: {**task_config(f, "dare_ties", density=0.4), "seed": 5},
                   lambda f: {**task_config(f, "dare_ties", weight=0.7, density=0.6), "seed": 5}),
     "slerp": (lambda f: _slerp(f, 0.8), lambda f: _slerp(f, 0.35)),
+    "breadcrumbs_ties": (lambda f: task_config(f, "breadcrumbs_ties", density=0.5, gamma=0.05),
+                         lambda f: task_config(f, "breadcrumbs_ties", weight=0.7, density=0.8, gamma=0.02)),
     "della": (lambda f: {**task_config(f, "della", density=0.4), "seed": 3},
               lambda f: {**task_config(f, "della", weight=0.7, density=0.6, epsilon=0.2), "seed": 3}),
     "nuslerp": (lambda f: task_config(f, "nuslerp", weight=0.3),
@@ -46,6 +48,24 @@ def test_candidate_weights_equal_the_engine(method, tiny_family, tmp_path):
     # and the model really runs on those weights: its parameter is the merged tensor
     assert torch.equal(dict(cm.model.named_parameters())["model.layers.1.mlp.up_proj.weight"],
                        disk.get("model.layers.1.mlp.up_proj.weight"))
+
+
+def test_trims_read_their_thresholds_from_the_sorted_magnitudes(tiny_family, tmp_path):
+    """The second and later TIES candidates look each threshold up in the sorted |τ| kept from the first; the
+    weights are those of a CandidateModel that keeps nothing (trim_memo_bytes=0) and of the engine."""
+    configs = [task_config(tiny_family, "ties", weight=w, density=d) for w, d in ((0.5, 0.3), (0.9, 0.7), (0.4, 0.05))]
+    kept, plain = CandidateModel(configs[0]), CandidateModel(configs[0], trim_memo_bytes=0)
+    for cfg in configs:
+        kept.load(cfg)
+        plain.load(cfg)
+        a, b = kept.state(), plain.state()
+        assert all(torch.equal(a[n], b[n]) for n in a)
+    assert plain._memo.left == 0 and not plain._memo._sorted
+    n_trimmed = len(kept.names) * 2  # every tensor of both task vectors
+    assert len(kept._memo._sorted) == n_trimmed
+    safemerge.merge(configs[-1], tmp_path / "m", progress=False)
+    disk = Checkpoint(tmp_path / "m")
+    assert all(torch.equal(disk.get(n), a[n]) for n in disk.names())
 
 
 def test_a_bf16_pool_is_held_as_stored_and_merges_as_the_engine(tiny_family_bf16, tmp_path):

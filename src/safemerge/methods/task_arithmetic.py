@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Literal, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Iterable, Iterator, Literal, Sequence
 
 import torch
 
@@ -38,6 +40,7 @@ from safemerge.methods.blocks import BLOCK, TaskVector, flat, output, spans, tas
 
 NBUCKETS = 1 << 15  # top 16 bits of a non-negative float32: sign (0), exponent, 7 mantissa bits
 SAMPLE = 1 << 16   # entries sampled to bracket a top-k threshold
+DIRECT = 1 << 14   # up to this many entries, one select over all of |τ| (a histogram's fixed cost is larger)
 GPU_GROUP = 1 << 24  # elements DELLA ranks at once on a GPU (its sort keys and indices: 16 bytes each)
 
 
@@ -48,8 +51,10 @@ class TopK:
     Found without sorting the tensor (Floyd–Rivest style): the |τ| of a fixed random sample of
     SAMPLE entries bracket the threshold's rank within ±6 standard errors; one pass over the blocks
     counts the entries above the bracket and keeps those inside it (a few percent of the tensor), and
-    `kthvalue` on those gives the exact threshold. When the bracket misses (odds below 1e-8), a radix
-    select (a histogram of the top 16 bits of |τ|, which order like the floats) finds it instead.
+    `kthvalue` on those gives the exact threshold. When the bracket misses (odds below 1e-8), and for
+    tensors of up to 4·SAMPLE entries, a radix select (a histogram of the top 16 bits of |τ|, which order
+    like the floats) finds it instead; up to DIRECT entries, one select over all of |τ|. Inside
+    `remembering(memo)`, a task vector the memo holds sorted is looked up there by binary search.
     `mask` must be called on the blocks in order (it counts the threshold ties it has admitted).
     """
 
@@ -60,7 +65,12 @@ class TopK:
         if self.all or self.none:
             return
         rank = n - k + 1  # the threshold is the rank-th smallest magnitude
-        found = _bracket_select(base, tv, rank) if n > 4 * SAMPLE else None
+        memo = _MEMO.get()
+        found = memo.select(base, tv, rank) if memo is not None else None
+        if found is None and n <= DIRECT:
+            found = _direct_select(base, tv, rank)
+        if found is None and n > 4 * SAMPLE:
+            found = _bracket_select(base, tv, rank)
         thr, greater, equal = found if found is not None else _radix_select(base, tv, rank)
         self.thr, self.short = thr, k - greater
         self.inclusive = self.short == equal  # every entry equal to the threshold is kept: no counting
@@ -90,6 +100,56 @@ def _magnitudes(base: torch.Tensor, tv: TaskVector):
     b = flat(base)
     for s, e in spans(b.numel(), b):
         yield s, e, tv.block(b[s:e].to(torch.float32), s, e).abs_()
+
+
+def _direct_select(base: torch.Tensor, tv: TaskVector, rank: int) -> tuple[float, int, int]:
+    """(threshold, entries above it, entries equal to it) by one select over every |τ| (small tensors)."""
+    mag = torch.cat([m for _, _, m in _magnitudes(base, tv)])
+    thr = _kth(mag, rank)
+    return float(thr), int((mag > thr).sum()), int((mag == thr).sum())
+
+
+class SortedMagnitudes:
+    """Sorted |τ| of task vectors that are trimmed again and again (the in-memory search scores one pool at many
+    densities): each later threshold is then a binary search, not a select over the tensor. The same triple
+    as the selects, so the same masks.
+
+    Only pairs of the `held` tensors are kept (matched by storage address and size, which stay theirs while the
+    caller holds them: a temporary's address could be reused), in float32, up to `budget` bytes in all; others
+    are selected as usual. Active inside `remembering(memo)`.
+    """
+
+    def __init__(self, held: Iterable[torch.Tensor], *, budget: int):
+        self._held = {(t.data_ptr(), t.numel()) for t in held}
+        self._sorted: dict[tuple, torch.Tensor] = {}
+        self.left = int(budget)
+
+    def select(self, base: torch.Tensor, tv: TaskVector, rank: int) -> tuple[float, int, int] | None:
+        src, minus_base = tv.source
+        n = base.numel()
+        key = (base.data_ptr(), src.data_ptr(), minus_base, n)
+        s = self._sorted.get(key)
+        if s is None:
+            if (key[0], n) not in self._held or (key[1], src.numel()) not in self._held or 4 * n > self.left:
+                return None
+            s = torch.cat([m for _, _, m in _magnitudes(base, tv)]).sort().values
+            self._sorted[key], self.left = s, self.left - 4 * n
+        thr = s[rank - 1:rank]
+        ends = torch.cat([torch.searchsorted(s, thr), torch.searchsorted(s, thr, right=True)]).tolist()
+        return float(thr), n - ends[1], ends[1] - ends[0]
+
+
+_MEMO: ContextVar[SortedMagnitudes | None] = ContextVar("safemerge_sorted_magnitudes", default=None)
+
+
+@contextmanager
+def remembering(memo: SortedMagnitudes | None) -> Iterator[None]:
+    """Top-k trims inside this block look their thresholds up in `memo` (None: as usual)."""
+    token = _MEMO.set(memo)
+    try:
+        yield
+    finally:
+        _MEMO.reset(token)
 
 
 def _bracket_select(base: torch.Tensor, tv: TaskVector, rank: int) -> tuple[float, int, int] | None:

@@ -1,12 +1,14 @@
 """In-memory candidates: the pool read once, one model whose weights each candidate overwrites in place.
 
 A search scores hundreds of merges of the same pool. Writing each to disk and loading it again costs
-more than scoring it, so `CandidateModel` reads every input model once (float32, CPU), holds one HF
+more than scoring it, so `CandidateModel` reads every input model once (in its stored dtype), holds one HF
 model, and for each candidate config computes every tensor with `safemerge.engine.merge_tensor` (the
 one place where a config becomes a method call, so the weights equal what `safemerge.merge` would
 write for that config, cast to the same output dtype) and copies it into the model's parameter.
 
-Memory: (number of input models) × (model size in float32) for the pool, plus the model itself.
+Memory: (number of input models) × (model size) for the pool, plus the model itself, plus for
+TIES and breadcrumbs the sorted |τ_i| of each tensor (float32, up to `trim_memo_bytes`, 1 GiB by default; the
+tensors beyond it are selected afresh for each candidate): a trim at a new density is then a binary search.
 The task vectors τ_i = θ_i − θ_base are formed by `merge_tensor` from the held weights on each call
 (one subtraction per tensor, cheap beside scoring); holding θ_i rather than τ_i is what lets every
 method (task vectors, whole-weight and SLERP) go through the engine's own code path.
@@ -26,7 +28,11 @@ from safemerge.engine import check_device, merge_tensor, tokenizer_dirs
 from safemerge.errors import CheckpointError, ConfigError
 from safemerge.layout import num_layers, position, stream_order, tied_source
 from safemerge.lora import open_model
+from safemerge.methods.task_arithmetic import SortedMagnitudes, remembering
 from safemerge.vocab import vocab_plan
+
+# float32 bytes of sorted |τ| a CandidateModel may keep for the magnitude trims (a 250M-element pool's task vectors)
+TRIM_MEMO_BYTES = 1 << 30
 
 # config.json keys that must agree for two checkpoints to be one architecture
 _ARCH_KEYS = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -57,7 +63,8 @@ class CandidateModel:
     parameters (weights, densities, t) and the method, but not the models.
     """
 
-    def __init__(self, config: MergeConfig | Mapping | str, *, device: str = "cpu", allow_pickle: bool = False):
+    def __init__(self, config: MergeConfig | Mapping | str, *, device: str = "cpu", allow_pickle: bool = False,
+                 trim_memo_bytes: int = TRIM_MEMO_BYTES):
         self.config = load_config(config).require_whole_models("an in-memory candidate")
         self.device = torch.device(check_device(device))
         self.models = {m: open_model(m, allow_pickle=allow_pickle) for m in self.config.input_models()}
@@ -76,6 +83,8 @@ class CandidateModel:
         # float32 block by block), at half the memory of float32 copies for bf16/fp16 checkpoints
         self.weights = {m: self._read(m, ckpt) for m, ckpt in self.models.items()}
         self.dtype = DTYPES.get(self.config.out_dtype or self.config.dtype or "") or self.reference.dtype(self.names[0])
+        # TIES and breadcrumbs trims of these task vectors at each candidate's densities: thresholds by binary search
+        self._memo = SortedMagnitudes((t for w in self.weights.values() for t in w.values()), budget=trim_memo_bytes)
         self.model, self.tokenizer = self._load_model()
         self._targets = self._bind_targets()
         self.current: MergeConfig | None = None
@@ -97,7 +106,8 @@ class CandidateModel:
         cfg = load_config(config)
         for name in self.names:
             inputs = {m: w[name] for m, w in self.weights.items()}  # merge_tensor never modifies its inputs
-            merged = merge_tensor(cfg, name=name, t=position(name, self.n_layers), tensors=inputs)
+            with remembering(self._memo):
+                merged = merge_tensor(cfg, name=name, t=position(name, self.n_layers), tensors=inputs)
             yield name, merged.to(self.dtype)
 
     def state(self) -> dict[str, torch.Tensor]:
