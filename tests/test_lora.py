@@ -125,6 +125,22 @@ def test_bad_adapters_are_refused_by_name(lora_family, tmp_path):
     assert cfg["peft_type"] == "LORA"
 
 
+def test_an_adapter_folder_given_as_a_whole_model_says_how_to_give_it(lora_family, tmp_path):
+    """Its tensors are LoRA's A and B: without the check a merge reported a model tensor missing, evaluation a
+    tokenizer it could not load."""
+    from safemerge.evaluate.loading import model_ref
+
+    fam, adapter = lora_family
+    config = {"merge_method": "task_arithmetic", "base_model": str(fam["base"]),
+              "models": [{"model": str(adapter), "parameters": {"weight": 1.0}}]}
+    with pytest.raises(CheckpointError, match=r"is a LoRA adapter folder .* as `BASE\+.*adapter`.* names '.*base'"):
+        safemerge.merge(config, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(CheckpointError, match=r"is a LoRA adapter folder"):
+        model_ref(adapter)
+    assert model_ref(f"{fam['base']}+{adapter}").adapter == adapter  # with its base it is what it always was
+
+
 @pytest.mark.parametrize("rslora", [False, True])
 def test_rank_and_alpha_patterns_are_matched_as_peft_matches_them(lora_family, tmp_path, rslora):
     fam, _ = lora_family

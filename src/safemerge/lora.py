@@ -43,8 +43,24 @@ def open_model(ref: str, *, allow_pickle: bool = False) -> Checkpoint:
     """A Checkpoint for a config's model reference: a folder (or .safetensors file), or `model+adapter`."""
     model, adapter = split_reference(ref)
     if adapter is None:
+        refuse_bare_adapter(Path(model).expanduser())
         return Checkpoint(model, allow_pickle=allow_pickle)
     return LoraCheckpoint(model, adapter, allow_pickle=allow_pickle)
+
+
+def refuse_bare_adapter(path: Path) -> None:
+    """A CheckpointError for a LoRA adapter folder given where a whole model is read (its tensors are the adapter's
+    A and B matrices, so the model's would be reported missing), saying how to give it with its base."""
+    cfg_file = path / "adapter_config.json"
+    if not cfg_file.is_file() or (path / "config.json").is_file():
+        return
+    try:
+        base = json.loads(cfg_file.read_text()).get("base_model_name_or_path")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        base = None
+    named = f" (its adapter_config.json names {base!r})" if isinstance(base, str) and base else ""
+    raise CheckpointError(f"{path}: is a LoRA adapter folder (adapter_config.json), not a whole model; give it with the "
+                          f"model it was trained on as `BASE+{path}`{named}, or merge it into that model first")
 
 
 def read_adapter_config(adapter: Path) -> dict:

@@ -73,3 +73,12 @@ def test_two_runs_of_one_seed_get_distinct_labels(tmp_path, full):
 def test_runs_given_as_results_files_are_named_by_their_folder(tmp_path, full):
     text = seeds_table([_write(tmp_path, "a", full) / "results.json", _write(tmp_path, "b", full) / "results.json"])
     assert "| model | seed 0 (a) | seed 0 (b) | mean |" in text.splitlines()
+
+
+def test_one_run_given_twice_is_refused(tmp_path, full):
+    """Its folder and its results.json are one run: it would count twice in every mean."""
+    a = _write(tmp_path, "s0", full)
+    with pytest.raises(ResultsError, match="the same run as .*s0.*; give each run once"):
+        seeds_table([a, a / "results.json"])
+    with pytest.raises(ResultsError, match="the same run as"):
+        seeds_table([a, tmp_path / "." / "s0"])

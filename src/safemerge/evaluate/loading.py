@@ -78,10 +78,13 @@ def resolve_reference(model: str | os.PathLike) -> tuple[Path, Path | None]:
     """(model folder, adapter folder) of a `model+adapter` (LoRA) reference, as merges read it; (folder, None) for
     a plain model (a local folder, or a hub id when a hub is reachable)."""
     from safemerge.config import split_reference
+    from safemerge.lora import refuse_bare_adapter
 
     base, adapter = split_reference(str(model))
     if adapter is None:
-        return resolve_model_path(model), None
+        path = resolve_model_path(model)
+        refuse_bare_adapter(path)
+        return path, None
     a = Path(adapter).expanduser()
     if not a.is_dir():
         raise CheckpointError(f"{model}: {a} is not a folder; a LoRA reference is `model_path+adapter_path`, the adapter "

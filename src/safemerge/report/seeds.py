@@ -43,6 +43,18 @@ def _same_study(runs: list[Results], paths: Sequence[str | os.PathLike]) -> None
                                "put side by side only runs of one study (seeds of the same preset and domains)")
 
 
+def _each_once(paths: Sequence[str | os.PathLike]) -> None:
+    """One run given twice (its folder and its results.json, or two spellings of one path) would count twice in
+    every mean."""
+    seen: dict[Path, str | os.PathLike] = {}
+    for p in paths:
+        f = Path(p).expanduser()
+        f = (f / "results.json" if f.is_dir() else f).resolve()
+        if f in seen:
+            raise ResultsError(f"{p}: the same run as {seen[f]} ({f}); give each run once")
+        seen[f] = p
+
+
 def _mean_known(xs: list[float | None]) -> float | None:
     """The mean over the runs that have the figure (a run without the model is left out)."""
     return mean(x for x in xs if x is not None)
@@ -54,6 +66,7 @@ def _pct(x: float | None) -> str:
 
 def seeds_table(results: Sequence[str | os.PathLike]) -> str:
     """Markdown tables of several runs of the same study: models × runs, then claims × runs."""
+    _each_once(results)
     runs = [load_results(p) for p in results]  # a results.json or the run's folder
     _same_study(runs, results)
     labels = [_label(r, p, i) for i, (r, p) in enumerate(zip(runs, results))]
