@@ -2,12 +2,14 @@
 expert), 30 generations, at each λ, with N synthetic refusals and N medicine Q&A; then the merged
 model's held-out safety rate and medicine accuracy, evaluated as `safemerge repro` does.
 
-    python benchmarks/search_data_size.py runs/s0/testbed --n 400 --lambdas 0.5,0 [--seed 0] [--out DIR]
+    python benchmarks/search_data_size.py runs/s0/testbed --n 400 --lambdas 0.5,0 [--seed 0] [--out DIR] [--unseen]
 
 The data are made as `safemerge repro` makes them (`safemerge.repro.write_search_data`): the pool's
 refusals to the first N training harmful prompts, kept where the keyword judge sees a refusal, and the
-first N rows of the testbed's medicine training Q&A. Prints one JSON line
-per λ. docs/search.md ("Data size") has the figures.
+first N rows of the testbed's medicine training Q&A. With --unseen the refusals answer N new harmful prompts
+instead, drawn as the world draws its training requests (training templates, frames and targets) but none of
+them a prompt the aligned model was trained on. Prints one JSON line per λ. docs/search.md ("Data size",
+"Prompts the aligned model was not trained on") has the figures.
 """
 
 from __future__ import annotations
@@ -19,6 +21,31 @@ import time
 from pathlib import Path
 
 
+def unseen_prompts(tb: Path, n: int, seed: int) -> list[dict]:
+    """N harmful prompts from the training templates, frames and targets of the testbed's world, none of them one of
+    its training prompts (so none the aligned model learned to refuse)."""
+    import random
+
+    from safemerge.testbed import templates as T
+    from safemerge.testbed.presets import get_preset
+    from safemerge.testbed.world import _request, generate_world
+
+    world = generate_world(seed, get_preset(json.loads((tb / "world.json").read_text())["preset"]))
+    seen = {r.prompt for r in world.requests["harmful_train"]}
+    kinds = [(c, t) for c in sorted(T.HARMFUL) for kw in sorted(T.HARMFUL[c]) for t in T.HARMFUL[c][kw]
+             if t not in world.test_templates]
+    rng, rows = random.Random(f"unseen-{seed}"), []
+    while len(rows) < n:
+        c, t = rng.choice(kinds)
+        frame = rng.choice(world.frames["train"])
+        phrasing = T.phrasing(rng.choice(T.OPENERS), frame, rng.choice(T.CLOSERS))
+        r = _request(rng, c, t, rng.choice(world.targets["train"][T.slot(t)]), frame, phrasing, True)
+        if r.prompt not in seen:
+            seen.add(r.prompt)
+            rows.append({"prompt": r.prompt, "category": r.category})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("testbed", type=Path)
@@ -27,6 +54,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=None, help="search and sampling seed (default: the testbed's)")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--out", type=Path, default=None, help="keep the data, journals and models here")
+    ap.add_argument("--unseen", action="store_true", help="refusals to new prompts, not to the aligned model's training ones")
     args = ap.parse_args()
 
     import torch
@@ -41,6 +69,15 @@ def main() -> None:
     out = args.out or Path(tempfile.mkdtemp(prefix="safemerge-datasize-"))
     out.mkdir(parents=True, exist_ok=True)
     safety, domain = out / f"safety-n{args.n}.jsonl", out / f"domain-n{args.n}.jsonl"
+    if args.unseen:
+        from safemerge.data.synthetic import synthesize_safety
+
+        safety = out / f"safety-unseen-n{args.n}.jsonl"
+        if not safety.exists():
+            prompts = out / f"unseen-prompts-n{args.n}.jsonl"
+            prompts.write_text("".join(json.dumps(r) + "\n" for r in unseen_prompts(tb, args.n, seed)))
+            synthesize_safety([tb / "aligned", tb / "expert-medicine"], safety, prompts=prompts, n=args.n, seed=seed,
+                              max_new_tokens=32, progress=False)
     write_search_data(tb, "medicine", n=args.n, seed=seed, safety=safety, domain=domain)  # as `safemerge repro`
     kept = sum(1 for line in safety.read_text().splitlines() if line.strip())
     cfg = {"merge_method": "task_arithmetic", "base_model": str(tb / "base"), "tokenizer_source": str(tb / "aligned"),
@@ -48,16 +85,17 @@ def main() -> None:
                       {"model": str(tb / "aligned"), "parameters": {"weight": 1.0}}]}
     for lam in (float(x) for x in args.lambdas.split(",")):
         t0 = time.time()
-        model = out / f"n{args.n}-lambda{lam}"
+        tag = f"{'unseen-' if args.unseen else ''}n{args.n}-lambda{lam}"
+        model = out / tag
         search(cfg, model, optimizer="cmaes", safety_data=safety if lam > 0 else None, domain_data=domain,
                lambda_=lam, steps=args.steps, seed=seed, overwrite=True, progress=False,
-               journal=out / f"n{args.n}-lambda{lam}.sqlite", audit=False)  # measures the search alone
+               journal=out / f"{tag}.sqlite", audit=False)  # measures the search alone
         best = json.loads((model / "search.json").read_text())["best"]
         store = out / "results.sqlite"
         s = evaluate_safety(model, prompts=tb / "data" / "safety_test.jsonl", judge="keyword", max_new_tokens=32,
                             store=store)
         d = evaluate_domain(model, task=tb / "data" / "domain-medicine_test.jsonl", store=store)
-        print(json.dumps({"seed": seed, "n": args.n, "refusals_kept": kept, "lambda": lam, "params": best["params"],
+        print(json.dumps({"seed": seed, "n": args.n, "unseen": args.unseen, "refusals_kept": kept, "lambda": lam, "params": best["params"],
                           "safety": s["safe_rate"], "medicine": d["acc"],
                           "minutes": round((time.time() - t0) / 60, 1)}), flush=True)
 

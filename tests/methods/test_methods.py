@@ -194,7 +194,7 @@ def test_every_threshold_select_gives_the_same_triple(kind, n):
     sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
     model = base + sign * _magnitudes_of_kind(kind, n, seed=4)
     tv = ta.TaskVector(model=model)
-    memo = ta.SortedMagnitudes([base, model], budget=4 * n)
+    memo = ta.TrimMemo([base, model], budget=4 * n)
     for rank in sorted({1, min(2, n), n // 3 + 1, n // 2 + 1, max(n - 1, 1), n}):
         want = ta._radix_select(base, tv, rank)
         assert ta._direct_select(base, tv, rank) == want
@@ -208,10 +208,10 @@ def test_sorted_magnitudes_keep_only_held_tensors_within_their_budget():
     from safemerge.methods import task_arithmetic as ta
 
     base, a, b = torch.zeros(10), torch.arange(10.0), torch.arange(10.0).flip(0)
-    memo = ta.SortedMagnitudes([base, a], budget=40)
+    memo = ta.TrimMemo([base, a], budget=40)
     assert memo.select(base, ta.TaskVector(model=b), 3) is None  # b is not held: its address could be reused
     assert memo.select(base, ta.TaskVector(model=a), 3) == (2.0, 7, 1) and memo.left == 0
-    small = ta.SortedMagnitudes([base, a], budget=39)
+    small = ta.TrimMemo([base, a], budget=39)
     assert small.select(base, ta.TaskVector(model=a), 3) is None and not small._sorted
     # in use: a trim inside remembering() reads the memo; outside it does not
     with ta.remembering(memo):

@@ -68,6 +68,22 @@ def test_trims_read_their_thresholds_from_the_sorted_magnitudes(tiny_family, tmp
     assert all(torch.equal(disk.get(n), a[n]) for n in disk.names())
 
 
+@pytest.mark.parametrize("rescale_mode", ["density", "l1"])
+def test_dare_masks_compare_the_kept_draws(tiny_family, tmp_path, rescale_mode):
+    """DARE candidates of one seed compare each density with the uniform draws kept from the first; the l1 rescale's
+    dry run reads them too. Same weights as without the memo and as the engine."""
+    configs = [{**task_config(tiny_family, "dare_ties", weight=w, density=d), "seed": 7,
+                "parameters": {"rescale_mode": rescale_mode}} for w, d in ((0.5, 0.3), (0.9, 0.8), (0.6, 0.5))]
+    kept, plain = CandidateModel(configs[0]), CandidateModel(configs[0], trim_memo_bytes=0)
+    for cfg in configs:
+        a, b = kept.load(cfg) and kept.state(), plain.load(cfg) and plain.state()
+        assert all(torch.equal(a[n], b[n]) for n in a)
+    assert len(kept._memo._draws) == len(kept.names) * 2 and not plain._memo._draws
+    safemerge.merge(configs[-1], tmp_path / "m", progress=False)
+    disk = Checkpoint(tmp_path / "m")
+    assert all(torch.equal(disk.get(n), a[n]) for n in disk.names())
+
+
 def test_a_bf16_pool_is_held_as_stored_and_merges_as_the_engine(tiny_family_bf16, tmp_path):
     """The pool stays in its stored dtype (half the memory of float32 copies) and still gives the
     engine's tensors: both feed merge_tensor the stored values, which it computes on in float32."""

@@ -54,7 +54,7 @@ class TopK:
     `kthvalue` on those gives the exact threshold. When the bracket misses (odds below 1e-8), and for
     tensors of up to 4·SAMPLE entries, a radix select (a histogram of the top 16 bits of |τ|, which order
     like the floats) finds it instead; up to DIRECT entries, one select over all of |τ|. Inside
-    `remembering(memo)`, a task vector the memo holds sorted is looked up there by binary search.
+    `remembering(memo)`, a task vector a TrimMemo holds sorted is looked up there by binary search.
     `mask` must be called on the blocks in order (it counts the threshold ties it has admitted).
     """
 
@@ -109,20 +109,32 @@ def _direct_select(base: torch.Tensor, tv: TaskVector, rank: int) -> tuple[float
     return float(thr), int((mag > thr).sum()), int((mag == thr).sum())
 
 
-class SortedMagnitudes:
-    """Sorted |τ| of task vectors that are trimmed again and again (the in-memory search scores one pool at many
-    densities): each later threshold is then a binary search, not a select over the tensor. The same triple
-    as the selects, so the same masks.
+class TrimMemo:
+    """What the sparsifiers of a fixed pool compute again for every candidate of a search (the in-memory search
+    scores one pool at many densities), kept once, with the same results:
 
-    Only pairs of the `held` tensors are kept (matched by storage address and size, which stay theirs while the
-    caller holds them: a temporary's address could be reused), in float32, up to `budget` bytes in all; others
-    are selected as usual. Active inside `remembering(memo)`.
+    - the sorted |τ| of a task vector (TIES and breadcrumbs trims): a threshold at any density is then a binary
+      search, giving the selects' (threshold, entries above, entries equal), so the same masks. Only pairs of the
+      `held` tensors are kept (matched by storage address and size, which stay theirs while the caller holds them:
+      a temporary's address could be reused);
+    - DARE's uniform draws of a tensor for a seed (the candidates of a search share the config's seed): the keep
+      mask at any density is then a comparison with them, the draws the generator would have made.
+
+    In float32, up to `budget` bytes in all; what does not fit is computed as usual. Active inside
+    `remembering(memo)`.
     """
 
     def __init__(self, held: Iterable[torch.Tensor], *, budget: int):
         self._held = {(t.data_ptr(), t.numel()) for t in held}
         self._sorted: dict[tuple, torch.Tensor] = {}
+        self._draws: dict[tuple, torch.Tensor] = {}
         self.left = int(budget)
+
+    def _room(self, n: int) -> bool:
+        if 4 * n > self.left:
+            return False
+        self.left -= 4 * n
+        return True
 
     def select(self, base: torch.Tensor, tv: TaskVector, rank: int) -> tuple[float, int, int] | None:
         src, minus_base = tv.source
@@ -130,21 +142,32 @@ class SortedMagnitudes:
         key = (base.data_ptr(), src.data_ptr(), minus_base, n)
         s = self._sorted.get(key)
         if s is None:
-            if (key[0], n) not in self._held or (key[1], src.numel()) not in self._held or 4 * n > self.left:
+            if (key[0], n) not in self._held or (key[1], src.numel()) not in self._held or not self._room(n):
                 return None
-            s = torch.cat([m for _, _, m in _magnitudes(base, tv)]).sort().values
-            self._sorted[key], self.left = s, self.left - 4 * n
+            s = self._sorted[key] = torch.cat([m for _, _, m in _magnitudes(base, tv)]).sort().values
         thr = s[rank - 1:rank]
         ends = torch.cat([torch.searchsorted(s, thr), torch.searchsorted(s, thr, right=True)]).tolist()
         return float(thr), n - ends[1], ends[1] - ends[0]
 
+    def draws(self, base: torch.Tensor, seed: int) -> torch.Tensor | None:
+        """The uniform draws RandomDrop makes for a tensor like `base` from `seed`: one per entry, block by block."""
+        b = flat(base)
+        key = (seed, b.numel(), b.device)
+        u = self._draws.get(key)
+        if u is None:
+            if not self._room(b.numel()):
+                return None
+            gen = torch.Generator(device=b.device).manual_seed(seed)
+            u = self._draws[key] = torch.cat([torch.rand(e - s, generator=gen, device=b.device) for s, e in spans(b.numel(), b)])
+        return u
 
-_MEMO: ContextVar[SortedMagnitudes | None] = ContextVar("safemerge_sorted_magnitudes", default=None)
+
+_MEMO: ContextVar[TrimMemo | None] = ContextVar("safemerge_trim_memo", default=None)
 
 
 @contextmanager
-def remembering(memo: SortedMagnitudes | None) -> Iterator[None]:
-    """Top-k trims inside this block look their thresholds up in `memo` (None: as usual)."""
+def remembering(memo: TrimMemo | None) -> Iterator[None]:
+    """Trims and DARE drops inside this block read what `memo` keeps (None: computed as usual)."""
     token = _MEMO.set(memo)
     try:
         yield
@@ -282,6 +305,9 @@ class RandomDrop:
     def __init__(self, base, tv, density: float, *, seed: int, rescale: bool, rescale_mode: str):
         self.density, self.off = density, density >= 1
         self.gen = torch.Generator(device=base.device).manual_seed(seed)
+        memo = _MEMO.get()
+        self._draws = memo.draws(base, seed) if memo is not None and not self.off else None  # else drawn from gen
+        self._at = 0
         self.factor = 1.0
         if self.off or not rescale:
             return
@@ -292,11 +318,16 @@ class RandomDrop:
             self.factor = l1_factor((float(mag.sum()), float((mag * self._keep(mag)).sum()))
                                     for _, _, mag in _magnitudes(base, tv))
             self.gen.set_state(state)
+            self._at = 0
         else:
             raise ValueError(f"rescale_mode {rescale_mode!r} is not 'density' or 'l1'")
 
     def _keep(self, like: torch.Tensor) -> torch.Tensor:
-        return torch.rand(like.shape, generator=self.gen, device=like.device) < self.density
+        if self._draws is None:
+            return torch.rand(like.shape, generator=self.gen, device=like.device) < self.density
+        n = like.numel()
+        self._at += n
+        return self._draws[self._at - n:self._at].view(like.shape) < self.density
 
     def __call__(self, d: torch.Tensor) -> torch.Tensor:
         if self.off:

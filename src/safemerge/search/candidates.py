@@ -7,8 +7,9 @@ one place where a config becomes a method call, so the weights equal what `safem
 write for that config, cast to the same output dtype) and copies it into the model's parameter.
 
 Memory: (number of input models) × (model size) for the pool, plus the model itself, plus for
-TIES and breadcrumbs the sorted |τ_i| of each tensor (float32, up to `trim_memo_bytes`, 1 GiB by default; the
-tensors beyond it are selected afresh for each candidate): a trim at a new density is then a binary search.
+TIES and breadcrumbs the sorted |τ_i| of each tensor and for DARE its uniform draws (float32, up to
+`trim_memo_bytes` in all, 1 GiB by default; beyond it they are computed afresh for each candidate): a trim at a
+new density is then a binary search, a DARE mask a comparison (`TrimMemo`).
 The task vectors τ_i = θ_i − θ_base are formed by `merge_tensor` from the held weights on each call
 (one subtraction per tensor, cheap beside scoring); holding θ_i rather than τ_i is what lets every
 method (task vectors, whole-weight and SLERP) go through the engine's own code path.
@@ -28,10 +29,10 @@ from safemerge.engine import check_device, merge_tensor, tokenizer_dirs
 from safemerge.errors import CheckpointError, ConfigError
 from safemerge.layout import num_layers, position, stream_order, tied_source
 from safemerge.lora import open_model
-from safemerge.methods.task_arithmetic import SortedMagnitudes, remembering
+from safemerge.methods.task_arithmetic import TrimMemo, remembering
 from safemerge.vocab import vocab_plan
 
-# float32 bytes of sorted |τ| a CandidateModel may keep for the magnitude trims (a 250M-element pool's task vectors)
+# float32 bytes a CandidateModel may keep for the trims and DARE drops (TrimMemo): 268M entries
 TRIM_MEMO_BYTES = 1 << 30
 
 # config.json keys that must agree for two checkpoints to be one architecture
@@ -83,8 +84,8 @@ class CandidateModel:
         # float32 block by block), at half the memory of float32 copies for bf16/fp16 checkpoints
         self.weights = {m: self._read(m, ckpt) for m, ckpt in self.models.items()}
         self.dtype = DTYPES.get(self.config.out_dtype or self.config.dtype or "") or self.reference.dtype(self.names[0])
-        # TIES and breadcrumbs trims of these task vectors at each candidate's densities: thresholds by binary search
-        self._memo = SortedMagnitudes((t for w in self.weights.values() for t in w.values()), budget=trim_memo_bytes)
+        # what the trims and DARE drops of this pool compute again for every candidate: kept once (same results)
+        self._memo = TrimMemo((t for w in self.weights.values() for t in w.values()), budget=trim_memo_bytes)
         self.model, self.tokenizer = self._load_model()
         self._targets = self._bind_targets()
         self.current: MergeConfig | None = None
