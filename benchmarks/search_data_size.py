@@ -23,14 +23,15 @@ from pathlib import Path
 
 def unseen_prompts(tb: Path, n: int, seed: int) -> list[dict]:
     """N harmful prompts from the training templates, frames and targets of the testbed's world, none of them one of
-    its training prompts (so none the aligned model learned to refuse)."""
+    its training prompts (so none the aligned model learned to refuse); `seed` seeds the draw."""
     import random
 
     from safemerge.testbed import templates as T
     from safemerge.testbed.presets import get_preset
     from safemerge.testbed.world import _request, generate_world
 
-    world = generate_world(seed, get_preset(json.loads((tb / "world.json").read_text())["preset"]))
+    meta = json.loads((tb / "world.json").read_text())
+    world = generate_world(meta["seed"], get_preset(meta["preset"]))  # the testbed's world, whatever --seed says
     seen = {r.prompt for r in world.requests["harmful_train"]}
     kinds = [(c, t) for c in sorted(T.HARMFUL) for kw in sorted(T.HARMFUL[c]) for t in T.HARMFUL[c][kw]
              if t not in world.test_templates]

@@ -139,6 +139,19 @@ def test_an_adapter_folder_given_as_a_whole_model_says_how_to_give_it(lora_famil
     with pytest.raises(CheckpointError, match=r"is a LoRA adapter folder"):
         model_ref(adapter)
     assert model_ref(f"{fam['base']}+{adapter}").adapter == adapter  # with its base it is what it always was
+    # a model's weights beside a leftover adapter_config.json are a model, with or without config.json
+    leftover = tmp_path / "weights-only"
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes((fam["base"] / "model.safetensors").read_bytes())
+    (leftover / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
+    assert open_model(str(leftover)).names()
+    # an adapter folder that also holds its base's config.json is still an adapter
+    (adapter / "config.json").write_text((fam["base"] / "config.json").read_text())
+    try:
+        with pytest.raises(CheckpointError, match=r"is a LoRA adapter folder"):
+            open_model(str(adapter))
+    finally:
+        (adapter / "config.json").unlink()
 
 
 @pytest.mark.parametrize("rslora", [False, True])

@@ -52,7 +52,11 @@ def refuse_bare_adapter(path: Path) -> None:
     """A CheckpointError for a LoRA adapter folder given where a whole model is read (its tensors are the adapter's
     A and B matrices, so the model's would be reported missing), saying how to give it with its base."""
     cfg_file = path / "adapter_config.json"
-    if not cfg_file.is_file() or (path / "config.json").is_file():
+    if not cfg_file.is_file():
+        return
+    weights = [f for f in path.iterdir() if f.suffix in (".safetensors", ".bin", ".pt", ".pth")
+               and not f.name.startswith("adapter_model.")]
+    if weights:  # a model's weights beside a leftover adapter_config.json: a model
         return
     try:
         base = json.loads(cfg_file.read_text()).get("base_model_name_or_path")

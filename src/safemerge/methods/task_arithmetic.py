@@ -42,6 +42,8 @@ NBUCKETS = 1 << 15  # top 16 bits of a non-negative float32: sign (0), exponent,
 SAMPLE = 1 << 16   # entries sampled to bracket a top-k threshold
 DIRECT = 1 << 14   # up to this many entries, one select over all of |τ| (a histogram's fixed cost is larger)
 GPU_GROUP = 1 << 24  # elements DELLA ranks at once on a GPU (its sort keys and indices: 16 bytes each)
+MEMO_TENSOR = 1 << 24  # the largest tensor a TrimMemo keeps (sorting one needs ~16 bytes per entry for a moment)
+TRIM_MEMO_BYTES = 1 << 30  # what an in-memory search's TrimMemo may keep by default (float32: 268M entries)
 
 
 # -- exact top-k: a sampled bracket, then a select on the few entries inside it ------------------------
@@ -106,7 +108,7 @@ def _direct_select(base: torch.Tensor, tv: TaskVector, rank: int) -> tuple[float
     """(threshold, entries above it, entries equal to it) by one select over every |τ| (small tensors)."""
     mag = torch.cat([m for _, _, m in _magnitudes(base, tv)])
     thr = _kth(mag, rank)
-    return float(thr), int((mag > thr).sum()), int((mag == thr).sum())
+    return float(thr), int(((mag > thr) | mag.isnan()).sum()), int((mag == thr).sum())  # NaN ranks above all, as in radix
 
 
 class TrimMemo:
@@ -120,8 +122,9 @@ class TrimMemo:
     - DARE's uniform draws of a tensor for a seed (the candidates of a search share the config's seed): the keep
       mask at any density is then a comparison with them, the draws the generator would have made.
 
-    In float32, up to `budget` bytes in all; what does not fit is computed as usual. Active inside
-    `remembering(memo)`.
+    In float32, up to `budget` bytes in all and for tensors of up to MEMO_TENSOR entries (sorting a larger one would
+    need gigabytes for a moment); what is not kept is computed as usual. A task vector with NaN is not kept (the
+    binary search needs an order). Active inside `remembering(memo)`.
     """
 
     def __init__(self, held: Iterable[torch.Tensor], *, budget: int):
@@ -131,7 +134,7 @@ class TrimMemo:
         self.left = int(budget)
 
     def _room(self, n: int) -> bool:
-        if 4 * n > self.left:
+        if n > MEMO_TENSOR or 4 * n > self.left:
             return False
         self.left -= 4 * n
         return True
@@ -144,7 +147,11 @@ class TrimMemo:
         if s is None:
             if (key[0], n) not in self._held or (key[1], src.numel()) not in self._held or not self._room(n):
                 return None
-            s = self._sorted[key] = torch.cat([m for _, _, m in _magnitudes(base, tv)]).sort().values
+            s = torch.cat([m for _, _, m in _magnitudes(base, tv)]).sort().values
+            if s[-1].isnan():  # NaN sorts last: not an order a binary search can count in
+                self.left += 4 * n
+                return None
+            self._sorted[key] = s
         thr = s[rank - 1:rank]
         ends = torch.cat([torch.searchsorted(s, thr), torch.searchsorted(s, thr, right=True)]).tolist()
         return float(thr), n - ends[1], ends[1] - ends[0]

@@ -7,9 +7,9 @@ one place where a config becomes a method call, so the weights equal what `safem
 write for that config, cast to the same output dtype) and copies it into the model's parameter.
 
 Memory: (number of input models) × (model size) for the pool, plus the model itself, plus for
-TIES and breadcrumbs the sorted |τ_i| of each tensor and for DARE its uniform draws (float32, up to
-`trim_memo_bytes` in all, 1 GiB by default; beyond it they are computed afresh for each candidate): a trim at a
-new density is then a binary search, a DARE mask a comparison (`TrimMemo`).
+TIES and breadcrumbs the sorted |τ_i| of each tensor and for DARE its uniform draws (float32, on the device, up
+to `trim_memo_bytes` in all, 1 GiB by default, for tensors of up to 2²⁴ entries; the others are computed afresh for
+each candidate): a trim at a new density is then a binary search, a DARE mask a comparison (`TrimMemo`).
 The task vectors τ_i = θ_i − θ_base are formed by `merge_tensor` from the held weights on each call
 (one subtraction per tensor, cheap beside scoring); holding θ_i rather than τ_i is what lets every
 method (task vectors, whole-weight and SLERP) go through the engine's own code path.
@@ -29,11 +29,8 @@ from safemerge.engine import check_device, merge_tensor, tokenizer_dirs
 from safemerge.errors import CheckpointError, ConfigError
 from safemerge.layout import num_layers, position, stream_order, tied_source
 from safemerge.lora import open_model
-from safemerge.methods.task_arithmetic import TrimMemo, remembering
+from safemerge.methods.task_arithmetic import TRIM_MEMO_BYTES, TrimMemo, remembering
 from safemerge.vocab import vocab_plan
-
-# float32 bytes a CandidateModel may keep for the trims and DARE drops (TrimMemo): 268M entries
-TRIM_MEMO_BYTES = 1 << 30
 
 # config.json keys that must agree for two checkpoints to be one architecture
 _ARCH_KEYS = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads",

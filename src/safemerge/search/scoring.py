@@ -14,6 +14,7 @@ from typing import Any, Iterator, Protocol, Sequence
 
 import torch
 
+from safemerge.methods.task_arithmetic import TRIM_MEMO_BYTES
 from safemerge.search.objective import DEFAULT_LAMBDA, Objective, Score, load_pairs
 
 
@@ -32,6 +33,7 @@ class ScorerSpec:
     device: str = "cpu"
     threads: int | None = None
     allow_pickle: bool = False
+    trim_memo_bytes: int = TRIM_MEMO_BYTES  # CandidateModel's memo of sorted |τ| and DARE draws (0: none)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,7 +67,8 @@ class SerialScorer:
         if spec.threads:
             torch.set_num_threads(spec.threads)  # restored by close()
         self.spec = spec
-        self.candidate = CandidateModel(spec.config, device=spec.device, allow_pickle=spec.allow_pickle)
+        self.candidate = CandidateModel(spec.config, device=spec.device, allow_pickle=spec.allow_pickle,
+                                        trim_memo_bytes=spec.trim_memo_bytes)
         safety = load_pairs(spec.safety_data, limit=spec.limit) if spec.safety_data else None
         domain = load_pairs(spec.domain_data, limit=spec.limit) if spec.domain_data else None
         max_length = effective_max_length(spec.max_length, self.candidate.reference.config)
