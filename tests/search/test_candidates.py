@@ -61,6 +61,15 @@ def test_trims_read_their_thresholds_from_the_sorted_magnitudes(tiny_family, tmp
         a, b = kept.state(), plain.state()
         assert all(torch.equal(a[n], b[n]) for n in a)
     assert plain._memo.left == 0 and not plain._memo._sorted
+    from safemerge.search.scoring import ScorerSpec, SerialScorer  # the scorer passes its spec's budget on
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a drug", "response": "is."}\n')
+    for budget in (0, 12345):
+        scorer = SerialScorer(ScorerSpec(config=configs[0], safety_data=None, domain_data=str(data), lambda_=0.0,
+                                         trim_memo_bytes=budget))
+        assert scorer.candidate._memo.left == budget
+        scorer.close()
     n_trimmed = len(kept.names) * 2  # every tensor of both task vectors
     assert len(kept._memo._sorted) == n_trimmed
     safemerge.merge(configs[-1], tmp_path / "m", progress=False)
