@@ -153,8 +153,10 @@ class TrimMemo:
                 return None
             self._sorted[key] = s
         thr = s[rank - 1:rank]
-        ends = torch.cat([torch.searchsorted(s, thr), torch.searchsorted(s, thr, right=True)]).tolist()
-        return float(thr), n - ends[1], ends[1] - ends[0]
+        # one read-back (a GPU sync): float64 holds the float32 threshold and the positions (< 2^53) exactly
+        value, lo, hi = torch.cat([thr.double(), torch.searchsorted(s, thr).double(),
+                                   torch.searchsorted(s, thr, right=True).double()]).tolist()
+        return value, n - int(hi), int(hi) - int(lo)
 
     def draws(self, base: torch.Tensor, seed: int) -> torch.Tensor | None:
         """The uniform draws RandomDrop makes for a tensor like `base` from `seed`: one per entry, block by block."""
