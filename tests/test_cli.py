@@ -285,7 +285,7 @@ def test_claims_that_cannot_apply_are_one_line(capsys):
     assert "SKIPPED" in capsys.readouterr().out  # where one applies, the table lists them all
 
 
-@pytest.mark.parametrize("name", ["merge", "mergealign", "compare", "multimerge", "search"])
+@pytest.mark.parametrize("name", ["merge", "mergealign", "compare", "multimerge", "search", "extract-lora", "publish"])
 def test_help_at_80_columns_shows_whole_option_names(name):
     """QA (a new user's walkthrough): at 80 columns (and in a pipe) --help cut names short (`--tokenizer-sour…`),
     squeezed by a column of `--no-X` forms of flags that are off by default, which turn nothing off; then by
@@ -297,7 +297,7 @@ def test_help_at_80_columns_shows_whole_option_names(name):
     r = subprocess.run([sys.executable, "-c", "from safemerge.cli import main; main()", name, "--help"],
                        capture_output=True, text=True, env={**os.environ, "COLUMNS": "80"})
     assert r.returncode == 0 and "…" not in r.stdout and "--no-overwrite" not in r.stdout, r.stdout
-    assert name == "compare" or "--no-progress" in r.stdout  # a flag on by default keeps its --no- form
+    assert name in ("compare", "publish") or "--no-progress" in r.stdout  # a flag on by default keeps its --no- form
 
 
 def test_short_help_everywhere():
@@ -405,3 +405,24 @@ def test_output_options_share_their_names():
     names = lambda cmd: {o for p in cmd.params for o in p.opts}  # noqa: E731
     assert {"--out", "--out-path"} <= names(cmds["multimerge"])
     assert {"--safety-prompts", "--safety-data"} <= names(cmds["publish"])
+
+
+def test_hidden_aliases_are_the_same_option(monkeypatch, tmp_path, tiny_family):
+    """extract-lora's --max-rank (mergekit's name) and publish's --safety-data are hidden from --help (their pairs
+    cut the option column short at 80 columns) but taken as --rank and --safety-prompts; both at once is an error."""
+    import safemerge.extract
+    import safemerge.publishing
+
+    seen = {}
+    monkeypatch.setattr(safemerge.extract, "extract_lora", lambda *a, **k: seen.update(rank=k["rank"]) or 1 / 0)
+    for flags, want in (([], 128), (["--max-rank", "7"], 7), (["--rank", "5"], 5)):
+        runner.invoke(app, ["extract-lora", str(tiny_family["expert"]), str(tmp_path / "l"), "--base",
+                            str(tiny_family["base"]), *flags])
+        assert seen.pop("rank") == want, flags
+    r = runner.invoke(app, ["extract-lora", "m", "o", "--base", "b", "--rank", "5", "--max-rank", "7"])
+    assert r.exit_code == 2 and "--rank and --max-rank are one option; give it once" in r.output
+    monkeypatch.setattr(safemerge.publishing, "publish", lambda *a, **k: seen.update(data=k["safety_data"]) or 1 / 0)
+    runner.invoke(app, ["publish", str(tmp_path), "me/x", "--safety-data", "h.jsonl"])
+    assert seen.pop("data") == "h.jsonl"
+    r = runner.invoke(app, ["publish", str(tmp_path), "me/x", "--safety-data", "a", "--safety-prompts", "b"])
+    assert r.exit_code == 2 and "are one option" in r.output

@@ -35,6 +35,15 @@ class UserError(Exception):
     """A problem with the user's input: printed as one clear message, exit code 2, no traceback."""
 
 
+def one_of(*given: tuple[str, Any], default: Any = None) -> Any:
+    """The value of an option that has a hidden alias (another tool's name for it): the one given, else `default`;
+    both given is an error (two values for one option)."""
+    named = [(flag, v) for flag, v in given if v is not None]
+    if len(named) > 1:
+        raise UserError(f"{' and '.join(f for f, _ in named)} are one option; give it once")
+    return named[0][1] if named else default
+
+
 @contextmanager
 def user_errors(interrupted: str = "") -> Iterator[None]:
     """Print SafemergeError/UserError (and Ctrl-C, or SIGTERM: `kill` ends a command as Ctrl-C does) as one line and

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from safemerge.cli._common import IgnoreUnknown, emit_json, out, user_errors
+from safemerge.cli._common import IgnoreUnknown, emit_json, one_of, out, user_errors
 
 # The options that every merge command shares.
 Device = Annotated[str, typer.Option(help="Compute on cpu, cuda, cuda:N or auto (cuda when torch sees a GPU).")]
@@ -124,7 +124,9 @@ def extract_lora(
     model: Annotated[str, typer.Argument(help="The fine-tuned model (a folder, or model+adapter).")],
     out_dir: Annotated[Path, typer.Argument(help="Output adapter folder (PEFT LoRA; written atomically).")],
     base: Annotated[str, typer.Option(help="The base MODEL was fine-tuned from.")],
-    rank: Annotated[int, typer.Option("--rank", "--max-rank", min=1, metavar="N", help="Largest LoRA rank per module.")] = 128,
+    rank: Annotated[Optional[int], typer.Option("--rank", min=1, metavar="N", help="Largest LoRA rank per module "
+                                                "(default 128; --max-rank, mergekit's name, is the same option).")] = None,
+    max_rank: Annotated[Optional[int], typer.Option("--max-rank", min=1, hidden=True)] = None,
     sv_epsilon: Annotated[float, typer.Option(min=0.0, help="Drop singular values at or below this (per-module ranks).")] = 0.0,
     embed_lora: Annotated[bool, typer.Option(help="Factor the embeddings and lm_head too (default: save them whole when changed).")] = False,
     save_module: Annotated[Optional[list[str]], typer.Option(help="Save this module whole (full name or last part; repeatable).")] = None,
@@ -143,6 +145,7 @@ def extract_lora(
     from safemerge.extract import extract_lora as run  # no _start_engine: LAPACK's varied buffers grow a kept heap
 
     with user_errors():
+        rank = one_of(("--rank", rank), ("--max-rank", max_rank), default=128)
         start = time.perf_counter()
         result = run(model, base, out_dir, rank=rank, sv_epsilon=sv_epsilon, embed_lora=embed_lora,
                      save_modules=save_module or (), include=include or (), exclude=exclude or (), svd=svd, seed=seed, dtype=dtype,

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from safemerge.cli._common import StoreOpt, console, emit_json, out, user_errors
+from safemerge.cli._common import StoreOpt, console, emit_json, one_of, out, user_errors
 from safemerge.publishing import DEFAULT_MIN_SAFETY
 
 
@@ -50,8 +50,10 @@ def publish(
     model: Path = typer.Argument(..., help="Local model folder to upload."),
     repo_id: str = typer.Argument(..., help="Hub repository: NAME or OWNER/NAME (created if missing)."),
     min_safety: float = typer.Option(DEFAULT_MIN_SAFETY, "--min-safety", help="Refuse a model whose stored safety rate is below this."),
-    safety_data: Optional[str] = typer.Option(None, "--safety-prompts", "--safety-data",
-                                              help="Gate on the evaluation of this prompts file only (default: every stored one)."),
+    safety_data: Optional[str] = typer.Option(None, "--safety-prompts",
+                                              help="Gate on the evaluation of this prompts file only (default: every "
+                                                   "stored one; --safety-data is the same option)."),
+    safety_data_alias: Optional[str] = typer.Option(None, "--safety-data", hidden=True),
     allow_unsafe: bool = typer.Option(False, "--allow-unsafe", help="Publish even below --min-safety or unevaluated; the card says so."),
     private: bool = typer.Option(False, "--private", help="Create the repository private."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Branch to commit to (created if missing)."),
@@ -64,6 +66,8 @@ def publish(
     """Check MODEL's stored safety evaluations, write them into its card, upload it to the hub in one commit."""
     with user_errors():
         from safemerge.publishing import publish as run
+
+        safety_data = one_of(("--safety-prompts", safety_data), ("--safety-data", safety_data_alias))
 
         r = run(model, repo_id, store=store, min_safety=min_safety, safety_data=safety_data, allow_unsafe=allow_unsafe,
                 private=private, revision=revision, commit_message=message, token=token, dry_run=dry_run)
