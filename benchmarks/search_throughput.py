@@ -12,6 +12,11 @@ three ways, in one run, with the same objective (λ = 0.5, `--examples` rows of 
 
 Each way scores one candidate untimed first (first-call costs; the workers' is their warm-up). Prints one JSON
 object: candidates per minute of each way and the ratios.
+
+`--random-family HIDDEN,LAYERS,INTERMEDIATE` measures the same on larger models than the testbed's: a random Llama
+family of that shape (base; aligned and expert-medicine = base + 0.1·std deltas; float32; benchmarks/_family.py) with
+the testbed's tokenizer and vocabulary, written to a temporary folder, scored on the testbed's data. The losses of
+random models mean nothing; the time to build and score a candidate is what is measured.
 """
 
 from __future__ import annotations
@@ -41,6 +46,40 @@ def configs(testbed: Path, n: int, method: str, seed: int = 0) -> list[dict]:
     return out
 
 
+def random_family(testbed: Path, shape: str, root: Path) -> Path:
+    """base, aligned and expert-medicine of the given shape, random, with the testbed's tokenizer."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _family import LlamaSpec, write_family
+
+    hidden, layers, inter = (int(x) for x in shape.split(","))
+    vocab = json.loads((testbed / "base" / "config.json").read_text())["vocab_size"]
+    heads = max(1, hidden // 64)
+    spec = LlamaSpec(hidden_size=hidden, num_hidden_layers=layers, vocab_size=vocab, intermediate_size=inter,
+                     num_attention_heads=heads, num_key_value_heads=heads)
+    dirs = write_family(root, spec=spec, roles=("base", "aligned", "expert-medicine"), seed=0, dtype="float32",
+                        delta_scale=0.1)
+    for d in dirs.values():
+        for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+            shutil.copy(testbed / "base" / f, d / f)
+    return root
+
+
+def _params(model: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for f in sorted(model.glob("*.safetensors")):
+        with safe_open(f, "pt") as h:
+            for k in h.keys():
+                n = 1
+                for x in h.get_slice(k).get_shape():
+                    n *= x
+                total += n
+    return total
+
+
 def data_files(testbed: Path, examples: int, tmp: Path) -> tuple[Path, Path]:
     """Safety: harmful training prompts with a fixed refusal; domain: the testbed's Q&A (first N rows)."""
     safety = tmp / "safety.jsonl"
@@ -62,14 +101,18 @@ def in_memory(cfgs, spec) -> tuple[float, list[float]]:
     return time.perf_counter() - start, scores
 
 
-def materialise_only(cfgs, spec, tmp: Path) -> tuple[float, float]:
-    """Seconds to put every candidate's weights into a model, without scoring: in place vs merge + load."""
+def materialise_only(cfgs, spec, tmp: Path) -> tuple[float, float, float]:
+    """Seconds to put every candidate's weights into a model, without scoring: in place vs merge + load; and the in-place
+    way's first load (untimed in the rates, as the scored ways' warm-up)."""
     from transformers import AutoModelForCausalLM
 
     import safemerge
     from safemerge.search.candidates import CandidateModel
 
     cm = CandidateModel(cfgs[0], device=spec.device)
+    start = time.perf_counter()
+    cm.load(cfgs[0])  # untimed below, as in_memory's warm-up: first-call costs and the TIES / DARE memo's build
+    first = time.perf_counter() - start
     start = time.perf_counter()
     for c in cfgs:
         cm.load(c)
@@ -80,7 +123,7 @@ def materialise_only(cfgs, spec, tmp: Path) -> tuple[float, float]:
         safemerge.merge(c, out, progress=False)
         AutoModelForCausalLM.from_pretrained(out).to(spec.device)
         shutil.rmtree(out)
-    return mem, time.perf_counter() - start
+    return mem, time.perf_counter() - start, first
 
 
 def on_disk(cfgs, spec, tmp: Path) -> tuple[float, list[float]]:
@@ -130,6 +173,8 @@ def main() -> None:
     ap.add_argument("--ray", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch threads of the serial runs (default: torch's)")
     ap.add_argument("--device", default="cpu", help="where candidates are built and scored, both ways (cpu or cuda)")
+    ap.add_argument("--random-family", default=None, metavar="H,L,I",
+                    help="score a random Llama family of hidden size H, L layers, MLP size I instead of the testbed's models")
     args = ap.parse_args()
     import torch
 
@@ -138,17 +183,19 @@ def main() -> None:
 
     from safemerge.search.scoring import ScorerSpec
 
-    cfgs = configs(args.testbed, args.n, args.method)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
+        models = random_family(args.testbed, args.random_family, tmp / "family") if args.random_family else args.testbed
+        cfgs = configs(models, args.n, args.method)
         safety, domain = data_files(args.testbed, args.examples, tmp)
         spec = ScorerSpec(config=cfgs[0], safety_data=str(safety), domain_data=str(domain), lambda_=0.5,
                           device=args.device)
         mem_s, mem_scores = in_memory(cfgs, spec)
         disk_s, disk_scores = on_disk(cfgs, spec, tmp)
-        mat_mem, mat_disk = materialise_only(cfgs, spec, tmp)
+        mat_mem, mat_disk, first_load = materialise_only(cfgs, spec, tmp)
         result = {
-            "testbed": str(args.testbed), "method": args.method, "candidates": args.n, "examples_per_set": args.examples,
+            "testbed": str(args.testbed), "random_family": args.random_family, "parameters": _params(models / "base"),
+            "method": args.method, "candidates": args.n, "examples_per_set": args.examples,
             "torch_threads": torch.get_num_threads(), "device": args.device,
             "in_memory_per_min": round(60 * args.n / mem_s, 1), "on_disk_per_min": round(60 * args.n / disk_s, 1),
             "in_memory_over_on_disk": round(disk_s / mem_s, 2),
@@ -156,6 +203,7 @@ def main() -> None:
             "weights_only_in_memory_per_min": round(60 * args.n / mat_mem, 1),
             "weights_only_on_disk_per_min": round(60 * args.n / mat_disk, 1),
             "weights_only_ratio": round(mat_disk / mat_mem, 2),
+            "first_in_memory_load_seconds": round(first_load, 3),  # once per search, not in the rates above
         }
         if args.workers > 1:
             torch.set_num_threads(1)
