@@ -147,7 +147,9 @@ class TrimMemo:
         if s is None:
             if (key[0], n) not in self._held or (key[1], src.numel()) not in self._held or not self._room(n):
                 return None
-            s = torch.cat([m for _, _, m in _magnitudes(base, tv)]).sort().values
+            mags = torch.cat([m for _, _, m in _magnitudes(base, tv)])
+            # |τ| ≥ 0 (NaN's bits above inf's): the int32 bits order as the floats do, and sort ~10× faster on a CPU
+            s = mags.view(torch.int32).sort().values.view(torch.float32)
             if s[-1].isnan():  # NaN sorts last: not an order a binary search can count in
                 self.left += 4 * n
                 return None
