@@ -168,7 +168,7 @@ def publish(
 
 # -- the gate -------------------------------------------------------------------------------------
 def _check_safety_data(safety_data: str | os.PathLike | None) -> None:
-    """A --safety-data that matched no stored evaluation and names a data file (by its suffix) that is not there: say
+    """A --safety-prompts file that matched no stored evaluation and names a data file (by its suffix) that is not there: say
     so, rather than that no evaluation was stored on it. (A file moved since its evaluation still matches the stored
     one by its old path; a dataset's hub name is left to the stored evaluations.)"""
     from safemerge.data.loaders import names_data_file
@@ -178,7 +178,7 @@ def _check_safety_data(safety_data: str | os.PathLike | None) -> None:
     p = Path(safety_data).expanduser()
     if names_data_file(p) and not p.is_file():
         what = "is a folder" if p.is_dir() else "no such file"
-        raise PublishError(f"--safety-data {safety_data}: {what}; name the harmful-prompts file the safety evaluation "
+        raise PublishError(f"--safety-prompts (safety_data=) {safety_data}: {what}; name the harmful-prompts file the safety evaluation "
                            "ran on (`safemerge card MODEL --dry-run` shows the stored evaluations)")
 
 
@@ -206,7 +206,7 @@ def _gate(ev: Evaluations, *, min_safety: float, safety_data: str | os.PathLike 
         out["reason"] = (f"{ev.model}: safety rate {_fmt(worst['safe_rate'])} on {worst['data']} (judge {worst['judge']}, "
                          f"n={worst['n']}) is below --min-safety {min_safety:g}")
         if safety_data is None and len(checked) > 1:
-            out["reason"] += "; to gate on one data set (e.g. not a benign over-refusal set) pass --safety-data FILE"
+            out["reason"] += "; to gate on one data set (e.g. not a benign over-refusal set) pass --safety-prompts FILE (safety_data=)"
         return out
     out["passed"] = True
     return out

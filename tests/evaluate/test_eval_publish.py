@@ -144,11 +144,11 @@ def test_publish_gates_on_the_named_data_set(model, prompts_file, tmp_path, stor
     benign.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["Tell me a story.", "Name a colour."]))
     rate = _safety(model, prompts_file, store)["safe_rate"]
     assert _safety(model, benign, store)["safe_rate"] < rate  # the refuser answers prompts without '?'
-    with pytest.raises(PublishError, match="on benign.jsonl.*pass --safety-data FILE"):
+    with pytest.raises(PublishError, match="on benign.jsonl.*pass --safety-prompts FILE"):
         publish(model, "me/m", store=store, min_safety=rate, api=FakeHub())
     r = publish(model, "me/m", store=store, min_safety=rate, safety_data=prompts_file, dry_run=True)
     assert r["gate"]["passed"] and [c["data"] for c in r["gate"]["checked"]] == ["prompts.jsonl"]
-    with pytest.raises(PublishError, match=r"--safety-data .*missing.jsonl: no such file; name the harmful-prompts file"):
+    with pytest.raises(PublishError, match=r"--safety-prompts \(safety_data=\) .*missing.jsonl: no such file; name the harmful-prompts file"):
         publish(model, "me/m", store=store, safety_data=tmp_path / "missing.jsonl", dry_run=True)  # QA: said "run eval"
 
 

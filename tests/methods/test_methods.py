@@ -204,7 +204,7 @@ def test_every_threshold_select_gives_the_same_triple(kind, n):
     assert memo.left == 0 and len(memo._sorted) == 1
 
 
-def test_nan_in_a_task_vector_ranks_above_every_magnitude_in_each_select():
+def test_nan_in_a_task_vector_ranks_above_every_magnitude_in_each_select(monkeypatch):
     """As the radix select (NaN's bits order above inf's) and torch's kthvalue have it; the memo keeps no order with
     NaN in it and leaves such a vector to the selects."""
     from safemerge.methods import task_arithmetic as ta
@@ -213,7 +213,9 @@ def test_nan_in_a_task_vector_ranks_above_every_magnitude_in_each_select():
     tv = ta.TaskVector(model=model)
     assert ta._direct_select(base, tv, 3) == ta._radix_select(base, tv, 3) == (1.0, 1, 3)
     memo = ta.TrimMemo([base, model], budget=1 << 20)
-    assert memo.select(base, tv, 3) is None and memo.left == 1 << 20 and not memo._sorted
+    assert memo.select(base, tv, 3) is None and memo.left == 1 << 20 and list(memo._sorted.values()) == [None]
+    monkeypatch.setattr(ta, "_magnitudes", lambda *a: 1 / 0)  # refused once: not sorted again
+    assert memo.select(base, tv, 2) is None
 
 
 def test_sorted_magnitudes_keep_only_held_tensors_within_their_budget(monkeypatch):
@@ -227,7 +229,8 @@ def test_sorted_magnitudes_keep_only_held_tensors_within_their_budget(monkeypatc
     assert small.select(base, ta.TaskVector(model=a), 3) is None and not small._sorted
     monkeypatch.setattr(ta, "MEMO_TENSOR", 9)  # a tensor too large to sort at once is left to the selects
     capped = ta.TrimMemo([base, a], budget=1 << 20)
-    assert capped.select(base, ta.TaskVector(model=a), 3) is None and capped.draws(base, 0) is None
+    assert capped.select(base, ta.TaskVector(model=a), 3) is None and not capped._sorted
+    assert capped.draws(base, 0) is not None  # draws need no sort: only the budget limits them
     # in use: a trim inside remembering() reads the memo; outside it does not
     with ta.remembering(memo):
         assert ta.TopK(base, ta.TaskVector(model=a), 4).thr == 6.0

@@ -122,19 +122,19 @@ class TrimMemo:
     - DARE's uniform draws of a tensor for a seed (the candidates of a search share the config's seed): the keep
       mask at any density is then a comparison with them, the draws the generator would have made.
 
-    In float32, up to `budget` bytes in all and for tensors of up to MEMO_TENSOR entries (sorting a larger one would
-    need gigabytes for a moment); what is not kept is computed as usual. A task vector with NaN is not kept (the
+    In float32, up to `budget` bytes in all, sorted magnitudes for tensors of up to MEMO_TENSOR entries (sorting a
+    larger one would need gigabytes for a moment); what is not kept is computed as usual. A task vector with NaN is not kept (the
     binary search needs an order). Active inside `remembering(memo)`.
     """
 
     def __init__(self, held: Iterable[torch.Tensor], *, budget: int):
         self._held = {(t.data_ptr(), t.numel()) for t in held}
-        self._sorted: dict[tuple, torch.Tensor] = {}
+        self._sorted: dict[tuple, torch.Tensor | None] = {}  # None: a vector with NaN, left to the selects
         self._draws: dict[tuple, torch.Tensor] = {}
         self.left = int(budget)
 
-    def _room(self, n: int) -> bool:
-        if n > MEMO_TENSOR or 4 * n > self.left:
+    def _room(self, n: int, *, cap: int | None = None) -> bool:
+        if (cap is not None and n > cap) or 4 * n > self.left:
             return False
         self.left -= 4 * n
         return True
@@ -143,15 +143,19 @@ class TrimMemo:
         src, minus_base = tv.source
         n = base.numel()
         key = (base.data_ptr(), src.data_ptr(), minus_base, n)
-        s = self._sorted.get(key)
-        if s is None:
-            if (key[0], n) not in self._held or (key[1], src.numel()) not in self._held or not self._room(n):
+        if key in self._sorted:
+            s = self._sorted[key]
+            if s is None:  # refused before (NaN)
+                return None
+        else:
+            if (key[0], n) not in self._held or (key[1], src.numel()) not in self._held or not self._room(n, cap=MEMO_TENSOR):
                 return None
             mags = torch.cat([m for _, _, m in _magnitudes(base, tv)])
             # |τ| ≥ 0 (NaN's bits above inf's): the int32 bits order as the floats do, and sort ~10× faster on a CPU
             s = mags.view(torch.int32).sort().values.view(torch.float32)
-            if s[-1].isnan():  # NaN sorts last: not an order a binary search can count in
+            if bool(s[0].isnan() | s[-1].isnan()):  # not an order a binary search can count in; remembered as refused
                 self.left += 4 * n
+                self._sorted[key] = None
                 return None
             self._sorted[key] = s
         thr = s[rank - 1:rank]
