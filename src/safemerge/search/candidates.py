@@ -7,9 +7,9 @@ one place where a config becomes a method call, so the weights equal what `safem
 write for that config, cast to the same output dtype) and copies it into the model's parameter.
 
 Memory: (number of input models) × (model size) for the pool, plus the model itself, plus for
-TIES and breadcrumbs the sorted |τ_i| of each tensor and for DARE its uniform draws (float32, on the device, up
-to `trim_memo_bytes` in all, 1 GiB by default, for tensors of up to 2²⁴ entries; the others are computed afresh for
-each candidate): a trim at a new density is then a binary search, a DARE mask a comparison (`TrimMemo`).
+TIES and breadcrumbs the sorted |τ_i| of each tensor of up to 2²⁴ entries and for DARE its uniform draws (float32,
+on the device, up to `trim_memo_bytes` in all, 1 GiB by default; the rest is computed afresh for each candidate): a
+trim at a new density is then a binary search, a DARE mask a comparison (`TrimMemo`).
 The task vectors τ_i = θ_i − θ_base are formed by `merge_tensor` from the held weights on each call
 (one subtraction per tensor, cheap beside scoring); holding θ_i rather than τ_i is what lets every
 method (task vectors, whole-weight and SLERP) go through the engine's own code path.
