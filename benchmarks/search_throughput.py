@@ -66,20 +66,6 @@ def random_family(testbed: Path, shape: str, root: Path) -> Path:
     return root
 
 
-def _params(model: Path) -> int:
-    from safetensors import safe_open
-
-    total = 0
-    for f in sorted(model.glob("*.safetensors")):
-        with safe_open(f, "pt") as h:
-            for k in h.keys():
-                n = 1
-                for x in h.get_slice(k).get_shape():
-                    n *= x
-                total += n
-    return total
-
-
 def data_files(testbed: Path, examples: int, tmp: Path) -> tuple[Path, Path]:
     """Safety: harmful training prompts with a fixed refusal; domain: the testbed's Q&A (first N rows)."""
     safety = tmp / "safety.jsonl"
@@ -181,6 +167,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from safemerge.checkpoint import Checkpoint
     from safemerge.search.scoring import ScorerSpec
 
     with tempfile.TemporaryDirectory() as d:
@@ -194,7 +181,7 @@ def main() -> None:
         disk_s, disk_scores = on_disk(cfgs, spec, tmp)
         mat_mem, mat_disk, first_load = materialise_only(cfgs, spec, tmp)
         result = {
-            "testbed": str(args.testbed), "random_family": args.random_family, "parameters": _params(models / "base"),
+            "testbed": str(args.testbed), "random_family": args.random_family, "parameters": Checkpoint(models / "base").num_params(),
             "method": args.method, "candidates": args.n, "examples_per_set": args.examples,
             "torch_threads": torch.get_num_threads(), "device": args.device,
             "in_memory_per_min": round(60 * args.n / mem_s, 1), "on_disk_per_min": round(60 * args.n / disk_s, 1),

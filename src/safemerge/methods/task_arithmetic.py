@@ -104,9 +104,14 @@ def _magnitudes(base: torch.Tensor, tv: TaskVector):
         yield s, e, tv.block(b[s:e].to(torch.float32), s, e).abs_()
 
 
+def _all_magnitudes(base: torch.Tensor, tv: TaskVector) -> torch.Tensor:
+    """|τ| of the whole tensor, flat, float32."""
+    return torch.cat([m for _, _, m in _magnitudes(base, tv)])
+
+
 def _direct_select(base: torch.Tensor, tv: TaskVector, rank: int) -> tuple[float, int, int]:
     """(threshold, entries above it, entries equal to it) by one select over every |τ| (small tensors)."""
-    mag = torch.cat([m for _, _, m in _magnitudes(base, tv)])
+    mag = _all_magnitudes(base, tv)
     thr = _kth(mag, rank)
     return float(thr), int(((mag > thr) | mag.isnan()).sum()), int((mag == thr).sum())  # NaN ranks above all, as in radix
 
@@ -150,9 +155,8 @@ class TrimMemo:
         else:
             if (key[0], n) not in self._held or (key[1], src.numel()) not in self._held or not self._room(n, cap=MEMO_TENSOR):
                 return None
-            mags = torch.cat([m for _, _, m in _magnitudes(base, tv)])
             # |τ| ≥ 0 (NaN's bits above inf's): the int32 bits order as the floats do, and sort ~10× faster on a CPU
-            s = mags.view(torch.int32).sort().values.view(torch.float32)
+            s = _all_magnitudes(base, tv).view(torch.int32).sort().values.view(torch.float32)
             if bool(s[0].isnan() | s[-1].isnan()):  # not an order a binary search can count in; remembered as refused
                 self.left += 4 * n
                 self._sorted[key] = None

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,13 +86,17 @@ class Results:
 
 # ---- loading and validation --------------------------------------------------------------------------
 
+def results_file(path: str | os.PathLike) -> Path:
+    """The results.json a path names: itself, or the one in a run's folder (as `seeds` takes it)."""
+    p = Path(path)
+    return p / "results.json" if p.is_dir() and (p / "results.json").is_file() else p
+
+
 def load_results(results: dict | str | Path) -> Results:
     """Parse and validate a results dict or a path to results.json; errors name the offending field."""
     src = "results"
     if not isinstance(results, dict):
-        path = Path(results)
-        if path.is_dir() and (path / "results.json").is_file():
-            path = path / "results.json"  # a run's folder, as `seeds` takes it
+        path = results_file(results)
         src = str(path)
         try:
             results = json.loads(path.read_text(encoding="utf-8"))

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from safemerge.report.claims import check_claims
-from safemerge.report.results import Results, ResultsError, knowledge, load_results, mean, safety
+from safemerge.report.results import Results, ResultsError, knowledge, load_results, mean, results_file, safety
 
 
 def _label(res: Results, path: str | os.PathLike, i: int) -> str:
@@ -48,8 +48,7 @@ def _each_once(paths: Sequence[str | os.PathLike]) -> None:
     every mean."""
     seen: dict[Path, str | os.PathLike] = {}
     for p in paths:
-        f = Path(p).expanduser()
-        f = (f / "results.json" if f.is_dir() else f).resolve()
+        f = results_file(Path(p).expanduser()).resolve()
         if f in seen:
             raise ResultsError(f"{p}: the same run as {seen[f]} ({f}); give each run once")
         seen[f] = p
