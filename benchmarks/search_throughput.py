@@ -1,13 +1,14 @@
 """Search throughput: candidates scored per minute in memory versus on disk, and workers over serial.
 
     python benchmarks/search_throughput.py TESTBED [--n 20] [--examples 32] [--method ties] [--workers 2] [--ray] [--device cuda]
+        [--batch-size 16] [--trim-memo-gib G] [--random-family H,L,I]
 
 The same candidates (a fixed, seeded set of TIES configs over aligned + expert-medicine) are scored
 three ways, in one run, with the same objective (λ = 0.5, `--examples` rows of each data file):
 
   in memory   safemerge.search: the pool read once, each candidate written into one model in place
-  on disk     each candidate merged to a directory by safemerge.merge, loaded with from_pretrained,
-              then scored (what a search without in-memory candidates does)
+  on disk     each candidate merged to a directory by safemerge.merge on the same device, loaded with
+              from_pretrained, then scored (what a search without in-memory candidates does)
   workers     the in-memory scorer in N worker processes (and on N Ray actors with --ray)
 
 Each way scores one candidate untimed first (first-call costs; the workers' is their warm-up). Prints one JSON
@@ -27,6 +28,7 @@ import random
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 
@@ -95,7 +97,7 @@ def materialise_only(cfgs, spec, tmp: Path) -> tuple[float, float, float]:
     import safemerge
     from safemerge.search.candidates import CandidateModel
 
-    cm = CandidateModel(cfgs[0], device=spec.device)
+    cm = CandidateModel(cfgs[0], device=spec.device, trim_memo_bytes=spec.trim_memo_bytes)
     start = time.perf_counter()
     cm.load(cfgs[0])  # untimed below, as in_memory's warm-up: first-call costs and the TIES / DARE memo's build
     first = time.perf_counter() - start
@@ -106,7 +108,7 @@ def materialise_only(cfgs, spec, tmp: Path) -> tuple[float, float, float]:
     start = time.perf_counter()
     for i, c in enumerate(cfgs):
         out = tmp / f"m-{i}"
-        safemerge.merge(c, out, progress=False)
+        safemerge.merge(c, out, progress=False, device=spec.device)
         AutoModelForCausalLM.from_pretrained(out).to(spec.device)
         shutil.rmtree(out)
     return mem, time.perf_counter() - start, first
@@ -119,11 +121,12 @@ def on_disk(cfgs, spec, tmp: Path) -> tuple[float, list[float]]:
     from safemerge.search.objective import Objective, load_pairs
 
     tok = AutoTokenizer.from_pretrained(cfgs[0]["base_model"])
-    objective = Objective(tok, safety=load_pairs(spec.safety_data), domain=load_pairs(spec.domain_data), lambda_=spec.lambda_)
+    objective = Objective(tok, safety=load_pairs(spec.safety_data), domain=load_pairs(spec.domain_data), lambda_=spec.lambda_,
+                          batch_size=spec.batch_size)
 
     def score(i: int, c: dict) -> float:
         out = tmp / f"cand-{i}"
-        safemerge.merge(c, out, progress=False)
+        safemerge.merge(c, out, progress=False, device=spec.device)  # where the search computes: DARE's draws
         model = AutoModelForCausalLM.from_pretrained(out).to(spec.device).eval()
         value = objective(model).objective
         shutil.rmtree(out)
@@ -136,8 +139,6 @@ def on_disk(cfgs, spec, tmp: Path) -> tuple[float, list[float]]:
 
 
 def parallel(cfgs, spec, workers: int, ray_address: str | None) -> float:
-    from dataclasses import replace
-
     from safemerge.search.parallel import make_scorer
 
     scorer = make_scorer(replace(spec, threads=1), workers=workers, ray_address=ray_address)
@@ -158,6 +159,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--ray", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch threads of the serial runs (default: torch's)")
+    ap.add_argument("--batch-size", type=int, default=16, help="examples per forward pass when scoring, both ways")
+    ap.add_argument("--trim-memo-gib", type=float, default=None,
+                    help="the in-memory way's TIES / DARE memo budget in GiB (default: the library's, 1; 0: no memo)")
     ap.add_argument("--device", default="cpu", help="where candidates are built and scored, both ways (cpu or cuda)")
     ap.add_argument("--random-family", default=None, metavar="H,L,I",
                     help="score a random Llama family of hidden size H, L layers, MLP size I instead of the testbed's models")
@@ -176,13 +180,16 @@ def main() -> None:
         cfgs = configs(models, args.n, args.method)
         safety, domain = data_files(args.testbed, args.examples, tmp)
         spec = ScorerSpec(config=cfgs[0], safety_data=str(safety), domain_data=str(domain), lambda_=0.5,
-                          device=args.device)
+                          device=args.device, batch_size=args.batch_size)
+        if args.trim_memo_gib is not None:
+            spec = replace(spec, trim_memo_bytes=int(args.trim_memo_gib * 2**30))
         mem_s, mem_scores = in_memory(cfgs, spec)
         disk_s, disk_scores = on_disk(cfgs, spec, tmp)
         mat_mem, mat_disk, first_load = materialise_only(cfgs, spec, tmp)
         result = {
             "testbed": str(args.testbed), "random_family": args.random_family, "parameters": Checkpoint(models / "base").num_params(),
-            "method": args.method, "candidates": args.n, "examples_per_set": args.examples,
+            "method": args.method, "candidates": args.n, "examples_per_set": args.examples, "batch_size": args.batch_size,
+            "trim_memo_bytes": spec.trim_memo_bytes,
             "torch_threads": torch.get_num_threads(), "device": args.device,
             "in_memory_per_min": round(60 * args.n / mem_s, 1), "on_disk_per_min": round(60 * args.n / disk_s, 1),
             "in_memory_over_on_disk": round(disk_s / mem_s, 2),

@@ -77,6 +77,21 @@ def test_trims_read_their_thresholds_from_the_sorted_magnitudes(tiny_family, tmp
     assert all(torch.equal(disk.get(n), a[n]) for n in disk.names())
 
 
+def test_the_default_memo_budget_is_an_eighth_of_a_gpus_free_memory(tiny_family, monkeypatch):
+    """trim_memo_bytes=None (the default): 1 GiB on the CPU; on a GPU an eighth of its free memory, at least 1 GiB
+    (an 80 GiB card holds the sorted |τ| of a far larger pool than 1 GiB would)."""
+    from safemerge.methods.task_arithmetic import TRIM_MEMO_BYTES
+    from safemerge.search.candidates import memo_budget
+
+    assert CandidateModel(task_config(tiny_family, "ties", weight=0.5, density=0.5))._memo.left == TRIM_MEMO_BYTES
+    asked = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: asked.append(d) or (free, 80 << 30))
+    for free, budget in ((72 << 30, 9 << 30), (4 << 30, TRIM_MEMO_BYTES)):
+        assert memo_budget(torch.device("cuda:1")) == budget
+    assert asked == [torch.device("cuda:1")] * 2
+    assert memo_budget(torch.device("cpu")) == TRIM_MEMO_BYTES and len(asked) == 2
+
+
 @pytest.mark.parametrize("rescale_mode", ["density", "l1"])
 def test_dare_masks_compare_the_kept_draws(tiny_family, tmp_path, rescale_mode):
     """DARE candidates of one seed compare each density with the uniform draws kept from the first; the l1 rescale's

@@ -8,8 +8,9 @@ write for that config, cast to the same output dtype) and copies it into the mod
 
 Memory: (number of input models) × (model size) for the pool, plus the model itself, plus for
 TIES and breadcrumbs the sorted |τ_i| of each tensor of up to 2²⁴ entries and for DARE its uniform draws (float32,
-on the device, up to `trim_memo_bytes` in all, 1 GiB by default; the rest is computed afresh for each candidate): a
-trim at a new density is then a binary search, a DARE mask a comparison (`TrimMemo`).
+on the device, up to `trim_memo_bytes` in all; the rest is computed afresh for each candidate): a trim at a new density
+is then a binary search, a DARE mask a comparison (`TrimMemo`). By default (`trim_memo_bytes=None`) the memo may keep
+1 GiB on the CPU, and on a GPU an eighth of the memory free once the pool is read, at least 1 GiB (`memo_budget`).
 The task vectors τ_i = θ_i − θ_base are formed by `merge_tensor` from the held weights on each call
 (one subtraction per tensor, cheap beside scoring); holding θ_i rather than τ_i is what lets every
 method (task vectors, whole-weight and SLERP) go through the engine's own code path.
@@ -31,6 +32,16 @@ from safemerge.layout import num_layers, position, stream_order, tied_source
 from safemerge.lora import open_model
 from safemerge.methods.task_arithmetic import TRIM_MEMO_BYTES, TrimMemo, remembering
 from safemerge.vocab import vocab_plan
+
+
+def memo_budget(device: torch.device) -> int:
+    """The TrimMemo's default budget: TRIM_MEMO_BYTES on the CPU; on a GPU an eighth of its free memory (asked once the
+    pool is read, before the model is built and scored), TRIM_MEMO_BYTES at least."""
+    if device.type != "cuda":
+        return TRIM_MEMO_BYTES
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(TRIM_MEMO_BYTES, free // 8)
+
 
 # config.json keys that must agree for two checkpoints to be one architecture
 _ARCH_KEYS = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -62,7 +73,7 @@ class CandidateModel:
     """
 
     def __init__(self, config: MergeConfig | Mapping | str, *, device: str = "cpu", allow_pickle: bool = False,
-                 trim_memo_bytes: int = TRIM_MEMO_BYTES):
+                 trim_memo_bytes: int | None = None):
         self.config = load_config(config).require_whole_models("an in-memory candidate")
         self.device = torch.device(check_device(device))
         self.models = {m: open_model(m, allow_pickle=allow_pickle) for m in self.config.input_models()}
@@ -82,7 +93,8 @@ class CandidateModel:
         self.weights = {m: self._read(m, ckpt) for m, ckpt in self.models.items()}
         self.dtype = DTYPES.get(self.config.out_dtype or self.config.dtype or "") or self.reference.dtype(self.names[0])
         # what the trims and DARE drops of this pool compute again for every candidate: kept once (same results)
-        self._memo = TrimMemo((t for w in self.weights.values() for t in w.values()), budget=trim_memo_bytes)
+        self._memo = TrimMemo((t for w in self.weights.values() for t in w.values()),
+                              budget=memo_budget(self.device) if trim_memo_bytes is None else trim_memo_bytes)
         self.model, self.tokenizer = self._load_model()
         self._targets = self._bind_targets()
         self.current: MergeConfig | None = None

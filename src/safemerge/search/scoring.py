@@ -14,7 +14,6 @@ from typing import Any, Iterator, Protocol, Sequence
 
 import torch
 
-from safemerge.methods.task_arithmetic import TRIM_MEMO_BYTES
 from safemerge.search.objective import DEFAULT_LAMBDA, Objective, Score, load_pairs
 
 
@@ -33,7 +32,7 @@ class ScorerSpec:
     device: str = "cpu"
     threads: int | None = None
     allow_pickle: bool = False
-    trim_memo_bytes: int = TRIM_MEMO_BYTES  # CandidateModel's memo of sorted |τ| and DARE draws (0: none)
+    trim_memo_bytes: int | None = None  # CandidateModel's memo of sorted |τ| and DARE draws (None: memo_budget; 0: none)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
