@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -90,6 +92,16 @@ def test_the_default_memo_budget_is_an_eighth_of_a_gpus_free_memory(tiny_family,
         assert memo_budget(torch.device("cuda:1")) == budget
     assert asked == [torch.device("cuda:1")] * 2
     assert memo_budget(torch.device("cpu")) == TRIM_MEMO_BYTES and len(asked) == 2
+    # worker processes may share one GPU: each keeps at most the fixed budget, unless the spec names one
+    from safemerge.search.parallel import make_scorer
+    from safemerge.search.scoring import ScorerSpec
+
+    spec = ScorerSpec(config=task_config(tiny_family, "ties", weight=0.5, density=0.5), safety_data=None,
+                      domain_data=None, lambda_=0.5, device="cuda")
+    for budget, want in ((None, TRIM_MEMO_BYTES), (12345, 12345)):
+        scorer = make_scorer(replace(spec, trim_memo_bytes=budget), workers=2)  # its processes start on a first score
+        assert scorer.spec.trim_memo_bytes == want
+        scorer.close()
 
 
 @pytest.mark.parametrize("rescale_mode", ["density", "l1"])

@@ -8,12 +8,20 @@ be told to use (`ScorerSpec.threads`; the search sets it to 1 whenever it runs w
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+from safemerge.methods.task_arithmetic import TRIM_MEMO_BYTES
 from safemerge.search.scoring import Scorer, ScorerSpec, SerialScorer
 
 
 def make_scorer(spec: ScorerSpec, *, workers: int = 1, ray_address: str | None = None) -> Scorer:
     """SerialScorer for one worker, ProcessScorer for several, RayScorer when a Ray address is given
-    ("local" or "auto" start or join a local instance; "ray://host:10001" joins a cluster)."""
+    ("local" or "auto" start or join a local instance; "ray://host:10001" joins a cluster).
+
+    Several scorers may share one GPU, so each keeps a TIES / DARE memo of at most TRIM_MEMO_BYTES (1 GiB) unless the
+    spec sets a budget (one scorer alone on a GPU may keep an eighth of its free memory: `memo_budget`)."""
+    if (ray_address or workers > 1) and spec.trim_memo_bytes is None:
+        spec = replace(spec, trim_memo_bytes=TRIM_MEMO_BYTES)
     if ray_address:
         from safemerge.search.parallel.ray_pool import RayScorer
 
