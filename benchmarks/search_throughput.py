@@ -161,7 +161,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads of the serial runs (default: torch's)")
     ap.add_argument("--batch-size", type=int, default=16, help="examples per forward pass when scoring, both ways")
     ap.add_argument("--trim-memo-gib", type=float, default=None,
-                    help="the in-memory way's TIES / DARE memo budget in GiB (default: the library's, 1; 0: no memo)")
+                    help="the in-memory way's TIES / DARE memo budget in GiB (default: the library's, 1 on the CPU and "
+                         "an eighth of the free memory on a GPU; 0: no memo)")
     ap.add_argument("--device", default="cpu", help="where candidates are built and scored, both ways (cpu or cuda)")
     ap.add_argument("--random-family", default=None, metavar="H,L,I",
                     help="score a random Llama family of hidden size H, L layers, MLP size I instead of the testbed's models")
