@@ -109,6 +109,37 @@ def test_self_questioning_rows_and_what_is_dropped(tmp_path):
     assert all(r["k"] == 3 and len(r["in_context"]) == 3 for r in _rows(tmp_path / "k.jsonl"))
 
 
+def test_rounds_of_generation_say_each_warning_once(tmp_path):
+    """Rounds with one backend repeat its warnings (the context one, with other counts each round): each is said once,
+    its first wording, also when the rounds end in an error."""
+    import warnings
+
+    from safemerge.data.loaders import DataError
+    from safemerge.evaluate.backends import EvaluationWarning
+
+    class Warning_(Scripted):
+        def generate(self, prompts, settings, *, progress=None):
+            warnings.warn(f"{self.source}: {len(prompts)} of {len(prompts)} prompts ran past the context", EvaluationWarning)
+            warnings.warn(f"round {self.calls} started", UserWarning)  # another kind: said too, once
+            return super().generate(prompts, settings)
+
+    gen = Warning_("G", texts=["How to X?", "How to X?", "", "How to Y?"])  # duplicates and blanks: several rounds
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        rows, _ = generate_questions(gen, n=2, examples=["Seed one"], k=1, max_rounds=5)
+    assert len(rows) == 2 and gen.calls > 2  # it took more than one round
+    said = [str(w.message) for w in seen]
+    assert said == ["G: 2 of 2 prompts ran past the context", "round 0 started"]
+    val = tmp_path / "val.jsonl"
+    val.write_text(json.dumps({"question": "Which drug treats A?", "choices": ["a", "b"], "answer": 0}) + "\n")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(DataError, match="no usable question in 3 rounds"):
+            synthesize_domain(Warning_("E", texts=[""]), tmp_path / "d.jsonl", examples=val, n=2, k=1, max_rounds=3,
+                              style="completion", progress=False)
+    assert [str(w.message) for w in seen if w.category is EvaluationWarning] == ["E: 2 of 2 prompts ran past the context"]
+
+
 def test_the_question_of_a_generation():
     assert question_of('\n  2) "Question: What is Q?"\nsecond') == "What is Q?"
     assert question_of("3.What is Q?") == "What is Q?"

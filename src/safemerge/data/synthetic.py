@@ -24,9 +24,10 @@ import os
 import random
 import re
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from safemerge._progress import transient_progress
 from safemerge.checkpoint import atomic_write, check_output_file
@@ -113,6 +114,25 @@ def _settings(**kw):
     return GenerationSettings(**kw)
 
 
+@contextmanager
+def said_once() -> Iterator[None]:
+    """Warnings raised inside, each said once when the block ends: rounds of generation with one backend would repeat
+    the same warning (the context one, say) with other counts each round. The first wording of each kind is kept (a
+    kind: the category and the message with its numbers left out), at the place that raised it."""
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        said: set[tuple] = set()
+        for w in caught:
+            kind = (w.category, re.sub(r"\d+", "#", str(w.message)))
+            if kind not in said:
+                said.add(kind)
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
 def _backend(model: Model, *, device: str, batch_size: int):
     """A transformers backend for a model path; a GenerationBackend passes through."""
     from safemerge.evaluate.backends import get_backend
@@ -158,25 +178,26 @@ def generate_questions(generator: Any, *, n: int, examples: Sequence[str], k: in
     seen: set[str] = set()
     rows: list[dict] = []
     dropped = dict.fromkeys(DROP_REASONS, 0)
-    for r in range(max_rounds):
-        want = n - len(rows)
-        if want <= 0:
-            break
-        prompts = [GENERATOR_PROMPT.format(examples="\n".join(f"- {e}" for e in rng.sample(list(examples), min(k, len(examples)))))
-                   for _ in range(want)]
-        gens = generator.generate(prompts, _settings(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed + r))
-        for prompt, g in zip(prompts, gens):
-            if len(rows) >= n:
+    with said_once():  # one backend, many rounds: each warning once
+        for r in range(max_rounds):
+            want = n - len(rows)
+            if want <= 0:
                 break
-            q = question_of(g.text)
-            reason = _unusable(g.text, q, shown, seen)
-            if reason:
-                dropped[reason] += 1
-                continue
-            seen.add(normalise(q))
-            rows.append({"question": q, "prompt": prompt, "round": r})
-            if progress:
-                progress(1)
+            prompts = [GENERATOR_PROMPT.format(examples="\n".join(f"- {e}" for e in rng.sample(list(examples), min(k, len(examples)))))
+                       for _ in range(want)]
+            gens = generator.generate(prompts, _settings(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed + r))
+            for prompt, g in zip(prompts, gens):
+                if len(rows) >= n:
+                    break
+                q = question_of(g.text)
+                reason = _unusable(g.text, q, shown, seen)
+                if reason:
+                    dropped[reason] += 1
+                    continue
+                seen.add(normalise(q))
+                rows.append({"question": q, "prompt": prompt, "round": r})
+                if progress:
+                    progress(1)
     return rows, dropped
 
 
@@ -386,23 +407,24 @@ def synthesize_domain(
     dropped = dict.fromkeys(DROP_REASONS, 0)
     with _bar(progress) as bar:
         advance = bar(f"writing questions with {_short(expert)}", n)
-        for r in range(max_rounds):
-            want = n - len(questions)
-            if want <= 0:
-                break
-            shots = [rng.sample(shots_all, k) for _ in range(want)]
-            prompts = [domain_prompt(s, style=style, domain=domain) for s in shots]
-            gens = backend.generate(prompts, _settings(**{**ask.as_dict(), "seed": seed + r}))
-            for s, g in zip(shots, gens):
-                q = question_of(g.text)
-                key = normalise(q)
-                reason = _unusable(g.text, q, known, seen)
-                if reason:
-                    dropped[reason] += 1
-                    continue
-                seen.add(key)
-                questions.append({"question": q, "in_context": s, "round": r})
-                advance(1)
+        with said_once():  # one backend, many rounds: each warning once
+            for r in range(max_rounds):
+                want = n - len(questions)
+                if want <= 0:
+                    break
+                shots = [rng.sample(shots_all, k) for _ in range(want)]
+                prompts = [domain_prompt(s, style=style, domain=domain) for s in shots]
+                gens = backend.generate(prompts, _settings(**{**ask.as_dict(), "seed": seed + r}))
+                for s, g in zip(shots, gens):
+                    q = question_of(g.text)
+                    key = normalise(q)
+                    reason = _unusable(g.text, q, known, seen)
+                    if reason:
+                        dropped[reason] += 1
+                        continue
+                    seen.add(key)
+                    questions.append({"question": q, "in_context": s, "round": r})
+                    advance(1)
         if not questions:
             raise DataError(f"{expert}: wrote no usable question in {max_rounds} rounds; try --style completion")
         answer = _settings(max_new_tokens=max_new_tokens)
