@@ -237,6 +237,28 @@ def test_ray_workers_score_exactly_as_serial(tiny_family, family_data, tmp_path)
     assert _history(on_ray) == _history(serial)
 
 
+def test_ray_actors_ask_for_a_share_of_the_gpus_with_cuda(tiny_family, tmp_path):
+    """An actor asking Ray for no GPU sees none, so `--device cuda` on Ray asks for one per actor, or an equal share
+    where the cluster has fewer GPUs than workers (every actor placed); a cluster without a GPU is a clear error."""
+    from safemerge.search.parallel.ray_pool import gpu_share
+
+    assert gpu_share("cpu", 8, 2, address="local") == 0.0
+    assert gpu_share("cuda", 4, 2, address="local") == 1.0 and gpu_share("cuda:1", 2, 2, address="x") == 1.0
+    assert gpu_share("cuda", 1, 2, address="local") == 0.5 and gpu_share("cuda", 3, 4, address="x") == 0.75
+    with pytest.raises(ConfigError, match="--device cuda with --ray-address ray://h:10001: the Ray cluster has no GPU"):
+        gpu_share("cuda", 0, 2, address="ray://h:10001")
+    ray = pytest.importorskip("ray")
+    from safemerge.search.parallel.ray_pool import RayScorer
+    from safemerge.search.scoring import ScorerSpec
+
+    spec = ScorerSpec(config=task_config(tiny_family, "ties", density=0.5), safety_data=None, domain_data=None,
+                      lambda_=0.5, device="cuda")
+    if not ray.is_initialized():  # this machine's local instance: a GPU only where torch sees one
+        with pytest.raises(ConfigError, match="the Ray cluster has no GPU") if not torch.cuda.is_available() else contextlib.nullcontext():
+            RayScorer(spec, address="local", workers=1).close()
+        assert not ray.is_initialized()  # the instance it started is shut down again
+
+
 def test_resume_without_a_journal_says_it_starts_afresh(tmp_path):
     """QA: `search --resume` with no journal began a new search without a word."""
     from safemerge.search.journal import Journal

@@ -7,6 +7,7 @@ actors one candidate at a time, and results are yielded as they finish.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Iterator, Sequence
 
 from safemerge._signals import sigterm_kept
@@ -24,14 +25,27 @@ def _ray():
     return ray
 
 
+def gpu_share(device: str, gpus: float, workers: int, *, address: str) -> float:
+    """The GPUs each actor asks Ray for: none on the CPU; with `--device cuda`, one each where the cluster has a GPU
+    per worker, else an equal share of what it has (2 workers on 1 GPU: 0.5 each), so that every actor is placed. An
+    actor asking for none would see no GPU (Ray hides the others), so a cluster without one is an error."""
+    if not device.startswith("cuda"):
+        return 0.0
+    if gpus <= 0:
+        raise ConfigError(f"--device {device} with --ray-address {address or 'local'}: the Ray cluster has no GPU; "
+                          "start its nodes with GPUs (ray start --num-gpus N) or score with --device cpu")
+    return 1.0 if gpus >= workers else gpus / workers
+
+
 class RayScorer:
-    """Scores candidates on `workers` Ray actors (1 CPU each)."""
+    """Scores candidates on `workers` Ray actors (1 CPU each, and a share of the GPUs with `--device cuda`)."""
 
     def __init__(self, spec: ScorerSpec, *, address: str, workers: int):
         ray = _ray()
         if workers < 1:
             raise ConfigError(f"--workers {workers}: give at least one Ray worker")
         self._started = not ray.is_initialized()
+        self._actors: list[Any] = []
         if self._started:
             kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
             if address in ("local", ""):
@@ -40,7 +54,14 @@ class RayScorer:
                 kwargs["address"] = address
             with sigterm_kept():  # Ray's own handler would exit at once, without the CLI's clean-up
                 ray.init(**kwargs)
-        actor = ray.remote(num_cpus=1)(_Actor)
+        try:
+            share = gpu_share(spec.device, ray.cluster_resources().get("GPU", 0), workers, address=address)
+        except ConfigError:
+            self.close()
+            raise
+        if share:  # Ray shows each actor its own GPU(s) as cuda:0 on: a cuda:N of the driver's means nothing there
+            spec = replace(spec, device="cuda")
+        actor = ray.remote(num_cpus=1, num_gpus=share)(_Actor)
         self._actors = [actor.remote(spec) for _ in range(workers)]
         ray.get([a.ready.remote() for a in self._actors])  # build every scorer before the first population
 
