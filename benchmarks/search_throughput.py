@@ -79,14 +79,15 @@ def data_files(testbed: Path, examples: int, tmp: Path) -> tuple[Path, Path]:
     return safety, domain
 
 
-def in_memory(cfgs, spec) -> tuple[float, list[float]]:
+def in_memory(cfgs, spec) -> tuple[float, list[float], int]:
+    """Seconds, objectives, and the TIES / DARE memo's budget in bytes (the default's, where the spec sets none)."""
     from safemerge.search.scoring import SerialScorer
 
     scorer = SerialScorer(spec)  # built once: not counted, as in a search
     scorer.score_one(cfgs[0])  # warm-up (first-call costs), as the parallel way's workers get one
     start = time.perf_counter()
     scores = [scorer.score_one(c)[0].objective for c in cfgs]
-    return time.perf_counter() - start, scores
+    return time.perf_counter() - start, scores, scorer.candidate._memo.budget
 
 
 def materialise_only(cfgs, spec, tmp: Path) -> tuple[float, float, float]:
@@ -184,13 +185,13 @@ def main() -> None:
                           device=args.device, batch_size=args.batch_size)
         if args.trim_memo_gib is not None:
             spec = replace(spec, trim_memo_bytes=int(args.trim_memo_gib * 2**30))
-        mem_s, mem_scores = in_memory(cfgs, spec)
+        mem_s, mem_scores, memo_bytes = in_memory(cfgs, spec)
         disk_s, disk_scores = on_disk(cfgs, spec, tmp)
         mat_mem, mat_disk, first_load = materialise_only(cfgs, spec, tmp)
         result = {
             "testbed": str(args.testbed), "random_family": args.random_family, "parameters": Checkpoint(models / "base").num_params(),
             "method": args.method, "candidates": args.n, "examples_per_set": args.examples, "batch_size": args.batch_size,
-            "trim_memo_bytes": spec.trim_memo_bytes,
+            "trim_memo_bytes": memo_bytes,
             "torch_threads": torch.get_num_threads(), "device": args.device,
             "in_memory_per_min": round(60 * args.n / mem_s, 1), "on_disk_per_min": round(60 * args.n / disk_s, 1),
             "in_memory_over_on_disk": round(disk_s / mem_s, 2),
@@ -202,7 +203,7 @@ def main() -> None:
         }
         if args.workers > 1:
             torch.set_num_threads(1)
-            serial_1t, _ = in_memory(cfgs, spec)
+            serial_1t, _, _ = in_memory(cfgs, spec)
             result["serial_1_thread_per_min"] = round(60 * args.n / serial_1t, 1)
             w = parallel(cfgs, spec, args.workers, None)
             result[f"processes_{args.workers}_per_min"] = round(60 * args.n / w, 1)

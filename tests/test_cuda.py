@@ -138,12 +138,11 @@ def test_search_candidate_on_cuda_equals_the_engine(tiny_family, tmp_path):
     cm.load(config)
     disk = _merge(config, tmp_path / "m", "cpu")
     assert {p.device.type for p in cm.model.parameters()} == {"cuda"}
-    # the second load read its thresholds from sorted |τ| kept on the GPU, within the default budget (memo_budget)
-    from safemerge.search.candidates import memo_budget
-
+    # the second load read its thresholds from sorted |τ| kept on the GPU, within the default budget: an eighth of the
+    # memory free before the model was built, so at least an eighth of what is free now (or the CPU's 1 GiB)
     sorted_ = [s for s in cm._memo._sorted.values() if s is not None]
     assert sorted_ and {s.device.type for s in sorted_} == {"cuda"}
-    assert 1 << 30 <= memo_budget(cm.device) <= torch.cuda.mem_get_info()[0] // 8 + (1 << 30)
+    assert cm._memo.budget >= max(1 << 30, torch.cuda.mem_get_info()[0] // 8)
     state = cm.state()  # CPU copies of the model's parameters
     for name in disk.names():
         assert torch.equal(state[name], disk.get(name)), name

@@ -10,6 +10,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -244,9 +245,11 @@ def test_ray_actors_ask_for_a_share_of_the_gpus_with_cuda(tiny_family, tmp_path)
 
     assert gpu_share("cpu", 8, 2, address="local") == 0.0
     assert gpu_share("cuda", 4, 2, address="local") == 1.0 and gpu_share("cuda:1", 2, 2, address="x") == 1.0
-    assert gpu_share("cuda", 1, 2, address="local") == 0.5 and gpu_share("cuda", 3, 4, address="x") == 0.75
-    with pytest.raises(ConfigError, match="--device cuda with --ray-address ray://h:10001: the Ray cluster has no GPU"):
-        gpu_share("cuda", 0, 2, address="ray://h:10001")
+    assert gpu_share("cuda", 1, 2, address="local") == 0.5 and gpu_share("cuda", 2, 5, address="x") == pytest.approx(1 / 3)
+    assert gpu_share("cuda", 3, 4, address="x") == 0.5  # not 0.75: one GPU cannot hold a second 0.75 actor
+    for gpus in (0, 0.5):  # a fraction of a GPU in all: no actor could be placed
+        with pytest.raises(ConfigError, match="--device cuda with --ray-address ray://h:10001: the Ray cluster has no GPU"):
+            gpu_share("cuda", gpus, 2, address="ray://h:10001")
     ray = pytest.importorskip("ray")
     from safemerge.search.parallel.ray_pool import RayScorer
     from safemerge.search.scoring import ScorerSpec
@@ -257,6 +260,11 @@ def test_ray_actors_ask_for_a_share_of_the_gpus_with_cuda(tiny_family, tmp_path)
         with pytest.raises(ConfigError, match="the Ray cluster has no GPU") if not torch.cuda.is_available() else contextlib.nullcontext():
             RayScorer(spec, address="local", workers=1).close()
         assert not ray.is_initialized()  # the instance it started is shut down again
+        # an actor whose scorer cannot be built (a data file that is not there): the error comes, and Ray is shut down
+        missing = replace(spec, device="cpu", domain_data=str(tmp_path / "missing.jsonl"), lambda_=0.0)
+        with pytest.raises(ray.exceptions.RayError, match="missing.jsonl"):
+            RayScorer(missing, address="local", workers=1)
+        assert not ray.is_initialized()
 
 
 def test_resume_without_a_journal_says_it_starts_afresh(tmp_path):

@@ -110,26 +110,45 @@ def test_self_questioning_rows_and_what_is_dropped(tmp_path):
 
 
 def test_rounds_of_generation_say_each_warning_once(tmp_path):
-    """Rounds with one backend repeat its warnings (the context one, with other counts each round): each is said once,
-    its first wording, also when the rounds end in an error."""
+    """Rounds with one backend repeat its warnings (the context one, with other counts each round): each kind is said
+    once, its first wording with how many came, also when the rounds end in an error; the caller's filters apply."""
     import warnings
 
     from safemerge.data.loaders import DataError
     from safemerge.evaluate.backends import EvaluationWarning
 
     class Warning_(Scripted):
+        rounds = 0
+
         def generate(self, prompts, settings, *, progress=None):
+            self.rounds += 1
             warnings.warn(f"{self.source}: {len(prompts)} of {len(prompts)} prompts ran past the context", EvaluationWarning)
-            warnings.warn(f"round {self.calls} started", UserWarning)  # another kind: said too, once
+            if self.rounds == 1:
+                warnings.warn("a first round", UserWarning)  # another kind, said as it came
             return super().generate(prompts, settings)
+
+    def run(gen):
+        return generate_questions(gen, n=2, examples=["Seed one"], k=1, max_rounds=5)
 
     gen = Warning_("G", texts=["How to X?", "How to X?", "", "How to Y?"])  # duplicates and blanks: several rounds
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        rows, _ = generate_questions(gen, n=2, examples=["Seed one"], k=1, max_rounds=5)
-    assert len(rows) == 2 and gen.calls > 2  # it took more than one round
-    said = [str(w.message) for w in seen]
-    assert said == ["G: 2 of 2 prompts ran past the context", "round 0 started"]
+        rows, _ = run(gen)
+    assert len(rows) == 2 and gen.rounds == 3
+    assert [str(w.message) for w in seen] == [
+        "G: 2 of 2 prompts ran past the context (the first of 3 such warnings, from rounds of generation)", "a first round"]
+    assert seen[0].category is EvaluationWarning and seen[0].filename == __file__
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", category=EvaluationWarning)  # the caller's filters hold inside
+        run(Warning_("G", texts=["How to X?", "How to Y?"]))
+    assert [str(w.message) for w in seen] == ["a first round"]
+    stopped = Warning_("G", texts=["How to X?", "How to X?", "", "How to Y?"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EvaluationWarning)
+        with pytest.raises(EvaluationWarning, match="G: 2 of 2"):
+            run(stopped)
+    assert stopped.rounds == 1  # raised at once, not after every round
     val = tmp_path / "val.jsonl"
     val.write_text(json.dumps({"question": "Which drug treats A?", "choices": ["a", "b"], "answer": 0}) + "\n")
     with warnings.catch_warnings(record=True) as seen:
@@ -137,7 +156,8 @@ def test_rounds_of_generation_say_each_warning_once(tmp_path):
         with pytest.raises(DataError, match="no usable question in 3 rounds"):
             synthesize_domain(Warning_("E", texts=[""]), tmp_path / "d.jsonl", examples=val, n=2, k=1, max_rounds=3,
                               style="completion", progress=False)
-    assert [str(w.message) for w in seen if w.category is EvaluationWarning] == ["E: 2 of 2 prompts ran past the context"]
+    assert [str(w.message) for w in seen if w.category is EvaluationWarning] == [
+        "E: 2 of 2 prompts ran past the context (the first of 3 such warnings, from rounds of generation)"]
 
 
 def test_the_question_of_a_generation():

@@ -116,21 +116,24 @@ def _settings(**kw):
 
 @contextmanager
 def said_once() -> Iterator[None]:
-    """Warnings raised inside, each said once when the block ends: rounds of generation with one backend would repeat
-    the same warning (the context one, say) with other counts each round. The first wording of each kind is kept (a
-    kind: the category and the message with its numbers left out), at the place that raised it."""
+    """Warnings raised inside, each kind said once when the block ends (also when it ends in an error): rounds of
+    generation with one backend would repeat the same warning (the context one, say) with other counts each round.
+    A kind is the category and the message with its numbers left out; its first wording is said, with how many came.
+    The caller's filters apply as the warnings are raised ("error" raises at the first, "ignore" drops them), and what
+    they let through is shown by the caller's warnings.showwarning (the CLI's, pytest's)."""
     caught: list[warnings.WarningMessage] = []
     try:
         with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
             yield
     finally:
-        said: set[tuple] = set()
+        kinds: dict[tuple, list[warnings.WarningMessage]] = {}
         for w in caught:
-            kind = (w.category, re.sub(r"\d+", "#", str(w.message)))
-            if kind not in said:
-                said.add(kind)
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            kinds.setdefault((w.category, re.sub(r"\d+", "#", str(w.message))), []).append(w)
+        for same in kinds.values():
+            w = same[0]
+            message = w.message if len(same) == 1 else w.category(
+                f"{w.message} (the first of {len(same)} such warnings, from rounds of generation)")
+            warnings.showwarning(message, w.category, w.filename, w.lineno, w.file, w.line)
 
 
 def _backend(model: Model, *, device: str, batch_size: int):

@@ -136,7 +136,7 @@ class TrimMemo:
         self._held = {(t.data_ptr(), t.numel()) for t in held}
         self._sorted: dict[tuple, torch.Tensor | None] = {}  # None: a vector with NaN, left to the selects
         self._draws: dict[tuple, torch.Tensor] = {}
-        self.left = int(budget)
+        self.budget = self.left = int(budget)
 
     def _room(self, n: int, *, cap: int | None = None) -> bool:
         if (cap is not None and n > cap) or 4 * n > self.left:

@@ -37,10 +37,12 @@ from safemerge.vocab import vocab_plan
 
 def memo_budget(device: torch.device) -> int:
     """The TrimMemo's default budget: TRIM_MEMO_BYTES on the CPU; on a GPU an eighth of its free memory (asked once the
-    pool is read, before the model is built and scored), TRIM_MEMO_BYTES at least."""
+    pool is read, before the model is built and scored; free counts what torch's allocator holds unused, which this
+    process can reuse), TRIM_MEMO_BYTES at least."""
     if device.type != "cuda":
         return TRIM_MEMO_BYTES
     free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return max(TRIM_MEMO_BYTES, free // 8)
 
 

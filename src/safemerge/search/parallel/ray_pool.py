@@ -7,6 +7,7 @@ actors one candidate at a time, and results are yielded as they finish.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Any, Iterator, Sequence
 
@@ -27,14 +28,15 @@ def _ray():
 
 def gpu_share(device: str, gpus: float, workers: int, *, address: str) -> float:
     """The GPUs each actor asks Ray for: none on the CPU; with `--device cuda`, one each where the cluster has a GPU
-    per worker, else an equal share of what it has (2 workers on 1 GPU: 0.5 each), so that every actor is placed. An
-    actor asking for none would see no GPU (Ray hides the others), so a cluster without one is an error."""
+    per worker, else 1/k of one, k = ⌈workers / GPUs⌉ actors to a GPU (2 workers on 1 GPU: 0.5 each; 4 on 3: 0.5, since
+    Ray places a fractional actor on one GPU and 0.75 would leave the fourth actor waiting for ever), so that every actor
+    is placed. An actor asking for none would see no GPU (Ray hides them), so a cluster without one is an error."""
     if not device.startswith("cuda"):
         return 0.0
-    if gpus <= 0:
+    if gpus < 1:
         raise ConfigError(f"--device {device} with --ray-address {address or 'local'}: the Ray cluster has no GPU; "
                           "start its nodes with GPUs (ray start --num-gpus N) or score with --device cpu")
-    return 1.0 if gpus >= workers else gpus / workers
+    return 1.0 if gpus >= workers else 1.0 / math.ceil(workers / int(gpus))
 
 
 class RayScorer:
@@ -54,16 +56,16 @@ class RayScorer:
                 kwargs["address"] = address
             with sigterm_kept():  # Ray's own handler would exit at once, without the CLI's clean-up
                 ray.init(**kwargs)
-        try:
+        try:  # whatever stops the actors' start (no GPU, a scorer that fails, Ctrl-C) shuts down what was started
             share = gpu_share(spec.device, ray.cluster_resources().get("GPU", 0), workers, address=address)
-        except ConfigError:
+            if share:  # Ray shows each actor its own GPU(s) as cuda:0 on: a cuda:N of the driver's means nothing there
+                spec = replace(spec, device="cuda")
+            actor = ray.remote(num_cpus=1, num_gpus=share)(_Actor)
+            self._actors = [actor.remote(spec) for _ in range(workers)]
+            ray.get([a.ready.remote() for a in self._actors])  # build every scorer before the first population
+        except BaseException:
             self.close()
             raise
-        if share:  # Ray shows each actor its own GPU(s) as cuda:0 on: a cuda:N of the driver's means nothing there
-            spec = replace(spec, device="cuda")
-        actor = ray.remote(num_cpus=1, num_gpus=share)(_Actor)
-        self._actors = [actor.remote(spec) for _ in range(workers)]
-        ray.get([a.ready.remote() for a in self._actors])  # build every scorer before the first population
 
     def score(self, configs: Sequence[dict[str, Any]]) -> Iterator[tuple[int, Score, float]]:
         ray = _ray()
