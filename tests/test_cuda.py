@@ -143,6 +143,7 @@ def test_search_candidate_on_cuda_equals_the_engine(tiny_family, tmp_path):
     sorted_ = [s for s in cm._memo._sorted.values() if s is not None]
     assert sorted_ and {s.device.type for s in sorted_} == {"cuda"}
     assert cm._memo.budget >= max(1 << 30, torch.cuda.mem_get_info()[0] // 8)
+    assert cm._memo.tensor_cap == max(1 << 24, cm._memo.budget // 16)  # larger tensors than on the CPU are kept
     state = cm.state()  # CPU copies of the model's parameters
     for name in disk.names():
         assert torch.equal(state[name], disk.get(name)), name

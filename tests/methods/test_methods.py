@@ -218,7 +218,7 @@ def test_nan_in_a_task_vector_ranks_above_every_magnitude_in_each_select(monkeyp
     assert memo.select(base, tv, 2) is None
 
 
-def test_sorted_magnitudes_keep_only_held_tensors_within_their_budget(monkeypatch):
+def test_sorted_magnitudes_keep_only_held_tensors_within_their_budget():
     from safemerge.methods import task_arithmetic as ta
 
     base, a, b = torch.zeros(10), torch.arange(10.0), torch.arange(10.0).flip(0)
@@ -227,9 +227,9 @@ def test_sorted_magnitudes_keep_only_held_tensors_within_their_budget(monkeypatc
     assert memo.select(base, ta.TaskVector(model=a), 3) == (2.0, 7, 1) and memo.left == 0
     small = ta.TrimMemo([base, a], budget=39)
     assert small.select(base, ta.TaskVector(model=a), 3) is None and not small._sorted
-    monkeypatch.setattr(ta, "MEMO_TENSOR", 9)  # a tensor too large to sort at once is left to the selects
-    capped = ta.TrimMemo([base, a], budget=1 << 20)
+    capped = ta.TrimMemo([base, a], budget=1 << 20, tensor_cap=9)  # a tensor too large to sort at once: to the selects
     assert capped.select(base, ta.TaskVector(model=a), 3) is None and not capped._sorted
+    assert ta.TrimMemo([base, a], budget=1 << 20, tensor_cap=10).select(base, ta.TaskVector(model=a), 3) == (2.0, 7, 1)
     assert capped.draws(base, 0) is not None  # draws need no sort: only the budget limits them
     # in use: a trim inside remembering() reads the memo; outside it does not
     with ta.remembering(memo):

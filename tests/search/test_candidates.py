@@ -94,6 +94,15 @@ def test_the_default_memo_budget_is_an_eighth_of_a_gpus_free_memory(tiny_family,
         assert memo_budget(torch.device("cuda:1")) == budget
     assert asked == [torch.device("cuda:1")] * 2
     assert memo_budget(torch.device("cpu")) == TRIM_MEMO_BYTES and len(asked) == 2
+    # and the largest tensor kept sorted: 2²⁴ entries on the CPU; on a GPU what a sort (16 bytes an entry) within the
+    # budget allows, so that an 8B Llama's MLP matrices (58.7M entries) are kept too
+    from safemerge.methods.task_arithmetic import MEMO_TENSOR
+    from safemerge.search.candidates import memo_tensor_cap
+
+    assert CandidateModel(task_config(tiny_family, "ties", weight=0.5, density=0.5))._memo.tensor_cap == MEMO_TENSOR
+    assert memo_tensor_cap(torch.device("cpu"), 9 << 30) == MEMO_TENSOR == 1 << 24
+    assert memo_tensor_cap(torch.device("cuda"), 9 << 30) == (9 << 30) // 16 > 14336 * 4096
+    assert memo_tensor_cap(torch.device("cuda"), 1 << 20) == MEMO_TENSOR
     # worker processes may share one GPU: each keeps at most the fixed budget, unless the spec names one
     from safemerge.search.parallel import make_scorer
     from safemerge.search.scoring import ScorerSpec

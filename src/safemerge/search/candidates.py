@@ -7,9 +7,9 @@ one place where a config becomes a method call, so the weights equal what `safem
 write for that config, cast to the same output dtype) and copies it into the model's parameter.
 
 Memory: (number of input models) × (model size) for the pool, plus the model itself, plus for
-TIES and breadcrumbs the sorted |τ_i| of each tensor of up to 2²⁴ entries and for DARE its uniform draws (float32,
-on the device, up to `trim_memo_bytes` in all; the rest is computed afresh for each candidate): a trim at a new density
-is then a binary search, a DARE mask a comparison (`TrimMemo`). By default (`trim_memo_bytes=None`) the memo may keep
+TIES and breadcrumbs the sorted |τ_i| of each tensor of up to 2²⁴ entries (on a GPU more: `memo_tensor_cap`) and for
+DARE its uniform draws (float32, on the device, up to `trim_memo_bytes` in all; the rest is computed afresh for each
+candidate): a trim at a new density is then a binary search, a DARE mask a comparison (`TrimMemo`). By default (`trim_memo_bytes=None`) the memo may keep
 1 GiB on the CPU, and on a GPU an eighth of the memory free once the pool is read, at least 1 GiB (`memo_budget`;
 worker processes and Ray actors, which may share a GPU, keep 1 GiB each: `make_scorer`).
 The task vectors τ_i = θ_i − θ_base are formed by `merge_tensor` from the held weights on each call
@@ -31,8 +31,15 @@ from safemerge.engine import check_device, merge_tensor, tokenizer_dirs
 from safemerge.errors import CheckpointError, ConfigError
 from safemerge.layout import num_layers, position, stream_order, tied_source
 from safemerge.lora import open_model
-from safemerge.methods.task_arithmetic import TRIM_MEMO_BYTES, TrimMemo, remembering
+from safemerge.methods.task_arithmetic import MEMO_TENSOR, TRIM_MEMO_BYTES, TrimMemo, remembering
 from safemerge.vocab import vocab_plan
+
+
+def memo_tensor_cap(device: torch.device, budget: int) -> int:
+    """The largest tensor whose sorted |τ| the memo keeps: MEMO_TENSOR (2²⁴ entries) on the CPU; on a GPU as many as a
+    sort of 16 bytes per entry within the budget allows (an 8B Llama's MLP matrices have 2²⁵·⁸ entries), at least
+    MEMO_TENSOR."""
+    return MEMO_TENSOR if device.type != "cuda" else max(MEMO_TENSOR, budget // 16)
 
 
 def memo_budget(device: torch.device) -> int:
@@ -96,8 +103,9 @@ class CandidateModel:
         self.weights = {m: self._read(m, ckpt) for m, ckpt in self.models.items()}
         self.dtype = DTYPES.get(self.config.out_dtype or self.config.dtype or "") or self.reference.dtype(self.names[0])
         # what the trims and DARE drops of this pool compute again for every candidate: kept once (same results)
-        self._memo = TrimMemo((t for w in self.weights.values() for t in w.values()),
-                              budget=memo_budget(self.device) if trim_memo_bytes is None else trim_memo_bytes)
+        budget = memo_budget(self.device) if trim_memo_bytes is None else trim_memo_bytes
+        self._memo = TrimMemo((t for w in self.weights.values() for t in w.values()), budget=budget,
+                              tensor_cap=memo_tensor_cap(self.device, budget))
         self.model, self.tokenizer = self._load_model()
         self._targets = self._bind_targets()
         self.current: MergeConfig | None = None
