@@ -79,6 +79,19 @@ def data_files(testbed: Path, examples: int, tmp: Path) -> tuple[Path, Path]:
     return safety, domain
 
 
+def through_disk(config: dict, out: Path, device: str):
+    """The on-disk way's candidate: merged to `out` by safemerge.merge on the scoring device (DARE's draws depend on
+    it), loaded with from_pretrained onto that device; the folder is removed again."""
+    from transformers import AutoModelForCausalLM
+
+    import safemerge
+
+    safemerge.merge(config, out, progress=False, device=device)
+    model = AutoModelForCausalLM.from_pretrained(out).to(device).eval()
+    shutil.rmtree(out)
+    return model
+
+
 def in_memory(cfgs, spec) -> tuple[float, list[float], int]:
     """Seconds, objectives, and the TIES / DARE memo's budget in bytes (the default's, where the spec sets none)."""
     from safemerge.search.scoring import SerialScorer
@@ -93,9 +106,6 @@ def in_memory(cfgs, spec) -> tuple[float, list[float], int]:
 def materialise_only(cfgs, spec, tmp: Path) -> tuple[float, float, float]:
     """Seconds to put every candidate's weights into a model, without scoring: in place vs merge + load; and the in-place
     way's first load (untimed in the rates, as the scored ways' warm-up)."""
-    from transformers import AutoModelForCausalLM
-
-    import safemerge
     from safemerge.search.candidates import CandidateModel
 
     cm = CandidateModel(cfgs[0], device=spec.device, trim_memo_bytes=spec.trim_memo_bytes)
@@ -108,17 +118,13 @@ def materialise_only(cfgs, spec, tmp: Path) -> tuple[float, float, float]:
     mem = time.perf_counter() - start
     start = time.perf_counter()
     for i, c in enumerate(cfgs):
-        out = tmp / f"m-{i}"
-        safemerge.merge(c, out, progress=False, device=spec.device)
-        AutoModelForCausalLM.from_pretrained(out).to(spec.device)
-        shutil.rmtree(out)
+        through_disk(c, tmp / f"m-{i}", spec.device)
     return mem, time.perf_counter() - start, first
 
 
 def on_disk(cfgs, spec, tmp: Path) -> tuple[float, list[float]]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    import safemerge
     from safemerge.search.objective import Objective, load_pairs
 
     tok = AutoTokenizer.from_pretrained(cfgs[0]["base_model"])
@@ -126,12 +132,7 @@ def on_disk(cfgs, spec, tmp: Path) -> tuple[float, list[float]]:
                           batch_size=spec.batch_size)
 
     def score(i: int, c: dict) -> float:
-        out = tmp / f"cand-{i}"
-        safemerge.merge(c, out, progress=False, device=spec.device)  # where the search computes: DARE's draws
-        model = AutoModelForCausalLM.from_pretrained(out).to(spec.device).eval()
-        value = objective(model).objective
-        shutil.rmtree(out)
-        return value
+        return objective(through_disk(c, tmp / f"cand-{i}", spec.device)).objective
 
     score(-1, cfgs[0])  # warm-up, as the in-memory way gets one
     start = time.perf_counter()

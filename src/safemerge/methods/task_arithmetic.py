@@ -128,8 +128,9 @@ class TrimMemo:
       mask at any density is then a comparison with them, the draws the generator would have made.
 
     In float32, up to `budget` bytes in all, sorted magnitudes for tensors of up to `tensor_cap` entries (MEMO_TENSOR by
-    default: sorting a larger one needs about 16 bytes per entry for a moment, gigabytes for a large model's MLP); what is not kept is computed as usual. A task vector with NaN is not kept (the
-    binary search needs an order). Active inside `remembering(memo)`.
+    default: sorting a larger one needs about 16 bytes per entry for a moment, gigabytes for a large model's MLP); what
+    is not kept is computed as usual. A task vector with NaN is not kept (the binary search needs an order). Active
+    inside `remembering(memo)`.
     """
 
     def __init__(self, held: Iterable[torch.Tensor], *, budget: int, tensor_cap: int = MEMO_TENSOR):
@@ -139,8 +140,8 @@ class TrimMemo:
         self.budget = self.left = int(budget)
         self.tensor_cap = int(tensor_cap)
 
-    def _room(self, n: int, *, cap: int | None = None) -> bool:
-        if (cap is not None and n > cap) or 4 * n > self.left:
+    def _room(self, n: int) -> bool:
+        if 4 * n > self.left:
             return False
         self.left -= 4 * n
         return True
@@ -154,7 +155,7 @@ class TrimMemo:
             if s is None:  # refused before (NaN)
                 return None
         else:
-            if (key[0], n) not in self._held or (key[1], src.numel()) not in self._held or not self._room(n, cap=self.tensor_cap):
+            if (key[0], n) not in self._held or (key[1], src.numel()) not in self._held or n > self.tensor_cap or not self._room(n):
                 return None
             # |τ| ≥ 0 (NaN's bits above inf's): the int32 bits order as the floats do, and sort ~10× faster on a CPU
             s = _all_magnitudes(base, tv).view(torch.int32).sort().values.view(torch.float32)

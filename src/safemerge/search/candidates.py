@@ -9,9 +9,10 @@ write for that config, cast to the same output dtype) and copies it into the mod
 Memory: (number of input models) × (model size) for the pool, plus the model itself, plus for
 TIES and breadcrumbs the sorted |τ_i| of each tensor of up to 2²⁴ entries (on a GPU more: `memo_tensor_cap`) and for
 DARE its uniform draws (float32, on the device, up to `trim_memo_bytes` in all; the rest is computed afresh for each
-candidate): a trim at a new density is then a binary search, a DARE mask a comparison (`TrimMemo`). By default (`trim_memo_bytes=None`) the memo may keep
-1 GiB on the CPU, and on a GPU an eighth of the memory free once the pool is read, at least 1 GiB (`memo_budget`;
-worker processes and Ray actors, which may share a GPU, keep 1 GiB each: `make_scorer`).
+candidate): a trim at a new density is then a binary search, a DARE mask a comparison (`TrimMemo`). By default
+(`trim_memo_bytes=None`) the memo may keep 1 GiB on the CPU, and on a GPU an eighth of the memory free once the pool is
+read, at least 1 GiB (`memo_budget`; worker processes and Ray actors, which may share a GPU, keep 1 GiB each:
+`make_scorer`).
 The task vectors τ_i = θ_i − θ_base are formed by `merge_tensor` from the held weights on each call
 (one subtraction per tensor, cheap beside scoring); holding θ_i rather than τ_i is what lets every
 method (task vectors, whole-weight and SLERP) go through the engine's own code path.
