@@ -46,11 +46,33 @@ def test_search_command_writes_the_best_merge(config_file, family_data, tmp_path
     (["--sigma0", "0"], "--sigma0 0.0: must be a positive number"),
     (["--optimizer", "cocktail", "--temperature", "0"], "--temperature 0.0: must be a positive number"),
     (["--device", "tpu"], "device 'tpu': merging computes on cpu or cuda"),
+    (["--memo-gib", "-1"], "--memo-gib -1.0: a size in GiB, 0 or more"),
+    (["--memo-gib", "nan"], "--memo-gib nan: a size in GiB, 0 or more"),
 ])
 def test_bad_options_exit_2(config_file, family_data, tmp_path, extra, message):
     r = _search(config_file, tmp_path / "out", family_data, *extra)
     assert r.exit_code == 2 and message in " ".join(r.output.split()), r.output
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.journal.sqlite").exists()
+
+
+def test_memo_gib_sets_the_scorers_memo_and_not_the_result(config_file, family_data, tmp_path, monkeypatch):
+    """--memo-gib reaches the scorer's ScorerSpec (None when not given: the device's default); the memo only makes
+    TIES / DARE candidates faster, so a journal written with one size resumes with another."""
+    import safemerge.search.run as run
+
+    seen = []
+    real = run._LazyScorer.__init__
+
+    def spy(self, spec, **kw):
+        seen.append(spec.trim_memo_bytes)
+        real(self, spec, **kw)
+
+    monkeypatch.setattr(run._LazyScorer, "__init__", spy)
+    r = _search(config_file, tmp_path / "out", family_data, "--optimizer", "cocktail", "--memo-gib", "0.5")
+    assert r.exit_code == 0, r.output
+    r = _search(config_file, tmp_path / "out", family_data, "--optimizer", "cocktail", "--resume", "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert seen == [2**29, None]
 
 
 def test_the_output_and_journal_stay_apart_from_the_pool(tiny_family, family_data, tmp_path):

@@ -97,6 +97,7 @@ def search(
     limit: int | None = None,
     device: str = "auto",
     threads: int | None = None,
+    memo_gib: float | None = None,
     audit: bool = True,
     audit_prompts: "str | os.PathLike | Sequence[str] | PromptSet | None" = None,
     audit_limit: int | None = AUDIT_LIMIT,
@@ -117,7 +118,9 @@ def search(
     `device`: where candidates are built and scored; "auto" (the default) is the GPU where torch sees one, else the
     CPU, and the journal records which (a run resumes on the same kind of device).
     `limit` keeps the first N examples of each data file. `threads` sets torch's threads for scoring
-    (default: torch's own in a serial run, 1 per worker). `on_result(index, candidate, score, replayed)`
+    (default: torch's own in a serial run, 1 per worker). `memo_gib` bounds the memory of each scorer's memo of the
+    TIES / DARE trims (sorted |τ| and DARE's draws; the same masks either way, only faster): by default 1 GiB on the CPU
+    and in each worker, and an eighth of the free GPU memory in a serial run on a GPU; 0 keeps none. `on_result(index, candidate, score, replayed)`
     is called after every candidate (tests use it to interrupt a run). `ignore_unknown`: config keys safemerge
     does not know are left out with a warning, as mergekit ignores them (safemerge.config.parse_config).
 
@@ -143,7 +146,7 @@ def search(
         raise ConfigError(f"--workers {workers}: give at least one worker")
     _check_options(steps=steps, popsize=popsize, sigma0=sigma0, temperature=temperature, batch_size=batch_size,
                    max_length=max_length, limit=limit, threads=threads, audit_limit=audit_limit if audit else None,
-                   audit_max_new_tokens=audit_max_new_tokens if audit else None)
+                   audit_max_new_tokens=audit_max_new_tokens if audit else None, memo_gib=memo_gib)
     device = check_device(device)
     pool = {m: open_model(m) for m in cfg.input_models()}
     check_architecture(pool)  # before any model is loaded
@@ -163,7 +166,8 @@ def search(
     reference = pool[cfg.base_model or cfg.models[0].model].config
     spec = ScorerSpec(config=cfg.to_yaml_dict(), safety_data=data["safety"]["path"], domain_data=data["domain"]["path"],
                       lambda_=lam, batch_size=batch_size, max_length=effective_max_length(max_length, reference), limit=limit, device=device,
-                      threads=threads or (1 if (workers > 1 or ray_address) else None))
+                      threads=threads or (1 if (workers > 1 or ray_address) else None),
+                      trim_memo_bytes=None if memo_gib is None else int(memo_gib * 2**30))
     identity = _identity(cfg, pool, optimizer=optimizer, lam=lam, seed=seed, steps=steps, popsize=popsize, sigma0=sigma0,
                          temperature=temperature, data=data, spec=spec)
     total = _expected(optimizer, space, cfg, steps, popsize)
@@ -278,6 +282,8 @@ def _check_options(**given: float | None) -> None:
             raise ConfigError(f"{flag} {value}: must be at least {least[key]}")
         if key in ("sigma0", "temperature") and not (math.isfinite(value) and value > 0):
             raise ConfigError(f"{flag} {value}: must be a positive number")
+        if key == "memo_gib" and not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{flag} {value}: a size in GiB, 0 or more (0 keeps no memo)")
 
 
 def _steps(optimizer: str, steps: int | None) -> int | None:
