@@ -119,3 +119,31 @@ def test_memory_is_given_back_only_before_a_guard_loads(refuser, complier, guard
     assert backend.model is not None  # the caller's backend still holds its model
     evaluate_safety(complier, judge="llama-guard", judge_model=guard3_unsafe, **kw)  # a path, guard: weights freed first
     assert collections == [1]
+
+
+def test_an_error_filter_raises_at_the_first_evaluation_warning(refuser, prompts_file, store, tmp_path):
+    """With the caller's filters making EvaluationWarning an error, the first one raises where it is raised: the
+    generation stops there (before, every warning was held until all the answers were generated), nothing is written
+    or stored. Other filters still see each warning once the generation ends (the test above)."""
+    import warnings
+
+    from safemerge.evaluate import get_backend
+
+    backend = get_backend(refuser, device="cpu")
+    real, batches = backend.generate, []
+
+    def generate(prompts, settings, *, progress=None):
+        warnings.warn("the first batch was cut", EvaluationWarning)
+        batches.append(len(prompts))
+        return real(prompts, settings, progress=progress)
+
+    backend.generate = generate
+    out = tmp_path / "r.jsonl"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EvaluationWarning)
+        with pytest.raises(EvaluationWarning, match="the first batch was cut"):
+            evaluate_safety(backend, prompts=prompts_file, device="cpu", store=store, out=out, max_new_tokens=4)
+    assert batches == [] and not out.exists()
+    with pytest.warns(EvaluationWarning, match="the first batch was cut"):
+        r = evaluate_safety(backend, prompts=prompts_file, device="cpu", store=store, out=out, max_new_tokens=4)
+    assert batches == [6] and out.exists() and "the first batch was cut" in r["warnings"]

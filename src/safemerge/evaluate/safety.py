@@ -185,7 +185,14 @@ def _check(summary: dict, gens: Sequence[Generation], out: Path, *, max_invalid:
 
 @contextmanager
 def _recording(notes: list[str]) -> Iterator[None]:
-    """Warnings pass on as usual; the evaluation warnings' text is also kept, for the stored result to repeat."""
+    """Warnings pass on as usual; the evaluation warnings' text is also kept, for the stored result to repeat.
+
+    They are held until the block ends (each one recorded, however often it came before in this process), unless the
+    caller's filters make an EvaluationWarning an error: then the first one raises where it is raised, not after the
+    whole generation."""
+    if _raises(EvaluationWarning):
+        yield
+        return
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         yield
@@ -193,6 +200,17 @@ def _recording(notes: list[str]) -> Iterator[None]:
         if issubclass(w.category, EvaluationWarning) and str(w.message) not in notes:
             notes.append(str(w.message))
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def _raises(category: type[Warning]) -> bool:
+    """Whether the filters in force turn a warning of `category` into an error (a filter for certain messages or
+    modules only is not seen: the test warning has a message and a module of its own)."""
+    with warnings.catch_warnings(record=True):  # the caller's filters, and nothing shown
+        try:
+            warnings.warn("safemerge: are evaluation warnings errors?", category)
+        except category:
+            return True
+    return False
 
 
 def _empty_cuda_cache() -> None:
