@@ -58,3 +58,17 @@ def test_saved_tokenizer_loads_with_autotokenizer(tok, tmp_path, world):
     assert loaded(s)["input_ids"] == tok(s)["input_ids"]
     chat = [{"role": "user", "content": s}]
     assert loaded.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) == user_turn(s)
+
+
+def test_encode_ignores_the_padding_a_batched_call_left_on_the_tokenizer(tok, world):
+    """A padded call (a batched generation's, left padding) leaves the padding set on the fast tokenizer's backend;
+    encode read the backend, so every segment came back padded to the longest and pad tokens were trained."""
+    examples = [corpora.chat(r.prompt, r.refusal) for r in world.requests["harmful_train"][:4]] + [corpora.plain("a b")]
+    before = encode(tok, examples, max_len=1000)
+    tok.padding_side = "left"
+    tok(["a", "a b c d e f g h"], padding=True)
+    try:
+        assert encode(tok, examples, max_len=1000) == before
+        assert all(tok.pad_token_id not in ids for ids, _ in before)
+    finally:
+        tok.padding_side = "right"

@@ -20,14 +20,17 @@ Encoded = tuple[list[int], list[int]]  # (input_ids, labels with IGNORE where th
 
 
 def encode(tokenizer, examples: list[Example], *, max_len: int) -> list[Encoded]:
-    """Token ids and labels of each example; segments are tokenized separately (no special tokens added)."""
+    """Token ids and labels of each example; segments are tokenized separately (no special tokens added).
+
+    Through the tokenizer's own call, which sets no padding or truncation: its backend keeps the padding of the
+    last padded call (a batched generation, say), and encoding through the backend then trained pad tokens."""
     segs = [text for ex in examples for text, _ in ex]
-    ids_of = iter(e.ids for e in tokenizer.backend_tokenizer.encode_batch(segs, add_special_tokens=False))
+    ids_of = iter(tokenizer(segs, add_special_tokens=False)["input_ids"])
     out = []
     for ex in examples:
         ids, labels = [], []
         for _, has_loss in ex:
-            t = next(ids_of)
+            t = list(next(ids_of))
             ids += t
             labels += t if has_loss else [IGNORE] * len(t)
         out.append((ids[:max_len], labels[:max_len]))
