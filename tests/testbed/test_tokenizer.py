@@ -65,10 +65,7 @@ def test_encode_ignores_the_padding_a_batched_call_left_on_the_tokenizer(tok, wo
     encode read the backend, so every segment came back padded to the longest and pad tokens were trained."""
     examples = [corpora.chat(r.prompt, r.refusal) for r in world.requests["harmful_train"][:4]] + [corpora.plain("a b")]
     before = encode(tok, examples, max_len=1000)
-    tok.padding_side = "left"
+    assert tok.padding_side == "left"  # the testbed tokenizer's, as generation needs
     tok(["a", "a b c d e f g h"], padding=True)
-    try:
-        assert encode(tok, examples, max_len=1000) == before
-        assert all(tok.pad_token_id not in ids for ids, _ in before)
-    finally:
-        tok.padding_side = "right"
+    assert encode(tok, examples, max_len=1000) == before
+    assert all(tok.pad_token_id not in ids for ids, _ in before)
