@@ -58,8 +58,8 @@ def search(
         result = run_search(config, out_dir, optimizer=optimizer, safety_data=safety_data, domain_data=domain_data,
                             lambda_=lambda_, steps=steps, seed=seed, resume=resume, workers=workers,
                             ray_address=ray_address, overwrite=overwrite, journal=journal, popsize=popsize, sigma0=sigma0,
-                            temperature=temperature, limit=limit, batch_size=batch_size, device=device, threads=threads, memo_gib=memo_gib,
-                            audit=audit, audit_prompts=audit_prompts, audit_limit=audit_limit,
+                            temperature=temperature, limit=limit, batch_size=batch_size, device=device, threads=threads,
+                            memo_gib=memo_gib, audit=audit, audit_prompts=audit_prompts, audit_limit=audit_limit,
                             audit_threshold=audit_threshold, audit_max_new_tokens=audit_max_new_tokens, judge=judge,
                             judge_model=judge_model, store=store, cache=not no_cache, ignore_unknown=ignore_unknown, progress=progress)
         if json_out:

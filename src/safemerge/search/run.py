@@ -120,8 +120,8 @@ def search(
     `limit` keeps the first N examples of each data file. `threads` sets torch's threads for scoring
     (default: torch's own in a serial run, 1 per worker). `memo_gib` bounds the memory of each scorer's memo of the
     TIES / DARE trims (sorted |τ| and DARE's draws; the same masks either way, only faster): by default 1 GiB on the CPU
-    and in each worker, and an eighth of the free GPU memory in a serial run on a GPU; 0 keeps none. `on_result(index, candidate, score, replayed)`
-    is called after every candidate (tests use it to interrupt a run). `ignore_unknown`: config keys safemerge
+    and in each worker, and an eighth of the free GPU memory in a serial run on a GPU; 0 keeps none.
+    `on_result(index, candidate, score, replayed)` is called after every candidate (tests use it to interrupt a run). `ignore_unknown`: config keys safemerge
     does not know are left out with a warning, as mergekit ignores them (safemerge.config.parse_config).
 
     Before the search, the pool is audited for safety (`audit=False` skips it): every model the merge mixes
