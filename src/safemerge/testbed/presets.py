@@ -80,7 +80,9 @@ PRESETS: dict[str, Preset] = {
         n_harmful_train=400, n_harmful_test=200, n_benign_train=400, n_benign_test=100, n_stories=120, val_share=0.25, expert_chat_forms=0,
         model=ModelSpec(vocab_size=1536, hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512),
         base=TrainSpec(steps=500, lr=2e-3, batch_size=32, warmup=30),
-        aligned=TrainSpec(steps=200, lr=1e-3, batch_size=32, warmup=10),
+        # 150 aligned steps (200 until session 23): a smaller τ_a that MergeAlign's domain accuracy keeps more of
+        # (docs/testbed.md, "A shorter aligned run")
+        aligned=TrainSpec(steps=150, lr=1e-3, batch_size=32, warmup=10),
         expert=TrainSpec(steps=500, lr=1e-3, batch_size=32, warmup=10, freeze=FINE_TUNE_FREEZE),
     ),
 }
