@@ -46,8 +46,9 @@ def test_search_command_writes_the_best_merge(config_file, family_data, tmp_path
     (["--sigma0", "0"], "--sigma0 0.0: must be a positive number"),
     (["--optimizer", "cocktail", "--temperature", "0"], "--temperature 0.0: must be a positive number"),
     (["--device", "tpu"], "device 'tpu': merging computes on cpu or cuda"),
-    (["--memo-gib", "-1"], "--memo-gib -1.0: a size in GiB, 0 or more"),
-    (["--memo-gib", "nan"], "--memo-gib nan: a size in GiB, 0 or more"),
+    (["--memo-gib", "-1"], "--memo-gib -1.0: a size in GiB from 0 (no memo) to 1048576"),
+    (["--memo-gib", "nan"], "--memo-gib nan: a size in GiB from 0 (no memo) to 1048576"),
+    (["--memo-gib", "1e308"], "--memo-gib 1e+308: a size in GiB from 0 (no memo) to 1048576"),
 ])
 def test_bad_options_exit_2(config_file, family_data, tmp_path, extra, message):
     r = _search(config_file, tmp_path / "out", family_data, *extra)

@@ -69,3 +69,4 @@ def test_encode_ignores_the_padding_a_batched_call_left_on_the_tokenizer(tok, wo
     tok(["a", "a b c d e f g h"], padding=True)
     assert encode(tok, examples, max_len=1000) == before
     assert all(tok.pad_token_id not in ids for ids, _ in before)
+    assert encode(tok, [], max_len=10) == [] and encode(tok, [()], max_len=10) == [([], [])]

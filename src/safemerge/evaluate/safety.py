@@ -185,32 +185,23 @@ def _check(summary: dict, gens: Sequence[Generation], out: Path, *, max_invalid:
 
 @contextmanager
 def _recording(notes: list[str]) -> Iterator[None]:
-    """Warnings pass on as usual; the evaluation warnings' text is also kept, for the stored result to repeat.
+    """Warnings go on at once under the caller's filters ("error" raises where the warning is raised, "ignore" drops
+    it), and every evaluation warning's text is also kept, whatever the filters do with it and however often it came
+    before in this process, for the stored result to repeat."""
+    callers, shown = list(warnings.filters), warnings.showwarning
 
-    They are held until the block ends (each one recorded, however often it came before in this process), unless the
-    caller's filters make an EvaluationWarning an error: then the first one raises where it is raised, not after the
-    whole generation."""
-    if _raises(EvaluationWarning):
-        yield
-        return
-    with warnings.catch_warnings(record=True) as caught:
+    def keep(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, EvaluationWarning) and str(message) not in notes:
+            notes.append(str(message))
+        with warnings.catch_warnings():
+            warnings.filters[:] = callers
+            warnings.showwarning = shown
+            warnings.warn_explicit(message, category, filename, lineno)
+
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
+        warnings.showwarning = keep
         yield
-    for w in caught:
-        if issubclass(w.category, EvaluationWarning) and str(w.message) not in notes:
-            notes.append(str(w.message))
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-
-
-def _raises(category: type[Warning]) -> bool:
-    """Whether the filters in force turn a warning of `category` into an error (a filter for certain messages or
-    modules only is not seen: the test warning has a message and a module of its own)."""
-    with warnings.catch_warnings(record=True):  # the caller's filters, and nothing shown
-        try:
-            warnings.warn("safemerge: are evaluation warnings errors?", category)
-        except category:
-            return True
-    return False
 
 
 def _empty_cuda_cache() -> None:

@@ -120,7 +120,8 @@ def search(
     `limit` keeps the first N examples of each data file. `threads` sets torch's threads for scoring
     (default: torch's own in a serial run, 1 per worker). `memo_gib` bounds the memory of each scorer's memo of the
     TIES / DARE trims (sorted |τ| and DARE's draws; the same masks either way, only faster): by default 1 GiB on the CPU
-    and in each worker, and an eighth of the free GPU memory in a serial run on a GPU; 0 keeps none.
+    and in each worker, and an eighth of the free GPU memory in a serial run on a GPU; 0 keeps none. A size given is
+    taken as it is, not checked against the free memory.
     `on_result(index, candidate, score, replayed)` is called after every candidate (tests use it to interrupt a run). `ignore_unknown`: config keys safemerge
     does not know are left out with a warning, as mergekit ignores them (safemerge.config.parse_config).
 
@@ -269,6 +270,9 @@ def _audit_source(audit: bool, prompts, safety_data, limit: int | None, threshol
     return load_prompts(source, limit=limit) if source is not None else None
 
 
+MAX_MEMO_GIB = 1 << 20  # 1 PiB: any real memory; a larger number is a typo (and its bytes would overflow a float)
+
+
 def _check_options(**given: float | None) -> None:
     """The numeric options, before anything is loaded or written: a clear error instead of one from deep in
     cma or the scorer (or a silently ignored value)."""
@@ -282,8 +286,8 @@ def _check_options(**given: float | None) -> None:
             raise ConfigError(f"{flag} {value}: must be at least {least[key]}")
         if key in ("sigma0", "temperature") and not (math.isfinite(value) and value > 0):
             raise ConfigError(f"{flag} {value}: must be a positive number")
-        if key == "memo_gib" and not (math.isfinite(value) and value >= 0):
-            raise ConfigError(f"{flag} {value}: a size in GiB, 0 or more (0 keeps no memo)")
+        if key == "memo_gib" and not (math.isfinite(value) and 0 <= value <= MAX_MEMO_GIB):
+            raise ConfigError(f"{flag} {value}: a size in GiB from 0 (no memo) to {MAX_MEMO_GIB}")
 
 
 def _steps(optimizer: str, steps: int | None) -> int | None:

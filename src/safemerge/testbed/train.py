@@ -25,6 +25,8 @@ def encode(tokenizer, examples: list[Example], *, max_len: int) -> list[Encoded]
     Through the tokenizer's own call, which sets no padding or truncation: its backend keeps the padding of the
     last padded call (a batched generation, say), and encoding through the backend then trained pad tokens."""
     segs = [text for ex in examples for text, _ in ex]
+    if not segs:
+        return [([], []) for _ in examples]  # the tokenizer's call fails on an empty batch
     ids_of = iter(tokenizer(segs, add_special_tokens=False)["input_ids"])
     out = []
     for ex in examples:
