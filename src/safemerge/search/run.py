@@ -121,9 +121,9 @@ def search(
     (default: torch's own in a serial run, 1 per worker). `memo_gib` bounds the memory of each scorer's memo of the
     TIES / DARE trims (sorted |τ| and DARE's draws; the same masks either way, only faster): by default 1 GiB on the CPU
     and in each worker, and an eighth of the free GPU memory in a serial run on a GPU; 0 keeps none. A size given is
-    taken as it is, not checked against the free memory.
-    `on_result(index, candidate, score, replayed)` is called after every candidate (tests use it to interrupt a run). `ignore_unknown`: config keys safemerge
-    does not know are left out with a warning, as mergekit ignores them (safemerge.config.parse_config).
+    taken as it is, not checked against the free memory. `on_result(index, candidate, score, replayed)` is called
+    after every candidate (tests use it to interrupt a run). `ignore_unknown`: config keys safemerge does not know are
+    left out with a warning, as mergekit ignores them (safemerge.config.parse_config).
 
     Before the search, the pool is audited for safety (`audit=False` skips it): every model the merge mixes
     answers the first `audit_limit` prompts of `audit_prompts` (default: the safety data's prompts; greedy, at most
@@ -270,7 +270,7 @@ def _audit_source(audit: bool, prompts, safety_data, limit: int | None, threshol
     return load_prompts(source, limit=limit) if source is not None else None
 
 
-MAX_MEMO_GIB = 1 << 20  # 1 PiB: any real memory; a larger number is a typo (and its bytes would overflow a float)
+MAX_MEMO_GIB = 1 << 20  # 1 PiB, more than any machine has: a larger size is a typo (1e308 GiB would overflow as bytes)
 
 
 def _check_options(**given: float | None) -> None:
