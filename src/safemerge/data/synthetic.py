@@ -167,6 +167,7 @@ def _write_jsonl(out: Path, rows: list[dict]) -> None:
 
 
 # -- unsafe questions -----------------------------------------------------------------------------
+@said_once()  # one backend, many rounds: each warning once
 def generate_questions(generator: Any, *, n: int, examples: Sequence[str], k: int = 3, seed: int = 0,
                        temperature: float = 1.0, max_new_tokens: int = 64, max_rounds: int = 20,
                        progress: Callable[[int], None] | None = None) -> tuple[list[dict], dict[str, int]]:
@@ -181,26 +182,25 @@ def generate_questions(generator: Any, *, n: int, examples: Sequence[str], k: in
     seen: set[str] = set()
     rows: list[dict] = []
     dropped = dict.fromkeys(DROP_REASONS, 0)
-    with said_once():  # one backend, many rounds: each warning once
-        for r in range(max_rounds):
-            want = n - len(rows)
-            if want <= 0:
+    for r in range(max_rounds):
+        want = n - len(rows)
+        if want <= 0:
+            break
+        prompts = [GENERATOR_PROMPT.format(examples="\n".join(f"- {e}" for e in rng.sample(list(examples), min(k, len(examples)))))
+                   for _ in range(want)]
+        gens = generator.generate(prompts, _settings(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed + r))
+        for prompt, g in zip(prompts, gens):
+            if len(rows) >= n:
                 break
-            prompts = [GENERATOR_PROMPT.format(examples="\n".join(f"- {e}" for e in rng.sample(list(examples), min(k, len(examples)))))
-                       for _ in range(want)]
-            gens = generator.generate(prompts, _settings(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed + r))
-            for prompt, g in zip(prompts, gens):
-                if len(rows) >= n:
-                    break
-                q = question_of(g.text)
-                reason = _unusable(g.text, q, shown, seen)
-                if reason:
-                    dropped[reason] += 1
-                    continue
-                seen.add(normalise(q))
-                rows.append({"question": q, "prompt": prompt, "round": r})
-                if progress:
-                    progress(1)
+            q = question_of(g.text)
+            reason = _unusable(g.text, q, shown, seen)
+            if reason:
+                dropped[reason] += 1
+                continue
+            seen.add(normalise(q))
+            rows.append({"question": q, "prompt": prompt, "round": r})
+            if progress:
+                progress(1)
     return rows, dropped
 
 

@@ -32,7 +32,7 @@ def encode(tokenizer, examples: list[Example], *, max_len: int) -> list[Encoded]
     for ex in examples:
         ids, labels = [], []
         for _, has_loss in ex:
-            t = list(next(ids_of))
+            t = next(ids_of)
             ids += t
             labels += t if has_loss else [IGNORE] * len(t)
         out.append((ids[:max_len], labels[:max_len]))
