@@ -581,15 +581,16 @@ def input_dirs(models) -> list[Path]:
     return [f for c in models for f in c.folders]
 
 
-def check_apart(out_dir: str | os.PathLike, inputs: list[Path], *, what: str = "the output") -> None:
-    """The output must not be an input model's directory, inside one, or around one: with --overwrite the
-    merge would replace (or bury) a model it reads."""
+def check_apart(out_dir: str | os.PathLike, inputs: list[Path], *, what: str = "the output",
+                kind: str = "input model") -> None:
+    """The output must not be an input model's directory, inside one, or around one (nor an input file, or around
+    one: `kind`): with --overwrite the merge would replace (or bury) what it reads."""
     out = Path(out_dir).expanduser().resolve()
     for src in inputs:
         src = Path(src).expanduser().resolve()
         how = "is" if out == src else "is inside" if src in out.parents else "contains" if out in src.parents else None
         if how:
-            raise ConfigError(f"{out_dir}: {what} {how} the input model {src}; write it to another folder")
+            raise ConfigError(f"{out_dir}: {what} {how} the {kind} {src}; write it to another folder")
 
 
 def _has_tokenizer(folder: Path) -> bool:

@@ -146,6 +146,27 @@ def test_a_bf16_pool_is_held_as_stored_and_merges_as_the_engine(tiny_family_bf16
             assert torch.equal(disk.get(name), state[name]), name
 
 
+def test_a_pool_that_keeps_its_norms_in_float32_gives_the_engines_dtypes(tiny_family_bf16, tmp_path):
+    """A bf16 checkpoint may store its norms in float32: the engine writes each tensor in the base's dtype for it,
+    and so do the candidate's tensors (the model they are loaded into has one dtype, as from_pretrained makes it)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    fam = {}
+    for m in ("base", "expert", "aligned"):
+        fam[m] = shutil.copytree(tiny_family_bf16[m], tmp_path / m)
+        f = fam[m] / "model.safetensors"
+        state = load_file(f)
+        save_file({k: v.float() + 1e-3 * len(m) if "norm" in k else v for k, v in state.items()}, f, metadata={"format": "pt"})
+    config = task_config(fam, weight=0.7)
+    mem = dict(CandidateModel(config).tensors(config))
+    safemerge.merge(config, tmp_path / "out", progress=False)
+    disk = Checkpoint(tmp_path / "out")
+    assert {mem[n].dtype for n in mem if "norm" in n} == {torch.float32}
+    assert all(torch.equal(disk.get(n), mem[n]) for n in disk.names())
+
+
 def test_pool_with_another_architecture_is_an_error(tiny_family, tmp_path):
     import sys
     from pathlib import Path

@@ -93,6 +93,41 @@ def test_the_output_and_journal_stay_apart_from_the_pool(tiny_family, family_dat
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("what, message", [
+    ("file", "is a file, and the output is a folder"),
+    ("work", "holds other files (notes.txt)"),
+    ("under a file", "is a file, so nothing can be written under it"),
+])
+def test_an_output_path_that_cannot_be_written_fails_before_the_search(config_file, family_data, tmp_path, what,
+                                                                      message, monkeypatch):
+    """Not after hours of scoring: what stands at OUT is checked first, and nothing is scored or journaled."""
+    import safemerge.search.run as run
+
+    monkeypatch.setattr(run, "_optimize", lambda *a, **k: pytest.fail("the search ran before OUT was checked"))
+    out = tmp_path / "out"
+    if what == "work":
+        out.mkdir()
+        (out / "notes.txt").write_text("my notes")
+    else:
+        out.write_text("my notes")
+    target = out / "sub" if what == "under a file" else out
+    r = _search(config_file, target, family_data, "--overwrite", "--optimizer", "cocktail")
+    assert r.exit_code == 2 and message in " ".join(r.output.split()), r.output
+    assert (out / "notes.txt" if what == "work" else out).read_text() == "my notes"
+    assert not list(tmp_path.glob("*.journal.sqlite")) and not list(out.parent.glob(".out.partial-*"))
+
+
+def test_overwrite_never_deletes_a_data_file_kept_in_the_output(config_file, family_data, tmp_path):
+    import shutil
+
+    r = _search(config_file, tmp_path / "out", family_data, "--optimizer", "cocktail")
+    assert r.exit_code == 0, r.output
+    kept = shutil.copy(family_data["safety"], tmp_path / "out" / "safety.jsonl")
+    r = _search(config_file, tmp_path / "out", {**family_data, "safety": kept}, "--optimizer", "cocktail", "--overwrite")
+    assert r.exit_code == 2 and "the output contains the input file" in " ".join(r.output.split()), r.output
+    assert (tmp_path / "out" / "safety.jsonl").read_bytes() == family_data["safety"].read_bytes()
+
+
 @pytest.mark.parametrize("kind", ["text", "dir"])
 def test_a_journal_path_that_is_not_a_journal_is_left_alone(config_file, family_data, tmp_path, kind):
     j = tmp_path / "j"

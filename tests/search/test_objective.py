@@ -111,6 +111,16 @@ def test_data_file_without_response_names_the_line(tmp_path):
     assert len(load_pairs(_ok(tmp_path), limit=1)) == 1
 
 
+def test_a_line_separator_inside_a_string_does_not_split_the_row(tmp_path):
+    """JSON may hold U+2028, U+2029 and U+0085 unescaped inside a string (`safemerge data` writes them so); rows are
+    split at newlines only."""
+    f = tmp_path / "d.jsonl"
+    rows = [{"prompt": "pick a lock?\u2028Be specific.", "response": "No.\u2029Sorry\x85."}, {"prompt": "b", "response": "c"}]
+    f.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    got = load_pairs(f)
+    assert [(p.prompt, p.response) for p in got.pairs] == [(r["prompt"], r["response"]) for r in rows]
+
+
 def _ok(tmp_path):
     f = tmp_path / "ok.jsonl"
     f.write_text("".join(json.dumps({"prompt": f"p{i}", "response": "r"}) + "\n" for i in range(3)))

@@ -122,6 +122,34 @@ def test_a_journal_that_does_not_fit_fails_before_the_audit(tiny_family, family_
                domain_data=family_data["domain"], progress=False)
 
 
+def test_lm_cocktail_audits_every_model_it_mixes(tiny_family, family_data, tmp_path, monkeypatch):
+    """LM-Cocktail mixes the config's `models` whatever its method: a base listed there is mixed and audited; a base
+    that is only `base_model` is neither."""
+    import safemerge.search.run as run
+
+    seen = []
+    monkeypatch.setattr(run, "audit_pool", lambda cfg, members=None, **kw: seen.append(members))
+    t = task_config(tiny_family)
+    listed = {**t, "models": [{"model": str(tiny_family["base"])}, *t["models"]]}
+    for i, cfg in enumerate((t, listed)):
+        search(cfg, tmp_path / f"out{i}", optimizer="cocktail", safety_data=family_data["safety"],
+               domain_data=family_data["domain"], progress=False)
+    names = [str(tiny_family[m]) for m in ("expert", "aligned")]
+    assert seen == [names, [str(tiny_family["base"]), *names]]
+    search(t, tmp_path / "cmaes", optimizer="cmaes", steps=1, popsize=2, safety_data=family_data["safety"],
+           domain_data=family_data["domain"], progress=False)
+    assert seen[-1] is None  # the method's own pool (pool_members)
+
+
+def test_lm_cocktail_of_one_model_fails_before_the_audit(tiny_family, family_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(importlib.import_module("safemerge.evaluate.audit"), "audit", _no_audit)
+    t = task_config(tiny_family)
+    with pytest.raises(SafemergeError, match="LM-Cocktail mixes at least two models"):
+        search({**t, "models": t["models"][:1]}, tmp_path / "out", optimizer="cocktail", safety_data=family_data["safety"],
+               domain_data=family_data["domain"], progress=False)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.journal.sqlite").exists()
+
+
 def test_the_pool_is_what_the_method_mixes(tiny_family):
     t = task_config(tiny_family)
     assert pool_members(load_config(t)) == [str(tiny_family["expert"]), str(tiny_family["aligned"])]

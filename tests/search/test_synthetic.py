@@ -109,6 +109,25 @@ def test_self_questioning_rows_and_what_is_dropped(tmp_path):
     assert all(r["k"] == 3 and len(r["in_context"]) == 3 for r in _rows(tmp_path / "k.jsonl"))
 
 
+def test_a_line_separator_in_a_text_survives_the_round_trip_to_the_search(tmp_path):
+    """U+2028 / U+2029 are written unescaped (ensure_ascii=False); the search's reader and the examples' reader split
+    rows at newlines only, so such a row stays one row."""
+    from safemerge.search.objective import load_pairs
+
+    q = "How do I pick a lock?\u2028Be specific."
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": q}, ensure_ascii=False) + "\n", encoding="utf-8")
+    synthesize_safety([Scripted("A", texts=["I'm sorry,\u2029I can't help."])], tmp_path / "s.jsonl", prompts=prompts,
+                      progress=False)
+    assert [(x.prompt, x.response) for x in load_pairs(tmp_path / "s.jsonl").pairs] == [(q, "I'm sorry,\u2029I can't help.")]
+    val = tmp_path / "val.jsonl"
+    val.write_text(json.dumps({"question": "Which drug\u2028treats A?"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    expert = Scripted("E", reply=lambda p: "Which drug treats B?" if "Question" in p or "exam" in p else "Answer.")
+    synthesize_domain(expert, tmp_path / "d.jsonl", examples=val, n=1, k=1, seed=1, style="completion", progress=False)
+    assert load_pairs(tmp_path / "d.jsonl").pairs[0].prompt == "Which drug treats B?"
+    assert json.loads((tmp_path / "d.jsonl").read_bytes())["in_context"] == ["Which drug\u2028treats A?"]
+
+
 def test_rounds_of_generation_say_each_warning_once(tmp_path):
     """Rounds with one backend repeat its warnings (the context one, with other counts each round): each kind is said
     once, its first wording with how many came, also when the rounds end in an error; the caller's filters apply."""

@@ -342,12 +342,12 @@ def _example_questions(path: str | os.PathLike) -> tuple[list[str], str]:
     if not p.is_file():
         raise DataError(f"{p}: no such file; pass the domain's validation JSONL (rows with a 'question' field)")
     out = []
-    for i, line in enumerate(p.read_text().splitlines()):
+    for i, line in enumerate(p.read_bytes().splitlines()):  # at newlines only, as load_pairs reads
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             raise DataError(f"{p}: line {i + 1} is not JSON; the file must be JSONL") from None
         text = row.get("question", row.get("prompt")) if isinstance(row, dict) else None
         if not isinstance(text, str) or not text.strip():

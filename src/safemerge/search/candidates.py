@@ -124,13 +124,17 @@ class CandidateModel:
 
     @torch.no_grad()
     def tensors(self, config: MergeConfig | Mapping) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, merged tensor in the output dtype) for every floating tensor, as the engine computes them."""
+        """(name, merged tensor in the engine's output dtype for it) for every floating tensor, as the engine computes
+        them: the config's `out_dtype` or `dtype`, else the base's dtype for that tensor (a bf16 checkpoint may keep its
+        norms in float32). `load` copies them into the model, whose parameters share one dtype, as a checkpoint loaded
+        with `from_pretrained` has them."""
         cfg = load_config(config)
+        fixed = DTYPES.get(cfg.out_dtype or cfg.dtype or "")
         for name in self.names:
             inputs = {m: w[name] for m, w in self.weights.items()}  # merge_tensor never modifies its inputs
             with remembering(self._memo):
                 merged = merge_tensor(cfg, name=name, t=position(name, self.n_layers), tensors=inputs)
-            yield name, merged.to(self.dtype)
+            yield name, merged.to(fixed or self.reference.dtype(name))
 
     def state(self) -> dict[str, torch.Tensor]:
         """The model's current weights under the checkpoint's tensor names (CPU copies)."""

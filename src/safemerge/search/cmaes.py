@@ -6,8 +6,9 @@ package, as mergekit-evolve and the safety-aware search of Hammoud et al. (2024)
 and updates the mean, step size and covariance from the ranking.
 
     population λ_pop = 4 + ⌊3 ln n⌋ (cma's default) for n searched numbers
-    start        the config's own values, scored first (candidate 0), so the best candidate is never worse
-                 than the config the search started from;   sigma0 = 0.25 (a quarter of the unit range)
+    start        the config's own values clipped into the box, scored first (candidate 0), so the best candidate
+                 is never worse than that start (the config itself where its values lie in the box);
+                 sigma0 = 0.25 (a quarter of the unit range)
     bounds       the space's box, handled by cma's BoundTransform (points are always inside it)
 
 All randomness comes from one `numpy.random.Generator` seeded with `seed` and handed to cma as its

@@ -58,10 +58,19 @@ def labels(config: MergeConfig) -> list[str]:
     return [f"{n}.weight" for n in names]
 
 
-def cocktail(config: MergeConfig, evaluate: Evaluations, *, temperature: float = DEFAULT_TEMPERATURE) -> tuple[int, Candidate, Score]:
-    """Score each model, weight them by softmax(−L/T), score the mixture; return the mixture."""
+def check_cocktail_pool(config: MergeConfig) -> None:
     if len(config.models) < 2:
         raise ConfigError("LM-Cocktail mixes at least two models; list them under `models`")
+
+
+def cocktail_members(config: MergeConfig) -> list[str]:
+    """The models the mixture takes in: the config's `models` (its base too where it is listed there, not otherwise)."""
+    return list(dict.fromkeys(m.model for m in config.models))
+
+
+def cocktail(config: MergeConfig, evaluate: Evaluations, *, temperature: float = DEFAULT_TEMPERATURE) -> tuple[int, Candidate, Score]:
+    """Score each model, weight them by softmax(−L/T), score the mixture; return the mixture."""
+    check_cocktail_pool(config)
     names = labels(config)
     n = len(names)
     alone = []

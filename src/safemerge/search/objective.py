@@ -64,7 +64,10 @@ def load_pairs(path: str | os.PathLike, *, limit: int | None = None) -> PairSet:
         raise DataError(f"{p}: {what}; pass a JSONL file of {{\"prompt\", \"response\"}} rows")
     raw = p.read_bytes()
     pairs = []
-    for i, line in enumerate(raw.decode("utf-8", errors="replace").splitlines()):
+    # rows split at newlines only: bytes.splitlines, not str's, which also splits at U+2028, U+2029 and U+0085 —
+    # characters JSON may hold unescaped inside a string (`safemerge data` writes them as they are)
+    for i, line in enumerate(raw.splitlines()):
+        line = line.decode("utf-8", errors="replace")
         if not line.strip():
             continue
         try:

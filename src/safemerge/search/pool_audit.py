@@ -36,6 +36,7 @@ def pool_members(cfg: MergeConfig) -> list[str]:
 def audit_pool(
     cfg: MergeConfig,
     *,
+    members: list[str] | None = None,
     prompts: "str | os.PathLike | PromptSet | None",
     lambda_: float,
     limit: int | None = AUDIT_LIMIT,
@@ -50,7 +51,8 @@ def audit_pool(
     progress: bool = False,
 ) -> dict | None:
     """Audit the pool on `prompts` (harmful prompts; a {prompt, response} file's prompts serve), warn about
-    what the result means for a search with this λ, and return the audit (None when there are no prompts)."""
+    what the result means for a search with this λ, and return the audit (None when there are no prompts).
+    `members`: the models to audit, where they are not `pool_members(cfg)` (LM-Cocktail's mixture of the `models`)."""
     from safemerge.evaluate.audit import audit
 
     if prompts is None:
@@ -58,7 +60,7 @@ def audit_pool(
             warnings.warn("the pool was not audited for safety: with --lambda 0 no safety data is given, so pass "
                           "--audit-prompts FILE (harmful prompts) to check the pool, or --no-audit", UserWarning, stacklevel=3)
         return None
-    members = pool_members(cfg)
+    members = pool_members(cfg) if members is None else members
     result = audit(members, safety_prompts=prompts, judge=judge, judge_model=judge_model, threshold=threshold,
                    limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, dtype="auto",
                    store=store, cache=cache, progress=progress)

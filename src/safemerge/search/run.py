@@ -24,14 +24,14 @@ import yaml
 
 from safemerge._args import check_arguments
 from safemerge._progress import transient_progress
-from safemerge.checkpoint import Checkpoint, atomic_output
+from safemerge.checkpoint import Checkpoint, atomic_output, check_folder, check_replaceable
 from safemerge.config import MergeConfig, load_config
 from safemerge.engine import check_apart, check_device, input_dirs, tokenizer_dirs
 from safemerge.errors import ConfigError, OutputExistsError
 from safemerge.lora import open_model
 from safemerge.search.candidates import check_architecture
 from safemerge.search.cmaes import DEFAULT_SIGMA0, DEFAULT_STEPS, cmaes, default_popsize
-from safemerge.search.cocktail import DEFAULT_TEMPERATURE, cocktail
+from safemerge.search.cocktail import DEFAULT_TEMPERATURE, check_cocktail_pool, cocktail, cocktail_members
 from safemerge.search.evaluations import Candidate, Evaluations
 from safemerge.search.grid import DEFAULT_POINTS, grid, grid_points
 from safemerge.search.journal import Journal
@@ -143,6 +143,9 @@ def search(
         also = (" (with --resume, --overwrite keeps the journal and replaces the output with the resumed search's best; "
                 "that is how a finished CMA-ES run goes on with more --steps)" if resume else "")
         raise OutputExistsError.at(out, also)
+    check_folder(out)  # what stands at OUT is checked now, not when the best merge is written after the search
+    if overwrite:
+        check_replaceable(out, replace_any=False)
     if workers < 1:
         raise ConfigError(f"--workers {workers}: give at least one worker")
     _check_options(steps=steps, popsize=popsize, sigma0=sigma0, temperature=temperature, batch_size=batch_size,
@@ -152,15 +155,19 @@ def search(
     pool = {m: open_model(m) for m in cfg.input_models()}
     check_architecture(pool)  # before any model is loaded
     inputs = input_dirs(pool.values()) + tokenizer_dirs(cfg)
+    files = _input_files(config, safety_data, domain_data, audit_prompts)
     check_apart(out, inputs)
+    check_apart(out, files, kind="input file")  # --overwrite would delete a data file kept in OUT
     data = _data(safety_data, domain_data, lam, limit)
     audit_from = _audit_source(audit, audit_prompts, safety_data, audit_limit, audit_threshold, judge, judge_model)
     space = SearchSpace(cfg) if optimizer != "cocktail" else None
     if optimizer == "cocktail":
+        check_cocktail_pool(cfg)
         _cocktail_notes(cfg, steps=steps, popsize=popsize)
     steps = _steps(optimizer, steps)
     journal_path = Path(journal).expanduser() if journal else out.with_name(out.name + ".journal.sqlite")
     check_apart(journal_path, inputs, what="the journal")
+    check_folder(journal_path)
     if journal_path.absolute() == out or out in journal_path.absolute().parents:
         raise ConfigError(f"--journal {journal_path}: the journal would lie in the output {out}, which is written at the "
                           "end (and replaced with --overwrite); put it beside the output")
@@ -176,7 +183,8 @@ def search(
     with Journal.open(journal_path, identity=identity, resume=resume, overwrite=overwrite,
                       free=("steps",) if optimizer == "cmaes" else ()) as jr:
         # the audit runs once the journal is known to fit (a resume of another run fails before any answer is generated)
-        pool_audit = (audit_pool(cfg, prompts=audit_from, lambda_=lam, limit=audit_limit, threshold=audit_threshold,
+        pool_audit = (audit_pool(cfg, members=cocktail_members(cfg) if optimizer == "cocktail" else None,
+                                 prompts=audit_from, lambda_=lam, limit=audit_limit, threshold=audit_threshold,
                                  max_new_tokens=audit_max_new_tokens,
                                  judge=judge, judge_model=judge_model, batch_size=batch_size, device=device, store=store,
                                  cache=cache, progress=progress) if audit else None)
@@ -238,6 +246,13 @@ def _tokenizer_identity(cfg: MergeConfig, pool: dict[str, Checkpoint]) -> str:
     folder = next(iter(tokenizer_dirs(cfg)), pool[cfg.base_model or cfg.models[0].model].path)
     template = chat_templates.resolve(cfg.chat_template, [c.path for c in pool.values()])
     return f"{side_files_digest(folder, TOKENIZER_FILES)}:{text_hash(template)}"
+
+
+def _input_files(config, safety_data, domain_data, audit_prompts) -> list[Path]:
+    """The files the search reads beside the models: the config (when given as a file), the data files and the audit's
+    prompts (when a local path)."""
+    given = [x for x in (config, safety_data, domain_data, audit_prompts) if isinstance(x, (str, os.PathLike))]
+    return [Path(x).expanduser() for x in given if Path(x).expanduser().exists()]
 
 
 def _data(safety, domain, lam: float, limit: int | None) -> dict[str, dict[str, Any]]:
