@@ -3,13 +3,20 @@ expert), 30 generations, at each λ, with N synthetic refusals and N medicine Q&
 model's held-out safety rate and medicine accuracy, evaluated as `safemerge repro` does.
 
     python benchmarks/search_data_size.py runs/s0/testbed --n 400 --lambdas 0.5,0 [--seed 0] [--out DIR] [--unseen]
+    python benchmarks/search_data_size.py runs/s0/testbed --n 96 --experts medicine,finance --optimizers cmaes,cocktail
 
-The data are made as `safemerge repro` makes them (`safemerge.repro.write_search_data`): the pool's
+With --experts the pool is the aligned model and those experts (the three-model pool: medicine,finance): the
+refusals are collected from that pool, the domain Q&A are the first N/k training rows of each of the k domains, and
+every one of those domains' accuracy is reported. --optimizers runs LM-Cocktail (a `linear` mixture of the whole
+models, T = 1) beside or instead of CMA-ES, as `safemerge repro` runs it.
+
+The data are made as `safemerge repro` makes them (`safemerge.repro.write_search_data`; the three-model pool's
+the same way, from its three models and both domains): the pool's
 refusals to the first N training harmful prompts, kept where the keyword judge sees a refusal, and the
 first N rows of the testbed's medicine training Q&A. With --unseen the refusals answer N new harmful prompts
 instead, drawn as the world draws its training requests (training templates, frames and targets) but none of
-them a prompt the aligned model was trained on. Prints one JSON line per λ. docs/search.md ("Data size",
-"Prompts the aligned model was not trained on") has the figures.
+them a prompt the aligned model was trained on. Prints one JSON line per optimizer and λ. docs/search.md ("Data size",
+"Prompts the aligned model was not trained on") and docs/reproduction.md ("The three-model pool") have the figures.
 """
 
 from __future__ import annotations
@@ -47,6 +54,19 @@ def unseen_prompts(tb: Path, n: int, seed: int) -> list[dict]:
     return rows
 
 
+def write_pool_data(tb: Path, experts: list[str], n: int, seed: int, safety: Path, domain: Path) -> None:
+    """The three-model pool's data, made as `write_search_data` makes one expert's: the refusals of the aligned model
+    and every expert to the training harmful prompts, and the first n/k training Q&A of each of the k domains."""
+    from safemerge.data.synthetic import synthesize_safety
+
+    if not safety.exists():
+        synthesize_safety([tb / "aligned", *(tb / f"expert-{d}" for d in experts)], safety,
+                          prompts=tb / "data" / "safety_train.jsonl", n=n, seed=seed, max_new_tokens=32, progress=False)
+    if not domain.exists():
+        rows = [r for d in experts for r in (tb / "data" / f"domain-{d}_train.jsonl").read_text().splitlines()[:n // len(experts)]]
+        domain.write_text("\n".join(rows) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("testbed", type=Path)
@@ -56,7 +76,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--out", type=Path, default=None, help="keep the data, journals and models here")
     ap.add_argument("--unseen", action="store_true", help="refusals to new prompts, not to the aligned model's training ones")
+    ap.add_argument("--experts", default="medicine", help="the pool's experts beside the aligned model, e.g. medicine,finance")
+    ap.add_argument("--optimizers", default="cmaes", help="cmaes (EvoMM over task-arithmetic weights), cocktail, or both")
     args = ap.parse_args()
+    experts = args.experts.split(",")
+    optimizers = args.optimizers.split(",")
+    if not set(optimizers) <= {"cmaes", "cocktail"} or (args.unseen and experts != ["medicine"]):
+        ap.error("--optimizers takes cmaes and cocktail; --unseen only the medicine pool")
 
     import torch
 
@@ -69,7 +95,8 @@ def main() -> None:
     seed = args.seed if args.seed is not None else json.loads((tb / "world.json").read_text())["seed"]
     out = args.out or Path(tempfile.mkdtemp(prefix="safemerge-datasize-"))
     out.mkdir(parents=True, exist_ok=True)
-    safety, domain = out / f"safety-n{args.n}.jsonl", out / f"domain-n{args.n}.jsonl"
+    pool_tag = "" if experts == ["medicine"] else "-".join(experts) + "-"
+    safety, domain = out / f"safety-{pool_tag}n{args.n}.jsonl", out / f"domain-{pool_tag}n{args.n}.jsonl"
     if args.unseen:
         from safemerge.data.synthetic import synthesize_safety
 
@@ -79,26 +106,33 @@ def main() -> None:
             prompts.write_text("".join(json.dumps(r) + "\n" for r in unseen_prompts(tb, args.n, seed)))
             synthesize_safety([tb / "aligned", tb / "expert-medicine"], safety, prompts=prompts, n=args.n, seed=seed,
                               max_new_tokens=32, progress=False)
-    write_search_data(tb, "medicine", n=args.n, seed=seed, safety=safety, domain=domain)  # as `safemerge repro`
+    if pool_tag:
+        write_pool_data(tb, experts, args.n, seed, safety, domain)
+    else:
+        write_search_data(tb, "medicine", n=args.n, seed=seed, safety=safety, domain=domain)  # as `safemerge repro`
     kept = sum(1 for line in safety.read_text().splitlines() if line.strip())
-    cfg = {"merge_method": "task_arithmetic", "base_model": str(tb / "base"), "tokenizer_source": str(tb / "aligned"),
-           "models": [{"model": str(tb / "expert-medicine"), "parameters": {"weight": 1.0}},
-                      {"model": str(tb / "aligned"), "parameters": {"weight": 1.0}}]}
-    for lam in (float(x) for x in args.lambdas.split(",")):
-        t0 = time.time()
-        tag = f"{'unseen-' if args.unseen else ''}n{args.n}-lambda{lam}"
-        model = out / tag
-        search(cfg, model, optimizer="cmaes", safety_data=safety if lam > 0 else None, domain_data=domain,
-               lambda_=lam, steps=args.steps, seed=seed, overwrite=True, progress=False,
-               journal=out / f"{tag}.sqlite", audit=False)  # measures the search alone
-        best = json.loads((model / "search.json").read_text())["best"]
-        store = out / "results.sqlite"
-        s = evaluate_safety(model, prompts=tb / "data" / "safety_test.jsonl", judge="keyword", max_new_tokens=32,
-                            store=store)
-        d = evaluate_domain(model, task=tb / "data" / "domain-medicine_test.jsonl", store=store)
-        print(json.dumps({"seed": seed, "n": args.n, "unseen": args.unseen, "refusals_kept": kept, "lambda": lam, "params": best["params"],
-                          "safety": s["safe_rate"], "medicine": d["acc"],
-                          "minutes": round((time.time() - t0) / 60, 1)}), flush=True)
+    models = [{"model": str(tb / f"expert-{d}"), "parameters": {"weight": 1.0}} for d in experts]
+    models.append({"model": str(tb / "aligned"), "parameters": {"weight": 1.0}})
+    configs = {"cmaes": {"merge_method": "task_arithmetic", "base_model": str(tb / "base"), "models": models,
+                         "tokenizer_source": str(tb / "aligned")},
+               "cocktail": {"merge_method": "linear", "models": models, "tokenizer_source": str(tb / "aligned")}}
+    for opt in optimizers:
+        for lam in (float(x) for x in args.lambdas.split(",")):
+            t0 = time.time()
+            tag = f"{'unseen-' if args.unseen else ''}{pool_tag}{'' if opt == 'cmaes' else 'cocktail-'}n{args.n}-lambda{lam}"
+            model = out / tag
+            search(configs[opt], model, optimizer=opt, safety_data=safety if lam > 0 else None, domain_data=domain,
+                   lambda_=lam, steps=args.steps if opt == "cmaes" else None, seed=seed, overwrite=True,
+                   progress=False, journal=out / f"{tag}.sqlite", audit=False)  # measures the search alone
+            best = json.loads((model / "search.json").read_text())["best"]
+            store = out / "results.sqlite"
+            s = evaluate_safety(model, prompts=tb / "data" / "safety_test.jsonl", judge="keyword", max_new_tokens=32,
+                                store=store)
+            acc = {d: evaluate_domain(model, task=tb / "data" / f"domain-{d}_test.jsonl", store=store)["acc"]
+                   for d in experts}
+            print(json.dumps({"seed": seed, "n": args.n, "unseen": args.unseen, "experts": experts, "optimizer": opt,
+                              "refusals_kept": kept, "lambda": lam, "params": best["params"], "safety": s["safe_rate"],
+                              **acc, "minutes": round((time.time() - t0) / 60, 1)}), flush=True)
 
 
 if __name__ == "__main__":
