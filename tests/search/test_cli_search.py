@@ -128,17 +128,25 @@ def test_overwrite_never_deletes_a_data_file_kept_in_the_output(config_file, fam
     assert (tmp_path / "out" / "safety.jsonl").read_bytes() == family_data["safety"].read_bytes()
 
 
-@pytest.mark.parametrize("kind", ["text", "dir"])
+@pytest.mark.parametrize("kind", ["text", "dir", "another database"])
 def test_a_journal_path_that_is_not_a_journal_is_left_alone(config_file, family_data, tmp_path, kind):
+    import sqlite3
+
     j = tmp_path / "j"
     if kind == "dir":
         j.mkdir()
-    else:
+    elif kind == "text":
         j.write_text('{"prompt": "precious data"}\n')
-    for extra in (["--overwrite"], ["--resume"]):
+    else:  # an SQLite file of another program's: --resume must not add tables to it, nor --overwrite delete it
+        with sqlite3.connect(j) as db:
+            db.execute("CREATE TABLE users (id INTEGER, name TEXT)")
+            db.execute("INSERT INTO users VALUES (1, 'ada')")
+        db.close()
+    before = None if kind == "dir" else j.read_bytes()
+    for extra in (["--overwrite"], ["--resume"], []):
         r = _search(config_file, tmp_path / "out", family_data, "--journal", str(j), *extra)
         assert r.exit_code == 2 and ("is a directory" if kind == "dir" else "is not a search journal") in r.output, r.output
-    assert j.is_dir() if kind == "dir" else j.read_text() == '{"prompt": "precious data"}\n'
+    assert j.is_dir() if kind == "dir" else j.read_bytes() == before
 
 
 def test_a_failed_search_that_scored_nothing_leaves_no_journal(config_file, family_data, tmp_path, monkeypatch):

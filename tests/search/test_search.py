@@ -325,3 +325,27 @@ def test_card_says_where_a_random_methods_merge_was_made():
 
     assert "--device cuda:1" in _device_card(result("dare_ties", "cuda:1"))
     assert _device_card(result("dare_ties", "cpu")) == _device_card(result("ties", "cuda")) == ""
+
+
+def test_cma_stopping_early_is_said(tiny_family, tmp_path):
+    """cma's own criteria may end a run before --steps generations: a flat objective stops it at once; the warning
+    names the generations run and the criterion, and the best so far is the result."""
+    from safemerge.search.cmaes import cmaes
+    from safemerge.search.evaluations import Evaluations
+    from safemerge.search.journal import Journal
+    from safemerge.search.objective import Score
+    from safemerge.search.space import SearchSpace
+
+    class Flat:
+        def score(self, configs):
+            for k, _ in enumerate(configs):
+                yield k, Score(1.0, 1.0, 1.0), 0.0
+
+        def close(self):
+            pass
+
+    with Journal.open(tmp_path / "j.sqlite", identity={"run": 1}) as jr:
+        evals = Evaluations(jr, Flat())
+        with pytest.warns(UserWarning, match=r"CMA-ES stopped after \d+ of 50 generations: .*(tolflatfitness|tolfun)"):
+            idx, _, _ = cmaes(SearchSpace(task_config(tiny_family)), evals, steps=50, seed=0, popsize=4)
+        assert idx == 0 and 1 < evals.next < 1 + 50 * 4

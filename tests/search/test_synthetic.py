@@ -128,6 +128,30 @@ def test_a_line_separator_in_a_text_survives_the_round_trip_to_the_search(tmp_pa
     assert json.loads((tmp_path / "d.jsonl").read_bytes())["in_context"] == ["Which drug\u2028treats A?"]
 
 
+def test_the_judge_and_the_question_source_are_checked_before_any_generation(tmp_path, prompts_file):
+    from safemerge.errors import SafemergeError
+
+    never = Scripted("G", reply=lambda p: pytest.fail("a question was generated before the bad option was seen"))
+    with pytest.raises(SafemergeError, match="unknown judge 'kewyord'; did you mean keyword"):
+        synthesize_safety([never], tmp_path / "s.jsonl", generator=never, n=2, judge="kewyord", progress=False)
+    with pytest.raises(SafemergeError, match="needs its checkpoint"):
+        synthesize_safety([never], tmp_path / "s.jsonl", generator=never, n=2, judge="llama-guard", progress=False)
+    with pytest.raises(SafemergeError, match="--examples are the questions a --generator is shown"):
+        synthesize_safety([never], tmp_path / "s.jsonl", prompts=prompts_file, examples=prompts_file, progress=False)
+    assert not (tmp_path / "s.jsonl").exists()
+
+
+def test_domain_rows_keep_the_prompt_that_asked_for_their_question(tmp_path):
+    from safemerge.data.synthetic import domain_prompt
+
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps({"question": q}) + "\n" for q in ("Which drug treats A?", "Which drug treats B?")))
+    expert = Scripted("E", reply=lambda p: "Which drug treats C?" if "Question" in p else "C-cillin.")
+    synthesize_domain(expert, tmp_path / "d.jsonl", examples=val, n=1, k=2, seed=1, style="completion", progress=False)
+    (row,) = _rows(tmp_path / "d.jsonl")
+    assert row["question_prompt"] == domain_prompt(row["in_context"], style="completion", domain=None)
+
+
 def test_rounds_of_generation_say_each_warning_once(tmp_path):
     """Rounds with one backend repeat its warnings (the context one, with other counts each round): each kind is said
     once, its first wording with how many came, also when the rounds end in an error; the caller's filters apply."""

@@ -248,15 +248,18 @@ def synthesize_safety(
         raise DataError("give at least one pool model (--pool) to answer the questions")
     if (prompts is None) == (generator is None):
         raise DataError("give either --prompts FILE (questions from a dataset) or --generator MODEL (questions written by a model)")
+    if prompts is not None and examples is not None:
+        raise DataError("--examples are the questions a --generator is shown; with --prompts they would not be used: "
+                        "leave one of them out")
     if n is not None and n < 1:
         raise DataError(f"--n {n}: ask for at least one example")
     check_batch_size(batch_size=batch_size)
     _check_models(*pool, generator, judge_model)  # every path now, not after hours of generating with the first
+    judge_ = get_judge(judge, judge_model=judge_model, device=device)  # a guard loads its weights on first use
     with _bar(progress) as bar:
         questions, source, dropped = _questions(prompts=prompts, prompt_column=prompt_column, generator=generator,
                                                 examples=examples, n=n, seed=seed, device=device, batch_size=batch_size,
                                                 bar=bar)
-        judge_ = get_judge(judge, judge_model=judge_model, device=device)
         settings = _settings(max_new_tokens=max_new_tokens)
         answers: dict[str, list] = {}
         per_model: dict[str, Any] = {}
@@ -418,7 +421,7 @@ def synthesize_domain(
                 shots = [rng.sample(shots_all, k) for _ in range(want)]
                 prompts = [domain_prompt(s, style=style, domain=domain) for s in shots]
                 gens = backend.generate(prompts, _settings(**{**ask.as_dict(), "seed": seed + r}))
-                for s, g in zip(shots, gens):
+                for s, prompt, g in zip(shots, prompts, gens):
                     q = question_of(g.text)
                     key = normalise(q)
                     reason = _unusable(g.text, q, known, seen)
@@ -426,7 +429,7 @@ def synthesize_domain(
                         dropped[reason] += 1
                         continue
                     seen.add(key)
-                    questions.append({"question": q, "in_context": s, "round": r})
+                    questions.append({"question": q, "in_context": s, "prompt": prompt, "round": r})
                     advance(1)
         if not questions:
             raise DataError(f"{expert}: wrote no usable question in {max_rounds} rounds; try --style completion")
@@ -440,7 +443,7 @@ def synthesize_domain(
         rows.append({"prompt": q["question"], "response": g.text, "kind": "domain", "model": _label(expert),
                      "model_fingerprint": backend.fingerprint, "examples_file": str(examples),
                      "examples_fingerprint": shots_fp, "in_context": q["in_context"], "k": k, "style": style,
-                     "question_generation": {**ask.as_dict(), "seed": seed + q["round"]},
+                     "question_prompt": q["prompt"], "question_generation": {**ask.as_dict(), "seed": seed + q["round"]},
                      "answer_generation": answer.as_dict(), "seed": seed})
     if not rows:
         raise DataError(f"{expert}: answered none of its {len(questions)} questions")

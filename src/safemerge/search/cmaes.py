@@ -19,6 +19,8 @@ serial/parallel agreement exact.
 from __future__ import annotations
 
 import math
+import warnings
+
 from safemerge.errors import ConfigError
 from safemerge.search.evaluations import Candidate, Evaluations
 from safemerge.search.objective import Score
@@ -60,8 +62,12 @@ def cmaes(space: SearchSpace, evaluate: Evaluations, *,
     x0 = [space.start()[label] for label in space.labels]
     es = cma.CMAEvolutionStrategy(x0, sigma0, options)
     evaluate([_candidate(space, x0)])  # cma never proposes its mean itself; it draws nothing from rng here
-    for _ in range(steps):
-        if es.stop():
+    for done in range(steps):
+        stop = es.stop()
+        if stop:
+            warnings.warn(f"CMA-ES stopped after {done} of {steps} generations: cma's own stopping criteria fired "
+                          f"({', '.join(map(str, stop))}: the search has converged, or its step size cannot shrink "
+                          "further); the best so far is the result", UserWarning, stacklevel=2)
             break
         xs = es.ask()
         candidates = [_candidate(space, x) for x in xs]

@@ -55,13 +55,27 @@ def canonical(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
 
-def _is_sqlite(path: Path) -> bool:
+def _is_journal(path: Path) -> bool:
+    """An SQLite file with no tables but a journal's (an empty file too: SQLite makes a database of it). Another
+    program's database is not one, so --resume never adds tables to it and --overwrite never deletes it."""
     try:
         with open(path, "rb") as f:
             head = f.read(16)
     except OSError:
         return False
-    return head == b"SQLite format 3\x00" or head == b""  # (an empty file: SQLite makes a database of it)
+    if head == b"":
+        return True
+    if head != b"SQLite format 3\x00":
+        return False
+    try:
+        conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
+        try:
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError:
+        return False
+    return tables <= {"meta", "candidates"}
 
 
 class Journal:
@@ -87,9 +101,9 @@ class Journal:
         path = Path(path).expanduser()
         if path.is_dir():
             raise ConfigError(f"{path}: is a directory; --journal names the journal file")
-        if path.exists() and not _is_sqlite(path):
-            raise ConfigError(f"{path}: is not a search journal (not an SQLite file); it is left alone: name a new "
-                              "file with --journal, or remove this one")
+        if path.exists() and not _is_journal(path):
+            raise ConfigError(f"{path}: is not a search journal (not an SQLite file, or one with other tables); it is "
+                              "left alone: name a new file with --journal, or remove this one")
         if path.exists() and not resume:
             if not overwrite:
                 raise OutputExistsError(f"{path}: a search journal is already there; pass --resume to continue that "

@@ -7,10 +7,14 @@ worker's lifetime as the worker process's own state) and scores one candidate pe
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import threading
+import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Iterator, Sequence
 
-from safemerge.errors import ConfigError
+from safemerge.errors import ConfigError, SafemergeError
 from safemerge.search.objective import Score
 from safemerge.search.scoring import ScorerSpec, SerialScorer
 
@@ -22,6 +26,15 @@ _WORKER: SerialScorer | None = None
 def _init(spec: ScorerSpec) -> None:
     global _SPEC
     _SPEC = spec
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this worker once the search that spawned it is gone: a search killed with SIGKILL (or by the OOM killer)
+    shuts no pool down, and its workers would each go on holding a copy of the pool that a --resume needs."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(1)
 
 
 def _score(k: int, config: dict[str, Any]) -> tuple[int, Score, float]:
@@ -45,12 +58,21 @@ class ProcessScorer:
                                          initializer=_init, initargs=(spec,))
 
     def score(self, configs: Sequence[dict[str, Any]]) -> Iterator[tuple[int, Score, float]]:
-        pending = {self._pool.submit(_score, k, c) for k, c in enumerate(configs)}
+        pending: set = set()
         try:
+            pending = {self._pool.submit(_score, k, c) for k, c in enumerate(configs)}
             while pending:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in sorted(done, key=lambda f: f.result()[0]):
-                    yield fut.result()
+                failed = [f.exception() for f in done if f.exception() is not None]
+                for fut in sorted((f for f in done if f.exception() is None), key=lambda f: f.result()[0]):
+                    yield fut.result()  # journaled before the error below
+                if failed:
+                    raise failed[0]  # the scorer's own error (a bad checkpoint, say), as a serial run raises it
+        except BrokenProcessPool:
+            raise SafemergeError(f"a worker process died while scoring (killed, or out of memory: each of the "
+                                 f"{self.workers} workers holds the whole pool); the candidates scored so far are in the "
+                                 "journal: run the same command with --resume to go on, with fewer --workers if memory "
+                                 "ran out") from None
         finally:
             for fut in pending:
                 fut.cancel()
