@@ -78,3 +78,16 @@ def test_workers_end_when_the_search_is_killed(tiny_family, family_data):
         for w in workers:
             if not _gone(w):
                 os.kill(w, signal.SIGKILL)
+
+
+def test_a_ray_actor_that_dies_is_an_error_that_says_resume(tiny_family, family_data):
+    ray = pytest.importorskip("ray")
+    from safemerge.search.parallel.ray_pool import RayScorer
+
+    scorer = RayScorer(_spec(tiny_family, family_data), address="local", workers=2)
+    try:
+        ray.kill(scorer._actors[0])
+        with pytest.raises(SafemergeError, match=r"a Ray actor died while scoring .* --resume"):
+            list(scorer.score([task_config(tiny_family, weight=w) for w in (0.2, 0.4, 0.6)]))
+    finally:
+        scorer.close()

@@ -10,8 +10,16 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from safemerge.errors import SafemergeError
 from safemerge.methods.task_arithmetic import TRIM_MEMO_BYTES
 from safemerge.search.scoring import Scorer, ScorerSpec, SerialScorer
+
+
+def worker_died(workers: int, what: str = "worker process") -> SafemergeError:
+    """The error for a worker lost while scoring: what to do next (the journal keeps what was scored)."""
+    return SafemergeError(f"a {what} died while scoring (killed, or out of memory: each of the {workers} workers holds "
+                          "the whole pool); the candidates scored so far are in the journal: run the same command with "
+                          "--resume to go on, with fewer --workers if memory ran out")
 
 
 def make_scorer(spec: ScorerSpec, *, workers: int = 1, ray_address: str | None = None) -> Scorer:

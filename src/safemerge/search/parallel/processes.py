@@ -14,8 +14,9 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Iterator, Sequence
 
-from safemerge.errors import ConfigError, SafemergeError
+from safemerge.errors import ConfigError
 from safemerge.search.objective import Score
+from safemerge.search.parallel import worker_died
 from safemerge.search.scoring import ScorerSpec, SerialScorer
 
 # this worker process's own state: the spec (set by the initializer) and the scorer built from it
@@ -69,10 +70,7 @@ class ProcessScorer:
                 if failed:
                     raise failed[0]  # the scorer's own error (a bad checkpoint, say), as a serial run raises it
         except BrokenProcessPool:
-            raise SafemergeError(f"a worker process died while scoring (killed, or out of memory: each of the "
-                                 f"{self.workers} workers holds the whole pool); the candidates scored so far are in the "
-                                 "journal: run the same command with --resume to go on, with fewer --workers if memory "
-                                 "ran out") from None
+            raise worker_died(self.workers) from None
         finally:
             for fut in pending:
                 fut.cancel()

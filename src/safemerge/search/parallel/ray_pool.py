@@ -14,6 +14,7 @@ from typing import Any, Iterator, Sequence
 from safemerge._signals import sigterm_kept
 from safemerge.errors import ConfigError, SafemergeError
 from safemerge.search.objective import Score
+from safemerge.search.parallel import worker_died
 from safemerge.search.scoring import ScorerSpec
 
 
@@ -79,7 +80,11 @@ class RayScorer:
                 running[a.score.remote(k, config)] = a
             (done,), _ = ray.wait(list(running), num_returns=1)
             idle.append(running.pop(done))
-            yield ray.get(done)
+            try:
+                result = ray.get(done)
+            except ray.exceptions.RayActorError:  # the actor's process died (its own errors come as themselves)
+                raise worker_died(len(self._actors), "Ray actor") from None
+            yield result
 
     def close(self) -> None:
         ray = _ray()
