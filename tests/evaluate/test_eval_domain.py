@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from safemerge.data import MCQuestion, load_multiple_choice
+from safemerge.errors import SafemergeError
 from safemerge.evaluate import evaluate_domain, get_backend
 from safemerge.evaluate.backends import EvaluationWarning, encode, render_prompt
 from safemerge.evaluate.domain import build_requests, score
@@ -84,6 +87,39 @@ def test_chat_format_without_template_falls_back_and_says_so(plain_model, mc_fil
     with pytest.warns(EvaluationWarning, match="no chat template; scored with the plain format"):
         r = evaluate_domain(plain_model, task=mc_file, format="chat", device="cpu", store=store)
     assert r["format"] == "plain" and r["warnings"]
+
+
+def test_the_fallback_note_belongs_to_the_call_not_to_the_stored_figures(plain_model, mc_file, store):
+    """A chat request on a model without a template is scored (and stored) as plain: a later plain request served
+    from that entry neither says nor records the chat request's fallback."""
+    import warnings
+
+    with pytest.warns(EvaluationWarning, match="no chat template"):
+        first = evaluate_domain(plain_model, task=mc_file, format="chat", device="cpu", store=store, cache=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EvaluationWarning)
+        plain = evaluate_domain(plain_model, task=mc_file, format="plain", device="cpu", store=store)
+    assert plain["cached"] and plain["warnings"] == [] and plain["acc"] == first["acc"]
+    with pytest.warns(EvaluationWarning, match="no chat template"):
+        again = evaluate_domain(plain_model, task=mc_file, format="chat", device="cpu", store=store)
+    assert again["cached"] and again["warnings"] == first["warnings"] and len(first["warnings"]) == 1
+
+
+def test_a_choice_that_adds_no_token_names_its_question(tmp_path, store):
+    """A tokenizer may merge a choice into the end of the chat prompt (here the tiny word-level one reads
+    '<|assistant|>a' as one word): the error names the file, question and choice, not an internal request number."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from tiny import make_family
+
+    fam = make_family(tmp_path / "fam", names=("m",))
+    task = tmp_path / "t.jsonl"
+    task.write_text(json.dumps({"question": "Pick one", "choices": ["a", "b"], "answer": 0}) + "\n")
+    with pytest.raises(SafemergeError, match=r"t.jsonl: question 1 \('Pick one'\), choice 'a': the choice adds no token "
+                                             r"to the chat prompt"):
+        evaluate_domain(fam["m"], task=task, format="chat", device="cpu", store=store)
 
 
 def test_a_loaded_backend_shares_the_stored_result(chat_model, mc_file, store):

@@ -125,6 +125,17 @@ def test_guard_batching_does_not_change_verdicts(guard3_random):
     assert [v.p_unsafe for v in one] == pytest.approx([v.p_unsafe for v in many], rel=1e-4)
 
 
+def test_a_guard_named_by_path_keys_its_results_by_how_its_output_is_read(guard3_safe, monkeypatch):
+    """The store key of a LazyGuard (what --judge-model PATH gives) holds READING, as the loaded judge's does: verdicts
+    read the old way are not served once the reading changes."""
+    import safemerge.evaluate.guards as guards
+
+    lazy = get_judge("llama-guard-3", judge_model=guard3_safe, device="cpu")
+    assert lazy.identity()["reading"] == lazy.loaded().identity()["reading"] == guards.READING
+    monkeypatch.setattr(guards, "READING", guards.READING + 1)
+    assert get_judge("llama-guard-3", judge_model=guard3_safe, device="cpu").identity() != lazy.identity()
+
+
 def test_a_chat_model_is_not_a_guard(chat_model):
     judge = get_judge("llama-guard", judge_model=chat_model, device="cpu")
     with pytest.raises(CheckpointError, match="not a Llama Guard checkpoint"):

@@ -114,6 +114,8 @@ def test_multiple_choice(mc_file):
          "row 2: the choice 'Alpha' is given twice; each choice must differ"),
         ({"question": "q", "choices": ["a", "b"], "answer": 2}, r"row 2: 'answer' must index the 2 choices"),
         ({"question": "q", "choices": ["a", "b"], "answer": "c"}, "row 2: 'answer' 'c' is not one of the choices"),
+        ({"question": "2+1=", "choices": ["1", "2", "3", "4"], "answer": "3"},  # text: choice 2; index: choice 3
+         r"row 2: 'answer' '3' is both a choice's text \(choice 2\) and an index \(choice 3\)"),
     ],
 )
 def test_multiple_choice_errors_name_the_row(tmp_path, row, message):
@@ -122,6 +124,12 @@ def test_multiple_choice_errors_name_the_row(tmp_path, row, message):
     path.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
     with pytest.raises(DataError, match=message):
         load_multiple_choice(path)
+
+
+def test_a_digit_answer_reads_as_an_index_where_that_is_not_ambiguous():
+    rows = [{"question": "q", "choices": ["a", "b", "c"], "answer": "2"},  # no choice is "2": the index
+            {"question": "q", "choices": ["0", "1"], "answer": "1"}]  # text and index agree
+    assert [q.answer for q in load_multiple_choice(rows).questions] == [2, 1]
 
 
 def test_a_missing_data_file_fails_at_once_without_the_hub(tmp_path, monkeypatch):

@@ -50,6 +50,20 @@ def build_requests(questions: Sequence[MCQuestion], tokenizer: Any, *, format: s
     return encode_pairs(tokenizer, pairs)
 
 
+def check_requests(questions: Sequence[MCQuestion], requests: Sequence[tuple[list[int], list[int]]], *, source: str,
+                   format: str) -> None:
+    """Name the question and choice whose continuation tokenizes to nothing (it merges into the end of the prompt:
+    a tokenizer with a token for a template's last text and the choice together), instead of a request number."""
+    k = 0
+    for n, q in enumerate(questions, 1):
+        for c in q.choices:
+            if not requests[k][1]:
+                raise SafemergeError(f"{source}: question {n} ({q.question[:60]!r}), choice {c!r}: the choice adds no "
+                                     f"token to the {format} prompt (the tokenizer merges it into the prompt's end), so "
+                                     "it cannot be scored; try the other --format, or reword the choice")
+            k += 1
+
+
 def score(questions: Sequence[MCQuestion], lls: Sequence[float]) -> dict:
     """acc, acc_norm and their standard errors from the flat, question-major log-likelihoods."""
     acc, acc_norm, k = [], [], 0
@@ -87,11 +101,11 @@ def evaluate_domain(
     qs = load_multiple_choice(task, limit=limit)
     db = open_store(store)
     ref = model_ref(model, dtype=dtype, store=db)
-    used, notes = format, []
+    used, fallback = format, []  # the fallback note belongs to this call, not to the figures stored under `used`
     if format == "chat" and ref.chat_template is None:
         used = "plain"
-        notes.append(f"{ref.source}: no chat template; scored with the plain format instead of chat")
-        warnings.warn(notes[-1], EvaluationWarning, stacklevel=2)
+        fallback.append(f"{ref.source}: no chat template; scored with the plain format instead of chat")
+        warnings.warn(fallback[-1], EvaluationWarning, stacklevel=2)
     settings = {"format": used, **ref.identity()}
     if used == "plain":
         settings.pop("chat_template", None)
@@ -99,10 +113,10 @@ def evaluate_domain(
         settings["prompting"] = PROMPT_VERSION
     key = result_key("domain", model=ref.fingerprint or "", data=qs.fingerprint, settings=settings)
     if cache and ref.fingerprint and (hit := db.get(key)) is not None:
-        for note in hit.get("warnings") or []:  # a stored result says what it said when it was computed
-            if note not in notes:
-                warnings.warn(note, EvaluationWarning, stacklevel=2)
-        return {**hit, "cached": True}
+        stored = [n for n in hit.get("warnings") or [] if not n.endswith("scored with the plain format instead of chat")]
+        for note in stored:  # a stored result says what it said when it was computed (older ones held the fallback too)
+            warnings.warn(note, EvaluationWarning, stacklevel=2)
+        return {**hit, "warnings": fallback + stored, "cached": True}
 
     t0 = time.perf_counter()
     backend = get_backend(ref, device=device, dtype=dtype, batch_size=batch_size)
@@ -110,6 +124,7 @@ def evaluate_domain(
         raise SafemergeError(f"domain accuracy needs the transformers backend, got {backend.name}")
     tok = backend.tokenizer
     reqs = build_requests(qs.questions, tok, format=used)
+    check_requests(qs.questions, reqs, source=qs.source, format=used)
     with progress_bar(len(reqs), f"scoring {qs.name}", enabled=progress) as advance:
         lls = loglikelihoods(backend.model, reqs, max_len=max_length(backend.model, tok), batch_size=batch_size, progress=advance)
     seconds = time.perf_counter() - t0
@@ -118,11 +133,11 @@ def evaluate_domain(
         **score(qs.questions, [ll for ll, _ in lls]),
         "model": ref.source, "model_fingerprint": ref.fingerprint, "data_fingerprint": qs.fingerprint,
         "seconds": round(seconds, 3), "questions_per_second": round(len(qs) / seconds, 2) if seconds > 0 else None,
-        "warnings": notes, "cached": False,
+        "warnings": [], "cached": False,
     }
     if ref.fingerprint:
         db.put(key, result, kind="domain", model=backend.fingerprint, data=qs.fingerprint, settings=settings)
-    return result
+    return {**result, "warnings": fallback}
 
 
 def _argmax(xs: Sequence[float]) -> int:

@@ -256,8 +256,10 @@ class LazyGuard:
         template = hashlib.blake2b(b"".join(f.read_bytes() for f in files), digest_size=8).hexdigest()
         # the dtype it will run in ("auto" resolved from its config) and its config, generation config (EOS ids) and
         # tokenizer files: each changes its verdicts or P(unsafe), so a stored result made otherwise is not served
+        # and how its output is read (READING, as the loaded judge's identity has it): a reading changed by an update
+        # must not serve verdicts read the old way
         self._identity = {"judge": name, "model": fingerprint, "template": template,
-                          "dtype": dtype_name(self.path, dtype), "files": side_files_digest(self.path)}
+                          "dtype": dtype_name(self.path, dtype), "files": side_files_digest(self.path), "reading": READING}
         self._judge: _ModelJudge | None = None
 
     def __repr__(self) -> str:
