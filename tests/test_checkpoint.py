@@ -251,6 +251,15 @@ def test_a_single_file_wins_over_a_stale_index_as_in_transformers(tmp_path):
     torch.testing.assert_close(Checkpoint(tmp_path).get("a"), torch.ones(2))
 
 
+def test_shards_without_an_index_that_store_a_tensor_twice_are_refused(tmp_path):
+    """Without an index nothing says which copy is meant: an error naming both files, not the later one silently."""
+    save_file({"a": torch.ones(2), "b": torch.ones(2)}, tmp_path / "model-00001-of-00002.safetensors")
+    save_file({"b": torch.full((2,), 100.0)}, tmp_path / "model-00002-of-00002.safetensors")
+    with pytest.raises(CheckpointError, match=r"tensor 'b' is stored twice, in model-00001-of-00002.safetensors and "
+                                              r"model-00002-of-00002.safetensors, and no model.safetensors.index.json"):
+        Checkpoint(tmp_path)
+
+
 @pytest.mark.parametrize("index", [{"weight_map": {"a": None}}, {"weight_map": {"a": 3}}, {"weight_map": ["a"]}])
 def test_a_malformed_index_is_a_checkpoint_error(tmp_path, index):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))

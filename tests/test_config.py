@@ -247,6 +247,14 @@ def test_linear_merges_an_unlisted_base_as_mergekit_does():
         load_config({"merge_method": "linear", "base_model": "b", "models": [{"model": "x", "parameters": {"weight": 1}}]})
 
 
+def test_torch_dtype_names_are_read_as_mergekit_reads_them():
+    c = load_config({"merge_method": "linear", "dtype": "torch.bfloat16", "out_dtype": "torch.float16",
+                     "models": [{"model": "x", "parameters": {"weight": 1}}, {"model": "y", "parameters": {"weight": 1}}]})
+    assert (c.dtype, c.out_dtype) == ("bfloat16", "float16")
+    with pytest.raises(ConfigError, match="dtype 'bfloat17' is not one of"):
+        load_config({"merge_method": "linear", "dtype": "torch.bfloat17", "models": [{"model": "x"}, {"model": "y"}]})
+
+
 def test_strings_and_single_mappings_are_read_as_mergekit_reads_them():
     assert method_params(cfg(parameters={"normalize": 0}), tensor="w", t=0)[0]["normalize"] is False
     c = cfg(parameters={"normalize": "false", "lambda": "5e-1", "int8_mask": " True "},

@@ -168,6 +168,24 @@ def test_a_tied_base_says_it_leaves_an_untied_experts_output_layer_out(tmp_path)
         safemerge.merge(ta_config(make_family(tmp_path / "both", tie=True)), tmp_path / "p", progress=False)
 
 
+@pytest.mark.parametrize("broken, text", [("tokenizer_config.json", '{"a": '), ("special_tokens_map.json", "[1, 2]"),
+                                          ("generation_config.json", "not json")])
+def test_a_broken_side_file_to_copy_is_named_before_the_merge(tiny_family, tmp_path, monkeypatch, broken, text):
+    """Not a traceback after every tensor is merged (writing a chat template into tokenizer_config.json), nor a copy
+    that transformers cannot read."""
+    import shutil
+
+    import safemerge.engine as engine
+
+    src = shutil.copytree(tiny_family["aligned"], tmp_path / "tok")
+    (src / broken).write_text(text)
+    monkeypatch.setattr(engine, "_stream", lambda *a, **k: pytest.fail("merged before the check"))
+    with pytest.raises(CheckpointError, match=rf"tok/{broken}: (is not valid JSON|holds a JSON list)"):
+        safemerge.merge(ta_config(tiny_family, tokenizer_source=str(src), chat_template="chatml"), tmp_path / "out",
+                        progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_generation_config_goes_with_the_tokenizer_and_template(tiny_family, tmp_path):
     """MergeAlign speaks the aligned model's chat template; its EOS ids (the end-of-turn token) must come along, not
     the pretrained base's."""

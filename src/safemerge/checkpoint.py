@@ -143,8 +143,14 @@ class Checkpoint:
         files = sorted(p.glob("*.safetensors"))
         if files:
             infos: dict[str, TensorInfo] = {}
+            where: dict[str, Path] = {}
             for f in files:
-                infos.update(read_header(f))
+                for name, info in read_header(f).items():
+                    if name in where:  # without an index nothing says which copy is meant (transformers refuses too)
+                        raise CheckpointError(f"{p}: tensor {name!r} is stored twice, in {where[name].name} and {f.name}, "
+                                              f"and no {INDEX_NAME} says which to read; remove the stray file or write the "
+                                              "index")
+                    infos[name], where[name] = info, f
             return infos
         pickles = [p / n for n in PICKLE_NAMES if (p / n).exists()] + sorted(p.glob("pytorch_model-*.bin"))
         if pickles:

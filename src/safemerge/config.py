@@ -180,6 +180,8 @@ class MergeConfig(BaseModel):
     @field_validator("dtype", "out_dtype")
     @classmethod
     def _dtype(cls, v: Optional[str]) -> Optional[str]:
+        if isinstance(v, str):
+            v = v.removeprefix("torch.")  # mergekit reads "torch.bfloat16" as "bfloat16"
         if v is not None and v not in DTYPES:
             raise ValueError(f"dtype {v!r} is not one of {', '.join(DTYPES)}")
         return v

@@ -46,7 +46,14 @@ from safemerge.lora import open_model
 from safemerge.methods import MethodSpec, get_method
 from safemerge.methods.blocks import TaskVector
 from safemerge.vocab import VocabPlan, vocab_plan, write_vocab_size
-from safemerge.writer import TOKENIZER_FILES, ShardedWriter, copy_side_files, write_config, write_model_card
+from safemerge.writer import (
+    TOKENIZER_FILES,
+    ShardedWriter,
+    check_side_files,
+    copy_side_files,
+    write_config,
+    write_model_card,
+)
 
 DEFAULT_SHARD = 5 * 1000**3
 KWARG = {"lambda": "lambda_"}
@@ -556,6 +563,10 @@ def merge(
     plan = _plan(cfg, allow_pickle=allow_pickle)
     tok_dirs = tokenizer_dirs(cfg)
     check_apart(out_dir, input_dirs(plan.models.values()) + tok_dirs)
+    tok_path = next(iter(tok_dirs), plan.reference.path)
+    check_side_files(tok_path)  # the files _finish copies, before the work of merging rather than after it
+    if not (tok_path / "generation_config.json").is_file():
+        check_side_files(plan.reference.path, ("generation_config.json",))
     if not plan.out_config.get("model_type"):
         ref = plan.reference.path
         lacks = "has no config.json" if ref.is_dir() and not (ref / "config.json").exists() else "gives no model config (model_type)"
@@ -571,8 +582,7 @@ def merge(
             writer.finish()
         finally:
             writer.abort()
-        _finish(tmp, cfg, plan, tok_path=next(iter(tok_dirs), plan.reference.path), title=title,
-                card_extra=card_extra or "")
+        _finish(tmp, cfg, plan, tok_path=tok_path, title=title, card_extra=card_extra or "")
     return Path(out_dir).expanduser()
 
 

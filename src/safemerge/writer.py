@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from safemerge.checkpoint import INDEX_NAME, TORCH_TO_ST
+from safemerge.errors import CheckpointError
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -125,6 +126,28 @@ def write_config(out_dir: Path, config: dict, *, dtype: torch.dtype) -> None:
     if "torch_dtype" in cfg:
         cfg["torch_dtype"] = name
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+JSON_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "added_tokens.json",
+                   "chat_template.json", "vocab.json", "generation_config.json")
+
+
+def check_side_files(folder: Path, names: tuple[str, ...] = JSON_SIDE_FILES) -> None:
+    """The JSON tokenizer and generation files an output will copy must parse (as JSON objects): checked before a merge,
+    not found broken after it (a chat template is written into tokenizer_config.json) or copied on unread."""
+    for name in names:
+        f = folder / name
+        if not f.is_file():
+            continue
+        try:
+            data = json.loads(f.read_bytes())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{f}: is not valid JSON ({str(e)[:80]}); the merge copies it into the output, where "
+                                  "transformers could not read it: fix the file or take it from the model's original "
+                                  "folder") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{f}: holds a JSON {type(data).__name__}, not an object; fix the file or take it from "
+                                  "the model's original folder")
 
 
 def copy_side_files(out_dir: Path, *, tokenizer_source: Path | None, generation_source: Path | None,
