@@ -563,10 +563,7 @@ def merge(
     plan = _plan(cfg, allow_pickle=allow_pickle)
     tok_dirs = tokenizer_dirs(cfg)
     check_apart(out_dir, input_dirs(plan.models.values()) + tok_dirs)
-    tok_path = next(iter(tok_dirs), plan.reference.path)
-    check_side_files(tok_path)  # the files _finish copies, before the work of merging rather than after it
-    if not (tok_path / "generation_config.json").is_file():
-        check_side_files(plan.reference.path, ("generation_config.json",))
+    tok_path = check_copied_files(cfg, plan.reference.path)
     if not plan.out_config.get("model_type"):
         ref = plan.reference.path
         lacks = "has no config.json" if ref.is_dir() and not (ref / "config.json").exists() else "gives no model config (model_type)"
@@ -586,6 +583,16 @@ def merge(
     return Path(out_dir).expanduser()
 
 
+def check_copied_files(cfg: MergeConfig, reference: Path) -> Path:
+    """Check the JSON tokenizer and generation files that the output of `cfg` will copy (from the tokenizer source,
+    else the `reference` model's folder), before the work of merging rather than after it; returns that folder."""
+    tok_path = next(iter(tokenizer_dirs(cfg)), reference)
+    check_side_files(tok_path)
+    if not (tok_path / "generation_config.json").is_file():  # _finish takes the reference's then
+        check_side_files(reference, ("generation_config.json",))
+    return tok_path
+
+
 def input_dirs(models) -> list[Path]:
     """Every folder the checkpoints read (the adapters' of `model+adapter` references too)."""
     return [f for c in models for f in c.folders]
@@ -600,7 +607,8 @@ def check_apart(out_dir: str | os.PathLike, inputs: list[Path], *, what: str = "
         src = Path(src).expanduser().resolve()
         how = "is" if out == src else "is inside" if src in out.parents else "contains" if out in src.parents else None
         if how:
-            raise ConfigError(f"{out_dir}: {what} {how} the {kind} {src}; write it to another folder")
+            also = f"move the {kind} out of it, or " if how == "contains" and kind != "input model" else ""
+            raise ConfigError(f"{out_dir}: {what} {how} the {kind} {src}; {also}write it to another folder")
 
 
 def _has_tokenizer(folder: Path) -> bool:

@@ -128,8 +128,9 @@ def test_multiple_choice_errors_name_the_row(tmp_path, row, message):
 
 def test_a_digit_answer_reads_as_an_index_where_that_is_not_ambiguous():
     rows = [{"question": "q", "choices": ["a", "b", "c"], "answer": "2"},  # no choice is "2": the index
-            {"question": "q", "choices": ["0", "1"], "answer": "1"}]  # text and index agree
-    assert [q.answer for q in load_multiple_choice(rows).questions] == [2, 1]
+            {"question": "q", "choices": ["0", "1"], "answer": "1"},  # text and index agree
+            {"question": "q", "choices": ["1989", "1990", "1991"], "answer": "1990"}]  # no choice 1990: the text
+    assert [q.answer for q in load_multiple_choice(rows).questions] == [2, 1, 1]
 
 
 def test_a_missing_data_file_fails_at_once_without_the_hub(tmp_path, monkeypatch):

@@ -126,6 +126,25 @@ def test_overwrite_never_deletes_a_data_file_kept_in_the_output(config_file, fam
     r = _search(config_file, tmp_path / "out", {**family_data, "safety": kept}, "--optimizer", "cocktail", "--overwrite")
     assert r.exit_code == 2 and "the output contains the input file" in " ".join(r.output.split()), r.output
     assert (tmp_path / "out" / "safety.jsonl").read_bytes() == family_data["safety"].read_bytes()
+    r = _search(tmp_path / "out" / "mergekit_config.yml", tmp_path / "out", family_data, "--optimizer", "cocktail",
+                "--overwrite")  # the earlier output's own config: replaced at the end, so the start would be lost
+    assert r.exit_code == 2 and "the output contains the input file" in " ".join(r.output.split()), r.output
+    assert "move the input file out of it, or write it to another folder" in " ".join(r.output.split())
+
+
+def test_a_broken_file_the_best_merge_copies_fails_before_the_search(tiny_family, family_data, tmp_path, monkeypatch):
+    """The best merge copies the tokenizer source's generation_config.json at the end: checked before any scoring."""
+    import shutil
+
+    import safemerge.search.run as run
+
+    monkeypatch.setattr(run, "_optimize", lambda *a, **k: pytest.fail("the search ran before the check"))
+    tok = shutil.copytree(tiny_family["aligned"], tmp_path / "tok")
+    (tok / "generation_config.json").write_text("{not json")
+    cfg = tmp_path / "pool.yml"
+    cfg.write_text(yaml.safe_dump({**task_config(tiny_family), "tokenizer_source": str(tok)}))
+    r = _search(cfg, tmp_path / "out", family_data, "--optimizer", "cocktail")
+    assert r.exit_code == 2 and "tok/generation_config.json: is not valid JSON" in " ".join(r.output.split()), r.output
 
 
 @pytest.mark.parametrize("kind", ["text", "dir", "another database"])

@@ -275,11 +275,11 @@ def _mc_row(row: dict, name: str, i: int) -> MCQuestion:
     if isinstance(answer, bool):
         raise DataError(f"{where}: 'answer' is {answer}, not an index of the choices (or the choice's text)")
     if isinstance(answer, str) and answer.isdigit():
-        if answer in choices and list(choices).index(answer) != int(answer):  # "3" of ["1", "2", "3", "4"]
-            raise DataError(f"{where}: 'answer' {answer!r} is both a choice's text (choice {list(choices).index(answer)}) "
-                            f"and an index (choice {int(answer)}); give the index as a number, e.g. "
-                            f"\"answer\": {list(choices).index(answer)}")
-        answer = int(answer)
+        index, text = int(answer), list(choices).index(answer) if answer in choices else None
+        if text is not None and index < len(choices) and index != text:  # "3" of ["1", "2", "3", "4"]
+            raise DataError(f"{where}: 'answer' {answer!r} is both a choice's text (choice {text}) and an index "
+                            f"(choice {index}); give the index as a number, e.g. \"answer\": {text}")
+        answer = index if text is None else text  # "1990" of ["1989", "1990"]: only the text can be meant
     if isinstance(answer, str):
         if answer not in choices:
             raise DataError(f"{where}: 'answer' {answer!r} is not one of the choices")

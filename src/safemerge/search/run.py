@@ -26,7 +26,7 @@ from safemerge._args import check_arguments
 from safemerge._progress import transient_progress
 from safemerge.checkpoint import Checkpoint, atomic_output, check_folder, check_replaceable
 from safemerge.config import MergeConfig, load_config
-from safemerge.engine import check_apart, check_device, input_dirs, tokenizer_dirs
+from safemerge.engine import check_apart, check_copied_files, check_device, input_dirs, tokenizer_dirs
 from safemerge.errors import ConfigError, OutputExistsError
 from safemerge.lora import open_model
 from safemerge.search.candidates import check_architecture
@@ -155,6 +155,7 @@ def search(
     pool = {m: open_model(m) for m in cfg.input_models()}
     check_architecture(pool)  # before any model is loaded
     inputs = input_dirs(pool.values()) + tokenizer_dirs(cfg)
+    check_copied_files(cfg, pool[cfg.base_model or cfg.models[0].model].path)  # the best merge copies them at the end
     files = _input_files(config, safety_data, domain_data, audit_prompts)
     check_apart(out, inputs)
     check_apart(out, files, kind="input file")  # --overwrite would delete a data file kept in OUT
