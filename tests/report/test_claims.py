@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from safemerge.report import ResultsError, check_claims, load_results
@@ -216,6 +218,24 @@ def test_an_unknown_primary_domain_is_an_error_not_another_domain():
     with pytest.raises(ResultsError, match=r"meta.primary_domain names 'law', which no task of the results belongs to "
                                            r"\(domains: medicine, finance\)"):
         load_results(repro_shaped("law"))
+
+
+def test_an_unknown_primary_domain_names_the_run(tmp_path):
+    """`seeds` reads several runs: the error says which one."""
+    import json
+
+    f = tmp_path / "results.json"
+    f.write_text(json.dumps(repro_shaped("law")))
+    with pytest.raises(ResultsError, match=rf"^{re.escape(str(f))}: meta.primary_domain names 'law'"):
+        load_results(f)
+
+
+def test_a_domain_mergealign_was_not_measured_on_is_said_not_dropped():
+    res = repro_shaped(None)
+    res["models"]["mergealign"]["domain"].pop("finance")
+    claim = by_id(res)["mergealign-knowledge"]
+    assert claim.figures["experts"] == pytest.approx(0.8)  # medicine alone is counted
+    assert "not counted: finance (mergealign not measured on it)" in claim.detail
 
 
 # -- from a bug hunt (2026-11-24): what float noise, uneven measurements and loose names did to verdicts ----------

@@ -111,6 +111,16 @@ def test_cli_writes_beside_results_and_prints_json(full, tmp_path):
     assert r.exit_code == 0 and "PASS" in r.stdout and (tmp_path / "o" / "report.html").is_file()
 
 
+def test_cli_given_a_run_folder_writes_into_it(full, tmp_path):
+    """As `seeds` takes runs: the report goes beside the folder's results.json, not into the folder above it."""
+    run = tmp_path / "runs" / "r0"
+    run.mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps(full))
+    r = CliRunner().invoke(cli(), ["report", str(run), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["html"] == str(run / "report.html") and not (tmp_path / "runs" / "report.html").exists()
+
+
 def test_cli_bad_results_is_one_clear_error(tmp_path):
     path = tmp_path / "results.json"
     path.write_text(json.dumps({"models": {"m": {"safety": {"s": 7}}}}))

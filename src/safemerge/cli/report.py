@@ -28,8 +28,11 @@ def report(
     from safemerge.report import write_report
     from safemerge.report.assemble import DEFAULT_TITLE
 
+    from safemerge.report.results import results_file
+
     with user_errors():
-        done = write_report(results, out_dir if out_dir is not None else results.parent,
+        # beside the results.json, also where RESULTS names the run's folder (not in the folder above it)
+        done = write_report(results, out_dir if out_dir is not None else results_file(results).parent,
                             title=title or DEFAULT_TITLE, overwrite=overwrite)
     if json_out:
         return emit_json(done)

@@ -144,7 +144,7 @@ def _retains_knowledge(res: Results, ratio: float) -> Claim:
     m = _mergealign(res)
     if isinstance(m, str):
         return Claim(cid, text, "SKIPPED", m)
-    pairs, missing = {}, []
+    pairs, missing, unmeasured = {}, [], []
     for d in res.focus:
         tasks = res.domains[d]
         e = res.get(f"expert-{d}")
@@ -155,6 +155,8 @@ def _retains_knowledge(res: Results, ratio: float) -> Claim:
         acc_m, acc_e = domain_accuracy(m, shared), domain_accuracy(e, shared)
         if acc_m is not None and acc_e is not None:
             pairs[d] = (acc_m, acc_e)
+        else:  # said, not dropped silently from a "mean over domains"
+            unmeasured.append(f"{d} ({m.name if acc_m is None else e.name} not measured on it)")
     if not pairs:
         why = f"no domain measured on both {m.name} and its expert"
         return Claim(cid, text, "SKIPPED", why + (f" (missing: {', '.join(missing)})" if missing else ""))
@@ -164,6 +166,8 @@ def _retains_knowledge(res: Results, ratio: float) -> Claim:
     detail = f"{m.name} {_pct(km)} {'≥' if ok else '<'} {ratio:g} × experts {_pct(ke)} = {_pct(ratio * ke)} ({per})"
     if missing:
         detail += f"; not counted, no model: {', '.join(missing)}"
+    if unmeasured:
+        detail += f"; not counted: {', '.join(unmeasured)}"
     figures = {"mergealign": km, "experts": ke, "threshold": ratio * ke}
     figures.update({f"mergealign:{d}": a for d, (a, _) in pairs.items()})
     figures.update({f"expert-{d}:{d}": b for d, (_, b) in pairs.items()})

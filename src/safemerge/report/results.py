@@ -123,7 +123,7 @@ def load_results(results: dict | str | Path) -> Results:
     tasks = _union(m.domain for m in models)
     domains, other = map_domains(tasks, study_domains(meta, [m.name for m in models]))
     return Results(models={m.name: m for m in models}, meta=meta, domains=domains, other_tasks=other,
-                   focus=knowledge_domains(meta, domains))
+                   focus=knowledge_domains(meta, domains, src=src))
 
 
 MODEL_KEYS = ("method", "params", "safety", "domain", "general", "l2", "path")  # what compare and repro write
@@ -205,14 +205,14 @@ def study_domains(meta: dict, names: Iterable[str]) -> list[str]:
     return [n[len("expert-"):] for n in names if n.startswith("expert-")]
 
 
-def knowledge_domains(meta: dict, domains: dict[str, list[str]]) -> list[str]:
+def knowledge_domains(meta: dict, domains: dict[str, list[str]], *, src: str = "results") -> list[str]:
     """meta.primary_domain (a name, "a,b" or a list) where those domains have tasks, else every domain."""
     given = meta.get("primary_domain")
     if isinstance(given, str):
         given = [d.strip() for d in given.split(",") if d.strip()]
     unknown = [str(d) for d in given or [] if str(d) not in domains]
     if unknown:  # the knowledge claims would silently judge another domain
-        raise ResultsError(f"meta.primary_domain names {', '.join(map(repr, unknown))}, which no task of the results "
+        raise ResultsError(f"{src}: meta.primary_domain names {', '.join(map(repr, unknown))}, which no task of the results "
                            f"belongs to (domains: {', '.join(domains) or 'none'}); give the task that domain's name "
                            f"(compare: --domain-task {unknown[0]}=FILE) or name one of these domains (--knowledge)")
     return [str(d) for d in given or []] or list(domains)
