@@ -197,6 +197,41 @@ def test_unknown_lora_targets_exit_2_listing_the_layers(tiny_family, tmp_path, t
     assert not (tmp_path / "o").exists()
 
 
+def test_the_output_layer_is_no_lora_target(tiny_family, tmp_path):
+    """TRL refuses a LoRA on lm_head with a traceback: refused here, and never offered among the choices."""
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
+    for targets, said in (("q_proj,lm_head", "lm_head is the output layer, which TRL does not tune with LoRA"),
+                          ("foo", "foo is not a linear layer")):
+        r = runner.invoke(app, ["align", str(tiny_family["expert"]), str(tmp_path / "o"), "--data", str(data),
+                                "--target-modules", targets, "--no-progress"])
+        text = " ".join(r.output.split())
+        assert r.exit_code == 2 and said in text and "q_proj" in text, r.output
+        assert "lm_head" not in text.split("choose from")[1]
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_model_without_a_tokenizer_or_given_as_an_adapter_is_a_clear_error(tiny_family, tmp_path):
+    import shutil
+
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
+    notok = tmp_path / "notok"
+    notok.mkdir()
+    for name in ("config.json", "model.safetensors", "generation_config.json"):
+        shutil.copy(tiny_family["expert"] / name, notok / name)
+    r = runner.invoke(app, ["align", str(notok), str(tmp_path / "o"), "--data", str(data), "--no-progress"])
+    assert r.exit_code == 2 and "notok: has no tokenizer files" in " ".join(r.output.split()), r.output
+    adapter = tmp_path / "ad"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tiny_family["base"]),
+                                                             "peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                             "target_modules": ["q_proj"]}))
+    r = runner.invoke(app, ["align", str(adapter), str(tmp_path / "o"), "--data", str(data), "--no-progress"])
+    assert r.exit_code == 2 and "is a LoRA adapter folder" in " ".join(r.output.split()), r.output
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_lora_expert_is_tuned_as_the_model_with_its_adapter_merged(micro_testbed, tmp_path):
     """`align BASE+ADAPTER`: the adapter merged in first, so the result equals aligning the merged model written
     out; the run record names the reference, the tokenizer comes from the adapter folder."""

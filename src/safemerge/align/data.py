@@ -130,7 +130,8 @@ def _field(row: dict, key: str, where: str) -> str | list[dict]:
     if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
         return [{"role": m["role"], "content": m["content"]} for m in value]
     raise PreferenceDataError(f"{where}: {key!r} must be a non-empty string or a list of "
-                              f"{{'role', 'content'}} messages, got {type(value).__name__}")
+                              f"{{'role', 'content'}} messages, got "
+                              f"{'an empty string' if isinstance(value, str) else type(value).__name__}")
 
 
 def _is_hh(text: str) -> bool:

@@ -139,6 +139,8 @@ def _open(model: str | os.PathLike) -> Checkpoint:
     """The model to tune: a local HF folder, or `folder+adapter` (a LoRA expert, read as merges read it)."""
     folder, adapter = split_reference(str(model))
     path = Path(folder).expanduser()
+    if adapter is None and (path / "adapter_config.json").is_file():  # as merges and extract-lora say it
+        open_model(str(path))  # raises the error that names the adapter's base and the MODEL+ADAPTER form
     if not path.is_dir() or not (path / "config.json").is_file():
         raise CheckpointError(f"{folder}: not a model directory with a config.json; pass a local HF checkpoint "
                               "(hub names are not downloaded)")
@@ -165,7 +167,16 @@ def _check_trl() -> None:
 def _tokenizer(src: Path):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(src), trust_remote_code=False)
+    from safemerge.writer import TOKENIZER_FILES
+
+    if not any((src / n).is_file() for n in TOKENIZER_FILES):
+        raise CheckpointError(f"{src}: has no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...); copy them from "
+                              "the model it was trained from (a LoRA expert: give MODEL+ADAPTER with them in either)")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(src), trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{src}: its tokenizer cannot be loaded ({str(e).splitlines()[0][:160]}); check or replace "
+                              "its tokenizer files") from None
     if tok.pad_token is None:  # both trainers pad; the saved tokenizer is the input's own files, unchanged
         tok.pad_token = tok.eos_token
     return tok
@@ -198,7 +209,13 @@ def _check_targets(model, s: AlignSettings) -> None:
     single strings are peft's to read); else a ConfigError that lists the model's linear layer names."""
     if isinstance(s.target_modules, str):
         return
-    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    head = model.get_output_embeddings()  # TRL refuses a LoRA on the output layer, so it is no choice here
+    head_name = next((n.rsplit(".", 1)[-1] for n, m in model.named_modules() if m is head), None)
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                     if isinstance(m, torch.nn.Linear) and m is not head})
+    if head_name in s.target_modules:
+        raise ConfigError(f"--target-modules: {head_name} is the output layer, which TRL does not tune with LoRA; "
+                          f"choose from {', '.join(linear)} (or all-linear)")
     missing = [t for t in s.target_modules if t not in linear]
     if not s.target_modules or missing:
         raise ConfigError(f"--target-modules: {', '.join(missing) or 'none given'} is not a linear layer of this model; "
