@@ -210,9 +210,13 @@ def _check_targets(model, s: AlignSettings) -> None:
     if isinstance(s.target_modules, str):
         return
     head = model.get_output_embeddings()  # TRL refuses a LoRA on the output layer, so it is no choice here
-    head_name = next((n.rsplit(".", 1)[-1] for n, m in model.named_modules() if m is head), None)
-    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                     if isinstance(m, torch.nn.Linear) and m is not head})
+    head_name, found = None, set()
+    for n, m in model.named_modules():
+        if m is head:
+            head_name = n.rsplit(".", 1)[-1]
+        elif isinstance(m, torch.nn.Linear):
+            found.add(n.rsplit(".", 1)[-1])
+    linear = sorted(found)
     if head_name in s.target_modules:
         raise ConfigError(f"--target-modules: {head_name} is the output layer, which TRL does not tune with LoRA; "
                           f"choose from {', '.join(linear)} (or all-linear)")

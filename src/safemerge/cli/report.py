@@ -27,7 +27,6 @@ def report(
     """Turn a results.json into report.md and a self-contained report.html; print the claims' verdicts."""
     from safemerge.report import write_report
     from safemerge.report.assemble import DEFAULT_TITLE
-
     from safemerge.report.results import results_file
 
     with user_errors():

@@ -39,6 +39,9 @@ if TYPE_CHECKING:
 FORMATS = ("plain", "chat")
 
 
+FALLBACK = "no chat template; scored with the plain format instead of chat"  # said by the call, never stored
+
+
 def build_requests(questions: Sequence[MCQuestion], tokenizer: Any, *, format: str) -> list[tuple[list[int], list[int]]]:
     """One (ctx ids, cont ids) per (question, choice), question-major."""
     pairs = []
@@ -104,7 +107,7 @@ def evaluate_domain(
     used, fallback = format, []  # the fallback note belongs to this call, not to the figures stored under `used`
     if format == "chat" and ref.chat_template is None:
         used = "plain"
-        fallback.append(f"{ref.source}: no chat template; scored with the plain format instead of chat")
+        fallback.append(f"{ref.source}: {FALLBACK}")
         warnings.warn(fallback[-1], EvaluationWarning, stacklevel=2)
     settings = {"format": used, **ref.identity()}
     if used == "plain":
@@ -113,7 +116,7 @@ def evaluate_domain(
         settings["prompting"] = PROMPT_VERSION
     key = result_key("domain", model=ref.fingerprint or "", data=qs.fingerprint, settings=settings)
     if cache and ref.fingerprint and (hit := db.get(key)) is not None:
-        stored = [n for n in hit.get("warnings") or [] if not n.endswith("scored with the plain format instead of chat")]
+        stored = [n for n in hit.get("warnings") or [] if not n.endswith(FALLBACK)]
         for note in stored:  # a stored result says what it said when it was computed (older ones held the fallback too)
             warnings.warn(note, EvaluationWarning, stacklevel=2)
         return {**hit, "warnings": fallback + stored, "cached": True}

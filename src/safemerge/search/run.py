@@ -154,8 +154,9 @@ def search(
     device = check_device(device)
     pool = {m: open_model(m) for m in cfg.input_models()}
     check_architecture(pool)  # before any model is loaded
+    reference = pool[cfg.base_model or cfg.models[0].model]
     inputs = input_dirs(pool.values()) + tokenizer_dirs(cfg)
-    check_copied_files(cfg, pool[cfg.base_model or cfg.models[0].model].path)  # the best merge copies them at the end
+    check_copied_files(cfg, reference.path)  # the best merge copies them at the end
     files = _input_files(config, safety_data, domain_data, audit_prompts)
     check_apart(out, inputs)
     check_apart(out, files, kind="input file")  # --overwrite would delete a data file kept in OUT
@@ -172,9 +173,9 @@ def search(
     if journal_path.absolute() == out or out in journal_path.absolute().parents:
         raise ConfigError(f"--journal {journal_path}: the journal would lie in the output {out}, which is written at the "
                           "end (and replaced with --overwrite); put it beside the output")
-    reference = pool[cfg.base_model or cfg.models[0].model].config
     spec = ScorerSpec(config=cfg.to_yaml_dict(), safety_data=data["safety"]["path"], domain_data=data["domain"]["path"],
-                      lambda_=lam, batch_size=batch_size, max_length=effective_max_length(max_length, reference), limit=limit, device=device,
+                      lambda_=lam, batch_size=batch_size, max_length=effective_max_length(max_length, reference.config),
+                      limit=limit, device=device,
                       threads=threads or (1 if (workers > 1 or ray_address) else None),
                       trim_memo_bytes=None if memo_gib is None else int(memo_gib * 2**30))
     identity = _identity(cfg, pool, optimizer=optimizer, lam=lam, seed=seed, steps=steps, popsize=popsize, sigma0=sigma0,

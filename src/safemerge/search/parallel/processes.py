@@ -64,11 +64,10 @@ class ProcessScorer:
             pending = {self._pool.submit(_score, k, c) for k, c in enumerate(configs)}
             while pending:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                failed = [f.exception() for f in done if f.exception() is not None]
-                for fut in sorted((f for f in done if f.exception() is None), key=lambda f: f.result()[0]):
-                    yield fut.result()  # journaled before the error below
-                if failed:
-                    raise failed[0]  # the scorer's own error (a bad checkpoint, say), as a serial run raises it
+                errors = [e for e in (f.exception() for f in done) if e is not None]
+                yield from sorted((f.result() for f in done if f.exception() is None), key=lambda r: r[0])  # journaled first
+                if errors:
+                    raise errors[0]  # the scorer's own error (a bad checkpoint, say), as a serial run raises it
         except BrokenProcessPool:
             raise worker_died(self.workers) from None
         finally:
