@@ -82,6 +82,11 @@ def _testbed_key(testbed: Path) -> str:
     return json.loads((testbed / "world.json").read_text())["key"]
 
 
+def _testbed_code(testbed: Path) -> str:
+    """The hash of the testbed code and libraries the run's models were trained with (its recipe, seed apart)."""
+    return json.loads((testbed / "world.json").read_text())["code_version"]
+
+
 # -- the stages -------------------------------------------------------------------------------------
 def _merges(r: Repro) -> None:
     from safemerge import merge, mergealign
@@ -258,7 +263,7 @@ def _repro(*, out, seed, preset, domains, skip, progress) -> dict:
     console.rule("evaluation")
     results.update(_evaluate(r, [n for n in r.models if n not in results]))
     doc = {"meta": {"seed": seed, "preset": preset, "domains": list(r.domains), "primary_domain": r.primary,
-                    "timings": r.timings, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "testbed_code": _testbed_code(testbed), "timings": r.timings, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
                     "seconds": round(time.perf_counter() - t_start, 1)},
            "models": results}
     (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")

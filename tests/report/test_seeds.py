@@ -53,8 +53,10 @@ def test_a_run_without_a_model_is_left_out_of_its_mean(tmp_path, full):
     ({"preset": "micro"}, "preset"),
     ({"primary_domain": "finance"}, "knowledge domains"),
     (None, "safety sets"),  # a mean over a run on two sets and a run on one means nothing either
+    ({"testbed_code": "0123456789abcdef"}, "testbed recipe"),  # a testbed trained by other code or libraries
 ])
 def test_runs_of_different_studies_are_refused(tmp_path, full, change, words):
+    full["meta"]["testbed_code"] = "fedcba9876543210"
     a = _write(tmp_path, "s0", full)
     other = json.loads(json.dumps(full))
     other["meta"].update(seed=1, **(change or {}))
@@ -63,6 +65,14 @@ def test_runs_of_different_studies_are_refused(tmp_path, full, change, words):
             m["safety"].pop("advbench_like")
     with pytest.raises(ResultsError, match=f"differs from .* in {words}"):
         seeds_table([a, _write(tmp_path, "s1", other)])
+
+
+def test_a_run_from_before_the_recipe_was_recorded_is_not_refused_for_it(tmp_path, full):
+    newer = json.loads(json.dumps(full))
+    newer["meta"].update(seed=1, testbed_code="fedcba9876543210")
+    assert "testbed_code" not in full["meta"]
+    assert "| model | seed 0 | seed 1 | mean |" in seeds_table([_write(tmp_path, "s0", full),
+                                                                _write(tmp_path, "s1", newer)]).splitlines()
 
 
 def test_two_runs_of_one_seed_get_distinct_labels(tmp_path, full):

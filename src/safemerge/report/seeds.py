@@ -29,18 +29,23 @@ def _run_name(path: str | os.PathLike) -> str:
 
 
 def _same_study(runs: list[Results], paths: Sequence[str | os.PathLike]) -> None:
-    """Runs side by side must differ in their seed only: a mean over presets or knowledge domains means nothing."""
+    """Runs side by side must differ in their seed only: a mean over presets, knowledge domains or testbed recipes
+    means nothing. The recipe (`meta.testbed_code`, the hash of the testbed code and libraries) is compared where both
+    runs record it; results.json files written before it was recorded are not refused for lacking it."""
     def study(r: Results) -> dict:
         return {"preset": r.meta.get("preset"), "domains": list(r.domains), "knowledge domains": list(r.focus),
-                "safety sets": sorted({s for m in r.models.values() for s in m.safety})}
+                "safety sets": sorted({s for m in r.models.values() for s in m.safety}),
+                "testbed recipe": r.meta.get("testbed_code")}
 
     first = study(runs[0])
     for r, p in zip(runs[1:], paths[1:]):
         other = study(r)
-        diff = [k for k in first if first[k] != other[k]]
+        diff = [k for k in first if first[k] != other[k]
+                and not (k == "testbed recipe" and None in (first[k], other[k]))]
         if diff:
             raise ResultsError(f"{p}: differs from {paths[0]} in {', '.join(f'{k} ({other[k]} vs {first[k]})' for k in diff)}; "
-                               "put side by side only runs of one study (seeds of the same preset and domains)")
+                               "put side by side only runs of one study (seeds of the same preset and domains, on testbeds built by the "
+                               "same code: rerun `safemerge repro` for the older seeds)")
 
 
 def _each_once(paths: Sequence[str | os.PathLike]) -> None:
