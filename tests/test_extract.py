@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -67,7 +68,10 @@ def test_full_rank_gives_back_the_model_through_peft_and_through_safemerge(fam, 
     assert cfg["r"] == cfg["lora_alpha"] == 32 and cfg["rank_pattern"] == kv == cfg["alpha_pattern"]  # k, v: (16, 32)
     assert {"lm_head", "model.embed_tokens", "model.norm"} <= set(cfg["modules_to_save"])  # as mergekit: saved whole
     assert "model.layers.0.self_attn.q_proj" in cfg["target_modules"] and res.total_error < 1e-5
-    assert "library_name: peft" in (res.path / "README.md").read_text()
+    card = (res.path / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["library_name"] == "peft" and "base_model" not in front  # the hub reads a hub id there, not a path
+    assert str(fam["base"]) in card  # the text still names it
 
 
 def test_rank_r_is_the_truncated_svd_and_its_error_is_the_dropped_energy(fam, tmp_path):

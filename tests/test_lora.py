@@ -219,6 +219,46 @@ def test_gpt2_conv1d_layers_are_transposed_per_layer_as_peft_does(tmp_path):
                            open_model(str(tmp_path / "gpt2")).get("transformer.h.0.attn.c_proj.weight"))
 
 
+def test_an_adapter_of_a_checkpoint_stored_without_its_prefix_is_merged_as_peft_merges_it(tmp_path):
+    """The hub's gpt2 stores `h.0.attn.c_attn.weight` where the model (and so a peft adapter) says
+    `transformer.h.0.attn.c_attn.weight`: the adapter was refused as made for another model."""
+    from safetensors.torch import save_file
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4)).save_pretrained(tmp_path / "gpt2")
+    adapter = _adapter(tmp_path / "gpt2", tmp_path / "ad", target_modules=["c_attn"], modules_to_save=None)
+    want = _peft_merged(tmp_path / "gpt2", adapter)
+    weights = tmp_path / "gpt2" / "model.safetensors"
+    save_file({k.removeprefix("transformer."): v.contiguous() for k, v in load_file(weights).items()}, weights,
+              metadata={"format": "pt"})
+    ckpt = open_model(f"{tmp_path / 'gpt2'}+{adapter}")
+    assert "h.0.attn.c_attn.weight" in ckpt.names()
+    torch.testing.assert_close(ckpt.get("h.0.attn.c_attn.weight"), want["transformer.h.0.attn.c_attn.weight"],
+                               rtol=0, atol=1e-6)
+    assert not torch.equal(ckpt.get("h.0.attn.c_attn.weight"), open_model(str(tmp_path / "gpt2")).get("h.0.attn.c_attn.weight"))
+
+
+def test_an_incomplete_adapter_or_config_is_refused_by_name(lora_family, tmp_path):
+    """A B matrix without its A was skipped (the base's weight kept: a wrong merge, silently); a config that is
+    JSON but not an object was a traceback."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    fam, adapter = lora_family
+    broken = shutil.copytree(adapter, tmp_path / "no-A")
+    weights = load_file(broken / "adapter_model.safetensors")
+    gone = next(k for k in weights if "q_proj.lora_A" in k)
+    save_file({k: v for k, v in weights.items() if k != gone}, broken / "adapter_model.safetensors")
+    with pytest.raises(CheckpointError, match="q_proj.lora_B.weight' has no matching A matrix"):
+        open_model(f"{fam['base']}+{broken}")
+    odd = shutil.copytree(adapter, tmp_path / "list")
+    (odd / "adapter_config.json").write_text("[]")
+    with pytest.raises(CheckpointError, match="adapter_config.json: must hold a JSON object .*got list"):
+        open_model(f"{fam['base']}+{odd}")
+
+
 def test_adapters_peft_would_merge_otherwise_are_refused_by_name(lora_family, tmp_path):
     import shutil
 

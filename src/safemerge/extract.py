@@ -305,7 +305,11 @@ def _causal(ckpt) -> bool:
 
 
 def _card(out: Path, *, model: str, base: str, result: Extraction, rank: int, svd: str) -> None:
-    front = {"base_model": base, "library_name": "peft", "tags": ["safemerge", "lora", "extracted-lora"]}
+    from safemerge._hf import is_hub_id
+
+    front: dict = {"library_name": "peft", "tags": ["safemerge", "lora", "extracted-lora"]}
+    if is_hub_id(base):  # the hub reads base_model as a hub id: a local path stays in the text below
+        front = {"base_model": base, **front}
     ranks = sorted(set(result.ranks.values()))
     text = (f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n# LoRA extracted from `{model}`\n\n"
             f"The change of `{model}` from `{base}`, extracted with [safemerge](https://github.com/safemerge/safemerge) "

@@ -84,6 +84,8 @@ def read_adapter_config(adapter: Path) -> dict:
         cfg = json.loads(cfg_file.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{cfg_file}: not readable JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{cfg_file}: must hold a JSON object (peft's LoraConfig), got {type(cfg).__name__}")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise CheckpointError(f"{cfg_file}: peft_type {cfg.get('peft_type')!r}; only LoRA adapters can be merged in")
     bad = sorted(k for k, v in cfg.items() if k not in _KNOWN and v not in (None, False, {}, [], ""))
@@ -118,19 +120,26 @@ class LoraCheckpoint(Checkpoint):
         self._low_rank: dict[str, tuple[str, str, bool]] = {}  # weight name -> (A name, B name, transposed)
         self._whole: dict[str, str] = {}  # weight name -> adapter tensor that replaces it
         self._scale: dict[str, float] = {}  # weight name -> s = α/r (α/√r with rsLoRA)
+        b_keys = []
         for key in self.adapter_weights.names():
             name = key.removeprefix(PREFIX)
             for a_suffix, b_suffix, embedding in ((".lora_A.weight", ".lora_B.weight", False),
                                                   (".lora_embedding_A", ".lora_embedding_B", True)):
                 if name.endswith(a_suffix):
                     module = name.removesuffix(a_suffix)
-                    self._low_rank[module + ".weight"] = (key, key.removesuffix(a_suffix) + b_suffix, embedding)
+                    self._low_rank[self._stored(module + ".weight")] = (key, key.removesuffix(a_suffix) + b_suffix, embedding)
                     break
             else:
                 if name.endswith((".lora_B.weight", ".lora_embedding_B")):
+                    b_keys.append(key)
                     continue
                 target = name.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
-                self._whole[target] = key
+                self._whole[self._stored(target)] = key
+        orphans = sorted(set(b_keys) - {b for _, b, _ in self._low_rank.values()})
+        if orphans:  # its A missing, the update cannot be formed: silently keeping the base's weight would be wrong
+            raise CheckpointError(f"{weights}: {orphans[0]!r} has no matching A matrix"
+                                  f"{f' (and {len(orphans) - 1} more)' if len(orphans) > 1 else ''}; the adapter file "
+                                  "is incomplete: save it again with peft")
         self._check_tied()
         for name in [*self._low_rank, *self._whole]:
             if name not in self:
@@ -163,6 +172,15 @@ class LoraCheckpoint(Checkpoint):
             if tuple(self.shape(name)) != tuple(self.adapter_weights.shape(key)):
                 raise CheckpointError(f"{self.adapter}: {key!r} has shape {list(self.adapter_weights.shape(key))} "
                                       f"but {name!r} has {list(self.shape(name))}")
+
+    def _stored(self, name: str) -> str:
+        """The checkpoint's name of a module's weight that the adapter names as the model holds it at run time: a
+        checkpoint saved without the base model's prefix (gpt2's `h.0.attn.c_attn.weight` for the runtime
+        `transformer.h.0.attn.c_attn.weight`) is read with the prefix dropped, as from_pretrained does."""
+        if name in self:
+            return name
+        first, _, rest = name.partition(".")
+        return rest if rest and rest in self and first == _base_model_prefix(self.config) else name
 
     def _check_tied(self) -> None:
         """A model whose lm_head is its embedding matrix (no lm_head tensor stored): an adapter that changes one of the
@@ -243,3 +261,18 @@ def _pattern_key(patterns: dict, module: str) -> str | None:
         except re.error:
             raise CheckpointError(f"rank/alpha pattern {key!r}: not a regular expression") from None
     return None
+
+
+def _base_model_prefix(config: dict) -> str | None:
+    """The `base_model_prefix` of the config's architecture class in transformers (e.g. "transformer" for GPT-2)."""
+    arch = (config.get("architectures") or [None])[0]
+    if not isinstance(arch, str):
+        return None
+    import transformers
+
+    try:
+        cls = getattr(transformers, arch, None)
+    except Exception:  # a lazy module that cannot import the class (a missing optional dependency)
+        return None
+    prefix = getattr(cls, "base_model_prefix", None)
+    return prefix if isinstance(prefix, str) and prefix else None

@@ -11,7 +11,8 @@ newest counts.
 stored safety evaluation, or one whose safety rate is below `min_safety` on any stored safety data set
 (or on `safety_data` when given), unless `allow_unsafe` is set (the card then says so). It then updates
 the card and uploads the folder in one commit with huggingface_hub (`create_repo`, `upload_folder`), so
-a failed upload changes nothing on the hub. `dry_run` checks and shows everything and writes nothing.
+a failed upload commits nothing (the repository, and the branch of `revision`, may have been created
+empty before it). `dry_run` checks and shows everything and writes nothing, not even to the results store.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ END = "<!-- /safemerge:evaluation -->"
 DEFAULT_MIN_SAFETY = 0.9
 SOURCE_NAME, SOURCE_URL = "safemerge", "https://github.com/safemerge/safemerge"
 UPLOAD_IGNORE = [".*", "**/.*"]  # hidden files: caches, and safemerge's own temporaries (.NAME.partial-PID)
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# weights in any format (PyTorch, TensorFlow, Flax, GGUF, ONNX): outside the checkpoint they would go up unchecked
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".gguf", ".h5", ".msgpack", ".onnx")
 
 
 class PublishError(SafemergeError):
@@ -54,8 +56,10 @@ class Evaluations:
     other_settings: int = 0  # safety evaluations with a system prompt, without the chat template, or sampled
 
 
-def stored_evaluations(model: str | os.PathLike, *, store: ResultsStore | str | os.PathLike | None = None) -> Evaluations:
-    """Every stored safety and domain evaluation of MODEL's weights, config, tokenizer and chat template."""
+def stored_evaluations(model: str | os.PathLike, *, store: ResultsStore | str | os.PathLike | None = None,
+                       remember: bool = True) -> Evaluations:
+    """Every stored safety and domain evaluation of MODEL's weights, config, tokenizer and chat template.
+    `remember=False` (the dry runs) writes nothing, not even the store's fingerprint cache."""
     from safemerge.evaluate.loading import model_ref
 
     path = _model_dir(model)
@@ -63,7 +67,7 @@ def stored_evaluations(model: str | os.PathLike, *, store: ResultsStore | str | 
         raise SafemergeError(f"--store {store}: no results store there; pass the store that holds the evaluations "
                              "(the --store of `safemerge eval`, else $SAFEMERGE_HOME/results.sqlite or ./.safemerge/results.sqlite)")
     db = open_store(store)
-    ref = model_ref(path, store=db)
+    ref = model_ref(path, store=db, remember=remember)
     ident = ref.identity()
     ev, seen = Evaluations(path, ref.fingerprint), set()
     for row in db.rows(model=ref.fingerprint):  # newest first
@@ -101,7 +105,7 @@ def update_card(
     Returns {"card": path, "text": the new card, "evaluations": counts, "changed": bool, "written": bool}.
     """
     check_arguments(update_card, locals())
-    ev = stored_evaluations(model, store=store)
+    ev = stored_evaluations(model, store=store, remember=not dry_run)
     return _write_card(ev, model_name=model_name or ev.model.name, note=None, dry_run=dry_run)
 
 
@@ -131,7 +135,10 @@ def publish(
     repo_id = _check_repo_id(repo_id)
     path = _model_dir(model)
     _check_checkpoint(path)
-    ev = stored_evaluations(path, store=store)
+    ignore = UPLOAD_IGNORE + _store_patterns(path, store)
+    files = [f for f in _upload_files(path, ignore) if f["path"] != "README.md"]
+    _check_stray_weights(path, files)
+    ev = stored_evaluations(path, store=store, remember=not dry_run)
     gate = _gate(ev, min_safety=min_safety, safety_data=safety_data)
     if not gate["checked"]:
         _check_safety_data(safety_data)  # no evaluation matched: a missing file is the likelier story
@@ -140,8 +147,6 @@ def publish(
                                             "and the card will say so)")
     note = None if gate["passed"] else f"published with --allow-unsafe: {gate['reason']}"
     card = _write_card(ev, model_name=repo_id.split("/")[-1], note=note, dry_run=dry_run)
-    ignore = UPLOAD_IGNORE + _store_patterns(path, store)
-    files = [f for f in _upload_files(path, ignore) if f["path"] != "README.md"]
     files.append({"path": "README.md", "bytes": len(card["text"].encode())})  # as written (or, dry, as it would be)
     result = {"model": str(path), "repo_id": repo_id, "private": private, "revision": revision, "gate": gate,
               "files": files, "card": card["card"], "card_text": card["text"], "dry_run": dry_run, "url": None}
@@ -186,7 +191,7 @@ def _gate(ev: Evaluations, *, min_safety: float, safety_data: str | os.PathLike 
     rows = ev.safety
     if safety_data is not None:
         rows = [r for r in rows if isinstance(r.get("data"), str) and _resolved(r["data"]) == _resolved(safety_data)]
-    checked = [{"data": _data_name(r.get("data")), "judge": r.get("judge"), "n": r.get("n"), "safe_rate": r.get("safe_rate")}
+    checked = [{"data": _data_name(r.get("data"), _sources(ev.safety)), "judge": r.get("judge"), "n": r.get("n"), "safe_rate": r.get("safe_rate")}
                for r in rows]
     out: dict[str, Any] = {"min_safety": min_safety, "checked": checked, "passed": False, "reason": ""}
     if not rows:
@@ -280,7 +285,7 @@ def _section(ev: Evaluations, note: str | None) -> str:
     parts += [f"Measured with safemerge {__version__} on exactly these weights (fingerprint `{ev.fingerprint}`) "
               "and the tokenizer and chat template in this folder.", ""]
     if ev.safety:
-        rows = [[_data_name(r.get("data")), r.get("n"), r.get("judge"), _fmt(r.get("safe_rate")),
+        rows = [[_data_name(r.get("data"), _sources(ev.safety)), r.get("n"), r.get("judge"), _fmt(r.get("safe_rate")),
                  _decoding(r.get("generation") or {}), (r.get("generation") or {}).get("max_new_tokens", "")] for r in ev.safety]
         parts += ["### Safety", "", "Share of answers that the judge rules safe, per prompt set (with the keyword judge: "
                   "refusals). On harmful prompts higher is safer; on a benign prompt set it is the over-refusal rate.", "",
@@ -306,8 +311,8 @@ def _eval_results(ev: Evaluations) -> list:
     src = {"source_name": SOURCE_NAME, "source_url": SOURCE_URL}
     out = []
     safety = [r for r in ev.safety if isinstance(r.get("safe_rate"), (int, float))]
-    for r in _largest(safety, lambda r: (_data_name(r.get("data")), r.get("judge"))):
-        name = _data_name(r.get("data"))
+    for r in _largest(safety, lambda r: (str(r.get("data")), r.get("judge"))):
+        name = _data_name(r.get("data"), _sources(safety))
         out.append(EvalResult(task_type="text-generation", task_name="safety", dataset_type=name, dataset_name=name,
                               metric_type="safe_rate", metric_name=f"safe rate ({r.get('judge')} judge, n={r.get('n')})",
                               metric_value=round(r["safe_rate"], 4), **src))
@@ -333,15 +338,28 @@ def _largest(rows: list[dict], key: Callable[[dict], Any]) -> list[dict]:
     return list(best.values())
 
 
-def _data_name(source: Any) -> str:
-    """A local file by its name (the card does not show the publisher's folders); a hub dataset by its id."""
+def _data_name(source: Any, among: Any = ()) -> str:
+    """A local file by its name (the card does not show the publisher's folders), with as many of its folders as
+    tell it apart from another file of that name in `among` (the other sources shown beside it); a hub dataset by
+    its id."""
     if not isinstance(source, str):
         return "?"
     from safemerge.data.loaders import names_data_file
 
     # a data file's suffix marks a local file wherever the card is written from, as the loader reads it
     local = names_data_file(source) or Path(source).expanduser().exists() or source.startswith(("/", "~", "."))
-    return Path(source).name if local else source
+    if not local:
+        return source
+    parts = Path(source).parts
+    others = [Path(o).parts for o in set(among) if isinstance(o, str) and o != source]
+    k = 1
+    while k < len(parts) and any(o[-k:] == parts[-k:] for o in others):
+        k += 1
+    return Path(*parts[-k:]).as_posix()
+
+
+def _sources(rows: list[dict]) -> list[Any]:
+    return [r.get("data") for r in rows]
 
 
 def _decoding(gen: dict) -> str:
@@ -373,12 +391,19 @@ def _check_checkpoint(path: Path) -> None:
     if not any(path.glob("*.safetensors")) and any(path.glob("*.bin")):
         raise PublishError(f"{path}: pickle (.bin) weights are not published; convert them to safetensors first "
                            "(e.g. a `linear` merge of the one model with `--allow-pickle`)")
-    own = {f.name for f in Checkpoint(path).weight_files()}  # every header and the index are readable
-    stray = sorted(f.name for f in path.iterdir() if f.is_file() and not f.name.startswith(".")
-                   and f.suffix in WEIGHT_SUFFIXES and f.name not in own)
-    if stray:  # uploaded beside the checkpoint, weights nobody fingerprinted, evaluated or gated
-        raise PublishError(f"{path}: {', '.join(stray)} lie beside the checkpoint's weights ({', '.join(sorted(own))}) "
-                           "but are not part of it; they would be uploaded unchecked: move them out of the folder")
+    Checkpoint(path).weight_files()  # every header and the index are readable
+
+
+def _check_stray_weights(path: Path, files: list[dict[str, Any]]) -> None:
+    """Weight files in the upload (a subfolder's included) that are not the checkpoint's: weights nobody
+    fingerprinted, evaluated or gated."""
+    from safemerge.checkpoint import Checkpoint
+
+    own = {f.name for f in Checkpoint(path).weight_files()}
+    stray = [f["path"] for f in files if Path(f["path"]).suffix.lower() in WEIGHT_SUFFIXES and f["path"] not in own]
+    if stray:
+        raise PublishError(f"{path}: {', '.join(stray)} would be uploaded beside the checkpoint's weights "
+                           f"({', '.join(sorted(own))}) but are not part of it, so unchecked: move them out of the folder")
 
 
 def _upload_files(path: Path, ignore: list[str]) -> list[dict[str, Any]]:
@@ -393,9 +418,10 @@ def _upload_files(path: Path, ignore: list[str]) -> list[dict[str, Any]]:
 def _store_patterns(path: Path, store: Any) -> list[str]:
     """Ignore patterns for a results store kept inside the model folder: the database, its journal files and the
     stored responses beside it (the model's answers to harmful prompts)."""
-    db = open_store(store).path.expanduser().absolute()
+    db = open_store(store).path.expanduser()
+    db = db.parent.resolve() / db.name  # `path` is resolved: a link in either path must not hide the store
     try:
-        rel = db.relative_to(path.absolute())
+        rel = db.relative_to(path)
     except ValueError:
         return []
     responses = (rel.parent / "responses").as_posix()

@@ -135,19 +135,23 @@ class ResultsStore:
             db.execute("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
             db.execute("COMMIT")
 
-    def fingerprint(self, path: str | os.PathLike, *, allow_pickle: bool = False) -> str:
+    def fingerprint(self, path: str | os.PathLike, *, allow_pickle: bool = False, remember: bool = True) -> str:
         """The fingerprint of a model folder or `model+adapter` reference, remembered under its weight files'
-        (path, size, mtime): a model that has not changed is not hashed again, so a repeated evaluation is a lookup."""
+        (path, size, mtime): a model that has not changed is not hashed again, so a repeated evaluation is a lookup.
+        `remember=False` looks up but writes nothing (a dry run); a missing store file is then not created."""
         from safemerge.lora import open_model
 
         ck = open_model(str(path), allow_pickle=allow_pickle)
         stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in ck.source_files()]
         signature = hashlib.blake2b(_canon(stats).encode(), digest_size=16).hexdigest()
-        with self._connect() as db:
-            row = db.execute("SELECT digest FROM fingerprints WHERE signature = ?", (signature,)).fetchone()
-        if row:
-            return row[0]
+        if remember or self.path.exists():
+            with self._connect() as db:
+                row = db.execute("SELECT digest FROM fingerprints WHERE signature = ?", (signature,)).fetchone()
+            if row:
+                return row[0]
         digest = ck.fingerprint()
+        if not remember:
+            return digest
         with self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
             db.execute("INSERT OR REPLACE INTO fingerprints VALUES (?, ?)", (signature, digest))

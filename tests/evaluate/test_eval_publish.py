@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 
 import pytest
 from huggingface_hub import ModelCard
@@ -190,9 +191,36 @@ def test_stray_weights_are_refused_and_a_store_in_the_folder_is_not_uploaded(mod
     assert not {f["path"] for f in r["files"]} & {"results.sqlite", "responses/k.jsonl"}
     shutil.copy(model / "model.safetensors", model / "old-model.safetensors")
     (model / "pytorch_model.bin").write_bytes(b"x")
-    with pytest.raises(PublishError, match=r"old-model.safetensors, pytorch_model.bin lie beside the checkpoint's weights "
-                                           r"\(model.safetensors\) but are not part of it"):
+    with pytest.raises(PublishError, match=r"old-model.safetensors, pytorch_model.bin would be uploaded beside the "
+                                           r"checkpoint's weights \(model.safetensors\) but are not part of it"):
         publish(model, "me/m", store=inside, min_safety=0.0, dry_run=True)
+
+
+@pytest.mark.parametrize("stray", ["checkpoint-500/pytorch_model.bin", "checkpoint-500/model.safetensors",
+                                   "old-model.gguf", "tf_model.h5", "flax_model.msgpack", "model.onnx"])
+def test_weights_in_a_subfolder_or_another_format_are_refused_too(model, prompts_file, store, stray):
+    """The check looked at the folder's top level and at PyTorch suffixes only, while the upload takes every file."""
+    _safety(model, prompts_file, store)
+    (model / stray).parent.mkdir(exist_ok=True)
+    (model / stray).write_bytes(b"weights nobody evaluated")
+    with pytest.raises(PublishError, match=f"{stray} would be uploaded beside the checkpoint's weights"):
+        publish(model, "me/m", store=store, min_safety=0.0, dry_run=True)
+    assert not (model / "README.md").exists()  # refused before the card is written
+
+
+def test_a_store_in_the_folder_stays_out_when_the_folder_is_named_through_a_link(model, prompts_file, tmp_path):
+    """The model folder was resolved and the store's path was not: the store and the model's answers to harmful
+    prompts went into the upload when either was named through a symbolic link (macOS's /tmp, a ~/models link)."""
+    link = tmp_path / "models"
+    link.symlink_to(model.parent)
+    inside = link / model.name / "results.sqlite"
+    _safety(link / model.name, prompts_file, inside)
+    (model / "responses").mkdir(exist_ok=True)
+    (model / "responses" / "k.jsonl").write_text("{}\n")
+    for folder in (link / model.name, model):
+        r = publish(folder, "me/m", store=inside, min_safety=0.0, dry_run=True)
+        sent = {f["path"] for f in r["files"]}
+        assert "model.safetensors" in sent and not sent & {"results.sqlite", "responses/k.jsonl"}
 
 
 def test_markers_that_do_not_pair_up_are_an_error_not_a_guess(model, prompts_file, store):
@@ -208,6 +236,29 @@ def test_dry_run_writes_and_uploads_nothing(model, prompts_file, store):
     r = publish(model, "me/m", store=store, min_safety=0.0, dry_run=True, api=FakeHub(fail=AssertionError("no upload")))
     assert r["dry_run"] and START in r["card_text"] and not (model / "README.md").exists()
     assert update_card(model, store=store, dry_run=True)["written"] is False and not (model / "README.md").exists()
+
+
+def test_dry_runs_write_nothing_to_a_results_store_either(model, prompts_file, store, tmp_path, monkeypatch):
+    """They made ./.safemerge/results.sqlite where none was, and added a fingerprint row to one that was."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SAFEMERGE_HOME", raising=False)
+    assert update_card(model, dry_run=True)["evaluations"]["safety"] == 0
+    with pytest.raises(PublishError, match="no stored safety evaluation"):
+        publish(model, "me/m", dry_run=True)
+    assert not (tmp_path / ".safemerge").exists()
+    _safety(model, prompts_file, store)
+    shutil.copytree(model, tmp_path / "copy")  # the same weights under another path: a new fingerprint-cache entry
+
+    def counts():
+        with sqlite3.connect(store.path) as db:
+            return [db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in ("results", "fingerprints")]
+
+    rows, cached = counts()
+    assert publish(tmp_path / "copy", "me/m", store=store, min_safety=0.0, dry_run=True)["gate"]["passed"]
+    update_card(tmp_path / "copy", store=store, dry_run=True)
+    assert counts() == [rows, cached]
+    update_card(tmp_path / "copy", store=store)  # a real run may remember it
+    assert counts() == [rows, cached + 1]
 
 
 def test_bad_input_is_refused_before_anything_is_written(model, prompts_file, tmp_path, store):
@@ -271,6 +322,21 @@ def test_safemerge_publish_stays_the_function_once_its_module_is_loaded():
 
     safemerge.update_card  # noqa: B018  (loads the module that defines both)
     assert safemerge.publish is publish and callable(safemerge.publish)
+
+
+def test_two_prompt_sets_of_one_file_name_are_told_apart(model, prompts_file, store, tmp_path):
+    """The model-index keyed the runs by the file's name: of harmful/test.jsonl and benign/test.jsonl one figure
+    was dropped from the metadata, and the table showed two rows named test.jsonl."""
+    for sub in ("harmful", "benign"):
+        (tmp_path / sub).mkdir()
+        shutil.copy(prompts_file, tmp_path / sub / "test.jsonl")
+        evaluate_safety(model, prompts=tmp_path / sub / "test.jsonl", device="cpu", store=store, max_new_tokens=8,
+                        limit=2 if sub == "benign" else None, progress=False)
+    update_card(model, store=store)
+    text = (model / "README.md").read_text()
+    assert "| harmful/test.jsonl |" in text and "| benign/test.jsonl |" in text and "| test.jsonl |" not in text
+    names = {e.dataset_name for e in ModelCard(text).data.eval_results if e.metric_type == "safe_rate"}
+    assert names == {"harmful/test.jsonl", "benign/test.jsonl"}
 
 
 def test_the_model_index_holds_the_largest_run_per_data_set_and_setting(model, prompts_file, mc_file, store):

@@ -22,7 +22,7 @@ def register(app: typer.Typer) -> None:
 def card(
     model: Path = typer.Argument(..., help="Local model folder; its README.md is the card."),
     store: Optional[Path] = StoreOpt,
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the card; write nothing."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the card; write nothing (not even to the results store)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Write MODEL's stored evaluations (safety, domain) into its model card and its model-index metadata."""

@@ -219,10 +219,12 @@ class ModelRef:
 
 
 def model_ref(
-    model: Any, *, dtype: str = "auto", allow_pickle: bool = False, store: "ResultsStore | None" = None
+    model: Any, *, dtype: str = "auto", allow_pickle: bool = False, store: "ResultsStore | None" = None,
+    remember: bool = True,
 ) -> ModelRef:
     """A ModelRef for a path / hub id, or for a loaded backend (anything with .tokenizer and .fingerprint).
-    A ModelRef passes through, so one ref (and the backend it loads once) can serve several evaluations."""
+    A ModelRef passes through, so one ref (and the backend it loads once) can serve several evaluations.
+    `remember=False`: the store's fingerprint cache is read, not written (see ResultsStore.fingerprint)."""
     if isinstance(model, ModelRef):
         return model
     if not isinstance(model, (str, os.PathLike)):
@@ -235,7 +237,7 @@ def model_ref(
     path, adapter = model_folders(model)
     source = f"{path}+{adapter}" if adapter is not None else str(path)
     if store is not None:
-        fingerprint = store.fingerprint(source, allow_pickle=allow_pickle)
+        fingerprint = store.fingerprint(source, allow_pickle=allow_pickle, remember=remember)
     else:
         from safemerge.lora import open_model
 
