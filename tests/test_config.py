@@ -74,7 +74,7 @@ def test_per_model_params_fall_back_to_global_then_default():
     ({"models": [{"model": "x", "parameters": {"weight": 1, "normalize": True}}]}, ["normalize", "global"]),
     ({"dtype": "float8"}, ["float8"]),
     ({"base_model": None}, ["needs base_model"]),
-    ({"slices": []}, ["give `models` or `slices`, not both"]),
+    ({"slices": [{"sources": [{"model": "x", "layer_range": [0, 1]}]}]}, ["give `models` or `slices`, not both"]),
     ({"models": []}, ["models is empty"]),
     ({"models": [{"model": "x", "parameters": {"weight": float("nan")}}]}, ["models[x].parameters.weight", "not a finite"]),
     ({"parameters": {"weight": float("inf")}}, ["parameters.weight", "not a finite"]),
@@ -154,6 +154,25 @@ def test_bad_slices_are_refused(tiny_family, over, words):
         _sliced(tiny_family, **over)
     for w in words:
         assert w in str(e.value)
+
+
+@pytest.mark.parametrize("empty", [{"models": []}, {"models": None}, {"modules": None}])
+def test_an_empty_form_beside_slices_is_absent_as_mergekit_reads_it(tiny_family, empty):
+    """A bare `models:` or `modules:` beside `slices:` was refused as a second form; mergekit merges it."""
+    c = _sliced(tiny_family, **empty)
+    assert [m.model for m in c.models] == [str(tiny_family["base"]), str(tiny_family["expert"])]
+    plain = load_config({"merge_method": "linear", "slices": None, "parameters": {"weight": 1},
+                         "models": [{"model": "a"}, {"model": "b"}]})
+    assert [m.model for m in plain.models] == ["a", "b"]
+
+
+def test_an_error_in_a_whole_slice_names_the_slice_not_models(tiny_family):
+    """One slice of whole stacks is read as `models`; its errors named `models[...]`, a section the file lacks."""
+    with pytest.raises(ConfigError, match=r"slices\[0\]\.sources\[.*expert\]\.parameters\.density: 2 is outside") as e:
+        _sliced(tiny_family, piece={"sources": [{"model": str(tiny_family["base"]), "layer_range": [0, 3]},
+                                                {"model": str(tiny_family["expert"]), "layer_range": [0, 3],
+                                                 "parameters": {"weight": 1, "density": 2}}]})
+    assert "models[" not in str(e.value)
 
 
 def test_a_model_listed_twice_is_refused_as_mergekit_does(tiny_family):

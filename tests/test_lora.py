@@ -106,6 +106,14 @@ def test_a_merge_config_takes_model_plus_adapter_and_relative_paths(lora_family,
         torch.testing.assert_close(t, want[name], rtol=0, atol=1e-6, msg=name)
     card = (out / "README.md").read_text()
     assert open_model(f"{fam['base']}+{adapter}").fingerprint() in card
+    # tokenizer_source may name the reference too (mergekit reads its model's tokenizer); it was "no tokenizer files"
+    config["tokenizer_source"] = "fam/base+adapter"
+    (folder / "ta.yml").write_text(yaml.safe_dump(config))
+    out = safemerge.merge(str(folder / "ta.yml"), tmp_path / "tok", progress=False)
+    assert (out / "tokenizer.json").read_bytes() == (fam["base"] / "tokenizer.json").read_bytes()
+    got = load_file(str(out / "model.safetensors"))
+    for name, t in got.items():
+        torch.testing.assert_close(t, want[name], rtol=0, atol=1e-6, msg=name)
 
 
 def test_bad_adapters_are_refused_by_name(lora_family, tmp_path):

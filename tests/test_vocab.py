@@ -268,3 +268,44 @@ def test_padding_rows_are_kept_however_the_tokenizer_files_are_formatted(tmp_pat
         out = safemerge.merge(cfg, tmp_path / source, progress=False)
         assert Checkpoint(out).shape("model.embed_tokens.weight") == (80, 32)
         assert json.loads((out / "config.json").read_text())["vocab_size"] == 80
+
+
+def _two_slices(first: list[Path], last: list[Path], **over) -> dict:
+    return {"merge_method": "linear", "dtype": "float32", "parameters": {"weight": 0.5},
+            "slices": [{"sources": [{"model": str(m), "layer_range": [0, 2]} for m in first]},
+                       {"sources": [{"model": str(m), "layer_range": [2, 3]} for m in last]}], **over}
+
+
+def test_a_sliced_merge_fills_each_vocabulary_tensor_from_its_own_sources(tmp_path, tiny_family):
+    """A token a source lacks took, there, the top-level base_model's row even where that model is not among the
+    tensor's sources (a zero row: half the token's row after a linear merge); mergekit fills each tensor from its
+    own sources and its slice's base: here the one source that has the token."""
+    n = len(vocab_of(tiny_family["expert"]))
+    expert = vocab_variant(tiny_family["expert"], tmp_path / "expert-med", extra={"<|med|>": n})
+    aligned = vocab_variant(tiny_family["aligned"], tmp_path / "aligned-med", extra={"<|med|>": n}, seed=3)
+    config = _two_slices([aligned, tiny_family["base"]], [expert, tiny_family["base"]], base_model=str(expert),
+                         tokenizer_source="union")
+    got = _merged(config, tmp_path / "out")
+    med = vocab_of(tmp_path / "out")["<|med|>"]
+    a, e = load_file(str(aligned / "model.safetensors")), load_file(str(expert / "model.safetensors"))
+    torch.testing.assert_close(got["model.embed_tokens.weight"][med], a["model.embed_tokens.weight"][n], rtol=0, atol=1e-7)
+    torch.testing.assert_close(got["lm_head.weight"][med], e["lm_head.weight"][n], rtol=0, atol=1e-7)
+
+
+def test_a_token_entry_is_needed_only_where_a_source_of_the_tensor_lacks_the_token(tmp_path, tiny_family):
+    """An entry only the first slice's embeddings use was refused because its model does not feed the output head."""
+    n = len(vocab_of(tiny_family["expert"]))
+    expert = vocab_variant(tiny_family["expert"], tmp_path / "expert-med", extra={"<|med|>": n})
+    aligned = vocab_variant(tiny_family["aligned"], tmp_path / "aligned-med", extra={"<|med|>": n}, seed=3)
+    tokens = {"<|med|>": {"source": str(expert)}}
+    got = _merged(_two_slices([expert, tiny_family["base"]], [aligned], tokenizer={"source": "union", "tokens": tokens}),
+                  tmp_path / "ok")
+    med = vocab_of(tmp_path / "ok")["<|med|>"]
+    e = load_file(str(expert / "model.safetensors"))
+    torch.testing.assert_close(got["model.embed_tokens.weight"][med], e["model.embed_tokens.weight"][n], rtol=0, atol=1e-7)
+    # the head's source lacks it too: there the entry is needed, and its model does not feed the head
+    with pytest.raises(ConfigError, match=r"tokens\['<\|med\|>'\]: .*expert-med gives its row, but lm_head.weight is not "
+                                          "merged from it"):
+        safemerge.merge(_two_slices([expert, tiny_family["base"]], [tiny_family["aligned"]],
+                                    tokenizer={"source": "union", "tokens": tokens}), tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad").exists()

@@ -481,6 +481,11 @@ def parse_config(data: dict, *, where: str = "config", folder: Path | None = Non
 
     if ignore_unknown:
         data = drop_unknown(data, where)
+    forms = ("models", "slices", "modules")
+    if isinstance(data, dict) and any(data.get(k) not in (None, [], {}) for k in forms):
+        # an empty or bare `models:` beside `slices:` (or the like) is no second form: mergekit reads it as absent
+        data = {k: v for k, v in data.items() if not (k in forms and v in (None, [], {}))}
+    given = set(data)
     try:
         if "modules" in data:
             data = _from_modules(data, where)
@@ -496,6 +501,8 @@ def parse_config(data: dict, *, where: str = "config", folder: Path | None = Non
     except (ConfigError, ValidationError) as e:
         text = "; ".join(_fmt_errors(e.errors(), data)) if isinstance(e, ValidationError) else str(e)
         text = text if text.startswith(f"{where}: ") else f"{where}: {text}"
+        if "slices" in given and "models" not in given and "slices" not in data:  # one whole slice, read as `models`
+            text = re.sub(r"\bmodels\[", "slices[0].sources[", text)  # name the place as the file has it
         if not ignore_unknown and re.search(r"unknown key '[^']*'(?! in a filter entry)", text):
             text += " (mergekit ignores unknown keys; --ignore-unknown / ignore_unknown=True does too, with a warning)"
         raise ConfigError(text) from None

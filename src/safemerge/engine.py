@@ -45,7 +45,7 @@ from safemerge.layout import (
 from safemerge.lora import open_model
 from safemerge.methods import MethodSpec, get_method
 from safemerge.methods.blocks import TaskVector
-from safemerge.vocab import VocabPlan, vocab_plan, write_vocab_size
+from safemerge.vocab import VocabPlan, source_folder, vocab_plan, write_vocab_size
 from safemerge.writer import (
     TOKENIZER_FILES,
     ShardedWriter,
@@ -175,7 +175,8 @@ def _plan(config: MergeConfig, *, allow_pickle: bool) -> _Plan:
     routes = _slice_routes(config, models, reference) if sliced else _whole_routes(config, models, reference)
     names = list(routes)
     vocab = vocab_plan(config.vocab_source, config.vocab_padding, models=models, base_model=config.base_model,
-                       routes={n: r.sources for n, r in routes.items()}, dtype=DTYPES.get(config.dtype or ""),
+                       routes={n: r.sources for n, r in routes.items()},
+                       bases={n: r.config.base_model for n, r in routes.items()}, dtype=DTYPES.get(config.dtype or ""),
                        tokens=config.vocab_tokens)
     shapes, out_dtype = {}, {}
     fixed = DTYPES.get(config.out_dtype or config.dtype or "")
@@ -378,7 +379,7 @@ def _read(plan: _Plan, item: _Item, device: str, allow_nonfinite: bool) -> dict[
                                       "(allow_nonfinite=True) to merge anyway")
             warnings.warn(msg, stacklevel=2)
         out[model] = x
-    return plan.vocab.permute(out) if whole else out
+    return plan.vocab.permute(item.name, out) if whole else out
 
 
 def reuse_freed_memory() -> None:
@@ -621,9 +622,10 @@ def tokenizer_dirs(cfg: MergeConfig) -> list[Path]:
     tok = cfg.vocab_source
     if tok is None or tok in VOCAB_KEYWORDS:
         return []
-    if not Path(tok).is_dir():
+    folder = source_folder(tok)  # `model+adapter`: the model's
+    if not folder.is_dir():
         raise ConfigError(f"tokenizer_source {tok!r} is not a model directory")
-    return [Path(tok)]
+    return [folder]
 
 
 def _finish(tmp: Path, cfg: MergeConfig, plan: _Plan, *, tok_path: Path, title: str | None, card_extra: str) -> None:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from safemerge.config import VOCAB_KEYWORDS
+from safemerge.config import VOCAB_KEYWORDS, same_model, split_reference
 from safemerge.errors import CheckpointError, ConfigError
 from safemerge.layout import layer_index
 
@@ -42,16 +42,17 @@ class VocabPlan:
     n_tokens: int  # output token ids 0 … n_tokens − 1; rows past them are padding
     index: dict[str, torch.Tensor]  # per model: output id -> its row, −1 where it lacks the token
     fill_ids: torch.Tensor  # output ids some model lacks
-    fill_from: dict[str, torch.Tensor]  # per model: which of fill_ids take this model's row into their default
+    fill_from: dict[str, dict[str, torch.Tensor]]  # per tensor, per model of its route: which of fill_ids take this
+    # model's row into their default (each tensor over its own sources and base, as mergekit fills a sliced merge's)
     tensors: set[str] = field(default_factory=set)  # output names of the vocabulary-indexed tensors
     tokenizer: Any = None  # the union tokenizer to save; None: copy the source's tokenizer files
     dtype: torch.dtype | None = None  # the config's `dtype`: the re-indexed rows are at least that precise
     rows: dict[int, tuple[str | None, int]] = field(default_factory=dict)  # `tokens`: output id -> (model, its row); None: zero
     forced: set[int] = field(default_factory=set)  # output ids whose row every model takes from `rows`
 
-    def permute(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Each model's whole tensor (its rows indexed by its own token ids) re-indexed to the output's ids, in
-        the inputs' promoted dtype (and the config's `dtype`, where that is wider)."""
+    def permute(self, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each model's whole tensor `name` (its rows indexed by its own token ids) re-indexed to the output's ids,
+        in the inputs' promoted dtype (and the config's `dtype`, where that is wider)."""
         first = next(iter(tensors.values()))
         dtype, device, rest = first.dtype, first.device, tuple(first.shape[1:])
         for x in tensors.values():
@@ -62,12 +63,13 @@ class VocabPlan:
         total = torch.zeros((len(fill_ids), *rest), dtype=torch.float32, device=device)
         count = torch.zeros(len(fill_ids), dtype=torch.float32, device=device)
         for model, x in tensors.items():
-            take = self.fill_from[model].to(device)
+            take = self.fill_from[name][model].to(device)
             total[take] += x[self.index[model].to(device)[fill_ids[take]]].to(torch.float32)
             count[take] += 1
         default = (total / count.clamp_min(1).view(-1, *([1] * len(rest)))).to(dtype)  # no model has it: zero
+        lacking = torch.stack([self.index[m] < 0 for m in tensors]).any(0)  # some source of this tensor lacks the token
         given = {i: tensors[m][row].to(dtype) if m is not None else torch.zeros(rest, dtype=dtype, device=device)
-                 for i, (m, row) in self.rows.items()}
+                 for i, (m, row) in self.rows.items() if i in self.forced or lacking[i]}  # else the entry is not used here
         out = {}
         for model, x in tensors.items():
             index = self.index[model].to(device)
@@ -83,6 +85,12 @@ class VocabPlan:
                 y[self.n_tokens:] = y[: self.n_tokens].to(torch.float32).mean(0).to(dtype)
             out[model] = y
         return out
+
+
+def source_folder(source: str) -> Path:
+    """The folder a `tokenizer_source` that names a model is read from: a `model+adapter` reference's model, as
+    mergekit reads it (and as every input's vocabulary is read here)."""
+    return Path(split_reference(source)[0]).expanduser()
 
 
 def _has_tokenizer(path: Path) -> bool:
@@ -120,19 +128,20 @@ def _rows(ckpt: "Checkpoint") -> int:
 
 
 def vocab_plan(source: str | None, pad_to_multiple_of: int | None, *, models: dict[str, "Checkpoint"],
-               base_model: str | None, routes: dict[str, dict[str, str]],
+               base_model: str | None, routes: dict[str, dict[str, str]], bases: dict[str, str | None] | None = None,
                dtype: torch.dtype | None = None, tokens: dict[str, "TokenSpec"] | None = None) -> VocabPlan | None:
     """The re-indexing of the vocabulary tensors, or None where the vocabularies already agree and no `tokens` are
-    given (see the module's docstring). `routes`: output tensor name -> {model: its tensor name}. `source: base`
-    means `base_model`, else the first model; the default rows prefer `base_model`'s only where there is one, as
-    in mergekit. `tokens`: mergekit's `tokenizer.tokens`, per-token row sources."""
+    given (see the module's docstring). `routes`: output tensor name -> {model: its tensor name}; `bases`: output
+    tensor name -> the base of the config that merges it (a sliced merge: its first or last slice's; default
+    `base_model`). `source: base` means `base_model`, else the first model; the default rows of a tensor prefer its
+    base's only where there is one, as in mergekit. `tokens`: mergekit's `tokenizer.tokens`, per-token row
+    sources."""
     base = base_model or next(iter(models))
     if source is None:
         _warn_if_renumbered(models)
         return None
     rows = {m: _rows(c) for m, c in models.items()}
-    named = None if source in VOCAB_KEYWORDS else next(
-        (m for m, c in models.items() if Path(source).resolve() == c.path.resolve()), None)
+    named = None if source in VOCAB_KEYWORDS else next((m for m in models if same_model(source, m)), None)
     outside = source not in VOCAB_KEYWORDS and named is None  # a tokenizer_source that is no input model
     one_size = not pad_to_multiple_of and len(set(rows.values())) == 1
     if one_size and not outside and not tokens and _same_files(models):
@@ -154,7 +163,7 @@ def vocab_plan(source: str | None, pad_to_multiple_of: int | None, *, models: di
     elif source == "union":
         out = None  # built below, unless the vocabularies agree
     else:
-        out = _vocab(Path(source))
+        out = _vocab(source_folder(source))
         if out is None:
             raise ConfigError(f"tokenizer_source {source!r} has no tokenizer files")
     same = one_size and all(v == vocabs[base] for v in vocabs.values())
@@ -167,7 +176,7 @@ def vocab_plan(source: str | None, pad_to_multiple_of: int | None, *, models: di
     if new:  # as mergekit: listed tokens the output lacks are added to its tokenizer (plain added tokens)
         if tokenizer is None:
             tokenizer = _copy_tokenizer(_load_tokenizer(models[base].path if source == "base" else
-                                                        models[named].path if named is not None else Path(source)))
+                                                        models[named].path if named is not None else source_folder(source)))
         tokenizer.add_tokens(new)
         out = tokenizer.get_vocab()
     n = len(out)
@@ -181,30 +190,37 @@ def vocab_plan(source: str | None, pad_to_multiple_of: int | None, *, models: di
         idx = torch.full((n,), -1, dtype=torch.long)
         idx[ids] = torch.tensor([v.get(t, -1) for t in out], dtype=torch.long)
         index[m] = idx
-    names = list(models)
-    present = torch.stack([index[m] >= 0 for m in names])  # models × tokens
-    fill_ids = (~present).any(0).nonzero().flatten()
-    have = present[:, fill_ids]
-    # a token some model lacks takes, there: the one model's row that has it; else base_model's where it has it;
-    # else the mean of the models' that have it (none: zero)
-    single = have.sum(0) == 1
-    base_has = have[names.index(base_model)] if base_model in names else torch.zeros_like(single)
-    fill_from = {m: have[i] & (single | ~base_has | torch.tensor(m == base_model)) for i, m in enumerate(names)}
+    fill_ids = torch.stack([index[m] < 0 for m in models]).any(0).nonzero().flatten()  # tokens some model lacks
     tensors = {name for name, src in routes.items()
                if layer_index(name) is None and all(len(models[m].shape(s)) == 2 and models[m].shape(s)[0] == rows[m]
                                                     for m, s in src.items())}
     if not tensors:
         raise CheckpointError("tokenizer_source: found no embedding or output-head tensor with vocab_size rows in "
                               "every model")
+    fill_from = {t: _fill_from(list(routes[t]), (bases or {}).get(t, base_model), index, fill_ids) for t in tensors}
     given, forced = _token_rows(tokens or {}, out, index, vocabs, rows)
-    for model in {m for m, _ in given.values() if m is not None}:
-        missing = sorted(t for t in tensors if model not in routes[t])
+    for i, (model, _) in given.items():
+        # an entry is used by a tensor where one of that tensor's sources lacks the token (or with `force`)
+        missing = sorted(t for t in tensors if model is not None and model not in routes[t]
+                         and (i in forced or any(int(index[m][i]) < 0 for m in routes[t])))
         if missing:
-            raise ConfigError(f"tokenizer.tokens: {model} gives token rows, but {', '.join(missing)} is not merged from "
-                              "it (a sliced merge takes the embeddings from its first slice's models and the output "
-                              "head from its last); take the rows from a model that is")
+            token = next(t for t, j in out.items() if j == i)
+            raise ConfigError(f"tokenizer.tokens[{token!r}]: {model} gives its row, but {', '.join(missing)} is not merged "
+                              "from it (a sliced merge takes the embeddings from its first slice's models and the output "
+                              "head from its last) and needs the row there; take the row from a model that is")
     return VocabPlan(size=size, n_tokens=n, index=index, fill_ids=fill_ids, fill_from=fill_from, tensors=tensors,
                      tokenizer=tokenizer, dtype=dtype, rows=given, forced=forced)
+
+
+def _fill_from(names: list[str], base: str | None, index: dict[str, torch.Tensor],
+               fill_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per source of one tensor, which of `fill_ids` take its row into their default: a token some source lacks
+    takes, there, the one source's row that has it; else the base's where it has it; else the mean of the sources'
+    that have it (none: zero)."""
+    have = torch.stack([index[m][fill_ids] >= 0 for m in names])  # sources × fill_ids
+    single = have.sum(0) == 1
+    base_has = have[names.index(base)] if base in names else torch.zeros_like(single)
+    return {m: have[i] & (single | ~base_has | torch.tensor(m == base)) for i, m in enumerate(names)}
 
 
 def _token_rows(tokens: dict[str, "TokenSpec"], out: dict[str, int], index: dict[str, torch.Tensor],

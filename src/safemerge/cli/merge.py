@@ -64,7 +64,7 @@ def multimerge(
     out_path: Annotated[Optional[Path], typer.Option("--out-path", "--out", help="Output folder of the unnamed (final) merge.")] = None,
     lazy: Annotated[bool, typer.Option(help="Keep a merge whose output exists with the same config and inputs.")] = True,
     device: Device = "cpu",
-    overwrite: Annotated[bool, typer.Option(help="Let a merge replace a folder that this config's earlier runs did not write.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Let a merge replace a folder that no earlier multimerge into this --intermediate-dir wrote.")] = False,
     allow_pickle: AllowPickle = False,
     allow_nonfinite: AllowNonfinite = False,
     ignore_unknown: IgnoreUnknown = False,
