@@ -24,6 +24,8 @@ def test_domains_keep_their_order_once_each():
     ({"skip": ["serach"]}, ConfigError, "--skip serach: the stages that can be skipped are search, align"),
     ({"domains": ","}, ConfigError, "at least one domain"),
     ({"preset": "huge"}, ConfigError, "preset 'huge' is unknown"),
+    ({"skip": "serach"}, ConfigError, "--skip serach: the stages"),  # one name, not its letters
+    ({"seed": "0"}, ConfigError, "seed='0': give a whole number"),
 ])
 def test_bad_arguments_fail_before_anything_is_written(tmp_path, kwargs, error, message):
     with pytest.raises(error, match=message):

@@ -218,10 +218,12 @@ def repro(*, out: str | os.PathLike = "runs/repro", seed: int = 0, preset: str =
     `skip` leaves out stages by name: "search", "align". A second run with the same arguments reuses
     every model and evaluation.
     """
+    from safemerge._args import as_list, check_arguments
     from safemerge._hf import quiet_transformers
 
+    check_arguments(repro, locals())
     with quiet_transformers():  # one bar per model load would drown the stage output
-        return _repro(out=out, seed=seed, preset=preset, domains=domains, skip=skip, progress=progress)
+        return _repro(out=out, seed=int(seed), preset=preset, domains=domains, skip=as_list(skip), progress=progress)
 
 
 def _repro(*, out, seed, preset, domains, skip, progress) -> dict:

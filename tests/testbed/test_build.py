@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -102,6 +103,40 @@ def test_bad_arguments_are_config_errors(tmp_path):
     assert canonical_domains(["medicine", "finance", "medicine"]) == ("finance", "medicine")
 
 
+def test_an_output_the_final_write_would_refuse_is_refused_before_training(tmp_path, monkeypatch):
+    """With the cache on, a file at OUT, a folder of other work or a path under a file was refused only once the
+    family had trained (minutes), by the final copy."""
+    import safemerge.testbed.build as build
+
+    def trained(*a, **k):
+        raise AssertionError("the family was trained before the output was checked")
+
+    monkeypatch.setattr(build, "_build_into", trained)
+    monkeypatch.setattr(build, "_intact", lambda cached: False)  # no cached copy to hide the order
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "notes.txt").write_text("mine")
+    for out, words in ((tmp_path / "file", "is a file"), (tmp_path / "work", "holds other files"),
+                       (tmp_path / "file" / "tb", "is a file, so nothing can be written under it")):
+        with pytest.raises(OutputExistsError, match=words):
+            build_testbed(out, seed=0, preset="micro", progress=False, overwrite=True)
+    assert (tmp_path / "work" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("domains", [None, ["medicine", 3], 7])
+def test_domains_of_the_wrong_type_are_config_errors(tmp_path, domains):
+    with pytest.raises(ConfigError, match="domains must be domain names"):
+        build_testbed(tmp_path / "o", preset="micro", domains=domains, progress=False)
+
+
+def test_a_numpy_seed_is_a_seed(micro0, tmp_path):
+    """check_arguments takes numpy integers; the cache key's JSON did not."""
+    import numpy as np
+
+    again = build_testbed(tmp_path / "np", seed=np.int64(0), preset="micro", progress=False)
+    assert digest(again / "aligned" / "model.safetensors") == digest(micro0 / "aligned" / "model.safetensors")
+
+
 def test_fresh_build_is_bitwise_identical(micro0, tmp_path, monkeypatch):
     monkeypatch.setenv("SAFEMERGE_CACHE", "off")
     fresh = build_testbed(tmp_path / "fresh", seed=0, preset="micro", progress=False)
@@ -151,3 +186,20 @@ def test_a_damaged_cache_entry_is_built_again(micro0, tmp_path, monkeypatch):
     assert len(builds) == 1 and tb._intact(entry)
     for m in MODELS:
         assert digest(again / m / "model.safetensors") == digest(micro0 / m / "model.safetensors")
+
+
+def test_the_cache_key_follows_the_build_code_only(tmp_path, monkeypatch):
+    """Editing the quick-evaluation tool (or the package's __init__) made every cached build stale, and `seeds`
+    would call byte-identical testbeds different recipes."""
+    import shutil
+
+    import safemerge.testbed.build as build
+
+    copy = shutil.copytree(Path(build.__file__).parent, tmp_path / "testbed")
+    monkeypatch.setattr(build, "__file__", str(copy / "build.py"))
+    before = build.code_version()
+    for name in ("_quick_eval.py", "__init__.py"):
+        (copy / name).write_text((copy / name).read_text() + "\n# an edit\n")
+    assert build.code_version() == before
+    (copy / "train.py").write_text((copy / "train.py").read_text() + "\n# an edit\n")
+    assert build.code_version() != before

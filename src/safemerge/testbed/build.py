@@ -50,13 +50,16 @@ def build_testbed(out: str | os.PathLike, *, seed: int = 0, preset: str = "small
     preset or domain. Nothing partial is ever left at `out` (written to a sibling, then renamed).
     """
     check_arguments(build_testbed, locals())
-    from safemerge.checkpoint import atomic_output, cache_root
+    from safemerge.checkpoint import atomic_output, cache_root, check_folder, check_replaceable
 
+    seed = int(seed)  # a numpy integer (check_arguments takes one) goes into the JSON cache key
     spec = get_preset(preset)
     doms = canonical_domains(domains)
     out = Path(out).expanduser().absolute()
     if out.exists() and not overwrite:
         raise OutputExistsError.at(out)
+    check_replaceable(out, replace_any=False)  # what the final write would refuse, refused before minutes of training
+    check_folder(out)
     key = cache_key(seed=seed, preset=preset, domains=doms)
     root = cache_root()
     if root is None:
@@ -98,7 +101,10 @@ def _intact(cached: Path) -> bool:
 
 def ordered_domains(domains: Iterable[str] | str) -> tuple[str, ...]:
     """Validated domain names in the order given, each once (a string may list them with commas)."""
-    names = domains.split(",") if isinstance(domains, str) else domains
+    names = domains.split(",") if isinstance(domains, str) else list(domains) if isinstance(domains, Iterable) else None
+    if names is None or not all(isinstance(d, str) for d in names):
+        raise ConfigError(f"testbed: domains must be domain names (e.g. ('medicine', 'finance') or \"medicine,finance\"), "
+                          f"got {domains!r}")
     doms = tuple(dict.fromkeys(d.strip() for d in names if d.strip()))
     if not doms:
         raise ConfigError("testbed: at least one domain is needed (e.g. domains=('medicine',))")
@@ -112,6 +118,10 @@ def canonical_domains(domains: Iterable[str] | str) -> tuple[str, ...]:
     return tuple(sorted(ordered_domains(domains)))
 
 
+# modules of safemerge/testbed that do not shape a build's bytes: editing them keeps the cached builds
+NOT_BUILD_CODE = frozenset({"__init__.py", "_quick_eval.py"})
+
+
 def code_version() -> str:
     """Hash of the testbed's source and of the libraries that shape its numbers."""
     import tokenizers
@@ -120,6 +130,8 @@ def code_version() -> str:
 
     h = hashlib.sha256()
     for f in sorted(Path(__file__).parent.glob("*.py")):
+        if f.name in NOT_BUILD_CODE:
+            continue
         h.update(f.name.encode() + b"\0" + f.read_bytes())
     h.update(f"{torch.__version__}|{transformers.__version__}|{tokenizers.__version__}".encode())
     return h.hexdigest()[:16]
