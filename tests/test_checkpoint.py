@@ -14,6 +14,8 @@ from safetensors.torch import save_file
 from safemerge.checkpoint import MAP_BYTES, Checkpoint, atomic_output, check_output_file
 from safemerge.errors import CheckpointError, OutputExistsError
 
+MODEL_CONFIG = '{"model_type": "llama"}'  # what marks a folder as an earlier output (a model's config.json)
+
 
 def test_reads_single_and_row_ranges(tiny_family):
     c = Checkpoint(tiny_family["base"])
@@ -119,7 +121,7 @@ def test_atomic_output_leaves_nothing_on_error_and_refuses_overwrite(tmp_path):
             raise RuntimeError("boom")
     assert not out.exists() and list(tmp_path.iterdir()) == []
     with atomic_output(out) as tmp:
-        (tmp / "config.json").write_text("{}")
+        (tmp / "config.json").write_text(MODEL_CONFIG)
     assert (out / "config.json").exists()
     with pytest.raises(OutputExistsError, match="--overwrite"):
         with atomic_output(out):
@@ -150,8 +152,38 @@ def test_overwrite_replaces_only_an_earlier_output_folder(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     with atomic_output(empty, overwrite=True) as tmp:
-        (tmp / "config.json").write_text("{}")
+        (tmp / "config.json").write_text(MODEL_CONFIG)
     assert (empty / "config.json").exists()
+
+
+def test_overwrite_keeps_hidden_work_and_a_project_settings_file_marks_no_output(tmp_path):
+    """Review: every hidden entry was taken for junk, so a folder holding only .git (a clone of an empty hub repo)
+    was replaced, history and all, and an earlier output lost its .git and .safemerge results store; and any
+    config.json (a project's {"lr": ...}) marked a folder as an earlier output, whose train.py and data/ went."""
+    clone = tmp_path / "clone"
+    (clone / ".git").mkdir(parents=True)
+    (clone / ".gitattributes").write_text("*.safetensors filter=lfs\n")
+    model = tmp_path / "model"
+    (model / ".safemerge").mkdir(parents=True)
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "config.json").write_text('{"lr": 1e-4}')
+    (project / "train.py").write_text("print(1)")
+    for out, words in ((clone, r"would delete \.git, \.gitattributes with the folder"),
+                       (model, r"would delete \.safemerge with the folder"),
+                       (project, r"holds other files \(config.json, data, train.py\) and none that safemerge writes")):
+        before = sorted(p.name for p in out.iterdir())
+        with pytest.raises(OutputExistsError, match=words):
+            with atomic_output(out, overwrite=True):
+                pass
+        assert sorted(p.name for p in out.iterdir()) == before
+    (model / ".safemerge").rmdir()
+    (model / ".DS_Store").write_text("")  # desktop junk and safemerge's own stamps go with the folder
+    (model / ".repro-key").write_text("k")
+    with atomic_output(model, overwrite=True) as tmp:
+        (tmp / "config.json").write_text('{"model_type": "llama"}')
+    assert sorted(p.name for p in model.iterdir()) == ["config.json"]
 
 
 @pytest.mark.parametrize("how, kept", [("error", "old"), ("signal", "new")])
@@ -164,7 +196,7 @@ def test_an_interrupt_in_the_swap_leaves_one_whole_output(tmp_path, monkeypatch,
 
     out = tmp_path / "out"
     with atomic_output(out) as tmp:
-        (tmp / "config.json").write_text("old")
+        (tmp / "config.json").write_text('{"model_type": "old"}')
     real_rename = Path.rename
 
     def rename(self, target):
@@ -178,9 +210,9 @@ def test_an_interrupt_in_the_swap_leaves_one_whole_output(tmp_path, monkeypatch,
     monkeypatch.setattr(Path, "rename", rename)
     with pytest.raises(KeyboardInterrupt):
         with atomic_output(out, overwrite=True) as tmp:
-            (tmp / "config.json").write_text("new")
+            (tmp / "config.json").write_text('{"model_type": "new"}')
     monkeypatch.undo()
-    assert (out / "config.json").read_text() == kept and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert json.loads((out / "config.json").read_text())["model_type"] == kept and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_an_unfinished_output_of_a_killed_run_is_pointed_out(tmp_path):
@@ -193,7 +225,7 @@ def test_an_unfinished_output_of_a_killed_run_is_pointed_out(tmp_path):
     with pytest.warns(UserWarning, match=rf"\.out\.partial-{dead}: an unfinished output, likely of an earlier run that "
                                          "was killed"):
         with atomic_output(tmp_path / "out") as tmp:
-            (tmp / "config.json").write_text("{}")
+            (tmp / "config.json").write_text(MODEL_CONFIG)
     assert stale.exists()  # pointed out, not deleted (it may be another machine's run on a shared disk)
 
 
@@ -331,7 +363,7 @@ def test_outputs_get_the_default_file_mode(tmp_path):
 
     with atomic_output(tmp_path / "out") as tmp:
         save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors"))
-        (tmp / "config.json").write_text("{}")
+        (tmp / "config.json").write_text(MODEL_CONFIG)
     umask = os.umask(0o022)
     os.umask(umask)
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()}
@@ -342,16 +374,99 @@ def test_a_folder_that_appears_while_the_output_is_made_is_not_replaced(tmp_path
     out = tmp_path / "out"
     with pytest.raises(OutputExistsError, match="appeared while this ran"):
         with atomic_output(out) as tmp:
-            (tmp / "config.json").write_text("{}")
+            (tmp / "config.json").write_text(MODEL_CONFIG)
             out.mkdir()  # another run, or the user, puts something there meanwhile
             (out / "notes.txt").write_text("mine")
     assert (out / "notes.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     earlier = tmp_path / "earlier"
     earlier.mkdir()
-    (earlier / "config.json").write_text("{}")
+    (earlier / "config.json").write_text(MODEL_CONFIG)
     with pytest.raises(OutputExistsError, match="holds other files"):  # with --overwrite: checked again at the swap
         with atomic_output(earlier, overwrite=True) as tmp:
-            (tmp / "config.json").write_text("{}")
+            (tmp / "config.json").write_text(MODEL_CONFIG)
             (earlier / "config.json").unlink()  # meanwhile the folder became someone's work
             (earlier / "notes.txt").write_text("mine")
     assert sorted(p.name for p in earlier.iterdir()) == ["notes.txt"]
+
+
+def test_an_earlier_output_that_cannot_be_deleted_is_pointed_out(tmp_path, monkeypatch):
+    """Review: a write-protected earlier output (a teammate's on a shared disk) was kept whole at .out.old-PID,
+    without a word."""
+    import safemerge.checkpoint as checkpoint
+
+    out = tmp_path / "out"
+    with atomic_output(out) as tmp:
+        (tmp / "config.json").write_text(MODEL_CONFIG)
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", lambda path, ignore_errors=False: None)  # as a refused delete
+    with pytest.warns(UserWarning, match=r"the earlier output could not be deleted and is kept at .*\.out\.old-\d+; "
+                                         "delete it yourself"):
+        with atomic_output(out, overwrite=True) as tmp:
+            (tmp / "config.json").write_text(MODEL_CONFIG)
+
+
+def test_a_full_disk_names_the_output(tmp_path):
+    """A failed write through a file object has no filename: the error said which disk to free nowhere."""
+    import errno
+
+    with pytest.raises(OSError) as e:
+        with atomic_output(tmp_path / "out"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_running_out_of_file_descriptors_says_what_to_raise(tiny_family, monkeypatch):
+    """Review: 3 models of 23 shards each under `ulimit -n 70` ended in a traceback partway through the merge."""
+    import errno
+    import os
+
+    import safemerge.checkpoint as checkpoint
+
+    ck = Checkpoint(tiny_family["base"])
+    name = next(iter(ck.names()))
+
+    def no_more(path, flags):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(checkpoint.os, "open", no_more)
+    with pytest.raises(CheckpointError, match=r"model.safetensors: cannot open it: this process may open no more "
+                                              r"files .*ulimit -n 4096"):
+        ck.get(name)
+
+
+def test_an_empty_folder_or_a_mount_point_is_filled_in_place(tmp_path, monkeypatch):
+    """Review: the output was always a new folder renamed over the old one, so a pre-made shared folder lost its
+    group and modes, and a mount point (a container's volume) failed with EBUSY after the whole merge."""
+    import os
+
+    import safemerge.checkpoint as checkpoint
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o2775)
+    inode = shared.stat().st_ino
+    with atomic_output(shared, overwrite=True) as tmp:
+        assert tmp.parent == shared
+        (tmp / "config.json").write_text(MODEL_CONFIG)
+    assert shared.stat().st_ino == inode and shared.stat().st_mode & 0o7777 == 0o2775
+    assert sorted(p.name for p in shared.iterdir()) == ["config.json"]
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    (volume / "config.json").write_text(MODEL_CONFIG)
+    (volume / "old.safetensors").write_text("x")
+    monkeypatch.setattr(checkpoint.os.path, "ismount", lambda p: os.fspath(p) == os.fspath(volume))
+    inode = volume.stat().st_ino
+    with atomic_output(volume, overwrite=True) as tmp:
+        (tmp / "config.json").write_text('{"model_type": "new"}')
+        (tmp / "sub").mkdir()
+    assert volume.stat().st_ino == inode and sorted(p.name for p in volume.iterdir()) == ["config.json", "sub"]
+    assert json.loads((volume / "config.json").read_text())["model_type"] == "new"
+    (volume / "config.json").unlink()
+    (volume / "notes.txt").write_text("mine")  # a mount point of other work is refused as any folder is
+    with pytest.raises(OutputExistsError, match="holds other files"):
+        with atomic_output(volume, overwrite=True):
+            pass
+    with pytest.raises(RuntimeError):  # a failed output leaves the folder as it was, without the partial
+        with atomic_output(shared, overwrite=True) as tmp:
+            raise RuntimeError
+    assert sorted(p.name for p in shared.iterdir()) == ["config.json"]

@@ -203,6 +203,35 @@ def test_the_generation_config_goes_with_the_tokenizer_and_template(tiny_family,
         json.loads((fam["base"] / "generation_config.json").read_text())
 
 
+def test_processors_named_templates_and_custom_code_come_along(tiny_family, tmp_path):
+    """Review: the output lost a multimodal model's processor_config.json (AutoProcessor failed), its named chat
+    templates (apply_chat_template(chat_template="tool_use") rendered the name itself) and the modules config.json's
+    auto_map names (trust_remote_code could not load it)."""
+    import shutil
+
+    fam = {k: tmp_path / k for k in tiny_family}
+    for k, v in tiny_family.items():
+        shutil.copytree(v, fam[k])
+    base = fam["base"]
+    (base / "processor_config.json").write_text('{"processor_class": "LlavaProcessor"}')
+    (base / "additional_chat_templates").mkdir()
+    (base / "additional_chat_templates" / "tool_use.jinja").write_text("TOOL {{ messages[0].content }}")
+    (base / "configuration_tiny.py").write_text("# custom code\n")
+    (tmp_path / "evil.py").write_text("# outside the model\n")
+    cfg = json.loads((base / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "configuration_tiny.TinyConfig", "AutoModel": "other/repo--modeling_x.X",
+                       "AutoTokenizer": ["../evil.Tok", None]}
+    (base / "config.json").write_text(json.dumps(cfg))
+    out = safemerge.merge(ta_config(fam), tmp_path / "out", progress=False)
+    assert (out / "processor_config.json").read_text() == (base / "processor_config.json").read_text()
+    assert (out / "additional_chat_templates" / "tool_use.jinja").is_file()
+    assert (out / "configuration_tiny.py").read_text() == "# custom code\n"
+    assert not (out / "evil.py").exists() and not (out / "modeling_x.py").exists()  # never a path out, nor another repo's
+    (base / "processor_config.json").write_text("[1]")  # copied, so checked before the merge like the tokenizer files
+    with pytest.raises(CheckpointError, match="processor_config.json: holds a JSON list"):
+        safemerge.merge(ta_config(fam), tmp_path / "bad", progress=False)
+
+
 def test_a_mixed_dtype_base_keeps_its_configs_dtype(tiny_family_bf16, tmp_path):
     """A bf16 model with float32 norms: the output's tensors keep their dtypes, and config.json said float32, so
     transformers' dtype="auto" loaded the whole model in float32."""

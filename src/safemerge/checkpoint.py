@@ -12,6 +12,7 @@ access, as with any mapped reader; truncation before is caught by the header che
 from __future__ import annotations
 
 import hashlib
+import errno
 import json
 import mmap
 import os
@@ -280,7 +281,15 @@ class Checkpoint:
     def _fd(self, file: Path) -> int:
         with self._lock:
             if file not in self._fds:
-                self._fds[file] = os.open(file, os.O_RDONLY)
+                try:
+                    self._fds[file] = os.open(file, os.O_RDONLY)
+                except OSError as e:
+                    if e.errno != errno.EMFILE:
+                        raise
+                    # every shard of every input stays open while the merge reads it (reads run in threads)
+                    raise CheckpointError(f"{file}: cannot open it: this process may open no more files ({e.strerror}; "
+                                          "each input's shards stay open during the merge); raise the limit "
+                                          "(`ulimit -n 4096`) and run again") from None
             return self._fds[file]
 
     def close(self) -> None:
@@ -406,15 +415,25 @@ def atomic_output(out_dir: str | os.PathLike, *, overwrite: bool = False, replac
     _warn_of_stale_partials(out)
     made = [p for p in reversed(out.parents) if not p.exists()]  # folders this call creates, outermost first
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    # a mount point (a container's volume) cannot be renamed, and an empty folder made for the output may carry its
+    # owner's group and modes (a shared disk): those are filled in place, from a temporary folder inside them
+    in_place = out.is_dir() and not out.is_symlink() and (os.path.ismount(out) or not any(out.iterdir()))
+    tmp = (out if in_place else out.parent) / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     restore = sigterm_to_interrupt()
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as e:  # a full disk or quota says no path (a write through a file object): name the output's
+            if e.filename is None and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise OSError(e.errno, e.strerror, str(out)) from e
+            raise
         _default_modes(tmp)
         with signals_held():  # Ctrl-C or kill waits until both renames are done: never an output half swapped
-            if out.exists() or out.is_symlink():
+            if in_place:
+                _fill_in_place(out, tmp, overwrite=overwrite, replace_any=replace_any)
+            elif out.exists() or out.is_symlink():
                 if not overwrite:  # it appeared while this ran (another run, the user): it is not ours to replace
                     raise OutputExistsError(f"{out}: appeared while this ran; choose another path or pass --overwrite")
                 check_replaceable(out, replace_any=replace_any)
@@ -429,6 +448,11 @@ def atomic_output(out_dir: str | os.PathLike, *, overwrite: bool = False, replac
                     shutil.rmtree(old, ignore_errors=True)
                 else:
                     old.unlink(missing_ok=True)
+                if old.exists() or old.is_symlink():  # files it may not delete (another user's, write-protected)
+                    import warnings
+
+                    warnings.warn(f"{out}: replaced, but the earlier output could not be deleted and is kept at {old}; "
+                                  "delete it yourself (it holds a whole model's files)", stacklevel=3)
             else:
                 tmp.rename(out)
             if record:
@@ -515,8 +539,42 @@ def _umask() -> int:
     return old
 
 
-# files that mark a folder as an earlier safemerge output (a model, an adapter, a testbed, a search)
+# files that mark a folder as an earlier safemerge output (a model, an adapter, a testbed, a search); a config.json
+# counts only as a model's (with `model_type` or `architectures`), not as any project's settings file
 OUTPUT_MARKERS = ("config.json", "adapter_config.json", "world.json", "search.json")
+# hidden entries --overwrite may delete with the folder: desktop junk, and what safemerge itself keeps in an output
+# (repro's key stamp, align's trainer folder); any other (.git, a .safemerge results store, a cache) is refused
+REPLACEABLE_HIDDEN = frozenset({".DS_Store", ".gitkeep", ".repro-key", ".trainer"})
+
+
+def _marks_output(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    if path.name != "config.json":
+        return True
+    try:
+        cfg = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and ("model_type" in cfg or "architectures" in cfg)
+
+
+def _fill_in_place(out: Path, tmp: Path, *, overwrite: bool, replace_any: bool) -> None:
+    """Move the finished output from `tmp` (inside `out`) into `out`, after deleting an earlier output there (a mount
+    point's; checked again as atomic_output checks it). Not one rename: a mount point cannot be swapped."""
+    earlier = [p for p in out.iterdir() if p != tmp]
+    if earlier:
+        if not overwrite:
+            raise OutputExistsError(f"{out}: appeared while this ran; choose another path or pass --overwrite")
+        check_replaceable(out, replace_any=replace_any)
+        for p in earlier:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+    for p in tmp.iterdir():
+        os.replace(p, out / p.name)
+    tmp.rmdir()
 
 
 def check_replaceable(out: Path, *, replace_any: bool) -> None:
@@ -528,11 +586,19 @@ def check_replaceable(out: Path, *, replace_any: bool) -> None:
                                 "replaces an earlier output folder, never a file)")
     if replace_any:
         return
-    entries = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))  # .DS_Store, .gitkeep: not work
-    if entries and not any((out / m).exists() for m in OUTPUT_MARKERS):
+    hidden = sorted(p.name for p in out.iterdir() if p.name.startswith(".") and p.name not in REPLACEABLE_HIDDEN
+                    and not p.name.startswith(f".{out.name}.partial-"))  # an output made in place, while it is made
+    if hidden:
+        shown = ", ".join(hidden[:5]) + (f" and {len(hidden) - 5} more" if len(hidden) > 5 else "")
+        raise OutputExistsError(f"{out}: --overwrite would delete {shown} with the folder (hidden entries that safemerge "
+                                "does not write: a git repository, a results store, a cache); move them out of the "
+                                "folder, or choose another path")
+    entries = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    if entries and not any(_marks_output(out / m) for m in OUTPUT_MARKERS):
         shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
         raise OutputExistsError(f"{out}: --overwrite replaces an earlier output folder, but this one holds other files "
-                                f"({shown}) and none that safemerge writes ({', '.join(OUTPUT_MARKERS)}); choose another "
+                                f"({shown}) and none that safemerge writes (a model's config.json, "
+                                f"{', '.join(OUTPUT_MARKERS[1:])}); choose another "
                                 "path, or remove the folder yourself if it is to go")
 
 

@@ -50,6 +50,7 @@ from safemerge.writer import (
     TOKENIZER_FILES,
     ShardedWriter,
     check_side_files,
+    copy_custom_code,
     copy_side_files,
     write_config,
     write_model_card,
@@ -646,6 +647,7 @@ def _finish(tmp: Path, cfg: MergeConfig, plan: _Plan, *, tok_path: Path, title: 
             warnings.warn(f"{tok_path} has no tokenizer files, so the output has none; set `tokenizer_source: "
                           f"{others[0]}` in the config (mergealign: --tokenizer-source {others[0]}) to take that model's",
                           stacklevel=3)
+    copy_custom_code(tmp, [tok_path, plan.reference.path])  # config.json's auto_map names them (trust_remote_code)
     as_yaml = cfg.to_yaml_dict()
     (tmp / "mergekit_config.yml").write_text(yaml.safe_dump(as_yaml, sort_keys=False))
     inputs = [{"model": m, "fingerprint": c.fingerprint()} for m, c in plan.models.items()]

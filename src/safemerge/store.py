@@ -135,6 +135,13 @@ class ResultsStore:
             db.execute("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
             db.execute("COMMIT")
 
+    def writable(self) -> bool:
+        """Whether this process may write the store (a missing one: whether it may be made)."""
+        if self.path.exists():
+            return os.access(self.path, os.W_OK) and os.access(self.path.parent, os.W_OK)
+        folder = next((p for p in self.path.parents if p.exists()), None)
+        return folder is None or os.access(folder, os.W_OK)
+
     def fingerprint(self, path: str | os.PathLike, *, allow_pickle: bool = False, remember: bool = True) -> str:
         """The fingerprint of a model folder or `model+adapter` reference, remembered under its weight files'
         (path, size, mtime): a model that has not changed is not hashed again, so a repeated evaluation is a lookup.
@@ -150,7 +157,7 @@ class ResultsStore:
             if row:
                 return row[0]
         digest = ck.fingerprint()
-        if not remember:
+        if not remember or not self.writable():  # a read-only store is read, not refused, for want of a cache row
             return digest
         with self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
@@ -169,14 +176,18 @@ class ResultsStore:
     # -- plumbing -----------------------------------------------------------------------------------
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
+        read_only = not self.writable()
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
+            if read_only:  # a teammate's store, a read-only share: read it as it is (no WAL switch, no schema)
+                db = _open_read_only(self.path, self.timeout)
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                db = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
         except (OSError, sqlite3.Error) as e:
             raise SafemergeError(f"{self.path}: cannot open the results store ({e}); check the path or SAFEMERGE_HOME") from None
         try:
             db.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
-            if not self._ready:
+            if not self._ready and not read_only:
                 _set_wal(db, self.timeout)
                 db.execute("BEGIN IMMEDIATE")
                 for stmt in filter(str.strip, _SCHEMA.split(";")):
@@ -187,9 +198,27 @@ class ResultsStore:
         except sqlite3.DatabaseError as e:
             if db.in_transaction:
                 db.execute("ROLLBACK")
+            if read_only:
+                raise SafemergeError(f"{self.path}: the results store can be read but not written here (its file or "
+                                     f"folder is read-only: {e}); pass --store (store=) with a file you may write, or "
+                                     "copy this one") from None
             raise SafemergeError(f"{self.path}: results store error ({e}); move the file aside to start a new store") from None
         finally:
             db.close()
+
+
+def _open_read_only(path: Path, timeout: float) -> sqlite3.Connection:
+    """A connection that writes nothing: `mode=ro`, else (a WAL store in a folder where SQLite may not make its
+    shared-memory file) `immutable=1`."""
+    from urllib.parse import quote
+
+    uri = f"file:{quote(str(path.absolute()))}"
+    try:
+        db = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=timeout, isolation_level=None)
+        db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        return db
+    except sqlite3.OperationalError:
+        return sqlite3.connect(f"{uri}?immutable=1", uri=True, timeout=timeout, isolation_level=None)
 
 
 def _set_wal(db: sqlite3.Connection, timeout: float) -> None:

@@ -8,6 +8,7 @@ as soon as the tensor exists: nothing waits in memory for a shard to fill.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 from dataclasses import dataclass, field
@@ -24,6 +25,10 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
 )
+# a multimodal model's processors (image, video, the processor that joins them to the tokenizer): AutoProcessor reads
+# them from the folder the tokenizer is in
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
+TEMPLATES_FOLDER = "additional_chat_templates"  # named chat templates (transformers 5), one .jinja file each
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
 
 
@@ -129,7 +134,7 @@ def write_config(out_dir: Path, config: dict, *, dtype: torch.dtype) -> None:
 
 
 JSON_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "added_tokens.json",
-                   "chat_template.json", "vocab.json", "generation_config.json")
+                   "chat_template.json", "vocab.json", "generation_config.json", *PROCESSOR_FILES)
 
 
 def check_side_files(folder: Path, names: tuple[str, ...] = JSON_SIDE_FILES) -> None:
@@ -152,18 +157,47 @@ def check_side_files(folder: Path, names: tuple[str, ...] = JSON_SIDE_FILES) -> 
 
 def copy_side_files(out_dir: Path, *, tokenizer_source: Path | None, generation_source: Path | None,
                     chat_template: str | None) -> list[str]:
-    """Tokenizer files (and chat template) from `tokenizer_source`; generation_config.json where present.
-    Returns the names of the tokenizer files copied."""
+    """Tokenizer files (and chat template, named templates and processor configs) from `tokenizer_source`;
+    generation_config.json where present. Returns the names of the tokenizer files copied."""
     copied = []
     if tokenizer_source is not None and tokenizer_source.is_dir():
-        for name in TOKENIZER_FILES:
+        for name in TOKENIZER_FILES + PROCESSOR_FILES:
             if (tokenizer_source / name).is_file():
                 shutil.copy2(tokenizer_source / name, out_dir / name)
-                copied.append(name)
+                copied += [name] if name in TOKENIZER_FILES else []
+        if (tokenizer_source / TEMPLATES_FOLDER).is_dir():
+            shutil.copytree(tokenizer_source / TEMPLATES_FOLDER, out_dir / TEMPLATES_FOLDER, dirs_exist_ok=True)
     if generation_source is not None and (generation_source / "generation_config.json").is_file():
         shutil.copy2(generation_source / "generation_config.json", out_dir / "generation_config.json")
     if chat_template:
         _set_chat_template(out_dir, chat_template)
+    return copied
+
+
+def copy_custom_code(out_dir: Path, sources: list[Path]) -> list[str]:
+    """The Python modules that the output's config.json and tokenizer_config.json name in `auto_map` (a model with
+    custom code: `trust_remote_code=True` loads them), from the first of `sources` that has each. Copied, never
+    imported. Returns the names copied."""
+    modules = set()
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            auto_map = json.loads((out_dir / name).read_text()).get("auto_map")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if not isinstance(auto_map, dict):
+            continue
+        for ref in auto_map.values():
+            for r in ref if isinstance(ref, list) else [ref]:
+                module = r.rsplit(".", 1)[0] if isinstance(r, str) else ""  # `repo--module.Class`: another repo's
+                if re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", module):  # a dotted name, never a path out
+                    modules.add(module.replace(".", "/") + ".py")
+    copied = []
+    for module in sorted(modules):
+        src = next((folder / module for folder in sources if (folder / module).is_file()), None)
+        if src is not None and not (out_dir / module).exists():
+            (out_dir / module).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, out_dir / module)
+            copied.append(module)
     return copied
 
 

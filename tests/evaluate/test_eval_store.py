@@ -45,6 +45,25 @@ def test_fingerprint_is_remembered(store, chat_model, monkeypatch):
     assert len(calls) == 2  # the store hashed once; the direct call above is the second
 
 
+def test_a_store_that_may_not_be_written_is_read(store, chat_model, monkeypatch):
+    """Review: a teammate's store or one on a read-only share could not even be read (the WAL switch and the schema
+    are writes), and the error said to move the file aside."""
+    import pytest
+
+    from safemerge.errors import SafemergeError
+
+    key = result_key("safety", model="m", data="d")
+    store.put(key, {"safe_rate": 0.75}, kind="safety", model="m", data="d", artifact=b"x")
+    before = store.path.read_bytes()
+    monkeypatch.setattr(ResultsStore, "writable", lambda self: False)  # as root, os.access says yes to everything
+    ro = ResultsStore(store.path)
+    assert ro.get(key) == {"safe_rate": 0.75} and ro.artifact(key) == b"x" and len(ro.rows(kind="safety")) == 1
+    assert ro.fingerprint(chat_model)  # hashed, not remembered
+    with pytest.raises(SafemergeError, match="can be read but not written here .*; pass --store"):
+        ro.put(result_key("safety", model="m", data="e"), {}, kind="safety", model="m", data="e")
+    assert store.path.read_bytes() == before
+
+
 def _writer(path: str, worker: int, n: int) -> None:
     s = ResultsStore(path, timeout=60)
     for i in range(n):
