@@ -351,7 +351,7 @@ def test_existing_output_needs_overwrite(tmp_path, tiny_family):
     with pytest.raises(OutputExistsError, match=r"holds other files \(keep\) and none that safemerge writes"):
         safemerge.merge(ta_config(tiny_family), tmp_path / "out", overwrite=True, progress=False)  # not an output
     assert (tmp_path / "out" / "keep").read_text() == "precious"
-    (tmp_path / "out" / "config.json").write_text("{}")  # an earlier merge's folder: replaced whole
+    (tmp_path / "out" / "config.json").write_text('{"model_type": "llama"}')  # an earlier merge's folder: replaced whole
     safemerge.merge(ta_config(tiny_family), tmp_path / "out", overwrite=True, progress=False)
     assert not (tmp_path / "out" / "keep").exists() and (tmp_path / "out" / "model.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
