@@ -80,7 +80,8 @@ def stored_evaluations(model: str | os.PathLike, *, store: ResultsStore | str | 
         if row["kind"] == "safety" and not _as_served(s):  # a system prompt of one's own proves nothing of the model
             ev.other_settings += 1
             continue
-        what = (row["kind"], row["data"], row["judge"])
+        # one per data set and judge; a domain set once per prompt format (plain and chat are two figures)
+        what = (row["kind"], row["data"], row["judge"], s.get("format") if row["kind"] == "domain" else None)
         if what not in seen:
             seen.add(what)
             getattr(ev, row["kind"]).append(row["result"])

@@ -354,3 +354,17 @@ def test_the_model_index_holds_the_largest_run_per_data_set_and_setting(model, p
     assert results == [("prompts.jsonl", "safe_rate", round(full["safe_rate"], 4), f"safe rate (keyword judge, n={full['n']})"),
                        ("questions", "acc", round(d["acc"], 4), f"acc (plain prompts, n={d['n']})"),
                        ("questions", "acc_norm", round(d["acc_norm"], 4), f"acc_norm (plain prompts, n={d['n']})")]
+
+
+def test_a_domain_set_scored_in_both_formats_keeps_both(chat_model, mc_file, store, tmp_path):
+    """Review: plain and chat runs of one file share its fingerprint and have no judge, so the newer format dropped
+    the older before the per-format step saw it (and nothing counted it as left out)."""
+    model = shutil.copytree(chat_model, tmp_path / "chat")  # a chat template: the chat format is not a fallback
+    plain = evaluate_domain(model, task=mc_file, device="cpu", store=store, progress=False)
+    chat = evaluate_domain(model, task=mc_file, format="chat", device="cpu", store=store, progress=False)
+    ev = stored_evaluations(model, store=store)
+    assert sorted(r["format"] for r in ev.domain) == ["chat", "plain"]
+    update_card(model, store=store)
+    text = (model / "README.md").read_text()
+    names = {e.metric_name for e in ModelCard(text).data.eval_results if e.metric_type == "acc"}
+    assert names == {f"acc (plain prompts, n={plain['n']})", f"acc (chat prompts, n={chat['n']})"}
