@@ -11,8 +11,8 @@ access, as with any mapped reader; truncation before is caught by the header che
 
 from __future__ import annotations
 
-import hashlib
 import errno
+import hashlib
 import json
 import mmap
 import os
