@@ -156,3 +156,55 @@ def test_a_broken_jsonl_line_is_named(tmp_path, lines, message, capfd, caplog):
         load_multiple_choice(f)
     # the error is the only word on it: no log line from datasets/pyarrow about a block of rows before it
     assert "Failed to load JSON" not in capfd.readouterr().err + caplog.text
+
+
+def test_the_rows_are_those_of_the_bytes_fingerprinted(tmp_path):
+    """Review: `datasets` kept what it had read under the file's path and mtime, so a file replaced with the same mtime
+    (`cp -p`, `tar x`, `rsync -a`) gave its old rows under the new content's fingerprint."""
+    import os
+
+    f = _jsonl(tmp_path / "p.jsonl", [{"prompt": "OLD prompt"}])
+    first = load_prompts(f)
+    stat = f.stat()
+    _jsonl(f, [{"prompt": "NEW prompt"}])
+    os.utime(f, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    again = load_prompts(f)
+    assert [p.text for p in again.prompts] == ["NEW prompt"] and again.fingerprint != first.fingerprint
+
+
+def test_values_are_read_as_written(tmp_path):
+    """Review: JSON strings that look like dates became datetimes (a question with dates as choices was refused), and
+    CSV cells went through pandas' NA handling (an empty or 'NA' prompt became None, codes 1 and 2 became '1.0')."""
+    qs = load_multiple_choice(_jsonl(tmp_path / "q.jsonl", [
+        {"question": "When did WW1 end?", "choices": ["1918-11-11", "1914-07-28"], "answer": 0}]))
+    assert qs.questions[0].choices == ("1918-11-11", "1914-07-28")
+    assert [p.text for p in load_prompts(_jsonl(tmp_path / "d.jsonl", [{"prompt": "2024-05-01 12:00"}])).prompts] == \
+        ["2024-05-01 12:00"]
+    (tmp_path / "p.csv").write_text("prompt,category\nhow to pick a lock,1\nNA,\n,2\n")
+    with pytest.warns(UserWarning, match="skipped 1 row"):
+        ps = load_prompts(tmp_path / "p.csv")
+    assert [(p.text, p.categories) for p in ps.prompts] == [("how to pick a lock", ("1",)), ("NA", ())]
+
+
+def test_compressed_and_array_files_are_read_by_their_inner_kind(tmp_path):
+    """Review: anything ending in .gz was read as JSON (a .csv.gz failed), a bad line of a .jsonl.gz was not named,
+    and a .jsonl holding one JSON array was refused as a bad first line."""
+    import gzip
+
+    (tmp_path / "p.csv.gz").write_bytes(gzip.compress(b"prompt\nhow to pick a lock\n"))
+    assert [p.text for p in load_prompts(tmp_path / "p.csv.gz").prompts] == ["how to pick a lock"]
+    (tmp_path / "bad.jsonl.gz").write_bytes(gzip.compress(b'{"prompt": "a"}\n{"prompt": \n'))
+    with pytest.raises(DataError, match="bad.jsonl.gz: line 2 is not valid JSON"):
+        load_prompts(tmp_path / "bad.jsonl.gz")
+    (tmp_path / "arr.jsonl").write_text('[\n  {"prompt": "a"},\n  {"prompt": "b"}\n]\n')
+    assert [p.text for p in load_prompts(tmp_path / "arr.jsonl").prompts] == ["a", "b"]
+    (tmp_path / "cols.json").write_text('{"prompt": ["a", "b"]}')
+    assert [p.text for p in load_prompts(tmp_path / "cols.json").prompts] == ["a", "b"]
+
+
+def test_a_named_prompt_column_is_read_whatever_else_the_file_has(tmp_path):
+    """Review: --prompt-column was ignored when the file also looked like BeaverTails or HH red-team."""
+    f = _jsonl(tmp_path / "b.jsonl", [{"prompt": "plain", "category": {"x": True}, "is_safe": False,
+                                       "jailbreak": "the jailbreak", "transcript": "\n\nHuman: hi\n\nAssistant: x"}])
+    assert [p.text for p in load_prompts(f, prompt_column="jailbreak").prompts] == ["the jailbreak"]
+    assert [p.text for p in load_prompts(f).prompts] == ["hi"]  # unnamed: the HH red-team transcript, as before

@@ -175,6 +175,8 @@ def _limited(ps: PromptSet, limit: int | None) -> PromptSet:
 
 
 def _detect(columns: set[str], name: str, prompt_column: str) -> str:
+    if prompt_column != "prompt" and prompt_column in columns:  # the column the user named, whatever else is there
+        return "plain"
     if "transcript" in columns:
         return "hh-redteam"
     if {"prompt", "category", "is_safe"} <= columns:
@@ -291,7 +293,7 @@ def _mc_row(row: dict, name: str, i: int) -> MCQuestion:
 
 # -- reading --------------------------------------------------------------------------------------
 def read_rows(source: str | os.PathLike, *, split: str | None) -> tuple[list[dict], str, str]:
-    """Rows of a local file (JSONL/JSON/CSV/Parquet, through `datasets`) or of a hub dataset;
+    """Rows of a local file (JSONL/JSON/CSV/Parquet, optionally gzipped; parsed here) or of a hub dataset (`datasets`);
     (rows, display name, digest). Raises DataError naming the file and what is wrong."""
     if not isinstance(source, (str, os.PathLike)):
         raise DataError(f"{source!r}: not a data file; give the path (a str or pathlib.Path) of a JSONL, JSON, CSV or "
@@ -305,42 +307,97 @@ def read_rows(source: str | os.PathLike, *, split: str | None) -> tuple[list[dic
 
 
 def _read_file(path: Path, *, split: str | None) -> tuple[list[dict], str, str]:
-    import datasets
+    """The rows of the very bytes that are fingerprinted, parsed here (JSON, JSON lines, CSV as text, Parquet):
+    `datasets`' reader kept what it had read under the file's path and mtime (a file replaced with `cp -p` gave its
+    old rows under the new digest), read JSON strings that look like dates as datetimes, CSV cells such as NA or an
+    empty one as None, and gave up on JSON lines whose fields change after its first 10 MB."""
+    import gzip
 
     if path.is_dir():
         raise DataError(f"{path}: is a directory; pass the data file inside it")
-    kind = DATA_SUFFIXES.get(path.suffix.lower())
+    suffix = path.suffix.lower()
+    inner = Path(path.stem).suffix.lower() if suffix == ".gz" else suffix  # rows.csv.gz: a compressed CSV
+    kind = DATA_SUFFIXES.get(inner, "json" if suffix == ".gz" else None)
     if kind is None:
         raise DataError(f"{path}: unknown file type {path.suffix!r}; use .jsonl, .json, .csv or .parquet")
     raw = path.read_bytes()
+    digest = _digest_bytes(raw)
+    if suffix == ".gz":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise DataError(f"{path}: cannot be decompressed as gzip ({_short(e)}); check the file") from None
     if not raw.strip():
         raise DataError(f"{path}: the file is empty; it needs at least one row")
-    if path.suffix.lower() == ".jsonl":
-        _check_jsonl(path, raw)  # names the bad line, where datasets logs an error naming a block of rows, then raises
-    try:
-        with quiet_datasets():
-            ds = getattr(datasets.Dataset, f"from_{kind}")(str(path), keep_in_memory=True)
-    except Exception as e:  # datasets raises many kinds; the message is what matters
-        raise DataError(f"{path}: cannot be read as {kind} ({type(e).__name__}: {_short(e)}); check its format") from None
     if split and split != "train":
         warnings.warn(f"{path}: split={split!r} is ignored for a local file", stacklevel=4)
-    rows = ds.to_list()
+    rows = _json_rows(path, raw, lines=inner == ".jsonl") if kind == "json" else _table_rows(path, raw, kind)
     if not rows:
         raise DataError(f"{path}: the file has no rows")
-    return rows, str(path), _digest_bytes(raw)
+    return rows, str(path), digest
 
 
-def _check_jsonl(path: Path, raw: bytes) -> None:
-    """Name the first line that is not a JSON object (datasets' own error names a row block, not the line)."""
-    for i, line in enumerate(raw.splitlines(), 1):
+def _json_rows(path: Path, raw: bytes, *, lines: bool) -> list[dict]:
+    """A JSON array of objects, an object of equal-length columns, or (any JSON name, as `datasets` reads it) one
+    object per line."""
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: is not UTF-8 text ({_short(e, 80)}); save it as UTF-8") from None
+    whole = not lines or text.lstrip().startswith("[")  # a .jsonl that holds one JSON array is read as that array
+    if whole:
+        try:
+            data = json.loads(text)
+        except ValueError:
+            data = None  # JSON lines under a .json name: read line by line below (which names a bad line)
+        if isinstance(data, list):
+            bad = next((i for i, r in enumerate(data) if not isinstance(r, dict)), None)
+            if bad is not None:
+                raise DataError(f"{path}: item {bad + 1} of its JSON array is a {type(data[bad]).__name__}, not an "
+                                "object with named fields")
+            return data
+        if isinstance(data, dict):
+            columns = list(data.values())
+            if columns and all(isinstance(c, list) and len(c) == len(columns[0]) for c in columns):
+                return [dict(zip(data, values)) for values in zip(*columns)]
+            if len(text.strip().splitlines()) == 1:
+                return [data]  # one row on one line
+            raise DataError(f"{path}: a JSON object that is not columns of equal length; give a list of rows (JSON "
+                            "objects), or one object per line (.jsonl)")
+    return _jsonl_rows(path, text)
+
+
+def _jsonl_rows(path: Path, text: str) -> list[dict]:
+    """One JSON object per line (blank lines skipped); the first bad line is named."""
+    rows = []
+    for i, line in enumerate(text.split("\n"), 1):  # at newlines only: U+2028 may stand inside a JSON string
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-        except (ValueError, UnicodeDecodeError) as e:
+        except ValueError as e:
             raise DataError(f"{path}: line {i} is not valid JSON ({_short(e, 80)}); fix or remove that line") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}: line {i} is a JSON {type(row).__name__}, not an object with named fields")
+        rows.append(row)
+    return rows
+
+
+def _table_rows(path: Path, raw: bytes, kind: str) -> list[dict]:
+    """CSV with every cell read as the text it is (an empty cell is "", NA is "NA"); Parquet as its typed rows."""
+    import io
+
+    try:
+        if kind == "csv":
+            import pandas as pd
+
+            frame = pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8-sig")
+            return frame.to_dict("records")
+        import pyarrow.parquet as pq
+
+        return pq.read_table(io.BytesIO(raw)).to_pylist()
+    except Exception as e:  # pandas and pyarrow raise many kinds; the message is what matters
+        raise DataError(f"{path}: cannot be read as {kind} ({type(e).__name__}: {_short(e)}); check its format") from None
 
 
 def _read_hub(name: str, *, split: str | None) -> tuple[list[dict], str, str]:

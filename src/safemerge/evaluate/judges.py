@@ -124,7 +124,13 @@ def get_judge(
         if isinstance(name, Judge):
             return name
         raise SafemergeError(f"judge must be a name or a Judge, got {type(name).__name__}")
+    if isinstance(refusals, str):  # one phrase, not its letters (each letter would make every answer a refusal)
+        refusals = (refusals,)
     if name == "keyword":
+        if judge_model is not None:  # a guard's checkpoint with the default judge: keyword rates labelled as a guard's
+            raise SafemergeError(f"--judge-model {judge_model} (judge_model=) is for a guard judge, but the judge is "
+                                 f"'keyword'; pass --judge llama-guard-3 (or the guard it is: {', '.join(JUDGES[1:])}), "
+                                 "or leave out --judge-model")
         return KeywordJudge(refusals=tuple(refusals)) if refusals else KeywordJudge()
     if name not in JUDGES:
         close = difflib.get_close_matches(name, JUDGES, n=2)
