@@ -450,6 +450,18 @@ def test_an_empty_folder_or_a_mount_point_is_filled_in_place(tmp_path, monkeypat
         (tmp / "config.json").write_text(MODEL_CONFIG)
     assert shared.stat().st_ino == inode and shared.stat().st_mode & 0o7777 == 0o2775
     assert sorted(p.name for p in shared.iterdir()) == ["config.json"]
+    with atomic_output(shared, overwrite=True) as tmp:  # and again, over that output: its folder keeps them still
+        (tmp / "config.json").write_text(MODEL_CONFIG)
+        (tmp / "model.safetensors").write_text("x")
+    assert shared.stat().st_ino == inode and shared.stat().st_mode & 0o7777 == 0o2775
+    assert sorted(p.name for p in shared.iterdir()) == ["config.json", "model.safetensors"]
+    plain = tmp_path / "plain"  # an earlier output in a folder like any new one is swapped whole, as before
+    with atomic_output(plain) as tmp:
+        (tmp / "config.json").write_text(MODEL_CONFIG)
+    inode = plain.stat().st_ino
+    with atomic_output(plain, overwrite=True) as tmp:
+        (tmp / "config.json").write_text(MODEL_CONFIG)
+    assert plain.stat().st_ino != inode
     volume = tmp_path / "volume"
     volume.mkdir()
     (volume / "config.json").write_text(MODEL_CONFIG)
@@ -469,4 +481,4 @@ def test_an_empty_folder_or_a_mount_point_is_filled_in_place(tmp_path, monkeypat
     with pytest.raises(RuntimeError):  # a failed output leaves the folder as it was, without the partial
         with atomic_output(shared, overwrite=True) as tmp:
             raise RuntimeError
-    assert sorted(p.name for p in shared.iterdir()) == ["config.json"]
+    assert sorted(p.name for p in shared.iterdir()) == ["config.json", "model.safetensors"]

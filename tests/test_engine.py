@@ -216,7 +216,8 @@ def test_processors_named_templates_and_custom_code_come_along(tiny_family, tmp_
     (base / "processor_config.json").write_text('{"processor_class": "LlavaProcessor"}')
     (base / "additional_chat_templates").mkdir()
     (base / "additional_chat_templates" / "tool_use.jinja").write_text("TOOL {{ messages[0].content }}")
-    (base / "configuration_tiny.py").write_text("# custom code\n")
+    (base / "configuration_tiny.py").write_text("# custom code\nfrom .helpers_tiny import X\n")
+    (base / "helpers_tiny.py").write_text("X = 1\n")  # imported by the module auto_map names
     (tmp_path / "evil.py").write_text("# outside the model\n")
     cfg = json.loads((base / "config.json").read_text())
     cfg["auto_map"] = {"AutoConfig": "configuration_tiny.TinyConfig", "AutoModel": "other/repo--modeling_x.X",
@@ -225,7 +226,7 @@ def test_processors_named_templates_and_custom_code_come_along(tiny_family, tmp_
     out = safemerge.merge(ta_config(fam), tmp_path / "out", progress=False)
     assert (out / "processor_config.json").read_text() == (base / "processor_config.json").read_text()
     assert (out / "additional_chat_templates" / "tool_use.jinja").is_file()
-    assert (out / "configuration_tiny.py").read_text() == "# custom code\n"
+    assert (out / "configuration_tiny.py").read_text().startswith("# custom code") and (out / "helpers_tiny.py").is_file()
     assert not (out / "evil.py").exists() and not (out / "modeling_x.py").exists()  # never a path out, nor another repo's
     (base / "processor_config.json").write_text("[1]")  # copied, so checked before the merge like the tokenizer files
     with pytest.raises(CheckpointError, match="processor_config.json: holds a JSON list"):

@@ -235,15 +235,18 @@ def test_an_adapter_of_a_checkpoint_stored_without_its_prefix_is_merged_as_peft_
 
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4)).save_pretrained(tmp_path / "gpt2")
-    adapter = _adapter(tmp_path / "gpt2", tmp_path / "ad", target_modules=["c_attn"], modules_to_save=None)
+    # patterns keyed by the module's full name, as peft matches them (they were matched against the stripped name)
+    adapter = _adapter(tmp_path / "gpt2", tmp_path / "ad", target_modules=["c_attn"], modules_to_save=None,
+                       rank_pattern={"transformer.h.0.attn.c_attn": 2}, alpha_pattern={"transformer.h.0.attn.c_attn": 64})
     want = _peft_merged(tmp_path / "gpt2", adapter)
     weights = tmp_path / "gpt2" / "model.safetensors"
     save_file({k.removeprefix("transformer."): v.contiguous() for k, v in load_file(weights).items()}, weights,
               metadata={"format": "pt"})
     ckpt = open_model(f"{tmp_path / 'gpt2'}+{adapter}")
     assert "h.0.attn.c_attn.weight" in ckpt.names()
-    torch.testing.assert_close(ckpt.get("h.0.attn.c_attn.weight"), want["transformer.h.0.attn.c_attn.weight"],
-                               rtol=0, atol=1e-6)
+    for layer in (0, 1):
+        torch.testing.assert_close(ckpt.get(f"h.{layer}.attn.c_attn.weight"),
+                                   want[f"transformer.h.{layer}.attn.c_attn.weight"], rtol=0, atol=1e-6)
     assert not torch.equal(ckpt.get("h.0.attn.c_attn.weight"), open_model(str(tmp_path / "gpt2")).get("h.0.attn.c_attn.weight"))
 
 

@@ -227,3 +227,24 @@ def test_a_tokens_row_from_an_earlier_merge(tiny_family, tmp_path):
     got, soup_t = _tensors(out), _tensors(tmp_path / "inter" / "soup")
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         assert torch.equal(got[name][end], soup_t[name][end])  # forced: both models take the soup's row
+
+
+def test_processor_template_and_code_files_of_an_input_are_inputs_too(tiny_family, tmp_path):
+    """Review: a rerun kept a merge whose tokenizer source had since gained a processor config or a named chat
+    template, which a plain merge copies."""
+    import shutil
+
+    aligned = shutil.copytree(tiny_family["aligned"], tmp_path / "aligned")
+    fam = dict(tiny_family, aligned=aligned)
+    _, soup, _ = _docs(fam)
+    soup = dict(soup, tokenizer_source=str(aligned))
+    final = {"merge_method": "linear", "dtype": "float32", "models": [{"model": "soup", "parameters": {"weight": 1.0}}]}
+    cfg, out, inter = tmp_path / "multi.yml", tmp_path / "out", tmp_path / "inter"
+    _write(cfg, final, soup)
+    safemerge.multimerge(cfg, out, intermediate_dir=inter, progress=False)
+    for name, text in (("processor_config.json", '{"processor_class": "X"}'),
+                       ("additional_chat_templates/tool_use.jinja", "TOOL")):
+        (aligned / name).parent.mkdir(exist_ok=True)
+        (aligned / name).write_text(text)
+        assert safemerge.multimerge(cfg, out, intermediate_dir=inter, progress=False).made == ["soup", "the final merge"]
+        assert (inter / "soup" / name).read_text() == text

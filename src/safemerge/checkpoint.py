@@ -417,7 +417,8 @@ def atomic_output(out_dir: str | os.PathLike, *, overwrite: bool = False, replac
     out.parent.mkdir(parents=True, exist_ok=True)
     # a mount point (a container's volume) cannot be renamed, and an empty folder made for the output may carry its
     # owner's group and modes (a shared disk): those are filled in place, from a temporary folder inside them
-    in_place = out.is_dir() and not out.is_symlink() and (os.path.ismount(out) or not any(out.iterdir()))
+    in_place = out.is_dir() and not out.is_symlink() and (os.path.ismount(out) or not any(out.iterdir())
+                                                          or _has_own_attributes(out))
     tmp = (out if in_place else out.parent) / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -557,6 +558,17 @@ def _marks_output(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(cfg, dict) and ("model_type" in cfg or "architectures" in cfg)
+
+
+def _has_own_attributes(folder: Path) -> bool:
+    """Whether `folder`'s modes or group differ from what a new folder in its place would get (a shared folder made
+    group-writable, setgid): a replacement by rename would lose them."""
+    import stat
+
+    st, parent = folder.stat(), folder.parent.stat()
+    inherits = bool(parent.st_mode & stat.S_ISGID)  # a setgid parent passes its group and the bit on
+    mode = (0o777 & ~_umask()) | (stat.S_ISGID if inherits else 0)
+    return (st.st_mode & 0o7777) != mode or st.st_gid != (parent.st_gid if inherits else os.getegid())
 
 
 def _fill_in_place(out: Path, tmp: Path, *, overwrite: bool, replace_any: bool) -> None:

@@ -120,6 +120,7 @@ class LoraCheckpoint(Checkpoint):
         self._low_rank: dict[str, tuple[str, str, bool]] = {}  # weight name -> (A name, B name, transposed)
         self._whole: dict[str, str] = {}  # weight name -> adapter tensor that replaces it
         self._scale: dict[str, float] = {}  # weight name -> s = α/r (α/√r with rsLoRA)
+        named: dict[str, str] = {}  # weight name -> the module's name in the adapter (what its patterns match)
         b_keys = []
         for key in self.adapter_weights.names():
             name = key.removeprefix(PREFIX)
@@ -127,7 +128,9 @@ class LoraCheckpoint(Checkpoint):
                                                   (".lora_embedding_A", ".lora_embedding_B", True)):
                 if name.endswith(a_suffix):
                     module = name.removesuffix(a_suffix)
-                    self._low_rank[self._stored(module + ".weight")] = (key, key.removesuffix(a_suffix) + b_suffix, embedding)
+                    stored = self._stored(module + ".weight")
+                    self._low_rank[stored] = (key, key.removesuffix(a_suffix) + b_suffix, embedding)
+                    named[stored] = module
                     break
             else:
                 if name.endswith((".lora_B.weight", ".lora_embedding_B")):
@@ -161,7 +164,7 @@ class LoraCheckpoint(Checkpoint):
             flip = embedding or have != rows_first or (self.conv1d and rows_first == transposed
                                                           and name.rsplit(".", 2)[-2] in ("c_attn", "c_proj", "c_fc", "q_attn"))
             self._low_rank[name] = (a, b, flip)
-            module = name.removesuffix(".weight")  # as peft picks a module's r and α: the first pattern that matches
+            module = named[name]  # as peft picks a module's r and α: the first pattern that matches its name
             rank = patterns["rank_pattern"].get(_pattern_key(patterns["rank_pattern"], module), r)
             a_rank = patterns["alpha_pattern"].get(_pattern_key(patterns["alpha_pattern"], module), alpha)
             if ra != rank:

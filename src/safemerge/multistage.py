@@ -257,15 +257,14 @@ def _inputs(cfg: MergeConfig, allow_pickle: bool) -> dict[str, str]:
     from safemerge.engine import tokenizer_dirs
     from safemerge.evaluate.loading import side_files_digest
     from safemerge.lora import open_model
-    from safemerge.writer import TOKENIZER_FILES
+    from safemerge.writer import side_names
 
-    files = ("config.json", "generation_config.json", *TOKENIZER_FILES)
     out = {}
     for m in cfg.input_models():
         ckpt = open_model(m, allow_pickle=allow_pickle)
-        out[m] = f"{ckpt.fingerprint()} {side_files_digest(ckpt.path, files)}"
+        out[m] = f"{ckpt.fingerprint()} {side_files_digest(ckpt.path, side_names(ckpt.path))}"
     for folder in tokenizer_dirs(cfg):
-        out["tokenizer_source"] = side_files_digest(folder, files)
+        out["tokenizer_source"] = side_files_digest(folder, side_names(folder))
     return out
 
 

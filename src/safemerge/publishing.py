@@ -400,7 +400,11 @@ def _check_stray_weights(path: Path, files: list[dict[str, Any]]) -> None:
     fingerprinted, evaluated or gated."""
     from safemerge.checkpoint import Checkpoint
 
+    from safemerge.align.run import RUN_RECORD
+
     own = {f.name for f in Checkpoint(path).weight_files()}
+    if (path / "adapter" / RUN_RECORD).is_file():  # `safemerge align`'s output: the LoRA adapter merged into it
+        own.add("adapter/adapter_model.safetensors")
     stray = [f["path"] for f in files if Path(f["path"]).suffix.lower() in WEIGHT_SUFFIXES and f["path"] not in own]
     if stray:
         raise PublishError(f"{path}: {', '.join(stray)} would be uploaded beside the checkpoint's weights "

@@ -176,8 +176,8 @@ def copy_side_files(out_dir: Path, *, tokenizer_source: Path | None, generation_
 
 def copy_custom_code(out_dir: Path, sources: list[Path]) -> list[str]:
     """The Python modules that the output's config.json and tokenizer_config.json name in `auto_map` (a model with
-    custom code: `trust_remote_code=True` loads them), from the first of `sources` that has each. Copied, never
-    imported. Returns the names copied."""
+    custom code: `trust_remote_code=True` loads them), from the first of `sources` that has each, with the other
+    .py files beside them (the modules they import). Copied, never imported. Returns the names copied."""
     modules = set()
     for name in ("config.json", "tokenizer_config.json"):
         try:
@@ -191,14 +191,28 @@ def copy_custom_code(out_dir: Path, sources: list[Path]) -> list[str]:
                 module = r.rsplit(".", 1)[0] if isinstance(r, str) else ""  # `repo--module.Class`: another repo's
                 if re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", module):  # a dotted name, never a path out
                     modules.add(module.replace(".", "/") + ".py")
-    copied = []
+    copied, used = [], []
     for module in sorted(modules):
-        src = next((folder / module for folder in sources if (folder / module).is_file()), None)
-        if src is not None and not (out_dir / module).exists():
+        folder = next((f for f in sources if (f / module).is_file()), None)
+        if folder is not None and not (out_dir / module).exists():
             (out_dir / module).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, out_dir / module)
+            shutil.copy2(folder / module, out_dir / module)
             copied.append(module)
+            used += [folder] if folder not in used else []
+    for folder in used:  # the modules these import from beside them (Phi-3-small's helpers): every .py there
+        for f in sorted(folder.glob("*.py")):
+            if f.is_file() and not (out_dir / f.name).exists():
+                shutil.copy2(f, out_dir / f.name)
+                copied.append(f.name)
     return copied
+
+
+def side_names(folder: Path) -> tuple[str, ...]:
+    """Every side file an output may take from `folder`, as names relative to it: the config, generation config,
+    tokenizer, processor, named-template and custom-code files there (what a lazy rerun must see change)."""
+    fixed = ("config.json", "generation_config.json", *TOKENIZER_FILES, *PROCESSOR_FILES)
+    extra = sorted(f"{TEMPLATES_FOLDER}/{p.name}" for p in (folder / TEMPLATES_FOLDER).glob("*") if p.is_file())
+    return fixed + tuple(extra) + tuple(sorted(p.name for p in folder.glob("*.py") if p.is_file()))
 
 
 def _set_chat_template(out_dir: Path, template: str) -> None:

@@ -198,8 +198,8 @@ def test_compressed_and_array_files_are_read_by_their_inner_kind(tmp_path):
         load_prompts(tmp_path / "bad.jsonl.gz")
     (tmp_path / "arr.jsonl").write_text('[\n  {"prompt": "a"},\n  {"prompt": "b"}\n]\n')
     assert [p.text for p in load_prompts(tmp_path / "arr.jsonl").prompts] == ["a", "b"]
-    (tmp_path / "cols.json").write_text('{"prompt": ["a", "b"]}')
-    assert [p.text for p in load_prompts(tmp_path / "cols.json").prompts] == ["a", "b"]
+    (tmp_path / "one.json").write_text('{\n  "prompt": "a",\n  "category": ["x"]\n}\n')  # one row, as datasets read it
+    assert [(p.text, p.categories) for p in load_prompts(tmp_path / "one.json").prompts] == [("a", ("x",))]
 
 
 def test_a_named_prompt_column_is_read_whatever_else_the_file_has(tmp_path):

@@ -368,3 +368,15 @@ def test_a_domain_set_scored_in_both_formats_keeps_both(chat_model, mc_file, sto
     text = (model / "README.md").read_text()
     names = {e.metric_name for e in ModelCard(text).data.eval_results if e.metric_type == "acc"}
     assert names == {f"acc (plain prompts, n={plain['n']})", f"acc (chat prompts, n={chat['n']})"}
+
+
+def test_the_adapter_that_align_keeps_in_its_output_is_not_a_stray(model, prompts_file, store):
+    """Review: the subfolder check refused `safemerge align`'s own output, which keeps its LoRA in OUT/adapter/."""
+    _safety(model, prompts_file, store)
+    (model / "adapter").mkdir()
+    (model / "adapter" / "adapter_model.safetensors").write_bytes(b"the adapter merged into these weights")
+    with pytest.raises(PublishError, match="adapter/adapter_model.safetensors would be uploaded"):
+        publish(model, "me/m", store=store, min_safety=0.0, dry_run=True)  # not align's: no run record beside it
+    (model / "adapter" / "align_run.json").write_text("{}")
+    sent = {f["path"] for f in publish(model, "me/m", store=store, min_safety=0.0, dry_run=True)["files"]}
+    assert "adapter/adapter_model.safetensors" in sent

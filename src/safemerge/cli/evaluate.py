@@ -75,7 +75,8 @@ def safety(
         for cat, v in r["by_category"].items():
             t.add_row(escape(cat), str(v["n"]), _fmt(v["safe_rate"]))
         out.print(t)
-        console.print(f"responses and verdicts: {escape(str(r['responses']))}", highlight=False)
+        if r["responses"] is not None:
+            console.print(f"responses and verdicts: {escape(str(r['responses']))}", highlight=False)
 
 
 @eval_app.command("domain")

@@ -338,8 +338,8 @@ def _read_file(path: Path, *, split: str | None) -> tuple[list[dict], str, str]:
 
 
 def _json_rows(path: Path, raw: bytes, *, lines: bool) -> list[dict]:
-    """A JSON array of objects, an object of equal-length columns, or (any JSON name, as `datasets` reads it) one
-    object per line."""
+    """A JSON array of objects, one object (one row), or (any JSON name, as `datasets` reads it) one object per
+    line."""
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -357,13 +357,7 @@ def _json_rows(path: Path, raw: bytes, *, lines: bool) -> list[dict]:
                                 "object with named fields")
             return data
         if isinstance(data, dict):
-            columns = list(data.values())
-            if columns and all(isinstance(c, list) and len(c) == len(columns[0]) for c in columns):
-                return [dict(zip(data, values)) for values in zip(*columns)]
-            if len(text.strip().splitlines()) == 1:
-                return [data]  # one row on one line
-            raise DataError(f"{path}: a JSON object that is not columns of equal length; give a list of rows (JSON "
-                            "objects), or one object per line (.jsonl)")
+            return [data]  # one row, as `datasets` reads a JSON object (a list value is that row's list)
     return _jsonl_rows(path, text)
 
 

@@ -119,11 +119,17 @@ def evaluate_safety(
     cacheable = bool(ref.fingerprint) and judge_id.get("model", "") is not None
     if cache and cacheable and (hit := db.get(key)) is not None:
         blob = db.artifact(key)
-        if blob is not None:
-            atomic_write(out_path, blob, record=out is not None)
+        beside_store = out is None
+        if blob is not None and not (beside_store and out_path.is_file() and out_path.read_bytes() == blob):
+            if beside_store and not db.writable():  # a read-only store is read: its folder is not written either
+                warnings.warn(f"{db.path}: the results store is read-only here, so the stored responses were not written "
+                              "out beside it; pass --out FILE to have them", EvaluationWarning, stacklevel=2)
+                out_path = None
+            else:
+                atomic_write(out_path, blob, record=not beside_store)
         for note in hit.get("warnings") or []:  # a stored result says what it said when it was computed
             warnings.warn(note, EvaluationWarning, stacklevel=2)
-        return {**hit, "responses": str(out_path), "cached": True}
+        return {**hit, "responses": str(out_path) if out_path is not None else None, "cached": True}
 
     t0 = time.perf_counter()
     loaded_here = ref.backend is None
