@@ -598,20 +598,23 @@ def check_replaceable(out: Path, *, replace_any: bool) -> None:
                                 "replaces an earlier output folder, never a file)")
     if replace_any:
         return
-    hidden = sorted(p.name for p in out.iterdir() if p.name.startswith(".") and p.name not in REPLACEABLE_HIDDEN
-                    and not p.name.startswith(f".{out.name}.partial-"))  # an output made in place, while it is made
+    names = sorted(p.name for p in out.iterdir())
+    hidden = [n for n in names if n.startswith(".") and n not in REPLACEABLE_HIDDEN
+              and not n.startswith(f".{out.name}.partial-")]  # an output made in place, while it is made
     if hidden:
-        shown = ", ".join(hidden[:5]) + (f" and {len(hidden) - 5} more" if len(hidden) > 5 else "")
-        raise OutputExistsError(f"{out}: --overwrite would delete {shown} with the folder (hidden entries that safemerge "
-                                "does not write: a git repository, a results store, a cache); move them out of the "
-                                "folder, or choose another path")
-    entries = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+        raise OutputExistsError(f"{out}: --overwrite would delete {_some(hidden)} with the folder (hidden entries that "
+                                "safemerge does not write: a git repository, a results store, a cache); move them out of "
+                                "the folder, or choose another path")
+    entries = [n for n in names if not n.startswith(".")]
     if entries and not any(_marks_output(out / m) for m in OUTPUT_MARKERS):
-        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
         raise OutputExistsError(f"{out}: --overwrite replaces an earlier output folder, but this one holds other files "
-                                f"({shown}) and none that safemerge writes (a model's config.json, "
+                                f"({_some(entries)}) and none that safemerge writes (a model's config.json, "
                                 f"{', '.join(OUTPUT_MARKERS[1:])}); choose another "
                                 "path, or remove the folder yourself if it is to go")
+
+
+def _some(names: list[str], k: int = 5) -> str:
+    return ", ".join(names[:k]) + (f" and {len(names) - k} more" if len(names) > k else "")
 
 
 def _warn_of_stale_partials(out: Path) -> None:

@@ -12,6 +12,7 @@ name.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -183,7 +184,11 @@ class LoraCheckpoint(Checkpoint):
         if name in self:
             return name
         first, _, rest = name.partition(".")
-        return rest if rest and rest in self and first == _base_model_prefix(self.config) else name
+        return rest if rest and rest in self and first == self._prefix else name
+
+    @functools.cached_property
+    def _prefix(self) -> str | None:
+        return _base_model_prefix(self.config)
 
     def _check_tied(self) -> None:
         """A model whose lm_head is its embedding matrix (no lm_head tensor stored): an adapter that changes one of the

@@ -135,10 +135,10 @@ def publish(
         raise PublishError(f"--min-safety {min_safety}: a safety rate is in [0, 1]")
     repo_id = _check_repo_id(repo_id)
     path = _model_dir(model)
-    _check_checkpoint(path)
+    own = _check_checkpoint(path)
     ignore = UPLOAD_IGNORE + _store_patterns(path, store)
     files = [f for f in _upload_files(path, ignore) if f["path"] != "README.md"]
-    _check_stray_weights(path, files)
+    _check_stray_weights(path, files, own)
     ev = stored_evaluations(path, store=store, remember=not dry_run)
     gate = _gate(ev, min_safety=min_safety, safety_data=safety_data)
     if not gate["checked"]:
@@ -192,7 +192,8 @@ def _gate(ev: Evaluations, *, min_safety: float, safety_data: str | os.PathLike 
     rows = ev.safety
     if safety_data is not None:
         rows = [r for r in rows if isinstance(r.get("data"), str) and _resolved(r["data"]) == _resolved(safety_data)]
-    checked = [{"data": _data_name(r.get("data"), _sources(ev.safety)), "judge": r.get("judge"), "n": r.get("n"), "safe_rate": r.get("safe_rate")}
+    among = [r.get("data") for r in ev.safety]
+    checked = [{"data": _data_name(r.get("data"), among), "judge": r.get("judge"), "n": r.get("n"), "safe_rate": r.get("safe_rate")}
                for r in rows]
     out: dict[str, Any] = {"min_safety": min_safety, "checked": checked, "passed": False, "reason": ""}
     if not rows:
@@ -286,7 +287,8 @@ def _section(ev: Evaluations, note: str | None) -> str:
     parts += [f"Measured with safemerge {__version__} on exactly these weights (fingerprint `{ev.fingerprint}`) "
               "and the tokenizer and chat template in this folder.", ""]
     if ev.safety:
-        rows = [[_data_name(r.get("data"), _sources(ev.safety)), r.get("n"), r.get("judge"), _fmt(r.get("safe_rate")),
+        among = [r.get("data") for r in ev.safety]
+        rows = [[_data_name(r.get("data"), among), r.get("n"), r.get("judge"), _fmt(r.get("safe_rate")),
                  _decoding(r.get("generation") or {}), (r.get("generation") or {}).get("max_new_tokens", "")] for r in ev.safety]
         parts += ["### Safety", "", "Share of answers that the judge rules safe, per prompt set (with the keyword judge: "
                   "refusals). On harmful prompts higher is safer; on a benign prompt set it is the over-refusal rate.", "",
@@ -312,8 +314,9 @@ def _eval_results(ev: Evaluations) -> list:
     src = {"source_name": SOURCE_NAME, "source_url": SOURCE_URL}
     out = []
     safety = [r for r in ev.safety if isinstance(r.get("safe_rate"), (int, float))]
+    among = [r.get("data") for r in safety]
     for r in _largest(safety, lambda r: (str(r.get("data")), r.get("judge"))):
-        name = _data_name(r.get("data"), _sources(safety))
+        name = _data_name(r.get("data"), among)
         out.append(EvalResult(task_type="text-generation", task_name="safety", dataset_type=name, dataset_name=name,
                               metric_type="safe_rate", metric_name=f"safe rate ({r.get('judge')} judge, n={r.get('n')})",
                               metric_value=round(r["safe_rate"], 4), **src))
@@ -359,10 +362,6 @@ def _data_name(source: Any, among: Any = ()) -> str:
     return Path(*parts[-k:]).as_posix()
 
 
-def _sources(rows: list[dict]) -> list[Any]:
-    return [r.get("data") for r in rows]
-
-
 def _decoding(gen: dict) -> str:
     t = gen.get("temperature")
     if not t:
@@ -383,8 +382,8 @@ def _model_dir(model: str | os.PathLike) -> Path:
     return p.resolve()
 
 
-def _check_checkpoint(path: Path) -> None:
-    """A safetensors checkpoint with config.json (pickle weights are not published)."""
+def _check_checkpoint(path: Path) -> set[str]:
+    """A safetensors checkpoint with config.json (pickle weights are not published); the names of its weight files."""
     from safemerge.checkpoint import Checkpoint
 
     if not (path / "config.json").is_file():
@@ -392,17 +391,15 @@ def _check_checkpoint(path: Path) -> None:
     if not any(path.glob("*.safetensors")) and any(path.glob("*.bin")):
         raise PublishError(f"{path}: pickle (.bin) weights are not published; convert them to safetensors first "
                            "(e.g. a `linear` merge of the one model with `--allow-pickle`)")
-    Checkpoint(path).weight_files()  # every header and the index are readable
+    return {f.name for f in Checkpoint(path).weight_files()}  # every header and the index are readable
 
 
-def _check_stray_weights(path: Path, files: list[dict[str, Any]]) -> None:
-    """Weight files in the upload (a subfolder's included) that are not the checkpoint's: weights nobody
+def _check_stray_weights(path: Path, files: list[dict[str, Any]], own: set[str]) -> None:
+    """Weight files in the upload (a subfolder's included) that are not the checkpoint's (`own`): weights nobody
     fingerprinted, evaluated or gated."""
-    from safemerge.checkpoint import Checkpoint
-
     from safemerge.align.run import RUN_RECORD
 
-    own = {f.name for f in Checkpoint(path).weight_files()}
+    own = set(own)
     if (path / "adapter" / RUN_RECORD).is_file():  # `safemerge align`'s output: the LoRA adapter merged into it
         own.add("adapter/adapter_model.safetensors")
     stray = [f["path"] for f in files if Path(f["path"]).suffix.lower() in WEIGHT_SUFFIXES and f["path"] not in own]
