@@ -156,6 +156,22 @@ def test_overwrite_replaces_only_an_earlier_output_folder(tmp_path):
     assert (empty / "config.json").exists()
 
 
+def test_without_overwrite_what_overwrite_would_not_replace_is_said_as_such(tmp_path):
+    """A file at OUT (or a folder of other work) got "already exists; pass --overwrite", and then, with --overwrite,
+    "is a file": the first advice could not help."""
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"z")
+    work = tmp_path / "project"
+    work.mkdir()
+    (work / "notes.txt").write_text("y")
+    for at, message in ((weights, "is a file, and the output is a folder"), (work, r"holds other files \(notes.txt\)")):
+        with pytest.raises(OutputExistsError, match=message) as e:
+            with atomic_output(at):
+                pass
+        assert "pass --overwrite" not in str(e.value)
+    assert weights.read_bytes() == b"z" and (work / "notes.txt").read_text() == "y"
+
+
 def test_overwrite_keeps_hidden_work_and_a_project_settings_file_marks_no_output(tmp_path):
     """Review: every hidden entry was taken for junk, so a folder holding only .git (a clone of an empty hub repo)
     was replaced, history and all, and an earlier output lost its .git and .safemerge results store; and any

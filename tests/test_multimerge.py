@@ -127,17 +127,22 @@ def test_bad_multi_stage_configs_are_errors_before_any_merge(tiny_family, tmp_pa
     out.mkdir()
     (out / "keep.txt").write_text("someone else's")
     cfg = _write(tmp_path / "bad.yml", final, soup, ta)
+    from safemerge.errors import OutputExistsError
+    with pytest.raises(OutputExistsError, match="holds other files") as e:  # not the advice to pass --overwrite
+        safemerge.multimerge(cfg, out, intermediate_dir=inter, progress=False)
+    assert "pass --overwrite" not in str(e.value)
+    (out / "config.json").write_text('{"model_type": "llama"}')  # a model's folder that this multimerge did not write
     with pytest.raises(ConfigError, match="already exists and was not written by an earlier multimerge into this"):
         safemerge.multimerge(cfg, out, intermediate_dir=inter, progress=False)
     assert (out / "keep.txt").read_text() == "someone else's" and not inter.exists()
+    (out / "config.json").unlink()
     (inter / "ta").mkdir(parents=True)  # an intermediate folder that this config did not write is kept too
-    (inter / "ta" / "keep.txt").write_text("mine")
+    (inter / "ta" / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(ConfigError, match=r"inter/ta \(ta's output\) already exists .* --intermediate-dir"):
         safemerge.multimerge(cfg, tmp_path / "out2", intermediate_dir=inter, progress=False)
-    assert (inter / "ta" / "keep.txt").read_text() == "mine" and not (inter / "soup").exists()
-    (inter / "ta" / "keep.txt").unlink()
+    assert (inter / "ta" / "config.json").is_file() and not (inter / "soup").exists()
+    (inter / "ta" / "config.json").unlink()
     # QA: with --overwrite, a final output folder of other work was refused only after the earlier merges had run
-    from safemerge.errors import OutputExistsError
     with pytest.raises(OutputExistsError, match="holds other files"):
         safemerge.multimerge(cfg, out, intermediate_dir=inter, progress=False, overwrite=True)
     assert (out / "keep.txt").read_text() == "someone else's" and not (inter / "soup").exists()

@@ -408,9 +408,7 @@ def atomic_output(out_dir: str | os.PathLike, *, overwrite: bool = False, replac
     one of the command's outputs (for what an interrupt message says; not for a cache entry).
     """
     out = Path(out_dir).expanduser().absolute()
-    if out.exists() and not overwrite:
-        raise OutputExistsError.at(out)
-    check_replaceable(out, replace_any=replace_any)
+    check_existing_output(out, overwrite=overwrite, replace_any=replace_any)
     check_folder(out)
     _warn_of_stale_partials(out)
     made = [p for p in reversed(out.parents) if not p.exists()]  # folders this call creates, outermost first
@@ -587,6 +585,16 @@ def _fill_in_place(out: Path, tmp: Path, *, overwrite: bool, replace_any: bool) 
     for p in tmp.iterdir():
         os.replace(p, out / p.name)
     tmp.rmdir()
+
+
+def check_existing_output(out: Path, *, overwrite: bool, replace_any: bool = False, also: str = "") -> None:
+    """That a folder output may go to `out`: nothing there, or an earlier output and `overwrite`. What --overwrite
+    would not replace either (a file, a folder of other work) is said as such first, so that the advice to pass
+    --overwrite is given only where it helps. `also`: more to say after that advice."""
+    if out.exists():
+        check_replaceable(out, replace_any=replace_any)
+        if not overwrite:
+            raise OutputExistsError.at(out, also)
 
 
 def check_replaceable(out: Path, *, replace_any: bool) -> None:

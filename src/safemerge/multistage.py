@@ -142,11 +142,11 @@ def multimerge(
     pickle = merge_options.get("allow_pickle", False)
     _check_inputs(stages, {str(inter / n) for n in made_here}, pickle)
     for s in stages:
+        check_replaceable(s.out, replace_any=False)  # a file, or a folder of other work: refused before any merge runs
         if s.out.exists() and not overwrite and str(s.out) not in made_by_us:
             raise ConfigError(f"{s.out} ({s.label}'s output) already exists and was not written by an earlier multimerge "
                               "into this intermediate folder; pass --overwrite to replace it, or choose another "
                               + ("--out-path" if s.name is None else "--intermediate-dir"))
-        check_replaceable(s.out, replace_any=False)  # a file, or a folder of other work: refused before any merge runs
     result, remade = MultimergeResult(), set()
     for i, s in enumerate(stages, 1):
         key, cfg_yaml = s.name or "", (s.reparse() if s.needs else s.config).to_yaml_dict()

@@ -93,13 +93,14 @@ def test_the_output_and_journal_stay_apart_from_the_pool(tiny_family, family_dat
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("overwrite", [True, False])
 @pytest.mark.parametrize("what, message", [
     ("file", "is a file, and the output is a folder"),
     ("work", "holds other files (notes.txt)"),
     ("under a file", "is a file, so nothing can be written under it"),
 ])
 def test_an_output_path_that_cannot_be_written_fails_before_the_search(config_file, family_data, tmp_path, what,
-                                                                      message, monkeypatch):
+                                                                      message, overwrite, monkeypatch):
     """Not after hours of scoring: what stands at OUT is checked first, and nothing is scored or journaled."""
     import safemerge.search.run as run
 
@@ -111,8 +112,8 @@ def test_an_output_path_that_cannot_be_written_fails_before_the_search(config_fi
     else:
         out.write_text("my notes")
     target = out / "sub" if what == "under a file" else out
-    r = _search(config_file, target, family_data, "--overwrite", "--optimizer", "cocktail")
-    assert r.exit_code == 2 and message in " ".join(r.output.split()), r.output
+    r = _search(config_file, target, family_data, *(["--overwrite"] if overwrite else []), "--optimizer", "cocktail")
+    assert r.exit_code == 2 and message in " ".join(r.output.split()), r.output  # without --overwrite: not its advice
     assert (out / "notes.txt" if what == "work" else out).read_text() == "my notes"
     assert not list(tmp_path.glob("*.journal.sqlite")) and not list(out.parent.glob(".out.partial-*"))
 

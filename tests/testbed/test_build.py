@@ -118,8 +118,9 @@ def test_an_output_the_final_write_would_refuse_is_refused_before_training(tmp_p
     (tmp_path / "work" / "notes.txt").write_text("mine")
     for out, words in ((tmp_path / "file", "is a file"), (tmp_path / "work", "holds other files"),
                        (tmp_path / "file" / "tb", "is a file, so nothing can be written under it")):
-        with pytest.raises(OutputExistsError, match=words):
-            build_testbed(out, seed=0, preset="micro", progress=False, overwrite=True)
+        for overwrite in (True, False):  # without --overwrite, not the advice to pass it
+            with pytest.raises(OutputExistsError, match=words):
+                build_testbed(out, seed=0, preset="micro", progress=False, overwrite=overwrite)
     assert (tmp_path / "work" / "notes.txt").read_text() == "mine"
 
 

@@ -24,10 +24,10 @@ import yaml
 
 from safemerge._args import check_arguments
 from safemerge._progress import transient_progress
-from safemerge.checkpoint import Checkpoint, atomic_output, check_folder, check_replaceable
+from safemerge.checkpoint import Checkpoint, atomic_output, check_existing_output, check_folder
 from safemerge.config import MergeConfig, load_config
 from safemerge.engine import check_apart, check_copied_files, check_device, input_dirs, tokenizer_dirs
-from safemerge.errors import ConfigError, OutputExistsError
+from safemerge.errors import ConfigError
 from safemerge.lora import open_model
 from safemerge.search.candidates import check_architecture
 from safemerge.search.cmaes import DEFAULT_SIGMA0, DEFAULT_STEPS, cmaes, default_popsize
@@ -139,13 +139,10 @@ def search(
     if optimizer not in OPTIMIZERS:
         raise ConfigError(f"--optimizer {optimizer!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
     out = Path(out).expanduser().absolute()
-    if out.exists() and not overwrite:
-        also = (" (with --resume, --overwrite keeps the journal and replaces the output with the resumed search's best; "
-                "that is how a finished CMA-ES run goes on with more --steps)" if resume else "")
-        raise OutputExistsError.at(out, also)
+    also = (" (with --resume, --overwrite keeps the journal and replaces the output with the resumed search's best; "
+            "that is how a finished CMA-ES run goes on with more --steps)" if resume else "")
+    check_existing_output(out, overwrite=overwrite, also=also)
     check_folder(out)  # what stands at OUT is checked now, not when the best merge is written after the search
-    if overwrite:
-        check_replaceable(out, replace_any=False)
     if workers < 1:
         raise ConfigError(f"--workers {workers}: give at least one worker")
     _check_options(steps=steps, popsize=popsize, sigma0=sigma0, temperature=temperature, batch_size=batch_size,

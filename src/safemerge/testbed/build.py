@@ -27,7 +27,7 @@ from typing import Iterable
 
 from safemerge._args import check_arguments
 from safemerge.checkpoint import sha256_file
-from safemerge.errors import ConfigError, OutputExistsError
+from safemerge.errors import ConfigError
 from safemerge.testbed import corpora
 from safemerge.testbed.datafiles import write_data
 from safemerge.testbed.domains import get_domain
@@ -50,15 +50,13 @@ def build_testbed(out: str | os.PathLike, *, seed: int = 0, preset: str = "small
     preset or domain. Nothing partial is ever left at `out` (written to a sibling, then renamed).
     """
     check_arguments(build_testbed, locals())
-    from safemerge.checkpoint import atomic_output, cache_root, check_folder, check_replaceable
+    from safemerge.checkpoint import atomic_output, cache_root, check_existing_output, check_folder
 
     seed = int(seed)  # a numpy integer (check_arguments takes one) goes into the JSON cache key
     spec = get_preset(preset)
     doms = canonical_domains(domains)
     out = Path(out).expanduser().absolute()
-    if out.exists() and not overwrite:
-        raise OutputExistsError.at(out)
-    check_replaceable(out, replace_any=False)  # what the final write would refuse, refused before minutes of training
+    check_existing_output(out, overwrite=overwrite)  # what the final write would refuse, before minutes of training
     check_folder(out)
     key = cache_key(seed=seed, preset=preset, domains=doms)
     root = cache_root()
