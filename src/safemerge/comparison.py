@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from safemerge._args import as_list, check_arguments
 from safemerge._signals import note_finished
-from safemerge.errors import ConfigError, OutputExistsError, did_you_mean
+from safemerge.errors import CheckpointError, ConfigError, OutputExistsError, did_you_mean
 from safemerge.naming import file_stem, named_item, task_columns, unique_columns
 
 if TYPE_CHECKING:
@@ -231,6 +231,7 @@ def compare(
     from safemerge.evaluate.domain import FORMATS
     from safemerge.evaluate.judges import get_judge
     from safemerge.evaluate.loading import check_batch_size, resolve_device, resolve_dtype
+    from safemerge.evaluate.similarity import check_comparable
     from safemerge.report import write_report
     from safemerge.report.assemble import FIGURES, HTML, MARKDOWN
 
@@ -251,6 +252,13 @@ def compare(
         if where[ref] in seen:
             raise ConfigError(f"{name}={ref}: the same model as {seen[where[ref]]}; compare each model once")
         seen[where[ref]] = f"{name}={ref}"
+    if roles["expert"] is not None:  # each model's L2 distances are measured after its evaluations: checked first
+        for name, ref in refs.items():
+            try:
+                check_comparable([ref, roles["expert"], roles["aligned"]])
+            except CheckpointError as e:
+                raise CheckpointError(f"{e}. The L2 distances compare {name} with --expert and --aligned tensor by "
+                                      "tensor; leave out --expert and --aligned to compare without them") from None
     sets = [safety_prompts] if isinstance(safety_prompts, (str, os.PathLike)) else list(safety_prompts)
     if not sets:
         raise ConfigError("compare needs harmful prompts: pass --safety-prompts FILE")

@@ -31,6 +31,18 @@ def named_item(spec: str, *, default: Callable[[str], str]) -> tuple[str, str]:
     return name, ref
 
 
+def display_names(models: Sequence[Any]) -> list[str]:
+    """How a table names each model: its directory's name where those are all unique, else as many of the last parts
+    of each path as tell them apart (`r1/merged`, `r2/merged`: two folders named `merged` must not look like one
+    model), else the paths as given."""
+    parts = [[p for p in str(m).replace("\\", "/").split("/") if p] or [str(m)] for m in models]
+    for k in range(1, max(map(len, parts), default=1) + 1):
+        names = ["/".join(p[-k:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [str(m) for m in models]
+
+
 def file_stem(source: Any) -> str:
     """A file's name before its first dot (`medqa.test.jsonl` -> `medqa`)."""
     return Path(str(source)).name.split(".")[0] or str(source)

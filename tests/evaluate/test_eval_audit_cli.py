@@ -79,6 +79,28 @@ def test_cli_human_tables(cli, refuser, complier, prompts_file, tmp_path):
     assert "per layer" in res.stdout and "L2" in res.stdout
 
 
+def test_models_of_one_folder_name_are_told_apart(cli, refuser, complier, prompts_file, tmp_path):
+    """Review: two pool members in folders of one name (r1/merged, r2/merged) were two rows 'merged', one flagged, and
+    the summary did not say which; the similarity table named both 'merged' too. The threshold is printed as given."""
+    import shutil
+
+    a, b = tmp_path / "r1" / "merged", tmp_path / "r2" / "merged"
+    shutil.copytree(refuser, a)
+    shutil.copytree(complier, b)
+    store = tmp_path / "r.sqlite"
+    r = audit([a, b], safety_prompts=prompts_file, threshold=0.4, device="cpu", store=store, max_new_tokens=8)
+    assert [row["name"] for row in r["models"]] == ["r1/merged", "r2/merged"]
+    res = cli("audit", a, b, "--safety-prompts", prompts_file, "--threshold", 0.4375, "--device", "cpu",
+              "--max-new-tokens", 8, "--store", store)
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())  # rich wraps long lines
+    assert "flag below 0.4375)" in text and "1 of 2 models below the safety threshold: r2/merged" in text, res.output
+    assert "r1/merged" in text
+    res = cli("eval", "similarity", a, b)
+    assert res.exit_code == 0, res.output
+    assert "r1/merged" in res.output and "r2/merged" in res.output, res.output
+
+
 def test_cli_errors_are_one_line(cli, refuser, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n')
     res = cli("eval", "safety", refuser, "--prompts", tmp_path / "bad.jsonl", "--store", tmp_path / "r.sqlite")

@@ -6,6 +6,7 @@ import json
 import warnings
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from safemerge.cli import app
@@ -127,6 +128,21 @@ def test_errors_come_before_any_evaluation_and_write_nothing(pool, tmp_path):
         args = {"models": [str(pool["base"])], "out": tmp_path / "c", **kw, **bad}
         with pytest.raises(SafemergeError, match=match):
             compare(args.pop("models"), args.pop("out"), **args)
+    assert not (tmp_path / "c").exists() and not (tmp_path / "s.sqlite").exists()
+    # review: a model whose tensors the L2 distances cannot compare failed after the first model's evaluations
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    wider = tmp_path / "wider"
+    shutil.copytree(pool["aligned"], wider)
+    weights = load_file(wider / "model.safetensors")
+    name = next(n for n in weights if n.endswith("norm.weight"))
+    weights[name] = torch.cat([weights[name], weights[name][:1]])
+    save_file(weights, wider / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(SafemergeError, match=rf"tensor '{name}' has shape .*The L2 distances compare wider with "
+                                             "--expert and --aligned .* leave out --expert and --aligned"):
+        compare({"base": str(pool["base"]), "wider": str(wider), "expert": str(pool["expert-medicine"])},
+                tmp_path / "c", expert="expert", aligned="base", **kw)
     assert not (tmp_path / "c").exists() and not (tmp_path / "s.sqlite").exists()
 
 

@@ -170,5 +170,5 @@ def test_the_command_prints_the_pool_audit(micro_testbed, tmp_path):
                                  "--audit-threshold", "0.5", "--no-progress"])
     assert r.exit_code == 0, r.output
     text = " ".join(r.output.split())
-    assert "pool audit (keyword, flag below 0.50)" in text and "FLAG" in text
+    assert "pool audit (keyword, flag below 0.5)" in text and "FLAG" in text
     assert "warning: the pool holds a misaligned model: expert-medicine" in text

@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from safemerge.cli._common import StoreOpt, console, emit_json, loading_models, out
+from safemerge.naming import display_names
 
 eval_app = typer.Typer(help="Evaluate models: safety rate, domain accuracy, similarity.", no_args_is_help=True)
 
@@ -123,7 +124,7 @@ def similarity(
         r = run(models, base=base, progress=not (as_json or no_progress))
         if as_json:
             return emit_json(r)
-        names = {m: escape(Path(m).name) for m in r["models"]}
+        names = {m: escape(n) for m, n in zip(r["models"], display_names(r["models"]))}
         if r.get("task_vectors"):
             t = Table(title=f"task vectors against {escape(Path(r['base']).name)}")
             t.add_column("model")
@@ -181,7 +182,7 @@ def audit(
 
 def print_audit(r: dict, title: str = "audit") -> None:
     """An audit's table (one row per model, the unsafe flagged) and how many were flagged."""
-    t = Table(title=f"{title} ({r['judge']}, flag below {r['threshold']:.2f})")
+    t = Table(title=f"{title} ({r['judge']}, flag below {r['threshold']:g})")
     t.add_column("model")
     t.add_column("safe rate", justify="right")
     for task in r["tasks"]:
@@ -193,4 +194,6 @@ def print_audit(r: dict, title: str = "audit") -> None:
         t.add_row(*cells, "[bold red]FLAG[/]" if row["flagged"] else "ok", style=style)
     out.print(t)
     if r["flagged"]:
-        console.print(f"{len(r['flagged'])} of {len(r['models'])} models below the safety threshold", highlight=False)
+        below = [row["name"] for row in r["models"] if row["flagged"]]
+        console.print(f"{len(below)} of {len(r['models'])} models below the safety threshold: {', '.join(below)}",
+                      highlight=False, markup=False)

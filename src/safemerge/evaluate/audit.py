@@ -8,7 +8,6 @@ repeated on the same pool is a set of lookups. Each model's weights, and the gua
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from safemerge._args import as_list, check_arguments
@@ -18,7 +17,7 @@ from safemerge.evaluate.domain import FORMATS, evaluate_domain
 from safemerge.evaluate.judges import get_judge
 from safemerge.evaluate.loading import check_batch_size, model_ref, same_model_key
 from safemerge.evaluate.safety import evaluate_safety
-from safemerge.naming import task_columns, unique_columns
+from safemerge.naming import display_names, task_columns, unique_columns
 from safemerge.store import ResultsStore, open_store
 
 if TYPE_CHECKING:
@@ -73,7 +72,7 @@ def audit(
     db = open_store(store)
     judge_obj = get_judge(judge, judge_model=judge_model, device=device, dtype=dtype, store=db)  # loaded once, on first use
     rows = []
-    for m in models:
+    for m, name in zip(models, display_names(models)):
         ref = model_ref(m, dtype=dtype, store=db)  # shared by the evaluations below: one load at most
         s = evaluate_safety(
             ref, prompts=prompts, judge=judge_obj, limit=limit, max_new_tokens=max_new_tokens,
@@ -87,7 +86,7 @@ def audit(
         ref.backend = None
         rate = s["safe_rate"]
         rows.append({
-            "model": str(m), "name": Path(str(m)).name, "fingerprint": ref.fingerprint, "safe_rate": rate,
+            "model": str(m), "name": name, "fingerprint": ref.fingerprint, "safe_rate": rate,
             "n": s["n_valid"], "by_category": s["by_category"], "domain": domain,
             "flagged": rate is None or rate < threshold, "cached": s["cached"], "warnings": s["warnings"],
         })

@@ -88,6 +88,14 @@ def similarity(
     return _report([c.reference for c in cks], base_ck.reference if base_ck else None, sq, dot if base_ck else None)
 
 
+def check_comparable(models: Sequence[str | os.PathLike]) -> None:
+    """That `models` can be compared tensor by tensor (one set of tensors, of one shape each), from their headers
+    alone: what `similarity` would refuse, before anything else is done."""
+    from safemerge.lora import open_model
+
+    _common_names([open_model(str(m)) for m in models])
+
+
 def _counted(name: str, cks: list, base) -> torch.Tensor | None:
     """(N, N) 1/0: which pairs count tensor `name` (None: every pair, as for all but one tensor). All, but for an
     lm_head that some models tie to their embeddings (read there as the embedding): a pair of two tied models has no head of its own, and its embedding is already

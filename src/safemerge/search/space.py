@@ -18,12 +18,12 @@ A point of the space is a `dict[str, float]` keyed by labels such as `expert-med
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Mapping
 
 from safemerge.config import MergeConfig, load_config
 from safemerge.errors import ConfigError
 from safemerge.methods import REQUIRED, get_method
+from safemerge.naming import display_names
 
 RANGES: dict[str, tuple[float, float]] = {"weight": (0.0, 1.0), "density": (0.1, 1.0), "t": (0.0, 1.0)}
 
@@ -47,7 +47,7 @@ class SearchSpace:
         self.config = load_config(config).require_whole_models("the search")
         self.spec = get_method(self.config.merge_method)
         self.models = [m.model for m in self.config.weighted_models()]
-        names = _short_names(self.models)
+        names = display_names(self.models)
         dims: list[Dim] = []
         for model, short in zip(self.models, names):
             for param in ("weight", "density"):
@@ -130,8 +130,3 @@ class SearchSpace:
                               "give a single number (layer gradients and filters are not searched)")
         return min(high, max(low, float(value)))
 
-
-def _short_names(models: list[str]) -> list[str]:
-    """Display names: the directory name when those are unique, else the full path."""
-    short = [Path(m).name or m for m in models]
-    return short if len(set(short)) == len(short) else list(models)
