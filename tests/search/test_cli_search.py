@@ -44,6 +44,7 @@ def test_search_command_writes_the_best_merge(config_file, family_data, tmp_path
     (["--steps", "0"], "--steps 0: must be at least 1"),
     (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
     (["--sigma0", "0"], "--sigma0 0.0: must be a positive number"),
+    (["--seed", "-1"], "--seed -1: must be at least 0"),  # was numpy's error, after the pool audit
     (["--optimizer", "cocktail", "--temperature", "0"], "--temperature 0.0: must be a positive number"),
     (["--device", "tpu"], "device 'tpu': merging computes on cpu or cuda"),
     (["--memo-gib", "-1"], "--memo-gib -1.0: a size in GiB from 0 (no memo) to 1048576"),

@@ -121,6 +121,13 @@ def test_a_line_separator_inside_a_string_does_not_split_the_row(tmp_path):
     assert [(p.prompt, p.response) for p in got.pairs] == [(r["prompt"], r["response"]) for r in rows]
 
 
+def test_a_byte_order_mark_is_skipped(tmp_path):
+    """Review: the audit's prompt reader skipped a UTF-8 BOM, the objective's said 'line 1 is not JSON'."""
+    f = tmp_path / "bom.jsonl"
+    f.write_bytes(b"\xef\xbb\xbf" + _ok(tmp_path).read_bytes())
+    assert [p.prompt for p in load_pairs(f).pairs] == ["p0", "p1", "p2"]
+
+
 def _ok(tmp_path):
     f = tmp_path / "ok.jsonl"
     f.write_text("".join(json.dumps({"prompt": f"p{i}", "response": "r"}) + "\n" for i in range(3)))

@@ -66,7 +66,8 @@ def load_pairs(path: str | os.PathLike, *, limit: int | None = None) -> PairSet:
     pairs = []
     # rows split at newlines only: bytes.splitlines, not str's, which also splits at U+2028, U+2029 and U+0085 —
     # characters JSON may hold unescaped inside a string (`safemerge data` writes them as they are)
-    for i, line in enumerate(raw.splitlines()):
+    body = raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw  # a UTF-8 byte-order mark, as the other readers skip it
+    for i, line in enumerate(body.splitlines()):
         line = line.decode("utf-8", errors="replace")
         if not line.strip():
             continue

@@ -145,6 +145,8 @@ def search(
     check_folder(out)  # what stands at OUT is checked now, not when the best merge is written after the search
     if workers < 1:
         raise ConfigError(f"--workers {workers}: give at least one worker")
+    if seed < 0:
+        raise ConfigError(f"--seed {seed}: must be at least 0")
     _check_options(steps=steps, popsize=popsize, sigma0=sigma0, temperature=temperature, batch_size=batch_size,
                    max_length=max_length, limit=limit, threads=threads, audit_limit=audit_limit if audit else None,
                    audit_max_new_tokens=audit_max_new_tokens if audit else None, memo_gib=memo_gib)
@@ -163,6 +165,9 @@ def search(
     if optimizer == "cocktail":
         check_cocktail_pool(cfg)
         _cocktail_notes(cfg, steps=steps, popsize=popsize)
+    elif optimizer == "grid" and popsize is not None:
+        warnings.warn("--popsize does not apply to the grid search (--steps sets its points per dimension) and is "
+                      "ignored", UserWarning, stacklevel=2)
     steps = _steps(optimizer, steps)
     journal_path = Path(journal).expanduser() if journal else out.with_name(out.name + ".journal.sqlite")
     check_apart(journal_path, inputs, what="the journal")
@@ -224,8 +229,10 @@ def _identity(cfg: MergeConfig, pool: dict[str, Checkpoint], *, optimizer, lam, 
 
     Not included: workers, Ray and threads, which do not change the scores."""
     return {
-        "version": JOURNAL_VERSION, "config": cfg.to_yaml_dict(), "optimizer": optimizer, "lambda": lam, "seed": seed,
-        "steps": steps, "popsize": popsize, "sigma0": sigma0 if optimizer == "cmaes" else None,
+        "version": JOURNAL_VERSION, "config": cfg.to_yaml_dict(), "optimizer": optimizer, "lambda": lam,
+        "seed": seed if optimizer == "cmaes" else None,  # what an optimizer ignores must not block a resume
+        "steps": steps, "popsize": popsize if optimizer == "cmaes" else None,
+        "sigma0": sigma0 if optimizer == "cmaes" else None,
         "temperature": temperature if optimizer == "cocktail" else None,
         "data": {k: v["fingerprint"] for k, v in data.items()}, "limit": spec.limit, "batch_size": spec.batch_size,
         "max_length": spec.max_length, "device": spec.device,

@@ -108,7 +108,7 @@ class SearchSpace:
         """DELLA needs density ± epsilon inside (0, 1): the density range shrinks to [ε + 0.01, 1 − ε − 0.01]."""
         eps = self._start("epsilon", model, self.spec.model_params["epsilon"], 0.0, 1.0)
         low, high = max(low, eps + 0.01), min(high, 1.0 - eps - 0.01)
-        if low > high:
+        if high - low < 1e-9:  # an empty band, or one point: cma needs room between its bounds
             raise ConfigError(f"models[{model}]: epsilon {eps:g} leaves no density to search (density ± epsilon must lie "
                               "inside (0, 1)); lower epsilon")
         return low, high
