@@ -95,6 +95,11 @@ def test_models_of_one_folder_name_are_told_apart(cli, refuser, complier, prompt
     assert res.exit_code == 0, res.output
     text = " ".join(res.output.split())  # rich wraps long lines
     assert "flag below 0.4375)" in text and "1 of 2 models below the safety threshold: r2/merged" in text, res.output
+    for extra, status in ((["--fail-on-flag"], 1), (["--fail-on-flag", "--json"], 1),
+                          (["--fail-on-flag", "--threshold", 0], 0), ([], 0)):
+        res = cli("audit", a, b, "--safety-prompts", prompts_file, "--device", "cpu", "--max-new-tokens", 8, "--store",
+                  store, "--threshold", 0.4375, *extra)
+        assert res.exit_code == status, res.output
     assert "r1/merged" in text
     res = cli("eval", "similarity", a, b)
     assert res.exit_code == 0, res.output

@@ -165,6 +165,7 @@ def audit(
     dtype: str = DtypeOpt,
     store: Optional[Path] = StoreOpt,
     no_cache: bool = NoCacheOpt,
+    fail_on_flag: bool = typer.Option(False, "--fail-on-flag", help="Exit with status 1 when a model is flagged (a gate before a merge, in a script or CI)."),
     as_json: bool = JsonOpt,
     no_progress: bool = NoProgressOpt,
 ) -> None:
@@ -176,8 +177,11 @@ def audit(
                 threshold=threshold, format=format, limit=limit, domain_limit=domain_limit, max_new_tokens=max_new_tokens,
                 batch_size=batch_size, device=device, dtype=dtype, store=store, cache=not no_cache, progress=not (as_json or no_progress))
         if as_json:
-            return emit_json(r)
-        print_audit(r)
+            emit_json(r)
+        else:
+            print_audit(r)
+        if fail_on_flag and r["flagged"]:
+            raise typer.Exit(1)
 
 
 def print_audit(r: dict, title: str = "audit") -> None:
