@@ -358,6 +358,29 @@ def test_sharded_pickle_fingerprint_covers_every_shard(tmp_path):
     assert fps[0] != fps[1]
 
 
+def test_a_sharded_pickle_is_read_through_its_index(tmp_path):
+    """Review: every pytorch_model-*.bin was read, the last in name order winning, so a stale shard of an earlier save
+    beside the index (all zeros here) became the weights, silently; transformers reads the index."""
+    d = tmp_path / "m"
+    d.mkdir()
+    torch.save({"a": torch.ones(2)}, d / "pytorch_model-00001-of-00002.bin")
+    torch.save({"b": torch.full((2,), 2.0)}, d / "pytorch_model-00002-of-00002.bin")
+    torch.save({"a": torch.zeros(2), "b": torch.zeros(2)}, d / "pytorch_model-00003-of-00003.bin")  # stale
+    index = {"weight_map": {"a": "pytorch_model-00001-of-00002.bin", "b": "pytorch_model-00002-of-00002.bin"}}
+    (d / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    c = Checkpoint(d, allow_pickle=True)
+    assert sorted(c.names()) == ["a", "b"] and float(c.get("a")[0]) == 1.0 and float(c.get("b")[0]) == 2.0
+    assert [f.name for f in c.weight_files()] == ["pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"]
+    index["weight_map"]["c"] = "pytorch_model-00002-of-00002.bin"
+    (d / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="tensor 'c' listed in pytorch_model.bin.index.json is not in the shard"):
+        Checkpoint(d, allow_pickle=True)
+    (d / "pytorch_model.bin.index.json").unlink()  # no index: nothing says which copy of 'a' is meant
+    with pytest.raises(CheckpointError, match="tensor 'a' is stored twice, in pytorch_model-00001-of-00002.bin and "
+                                              "pytorch_model-00003-of-00003.bin"):
+        Checkpoint(d, allow_pickle=True)
+
+
 def test_a_file_that_is_not_weights_is_not_called_a_pickle(tmp_path):
     from safemerge.checkpoint import Checkpoint
     from safemerge.errors import CheckpointError

@@ -39,7 +39,6 @@ ST_DTYPES: dict[str, torch.dtype] = {
 }
 TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
 INDEX_NAME = "model.safetensors.index.json"
-PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.bin")
 MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -153,38 +152,29 @@ class Checkpoint:
                                               "index")
                     infos[name], where[name] = info, f
             return infos
-        pickles = [p / n for n in PICKLE_NAMES if (p / n).exists()] + sorted(p.glob("pytorch_model-*.bin"))
+        if (p / "pytorch_model.bin").exists():  # before its index, as transformers loads them
+            return self._pickle_or_fail([p / "pytorch_model.bin"])
+        if (p / "pytorch_model.bin.index.json").exists():  # the shards its index names, each tensor from its own shard
+            weight_map = _weight_map(p / "pytorch_model.bin.index.json")
+            return self._pickle_or_fail([p / s for s in dict.fromkeys(weight_map.values())], weight_map=weight_map)
+        pickles = [p / "model.bin"] * (p / "model.bin").exists() + sorted(p.glob("pytorch_model-*.bin"))
         if pickles:
             return self._pickle_or_fail(pickles)
         raise CheckpointError(f"{p}: no model weights found (expected model.safetensors or {INDEX_NAME})")
 
     def _sharded(self, index_file: Path) -> dict[str, TensorInfo]:
-        try:
-            weight_map: dict[str, str] = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
-            if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v for v in weight_map.values()):
-                raise TypeError
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-            raise CheckpointError(f"{index_file}: invalid index (needs a 'weight_map' object of tensor -> shard file)") from None
         root = index_file.parent
         headers: dict[str, dict[str, TensorInfo]] = {}
         infos = {}
-        for name, shard in weight_map.items():
-            if shard not in headers:  # each shard checked and read once
-                # the entry must name a file in the folder itself (no absolute path, no ".."); the file may be a
-                # symlink, as in the Hugging Face hub cache, where shards link to ../../blobs/
-                if Path(shard).is_absolute() or ".." in Path(shard).parts:
-                    raise CheckpointError(
-                        f"{index_file}: weight_map entry for {name!r} points outside the model directory ({shard}); fix the index"
-                    )
-                if not (root / shard).exists():
-                    raise CheckpointError(f"{index_file}: shard {shard} (tensor {name!r}) is missing; re-download the model")
+        for name, shard in _weight_map(index_file).items():
+            if shard not in headers:  # each shard read once
                 headers[shard] = read_header(root / shard)
             if name not in headers[shard]:
                 raise CheckpointError(f"{root / shard}: tensor {name!r} listed in {index_file.name} is not in the shard")
             infos[name] = headers[shard][name]
         return infos
 
-    def _pickle_or_fail(self, files: list[Path]) -> dict[str, TensorInfo]:
+    def _pickle_or_fail(self, files: list[Path], *, weight_map: dict[str, str] | None = None) -> dict[str, TensorInfo]:
         if not self.allow_pickle:
             raise CheckpointError(
                 f"{self.path}: {files[0].name} is a pickle checkpoint, which can run code when loaded; "
@@ -210,8 +200,19 @@ class Checkpoint:
                                       "convert it to safetensors") from None
             if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
                 raise CheckpointError(f"{f}: is not a state dict of tensors; convert it to safetensors")
+            if weight_map is not None:  # what the index puts in another shard is not read from this one
+                loaded = {k: v for k, v in loaded.items() if weight_map.get(k) == f.name}
+            for k in loaded:
+                if k in infos:  # without an index nothing says which copy is meant (a stray shard of an earlier save)
+                    raise CheckpointError(f"{self.path}: tensor {k!r} is stored twice, in {infos[k].file.name} and "
+                                          f"{f.name}, and no pytorch_model.bin.index.json says which to read; remove "
+                                          "the stray file or write the index")
             tensors.update(loaded)
             infos.update({k: TensorInfo(f, v.dtype, tuple(v.shape), 0, 0) for k, v in loaded.items()})
+        missing = [k for k in (weight_map or {}) if k not in infos]
+        if missing:
+            raise CheckpointError(f"{self.path / weight_map[missing[0]]}: tensor {missing[0]!r} listed in "
+                                  "pytorch_model.bin.index.json is not in the shard")
         self._pickled = tensors
         return infos
 
@@ -393,6 +394,28 @@ def nonfinite(x: torch.Tensor) -> bool:
         return False
     lo, hi = torch.aminmax(x.detach().reshape(-1))
     return not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)))
+
+
+def _weight_map(index_file: Path) -> dict[str, str]:
+    """An index's tensor -> shard map, each shard a file in the index's folder (checked: no absolute path, no "..",
+    present; it may be a symlink, as in the Hugging Face hub cache, where shards link to ../../blobs/)."""
+    try:
+        weight_map: dict[str, str] = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v for v in weight_map.values()):
+            raise TypeError
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise CheckpointError(f"{index_file}: invalid index (needs a 'weight_map' object of tensor -> shard file)") from None
+    first: dict[str, str] = {}
+    for name, shard in weight_map.items():
+        if shard in first:
+            continue
+        first[shard] = name
+        if Path(shard).is_absolute() or ".." in Path(shard).parts:
+            raise CheckpointError(
+                f"{index_file}: weight_map entry for {name!r} points outside the model directory ({shard}); fix the index")
+        if not (index_file.parent / shard).exists():
+            raise CheckpointError(f"{index_file}: shard {shard} (tensor {name!r}) is missing; re-download the model")
+    return weight_map
 
 
 # -- output ---------------------------------------------------------------------------------------
