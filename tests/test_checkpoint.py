@@ -172,6 +172,23 @@ def test_without_overwrite_what_overwrite_would_not_replace_is_said_as_such(tmp_
     assert weights.read_bytes() == b"z" and (work / "notes.txt").read_text() == "y"
 
 
+def test_overwrite_of_a_link_to_a_folder_writes_where_it_points(tmp_path):
+    """Review: the link was replaced by a new folder beside it (on the small disk), the earlier output kept behind it."""
+    (tmp_path / "big").mkdir()
+    target = tmp_path / "big" / "model"
+    target.mkdir()
+    (target / "config.json").write_text(MODEL_CONFIG)
+    link = tmp_path / "out"
+    link.symlink_to(target, target_is_directory=True)
+    with pytest.raises(OutputExistsError, match="pass --overwrite"):
+        with atomic_output(link):
+            pass
+    with atomic_output(link, overwrite=True) as tmp:
+        (tmp / "new").write_text("y")
+    assert link.is_symlink() and sorted(p.name for p in target.iterdir()) == ["new"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big", "out"]
+
+
 def test_overwrite_keeps_hidden_work_and_a_project_settings_file_marks_no_output(tmp_path):
     """Review: every hidden entry was taken for junk, so a folder holding only .git (a clone of an empty hub repo)
     was replaced, history and all, and an earlier output lost its .git and .safemerge results store; and any

@@ -431,6 +431,8 @@ def atomic_output(out_dir: str | os.PathLike, *, overwrite: bool = False, replac
     one of the command's outputs (for what an interrupt message says; not for a cache entry).
     """
     out = Path(out_dir).expanduser().absolute()
+    if out.is_symlink() and out.is_dir():  # a link to a folder (on a bigger disk, say): the output goes where it points
+        out = out.resolve()
     check_existing_output(out, overwrite=overwrite, replace_any=replace_any)
     check_folder(out)
     _warn_of_stale_partials(out)
