@@ -152,6 +152,17 @@ def test_model_stock_closed_form():
     torch.testing.assert_close(model_stock(base, [w1, w3]), (w1 + w3) / 2)
 
 
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_keeps_the_base_where_task_vectors_cancel(filter_wise):
+    """Review: at cos = −1/(N−1), t = N·cos / (1 + (N−1)·cos) has no finite value: τ and −τ gave NaN (blamed on a
+    weight too large), and nearly opposite ones an update amplified a hundredfold; mergekit keeps the base there."""
+    g = torch.Generator().manual_seed(0)
+    base, tau = torch.randn(3, 8, generator=g), torch.randn(3, 8, generator=g)
+    torch.testing.assert_close(model_stock(base, [base + tau, base - tau], filter_wise=filter_wise), base)
+    near = base - tau * (1 + 1e-7)
+    assert torch.equal(model_stock(base, [base + tau, near], filter_wise=filter_wise), base)
+
+
 def _magnitudes_of_kind(kind: str, n: int, *, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     if kind == "gaussian":

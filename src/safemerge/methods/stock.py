@@ -32,7 +32,10 @@ def model_stock(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, filter_w
             cosines.append((num / den).clamp(-1, 1))
     cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
     n = len(tensors)
-    t = n * cos / (1 + (n - 1) * cos)
+    den = 1 + (n - 1) * cos
+    # task vectors that cancel (cos = −1/(N−1)) have no finite t: the base is kept there, as mergekit keeps it, not
+    # an opposing update amplified without bound (near that point) or NaN (at it)
+    t = torch.where(den.abs() < 1e-6, torch.zeros_like(cos), n * cos / den)
     avg = torch.stack([rows(x) for x in tensors]).mean(dim=0)
     merged = (t * avg + (1 - t) * b).reshape(shape)
     if out is None:
