@@ -90,6 +90,24 @@ def test_reruns_keep_what_did_not_change_and_remake_what_reads_a_remade_merge(ti
     assert safemerge.multimerge(cfg, out, intermediate_dir=inter, lazy=False, progress=False).kept == []
 
 
+def test_an_output_deleted_or_replaced_since_is_made_again(tiny_family, tmp_path):
+    """Review: laziness checked that OUT/config.json was there: a merge whose weights had been deleted was kept (and
+    the next failed with 'no model weights found'), one whose weights were another model's was kept, silently."""
+    import shutil
+
+    cfg, out, inter = tmp_path / "multi.yml", tmp_path / "out", tmp_path / "inter"
+    _write(cfg, *_docs(tiny_family))
+    safemerge.multimerge(cfg, out, intermediate_dir=inter, progress=False)
+    first = _tensors(out)
+    (inter / "soup" / "model.safetensors").unlink()
+    r = safemerge.multimerge(cfg, out, intermediate_dir=inter, progress=False)
+    assert r.made == ["soup", "ta", "the final merge"] and r.kept == []
+    shutil.copy(tiny_family["base"] / "model.safetensors", out / "model.safetensors")
+    r = safemerge.multimerge(cfg, out, intermediate_dir=inter, progress=False)
+    assert r.made == ["the final merge"] and r.kept == ["soup", "ta"]
+    assert all((first[k] == v).all() for k, v in _tensors(out).items())
+
+
 def test_bad_multi_stage_configs_are_errors_before_any_merge(tiny_family, tmp_path):
     final, soup, ta = _docs(tiny_family)
     inter, out = tmp_path / "inter", tmp_path / "out"

@@ -155,7 +155,7 @@ def multimerge(
         if lazy and (s.out / "config.json").is_file() and not remade & set(s.needs) \
                 and entry.get("config") == cfg_yaml and entry.get("out") == str(s.out):
             inputs = _inputs(s.config, pickle)
-            if entry.get("inputs") == inputs:
+            if entry.get("inputs") == inputs and entry.get("output") == _output(s.out):
                 result.kept.append(s.label)
                 result.outputs[s.name] = s.out
                 if report:
@@ -165,7 +165,8 @@ def multimerge(
             report(f"{i}/{len(stages)} {s.label}: {s.config.merge_method} of {len(s.config.input_models())} models "
                    f"-> {s.out}")
         merge(s.config, s.out, overwrite=True, progress=progress, **merge_options)
-        record[key] = {"config": cfg_yaml, "inputs": inputs or _inputs(s.config, pickle), "out": str(s.out)}
+        record[key] = {"config": cfg_yaml, "inputs": inputs or _inputs(s.config, pickle), "out": str(s.out),
+                       "output": _output(s.out)}
         atomic_write(inter / RECORD, json.dumps(record, indent=1, sort_keys=True))
         remade.add(s.name)
         result.made.append(s.label)
@@ -266,6 +267,20 @@ def _inputs(cfg: MergeConfig, allow_pickle: bool) -> dict[str, str]:
     for folder in tokenizer_dirs(cfg):
         out["tokenizer_source"] = side_files_digest(folder, side_names(folder))
     return out
+
+
+def _output(out: Path) -> str | None:
+    """The output as written (weights' fingerprint and side files), so that one deleted or replaced since is made
+    again (None: no readable model there)."""
+    from safemerge.checkpoint import Checkpoint
+    from safemerge.errors import CheckpointError
+    from safemerge.evaluate.loading import side_files_digest
+    from safemerge.writer import side_names
+
+    try:
+        return f"{Checkpoint(out).fingerprint()} {side_files_digest(out, side_names(out))}"
+    except (CheckpointError, OSError):
+        return None
 
 
 def _read_record(inter: Path) -> dict:
