@@ -152,6 +152,25 @@ def test_gpt2_conv1d_tied_embeddings_and_a_qwen2_bias_round_trip_through_peft(tm
     _assert_same(_peft_merged(tmp_path / "q", res.path), Checkpoint(qx), atol=1e-6)
 
 
+def test_a_tied_head_that_the_checkpoints_also_store_goes_with_the_embeddings(tmp_path):
+    """Review: a tied model whose checkpoint stores lm_head.weight too (a copy of the embeddings) was refused: the head
+    'is not a parameter' (named_parameters() lists a shared one once), so no change to the embeddings could be taken."""
+    from safetensors.torch import save_file
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=1, n_head=4)).save_pretrained(tmp_path / "g")
+    expert = _changed(tmp_path / "g", tmp_path / "gx", {"transformer.wte.weight": _low_rank((64, 32), 2, 1)})
+    for d in (tmp_path / "g", expert):
+        weights = load_file(str(d / "model.safetensors"))
+        weights["lm_head.weight"] = weights["transformer.wte.weight"].clone()
+        save_file(weights, str(d / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match="tied"):
+        res = extract_lora(expert, tmp_path / "g", tmp_path / "ga", rank=4, progress=False)
+    assert res.ranks == {"transformer.wte": 4}
+    _assert_same(_peft_merged(tmp_path / "g", res.path), Checkpoint(expert), atol=1e-6)
+
+
 def test_bad_input_is_refused_by_name_and_leaves_nothing(fam, tmp_path, monkeypatch):
     wide = make_family(tmp_path / "wide", names=("base",), vocab=80)["base"]
     with pytest.raises(CheckpointError, match="resized its vocabulary"):

@@ -60,7 +60,7 @@ class Extraction:
 @dataclass
 class _Module:
     name: str  # runtime module name, as peft names it
-    kind: str  # linear | conv1d | embedding | output | other
+    kind: str  # linear | conv1d | embedding | output | other | loose | tied (stored copies of tied parameters)
     tensors: dict[str, str]  # parameter ("weight", "bias", ...) -> checkpoint tensor name
 
 
@@ -131,6 +131,8 @@ def extract_lora(
             changed = {p: m.tensors[p] for p, (x, y) in values.items() if not torch.equal(x, y)}
             if not changed:
                 result.unchanged += 1
+                continue
+            if m.kind == "tied":  # loaded as the embeddings, which the adapter carries: nothing of its own to carry
                 continue
             if m.kind == "loose":
                 raise CheckpointError(f"tensor {next(iter(changed.values()))!r} differs from the base but is not a "
@@ -255,11 +257,15 @@ def _modules(ckpt) -> list[_Module]:
         raise CheckpointError(f"{ckpt.path}: transformers cannot build {arch} from its config.json ({e})") from None
     inp, outp = net.get_input_embeddings(), net.get_output_embeddings()
     params = {n for n, _ in net.named_parameters()}
+    shared = {n for n, _ in net.named_parameters(remove_duplicate=False)} - params  # a tied lm_head: the embeddings'
     modules = dict(net.named_modules())
     found: dict[str, _Module] = {}
     loose = []
     for name in ckpt.names():
-        runtime = name if name in params else f"{net.base_model_prefix}.{name}"
+        runtime = name if name in params | shared else f"{net.base_model_prefix}.{name}"
+        if runtime in shared:  # a copy of a tied parameter that the checkpoint also stores: transformers reads the
+            found.setdefault("", _Module("", "tied", {})).tensors[runtime] = name  # embeddings, the adapter carries them
+            continue
         if runtime not in params:
             loose.append(name)
             continue
@@ -269,7 +275,7 @@ def _modules(ckpt) -> list[_Module]:
                 else "conv1d" if isinstance(mod, Conv1D) else "linear" if isinstance(mod, nn.Linear) else "other")
         found.setdefault(owner, _Module(owner, kind, {})).tensors[param] = name
     if loose:
-        found[""] = _Module("", "loose", {n: n for n in loose})  # checked for changes like the others
+        found["?"] = _Module("", "loose", {n: n for n in loose})  # checked for changes like the others
     return list(found.values())
 
 
