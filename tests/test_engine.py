@@ -358,6 +358,40 @@ def test_existing_output_needs_overwrite(tmp_path, tiny_family):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_a_checkpoint_stored_without_its_prefix_merges_with_its_fine_tunes(tmp_path):
+    """Review: the hub's gpt2 stores `h.0.attn.c_attn.weight`, a fine-tune saved by save_pretrained
+    `transformer.h.0.attn.c_attn.weight`: merging the two failed ('wpe.weight' is missing: the models must share one
+    architecture), as did their L2 distance; mergekit merges them. Tensors are read under from_pretrained's names."""
+    from safetensors.torch import load_file, save_file
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from safemerge.evaluate import similarity
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+    GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "hub")
+    fine = GPT2LMHeadModel.from_pretrained(tmp_path / "hub")
+    with torch.no_grad():
+        fine.transformer.h[0].attn.c_attn.weight.add_(0.1)
+        fine.transformer.wte.weight.add_(0.05)
+    fine.save_pretrained(tmp_path / "fine")
+    weights = tmp_path / "hub" / "model.safetensors"
+    save_file({k.removeprefix("transformer."): v.contiguous() for k, v in load_file(weights).items()}, weights,
+              metadata={"format": "pt"})
+    assert "wpe.weight" in load_file(weights)
+    hub, want = Checkpoint(tmp_path / "hub"), Checkpoint(tmp_path / "fine")
+    assert sorted(hub.names()) == sorted(want.names())
+    config = {"merge_method": "task_arithmetic", "base_model": str(tmp_path / "hub"),
+              "models": [{"model": str(tmp_path / "fine"), "parameters": {"weight": 1.0}}]}
+    safemerge.merge(config, tmp_path / "out", progress=False)
+    out = Checkpoint(tmp_path / "out")
+    for name in want.names():
+        torch.testing.assert_close(out.get(name), want.get(name), rtol=0, atol=1e-6, msg=name)
+    assert similarity([tmp_path / "hub", tmp_path / "fine"])["pairs"][0]["l2"] > 0
+    loaded = GPT2LMHeadModel.from_pretrained(tmp_path / "out")
+    torch.testing.assert_close(loaded.transformer.h[0].attn.c_attn.weight, fine.transformer.h[0].attn.c_attn.weight)
+
+
 def test_overwrite_never_turns_a_file_into_the_output_folder(tmp_path, tiny_family):
     (tmp_path / "out").write_text("a file where the model goes")
     with pytest.raises(OutputExistsError, match="is a file, and the output is a folder"):

@@ -242,12 +242,13 @@ def test_an_adapter_of_a_checkpoint_stored_without_its_prefix_is_merged_as_peft_
     weights = tmp_path / "gpt2" / "model.safetensors"
     save_file({k.removeprefix("transformer."): v.contiguous() for k, v in load_file(weights).items()}, weights,
               metadata={"format": "pt"})
-    ckpt = open_model(f"{tmp_path / 'gpt2'}+{adapter}")
-    assert "h.0.attn.c_attn.weight" in ckpt.names()
+    ckpt = open_model(f"{tmp_path / 'gpt2'}+{adapter}")  # read under the names from_pretrained gives, as peft names them
+    assert "transformer.h.0.attn.c_attn.weight" in ckpt.names() and "h.0.attn.c_attn.weight" not in ckpt.names()
     for layer in (0, 1):
-        torch.testing.assert_close(ckpt.get(f"h.{layer}.attn.c_attn.weight"),
+        torch.testing.assert_close(ckpt.get(f"transformer.h.{layer}.attn.c_attn.weight"),
                                    want[f"transformer.h.{layer}.attn.c_attn.weight"], rtol=0, atol=1e-6)
-    assert not torch.equal(ckpt.get("h.0.attn.c_attn.weight"), open_model(str(tmp_path / "gpt2")).get("h.0.attn.c_attn.weight"))
+    name = "transformer.h.0.attn.c_attn.weight"
+    assert not torch.equal(ckpt.get(name), open_model(str(tmp_path / "gpt2")).get(name))
 
 
 def test_an_incomplete_adapter_or_config_is_refused_by_name(lora_family, tmp_path):

@@ -7,7 +7,7 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 
 def is_hub_id(name: str | os.PathLike) -> bool:
@@ -48,3 +48,50 @@ def quiet_datasets() -> Iterator[None]:
     finally:
         if was:
             dlog.enable_progress_bar()
+
+
+def base_model_prefix(config: dict) -> str | None:
+    """The `base_model_prefix` of the config's architecture class in transformers (e.g. "transformer" for GPT-2)."""
+    arch = (config.get("architectures") or [None])[0]
+    if not isinstance(arch, str):
+        return None
+    import transformers
+
+    try:
+        cls = getattr(transformers, arch, None)
+    except Exception:  # a lazy module that cannot import the class (a missing optional dependency)
+        return None
+    prefix = getattr(cls, "base_model_prefix", None)
+    return prefix if isinstance(prefix, str) and prefix else None
+
+
+def missing_prefix(config: dict, names: Iterable[str]) -> tuple[str, set[str]] | None:
+    """For a checkpoint saved without its architecture's base-model prefix (the hub's gpt2, OPT and BLOOM store
+    `h.0.attn.c_attn.weight` where from_pretrained and save_pretrained name `transformer.h.0.attn.c_attn.weight`):
+    (the prefix, the top-level names the model holds outside its base model: its head's, which keep theirs).
+    None where nothing is missing: the names carry the prefix, or the architecture (a bare base model) has none."""
+    prefix = base_model_prefix(config)
+    names = list(names)
+    if prefix is None or not names or any(n.startswith(prefix + ".") for n in names):
+        return None
+    import torch
+    import transformers
+
+    from transformers.utils import logging as tlog
+
+    level = tlog.get_verbosity()
+    tlog.set_verbosity_error()  # what transformers says of the config is for whoever loads the model, not here
+    try:
+        cls = getattr(transformers, config["architectures"][0])
+        with quiet_transformers(), torch.device("meta"):
+            net = cls(cls.config_class.from_dict(dict(config)))
+    except Exception:  # noqa: BLE001 - a config transformers cannot build: the names are taken as they are
+        return None
+    finally:
+        tlog.set_verbosity(level)
+    expected = [n for n, _ in net.named_parameters(remove_duplicate=False)] + \
+        [n for n, _ in net.named_buffers(remove_duplicate=False)]
+    if not any(n.startswith(prefix + ".") for n in expected):
+        return None
+    keep = {n.split(".")[0] for n in expected if not n.startswith(prefix + ".")}
+    return (prefix, keep) if any(n.split(".")[0] not in keep for n in names) else None

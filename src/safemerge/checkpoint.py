@@ -113,10 +113,25 @@ class Checkpoint:
         self._lock = threading.Lock()
         self._fingerprint: str | None = None
         self.config: dict = {}
-        self._infos = self._index()
+        self._infos = self._as_loaded(self._index())
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r})"
+
+    def _as_loaded(self, infos: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
+        """The tensors under the names from_pretrained gives them: a checkpoint stored without its base-model prefix
+        (the hub's gpt2, OPT, BLOOM) reads with it, as its fine-tunes saved by save_pretrained name them, so the two
+        merge and compare tensor by tensor (the head's own tensors, lm_head, keep their names)."""
+        from safemerge._hf import missing_prefix
+
+        found = missing_prefix(self.config, infos) if self.config else None
+        if found is None:
+            return infos
+        prefix, keep = found
+        renamed = {n: n if n.split(".")[0] in keep else f"{prefix}.{n}" for n in infos}
+        if self._pickled is not None:
+            self._pickled = {renamed[n]: t for n, t in self._pickled.items()}
+        return {renamed[n]: info for n, info in infos.items()}
 
     def _index(self) -> dict[str, TensorInfo]:
         p = self.path

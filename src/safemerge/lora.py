@@ -12,7 +12,6 @@ name.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
@@ -129,7 +128,7 @@ class LoraCheckpoint(Checkpoint):
                                                   (".lora_embedding_A", ".lora_embedding_B", True)):
                 if name.endswith(a_suffix):
                     module = name.removesuffix(a_suffix)
-                    stored = self._stored(module + ".weight")
+                    stored = module + ".weight"  # the checkpoint's names are the model's (Checkpoint adds a missing prefix)
                     self._low_rank[stored] = (key, key.removesuffix(a_suffix) + b_suffix, embedding)
                     named[stored] = module
                     break
@@ -138,7 +137,7 @@ class LoraCheckpoint(Checkpoint):
                     b_keys.append(key)
                     continue
                 target = name.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
-                self._whole[self._stored(target)] = key
+                self._whole[target] = key
         orphans = sorted(set(b_keys) - {b for _, b, _ in self._low_rank.values()})
         if orphans:  # its A missing, the update cannot be formed: silently keeping the base's weight would be wrong
             raise CheckpointError(f"{weights}: {orphans[0]!r} has no matching A matrix"
@@ -176,19 +175,6 @@ class LoraCheckpoint(Checkpoint):
             if tuple(self.shape(name)) != tuple(self.adapter_weights.shape(key)):
                 raise CheckpointError(f"{self.adapter}: {key!r} has shape {list(self.adapter_weights.shape(key))} "
                                       f"but {name!r} has {list(self.shape(name))}")
-
-    def _stored(self, name: str) -> str:
-        """The checkpoint's name of a module's weight that the adapter names as the model holds it at run time: a
-        checkpoint saved without the base model's prefix (gpt2's `h.0.attn.c_attn.weight` for the runtime
-        `transformer.h.0.attn.c_attn.weight`) is read with the prefix dropped, as from_pretrained does."""
-        if name in self:
-            return name
-        first, _, rest = name.partition(".")
-        return rest if rest and rest in self and first == self._prefix else name
-
-    @functools.cached_property
-    def _prefix(self) -> str | None:
-        return _base_model_prefix(self.config)
 
     def _check_tied(self) -> None:
         """A model whose lm_head is its embedding matrix (no lm_head tensor stored): an adapter that changes one of the
@@ -271,16 +257,3 @@ def _pattern_key(patterns: dict, module: str) -> str | None:
     return None
 
 
-def _base_model_prefix(config: dict) -> str | None:
-    """The `base_model_prefix` of the config's architecture class in transformers (e.g. "transformer" for GPT-2)."""
-    arch = (config.get("architectures") or [None])[0]
-    if not isinstance(arch, str):
-        return None
-    import transformers
-
-    try:
-        cls = getattr(transformers, arch, None)
-    except Exception:  # a lazy module that cannot import the class (a missing optional dependency)
-        return None
-    prefix = getattr(cls, "base_model_prefix", None)
-    return prefix if isinstance(prefix, str) and prefix else None
