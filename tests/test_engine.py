@@ -392,6 +392,14 @@ def test_a_checkpoint_stored_without_its_prefix_merges_with_its_fine_tunes(tmp_p
     torch.testing.assert_close(loaded.transformer.h[0].attn.c_attn.weight, fine.transformer.h[0].attn.c_attn.weight)
 
 
+def test_reading_a_prefixed_checkpoint_does_not_import_transformers(tiny_family):
+    """The prefix check builds the architecture only where no tensor has a usual prefix: importing transformers costs
+    a merge seconds."""
+    code = (f"import sys; from safemerge.checkpoint import Checkpoint; c = Checkpoint({str(tiny_family['base'])!r}); "
+            "assert c.names() and 'transformers' not in sys.modules, sorted(c.names())[:3]")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_overwrite_never_turns_a_file_into_the_output_folder(tmp_path, tiny_family):
     (tmp_path / "out").write_text("a file where the model goes")
     with pytest.raises(OutputExistsError, match="is a file, and the output is a folder"):

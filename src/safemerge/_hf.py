@@ -65,14 +65,19 @@ def base_model_prefix(config: dict) -> str | None:
     return prefix if isinstance(prefix, str) and prefix else None
 
 
+USUAL_PREFIXES = ("model", "transformer", "gpt_neox", "language_model", "backbone")  # base_model_prefix values
+
+
 def missing_prefix(config: dict, names: Iterable[str]) -> tuple[str, set[str]] | None:
     """For a checkpoint saved without its architecture's base-model prefix (the hub's gpt2, OPT and BLOOM store
     `h.0.attn.c_attn.weight` where from_pretrained and save_pretrained name `transformer.h.0.attn.c_attn.weight`):
     (the prefix, the top-level names the model holds outside its base model: its head's, which keep theirs).
     None where nothing is missing: the names carry the prefix, or the architecture (a bare base model) has none."""
-    prefix = base_model_prefix(config)
     names = list(names)
-    if prefix is None or not names or any(n.startswith(prefix + ".") for n in names):
+    if not names or any(n.split(".", 1)[0] in USUAL_PREFIXES for n in names):
+        return None  # the common case, told apart without importing transformers (seconds a merge need not spend)
+    prefix = base_model_prefix(config)
+    if prefix is None or any(n.startswith(prefix + ".") for n in names):
         return None
     import torch
     import transformers
