@@ -226,6 +226,19 @@ def test_what_the_grid_and_cocktail_ignore_does_not_block_a_resume(tiny_family, 
         first = search(task_config(tiny_family), tmp_path / "g", optimizer="grid", steps=2, popsize=7, seed=5, **kw)
     again = search(task_config(tiny_family), tmp_path / "g", optimizer="grid", steps=2, resume=True, overwrite=True, **kw)
     assert again.scored == 0 and _history(again) == _history(first)
+    import hashlib
+    import sqlite3
+
+    from safemerge.search.journal import canonical
+
+    with sqlite3.connect(first.journal) as db:  # a journal written before: it held the seed and popsize the grid ignores
+        identity = {**json.loads(db.execute("SELECT value FROM meta WHERE key = 'identity'").fetchone()[0]),
+                    "seed": 5, "popsize": 7}
+        text = canonical(identity)
+        db.executemany("UPDATE meta SET value = ? WHERE key = ?", [
+            (text, "identity"), (hashlib.blake2b(text.encode(), digest_size=16).hexdigest(), "hash")])
+    again = search(task_config(tiny_family), tmp_path / "g", optimizer="grid", steps=2, resume=True, overwrite=True, **kw)
+    assert again.scored == 0 and _history(again) == _history(first)
     linear = {**task_config(tiny_family, "linear"), "base_model": None}
     with pytest.warns(UserWarning, match="--popsize do not apply to LM-Cocktail"):
         first = search(linear, tmp_path / "c", optimizer="cocktail", popsize=5, seed=3, **kw)

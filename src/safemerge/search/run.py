@@ -185,7 +185,8 @@ def search(
     total = _expected(optimizer, space, cfg, steps, popsize)
     scorer = _LazyScorer(spec, workers=workers, ray_address=ray_address)
     with Journal.open(journal_path, identity=identity, resume=resume, overwrite=overwrite,
-                      free=("steps",) if optimizer == "cmaes" else ()) as jr:
+                      # the grid and LM-Cocktail ignore the seed and --popsize (journals before 2026-11-25 held them)
+                      free=("steps",) if optimizer == "cmaes" else ("seed", "popsize")) as jr:
         # the audit runs once the journal is known to fit (a resume of another run fails before any answer is generated)
         pool_audit = (audit_pool(cfg, members=cocktail_members(cfg) if optimizer == "cocktail" else None,
                                  prompts=audit_from, lambda_=lam, limit=audit_limit, threshold=audit_threshold,
