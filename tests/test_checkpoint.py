@@ -187,6 +187,12 @@ def test_overwrite_of_a_link_to_a_folder_writes_where_it_points(tmp_path):
         (tmp / "new").write_text("y")
     assert link.is_symlink() and sorted(p.name for p in target.iterdir()) == ["new"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big", "out"]
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    for overwrite in (False, True):  # refused before the work (it was after it: "appeared while this ran")
+        with pytest.raises(OutputExistsError, match="is a file, and the output is a folder"):
+            with atomic_output(dangling, overwrite=overwrite):
+                pytest.fail("the work ran before the output was checked")
 
 
 def test_overwrite_keeps_hidden_work_and_a_project_settings_file_marks_no_output(tmp_path):
@@ -392,6 +398,9 @@ def test_a_sharded_pickle_is_read_through_its_index(tmp_path):
     (d / "pytorch_model.bin.index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="tensor 'c' listed in pytorch_model.bin.index.json is not in the shard"):
         Checkpoint(d, allow_pickle=True)
+    index["weight_map"] = {"a": "./pytorch_model-00001-of-00002.bin", "b": "pytorch_model-00002-of-00002.bin"}
+    (d / "pytorch_model.bin.index.json").write_text(json.dumps(index))  # an entry spelt with ./ is the same shard
+    assert sorted(Checkpoint(d, allow_pickle=True).names()) == ["a", "b"]
     (d / "pytorch_model.bin.index.json").unlink()  # no index: nothing says which copy of 'a' is meant
     with pytest.raises(CheckpointError, match="tensor 'a' is stored twice, in pytorch_model-00001-of-00002.bin and "
                                               "pytorch_model-00003-of-00003.bin"):

@@ -106,6 +106,12 @@ def test_an_output_deleted_or_replaced_since_is_made_again(tiny_family, tmp_path
     r = safemerge.multimerge(cfg, out, intermediate_dir=inter, progress=False)
     assert r.made == ["the final merge"] and r.kept == ["soup", "ta"]
     assert all((first[k] == v).all() for k, v in _tensors(out).items())
+    record = json.loads((inter / "multimerge.json").read_text())  # as written before outputs were recorded
+    (inter / "multimerge.json").write_text(json.dumps({k: {f: v for f, v in e.items() if f != "output"}
+                                                       for k, e in record.items()}))
+    (inter / "soup" / "model.safetensors").unlink()
+    r = safemerge.multimerge(cfg, out, intermediate_dir=inter, progress=False)
+    assert r.made == ["soup", "ta", "the final merge"]
 
 
 def test_bad_multi_stage_configs_are_errors_before_any_merge(tiny_family, tmp_path):

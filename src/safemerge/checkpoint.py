@@ -171,7 +171,7 @@ class Checkpoint:
             return self._pickle_or_fail([p / "pytorch_model.bin"])
         if (p / "pytorch_model.bin.index.json").exists():  # the shards its index names, each tensor from its own shard
             weight_map = _weight_map(p / "pytorch_model.bin.index.json")
-            return self._pickle_or_fail([p / s for s in dict.fromkeys(weight_map.values())], weight_map=weight_map)
+            return self._pickle_or_fail(list(dict.fromkeys(p / s for s in weight_map.values())), weight_map=weight_map)
         pickles = [p / "model.bin"] * (p / "model.bin").exists() + sorted(p.glob("pytorch_model-*.bin"))
         if pickles:
             return self._pickle_or_fail(pickles)
@@ -216,7 +216,7 @@ class Checkpoint:
             if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
                 raise CheckpointError(f"{f}: is not a state dict of tensors; convert it to safetensors")
             if weight_map is not None:  # what the index puts in another shard is not read from this one
-                loaded = {k: v for k, v in loaded.items() if weight_map.get(k) == f.name}
+                loaded = {k: v for k, v in loaded.items() if k in weight_map and self.path / weight_map[k] == f}
             for k in loaded:
                 if k in infos:  # without an index nothing says which copy is meant (a stray shard of an earlier save)
                     raise CheckpointError(f"{self.path}: tensor {k!r} is stored twice, in {infos[k].file.name} and "
@@ -631,7 +631,7 @@ def check_existing_output(out: Path, *, overwrite: bool, replace_any: bool = Fal
     """That a folder output may go to `out`: nothing there, or an earlier output and `overwrite`. What --overwrite
     would not replace either (a file, a folder of other work) is said as such first, so that the advice to pass
     --overwrite is given only where it helps. `also`: more to say after that advice."""
-    if out.exists():
+    if out.exists() or out.is_symlink():  # a dangling link too: refused now, not after the work
         check_replaceable(out, replace_any=replace_any)
         if not overwrite:
             raise OutputExistsError.at(out, also)

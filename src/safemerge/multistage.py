@@ -155,7 +155,7 @@ def multimerge(
         if lazy and (s.out / "config.json").is_file() and not remade & set(s.needs) \
                 and entry.get("config") == cfg_yaml and entry.get("out") == str(s.out):
             inputs = _inputs(s.config, pickle)
-            if entry.get("inputs") == inputs and entry.get("output") == _output(s.out):
+            if entry.get("inputs") == inputs and entry.get("output") is not None and entry["output"] == _output(s.out):
                 result.kept.append(s.label)
                 result.outputs[s.name] = s.out
                 if report:
