@@ -388,6 +388,16 @@ def test_a_checkpoint_stored_without_its_prefix_merges_with_its_fine_tunes(tmp_p
     for name in want.names():
         torch.testing.assert_close(out.get(name), want.get(name), rtol=0, atol=1e-6, msg=name)
     assert similarity([tmp_path / "hub", tmp_path / "fine"])["pairs"][0]["l2"] > 0
+    # review: bare weights (no config.json to say their architecture) stored as the hub's are read as it is
+    (tmp_path / "bare").mkdir()
+    save_file({k.removeprefix("transformer."): v.contiguous() for k, v in load_file(tmp_path / "fine" / "model.safetensors").items()},
+              tmp_path / "bare" / "model.safetensors", metadata={"format": "pt"})
+    config["models"][0]["model"] = str(tmp_path / "bare" / "model.safetensors")
+    safemerge.merge(config, tmp_path / "out2", progress=False)
+    out = Checkpoint(tmp_path / "out2")
+    for name in want.names():
+        torch.testing.assert_close(out.get(name), want.get(name), rtol=0, atol=1e-6, msg=name)
+    assert similarity([tmp_path / "hub", tmp_path / "bare" / "model.safetensors"])["pairs"][0]["l2"] > 0
     loaded = GPT2LMHeadModel.from_pretrained(tmp_path / "out")
     torch.testing.assert_close(loaded.transformer.h[0].attn.c_attn.weight, fine.transformer.h[0].attn.c_attn.weight)
 

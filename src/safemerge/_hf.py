@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import threading
 import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -65,6 +66,7 @@ def base_model_prefix(config: dict) -> str | None:
     return prefix if isinstance(prefix, str) and prefix else None
 
 
+_QUIET = threading.Lock()
 USUAL_PREFIXES = ("model", "transformer", "gpt_neox", "language_model", "backbone")  # base_model_prefix values
 
 
@@ -76,6 +78,8 @@ def missing_prefix(config: dict, names: Iterable[str]) -> tuple[str, set[str]] |
     names = list(names)
     if not names or any(n.split(".", 1)[0] in USUAL_PREFIXES for n in names):
         return None  # the common case, told apart without importing transformers (seconds a merge need not spend)
+    if config.get("auto_map"):
+        return None  # its own code (never run here) decides its names, not the transformers class of that name
     prefix = base_model_prefix(config)
     if prefix is None or any(n.startswith(prefix + ".") for n in names):
         return None
@@ -84,16 +88,17 @@ def missing_prefix(config: dict, names: Iterable[str]) -> tuple[str, set[str]] |
 
     from transformers.utils import logging as tlog
 
-    level = tlog.get_verbosity()
-    tlog.set_verbosity_error()  # what transformers says of the config is for whoever loads the model, not here
-    try:
-        cls = getattr(transformers, config["architectures"][0])
-        with quiet_transformers(), torch.device("meta"):
-            net = cls(cls.config_class.from_dict(dict(config)))
-    except Exception:  # noqa: BLE001 - a config transformers cannot build: the names are taken as they are
-        return None
-    finally:
-        tlog.set_verbosity(level)
+    with _QUIET:  # threads opening checkpoints at once must not leave transformers' verbosity at ERROR
+        level = tlog.get_verbosity()
+        tlog.set_verbosity_error()  # what transformers says of the config is for whoever loads the model, not here
+        try:
+            cls = getattr(transformers, config["architectures"][0])
+            with quiet_transformers(), torch.device("meta"):
+                net = cls(cls.config_class.from_dict(dict(config)))
+        except Exception:  # noqa: BLE001 - a config transformers cannot build: the names are taken as they are
+            return None
+        finally:
+            tlog.set_verbosity(level)
     expected = [n for n, _ in net.named_parameters(remove_duplicate=False)] + \
         [n for n, _ in net.named_buffers(remove_duplicate=False)]
     if not any(n.startswith(prefix + ".") for n in expected):

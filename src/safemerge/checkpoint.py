@@ -22,7 +22,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 
@@ -104,6 +104,7 @@ class Checkpoint:
     """
 
     adapter: Path | None = None  # the LoRA adapter folder of a `model+adapter` reference (safemerge.lora)
+    added_prefix: tuple[str, set[str]] | None = None  # (prefix, top-level names kept) where read with a prefix added
 
     def __init__(self, path: str | os.PathLike, *, allow_pickle: bool = False):
         self.path = Path(path).expanduser()
@@ -124,9 +125,10 @@ class Checkpoint:
         merge and compare tensor by tensor (the head's own tensors, lm_head, keep their names)."""
         from safemerge._hf import missing_prefix
 
-        found = missing_prefix(self.config, infos) if self.config else None
-        if found is None:
-            return infos
+        self.added_prefix = missing_prefix(self.config, infos) if self.config else None
+        return self._prefixed(infos, self.added_prefix) if self.added_prefix else infos
+
+    def _prefixed(self, infos: dict[str, TensorInfo], found: tuple[str, set[str]]) -> dict[str, TensorInfo]:
         prefix, keep = found
         renamed = {n: n if n.split(".")[0] in keep else f"{prefix}.{n}" for n in infos}
         if self._pickled is not None:
@@ -409,6 +411,23 @@ def nonfinite(x: torch.Tensor) -> bool:
         return False
     lo, hi = torch.aminmax(x.detach().reshape(-1))
     return not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)))
+
+
+def name_alike(ckpts: Iterable[Checkpoint]) -> None:
+    """Give checkpoints without a config.json (bare weights, which cannot say their architecture) the base-model
+    prefix that another of `ckpts` was read with (see Checkpoint._as_loaded), where their names lack it alike: the
+    hub's gpt2 folder and a bare `model.safetensors` of a fine-tune of it then name their tensors alike."""
+    ckpts = list(ckpts)
+    found = next((c.added_prefix for c in ckpts if c.added_prefix), None)
+    if found is None:
+        return
+    prefix, keep = found
+    for c in ckpts:
+        names = c.names()
+        if (c.adapter is None and not c.config.get("architectures") and not any(n.startswith(prefix + ".") for n in names)
+                and any(n.split(".")[0] not in keep for n in names)):
+            c.added_prefix = found
+            c._infos = c._prefixed(c._infos, found)
 
 
 def _weight_map(index_file: Path) -> dict[str, str]:

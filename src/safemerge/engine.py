@@ -27,7 +27,7 @@ import yaml
 from safemerge._args import check_arguments, parse_size
 from safemerge import chat_templates
 from safemerge._progress import transient_progress
-from safemerge.checkpoint import Checkpoint, atomic_output, nonfinite
+from safemerge.checkpoint import Checkpoint, atomic_output, name_alike, nonfinite
 from safemerge.config import DTYPES, VOCAB_KEYWORDS, MergeConfig, load_config, method_params
 from safemerge.errors import CheckpointError, ConfigError
 from safemerge.layout import (
@@ -170,6 +170,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 def _plan(config: MergeConfig, *, allow_pickle: bool) -> _Plan:
     spec = get_method(config.merge_method)
     models = {m: open_model(m, allow_pickle=allow_pickle) for m in config.input_models()}
+    name_alike(models.values())
     reference = models[config.base_model or config.models[0].model]
     _check_not_quantized(models)
     sliced = config.slices is not None

@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 
 from safemerge._args import as_list, check_arguments
-from safemerge.checkpoint import nonfinite
+from safemerge.checkpoint import name_alike, nonfinite
 from safemerge.errors import CheckpointError, SafemergeError
 from safemerge._progress import progress_bar
 from safemerge.layout import layer_index, stream_order, tied_source
@@ -141,6 +141,7 @@ def _group_key(g: str) -> tuple:
 
 def _common_names(cks: list) -> list[str]:
     """Float tensor names shared by all checkpoints (a tied lm_head may be absent); others are errors."""
+    name_alike(cks)
     ref = cks[0]
     ref_names = set(ref.names())
     names = [n for n in ref.names() if ref.dtype(n).is_floating_point]

@@ -26,7 +26,7 @@ import torch
 
 from safemerge import chat_templates
 from safemerge._hf import quiet_transformers
-from safemerge.checkpoint import Checkpoint
+from safemerge.checkpoint import Checkpoint, name_alike
 from safemerge.config import DTYPES, MergeConfig, load_config
 from safemerge.engine import check_device, merge_tensor, tokenizer_dirs
 from safemerge.errors import CheckpointError, ConfigError
@@ -88,6 +88,7 @@ class CandidateModel:
         self.config = load_config(config).require_whole_models("an in-memory candidate")
         self.device = torch.device(check_device(device))
         self.models = {m: open_model(m, allow_pickle=allow_pickle) for m in self.config.input_models()}
+        name_alike(self.models.values())
         check_architecture(self.models)
         self.reference = self.models[self.config.base_model or self.config.models[0].model]
         self.names = stream_order(n for n in self.reference.names() if self.reference.dtype(n).is_floating_point)
