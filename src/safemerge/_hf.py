@@ -81,7 +81,7 @@ def missing_prefix(config: dict, names: Iterable[str]) -> tuple[str, set[str]] |
     if config.get("auto_map"):
         return None  # its own code (never run here) decides its names, not the transformers class of that name
     prefix = base_model_prefix(config)
-    if prefix is None or any(n.startswith(prefix + ".") for n in names):
+    if prefix is None or not lacks_prefix(names, prefix, set()):
         return None
     import torch
     import transformers
@@ -104,4 +104,10 @@ def missing_prefix(config: dict, names: Iterable[str]) -> tuple[str, set[str]] |
     if not any(n.startswith(prefix + ".") for n in expected):
         return None
     keep = {n.split(".")[0] for n in expected if not n.startswith(prefix + ".")}
-    return (prefix, keep) if any(n.split(".")[0] not in keep for n in names) else None
+    return (prefix, keep) if lacks_prefix(names, prefix, keep) else None
+
+
+def lacks_prefix(names: Iterable[str], prefix: str, keep: set[str]) -> bool:
+    """Whether tensor names are stored without `prefix`: none has it, and some lie outside the head's own (`keep`)."""
+    names = list(names)
+    return not any(n.startswith(prefix + ".") for n in names) and any(n.split(".")[0] not in keep for n in names)

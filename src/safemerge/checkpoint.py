@@ -417,15 +417,14 @@ def name_alike(ckpts: Iterable[Checkpoint]) -> None:
     """Give checkpoints without a config.json (bare weights, which cannot say their architecture) the base-model
     prefix that another of `ckpts` was read with (see Checkpoint._as_loaded), where their names lack it alike: the
     hub's gpt2 folder and a bare `model.safetensors` of a fine-tune of it then name their tensors alike."""
+    from safemerge._hf import lacks_prefix
+
     ckpts = list(ckpts)
     found = next((c.added_prefix for c in ckpts if c.added_prefix), None)
     if found is None:
         return
-    prefix, keep = found
     for c in ckpts:
-        names = c.names()
-        if (c.adapter is None and not c.config.get("architectures") and not any(n.startswith(prefix + ".") for n in names)
-                and any(n.split(".")[0] not in keep for n in names)):
+        if c.adapter is None and not c.config.get("architectures") and lacks_prefix(c.names(), *found):
             c.added_prefix = found
             c._infos = c._prefixed(c._infos, found)
 
@@ -439,11 +438,11 @@ def _weight_map(index_file: Path) -> dict[str, str]:
             raise TypeError
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
         raise CheckpointError(f"{index_file}: invalid index (needs a 'weight_map' object of tensor -> shard file)") from None
-    first: dict[str, str] = {}
-    for name, shard in weight_map.items():
-        if shard in first:
+    seen: set[str] = set()
+    for name, shard in weight_map.items():  # each shard checked once, named by its first tensor
+        if shard in seen:
             continue
-        first[shard] = name
+        seen.add(shard)
         if Path(shard).is_absolute() or ".." in Path(shard).parts:
             raise CheckpointError(
                 f"{index_file}: weight_map entry for {name!r} points outside the model directory ({shard}); fix the index")

@@ -261,8 +261,9 @@ def _modules(ckpt) -> list[_Module]:
     modules = dict(net.named_modules())
     found: dict[str, _Module] = {}
     loose = []
+    known = params | shared
     for name in ckpt.names():
-        runtime = name if name in params | shared else f"{net.base_model_prefix}.{name}"
+        runtime = name if name in known else f"{net.base_model_prefix}.{name}"
         if runtime in shared:  # a copy of a tied parameter that the checkpoint also stores: transformers reads the
             found.setdefault("", _Module("", "tied", {})).tensors[runtime] = name  # embeddings, the adapter carries them
             continue

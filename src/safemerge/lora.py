@@ -120,7 +120,6 @@ class LoraCheckpoint(Checkpoint):
         self._low_rank: dict[str, tuple[str, str, bool]] = {}  # weight name -> (A name, B name, transposed)
         self._whole: dict[str, str] = {}  # weight name -> adapter tensor that replaces it
         self._scale: dict[str, float] = {}  # weight name -> s = α/r (α/√r with rsLoRA)
-        named: dict[str, str] = {}  # weight name -> the module's name in the adapter (what its patterns match)
         b_keys = []
         for key in self.adapter_weights.names():
             name = key.removeprefix(PREFIX)
@@ -128,9 +127,8 @@ class LoraCheckpoint(Checkpoint):
                                                   (".lora_embedding_A", ".lora_embedding_B", True)):
                 if name.endswith(a_suffix):
                     module = name.removesuffix(a_suffix)
-                    stored = module + ".weight"  # the checkpoint's names are the model's (Checkpoint adds a missing prefix)
-                    self._low_rank[stored] = (key, key.removesuffix(a_suffix) + b_suffix, embedding)
-                    named[stored] = module
+                    # the checkpoint's names are the model's (Checkpoint adds a prefix the file lacks)
+                    self._low_rank[module + ".weight"] = (key, key.removesuffix(a_suffix) + b_suffix, embedding)
                     break
             else:
                 if name.endswith((".lora_B.weight", ".lora_embedding_B")):
@@ -164,7 +162,7 @@ class LoraCheckpoint(Checkpoint):
             flip = embedding or have != rows_first or (self.conv1d and rows_first == transposed
                                                           and name.rsplit(".", 2)[-2] in ("c_attn", "c_proj", "c_fc", "q_attn"))
             self._low_rank[name] = (a, b, flip)
-            module = named[name]  # as peft picks a module's r and α: the first pattern that matches its name
+            module = name.removesuffix(".weight")  # as peft picks a module's r and α: the first pattern that matches
             rank = patterns["rank_pattern"].get(_pattern_key(patterns["rank_pattern"], module), r)
             a_rank = patterns["alpha_pattern"].get(_pattern_key(patterns["alpha_pattern"], module), alpha)
             if ra != rank:

@@ -145,9 +145,7 @@ def search(
     check_folder(out)  # what stands at OUT is checked now, not when the best merge is written after the search
     if workers < 1:
         raise ConfigError(f"--workers {workers}: give at least one worker")
-    if seed < 0:
-        raise ConfigError(f"--seed {seed}: must be at least 0")
-    _check_options(steps=steps, popsize=popsize, sigma0=sigma0, temperature=temperature, batch_size=batch_size,
+    _check_options(seed=seed, steps=steps, popsize=popsize, sigma0=sigma0, temperature=temperature, batch_size=batch_size,
                    max_length=max_length, limit=limit, threads=threads, audit_limit=audit_limit if audit else None,
                    audit_max_new_tokens=audit_max_new_tokens if audit else None, memo_gib=memo_gib)
     device = check_device(device)
@@ -298,7 +296,7 @@ MAX_MEMO_GIB = 1 << 20  # 1 PiB, more than any machine has: a larger size is a t
 def _check_options(**given: float | None) -> None:
     """The numeric options, before anything is loaded or written: a clear error instead of one from deep in
     cma or the scorer (or a silently ignored value)."""
-    least = {"steps": 1, "popsize": 2, "batch_size": 1, "max_length": 1, "limit": 1, "threads": 1, "audit_limit": 1,
+    least = {"seed": 0, "steps": 1, "popsize": 2, "batch_size": 1, "max_length": 1, "limit": 1, "threads": 1, "audit_limit": 1,
              "audit_max_new_tokens": 1}
     for key, value in given.items():
         if value is None:
