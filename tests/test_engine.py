@@ -252,6 +252,24 @@ def test_a_mixed_dtype_base_keeps_its_configs_dtype(tiny_family_bf16, tmp_path):
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
 
 
+def test_the_output_dtype_is_written_into_a_multimodal_configs_sub_configs(tiny_family, tmp_path):
+    """write_config set only the top-level dtype, so a text_config / vision_config kept saying float32 over bf16
+    weights; other nested settings (quantization_config, rope_scaling) are left as they were."""
+    import shutil
+
+    fam = {k: tmp_path / k for k in tiny_family}
+    for k, v in tiny_family.items():
+        shutil.copytree(v, fam[k])
+        cfg = json.loads((fam[k] / "config.json").read_text())
+        cfg.update(text_config={"dtype": "float32", "hidden_size": 8}, vision_config={"torch_dtype": "float32"},
+                   rope_scaling={"dtype": "kept"})
+        (fam[k] / "config.json").write_text(json.dumps(cfg))
+    out = safemerge.merge(ta_config(fam, dtype="bfloat16"), tmp_path / "o", progress=False)
+    written = json.loads((out / "config.json").read_text())
+    assert written["dtype"] == "bfloat16" and written["text_config"] == {"dtype": "bfloat16", "hidden_size": 8}
+    assert written["vision_config"] == {"torch_dtype": "bfloat16"} and written["rope_scaling"] == {"dtype": "kept"}
+
+
 def test_quantized_checkpoints_are_refused_and_integer_tensors_named(tiny_family, tmp_path):
     import shutil
 

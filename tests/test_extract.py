@@ -171,6 +171,23 @@ def test_a_tied_head_that_the_checkpoints_also_store_goes_with_the_embeddings(tm
     _assert_same(_peft_merged(tmp_path / "g", res.path), Checkpoint(expert), atol=1e-6)
 
 
+def test_positional_embeddings_of_a_tied_model_are_saved_whole_without_the_lm_head_warning(tmp_path):
+    """Only the input embeddings are tied to the head: GPT-2's positional embeddings (wpe) were factored as LoRA under a
+    warning about 'the model's lm_head', which they have nothing to do with; they are saved whole as in an untied model."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=1, n_head=4)).save_pretrained(tmp_path / "g")
+    expert = _changed(tmp_path / "g", tmp_path / "gx", {"transformer.wte.weight": _low_rank((64, 32), 2, 1),
+                                                       "transformer.wpe.weight": _low_rank((32, 32), 2, 2)})
+    with pytest.warns(UserWarning) as caught:
+        res = extract_lora(expert, tmp_path / "g", tmp_path / "ga", rank=4, progress=False)
+    tied = [str(w.message) for w in caught if "tied" in str(w.message)]
+    assert len(tied) == 1 and tied[0].startswith("transformer.wte:"), tied
+    assert res.ranks == {"transformer.wte": 4} and res.whole == ["transformer.wpe"]
+    _assert_same(_peft_merged(tmp_path / "g", res.path), Checkpoint(expert), atol=1e-6)
+
+
 def test_bad_input_is_refused_by_name_and_leaves_nothing(fam, tmp_path, monkeypatch):
     wide = make_family(tmp_path / "wide", names=("base",), vocab=80)["base"]
     with pytest.raises(CheckpointError, match="resized its vocabulary"):

@@ -62,6 +62,7 @@ class _Module:
     name: str  # runtime module name, as peft names it
     kind: str  # linear | conv1d | embedding | output | other | loose | tied (stored copies of tied parameters)
     tensors: dict[str, str]  # parameter ("weight", "bias", ...) -> checkpoint tensor name
+    tieable: bool = False  # the model's input embeddings or output head, which tie_word_embeddings ties (not wpe)
 
 
 def extract_lora(
@@ -123,7 +124,7 @@ def extract_lora(
     # tied as config.json says (GPT-NeoX's untied head is `embed_out`, not lm_head); else: no output layer of its own
     said = fine.config.get("tie_word_embeddings")
     tied = (said if isinstance(said, bool) else not any(m.kind == "output" for m in modules)) \
-        and any(m.kind == "embedding" for m in modules)
+        and any(m.kind == "embedding" and m.tieable for m in modules)
     with progress_bar(len(modules), "extracting LoRA: modules", enabled=progress) as advance:
         for m in modules:
             advance(1)
@@ -145,7 +146,7 @@ def extract_lora(
             whole_save = (any(m.name == s or m.name.endswith("." + s) for s in save_modules)
                           or m.kind not in ("linear", "conv1d", "embedding", "output")
                           or set(changed) != {"weight"} or len(fine.shape(m.tensors["weight"])) != 2
-                          or (m.kind in ("embedding", "output") and not embed_lora and not tied))
+                          or (m.kind in ("embedding", "output") and not embed_lora and not (tied and m.tieable)))
             if whole_save:
                 whole.append(m)
                 continue
@@ -274,7 +275,7 @@ def _modules(ckpt) -> list[_Module]:
         mod = modules[owner]
         kind = ("embedding" if mod is inp else "output" if mod is outp else "embedding" if isinstance(mod, nn.Embedding)
                 else "conv1d" if isinstance(mod, Conv1D) else "linear" if isinstance(mod, nn.Linear) else "other")
-        found.setdefault(owner, _Module(owner, kind, {})).tensors[param] = name
+        found.setdefault(owner, _Module(owner, kind, {}, mod is inp or mod is outp)).tensors[param] = name
     if loose:
         found["?"] = _Module("", "loose", {n: n for n in loose})  # checked for changes like the others
     return list(found.values())

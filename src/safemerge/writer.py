@@ -125,11 +125,17 @@ class ShardedWriter:
 
 def write_config(out_dir: Path, config: dict, *, dtype: torch.dtype) -> None:
     """config.json with the output dtype (transformers 5 reads `dtype`; older readers `torch_dtype`)."""
-    cfg = dict(config)
     name = DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
-    cfg["dtype"] = name
-    if "torch_dtype" in cfg:
-        cfg["torch_dtype"] = name
+
+    def retyped(cfg: dict, top: bool) -> dict:  # a multimodal model's sub-configs (text_config, ...) say theirs too
+        cfg = {k: retyped(v, False) if isinstance(v, dict) and k.endswith("_config") and k != "quantization_config"
+               else v for k, v in cfg.items()}
+        for key in ("dtype", "torch_dtype"):
+            if key in cfg or (top and key == "dtype"):
+                cfg[key] = name
+        return cfg
+
+    cfg = retyped(config, True)
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
