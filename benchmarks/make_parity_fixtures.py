@@ -281,6 +281,22 @@ CASES: dict[str, tuple[str, str, dict | list[dict]]] = {
         "models": _models(expert_a={}, aligned={}),
         "dtype": "bfloat16",
     }),
+    # epsilon 0.004 sits near the median |τ| of the matrices: entries changed by one model, by several and by none
+    "ram": ("fp32", "exact", {
+        "merge_method": "ram", "base_model": "base",
+        "models": _models(expert_a={}, expert_b={}, aligned={}),
+        "parameters": {"epsilon": 0.004}, "dtype": "float32",
+    }),
+    "ramplus_tl": ("fp32", "exact", {
+        "merge_method": "ramplus_tl", "base_model": "base",
+        "models": _models(expert_a={}, expert_b={}, aligned={}),
+        "parameters": {"r": 0.2, "alpha": 3.0, "epsilon": 0.004}, "dtype": "float32",
+    }),
+    "ram_bf16": ("bf16", "exact", {
+        "merge_method": "ram", "base_model": "base",
+        "models": _models(expert_a={}, aligned={}),
+        "dtype": "bfloat16",
+    }),
     "della": ("fp32", "stats", {
         "merge_method": "della", "base_model": "base",
         "models": _models(expert_a={"weight": 1.0, "density": 0.5}, aligned={"weight": 1.0, "density": 0.5, "epsilon": 0.2}),

@@ -73,6 +73,8 @@ CONFIGS = {  # issue 2's three measured merges, mergekit YAML
     "karcher": {"merge_method": "karcher", "models": TWO, "dtype": "bfloat16"},
     "nearswap": _on_base("nearswap", BASE_EXPERT, t=0.001),
     "arcee_fusion": _on_base("arcee_fusion", BASE_EXPERT),
+    "ram": _on_base("ram", TWO),
+    "ramplus_tl": _on_base("ramplus_tl", TWO),
     # MergeAlign with the expert as a LoRA adapter on the base (a `model+adapter` reference; the adapter is made
     # once with peft: r 16, α 32, every projection of every layer)
     "lora": _on_base("task_arithmetic", [{"model": "base+expert-lora", "parameters": {"weight": 1.0}},

@@ -185,6 +185,24 @@ def test_sce_counts_k_as_mergekit_does():
     assert torch.count_nonzero(sce(base, [a, b], select_topk=0.7)) == 63
 
 
+# -- ram, ramplus_tl ----------------------------------------------------------------------------------------
+def test_ram_keeps_a_lone_change_whole_and_averages_shared_ones():
+    from safemerge.methods import ram_merge, ramplus_tl
+
+    base = torch.full((6,), 10.0)
+    a = base + torch.tensor([1.0, 0.0, 2.0, 0.0, 4.0, 0.0])
+    b = base + torch.tensor([0.0, 3.0, 4.0, 0.0, 1e-6, 0.0])
+    c = base + torch.tensor([0.0, 0.0, 0.0, 0.0, 2.0, 0.0])
+    got = ram_merge(base, [a - base, b - base, c - base])
+    # alone: kept whole; shared: the mean of the changes only (b's 1e-6 is below epsilon, not a change); none: base
+    assert torch.allclose(got, base + torch.tensor([1.0, 3.0, 3.0, 0.0, 3.0, 0.0]), atol=1e-6)
+    # RAM+: a has 1 lone change and 2 shared, so its lone one is boosted by 1 + r·min(2/1, alpha) = 1 + 0.5·1.5;
+    # b: 1 lone, 1 shared: 1 + 0.5·1; c: no lone change to boost. Shared entries as in RAM.
+    plus = ramplus_tl(base, [a - base, b - base, c - base], r=0.5, alpha=1.5)
+    assert torch.allclose(plus, base + torch.tensor([1.75, 4.5, 3.0, 0.0, 3.0, 0.0]), atol=1e-6)
+    assert torch.equal(ram_merge(base, []), base)
+
+
 # -- nearswap, multislerp, karcher ----------------------------------------------------------------------
 def test_nearswap_takes_near_values_and_moves_far_ones_by_t():
     from safemerge.methods import nearswap

@@ -61,9 +61,10 @@ def get_method(name: str) -> MethodSpec:
 
 
 # importing the modules fills METHODS
-from safemerge.methods import fusion, linear, slerp, stock, task_arithmetic  # noqa: E402,F401
+from safemerge.methods import fusion, linear, ram, slerp, stock, task_arithmetic  # noqa: E402,F401
 from safemerge.methods.fusion import arcee_fusion  # noqa: E402
 from safemerge.methods.linear import linear as linear_merge, nearswap, passthrough  # noqa: E402
+from safemerge.methods.ram import ram as ram_merge, ramplus_tl  # noqa: E402
 from safemerge.methods.slerp import karcher, multislerp, nuslerp, slerp as slerp_merge  # noqa: E402
 from safemerge.methods.stock import model_stock  # noqa: E402
 from safemerge.methods.task_arithmetic import (  # noqa: E402
@@ -82,4 +83,5 @@ __all__ = [
     "METHODS", "MethodSpec", "REQUIRED", "register", "get_method", "linear_merge", "slerp_merge",
     "model_stock", "task_arithmetic_merge", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
     "della", "della_linear", "sce", "nuslerp", "passthrough", "nearswap", "multislerp", "karcher", "arcee_fusion",
+    "ram_merge", "ramplus_tl",
 ]
