@@ -147,7 +147,7 @@ def test_slices_that_cut_layers_stay_slices(tiny_family):
     ({"ranges": [[0, 3], [1, 3]]}, ["slices[0]", "the same number of layers", "[1, 3]"]),
     ({"ranges": [[2, 1], [2, 1]]}, ["layer_range [2, 1] must be [start, stop)"]),
     ({"ranges": [[0, "3"], [0, 3]]}, ["sources[0]", "layer_range must be [start, stop], two whole numbers"]),
-    ({"piece": {"residual_weight": 0.5}}, ["slices[0]", "unknown key 'residual_weight'"]),
+    ({"piece": {"residual_weights": 0.5}}, ["slices[0]", "unknown key 'residual_weights'"]),
 ])
 def test_bad_slices_are_refused(tiny_family, over, words):
     with pytest.raises(ConfigError) as e:

@@ -569,6 +569,21 @@ def test_chat_template_names_and_texts_as_mergekit_reads_them(tmp_path, tiny_fam
     assert text.endswith(rendered)
 
 
+def test_the_alpaca_template_has_mergekits_turns():
+    """Review: safemerge's alpaca dropped user_context turns (mergekit: '### Input:') and wrote every system message
+    where it stood (mergekit: the last one, first)."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from safemerge.chat_templates import BUILT_IN
+
+    chat = [{"role": "system", "content": "S1"}, {"role": "user", "content": "Q "}, {"role": "user_context", "content": "ctx"},
+            {"role": "assistant", "content": "A"}, {"role": "system", "content": "S2"}, {"role": "user", "content": "Q2"}]
+    text = render_jinja_template(conversations=[chat], chat_template=BUILT_IN["alpaca"], add_generation_prompt=True,
+                                 eos_token="</s>", bos_token="<s>")[0][0]
+    assert text == ("S2\n\n### Instruction:\nQ\n\n### Input:\nctx\n\n### Response:\nA</s>\n\n### Instruction:\nQ2"
+                    "\n\n### Response:\n")
+
+
 def test_chat_template_auto_takes_the_inputs_own_and_bad_names_are_refused(tmp_path, tiny_family):
     from safemerge.evaluate.loading import chat_template_text
 

@@ -116,6 +116,29 @@ def test_a_merge_config_takes_model_plus_adapter_and_relative_paths(lora_family,
         torch.testing.assert_close(t, want[name], rtol=0, atol=1e-6, msg=name)
 
 
+def test_mergekits_mapping_form_of_a_reference_reads_as_model_plus_adapter(lora_family, tmp_path):
+    """Review: `model: {model: {path: P}, lora: {path: L}}` (what mergekit writes beside override_architecture) was
+    'Input should be a valid string'; it is the reference P+L. A revision or override_architecture is named."""
+    fam, adapter = lora_family
+    folder = fam["base"].parent.parent
+    as_text = {"merge_method": "task_arithmetic", "base_model": "fam/base", "dtype": "float32",
+               "models": [{"model": "fam/base+adapter", "parameters": {"weight": 1.0}}]}
+    as_map = {**as_text, "base_model": {"model": {"path": "fam/base"}},
+              "models": [{"model": {"model": {"path": "fam/base", "revision": None}, "lora": {"path": "adapter"}},
+                          "parameters": {"weight": 1.0}}]}
+    for name, config in (("text", as_text), ("map", as_map)):
+        (folder / f"{name}.yml").write_text(yaml.safe_dump(config))
+        safemerge.merge(str(folder / f"{name}.yml"), tmp_path / name, progress=False)
+    assert (tmp_path / "map" / "model.safetensors").read_bytes() == (tmp_path / "text" / "model.safetensors").read_bytes()
+    for bad, words in (({"model": {"path": "fam/base", "revision": "v2"}}, "revisions are not supported"),
+                       ({"model": {"path": "fam/base"}, "override_architecture": "X"}, "override_architecture is not"),
+                       ({"model": {"path": "fam/base"}, "loras": "adapter"}, "unknown key 'loras'")):
+        (folder / "bad.yml").write_text(yaml.safe_dump({**as_text, "base_model": bad}))
+        with pytest.raises(ConfigError, match=words):
+            safemerge.merge(str(folder / "bad.yml"), tmp_path / "bad", progress=False)
+        assert not (tmp_path / "bad").exists()
+
+
 def test_bad_adapters_are_refused_by_name(lora_family, tmp_path):
     fam, adapter = lora_family
     dora = _adapter(fam["base"], tmp_path / "dora", target_modules=["q_proj"], modules_to_save=None, use_dora=True)

@@ -133,6 +133,18 @@ def test_merge_command_reads_a_sliced_yaml_with_relative_paths(tiny_family, tmp_
     assert json.loads(r.stdout)["passthrough"]["per_model"] == {"scale": 1.0}
 
 
+def test_residual_weight_is_read_as_mergekit_reads_it_with_a_warning(tiny_family, tmp_path):
+    """Review: `residual_weight`, a field of mergekit's slice schema that mergekit never reads, was an unknown key."""
+    cfg = {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": str(tiny_family["expert"]), "layer_range": [0, 3]}]},
+        {"sources": [{"model": str(tiny_family["aligned"]), "layer_range": [0, 3]}], "residual_weight": 0.5}]}
+    with pytest.warns(UserWarning, match=r"slices\[1\].residual_weight has no effect"):
+        out = safemerge.merge(cfg, tmp_path / "with", progress=False)
+    del cfg["slices"][1]["residual_weight"]
+    plain = safemerge.merge(cfg, tmp_path / "without", progress=False)
+    assert (out / "model.safetensors").read_bytes() == (plain / "model.safetensors").read_bytes()
+
+
 def test_a_model_with_two_layer_stacks_is_refused(tiny_family, tmp_path):
     from safetensors.torch import save_file
 

@@ -28,13 +28,18 @@ BUILT_IN = {
         "{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
     ),
-    "alpaca": (  # a system message, then "### Instruction:" / "### Response:" blocks
-        "{% for message in messages %}"
-        "{% if message['role'] == 'system' %}{{ message['content'] | trim + '\\n\\n' }}"
-        "{% elif message['role'] == 'user' %}{{ '### Instruction:\\n' + message['content'] | trim + '\\n\\n' }}"
-        "{% elif message['role'] == 'assistant' %}{{ '### Response:\\n' + message['content'] | trim + eos_token + '\\n\\n' }}"
-        "{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}"
+    "alpaca": (  # mergekit's turns: the last system message first, then "### Instruction:" (user), "### Input:"
+        # (user_context) and "### Response:" (assistant) blocks; each response ends with eos_token, as models trained
+        # on this format end them (mergekit's does not), and blocks are separated by one blank line
+        "{% set systems = messages | selectattr('role', 'equalto', 'system') | list %}"
+        "{% if systems %}{{ systems[-1]['content'] | trim + '\\n\\n' }}{% endif %}"
+        "{% set heads = {'user': '### Instruction:', 'user_context': '### Input:', 'assistant': '### Response:'} %}"
+        "{% for message in messages if message['role'] in heads %}"
+        "{{ ('' if loop.first else '\\n\\n') + heads[message['role']] + '\\n' + message['content'] | trim }}"
+        "{{ eos_token if message['role'] == 'assistant' else '' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt and messages and messages[-1]['role'] != 'assistant' %}"
+        "{{ '\\n\\n### Response:\\n' }}{% endif %}"
     ),
     "mistral": (  # [INST] ... [/INST] turns; a system message goes before the first user turn's text
         "{{ bos_token }}"

@@ -138,6 +138,11 @@ class Checkpoint:
     def _index(self) -> dict[str, TensorInfo]:
         p = self.path
         if not p.exists():
+            from safemerge._hf import is_hub_id
+
+            if is_hub_id(str(p)):  # never fetched: merges read local folders
+                raise CheckpointError(f"{p}: no such model folder; a hub id is not downloaded by safemerge: fetch it "
+                                      f"first (`hf download {p} --local-dir DIR`) and give DIR")
             raise CheckpointError(f"{p}: no such model directory or file; check the path")
         if p.is_file():
             if p.suffix in PICKLE_SUFFIXES or (self.allow_pickle and p.suffix != ".safetensors"):

@@ -52,6 +52,31 @@ def split_reference(ref: str) -> tuple[str, str | None]:
     return parts[0], parts[1]
 
 
+def reference_text(ref: dict) -> str:
+    """mergekit's mapping form of a model reference, `{model: {path, revision}, lora: {path}}` (what mergekit writes
+    for a reference with `override_architecture`; `model` and `lora` may also be plain paths), as the string form
+    `path` or `path+lora`."""
+    def path(v: Any, key: str) -> str:
+        if isinstance(v, dict) and set(v) <= {"path", "revision"} and isinstance(v.get("path"), str):
+            if v.get("revision") is not None:
+                raise ConfigError(f"model {ref!r}: revision {v['revision']!r}: revisions are not supported; check "
+                                  "out that revision into a folder and give its path")
+            return v["path"]
+        if isinstance(v, str):
+            return v
+        raise ConfigError(f"model {ref!r}: {key} must be a path or {{path: ...}}")
+
+    unknown = set(ref) - {"model", "lora", "override_architecture"}
+    if unknown:
+        raise ConfigError(f"model {ref!r}: unknown key {sorted(unknown)[0]!r} in a model reference (it takes model "
+                          "and lora)")
+    if ref.get("override_architecture") is not None:
+        raise ConfigError(f"model {ref!r}: override_architecture is not supported; edit `architectures` in a copy "
+                          "of the model's config.json instead")
+    model = path(ref.get("model"), "model")
+    return model if ref.get("lora") is None else f"{model}+{path(ref['lora'], 'lora')}"
+
+
 class InputModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
@@ -487,6 +512,7 @@ def parse_config(data: dict, *, where: str = "config", folder: Path | None = Non
         data = {k: v for k, v in data.items() if not (k in forms and v in (None, [], {}))}
     given = set(data)
     try:
+        data = map_model_refs(data, lambda m: m) if isinstance(data, dict) else data  # mergekit's mapping references in their string form
         if "modules" in data:
             data = _from_modules(data, where)
         method = data.get("merge_method")
@@ -635,10 +661,12 @@ def _relative_to(data: dict, folder: Path) -> dict:
 def map_model_refs(data: dict, f: Callable[[str], str]) -> dict:
     """A config mapping as written, with `f` applied to every model reference in it: `base_model`, `models[].model`,
     each slice's sources and `base_model` (at the top level and in each `modules:` entry), `tokenizer_source` / `tokenizer.source` (the keywords base and union
-    left as they are) and the model of each `tokenizer.tokens` entry. Entries of the wrong shape are left for the
-    validation to name."""
+    left as they are) and the model of each `tokenizer.tokens` entry. A reference in mergekit's mapping form is made
+    its string form first (`reference_text`). Entries of the wrong shape are left for the validation to name."""
 
     def ref(v: Any) -> Any:
+        if isinstance(v, dict) and "model" in v:  # mergekit's mapping form
+            v = reference_text(v)
         return f(v) if isinstance(v, str) else v
 
     def source(v: Any) -> Any:  # a keyword stays one, even beside a folder of that name

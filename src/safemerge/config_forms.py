@@ -11,6 +11,7 @@ Before validation (`safemerge.config.parse_config`), a config mapping as written
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,6 @@ from safemerge.methods import get_method
 def drop_unknown(data: dict, where: str) -> dict:
     """`data` without the keys and the merge method's parameters that safemerge does not know, each named in one
     warning. Values are not checked here; a known key with a bad value is still an error."""
-    import warnings
-
     from safemerge.methods import METHODS
 
     spec = METHODS.get(data.get("merge_method")) if isinstance(data.get("merge_method"), str) else None
@@ -171,6 +170,12 @@ def _from_slices(data: dict, where: str, folder: Path | None) -> dict:
         raise ConfigError(f"{where}: give `models` or `slices`, not both")
     if not isinstance(slices, list) or not slices or not all(isinstance(p, dict) for p in slices):
         raise ConfigError(f"{where}: `slices` must be a list of {{sources: [{{model, layer_range}}, ...]}} entries")
+    unused = [i for i, piece in enumerate(slices) if "residual_weight" in piece]
+    if unused:  # a field of mergekit's slice schema that no mergekit code reads
+        warnings.warn(f"{where}: slices[{unused[0]}].residual_weight has no effect (mergekit declares the key and ignores "
+                      "it too); leave it out", UserWarning, stacklevel=4)
+        slices = [{k: v for k, v in piece.items() if k != "residual_weight"} for piece in slices]
+        data = {**data, "slices": slices}
     for i, piece in enumerate(slices):
         for key in piece:
             if key not in ("sources", "parameters", "base_model"):

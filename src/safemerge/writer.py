@@ -251,7 +251,7 @@ def write_model_card(
     card = (
         f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n# {title}\n\n"
         "This model was made with [safemerge](https://github.com/safemerge/safemerge).\n\n"
-        f"## Inputs\n\n| model | fingerprint (sha256 of the weight files) |\n|---|---|\n{rows}\n\n"
+        f"## Inputs\n\n| model | fingerprint (first 32 hex digits of a sha256 over the weight files) |\n|---|---|\n{rows}\n\n"
         f"## Merge config\n\n```yaml\n{yaml.safe_dump(merge_config, sort_keys=False)}```\n"
     )
     if extra:
