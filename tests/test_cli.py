@@ -394,6 +394,14 @@ def test_seeds_out_refuses_to_replace_a_file(tmp_path, monkeypatch):
     assert r.exit_code == 2 and "--overwrite" in r.output and target.read_text() == "my notes"
     r = runner.invoke(app, ["seeds", "a", "--out", str(target), "--overwrite"])
     assert r.exit_code == 0 and target.read_text() == "| table |\n"
+    r = runner.invoke(app, ["seeds", "a", "--out", str(tmp_path / "new" / "seeds.md")])  # was FileNotFoundError
+    assert r.exit_code == 0 and (tmp_path / "new" / "seeds.md").read_text() == "| table |\n"
+    run = tmp_path / "s0"
+    run.mkdir()
+    (run / "results.json").write_text("{}")
+    for given in (run, run / "results.json"):  # review: --overwrite replaced a run's results with the table
+        r = runner.invoke(app, ["seeds", str(given), "--out", str(run / "results.json"), "--overwrite"])
+        assert r.exit_code == 2 and "results.json: is the" in r.output and (run / "results.json").read_text() == "{}"
 
 
 def test_output_options_share_their_names():

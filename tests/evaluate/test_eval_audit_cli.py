@@ -123,3 +123,7 @@ def test_a_bad_limit_is_named_as_the_command_line_gives_it(cli, refuser, prompts
         res = cli(*args, "--limit", "0", "--store", tmp_path / "r.sqlite")
         assert res.exit_code == 2
         assert f"--limit 0 (limit=): give a positive number of {what}" in " ".join(res.output.split())
+    # review: audit's --domain-limit 0 was named "--limit 0 (limit=)", an option audit does not have
+    res = cli("audit", refuser, "--safety-prompts", prompts_file, "--domain-task", mc_file, "--domain-limit", "0",
+              "--store", tmp_path / "r.sqlite")
+    assert res.exit_code == 2 and "Invalid value for '--domain-limit'" in res.output, res.output

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from safemerge.evaluate import GenerationSettings, get_backend
@@ -22,6 +24,21 @@ def test_chat_template_is_applied_and_bos_not_doubled(chat_model):
     ids = encode(b.tokenizer, text)
     assert ids[0] == b.tokenizer.bos_token_id and ids[1] != b.tokenizer.bos_token_id
     assert encode(b.tokenizer, "Hi there")[0] == b.tokenizer.bos_token_id  # plain text gets its BOS
+
+
+@pytest.mark.parametrize("template, words", [
+    ("{% for m in messages %}{{ m['content'] }{% endfor %}", "TemplateSyntaxError: unexpected '}'"),
+    ("{{ raise_exception('system role not supported') }}", "TemplateError: system role not supported"),
+])
+def test_a_broken_chat_template_is_named_not_a_jinja_traceback(chat_model, template, words):
+    """Review: eval, data, audit and compare ended in jinja2's traceback for a template that does not compile or raises."""
+    from safemerge.errors import SafemergeError
+
+    tok = get_backend(chat_model, device="cpu").tokenizer
+    tok.chat_template = template
+    with pytest.raises(SafemergeError, match=rf"{re.escape(str(chat_model))}: its chat template failed on a user conversation \({words}\); "
+                                             "fix `chat_template` in its tokenizer_config.json"):
+        render_prompt(tok, "Hi")
 
 
 def test_batched_left_padded_generation_equals_one_by_one(chat_model):

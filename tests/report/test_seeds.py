@@ -85,6 +85,14 @@ def test_runs_given_as_results_files_are_named_by_their_folder(tmp_path, full):
     assert "| model | seed 0 (a) | seed 0 (b) | mean |" in text.splitlines()
 
 
+def test_a_copied_results_file_is_named_by_its_own_name(tmp_path, full, monkeypatch):
+    """Review: `seeds s1 s1copy.json` labelled the copy 'seed 0 ()', by the name of a folder it does not lie in."""
+    _write(tmp_path, "s1", full)
+    (tmp_path / "s1copy.json").write_text(json.dumps(full))
+    monkeypatch.chdir(tmp_path)
+    assert "| model | seed 0 (s1) | seed 0 (s1copy.json) | mean |" in seeds_table(["s1", "s1copy.json"]).splitlines()
+
+
 def test_one_run_given_twice_is_refused(tmp_path, full):
     """Its folder and its results.json are one run: it would count twice in every mean."""
     a = _write(tmp_path, "s0", full)

@@ -76,6 +76,28 @@ def test_one_refusal_per_question_from_the_models_that_refused(tmp_path, prompts
         synthesize_safety([everyone], tmp_path / "v.jsonl", prompts=tmp_path / "u.jsonl", n=9, seed=3, progress=False)
 
 
+def test_a_judge_that_cannot_read_the_answers_is_named_not_the_pool(tmp_path, prompts_file):
+    """Review: a non-guard --judge-model gave invalid verdicts, read as 'not refused': "no pool model refused any of
+    the questions; add an aligned model", with the aligned model in the pool."""
+    from safemerge.data.loaders import DataError
+    from safemerge.evaluate.judges import Verdict
+
+    class Garbled:
+        name = "md-judge"
+
+        def identity(self):
+            return {"judge": self.name}
+
+        def judge(self, prompts, responses, *, progress=None):
+            return [Verdict(safe=True, raw="zzz", valid=i == 0) for i in range(len(prompts))]
+
+    aligned = Scripted("aligned", reply=lambda p: "I'm sorry, I can't help.")
+    with pytest.raises(DataError, match="judge md-judge: 5 of 6 verdicts on aligned's answers are neither 'safe' nor "
+                                        "'unsafe'; is --judge-model a guard checkpoint"):
+        synthesize_safety([aligned], tmp_path / "s.jsonl", prompts=prompts_file, judge=Garbled(), progress=False)
+    assert not (tmp_path / "s.jsonl").exists()
+
+
 def test_generated_questions_are_deduplicated_and_never_copy_an_example():
     gen = Scripted("G", texts=["1. How to X?", "How to X?", "", "Question: How to Y?", "seed one", "\n\n- How to Z?\nmore"])
     rows, dropped = generate_questions(gen, n=3, examples=["Seed one", "seed two"], k=2, max_rounds=3)
@@ -107,6 +129,12 @@ def test_self_questioning_rows_and_what_is_dropped(tmp_path):
     with pytest.warns(UserWarning, match="--k 5 in-context examples asked for, but the file has 3 questions"):
         synthesize_domain(expert, tmp_path / "k.jsonl", examples=val, n=2, k=5, seed=1, style="completion", progress=False)
     assert all(r["k"] == 3 and len(r["in_context"]) == 3 for r in _rows(tmp_path / "k.jsonl"))
+    # review: a file that is not UTF-8 was "line 1 is not JSON"
+    from safemerge.data.loaders import DataError
+
+    (tmp_path / "latin1.jsonl").write_bytes('{"question": "Qu\u00e9 f\u00e1rmaco?"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match="latin1.jsonl: line 1 is not UTF-8 text; save the file as UTF-8"):
+        synthesize_domain(expert, tmp_path / "l.jsonl", examples=tmp_path / "latin1.jsonl", n=1, progress=False)
 
 
 def test_a_line_separator_in_a_text_survives_the_round_trip_to_the_search(tmp_path):
@@ -225,6 +253,14 @@ def test_every_pool_model_is_checked_before_any_answer(tmp_path, prompts_file):
     with pytest.raises(CheckpointError, match="no-such-model: no such model directory"):
         synthesize_safety([a, tmp_path / "no-such-model"], tmp_path / "s.jsonl", prompts=prompts_file, progress=False)
     assert not (tmp_path / "s.jsonl").exists()
+    # review: one model under two spellings answered twice and counted as two refusers of every question
+    from safemerge.data.loaders import DataError
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    with pytest.raises(DataError, match=r"--pool .*/\.\./.*m: the same model as --pool .*m; give each pool model once"):
+        synthesize_safety([a, tmp_path / "m", tmp_path / "m" / ".." / "m"], tmp_path / "s.jsonl", prompts=prompts_file,
+                          progress=False)
 
 
 def test_the_output_is_never_an_input_file(tmp_path, prompts_file):

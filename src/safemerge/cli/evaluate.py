@@ -158,7 +158,7 @@ def audit(
     judge_model: Optional[str] = JudgeModelOpt,
     format: str = typer.Option("plain", "--format", help="Prompt format of the domain tasks: plain | chat"),
     limit: Optional[int] = typer.Option(None, "--limit", help="Use the first N safety prompts."),
-    domain_limit: Optional[int] = typer.Option(None, "--domain-limit", help="Use the first N questions of each domain task (as compare)."),
+    domain_limit: Optional[int] = typer.Option(None, "--domain-limit", min=1, help="Use the first N questions of each domain task (as compare)."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Tokens generated per prompt (greedy)."),
     batch_size: int = typer.Option(16, "--batch-size", help="Prompts per forward pass."),
     device: str = DeviceOpt,

@@ -63,12 +63,15 @@ def seeds(
     """Several runs (one per seed) side by side: knowledge / safety of every model, and each claim's verdict."""
     from safemerge.report.seeds import seeds_table
 
+    from safemerge.checkpoint import atomic_write, check_output_file
+
     with user_errors():
+        if out_file is not None:  # not one of the runs it reads (a folder's results.json included)
+            given = {f"{r} run": r / "results.json" if r.is_dir() else r for r in runs}
+            out_file = check_output_file(out_file, overwrite=overwrite, inputs=given)
         text = seeds_table(runs)
         if out_file is not None:
-            from safemerge.checkpoint import check_output_file
-
-            check_output_file(out_file, overwrite=overwrite).write_text(text)
+            atomic_write(out_file, text)
     print(text, end="")
 
 
@@ -84,7 +87,7 @@ def compare(
     judge: Annotated[str, typer.Option(help="keyword | llama-guard | llama-guard-2 | llama-guard-3 | md-judge")] = "keyword",
     judge_model: Annotated[Optional[str], typer.Option(help="Checkpoint of the guard judge (local path).")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Use the first N harmful prompts of each set.")] = None,
-    domain_limit: Annotated[Optional[int], typer.Option(help="Use the first N questions of each task.")] = None,
+    domain_limit: Annotated[Optional[int], typer.Option(min=1, help="Use the first N questions of each task.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per harmful prompt.")] = 256,
     format: Annotated[str, typer.Option(help="Prompt format of the multiple-choice tasks: plain | chat")] = "plain",
     batch_size: Annotated[Optional[int], typer.Option(help="Batch size (default: each evaluation's own).")] = None,

@@ -34,7 +34,7 @@ def search(
     temperature: Annotated[float, typer.Option(help="LM-Cocktail temperature T in softmax(−loss/T).")] = 1.0,
     limit: Annotated[Optional[int], typer.Option(help="Use the first N examples of each data file.")] = None,
     batch_size: Annotated[int, typer.Option(help="Examples per forward pass when scoring.")] = 16,
-    device: Annotated[str, typer.Option(help="Score on auto (the GPU where there is one), cpu or cuda.")] = "auto",
+    device: Annotated[str, typer.Option(help="Score on auto (the GPU where there is one), cpu, cuda or cuda:N.")] = "auto",
     threads: Annotated[Optional[int], typer.Option(help="torch threads per scorer (default: torch's; 1 per worker).")] = None,
     memo_gib: Annotated[Optional[float], typer.Option(help="Memory for the memo that makes TIES / DARE candidates fast, in GiB per scorer (default: 1 on the CPU and per worker, an eighth of the free GPU memory in a serial GPU run; 0: none; a size given is not checked against free memory). The merges are the same either way.")] = None,
     audit: Annotated[bool, typer.Option(help="Audit the pool's safety before searching (each merged model answers harmful prompts; a judge flags the unsafe).")] = True,

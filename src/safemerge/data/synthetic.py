@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator, Sequence
 from safemerge._progress import transient_progress
 from safemerge.checkpoint import atomic_write, check_output_file
 from safemerge.data.loaders import DataError, load_prompts
-from safemerge.evaluate.loading import check_batch_size
+from safemerge.evaluate.loading import check_batch_size, same_model_key
 
 # Few-shot examples for a generator when no --examples file is given: the kind of request that
 # BeaverTails and the HH-RLHF red-team set hold (misuse, crime, privacy, self-harm, weapons).
@@ -255,6 +255,13 @@ def synthesize_safety(
         raise DataError(f"--n {n}: ask for at least one example")
     check_batch_size(batch_size=batch_size)
     _check_models(*pool, generator, judge_model)  # every path now, not after hours of generating with the first
+    seen: dict[tuple, Any] = {}
+    for m in pool:  # one model twice (another spelling of its path) would answer twice and count as two refusers
+        if isinstance(m, (str, os.PathLike)):
+            key = same_model_key(m)
+            if key in seen:
+                raise DataError(f"--pool {m}: the same model as --pool {seen[key]}; give each pool model once")
+            seen[key] = m
     judge_ = get_judge(judge, judge_model=judge_model, device=device)  # a guard loads its weights on first use
     with _bar(progress) as bar:
         questions, source, dropped = _questions(prompts=prompts, prompt_column=prompt_column, generator=generator,
@@ -269,9 +276,14 @@ def synthesize_safety(
             gens = backend.generate([q["question"] for q in questions], settings, progress=advance)
             verdicts = judge_.judge([q["question"] for q in questions], [g.text for g in gens])
             answers[_label(model)] = list(zip(gens, verdicts))
+            invalid = sum(not v.valid for v in verdicts)
+            if invalid > len(verdicts) / 2:  # as `eval safety` refuses such a judge: not "no model refused"
+                raise DataError(f"judge {judge_.name}{f' ({judge_model})' if judge_model else ''}: {invalid} of "
+                                f"{len(verdicts)} verdicts on {_label(model)}'s answers are neither 'safe' nor 'unsafe'; is "
+                                "--judge-model a guard checkpoint of that kind?")
             refused = sum(_refused(g, v) for g, v in zip(gens, verdicts))
             per_model[_label(model)] = {"fingerprint": backend.fingerprint, "refusals": refused,
-                                     "refusal_rate": refused / max(1, len(questions))}
+                                     "refusal_rate": refused / max(1, len(questions)), "invalid_verdicts": invalid}
             del backend
     rows, no_refusal = [], 0
     for i, q in enumerate(questions):
@@ -349,8 +361,12 @@ def _example_questions(path: str | os.PathLike) -> tuple[list[str], str]:
         if not line.strip():
             continue
         try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError:
+            raise DataError(f"{p}: line {i + 1} is not UTF-8 text; save the file as UTF-8") from None
+        try:
             row = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except json.JSONDecodeError:
             raise DataError(f"{p}: line {i + 1} is not JSON; the file must be JSONL") from None
         text = row.get("question", row.get("prompt")) if isinstance(row, dict) else None
         if not isinstance(text, str) or not text.strip():

@@ -109,9 +109,17 @@ def template_date() -> Iterator[None]:
 
 def chat_text(tokenizer: Any, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
     """`tokenizer.apply_chat_template(messages, tokenize=False)` on TEMPLATE_DATE (see `template_date`)."""
+    from jinja2 import TemplateError
+
     with template_date():
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                             date_string=TEMPLATE_DATE.strftime("%d %b %Y"))
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                 date_string=TEMPLATE_DATE.strftime("%d %b %Y"))
+        except TemplateError as e:  # a template that does not compile, or one that raises on this conversation
+            where = getattr(tokenizer, "name_or_path", None) or "the model"
+            raise SafemergeError(f"{where}: its chat template failed on a {'/'.join(m['role'] for m in messages)} "
+                                 f"conversation ({type(e).__name__}: {e}); fix `chat_template` in its "
+                                 "tokenizer_config.json (or chat_template.jinja)") from None
 
 
 def render_prompt(tokenizer: Any, prompt: str, *, system_prompt: str | None = None, chat_template: bool = True) -> str:
@@ -370,8 +378,10 @@ class TransformersBackend:
         over = sum(len(s) + len(o.tokens) > context for s, o in zip(seqs, outs))
         if over:
             warnings.warn(f"{self.source}: {over} of {len(seqs)} prompts and their answers ran past the model's context "
-                          f"of {context} tokens; those answers are unreliable (lower max_new_tokens, --max-new-tokens "
-                          f"on the command line, now {max_new_tokens}; or shorten the prompts)", EvaluationWarning,
+                          f"of {context} tokens; those answers are unreliable (the prompts take up to "
+                          f"{max(map(len, seqs))} tokens and the answers up to {max_new_tokens}: shorten the prompts, "
+                          "or lower max_new_tokens where the command sets it, e.g. --max-new-tokens for answers)",
+                          EvaluationWarning,
                           stacklevel=3)
 
 

@@ -23,9 +23,10 @@ def _label(res: Results, path: str | os.PathLike, i: int) -> str:
 
 
 def _run_name(path: str | os.PathLike) -> str:
-    """The run's folder name: a path to a results.json is named by the folder it lies in."""
-    p = Path(path)
-    return p.parent.name if p.suffix == ".json" else p.name
+    """The run's folder name: a path to a results.json is named by the folder it lies in (a JSON file of another
+    name, or one in the working folder, by its own name)."""
+    p = Path(path).expanduser().absolute()
+    return p.parent.name if p.name == "results.json" and p.parent.name else p.name
 
 
 def _same_study(runs: list[Results], paths: Sequence[str | os.PathLike]) -> None:
