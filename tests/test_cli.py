@@ -434,3 +434,14 @@ def test_hidden_aliases_are_the_same_option(monkeypatch, tmp_path, tiny_family):
     assert seen.pop("data") == "h.jsonl"
     r = runner.invoke(app, ["publish", str(tmp_path), "me/x", "--safety-data", "a", "--safety-prompts", "b"])
     assert r.exit_code == 2 and "are one option" in r.output
+
+
+@pytest.mark.parametrize("args", [["repro", "--out", "OUT", "--domains", "medicine", "--domains", "medicine"],
+                                  ["repro", "--out", "OUT", "--skip", "align,search,align"],
+                                  ["testbed", "build", "OUT", "--domains", "medicine,finance,medicine"]])
+def test_a_name_given_twice_in_a_list_option_is_refused(tmp_path, args):
+    """Review: `repro --domains medicine --domains medicine` dropped the repeat and ran a one-domain reproduction (a
+    typo for another domain); the lists of names refuse a repeat before any work."""
+    r = CliRunner().invoke(app, [str(tmp_path / "out") if a == "OUT" else a for a in args])
+    assert r.exit_code == 2 and "given twice; give each name once" in r.output, r.output
+    assert not (tmp_path / "out").exists()

@@ -25,10 +25,15 @@ console = Console(stderr=True, soft_wrap=True)  # messages: never broken at the 
 out = Console()
 
 
-def split_names(values: list[str]) -> list[str]:
-    """A list option of names (--domains, --skip, --knowledge), given comma-separated, repeated or both. Lists of
-    paths or patterns are not split: a comma may be part of a file name or a regular expression."""
-    return [name.strip() for value in values for name in value.split(",") if name.strip()]
+def split_names(values: list[str], option: str) -> list[str]:
+    """A list option of names (--domains, --skip, --knowledge), given comma-separated, repeated or both; a name given
+    twice is an error (a typo for another name would otherwise run short of it). Lists of paths or patterns are not
+    split: a comma may be part of a file name or a regular expression."""
+    names = [name.strip() for value in values for name in value.split(",") if name.strip()]
+    twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if twice is not None:
+        raise UserError(f"{option} {twice}: given twice; give each name once")
+    return names
 
 
 class UserError(Exception):

@@ -116,7 +116,7 @@ def compare(
 
     with loading_models():
         done = run(models, out_dir, safety_prompts=safety_prompts, domain_tasks=domain_task, general_task=general_task,
-                   expert=expert, aligned=aligned, knowledge=split_names(knowledge) or None, judge=judge, judge_model=judge_model,
+                   expert=expert, aligned=aligned, knowledge=split_names(knowledge, "--knowledge") or None, judge=judge, judge_model=judge_model,
                    limit=limit, domain_limit=domain_limit, max_new_tokens=max_new_tokens, format=format,
                    batch_size=batch_size, device=device, dtype=dtype, store=store, cache=not no_cache,
                    progress=not (json_out or no_progress), overwrite=overwrite, echo=echo,

@@ -29,8 +29,8 @@ def repro(
     from safemerge.repro import repro as run
 
     with user_errors():
-        res = run(out=out_dir, seed=seed, preset=preset, domains=",".join(split_names(domains)),
-                  skip=split_names(skip), progress=progress)
+        res = run(out=out_dir, seed=seed, preset=preset, domains=",".join(split_names(domains, "--domains")),
+                  skip=split_names(skip, "--skip"), progress=progress)
     if json_out:
         return emit_json(res)
     v = res["report"]["verdicts"]

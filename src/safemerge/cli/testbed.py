@@ -29,7 +29,7 @@ def build(
     from safemerge.testbed import build_testbed
 
     with user_errors():
-        path = build_testbed(out_dir, seed=seed, preset=preset, domains=split_names(domains),
+        path = build_testbed(out_dir, seed=seed, preset=preset, domains=split_names(domains, "--domains"),
                              overwrite=overwrite, progress=not (as_json or no_progress))
         summary = _summary(path)
     if as_json:
