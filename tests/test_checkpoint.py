@@ -551,3 +551,20 @@ def test_an_empty_folder_or_a_mount_point_is_filled_in_place(tmp_path, monkeypat
         with atomic_output(shared, overwrite=True) as tmp:
             raise RuntimeError
     assert sorted(p.name for p in shared.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_an_output_where_nothing_can_be_written_is_refused_before_the_work(tmp_path, monkeypatch):
+    """Review: a read-only --out was found only after the models were evaluated (compare, eval safety)."""
+    import os
+
+    from safemerge.checkpoint import check_output_folder
+    from safemerge.errors import SafemergeError
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if os.fspath(p) == str(locked) else real(p, mode, **kw))
+    for check in (lambda o: check_output_file(o), lambda o: check_output_folder(o, "x")):
+        with pytest.raises(SafemergeError, match=r"locked cannot be written in \(no permission, or a read-only filesystem\)"):
+            check(locked / "sub" / "out.jsonl")
+    check_output_file(tmp_path / "free" / "out.jsonl")  # a folder to be made under a writable one is fine

@@ -27,7 +27,7 @@ from typing import Iterable, Iterator
 import torch
 
 from safemerge._signals import note_finished, sigterm_to_interrupt, signals_held
-from safemerge.errors import CheckpointError, OutputExistsError, one_line
+from safemerge.errors import CheckpointError, OutputExistsError, SafemergeError, one_line
 
 MAP_BYTES = 1 << 20  # ranges this large are memory-mapped (Checkpoint.get_rows)
 
@@ -715,9 +715,13 @@ def _alive(pid: int) -> bool:
 
 
 def check_folder(out: Path) -> None:
-    """The nearest existing ancestor of `out` must be a directory (else mkdir fails with FileExistsError)."""
+    """The nearest existing ancestor of `out` must be a directory (else mkdir fails with FileExistsError) that this
+    process may write in (else the output is refused only after the work: a read-only mount, another user's folder)."""
     for parent in out.absolute().parents:
         if parent.exists():
             if not parent.is_dir():
                 raise OutputExistsError(f"{out}: {parent} is a file, so nothing can be written under it; choose another path")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise SafemergeError(f"{out}: {parent} cannot be written in (no permission, or a read-only filesystem); "
+                                     "choose another path")
             return

@@ -94,8 +94,9 @@ def test_fingerprint_follows_content_and_options(tmp_path):
 
 
 def test_in_memory_prompts():
-    ps = load_prompts(["x?", {"prompt": "y", "category": ["c"]}])
-    assert [(p.text, p.categories) for p in ps.prompts] == [("x?", ()), ("y", ("c",))]
+    ps = load_prompts(["x?", {"prompt": "y", "category": ["c"]}, {"prompt": "z", "category": ["theft", "c", "theft"]}])
+    # a name listed twice is one category of the prompt (review: it counted the prompt twice in that category's rate)
+    assert [(p.text, p.categories) for p in ps.prompts] == [("x?", ()), ("y", ("c",)), ("z", ("theft", "c"))]
 
 
 def test_multiple_choice(mc_file):

@@ -44,6 +44,22 @@ def test_repeat_is_a_lookup_and_no_cache_recomputes(refuser, prompts_file, store
         evaluate_safety(refuser, prompts=prompts_file, device="cpu", store=store, max_new_tokens=8, out=tmp_path / "r.jsonl")
 
 
+def test_a_stored_result_is_reported_for_the_model_asked_about(refuser, prompts_file, mc_file, store, tmp_path):
+    """Review: a copy of an evaluated model was served the stored result under the original's path ("safety of
+    /models/a (cached)"), as if the other model had been asked about."""
+    import shutil
+
+    from safemerge.evaluate import evaluate_domain
+
+    copy = tmp_path / "copy"
+    shutil.copytree(refuser, copy)
+    for run in (lambda m: evaluate_safety(m, prompts=prompts_file, device="cpu", store=store, max_new_tokens=8),
+                lambda m: evaluate_domain(m, task=mc_file, device="cpu", store=store)):
+        first, again = run(refuser), run(copy)
+        assert again["cached"] and again["model"] == str(copy) and again["computed_for"] == first["model"] == str(refuser)
+        assert "computed_for" not in run(refuser)
+
+
 def test_llama_guard_judged_run(complier, guard3_unsafe, prompts_file, store):
     r = evaluate_safety(complier, prompts=prompts_file, judge="llama-guard", judge_model=guard3_unsafe,
                         device="cpu", store=store, max_new_tokens=4)

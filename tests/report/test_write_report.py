@@ -148,6 +148,10 @@ def test_odd_paths_and_hand_edited_meta_are_clear_errors(tmp_path, full):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(OutputExistsError, match="is a file"):
         write_report(full, tmp_path / "afile", overwrite=True)
+    bad = json.loads(json.dumps(full))  # review: an infinite rate was shown as "—", not measured
+    bad["models"]["mergealign"]["safety"] = {"safety_test": float("inf")}
+    with pytest.raises(ResultsError, match=r"mergealign.safety.safety_test = inf: out of range"):
+        load_results(bad)
 
 
 def test_a_timing_that_is_not_a_number_reads_not_measured(tmp_path, full):

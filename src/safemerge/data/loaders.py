@@ -229,8 +229,8 @@ def _as_categories(value: Any) -> tuple[str, ...]:
         return tuple(sorted(k for k, v in value.items() if v))
     if isinstance(value, str):
         return (value,)
-    if isinstance(value, Iterable):
-        return tuple(str(v) for v in value if v not in (None, ""))
+    if isinstance(value, Iterable):  # each once: a name listed twice would count its prompt twice in the category
+        return tuple(dict.fromkeys(str(v) for v in value if v not in (None, "")))
     return (str(value),)
 
 

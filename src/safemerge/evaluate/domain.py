@@ -29,7 +29,7 @@ from safemerge.data.loaders import MCQuestion, QuestionSet, load_multiple_choice
 from safemerge.errors import SafemergeError
 from safemerge._progress import progress_bar
 from safemerge.evaluate.backends import PROMPT_VERSION, EvaluationWarning, TransformersBackend, get_backend, render_prompt
-from safemerge.evaluate.loading import ModelRef, check_batch_size, model_ref, resolve_device, resolve_dtype
+from safemerge.evaluate.loading import ModelRef, asked_for, check_batch_size, model_ref, resolve_device, resolve_dtype
 from safemerge.evaluate.loglik import encode_pairs, loglikelihoods, max_length
 from safemerge.store import ResultsStore, open_store, result_key
 
@@ -119,7 +119,7 @@ def evaluate_domain(
         stored = [n for n in hit.get("warnings") or [] if not n.endswith(FALLBACK)]
         for note in stored:  # a stored result says what it said when it was computed (older ones held the fallback too)
             warnings.warn(note, EvaluationWarning, stacklevel=2)
-        return {**hit, "warnings": fallback + stored, "cached": True}
+        return {**hit, **asked_for(ref, hit), "warnings": fallback + stored, "cached": True}
 
     t0 = time.perf_counter()
     backend = get_backend(ref, device=device, dtype=dtype, batch_size=batch_size)

@@ -101,6 +101,13 @@ def model_folders(model: str | os.PathLike) -> tuple[Path, Path | None]:
     return path, adapter
 
 
+def asked_for(ref: Any, hit: dict) -> dict:
+    """A stored result answers for the same weights under any path: it is reported for the model asked about, with
+    the path it was computed for beside it where that differs (a copy, another spelling)."""
+    stored = hit.get("model")
+    return {"model": ref.source, **({"computed_for": stored} if stored is not None and stored != ref.source else {})}
+
+
 def same_model_key(model: str | os.PathLike) -> tuple[str, str | None]:
     """The resolved (model, adapter) folders of a reference: equal for two spellings of one model (./m, m/, a link)."""
     path, adapter = model_folders(model)

@@ -27,7 +27,7 @@ from safemerge.errors import SafemergeError
 from safemerge._progress import progress_bar
 from safemerge.evaluate.backends import PROMPT_VERSION, EvaluationWarning, Generation, GenerationSettings, get_backend
 from safemerge.evaluate.judges import Judge, Verdict, get_judge
-from safemerge.evaluate.loading import check_batch_size, model_ref, resolve_device, resolve_dtype
+from safemerge.evaluate.loading import asked_for, check_batch_size, model_ref, resolve_device, resolve_dtype
 from safemerge.store import ResultsStore, open_store, result_key
 
 if TYPE_CHECKING:
@@ -129,7 +129,7 @@ def evaluate_safety(
                 atomic_write(out_path, blob, record=not beside_store)
         for note in hit.get("warnings") or []:  # a stored result says what it said when it was computed
             warnings.warn(note, EvaluationWarning, stacklevel=2)
-        return {**hit, "responses": str(out_path) if out_path is not None else None, "cached": True}
+        return {**hit, **asked_for(ref, hit), "responses": str(out_path) if out_path is not None else None, "cached": True}
 
     t0 = time.perf_counter()
     loaded_here = ref.backend is None

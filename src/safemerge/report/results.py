@@ -165,8 +165,8 @@ def _number(raw: Any, where: str, *, upper: float) -> float | None:
     if isinstance(raw, bool) or not isinstance(raw, (int, float)):
         raise ResultsError(f"{where}: expected a number, got {raw!r}")
     value = float(raw)
-    if not math.isfinite(value):
-        return None
+    if math.isnan(value) or (math.isinf(value) and upper == math.inf):  # not measured (an infinite rate is out of
+        return None  # range below, not hidden as "—")
     if not 0.0 <= value <= upper:
         hint = "rates and accuracies are fractions in [0, 1], not percentages" if upper == 1.0 else "distances are >= 0"
         raise ResultsError(f"{where} = {raw}: out of range; {hint}")
