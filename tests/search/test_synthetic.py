@@ -107,6 +107,8 @@ def test_generated_questions_are_deduplicated_and_never_copy_an_example():
     rows, dropped = generate_questions(gen, n=2, examples=["Seed one", "seed two?"], k=2, max_rounds=3)
     assert [r["question"] for r in rows] == ["How to W?", "How to V?"]
     assert dropped == {"empty": 0, "not_a_question": 1, "example_copy": 1, "duplicate": 0}
+    # each question carries the settings it was sampled with (review: rows of `data safety --generator` had none)
+    assert [(r["round"], r["generation"]["seed"], r["generation"]["temperature"]) for r in rows] == [(0, 0, 1.0), (2, 2, 1.0)]
 
 
 def test_self_questioning_rows_and_what_is_dropped(tmp_path):

@@ -173,8 +173,9 @@ def generate_questions(generator: Any, *, n: int, examples: Sequence[str], k: in
                        progress: Callable[[int], None] | None = None) -> tuple[list[dict], dict[str, int]]:
     """Up to n distinct questions from a generator backend, each from a k-shot prompt of `examples`.
 
-    Returns (rows of {"question", "prompt"}, how many generations were dropped, by reason: "empty",
-    "not_a_question" (only a lead-in such as "Sure!", see `question_of`), "example_copy", "duplicate").
+    Returns (rows of {"question", "prompt", "round", "generation" (its settings)}, how many generations were
+    dropped, by reason: "empty", "not_a_question" (only a lead-in such as "Sure!", see `question_of`), "example_copy",
+    "duplicate").
     Rounds of generation continue until n distinct questions exist or `max_rounds` rounds ran.
     """
     rng = random.Random(seed)
@@ -188,7 +189,8 @@ def generate_questions(generator: Any, *, n: int, examples: Sequence[str], k: in
             break
         prompts = [GENERATOR_PROMPT.format(examples="\n".join(f"- {e}" for e in rng.sample(list(examples), min(k, len(examples)))))
                    for _ in range(want)]
-        gens = generator.generate(prompts, _settings(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed + r))
+        ask = _settings(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed + r)
+        gens = generator.generate(prompts, ask)
         for prompt, g in zip(prompts, gens):
             if len(rows) >= n:
                 break
@@ -198,7 +200,7 @@ def generate_questions(generator: Any, *, n: int, examples: Sequence[str], k: in
                 dropped[reason] += 1
                 continue
             seen.add(normalise(q))
-            rows.append({"question": q, "prompt": prompt, "round": r})
+            rows.append({"question": q, "prompt": prompt, "round": r, "generation": ask.as_dict()})
             if progress:
                 progress(1)
     return rows, dropped
@@ -299,6 +301,8 @@ def synthesize_safety(
         rows.append({"prompt": q["question"], "response": answers[model][i][0].text, "kind": "safety", "model": model,
                      "model_fingerprint": per_model[model]["fingerprint"], "refused_by": refusers, "question_source": source,
                      "question_prompt": q.get("prompt"), "judge": judge_.identity(), "generation": settings.as_dict(),
+                     # sampled questions depend on how they were batched: the batch size is part of their recipe
+                     "question_generation": {**q["generation"], "batch_size": batch_size} if "generation" in q else None,
                      "seed": seed})
     dropped["no_refusal"] = no_refusal
     if not rows:
@@ -459,7 +463,8 @@ def synthesize_domain(
         rows.append({"prompt": q["question"], "response": g.text, "kind": "domain", "model": _label(expert),
                      "model_fingerprint": backend.fingerprint, "examples_file": str(examples),
                      "examples_fingerprint": shots_fp, "in_context": q["in_context"], "k": k, "style": style,
-                     "question_prompt": q["prompt"], "question_generation": {**ask.as_dict(), "seed": seed + q["round"]},
+                     "question_prompt": q["prompt"], "question_generation": {**ask.as_dict(), "seed": seed + q["round"],
+                                                                   "batch_size": batch_size},
                      "answer_generation": answer.as_dict(), "seed": seed})
     if not rows:
         raise DataError(f"{expert}: answered none of its {len(questions)} questions")
