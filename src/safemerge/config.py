@@ -512,7 +512,8 @@ def parse_config(data: dict, *, where: str = "config", folder: Path | None = Non
         data = {k: v for k, v in data.items() if not (k in forms and v in (None, [], {}))}
     given = set(data)
     try:
-        data = map_model_refs(data, lambda m: m) if isinstance(data, dict) else data  # mergekit's mapping references in their string form
+        if isinstance(data, dict):  # mergekit's mapping references ({model: {path}, lora: {path}}) as strings
+            data = map_model_refs(data, lambda m: m)
         if "modules" in data:
             data = _from_modules(data, where)
         method = data.get("merge_method")

@@ -61,9 +61,8 @@ def seeds(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
 ) -> None:
     """Several runs (one per seed) side by side: knowledge / safety of every model, and each claim's verdict."""
-    from safemerge.report.seeds import seeds_table
-
     from safemerge.checkpoint import atomic_write, check_output_file
+    from safemerge.report.seeds import seeds_table
 
     with user_errors():
         if out_file is not None:  # not one of the runs it reads (a folder's results.json included)

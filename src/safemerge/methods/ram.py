@@ -23,7 +23,7 @@ from safemerge.methods.blocks import TaskVector, flat, output, spans, task_vecto
 
 
 def _blocks(base: torch.Tensor, tvs: list[TaskVector], epsilon: float):
-    """(start, end, base block, τ blocks zeroed where not contributing, contribution count) per block."""
+    """(start, end, base block, τ blocks zeroed where not contributing, their masks, contribution count) per block."""
     b = flat(base)
     for s, e in spans(b.numel(), b):
         bb = b[s:e].to(torch.float32)
