@@ -22,16 +22,18 @@ from safemerge.methods import register
 from safemerge.methods.blocks import TaskVector, flat, output, spans, task_vectors
 
 
-def _blocks(base: torch.Tensor, tvs: list[TaskVector], epsilon: float):
-    """(start, end, base block, τ blocks zeroed where not contributing, their masks, contribution count) per block."""
+def _masked(base: torch.Tensor, tvs: list[TaskVector], epsilon: float):
+    """Per block: (start, end, base block, [τ_i zeroed where |τ_i| ≤ ε], [the masks], contribution count c)."""
     b = flat(base)
     for s, e in spans(b.numel(), b):
         bb = b[s:e].to(torch.float32)
-        ds = [tv.block(bb, s, e) for tv in tvs]
-        masks = [d.abs() > epsilon for d in ds]
+        ds, masks = [], []
         count = torch.zeros_like(bb)
-        for d, m in zip(ds, masks):
-            d.mul_(m)
+        for tv in tvs:
+            d = tv.block(bb, s, e)
+            m = d.abs() > epsilon
+            ds.append(d.mul_(m))
+            masks.append(m)
             count.add_(m)
         yield s, e, bb, ds, masks, count
 
@@ -40,27 +42,31 @@ def _ram(base, deltas, *, epsilon: float, boost=None, out=None) -> torch.Tensor:
     tvs = task_vectors(deltas)
     result = output(base, out)
     o = flat(result)
-    scales = [1.0] * len(tvs)
-    if boost is not None and tvs:  # a first pass counts each model's unique and shared contributions
+    scales = None
+    if boost is not None and tvs:  # a first pass counts each model's lone and shared contributions
         r, alpha = boost
-        unique, shared = [0] * len(tvs), [0] * len(tvs)
-        for *_, masks, count in _blocks(base, tvs, epsilon):
+        lone, shared = [0] * len(tvs), [0] * len(tvs)
+        for *_, masks, count in _masked(base, tvs, epsilon):
             alone = count == 1
             for i, m in enumerate(masks):
                 u = int(torch.count_nonzero(m & alone))
-                unique[i] += u
+                lone[i] += u
                 shared[i] += int(torch.count_nonzero(m)) - u
-        scales = [1 + r * min(max(sh / max(u, epsilon), 0.0), alpha) for u, sh in zip(unique, shared)]
-    for s, e, bb, ds, _, count in _blocks(base, tvs, epsilon):
+        scales = [1 + r * min(max(sh / max(u, epsilon), 0.0), alpha) for u, sh in zip(lone, shared)]
+    for s, e, bb, ds, _, count in _masked(base, tvs, epsilon):
         if not ds:
             o[s:e] = bb
             continue
-        alone = count == 1
-        share = count.clamp_min(1).reciprocal_()
-        merged = torch.zeros_like(bb)
-        for d, scale in zip(ds, scales):
-            merged.add_(d.mul_(torch.where(alone, scale, share)))
-        o[s:e] = merged.add_(bb)
+        total = ds[0].clone()  # Σ m_i·τ_i; a lone change is the whole sum where c = 1, so Σ / max(c, 1) is RAM
+        for d in ds[1:]:
+            total.add_(d)
+        mean = total.div_(count.clamp_min(1))
+        if scales is not None:  # RAM+: where c = 1, the one change scaled by its model's boost
+            boosted = torch.zeros_like(bb)
+            for d, scale in zip(ds, scales):
+                boosted.add_(d, alpha=scale)
+            mean = torch.where(count == 1, boosted, mean)
+        o[s:e] = mean.add_(bb)
     return result
 
 
