@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 from safemerge._args import as_list, check_arguments
 from safemerge._signals import note_finished
 from safemerge.errors import CheckpointError, ConfigError, OutputExistsError, did_you_mean
-from safemerge.naming import file_stem, named_item, task_columns, unique_columns
+from safemerge.naming import file_stem, first_repeat, named_item, task_columns, unique_columns
 
 if TYPE_CHECKING:
     import torch
@@ -247,11 +247,10 @@ def compare(
     if (roles["expert"] is None) != (roles["aligned"] is None):
         raise ConfigError("L2 distances need both --expert and --aligned (a model's name or a path); give both or neither")
     where = {ref: _check_model(ref) for ref in list(refs.values()) + [r for r in roles.values() if r is not None]}
-    seen: dict[tuple, str] = {}
-    for name, ref in refs.items():  # (a trailing slash, another spelling of the path: the table would list it twice)
-        if where[ref] in seen:
-            raise ConfigError(f"{name}={ref}: the same model as {seen[where[ref]]}; compare each model once")
-        seen[where[ref]] = f"{name}={ref}"
+    # (a trailing slash, another spelling of the path: the table would list it twice)
+    if twice := first_repeat(list(refs.items()), lambda item: where[item[1]]):
+        (name, ref), (other, earlier) = twice
+        raise ConfigError(f"{name}={ref}: the same model as {other}={earlier}; compare each model once")
     if roles["expert"] is not None:  # each model's L2 distances are measured after its evaluations: checked first
         for name, ref in refs.items():
             try:

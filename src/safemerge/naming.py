@@ -15,6 +15,17 @@ from typing import Any, Callable, Sequence
 from safemerge.errors import ConfigError
 
 
+def first_repeat(items: Sequence[Any], key: Callable[[Any], Any] = lambda x: x) -> tuple[Any, Any] | None:
+    """(the first item whose key an earlier item had, that earlier item), or None: one model or name given twice."""
+    seen: dict[Any, Any] = {}
+    for item in items:
+        k = key(item)
+        if k in seen:
+            return item, seen[k]
+        seen[k] = item
+    return None
+
+
 def named_item(spec: str, *, default: Callable[[str], str]) -> tuple[str, str]:
     """(name, path) of a `NAME=PATH` item, or (default(PATH), PATH) when there is no name or the whole item is an
     existing path (a folder may have '=' in its name)."""

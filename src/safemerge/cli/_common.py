@@ -15,6 +15,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from safemerge.naming import first_repeat
+
 IgnoreUnknown = Annotated[bool, typer.Option(help="Leave out config keys and method parameters safemerge does not know, "
                                                   "with a warning, as mergekit ignores them (default: an error).")]
 
@@ -30,9 +32,8 @@ def split_names(values: list[str], option: str) -> list[str]:
     twice is an error (a typo for another name would otherwise run short of it). Lists of paths or patterns are not
     split: a comma may be part of a file name or a regular expression."""
     names = [name.strip() for value in values for name in value.split(",") if name.strip()]
-    twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
-    if twice is not None:
-        raise UserError(f"{option} {twice}: given twice; give each name once")
+    if twice := first_repeat(names):
+        raise UserError(f"{option} {twice[0]}: given twice; give each name once")
     return names
 
 

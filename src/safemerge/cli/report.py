@@ -62,11 +62,12 @@ def seeds(
 ) -> None:
     """Several runs (one per seed) side by side: knowledge / safety of every model, and each claim's verdict."""
     from safemerge.checkpoint import atomic_write, check_output_file
+    from safemerge.report.results import results_file
     from safemerge.report.seeds import seeds_table
 
     with user_errors():
         if out_file is not None:  # not one of the runs it reads (a folder's results.json included)
-            given = {f"{r} run": r / "results.json" if r.is_dir() else r for r in runs}
+            given = {f"{r} run": results_file(r) for r in runs}
             out_file = check_output_file(out_file, overwrite=overwrite, inputs=given)
         text = seeds_table(runs)
         if out_file is not None:

@@ -33,6 +33,7 @@ from safemerge._progress import transient_progress
 from safemerge.checkpoint import atomic_write, check_output_file
 from safemerge.data.loaders import DataError, load_prompts
 from safemerge.evaluate.loading import check_batch_size, same_model_key
+from safemerge.naming import first_repeat
 
 # Few-shot examples for a generator when no --examples file is given: the kind of request that
 # BeaverTails and the HH-RLHF red-team set hold (misuse, crime, privacy, self-harm, weapons).
@@ -257,13 +258,9 @@ def synthesize_safety(
         raise DataError(f"--n {n}: ask for at least one example")
     check_batch_size(batch_size=batch_size)
     _check_models(*pool, generator, judge_model)  # every path now, not after hours of generating with the first
-    seen: dict[tuple, Any] = {}
-    for m in pool:  # one model twice (another spelling of its path) would answer twice and count as two refusers
-        if isinstance(m, (str, os.PathLike)):
-            key = same_model_key(m)
-            if key in seen:
-                raise DataError(f"--pool {m}: the same model as --pool {seen[key]}; give each pool model once")
-            seen[key] = m
+    # one model twice (another spelling of its path) would answer twice and count as two refusers
+    if twice := first_repeat([m for m in pool if isinstance(m, (str, os.PathLike))], same_model_key):
+        raise DataError(f"--pool {twice[0]}: the same model as --pool {twice[1]}; give each pool model once")
     judge_ = get_judge(judge, judge_model=judge_model, device=device)  # a guard loads its weights on first use
     with _bar(progress) as bar:
         questions, source, dropped = _questions(prompts=prompts, prompt_column=prompt_column, generator=generator,

@@ -17,7 +17,7 @@ from safemerge.evaluate.domain import FORMATS, evaluate_domain
 from safemerge.evaluate.judges import get_judge
 from safemerge.evaluate.loading import check_batch_size, model_ref, same_model_key
 from safemerge.evaluate.safety import evaluate_safety
-from safemerge.naming import display_names, task_columns, unique_columns
+from safemerge.naming import display_names, first_repeat, task_columns, unique_columns
 from safemerge.store import ResultsStore, open_store
 
 if TYPE_CHECKING:
@@ -59,12 +59,8 @@ def audit(
     if format not in FORMATS:
         raise SafemergeError(f"--format {format!r}: choose one of {', '.join(FORMATS)}")
     check_batch_size(batch_size=batch_size)
-    seen: dict[tuple, str] = {}
-    for m in models:
-        key = same_model_key(m)
-        if key in seen:
-            raise SafemergeError(f"{m}: the same model as {seen[key]}; audit each model once")
-        seen[key] = str(m)
+    if twice := first_repeat(models, same_model_key):
+        raise SafemergeError(f"{twice[0]}: the same model as {twice[1]}; audit each model once")
     prompts = load_prompts(safety_prompts, limit=limit)  # read once, up front (the same fingerprint as read per model)
     tasks = unique_columns([(column, src) for column, _, src in task_columns(domain_tasks)], "domain tasks",
                            "rename one of the files, or name each task's column with DOMAIN=FILE",

@@ -23,17 +23,14 @@ from safemerge.methods.blocks import TaskVector, flat, output, spans, task_vecto
 
 
 def _masked(base: torch.Tensor, tvs: list[TaskVector], epsilon: float):
-    """Per block: (start, end, base block, [τ_i zeroed where |τ_i| ≤ ε], [the masks], contribution count c)."""
+    """Per block: (start, end, base block, [τ_i], [their masks |τ_i| > ε], contribution count c)."""
     b = flat(base)
     for s, e in spans(b.numel(), b):
         bb = b[s:e].to(torch.float32)
-        ds, masks = [], []
+        ds = [tv.block(bb, s, e) for tv in tvs]
+        masks = [d.abs() > epsilon for d in ds]
         count = torch.zeros_like(bb)
-        for tv in tvs:
-            d = tv.block(bb, s, e)
-            m = d.abs() > epsilon
-            ds.append(d.mul_(m))
-            masks.append(m)
+        for m in masks:
             count.add_(m)
         yield s, e, bb, ds, masks, count
 
@@ -53,10 +50,12 @@ def _ram(base, deltas, *, epsilon: float, boost=None, out=None) -> torch.Tensor:
                 lone[i] += u
                 shared[i] += int(torch.count_nonzero(m)) - u
         scales = [1 + r * min(max(sh / max(u, epsilon), 0.0), alpha) for u, sh in zip(lone, shared)]
-    for s, e, bb, ds, _, count in _masked(base, tvs, epsilon):
+    for s, e, bb, ds, masks, count in _masked(base, tvs, epsilon):
         if not ds:
             o[s:e] = bb
             continue
+        for d, m in zip(ds, masks):  # only the changes that count (the first pass needs the masks alone)
+            d.mul_(m)
         total = ds[0].clone()  # Σ m_i·τ_i; a lone change is the whole sum where c = 1, so Σ / max(c, 1) is RAM
         for d in ds[1:]:
             total.add_(d)
