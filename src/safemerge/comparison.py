@@ -308,6 +308,8 @@ def compare(
                            batch_size=batch_size, device=device, dtype=dtype, store=store, cache=cache,
                            progress=progress, echo=echo)
     meta: dict[str, Any] = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "judge": str(judge),
+                            **({"judge_model": str(judge_model)} if judge_model is not None else {}),
+                            "max_new_tokens": max_new_tokens, "format": format,  # what the figures were measured with
                             "safety_prompts": ", ".join(str(s) for s in sets),
                             "safety_prompts_used": "; ".join(f"{key}: {len(ps.prompts)}" for key, ps in safety.items()),
                             "timings": {"evaluation": round(time.perf_counter() - start, 1)}}
