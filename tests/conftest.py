@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+# Nothing is fetched at test time: a hub id resolves from the local HF cache only (tests point it at their own).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny import make_family  # noqa: E402
 

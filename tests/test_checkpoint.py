@@ -110,8 +110,9 @@ def test_a_pickle_that_refers_to_code_is_refused_even_when_pickle_is_allowed(tmp
 def test_missing_model_and_missing_weights(tmp_path):
     with pytest.raises(CheckpointError, match="no such model"):
         Checkpoint(tmp_path / "nope")
-    with pytest.raises(CheckpointError, match=re.escape("a hub id is not downloaded by safemerge: fetch it first (`hf "
-                                                        "download no-such-org-x/Llama-2-7b-hf --local-dir DIR`)")):
+    with pytest.raises(CheckpointError, match=re.escape("no such local folder, and as a hub id: it is not in the local "
+                                                        "Hugging Face cache and the hub cannot be reached; check the path, "
+                                                        "or download it (`hf download no-such-org-x/Llama-2-7b-hf")):
         Checkpoint("no-such-org-x/Llama-2-7b-hf")  # review: said "check the path" of what a user meant as a hub id
     with pytest.raises(CheckpointError, match="no model weights"):
         Checkpoint(tmp_path)

@@ -370,7 +370,7 @@ def test_unknown_keys_are_errors_unless_ignored_as_mergekit_does(tiny_family):
 
 def test_a_model_revision_is_refused_clearly(tmp_path):
     (tmp_path / "m").mkdir()
-    with pytest.raises(ConfigError, match="'model@revision' references are not supported"):
+    with pytest.raises(ConfigError, match="'model@revision' of a local folder: check out"):
         load_config({"merge_method": "linear", "models": [{"model": f"{tmp_path / 'm'}@main", "parameters": {"weight": 1}}]})
 
 

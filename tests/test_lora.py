@@ -130,7 +130,7 @@ def test_mergekits_mapping_form_of_a_reference_reads_as_model_plus_adapter(lora_
         (folder / f"{name}.yml").write_text(yaml.safe_dump(config))
         safemerge.merge(str(folder / f"{name}.yml"), tmp_path / name, progress=False)
     assert (tmp_path / "map" / "model.safetensors").read_bytes() == (tmp_path / "text" / "model.safetensors").read_bytes()
-    for bad, words in (({"model": {"path": "fam/base", "revision": "v2"}}, "revisions are not supported"),
+    for bad, words in (({"model": {"path": "fam/base", "revision": "v2"}}, "fam/base@v2'.* of a local folder"),
                        ({"model": {"path": "fam/base"}, "override_architecture": "X"}, "override_architecture is not"),
                        ({"model": {"path": "fam/base"}, "loras": "adapter"}, "unknown key 'loras'")):
         (folder / "bad.yml").write_text(yaml.safe_dump({**as_text, "base_model": bad}))

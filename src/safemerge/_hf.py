@@ -10,12 +10,74 @@ import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from safemerge.errors import CheckpointError
+
+_HUB_REF = re.compile(r"([\w.-]+/[\w.-]+)(?:@([^\s@+]+))?")  # org/name, or org/name@revision
+
 
 def is_hub_id(name: str | os.PathLike) -> bool:
     """Whether a name that is not a local path reads as a hub id "org/name": one slash, and `org` is not a
     local folder (then it is a mistyped local path, and nothing waits on the network for it)."""
-    return (isinstance(name, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
-            and not Path(name).expanduser().parent.is_dir())
+    parts = _hub_parts(name)
+    return parts is not None and parts[1] is None
+
+
+def _hub_parts(name: str | os.PathLike) -> tuple[str, str | None] | None:
+    m = _HUB_REF.fullmatch(name) if isinstance(name, str) else None
+    if m is None or Path(m.group(1)).expanduser().parent.is_dir():
+        return None
+    return m.group(1), m.group(2)
+
+
+# what a merge or an evaluation reads from a hub repository: config, safetensors weights (and their index), tokenizer,
+# chat template and generation files, and the code an `auto_map` config names (copied, never run); pickled weights only
+# on request and only where the repository has no safetensors
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "*.txt", "*.py"]
+HUB_PICKLE_FILES = ["*.bin", "*.pt", "*.pth"]
+
+
+def hub_reference(name: str | os.PathLike) -> tuple[str, str | None] | None:
+    """(repo id, revision or None) of a name that is not a local path and reads as a hub id `org/name` or
+    `org/name@revision`; None for anything else (a local path, a mistyped one whose `org` folder exists)."""
+    return None if isinstance(name, str) and Path(name).expanduser().exists() else _hub_parts(name)
+
+
+def local_folder(name: str | os.PathLike, *, allow_pickle: bool = False, weights: bool = True) -> Path:
+    """The local path of a model or adapter reference: the path as given where it exists or does not read as a hub
+    id; else the hub repository's snapshot in the local Hugging Face cache, fetched first where a hub is reachable
+    (huggingface_hub: `HF_HUB_OFFLINE=1` reads the cache only, `HF_HUB_CACHE` / `HF_HOME` move it, `HF_TOKEN` or
+    `hf auth login` for gated models). Only HUB_FILES are fetched (without the weights where `weights` is False: a
+    tokenizer source), and pickled weights only with `allow_pickle` where the repository has no safetensors."""
+    hub = hub_reference(name)
+    if hub is None:
+        return Path(name).expanduser()
+    folder = _snapshot(str(name), *hub, HUB_FILES if weights else [f for f in HUB_FILES if f != "*.safetensors"])
+    if not weights:
+        return folder
+    if allow_pickle and not any(folder.glob("*.safetensors")):
+        folder = _snapshot(str(name), *hub, HUB_FILES + HUB_PICKLE_FILES)
+    return folder
+
+
+def _snapshot(name: str, repo: str, revision: str | None, patterns: list[str]) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    try:
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
+    except GatedRepoError:
+        why = "it is gated: accept its terms on the hub, then log in (`hf auth login`) or set HF_TOKEN"
+    except RepositoryNotFoundError:
+        why = "the hub has no such repository (a private or gated one needs `hf auth login` or HF_TOKEN)"
+    except RevisionNotFoundError:
+        why = f"the repository has no revision {revision!r}"
+    except LocalEntryNotFoundError:
+        why = "it is not in the local Hugging Face cache and the hub cannot be reached"
+    except Exception as e:  # noqa: BLE001 - huggingface_hub and httpx raise many kinds; say which
+        why = f"fetching it from the hub failed ({type(e).__name__}: {e})"
+    raise CheckpointError(f"{name}: no such local folder, and as a hub id: {why}; check the path, or download it "
+                          f"(`hf download {repo} --local-dir DIR`) and give DIR")
 
 
 @contextlib.contextmanager

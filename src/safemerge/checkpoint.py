@@ -107,7 +107,9 @@ class Checkpoint:
     added_prefix: tuple[str, set[str]] | None = None  # (prefix, top-level names kept) where read with a prefix added
 
     def __init__(self, path: str | os.PathLike, *, allow_pickle: bool = False):
-        self.path = Path(path).expanduser()
+        from safemerge._hf import local_folder
+
+        self.path = local_folder(path, allow_pickle=allow_pickle)  # a hub id: its snapshot in the local HF cache
         self.allow_pickle = allow_pickle
         self._pickled: dict[str, torch.Tensor] | None = None
         self._fds: dict[Path, int] = {}
@@ -138,11 +140,6 @@ class Checkpoint:
     def _index(self) -> dict[str, TensorInfo]:
         p = self.path
         if not p.exists():
-            from safemerge._hf import is_hub_id
-
-            if is_hub_id(str(p)):  # never fetched: merges read local folders
-                raise CheckpointError(f"{p}: no such model folder; a hub id is not downloaded by safemerge: fetch it "
-                                      f"first (`hf download {p} --local-dir DIR`) and give DIR")
             raise CheckpointError(f"{p}: no such model directory or file; check the path")
         if p.is_file():
             if p.suffix in PICKLE_SUFFIXES or (self.allow_pickle and p.suffix != ".safetensors"):

@@ -55,13 +55,17 @@ def split_reference(ref: str) -> tuple[str, str | None]:
 def reference_text(ref: dict) -> str:
     """mergekit's mapping form of a model reference, `{model: {path, revision}, lora: {path}}` (what mergekit writes
     for a reference with `override_architecture`; `model` and `lora` may also be plain paths), as the string form
-    `path` or `path+lora`."""
+    `path` or `path+lora` (`path@revision` for a hub id with a revision)."""
     def path(v: Any, key: str) -> str:
         if isinstance(v, dict) and set(v) <= {"path", "revision"} and isinstance(v.get("path"), str):
-            if v.get("revision") is not None:
-                raise ConfigError(f"model {ref!r}: revision {v['revision']!r}: revisions are not supported; check "
-                                  "out that revision into a folder and give its path")
-            return v["path"]
+            if v.get("revision") is None:
+                return v["path"]
+            from safemerge._hf import is_hub_id
+
+            if not is_hub_id(v["path"]):
+                raise ConfigError(f"model {ref!r}: revision {v['revision']!r} of a local folder: check out that "
+                                  "revision into a folder and give its path (a revision is read for hub ids)")
+            return f"{v['path']}@{v['revision']}"
         if isinstance(v, str):
             return v
         raise ConfigError(f"model {ref!r}: {key} must be a path or {{path: ...}}")
@@ -77,6 +81,18 @@ def reference_text(ref: dict) -> str:
     return model if ref.get("lora") is None else f"{model}+{path(ref['lora'], 'lora')}"
 
 
+def checked_reference(v: Optional[str]) -> Optional[str]:
+    """A model reference as written, or a ValueError for a malformed `model+adapter` one or a revision of a local
+    folder (`model@revision` is read for hub ids only)."""
+    if v is None:
+        return v
+    split_reference(v)
+    if "@" in v and not Path(v).exists() and Path(v.rsplit("@", 1)[0]).exists():
+        raise ValueError(f"model {v!r}: 'model@revision' of a local folder: check out that revision into a "
+                         "folder and give its path (a revision is read for hub ids)")
+    return v
+
+
 class InputModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
@@ -85,11 +101,7 @@ class InputModel(BaseModel):
     @field_validator("model")
     @classmethod
     def _reference(cls, v: str) -> str:
-        split_reference(v)  # a malformed `model+adapter` reference is an error here
-        if "@" in v and not Path(v).exists() and Path(v.rsplit("@", 1)[0]).exists():
-            raise ValueError(f"model {v!r}: 'model@revision' references are not supported; check out that revision "
-                             "into a folder and give its path")
-        return v
+        return checked_reference(v)
 
 
 class SliceSource(BaseModel):
@@ -99,6 +111,8 @@ class SliceSource(BaseModel):
     model: str
     layer_range: tuple[int, int]
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+    _reference = field_validator("model")(classmethod(lambda cls, v: checked_reference(v)))
 
     @field_validator("layer_range")
     @classmethod
@@ -119,6 +133,8 @@ class Slice(BaseModel):
     sources: list[SliceSource]
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
     base_model: Optional[str] = None
+
+    _reference = field_validator("base_model")(classmethod(lambda cls, v: checked_reference(v)))
 
     @property
     def length(self) -> int:
@@ -201,6 +217,8 @@ class MergeConfig(BaseModel):
     chat_template: Optional[str] = None
     seed: int = 0  # safemerge: seeds DARE's per-tensor randomness
     name: Optional[str] = None
+
+    _reference = field_validator("base_model")(classmethod(lambda cls, v: checked_reference(v)))
 
     @field_validator("dtype", "out_dtype")
     @classmethod
@@ -631,9 +649,9 @@ def _fmt(err: dict) -> str:
 
 def _local(p: Any, folder: Path) -> Any:
     """A model path as given when it exists, else relative to the config's folder when it exists there (each part
-    of a `model+adapter` reference on its own)."""
+    of a `model+adapter` reference on its own, and the folder of a `model@revision` one, whose revision is refused)."""
     if isinstance(p, str) and not Path(p).exists():
-        if (folder / p).exists():
+        if (folder / p).exists() or ("@" in p and (folder / p.rsplit("@", 1)[0]).exists()):
             return str(folder / p)
         model, adapter = split_reference(p)
         if adapter is not None:

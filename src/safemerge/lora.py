@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from safemerge._hf import local_folder
 from safemerge.checkpoint import Checkpoint, _file_digest
 from safemerge.config import split_reference
 from safemerge.errors import CheckpointError
@@ -43,8 +44,9 @@ def open_model(ref: str, *, allow_pickle: bool = False) -> Checkpoint:
     """A Checkpoint for a config's model reference: a folder (or .safetensors file), or `model+adapter`."""
     model, adapter = split_reference(ref)
     if adapter is None:
-        refuse_bare_adapter(Path(model).expanduser())
-        return Checkpoint(model, allow_pickle=allow_pickle)
+        folder = local_folder(model, allow_pickle=allow_pickle)  # a hub id: its snapshot in the local HF cache
+        refuse_bare_adapter(folder)
+        return Checkpoint(folder, allow_pickle=allow_pickle)
     return LoraCheckpoint(model, adapter, allow_pickle=allow_pickle)
 
 
@@ -109,7 +111,7 @@ class LoraCheckpoint(Checkpoint):
 
     def __init__(self, path: str | os.PathLike, adapter: str | os.PathLike, *, allow_pickle: bool = False):
         super().__init__(path, allow_pickle=allow_pickle)
-        self.adapter = Path(adapter).expanduser()
+        self.adapter = local_folder(adapter)
         cfg = read_adapter_config(self.adapter)
         weights = self.adapter / "adapter_model.safetensors"
         r, alpha = cfg["r"], cfg["lora_alpha"]

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from safemerge._hf import local_folder
 from safemerge.config import VOCAB_KEYWORDS, same_model, split_reference
 from safemerge.errors import CheckpointError, ConfigError
 from safemerge.layout import layer_index
@@ -90,7 +91,7 @@ class VocabPlan:
 def source_folder(source: str) -> Path:
     """The folder a `tokenizer_source` that names a model is read from: a `model+adapter` reference's model, as
     mergekit reads it (and as every input's vocabulary is read here)."""
-    return Path(split_reference(source)[0]).expanduser()
+    return local_folder(split_reference(source)[0], weights=False)  # a hub id: its snapshot in the local HF cache
 
 
 def _has_tokenizer(path: Path) -> bool:

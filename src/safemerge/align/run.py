@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from safemerge._args import check_arguments
-from safemerge._hf import quiet_transformers
+from safemerge._hf import local_folder, quiet_transformers
 from safemerge.align import _trl
 from safemerge.align.card import model_label, write_card
 from safemerge.align.data import PreferenceDataError, as_chat, is_chat, load_preferences
@@ -136,15 +136,14 @@ def load_run(out: str | os.PathLike) -> dict:
 
 
 def _open(model: str | os.PathLike) -> Checkpoint:
-    """The model to tune: a local HF folder, or `folder+adapter` (a LoRA expert, read as merges read it)."""
+    """The model to tune: an HF folder (or hub id), or `folder+adapter` (a LoRA expert, read as merges read it)."""
     folder, adapter = split_reference(str(model))
-    path = Path(folder).expanduser()
+    path = local_folder(folder)  # a hub id: its snapshot in the local HF cache
     if adapter is None and (path / "adapter_config.json").is_file():  # as merges and extract-lora say it
         open_model(str(path))  # raises the error that names the adapter's base and the MODEL+ADAPTER form
     if not path.is_dir() or not (path / "config.json").is_file():
-        raise CheckpointError(f"{folder}: not a model directory with a config.json; pass a local HF checkpoint "
-                              "(hub names are not downloaded)")
-    return open_model(str(path.absolute()) + (f"+{Path(adapter).expanduser().absolute()}" if adapter else ""))
+        raise CheckpointError(f"{folder}: not a model directory with a config.json; pass an HF checkpoint")
+    return open_model(str(path.absolute()) + (f"+{local_folder(adapter).absolute()}" if adapter else ""))
 
 
 def _device(device: str | None) -> str:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from safemerge._hf import is_hub_id, quiet_transformers
+from safemerge._hf import local_folder, quiet_transformers
 from safemerge.checkpoint import nonfinite
 from safemerge.errors import CheckpointError, SafemergeError, one_line
 from safemerge.writer import TOKENIZER_FILES
@@ -48,21 +48,11 @@ def resolve_dtype(dtype: str | torch.dtype) -> str | torch.dtype:
 
 
 def resolve_model_path(model: str | os.PathLike) -> Path:
-    """A local model directory; a hub id ("org/name") is downloaded when a hub is reachable."""
-    p = Path(model).expanduser()
+    """A local model directory; a hub id ("org/name" or "org/name@revision") is its snapshot in the local HF cache,
+    fetched first where a hub is reachable (`_hf.local_folder`)."""
+    p = local_folder(model)
     if p.exists():
         return p
-    if is_hub_id(model):
-        try:
-            from huggingface_hub import snapshot_download
-
-            patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "*.txt"]
-            return Path(snapshot_download(model, allow_patterns=patterns))
-        except Exception as e:
-            raise CheckpointError(
-                f"{model}: not a local directory, and downloading it from the hub failed ({type(e).__name__}); "
-                "download the checkpoint and pass its path"
-            ) from None
     raise CheckpointError(f"{p}: no such model directory; check the path")
 
 
@@ -85,7 +75,7 @@ def resolve_reference(model: str | os.PathLike) -> tuple[Path, Path | None]:
         path = resolve_model_path(model)
         refuse_bare_adapter(path)
         return path, None
-    a = Path(adapter).expanduser()
+    a = local_folder(adapter)
     if not a.is_dir():
         raise CheckpointError(f"{model}: {a} is not a folder; a LoRA reference is `model_path+adapter_path`, the adapter "
                               "a PEFT LoRA folder (adapter_config.json, adapter_model.safetensors)")
