@@ -56,3 +56,21 @@ def test_a_model_is_made_again_when_the_primary_domain_changes(tmp_path):
         r = Repro(out=tmp_path, testbed=testbed, domains=domains, budget={}, seed=0, progress=False, store=tmp_path / "s")
         r.make("mergealign", "mergealign", {"alpha": 1, "beta": 1}, build)
     assert len(built) == 2  # reused once, made again for the other primary domain
+
+
+def test_a_model_is_made_again_when_safemerge_changes(tmp_path, monkeypatch):
+    """Left alone before: a run resumed after an upgrade (or an edit) reused the models older code had made."""
+    import safemerge.repro as rp
+
+    digest = rp.code_digest.__wrapped__
+    assert digest() == digest() and len(digest()) == 16  # stable from call to call
+    testbed = tmp_path / "testbed"
+    testbed.mkdir()
+    (testbed / "world.json").write_text(json.dumps({"key": "k"}))
+    built = []
+    for code in ("old", "old", "new"):
+        monkeypatch.setattr(rp, "code_digest", lambda c=code: c)
+        r = Repro(out=tmp_path, testbed=testbed, domains=("medicine",), budget={}, seed=0, progress=False,
+                  store=tmp_path / "s")
+        r.make("mergealign", "mergealign", {"alpha": 1, "beta": 1}, lambda p: (built.append(p), p.mkdir(exist_ok=True, parents=True)))
+    assert len(built) == 2

@@ -13,6 +13,7 @@ settings) matches, and every evaluation is a lookup in OUT/results.sqlite once m
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -58,11 +59,12 @@ class Repro:
 
     # -- one model, cached ----------------------------------------------------------------------------
     def make(self, name: str, method: str, params: dict, build: Callable[[Path], Any]) -> Path:
-        """Run `build(path)` unless OUT/models/name already holds it for the same testbed and settings."""
+        """Run `build(path)` unless OUT/models/name already holds it for the same testbed, settings and safemerge
+        code (a run resumed after an upgrade or an edit makes its models again)."""
         path = self.out / "models" / name
         # the domains in order: the first is the expert every single-expert model is made from
         key = _key({"testbed": _testbed_key(self.testbed), "domains": list(self.domains), "name": name, "method": method,
-                    "params": params})
+                    "params": params, "code": code_digest()})
         stamp = path / ".repro-key"
         if not (stamp.is_file() and stamp.read_text() == key):
             t0 = time.perf_counter()
@@ -72,6 +74,16 @@ class Repro:
             self.timings[name] = round(time.perf_counter() - t0, 1)
         self.models[name] = {"method": method, "params": params, "path": path}
         return path
+
+
+@functools.cache
+def code_digest() -> str:
+    """A hash of safemerge's own source files (its version alone does not change between commits)."""
+    root = Path(__file__).parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 def _key(obj: Any) -> str:
