@@ -5,6 +5,7 @@ typed by typer already; this is for calls from Python.
 - `int` (or `int | None`): a whole number (not a bool, not 2.5, not "4");
 - `float` (or `float | None`): a number (not a bool, not "1e-5");
 - `str` (or `str | None`): a str;
+- `bool` (or `bool | None`): True or False (not "no", which is true, nor 0);
 - a path (`str | os.PathLike`, or a module's alias of it named `PathLike`, optionally `| None`): a str or path object
   (not 7, not None where None is not allowed);
 
@@ -39,6 +40,8 @@ def _kind(annotation: Any) -> str | None:
         return "number?" if optional else "number"
     if rest == ["str"]:
         return "text?" if optional else "text"
+    if rest == ["bool"]:
+        return "flag?" if optional else "flag"
     if rest == ["PathLike"] or (rest and set(parts) <= _PATH_PARTS and "str" in parts and len(rest) > 1):
         return "path?" if optional else "path"  # bare `PathLike`: a module's alias of str | os.PathLike (recipes.py)
     return None
@@ -53,6 +56,7 @@ _ACCEPTS = {  # kind -> (is the value of that kind, what to give instead)
     "whole": (is_whole, "a whole number"),
     "number": (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool), "a number"),
     "text": (lambda v: isinstance(v, str), "a str"),
+    "flag": (lambda v: isinstance(v, bool), "True or False"),
     "path": (lambda v: isinstance(v, (str, os.PathLike)), "a path (a str or pathlib.Path)"),
 }
 

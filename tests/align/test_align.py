@@ -166,6 +166,47 @@ def test_existing_output_and_bad_settings_fail_before_training(tiny_family, tmp_
         align(tiny_family["expert"], data=tmp_path / "missing.jsonl", out=tmp_path / "x", method="orpo", sft_weight=1)
     with pytest.raises(ConfigError, match=r"--lora-r \(lora_r=\) must be positive"):
         align(tiny_family["expert"], data=tmp_path / "missing.jsonl", out=tmp_path / "x", lora_r=0)
+    # review: NaN / inf settings trained a model of NaN weights (exit 0), or failed deep in the Trainer
+    for bad, words in (({"sft_weight": float("nan")}, r"--sft-weight \(sft_weight=\) must be a finite number"),
+                       ({"beta": float("inf")}, r"--beta \(beta=\) must be a finite number"),
+                       ({"epochs": float("inf")}, r"--epochs \(epochs=\) must be a finite number"),
+                       ({"lr": float("nan")}, r"--lr \(lr=\) must be a finite number"),
+                       ({"seed": -1}, r"--seed \(seed=\) must be in \[0, 2\*\*32\)"),
+                       ({"chat": "no"}, r"chat='no': give True or False")):
+        with pytest.raises(ConfigError, match=words):
+            align(tiny_family["expert"], data=tmp_path / "missing.jsonl", out=tmp_path / "x", **bad)
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_diverged_run_and_a_run_with_no_pair_left_write_nothing(micro_testbed, tmp_path, monkeypatch):
+    """Review: a diverging run wrote a model of NaN weights and exited 0 ('last loss 0.0000'); a max_length that
+    dropped every pair ended in a Trainer traceback; --no-chat with chat-message pairs trained on the template."""
+    import safemerge.align._trl as trl_mod
+    from safemerge.align.data import PreferenceDataError
+    from safemerge.errors import ConfigError, SafemergeError
+
+    kw = dict(data=micro_testbed / "data" / "prefs.jsonl", method="dpo", max_samples=4, **{**FAST, "max_steps": 1})
+    real = trl_mod.train
+
+    def diverging(model, *a, **k):
+        outcome = real(model, *a, **k)
+        with torch.no_grad():
+            next(p for p in outcome.model.parameters() if p.requires_grad).fill_(float("nan"))
+        return outcome
+
+    monkeypatch.setattr(trl_mod, "train", diverging)
+    with one_thread(), pytest.raises(SafemergeError, match=r"training diverged: the LoRA weight .*lora_A.* holds NaN"):
+        align(micro_testbed / "expert-medicine", out=tmp_path / "nan", **kw)
+    monkeypatch.setattr(trl_mod, "train", real)
+    with one_thread(), pytest.raises(ConfigError, match=r"all 4 preference pairs were dropped by TRL"):
+        align(micro_testbed / "expert-medicine", out=tmp_path / "short", **{**kw, "max_length": 3})
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"prompt": [{"role": "user", "content": "hi"}],
+                                "chosen": [{"role": "assistant", "content": "no"}],
+                                "rejected": [{"role": "assistant", "content": "yes"}]}) + "\n")
+    with pytest.raises(PreferenceDataError, match="--no-chat .*: the pairs are chat messages"):
+        align(micro_testbed / "expert-medicine", out=tmp_path / "chat", **{**kw, "data": chat, "chat": False})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.jsonl"]  # nothing left of the three runs
 
 
 def test_the_output_never_replaces_the_model_or_its_data(tiny_family, tmp_path):

@@ -20,6 +20,7 @@ from typing import Any
 
 from safemerge._hf import quiet_datasets
 from safemerge.align.settings import AlignSettings
+from safemerge.errors import ConfigError
 
 TRL_VERSION = "1.16.0"
 
@@ -57,6 +58,9 @@ def train(model, tokenizer, pairs: list[dict], *, settings: AlignSettings, lora,
     for cb in (PrinterCallback, ProgressCallback):  # progress is the caller's callbacks' job
         trainer.remove_callback(cb)
     kept = len(trainer.train_dataset) if trainer.train_dataset is not None else None
+    if kept == 0:
+        raise ConfigError(f"all {len(pairs)} preference pairs were dropped by TRL: their prompts alone are at least "
+                          f"max_length ({max_length}) tokens; give a larger --max-length (max_length=) or shorter prompts")
     if kept is not None and kept < len(pairs):
         import warnings
 

@@ -30,7 +30,7 @@ from safemerge.align.settings import AlignSettings
 from safemerge.checkpoint import Checkpoint, atomic_output
 from safemerge.config import split_reference
 from safemerge.engine import check_apart, check_device
-from safemerge.errors import CheckpointError, ConfigError
+from safemerge.errors import CheckpointError, ConfigError, SafemergeError
 from safemerge.evaluate.backends import template_date
 from safemerge.evaluate.loading import merge_adapter, tokenizer_folder
 from safemerge.lora import open_model
@@ -183,6 +183,9 @@ def _tokenizer(src: Path):
 
 def _use_chat(chat: bool | None, pairs: list[dict], tokenizer, src: Path) -> bool:
     has_template = bool(getattr(tokenizer, "chat_template", None))
+    if chat is False and any(is_chat(p) for p in pairs):
+        raise PreferenceDataError("--no-chat (chat=False): the pairs are chat messages, which only the chat template "
+                                  "turns into text; leave --no-chat out, or give plain-string pairs")
     if (chat or any(is_chat(p) for p in pairs)) and not has_template:
         raise PreferenceDataError(f"{src}: the tokenizer has no chat template, but the pairs are chat messages or "
                                   "chat=True was asked for; give plain-string pairs, or a model with a chat template")
@@ -251,6 +254,10 @@ def _warn_warmup(s: AlignSettings, n_pairs: int) -> None:
 def _save(peft_model, tmp: Path, *, src: Path, tokenizer_source: Path, config: dict, dtype: torch.dtype) -> None:
     from safemerge.writer import copy_side_files
 
+    bad = next((n for n, p in peft_model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()), None)
+    if bad is not None:  # a diverged run: TRL logs its NaN losses as 0.0, and the model would be all NaN
+        raise SafemergeError(f"training diverged: the LoRA weight {bad} holds NaN or Inf after training; lower --lr "
+                             "(lr=) or --beta, and check the preference data")
     peft_model.save_pretrained(str(tmp / "adapter"))
     merged = peft_model.merge_and_unload()
     merged.to(device="cpu", dtype=dtype)

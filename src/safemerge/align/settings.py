@@ -11,6 +11,7 @@ unlikely (a refusal, for an expert that never saw one) its greedy output. Off by
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from safemerge.errors import ConfigError
@@ -46,6 +47,9 @@ class AlignSettings:
         for opt in ("max_samples", "max_steps", "max_length"):
             if getattr(self, opt) is not None:
                 positive[opt] = getattr(self, opt)
+        for name, value in {**positive, "lora_dropout": self.lora_dropout, "sft_weight": self.sft_weight}.items():
+            if not math.isfinite(value):  # NaN or inf: a model of NaN weights, or a run that never ends
+                raise ConfigError(f"{_opt(name)} must be a finite number, got {value}")
         for name, value in positive.items():
             if not value > 0:
                 raise ConfigError(f"{_opt(name)} must be positive, got {value}")
@@ -58,6 +62,10 @@ class AlignSettings:
                               "(leave it at 0)")
         if self.warmup_steps < 0:
             raise ConfigError(f"{_opt('warmup_steps')} must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.seed < 2**32:  # numpy's seeds, which the Trainer sets
+            raise ConfigError(f"{_opt('seed')} must be in [0, 2**32), got {self.seed}")
+        if self.chat is not None and not isinstance(self.chat, bool):
+            raise ConfigError(f"chat={self.chat!r}: give True, False or None")
 
     @property
     def effective_batch(self) -> int:
