@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 
@@ -35,6 +36,14 @@ def test_merge_and_mergealign_commands(tmp_path, tiny_family):
     assert f"{len(base.names())} tensors, {base.num_params():,} parameters (float32)" in " ".join(r.stdout.split())
     saved = yaml.safe_load((tmp_path / "ma" / "mergekit_config.yml").read_text())
     assert saved["models"][1]["parameters"]["weight"] == 0.5
+    assert saved["tokenizer_source"] == str(tiny_family["aligned"])
+    # review: paths given relative to the working folder stayed so, and the YAML merged from nowhere else
+    with contextlib.chdir(tiny_family["base"].parent):
+        r = runner.invoke(app, ["mergealign", str(tmp_path / "rel"), "--base", "base", "--domain", "expert",
+                                "--aligned", "aligned", "--tokenizer-source", "./aligned/", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    saved = yaml.safe_load((tmp_path / "rel" / "mergekit_config.yml").read_text())
+    assert (saved["base_model"], saved["models"][1]["model"]) == (str(tiny_family["base"]), str(tiny_family["aligned"]))
     assert saved["tokenizer_source"] == str(tiny_family["aligned"])
     assert gc.isenabled()  # paused only while the engine is imported
     # -j and --shard-size as merge has them (mergealign had neither); the same tensors, in several shards
@@ -445,3 +454,27 @@ def test_a_name_given_twice_in_a_list_option_is_refused(tmp_path, args):
     r = CliRunner().invoke(app, [str(tmp_path / "out") if a == "OUT" else a for a in args])
     assert r.exit_code == 2 and "given twice; give each name once" in r.output, r.output
     assert not (tmp_path / "out").exists()
+
+
+def test_json_output_turns_the_progress_bars_off(monkeypatch, tmp_path):
+    """Review: `--json` left merge's, mergealign's and align's bars on, where the README says it turns them off."""
+    import safemerge
+    import safemerge.align as al
+
+    seen = {}
+
+    def record(name):
+        def fake(*args, **kwargs):
+            seen[name] = kwargs["progress"]
+            raise SystemExit(0)
+        return fake
+
+    for name in ("merge", "mergealign"):
+        monkeypatch.setattr(safemerge, name, record(name))
+    monkeypatch.setattr(al, "align", record("align"))
+    runner.invoke(app, ["merge", "c.yml", str(tmp_path / "o"), "--json"])
+    runner.invoke(app, ["mergealign", str(tmp_path / "o"), "--base", "b", "--domain", "d", "--aligned", "a", "--json"])
+    runner.invoke(app, ["align", "m", str(tmp_path / "o"), "--data", "p.jsonl", "--json"])
+    assert seen == {"merge": False, "mergealign": False, "align": False}
+    runner.invoke(app, ["merge", "c.yml", str(tmp_path / "o")])
+    assert seen["merge"] is True

@@ -17,7 +17,7 @@ from safemerge.checkpoint import Checkpoint
 from safemerge.errors import CheckpointError, ConfigError, OutputExistsError
 from safemerge.extract import extract_lora
 from safemerge.lora import open_model
-from tiny import make_family, save_tokenizer
+from tiny import llama_config, make_family, save_tokenizer
 
 
 def _peft_merged(model_dir: Path, adapter: Path) -> dict[str, torch.Tensor]:
@@ -192,11 +192,18 @@ def test_bad_input_is_refused_by_name_and_leaves_nothing(fam, tmp_path, monkeypa
     wide = make_family(tmp_path / "wide", names=("base",), vocab=80)["base"]
     with pytest.raises(CheckpointError, match="resized its vocabulary"):
         extract_lora(wide, fam["base"], tmp_path / "o", progress=False)
+    narrow = tmp_path / "narrow"  # review: a model of another hidden size was said to have resized its vocabulary
+    from transformers import LlamaForCausalLM
+
+    LlamaForCausalLM(llama_config(hidden=16)).save_pretrained(narrow)
+    with pytest.raises(CheckpointError, match=r"tensor .*\(models of other sizes: is it the base\?\)"):
+        extract_lora(narrow, fam["base"], tmp_path / "o", progress=False)
     deeper = make_family(tmp_path / "deep", names=("base",), layers=4)["base"]
     with pytest.raises(CheckpointError, match="layers.3"):
         extract_lora(deeper, fam["base"], tmp_path / "o", progress=False)
     for kwargs, words in (({"rank": 0}, "positive whole number"), ({"svd": "fast"}, "exact, randomized"),
-                          ({"include": ["("]}, "not a regular expression"), ({"dtype": "int8"}, "bfloat16")):
+                          ({"include": ["("]}, "not a regular expression"), ({"dtype": "int8"}, "bfloat16"),
+                          ({"include": ["q_proj", "nomatch"]}, "--include 'nomatch': matches no module of")):
         with pytest.raises(ConfigError, match=words):
             extract_lora(fam["expert"], fam["base"], tmp_path / "o", progress=False, **kwargs)
     with pytest.raises(ConfigError, match="is inside the input model"):
@@ -204,6 +211,11 @@ def test_bad_input_is_refused_by_name_and_leaves_nothing(fam, tmp_path, monkeypa
     (tmp_path / "taken").mkdir()
     with pytest.raises(OutputExistsError):
         extract_lora(fam["expert"], fam["base"], tmp_path / "taken", progress=False)
+    # review: against BASE+ADAPTER, the card said to merge it back as BASE+ADAPTER+OUT, which nothing reads
+    adapter = extract_lora(fam["expert"], fam["base"], tmp_path / "ad4", rank=4, progress=False).path
+    with pytest.raises(ConfigError, match=r"--base .*\+.*ad4: a model with a LoRA adapter; .*write it out first"):
+        extract_lora(fam["expert"], f"{fam['base']}+{adapter}", tmp_path / "on-ref", progress=False)
+    assert not (tmp_path / "on-ref").exists()
 
     import safemerge.extract as ex
 

@@ -677,6 +677,17 @@ def _relative_to(data: dict, folder: Path) -> dict:
     return map_model_refs(data, lambda m: _local(m, folder))
 
 
+def absolute_refs(data: dict) -> dict:
+    """A config mapping with every model reference to a local folder made absolute (each part of `model+adapter`),
+    so that it reproduces the merge from any folder; hub ids and keywords stay as they are."""
+    def absolute(ref: str) -> str:
+        model, adapter = split_reference(ref)
+        parts = [model] if adapter is None else [model, adapter]
+        return "+".join(str(Path(p).expanduser().absolute()) if Path(p).expanduser().exists() else p for p in parts)
+
+    return map_model_refs(data, absolute)
+
+
 def map_model_refs(data: dict, f: Callable[[str], str]) -> dict:
     """A config mapping as written, with `f` applied to every model reference in it: `base_model`, `models[].model`,
     each slice's sources and `base_model` (at the top level and in each `modules:` entry), `tokenizer_source` / `tokenizer.source` (the keywords base and union

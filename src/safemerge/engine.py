@@ -28,7 +28,7 @@ from safemerge._args import check_arguments, parse_size
 from safemerge import chat_templates
 from safemerge._progress import transient_progress
 from safemerge.checkpoint import Checkpoint, atomic_output, name_alike, nonfinite
-from safemerge.config import DTYPES, VOCAB_KEYWORDS, MergeConfig, load_config, method_params
+from safemerge.config import DTYPES, VOCAB_KEYWORDS, MergeConfig, absolute_refs, load_config, method_params
 from safemerge.errors import CheckpointError, ConfigError
 from safemerge.layout import (
     before_stack,
@@ -649,7 +649,7 @@ def _finish(tmp: Path, cfg: MergeConfig, plan: _Plan, *, tok_path: Path, title: 
                           f"{others[0]}` in the config (mergealign: --tokenizer-source {others[0]}) to take that model's",
                           stacklevel=3)
     copy_custom_code(tmp, [tok_path, plan.reference.path])  # config.json's auto_map names them (trust_remote_code)
-    as_yaml = cfg.to_yaml_dict()
+    as_yaml = absolute_refs(cfg.to_yaml_dict())  # a path relative to the working folder: from any folder
     (tmp / "mergekit_config.yml").write_text(yaml.safe_dump(as_yaml, sort_keys=False))
     inputs = [{"model": m, "fingerprint": c.fingerprint()} for m, c in plan.models.items()]
     write_model_card(tmp, base_model=cfg.base_model, merge_config=as_yaml, inputs=inputs,

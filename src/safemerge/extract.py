@@ -110,12 +110,20 @@ def extract_lora(
             raise ConfigError(f"--include/--exclude {r!r}: not a regular expression ({e})") from None
     device = check_device(device)
     fine, ref = open_model(str(model), allow_pickle=allow_pickle), open_model(str(base), allow_pickle=allow_pickle)
+    if ref.adapter is not None:  # neither peft nor a `BASE+ADAPTER` reference could apply the result to it
+        raise ConfigError(f"--base {base}: a model with a LoRA adapter; an adapter extracted against it applies to that "
+                          "model only as a plain checkpoint: write it out first (a linear merge of it with weight 1, or "
+                          "`safemerge align`'s output) and give that folder")
     check_apart(out, input_dirs([fine, ref]), what="the adapter folder")
     _check_same(fine, ref)
     modules = _modules(fine)
     for want in save_modules:
         if not any(m.name == want or m.name.endswith("." + want) for m in modules):
             raise ConfigError(f"--save-module {want!r}: {fine.path} has no module of that name")
+    for x in include:  # else: "the same weights outside the excluded modules", of models that differ
+        if not any(patterns[x].search(m.name) for m in modules):
+            raise ConfigError(f"--include {x!r}: matches no module of {fine.path} (its modules are named like "
+                              f"{modules[-1].name!r})")
 
     result = Extraction(path=Path(out))
     factors: dict[str, tuple[torch.Tensor, torch.Tensor, bool]] = {}  # module -> (A, B, embedding-style keys)
@@ -231,8 +239,10 @@ def _check_same(fine, ref) -> None:
                                   f"{fine.path} was fine-tuned from?")
     for n in sorted(mine):
         if tuple(fine.shape(n)) != tuple(ref.shape(n)):
+            a, b = tuple(fine.shape(n)), tuple(ref.shape(n))
+            vocab = ("embed" in n or "lm_head" in n or "wte" in n) and a[1:] == b[1:]  # rows differ, the width is one
             hint = (" (the fine-tune resized its vocabulary: a LoRA adapter cannot add rows; resize the base's "
-                    "embeddings to the same tokenizer first)") if "embed" in n or "lm_head" in n or "wte" in n else ""
+                    "embeddings to the same tokenizer first)") if vocab else " (models of other sizes: is it the base?)"
             raise CheckpointError(f"tensor {n!r}: {list(fine.shape(n))} in {fine.path} but {list(ref.shape(n))} in "
                                   f"{ref.path}{hint}")
 

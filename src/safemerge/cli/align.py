@@ -62,7 +62,7 @@ def align(
                          lora_dropout=lora_dropout, target_modules=targets, lr=lr, warmup_steps=warmup_steps,
                          batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, max_samples=max_samples,
                          max_steps=max_steps, beta=beta, sft_weight=sft_weight, max_length=max_length, chat=chat,
-                         seed=seed, overwrite=overwrite, device=device, progress=progress)
+                         seed=seed, overwrite=overwrite, device=device, progress=progress and not json_out)
         run = load_run(path)
         t = run["training"]
         if json_out:

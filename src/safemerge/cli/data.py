@@ -44,7 +44,7 @@ def safety(
         report = synthesize_safety(pool, out_file, prompts=prompts, prompt_column=prompt_column, generator=generator,
                                    examples=examples, n=n, judge=judge, judge_model=judge_model, seed=seed,
                                    max_new_tokens=max_new_tokens, batch_size=batch_size, device=device,
-                                   overwrite=overwrite, progress=progress)
+                                   overwrite=overwrite, progress=progress and not json_out)
         _report(report, json_out)
 
 
@@ -72,7 +72,7 @@ def domain(
     with loading_models():
         report = synthesize_domain(expert, out_file, examples=examples, n=n, k=k, seed=seed, style=style,
                                    domain=domain_name, temperature=temperature, max_new_tokens=max_new_tokens,
-                                   batch_size=batch_size, device=device, overwrite=overwrite, progress=progress)
+                                   batch_size=batch_size, device=device, overwrite=overwrite, progress=progress and not json_out)
         _report(report, json_out)
 
 

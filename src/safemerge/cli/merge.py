@@ -53,7 +53,7 @@ def merge(
         start = time.perf_counter()
         path = safemerge.merge(config, out_dir, device=device, overwrite=overwrite, allow_pickle=allow_pickle,
                                allow_nonfinite=allow_nonfinite, max_shard_size=parse_size(shard_size), workers=workers,
-                               progress=progress, ignore_unknown=ignore_unknown)
+                               progress=progress and not json_out, ignore_unknown=ignore_unknown)
         _report(path, json_out, time.perf_counter() - start)
 
 
@@ -79,7 +79,7 @@ def multimerge(
     _start_engine()
     with user_errors():
         result = safemerge.multimerge(
-            config, out_path, intermediate_dir=intermediate_dir, lazy=lazy, overwrite=overwrite, progress=progress,
+            config, out_path, intermediate_dir=intermediate_dir, lazy=lazy, overwrite=overwrite, progress=progress and not json_out,
             report=None if json_out else (lambda line: out.print(escape(line))), device=device, allow_pickle=allow_pickle,
             allow_nonfinite=allow_nonfinite, max_shard_size=parse_size(shard_size), workers=workers,
             ignore_unknown=ignore_unknown)
@@ -116,7 +116,7 @@ def mergealign(
         path = safemerge.mergealign(base=base, domains=domain, aligned=aligned, out=out_dir, alpha=alpha, beta=beta,
                                     dtype=dtype, tokenizer_source=tokenizer_source, overwrite=overwrite,
                                     device=device, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
-                                    max_shard_size=parse_size(shard_size), workers=workers, progress=progress)
+                                    max_shard_size=parse_size(shard_size), workers=workers, progress=progress and not json_out)
         _report(path, json_out, time.perf_counter() - start)
 
 
@@ -149,7 +149,7 @@ def extract_lora(
         start = time.perf_counter()
         result = run(model, base, out_dir, rank=rank, sv_epsilon=sv_epsilon, embed_lora=embed_lora,
                      save_modules=save_module or (), include=include or (), exclude=exclude or (), svd=svd, seed=seed, dtype=dtype,
-                     device=device, overwrite=overwrite, allow_pickle=allow_pickle, progress=progress)
+                     device=device, overwrite=overwrite, allow_pickle=allow_pickle, progress=progress and not json_out)
         summary = dict(result.summary(), seconds=round(time.perf_counter() - start, 2))
         if json_out:
             return emit_json(summary)

@@ -30,7 +30,7 @@ def repro(
 
     with user_errors():
         res = run(out=out_dir, seed=seed, preset=preset, domains=",".join(split_names(domains, "--domains")),
-                  skip=split_names(skip, "--skip"), progress=progress)
+                  skip=split_names(skip, "--skip"), progress=progress and not json_out)
     if json_out:
         return emit_json(res)
     v = res["report"]["verdicts"]

@@ -61,7 +61,7 @@ def search(
                             temperature=temperature, limit=limit, batch_size=batch_size, device=device, threads=threads,
                             memo_gib=memo_gib, audit=audit, audit_prompts=audit_prompts, audit_limit=audit_limit,
                             audit_threshold=audit_threshold, audit_max_new_tokens=audit_max_new_tokens, judge=judge,
-                            judge_model=judge_model, store=store, cache=not no_cache, ignore_unknown=ignore_unknown, progress=progress)
+                            judge_model=judge_model, store=store, cache=not no_cache, ignore_unknown=ignore_unknown, progress=progress and not json_out)
         if json_out:
             return emit_json(result.as_dict())
         _print(result)
