@@ -109,6 +109,13 @@ def test_data_file_without_response_names_the_line(tmp_path):
     with pytest.raises(DataError, match="line 1 is not JSON"):
         load_pairs(f)
     assert len(load_pairs(_ok(tmp_path), limit=1)) == 1
+    # review: a Latin-1 file was scored with replacement characters, a JSON array named 'no prompt field'
+    f.write_bytes(b'{"prompt": "caf\xe9", "response": "x"}\n')
+    with pytest.raises(DataError, match="d.jsonl: line 1 is not UTF-8 text"):
+        load_pairs(f)
+    f.write_text(json.dumps([{"prompt": "a", "response": "b"}]))
+    with pytest.raises(DataError, match="d.jsonl: a JSON array; the search reads JSONL"):
+        load_pairs(f)
 
 
 def test_a_line_separator_inside_a_string_does_not_split_the_row(tmp_path):
@@ -138,8 +145,14 @@ def test_a_max_length_that_leaves_no_answer_token_is_an_error(model_and_tokenize
     _, tok = model_and_tokenizer
     with pytest.raises(ConfigError, match="max_length 1 leaves an example no answer token"):
         make_batches(tok, PAIRS, max_length=1)
-    batches = make_batches(tok, PAIRS, max_length=2)  # one prompt token and one answer token each
+    with pytest.warns(UserWarning, match=rf"{len(PAIRS)} of {len(PAIRS)} examples have answers longer than max_length 2"):
+        batches = make_batches(tok, PAIRS, max_length=2)  # one prompt token and one answer token each (review: silent)
     assert batches.n_tokens == len(PAIRS)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_batches(tok, PAIRS, max_length=512)  # nothing cut: nothing said
 
 
 def test_an_empty_prompt_without_template_gets_the_prefix_token(model_and_tokenizer):

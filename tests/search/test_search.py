@@ -149,6 +149,15 @@ def test_resume_after_the_chat_template_changed_is_an_error(tiny_family, family_
     (fam["base"] / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}|{% endfor %}")
     with pytest.raises(ConfigError, match="differs in: tokenizer"):
         _run(fam, family_data, tmp_path / "a", steps=1, journal=first.journal, resume=True, overwrite=True)
+    # review: an edited config.json (the model the candidates are built as) replayed the old scores
+    fam = {k: tmp_path / "fam2" / k for k in tiny_family}
+    for k, v in tiny_family.items():
+        shutil.copytree(v, fam[k])
+    first = _run(fam, family_data, tmp_path / "b", steps=1)
+    config = json.loads((fam["base"] / "config.json").read_text())
+    (fam["base"] / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 0.5}))
+    with pytest.raises(ConfigError, match="differs in: model_config"):
+        _run(fam, family_data, tmp_path / "b", steps=1, journal=first.journal, resume=True, overwrite=True)
 
 
 @pytest.mark.parametrize("sigma0", [0.25, 0.4])
@@ -222,7 +231,7 @@ def test_what_the_grid_and_cocktail_ignore_does_not_block_a_resume(tiny_family, 
     """Review: --seed and --popsize went into every journal's identity, so a grid or LM-Cocktail run given them was
     refused on a --resume without them ("differs in: popsize, seed"), though neither optimizer uses them."""
     kw = dict(safety_data=family_data["safety"], domain_data=family_data["domain"], progress=False, audit=False)
-    with pytest.warns(UserWarning, match="--popsize does not apply to the grid search"):
+    with pytest.warns(UserWarning, match=r"--popsize and --seed do not apply to the grid search .* \(DARE's own seed"):
         first = search(task_config(tiny_family), tmp_path / "g", optimizer="grid", steps=2, popsize=7, seed=5, **kw)
     again = search(task_config(tiny_family), tmp_path / "g", optimizer="grid", steps=2, resume=True, overwrite=True, **kw)
     assert again.scored == 0 and _history(again) == _history(first)
@@ -240,8 +249,10 @@ def test_what_the_grid_and_cocktail_ignore_does_not_block_a_resume(tiny_family, 
     again = search(task_config(tiny_family), tmp_path / "g", optimizer="grid", steps=2, resume=True, overwrite=True, **kw)
     assert again.scored == 0 and _history(again) == _history(first)
     linear = {**task_config(tiny_family, "linear"), "base_model": None}
-    with pytest.warns(UserWarning, match="--popsize do not apply to LM-Cocktail"):
+    with pytest.warns(UserWarning, match="--popsize and --seed do not apply to LM-Cocktail"):
         first = search(linear, tmp_path / "c", optimizer="cocktail", popsize=5, seed=3, **kw)
+    with pytest.warns(UserWarning, match="--temperature does not apply to the grid search"):  # review: no word of it
+        search(task_config(tiny_family), tmp_path / "t", optimizer="grid", steps=1, temperature=3.0, **kw)
     again = search(linear, tmp_path / "c", optimizer="cocktail", resume=True, overwrite=True, **kw)
     assert again.scored == 0 and _history(again) == _history(first)
 
@@ -293,6 +304,14 @@ def test_ray_actors_ask_for_a_share_of_the_gpus_with_cuda(tiny_family, tmp_path)
         missing = replace(spec, device="cpu", domain_data=str(tmp_path / "missing.jsonl"), lambda_=0.0)
         with pytest.raises(ray.exceptions.RayError, match="missing.jsonl"):
             RayScorer(missing, address="local", workers=1)
+        import socket
+
+        with socket.socket() as free:  # a port nothing listens at: ray.init retried it for minutes (review)
+            free.bind(("127.0.0.1", 0))
+            port = free.getsockname()[1]
+        with pytest.raises(ConfigError, match=rf"--ray-address 127.0.0.1:{port}: no Ray cluster answers there"):
+            RayScorer(missing, address=f"127.0.0.1:{port}", workers=1)
+        assert not ray.is_initialized()
         assert not ray.is_initialized()
 
 
@@ -307,6 +326,21 @@ def test_resume_without_a_journal_says_it_starts_afresh(tmp_path):
     with warnings.catch_warnings():  # resuming the journal that is now there: nothing to say
         warnings.simplefilter("error", UserWarning)
         Journal.open(tmp_path / "j.sqlite", identity={"a": 1}, resume=True).close()
+
+
+def test_a_journal_in_use_by_another_search_is_refused_and_left_alone(tmp_path):
+    """Review: a second search with --resume on a live journal died on a UNIQUE constraint (a traceback), and with
+    --overwrite deleted it under the first, which then reported a journal holding the other search."""
+    from safemerge.search.journal import Journal, Score
+
+    live = Journal.open(tmp_path / "j.sqlite", identity={"a": 1})
+    live.append(0, params={"w": 1}, config={}, score=Score(1.0, 2.0, 1.5), seconds=0.1)
+    for kw in ({"resume": True}, {"overwrite": True}):
+        with pytest.raises(ConfigError, match=r"j.sqlite: another search is using this journal"):
+            Journal.open(tmp_path / "j.sqlite", identity={"a": 1}, **kw)
+    live.close()
+    with Journal.open(tmp_path / "j.sqlite", identity={"a": 1}, resume=True) as again:  # free once the first is done
+        assert len(again) == 1
 
 
 def test_a_candidate_whose_loss_is_nan_is_journaled_and_ranked_last(tiny_family, tmp_path):
@@ -378,3 +412,16 @@ def test_cma_stopping_early_is_said(tiny_family, tmp_path):
         with pytest.warns(UserWarning, match=r"CMA-ES stopped after \d+ of 50 generations: .*(tolflatfitness|tolfun)"):
             idx, _, _ = cmaes(SearchSpace(task_config(tiny_family)), evals, steps=50, seed=0, popsize=4)
         assert idx == 0 and 1 < evals.next < 1 + 50 * 4
+
+
+def test_a_store_inside_out_and_an_empty_out_are_refused_at_once(tiny_family, family_data, tmp_path, monkeypatch):
+    """Review: a --store inside OUT failed only after the whole search (and --overwrite deleted it with the old
+    output); an empty OUT meant the working folder."""
+    kw = dict(optimizer="grid", steps=1, safety_data=family_data["safety"], domain_data=family_data["domain"],
+              progress=False, audit=False)
+    with pytest.raises(ConfigError, match=r"contains the results store .*store.sqlite; move the results store out"):
+        search(task_config(tiny_family), tmp_path / "o", store=tmp_path / "o" / "store.sqlite", **kw)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="OUT is empty"):
+        search(task_config(tiny_family), "", **kw)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

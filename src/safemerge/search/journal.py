@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import math
 import sqlite3
 import time
@@ -81,9 +82,10 @@ def _is_journal(path: Path) -> bool:
 class Journal:
     """An open journal file. Use `Journal.open(...)`; close it (or use it as a context manager)."""
 
-    def __init__(self, path: Path, conn: sqlite3.Connection, *, created: bool = False):
+    def __init__(self, path: Path, conn: sqlite3.Connection, *, created: bool = False, lock: int | None = None):
         self.path = path
         self._conn = conn
+        self._lock = lock  # a file descriptor holding an exclusive flock on the journal while this run uses it
         self.created = created  # this run made the file (it was not there, or --overwrite removed it)
         self._rows: dict[int, Entry] = {e.idx: e for e in self._read()}
 
@@ -104,11 +106,15 @@ class Journal:
         if path.exists() and not _is_journal(path):
             raise ConfigError(f"{path}: is not a search journal (not an SQLite file, or one with other tables); it is "
                               "left alone: name a new file with --journal, or remove this one")
+        held = _lock(path) if path.exists() else None  # another search using it: refused before anything changes
         if path.exists() and not resume:
             if not overwrite:
+                _unlock(held)
                 raise OutputExistsError(f"{path}: a search journal is already there; pass --resume to continue that "
                                         "search, or --overwrite to start it again")
             _remove(path)
+            _unlock(held)
+            held = None
         if resume and not path.exists():
             warnings.warn(f"{path}: no search journal to resume; the search starts from the beginning (a journal sits "
                           "beside the output as OUT.journal.sqlite unless --journal names another)", UserWarning, stacklevel=3)
@@ -116,11 +122,16 @@ class Journal:
         created = not path.exists()
         try:
             conn = sqlite3.connect(path, timeout=30, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA journal_mode=WAL")  # (the file exists from here on)
+            held = held if held is not None else _lock(path)
             conn.execute("PRAGMA synchronous=FULL")
             conn.executescript(_SCHEMA)
         except sqlite3.DatabaseError as e:
+            _unlock(held)
             raise ConfigError(f"{path}: cannot be opened as a search journal ({e}); name another file with --journal") from None
+        except BaseException:
+            _unlock(held)
+            raise
         text = canonical(identity)
         digest = hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
         got = dict(conn.execute("SELECT key, value FROM meta").fetchall())
@@ -135,12 +146,13 @@ class Journal:
                 with conn:
                     conn.execute("BEGIN")
                     conn.executemany("UPDATE meta SET value = ? WHERE key = ?", [(text, "identity"), (digest, "hash")])
-                return cls(path, conn, created=created)
+                return cls(path, conn, created=created, lock=held)
             conn.close()
+            _unlock(held)
             fixed = [k for k in diff if k not in free]  # a free key (CMA-ES's steps) that also changed is no cause
             raise ConfigError(f"{path}: this journal belongs to a different search (it differs in: {', '.join(fixed)}); "
                               "resume with the same config, data and options, or start afresh with --overwrite (without --resume)")
-        return cls(path, conn, created=created)
+        return cls(path, conn, created=created, lock=held)
 
     def __enter__(self) -> "Journal":
         return self
@@ -155,6 +167,8 @@ class Journal:
 
     def close(self) -> None:
         self._conn.close()
+        _unlock(self._lock)
+        self._lock = None
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -195,6 +209,28 @@ def _real(x: float) -> float | None:
 
 def _float(x: float | None) -> float:
     return math.nan if x is None else float(x)
+
+
+def _lock(path: Path) -> int | None:
+    """An exclusive, non-blocking flock on the journal file (None where the platform has none); a ConfigError when
+    another search holds it: two searches appending to one journal collided, and --overwrite deleted a live one."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise ConfigError(f"{path}: another search is using this journal; wait for it to finish (or stop it), or give "
+                          "this search another OUT or --journal") from None
+    return fd
+
+
+def _unlock(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)  # closing the descriptor releases its flock
 
 
 def _remove(path: Path) -> None:

@@ -67,8 +67,14 @@ def load_pairs(path: str | os.PathLike, *, limit: int | None = None) -> PairSet:
     # rows split at newlines only: bytes.splitlines, not str's, which also splits at U+2028, U+2029 and U+0085 —
     # characters JSON may hold unescaped inside a string (`safemerge data` writes them as they are)
     body = raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw  # a UTF-8 byte-order mark, as the other readers skip it
+    if body.lstrip().startswith(b"["):
+        raise DataError(f"{p}: a JSON array; the search reads JSONL, one {{\"prompt\", \"response\"}} object per line "
+                        "(`jq -c '.[]' FILE > FILE.jsonl` converts it)")
     for i, line in enumerate(body.splitlines()):
-        line = line.decode("utf-8", errors="replace")
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError:  # was read with replacement characters, and scored so
+            raise DataError(f"{p}: line {i + 1} is not UTF-8 text; save the file as UTF-8") from None
         if not line.strip():
             continue
         try:
@@ -132,10 +138,19 @@ class Batches:
 
 def make_batches(tokenizer: Any, pairs: Sequence[Pair], *, batch_size: int = 16, max_length: int | None = None,
                  chat_template: bool = True) -> Batches:
-    """Tokenise every example once; long examples are cut from the left of the prompt to `max_length`."""
+    """Tokenise every example once; long examples are cut from the left of the prompt to `max_length`, and an answer
+    that does not fit even so loses its end (with a warning)."""
     encoded = [encode_pair(tokenizer, p, chat_template=chat_template) for p in pairs]
     if max_length is not None:
+        answers = [len(ids) - n for ids, n in encoded]
         encoded = [_fit(ids, n, max_length) for ids, n in encoded]
+        cut = sum(len(ids) - n < a for (ids, n), a in zip(encoded, answers))
+        if cut:
+            import warnings
+
+            warnings.warn(f"{cut} of {len(encoded)} examples have answers longer than max_length {max_length} leaves "
+                          "them, and are scored on their first tokens only (the end, with its end-of-turn token, is "
+                          "cut); give a larger --max-length (max_length=) or shorter answers", UserWarning, stacklevel=2)
         if any(n >= len(ids) for ids, n in encoded):
             raise ConfigError(f"max_length {max_length} leaves an example no answer token to score; give a larger "
                               "max_length (the default is 512)")

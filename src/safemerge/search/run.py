@@ -11,6 +11,7 @@ run keeps it; `resume=True` replays it and continues.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -138,6 +139,8 @@ def search(
     lam = check_lambda(lambda_)
     if optimizer not in OPTIMIZERS:
         raise ConfigError(f"--optimizer {optimizer!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
+    if not str(out).strip():  # Path("") is the working folder, which --overwrite would empty
+        raise ConfigError("OUT is empty; name the folder the best merge is written to")
     out = Path(out).expanduser().absolute()
     also = (" (with --resume, --overwrite keeps the journal and replaces the output with the resumed search's best; "
             "that is how a finished CMA-ES run goes on with more --steps)" if resume else "")
@@ -157,15 +160,15 @@ def search(
     files = _input_files(config, safety_data, domain_data, audit_prompts)
     check_apart(out, inputs)
     check_apart(out, files, kind="input file")  # --overwrite would delete a data file kept in OUT
+    if isinstance(store, (str, os.PathLike)):  # found at the end (the output folder holds other files), or deleted
+        check_apart(out, [Path(store).expanduser()], kind="results store")
     data = _data(safety_data, domain_data, lam, limit)
     audit_from = _audit_source(audit, audit_prompts, safety_data, audit_limit, audit_threshold, judge, judge_model)
     space = SearchSpace(cfg) if optimizer != "cocktail" else None
     if optimizer == "cocktail":
         check_cocktail_pool(cfg)
-        _cocktail_notes(cfg, steps=steps, popsize=popsize)
-    elif optimizer == "grid" and popsize is not None:
-        warnings.warn("--popsize does not apply to the grid search (--steps sets its points per dimension) and is "
-                      "ignored", UserWarning, stacklevel=2)
+        _cocktail_notes(cfg)
+    _ignored_options(optimizer, steps=steps, popsize=popsize, seed=seed, sigma0=sigma0, temperature=temperature)
     steps = _steps(optimizer, steps)
     journal_path = Path(journal).expanduser() if journal else out.with_name(out.name + ".journal.sqlite")
     check_apart(journal_path, inputs, what="the journal")
@@ -236,8 +239,16 @@ def _identity(cfg: MergeConfig, pool: dict[str, Checkpoint], *, optimizer, lam, 
         "data": {k: v["fingerprint"] for k, v in data.items()}, "limit": spec.limit, "batch_size": spec.batch_size,
         "max_length": spec.max_length, "device": spec.device,
         "models": {m: pool[m].fingerprint() for m in cfg.input_models()},
+        "model_config": _config_identity(pool[cfg.base_model or cfg.models[0].model].path),
         "tokenizer": _tokenizer_identity(cfg, pool),
     }
+
+
+def _config_identity(folder: Path) -> str | None:
+    """A hash of the config.json the scored model is built from (an edited rms_norm_eps changes every score, and the
+    weights' fingerprints do not cover it)."""
+    f = folder / "config.json"
+    return hashlib.blake2b(f.read_bytes(), digest_size=16).hexdigest() if f.is_file() else None
 
 
 def _tokenizer_identity(cfg: MergeConfig, pool: dict[str, Checkpoint]) -> str:
@@ -390,15 +401,29 @@ def _audit_card(audit: dict | None) -> str:
             f"| model | fingerprint | safe rate | prompts | |\n|---|---|---:|---:|---|\n{rows}")
 
 
-def _cocktail_notes(cfg: MergeConfig, *, steps: int | None, popsize: int | None) -> None:
-    """LM-Cocktail merges whole weights linearly and scores a fixed set of candidates: say what it ignores."""
+def _cocktail_notes(cfg: MergeConfig) -> None:
+    """LM-Cocktail merges whole weights linearly: say that the config's method is not used."""
     if cfg.merge_method != "linear":
         warnings.warn(f"LM-Cocktail merges whole weights linearly: the config's {cfg.merge_method} and its "
                       "parameters are not used (the result is a linear merge of the same models)", UserWarning, stacklevel=3)
-    unused = [flag for flag, v in (("--steps", steps), ("--popsize", popsize)) if v is not None]
-    if unused:
-        warnings.warn(f"{' and '.join(unused)} do not apply to LM-Cocktail (it scores each model alone, then their "
-                      "mixture) and are ignored", UserWarning, stacklevel=3)
+
+
+_USES = {"cmaes": ("steps", "popsize", "seed", "sigma0"), "grid": ("steps",), "cocktail": ("temperature",)}
+_WHAT = {"cmaes": "CMA-ES", "grid": "the grid search (--steps sets its points per dimension)",
+         "cocktail": "LM-Cocktail (it scores each model alone, then their mixture)"}
+
+
+def _ignored_options(optimizer: str, **given: Any) -> None:
+    """Warn of each option given (or not at its default) that the optimizer does not use: review, --seed, --sigma0
+    and --temperature were dropped without a word."""
+    defaults = {"seed": 0, "sigma0": DEFAULT_SIGMA0, "temperature": DEFAULT_TEMPERATURE}
+    flags = [f"--{k}" for k, v in given.items()
+             if k not in _USES[optimizer] and v is not None and (k not in defaults or v != defaults[k])]
+    if flags:
+        one = len(flags) == 1
+        dare = " (DARE's own seed is the config's `seed:`)" if "--seed" in flags else ""
+        warnings.warn(f"{' and '.join(flags)} {'does' if one else 'do'} not apply to {_WHAT[optimizer]} and "
+                      f"{'is' if one else 'are'} ignored{dare}", UserWarning, stacklevel=3)
 
 
 def _loss(x: float) -> str:

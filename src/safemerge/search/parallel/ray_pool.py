@@ -40,6 +40,22 @@ def gpu_share(device: str, gpus: float, workers: int, *, address: str) -> float:
     return 1.0 if gpus >= workers else 1.0 / math.ceil(workers / int(gpus))
 
 
+def check_reachable(address: str, timeout: float = 10.0) -> None:
+    """A HOST:PORT (or ray://HOST:PORT) address that nothing answers at is an error now: ray.init retried it for
+    minutes, printing only Ray's own connection lines. "auto" and other forms are left to Ray."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ConfigError(f"--ray-address {address}: no Ray cluster answers there ({e.strerror or e}); give the head "
+                          "node's HOST:PORT (`ray status` on it shows the cluster), or leave --ray-address out to "
+                          "start a local one") from None
+
+
 class RayScorer:
     """Scores candidates on `workers` Ray actors (1 CPU each, and a share of the GPUs with `--device cuda`)."""
 
@@ -54,6 +70,7 @@ class RayScorer:
             if address in ("local", ""):
                 kwargs["num_cpus"] = workers
             else:
+                check_reachable(address)
                 kwargs["address"] = address
             with sigterm_kept():  # Ray's own handler would exit at once, without the CLI's clean-up
                 ray.init(**kwargs)
