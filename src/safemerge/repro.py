@@ -182,7 +182,8 @@ def _searches(r: Repro) -> None:
             journal.parent.mkdir(parents=True, exist_ok=True)
             journal.unlink(missing_ok=True)  # the settings changed: start afresh
             search(cfg, path, optimizer=optimizer, safety_data=safety, domain_data=domain, lambda_=lam, steps=steps,
-                   seed=r.seed, limit=b["search_limit"], overwrite=True, progress=r.progress, journal=journal,
+                   seed=r.seed if optimizer == "cmaes" else 0,  # the others use none (and would warn of it)
+                   limit=b["search_limit"], overwrite=True, progress=r.progress, journal=journal,
                    audit=False)  # the reproduction audits the pool itself, on the held-out prompts
 
         path = r.make(name, method, {"optimizer": optimizer, "lambda": lam, "steps": steps}, run)
