@@ -45,6 +45,7 @@ def test_merge_and_mergealign_commands(tmp_path, tiny_family):
     saved = yaml.safe_load((tmp_path / "rel" / "mergekit_config.yml").read_text())
     assert (saved["base_model"], saved["models"][1]["model"]) == (str(tiny_family["base"]), str(tiny_family["aligned"]))
     assert saved["tokenizer_source"] == str(tiny_family["aligned"])
+    assert str(tiny_family["base"].parent) not in (tmp_path / "rel" / "README.md").read_text()  # the card: as written
     assert gc.isenabled()  # paused only while the engine is imported
     # -j and --shard-size as merge has them (mergealign had neither); the same tensors, in several shards
     r = runner.invoke(app, ["mergealign", str(tmp_path / "ma2"), "--base", str(tiny_family["base"]),

@@ -5,6 +5,7 @@ in the layout huggingface_hub writes (models--org--name/{refs/main, snapshots/<c
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -107,3 +108,31 @@ def test_evaluation_and_the_cli_resolve_hub_ids_too(hub, tiny_family, tmp_path):
                           "--no-progress"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert set(Checkpoint(tmp_path / "out").names()) == set(Checkpoint(tiny_family["base"]).names())
+
+
+def test_an_adapter_by_hub_id_on_a_stage_and_an_extraction_against_a_revision(tiny_family, tmp_path, monkeypatch):
+    """Review: multimerge read a hub-id adapter on an earlier stage's output as a local folder; extract-lora wrote
+    `org/name@rev` as base_model_name_or_path, which peft cannot load."""
+    from huggingface_hub import constants
+
+    from safemerge.extract import extract_lora
+
+    adapter = extract_lora(tiny_family["aligned"], tiny_family["base"], tmp_path / "made", rank=4, progress=False).path
+    cache = _cache(tmp_path / "hf-cache", {"acme/tiny-base": tiny_family["base"], "acme/tiny-expert": tiny_family["expert"],
+                                           "acme/tiny-adapter": adapter})
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    stages = [{"name": "soup", "merge_method": "linear", "dtype": "float32",
+               "models": [{"model": "acme/tiny-base", "parameters": {"weight": 1.0}},
+                          {"model": "acme/tiny-expert", "parameters": {"weight": 1.0}}]},
+              {"merge_method": "linear", "dtype": "float32", "models": [{"model": "soup+acme/tiny-adapter",
+                                                                         "parameters": {"weight": 1.0}}]}]
+    (tmp_path / "multi.yml").write_text(yaml.safe_dump_all(stages))
+    safemerge.multimerge(str(tmp_path / "multi.yml"), tmp_path / "final", intermediate_dir=tmp_path / "stages",
+                         progress=False)
+    assert (tmp_path / "final" / "model.safetensors").is_file()
+    out = extract_lora("acme/tiny-expert", "acme/tiny-base@main", tmp_path / "lora", rank=4, progress=False).path
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["base_model_name_or_path"], config["revision"]) == ("acme/tiny-base", "main")
+    assert "base_model: acme/tiny-base\n" in (out / "README.md").read_text()

@@ -42,6 +42,13 @@ def hub_reference(name: str | os.PathLike) -> tuple[str, str | None] | None:
     return None if isinstance(name, str) and Path(name).expanduser().exists() else _hub_parts(name)
 
 
+def hub_repo(name: str | os.PathLike) -> str | None:
+    """The repo id of a hub reference (`org/name`, `org/name@revision`), as a card's `base_model` names it; None for
+    a local path."""
+    hub = hub_reference(name)
+    return hub[0] if hub is not None else None
+
+
 def local_folder(name: str | os.PathLike, *, allow_pickle: bool = False, weights: bool = True) -> Path:
     """The local path of a model or adapter reference: the path as given where it exists or does not read as a hub
     id; else the hub repository's snapshot in the local Hugging Face cache, fetched first where a hub is reachable

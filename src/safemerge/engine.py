@@ -649,8 +649,9 @@ def _finish(tmp: Path, cfg: MergeConfig, plan: _Plan, *, tok_path: Path, title: 
                           f"{others[0]}` in the config (mergealign: --tokenizer-source {others[0]}) to take that model's",
                           stacklevel=3)
     copy_custom_code(tmp, [tok_path, plan.reference.path])  # config.json's auto_map names them (trust_remote_code)
-    as_yaml = absolute_refs(cfg.to_yaml_dict())  # a path relative to the working folder: from any folder
-    (tmp / "mergekit_config.yml").write_text(yaml.safe_dump(as_yaml, sort_keys=False))
+    as_yaml = cfg.to_yaml_dict()  # the card shows it as written (absolute paths could name a user's folders)
+    reproducible = absolute_refs(as_yaml)  # a path relative to the working folder: from any folder
+    (tmp / "mergekit_config.yml").write_text(yaml.safe_dump(reproducible, sort_keys=False))
     inputs = [{"model": m, "fingerprint": c.fingerprint()} for m, c in plan.models.items()]
     write_model_card(tmp, base_model=cfg.base_model, merge_config=as_yaml, inputs=inputs,
                      title=title or f"{cfg.merge_method} merge", extra=card_extra)

@@ -199,7 +199,7 @@ def extract_lora(
     top = max(result.ranks.values(), default=rank)
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM" if _causal(fine) else None,
-        "base_model_name_or_path": str(base), "r": top, "lora_alpha": top,
+        **_base_fields(base), "r": top, "lora_alpha": top,
         "target_modules": list(factors) or None, "modules_to_save": result.whole or None,
         "rank_pattern": {re.escape(n): k for n, k in result.ranks.items() if k != top},
         "alpha_pattern": {re.escape(n): k for n, k in result.ranks.items() if k != top},
@@ -322,12 +322,22 @@ def _causal(ckpt) -> bool:
     return str((ckpt.config.get("architectures") or [""])[0]).endswith("ForCausalLM")
 
 
+def _base_fields(base: str | os.PathLike) -> dict:
+    """adapter_config.json's base: a hub id `org/name@rev` as peft records one (the id, and `revision`)."""
+    from safemerge._hf import hub_reference
+
+    hub = hub_reference(str(base))
+    if hub is not None and hub[1] is not None:
+        return {"base_model_name_or_path": hub[0], "revision": hub[1]}
+    return {"base_model_name_or_path": str(base)}
+
+
 def _card(out: Path, *, model: str, base: str, result: Extraction, rank: int, svd: str) -> None:
-    from safemerge._hf import is_hub_id
+    from safemerge._hf import hub_repo
 
     front: dict = {"library_name": "peft", "tags": ["safemerge", "lora", "extracted-lora"]}
-    if is_hub_id(base):  # the hub reads base_model as a hub id: a local path stays in the text below
-        front = {"base_model": base, **front}
+    if hub_repo(str(base)):  # the hub reads base_model as a hub id: a local path stays in the text below
+        front = {"base_model": hub_repo(str(base)), **front}
     ranks = sorted(set(result.ranks.values()))
     text = (f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n# LoRA extracted from `{model}`\n\n"
             f"The change of `{model}` from `{base}`, extracted with [safemerge](https://github.com/safemerge/safemerge) "

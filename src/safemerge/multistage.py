@@ -240,8 +240,10 @@ def _check_inputs(stages: list[Stage], stage_dirs: set[str], allow_pickle: bool)
             if folder not in stage_dirs:
                 outside += open_model(m, allow_pickle=allow_pickle).folders
             elif adapter is not None:
-                read_adapter_config(Path(adapter).expanduser())
-                outside.append(Path(adapter).expanduser())
+                from safemerge._hf import local_folder
+
+                read_adapter_config(local_folder(adapter))  # a hub id: its snapshot in the local HF cache
+                outside.append(local_folder(adapter))
         tok = s.config.vocab_source
         if tok is not None and tok not in stage_dirs:
             try:

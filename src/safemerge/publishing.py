@@ -57,9 +57,10 @@ class Evaluations:
 
 
 def stored_evaluations(model: str | os.PathLike, *, store: ResultsStore | str | os.PathLike | None = None,
-                       remember: bool = True) -> Evaluations:
+                       remember: bool = True, need_store: bool = True) -> Evaluations:
     """Every stored safety and domain evaluation of MODEL's weights, config, tokenizer and chat template.
-    `remember=False` (the dry runs) writes nothing, not even the store's fingerprint cache."""
+    `remember=False` (the dry runs) writes nothing, not even the store's fingerprint cache. `need_store=False` (a
+    publish with --allow-unsafe) reads no default store that is not there as none."""
     from safemerge.evaluate.loading import model_ref
 
     from safemerge.store import default_store_path
@@ -68,7 +69,7 @@ def stored_evaluations(model: str | os.PathLike, *, store: ResultsStore | str | 
     if isinstance(store, (str, os.PathLike)) and not Path(store).expanduser().is_file():
         raise SafemergeError(f"--store {store}: no results store there; pass the store that holds the evaluations "
                              "(the --store of `safemerge eval`, else $SAFEMERGE_HOME/results.sqlite or ./.safemerge/results.sqlite)")
-    if store is None and not default_store_path().is_file():  # run from another folder: a card of no evaluations
+    if need_store and store is None and not default_store_path().is_file():  # elsewhere: a card of no evaluations
         raise SafemergeError(f"no results store at {default_store_path()} ($SAFEMERGE_HOME/results.sqlite, else "
                              "./.safemerge/results.sqlite in the current folder); run this where `safemerge eval` ran, "
                              "set SAFEMERGE_HOME, or pass --store")
@@ -150,7 +151,7 @@ def publish(
     ignore = UPLOAD_IGNORE + _store_patterns(path, store)
     files = [f for f in _upload_files(path, ignore) if f["path"] != "README.md"]
     _check_stray_weights(path, files, own)
-    ev = stored_evaluations(path, store=store, remember=not dry_run)
+    ev = stored_evaluations(path, store=store, remember=not dry_run, need_store=not allow_unsafe)
     gate = _gate(ev, min_safety=min_safety, safety_data=safety_data)
     if not gate["checked"]:
         _check_safety_data(safety_data)  # no evaluation matched: a missing file is the likelier story

@@ -242,11 +242,11 @@ def write_model_card(
 ) -> None:
     """README.md: front matter (base_model, tags), the merge config as YAML and every input's fingerprint.
     The hub reads `base_model` as a hub id, so a local path stays out of it (it is in the inputs table)."""
-    from safemerge._hf import is_hub_id
+    from safemerge._hf import hub_repo
 
     front: dict[str, Any] = {"tags": ["merge", "safemerge"], "library_name": "transformers"}
-    if base_model and is_hub_id(base_model):
-        front["base_model"] = base_model
+    if base_model and hub_repo(base_model):
+        front["base_model"] = hub_repo(base_model)
     rows = "\n".join(f"| `{i['model']}` | `{i['fingerprint']}` |" for i in inputs)
     card = (
         f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n# {title}\n\n"

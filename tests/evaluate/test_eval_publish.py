@@ -247,6 +247,8 @@ def test_dry_runs_write_nothing_to_a_results_store_either(model, prompts_file, s
         update_card(model, dry_run=True)
     with pytest.raises(SafemergeError, match="no results store at"):
         publish(model, "me/m", dry_run=True)
+    # ... except for a publish that asks to go ahead unevaluated (review: --allow-unsafe stopped working)
+    assert not publish(model, "me/m", dry_run=True, allow_unsafe=True)["gate"]["passed"]
     assert not (tmp_path / ".safemerge").exists()
     _safety(model, prompts_file, store)
     shutil.copytree(model, tmp_path / "copy")  # the same weights under another path: a new fingerprint-cache entry

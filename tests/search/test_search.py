@@ -341,6 +341,15 @@ def test_a_journal_in_use_by_another_search_is_refused_and_left_alone(tmp_path):
     live.close()
     with Journal.open(tmp_path / "j.sqlite", identity={"a": 1}, resume=True) as again:  # free once the first is done
         assert len(again) == 1
+    # a key added to the identity since the journal was written (model_config) does not block its resume
+    with Journal.open(tmp_path / "j.sqlite", identity={"a": 1, "model_config": "c"}, resume=True) as again:
+        assert len(again) == 1
+    with pytest.raises(ConfigError, match=r"differs in: model_config\)"):  # once recorded, it counts
+        Journal.open(tmp_path / "j.sqlite", identity={"a": 1, "model_config": "d"}, resume=True)
+    with pytest.raises(ConfigError, match=r"differs in: a\)"):
+        Journal.open(tmp_path / "j.sqlite", identity={"a": 2, "model_config": "c"}, resume=True)
+    with Journal.open(tmp_path / "j.sqlite", identity={"a": 1, "model_config": "c"}, resume=True):  # not left locked
+        pass
 
 
 def test_a_candidate_whose_loss_is_nan_is_journaled_and_ranked_last(tiny_family, tmp_path):

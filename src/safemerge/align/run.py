@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from safemerge._args import check_arguments
-from safemerge._hf import local_folder, quiet_transformers
+from safemerge._hf import hub_repo, local_folder, quiet_transformers
 from safemerge.align import _trl
 from safemerge.align.card import model_label, write_card
 from safemerge.align.data import PreferenceDataError, as_chat, is_chat, load_preferences
@@ -117,7 +117,7 @@ def align(
                 bar.close()
         train_s = time.perf_counter() - t0
         _save(outcome.model, tmp, src=src, tokenizer_source=tok_src, config=ckpt.config, dtype=out_dtype)
-        run = _record(ckpt, data, pairs, settings, outcome, use_chat=use_chat, device=device, bf16=bf16,
+        run = _record(ckpt, data, pairs, settings, outcome, given=str(model), use_chat=use_chat, device=device, bf16=bf16,
                       dtype=out_dtype, max_length=length, train_s=train_s, wall_s=time.perf_counter() - started)
         (tmp / "adapter" / RUN_RECORD).write_text(json.dumps(run, indent=2) + "\n")
         write_card(tmp, run)
@@ -273,7 +273,7 @@ def _save(peft_model, tmp: Path, *, src: Path, tokenizer_source: Path, config: d
         shutil.rmtree(trainer_dir)
 
 
-def _record(ckpt, data, pairs, s: AlignSettings, outcome, *, use_chat, device, bf16, dtype, max_length,
+def _record(ckpt, data, pairs, s: AlignSettings, outcome, *, given: str, use_chat, device, bf16, dtype, max_length,
             train_s, wall_s) -> dict:
     import peft
     import transformers
@@ -281,7 +281,7 @@ def _record(ckpt, data, pairs, s: AlignSettings, outcome, *, use_chat, device, b
     losses = [h["loss"] for h in outcome.history if "loss" in h]
     settings = s.as_dict() | {"max_length": max_length, "chat": use_chat}
     return {
-        "model": ckpt.reference,
+        "model": given if hub_repo(split_reference(given)[0]) else ckpt.reference,  # a hub id as given, not its snapshot
         "fingerprint": ckpt.fingerprint(),
         "data": {"source": str(data) if not isinstance(data, list) else "<list>", "fingerprint": _data_digest(data),
                  "pairs": len(pairs), "trained_pairs": outcome.trained_pairs, "chat": use_chat},

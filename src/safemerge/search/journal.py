@@ -16,6 +16,7 @@ Tables:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -120,18 +121,31 @@ class Journal:
                           "beside the output as OUT.journal.sqlite unless --journal names another)", UserWarning, stacklevel=3)
         path.parent.mkdir(parents=True, exist_ok=True)
         created = not path.exists()
+        conn = None
         try:
             conn = sqlite3.connect(path, timeout=30, isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")  # (the file exists from here on)
             held = held if held is not None else _lock(path)
             conn.execute("PRAGMA synchronous=FULL")
             conn.executescript(_SCHEMA)
-        except sqlite3.DatabaseError as e:
+        except BaseException as e:
+            if conn is not None:
+                conn.close()
             _unlock(held)
-            raise ConfigError(f"{path}: cannot be opened as a search journal ({e}); name another file with --journal") from None
-        except BaseException:
+            if isinstance(e, sqlite3.DatabaseError):
+                raise ConfigError(f"{path}: cannot be opened as a search journal ({e}); name another file with "
+                                  "--journal") from None
+            raise
+        try:
+            return cls._checked(path, conn, identity, free, created=created, lock=held)
+        except BaseException:  # a damaged meta row, another search's journal: neither connection nor lock is kept
+            conn.close()
             _unlock(held)
             raise
+
+    @classmethod
+    def _checked(cls, path: Path, conn: sqlite3.Connection, identity: dict[str, Any], free: tuple[str, ...], *,
+                 created: bool, lock: int | None) -> "Journal":
         text = canonical(identity)
         digest = hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
         got = dict(conn.execute("SELECT key, value FROM meta").fetchall())
@@ -142,17 +156,16 @@ class Journal:
         elif got.get("hash") != digest:
             old = json.loads(got.get("identity", "{}"))
             diff = sorted(k for k in set(old) | set(identity) if canonical(old.get(k)) != canonical(identity.get(k)))
+            free = (*free, *(k for k in diff if k not in old))  # a key added since a journal was written (model_config)
             if diff and all(k in free for k in diff):
                 with conn:
                     conn.execute("BEGIN")
                     conn.executemany("UPDATE meta SET value = ? WHERE key = ?", [(text, "identity"), (digest, "hash")])
-                return cls(path, conn, created=created, lock=held)
-            conn.close()
-            _unlock(held)
+                return cls(path, conn, created=created, lock=lock)
             fixed = [k for k in diff if k not in free]  # a free key (CMA-ES's steps) that also changed is no cause
             raise ConfigError(f"{path}: this journal belongs to a different search (it differs in: {', '.join(fixed)}); "
                               "resume with the same config, data and options, or start afresh with --overwrite (without --resume)")
-        return cls(path, conn, created=created, lock=held)
+        return cls(path, conn, created=created, lock=lock)
 
     def __enter__(self) -> "Journal":
         return self
@@ -221,8 +234,10 @@ def _lock(path: Path) -> int | None:
     fd = os.open(path, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as e:
         os.close(fd)
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):  # a file system without flock (ENOLCK): run unlocked
+            return None
         raise ConfigError(f"{path}: another search is using this journal; wait for it to finish (or stop it), or give "
                           "this search another OUT or --journal") from None
     return fd
