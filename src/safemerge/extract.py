@@ -238,13 +238,12 @@ def _check_same(fine, ref) -> None:
             raise CheckpointError(f"{where.path} has {shown}, which {other.path} does not: is {ref.path} the base "
                                   f"{fine.path} was fine-tuned from?")
     for n in sorted(mine):
-        if tuple(fine.shape(n)) != tuple(ref.shape(n)):
-            a, b = tuple(fine.shape(n)), tuple(ref.shape(n))
+        a, b = tuple(fine.shape(n)), tuple(ref.shape(n))
+        if a != b:
             vocab = ("embed" in n or "lm_head" in n or "wte" in n) and a[1:] == b[1:]  # rows differ, the width is one
             hint = (" (the fine-tune resized its vocabulary: a LoRA adapter cannot add rows; resize the base's "
                     "embeddings to the same tokenizer first)") if vocab else " (models of other sizes: is it the base?)"
-            raise CheckpointError(f"tensor {n!r}: {list(fine.shape(n))} in {fine.path} but {list(ref.shape(n))} in "
-                                  f"{ref.path}{hint}")
+            raise CheckpointError(f"tensor {n!r}: {list(a)} in {fine.path} but {list(b)} in {ref.path}{hint}")
 
 
 def _modules(ckpt) -> list[_Module]:
@@ -336,8 +335,8 @@ def _card(out: Path, *, model: str, base: str, result: Extraction, rank: int, sv
     from safemerge._hf import hub_repo
 
     front: dict = {"library_name": "peft", "tags": ["safemerge", "lora", "extracted-lora"]}
-    if hub_repo(str(base)):  # the hub reads base_model as a hub id: a local path stays in the text below
-        front = {"base_model": hub_repo(str(base)), **front}
+    if repo := hub_repo(str(base)):  # the hub reads base_model as a hub id: a local path stays in the text below
+        front = {"base_model": repo, **front}
     ranks = sorted(set(result.ranks.values()))
     text = (f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n# LoRA extracted from `{model}`\n\n"
             f"The change of `{model}` from `{base}`, extracted with [safemerge](https://github.com/safemerge/safemerge) "

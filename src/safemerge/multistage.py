@@ -242,8 +242,9 @@ def _check_inputs(stages: list[Stage], stage_dirs: set[str], allow_pickle: bool)
             elif adapter is not None:
                 from safemerge._hf import local_folder
 
-                read_adapter_config(local_folder(adapter))  # a hub id: its snapshot in the local HF cache
-                outside.append(local_folder(adapter))
+                folder = local_folder(adapter)  # a hub id: its snapshot in the local HF cache
+                read_adapter_config(folder)
+                outside.append(folder)
         tok = s.config.vocab_source
         if tok is not None and tok not in stage_dirs:
             try:

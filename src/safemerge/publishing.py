@@ -62,22 +62,23 @@ def stored_evaluations(model: str | os.PathLike, *, store: ResultsStore | str | 
     `remember=False` (the dry runs) writes nothing, not even the store's fingerprint cache. `need_store=False` (a
     publish with --allow-unsafe) reads no default store that is not there as none."""
     from safemerge.evaluate.loading import model_ref
-
     from safemerge.store import default_store_path
 
     path = _model_dir(model)
-    if isinstance(store, (str, os.PathLike)) and not Path(store).expanduser().is_file():
-        raise SafemergeError(f"--store {store}: no results store there; pass the store that holds the evaluations "
-                             "(the --store of `safemerge eval`, else $SAFEMERGE_HOME/results.sqlite or ./.safemerge/results.sqlite)")
-    if need_store and store is None and not default_store_path().is_file():  # elsewhere: a card of no evaluations
-        raise SafemergeError(f"no results store at {default_store_path()} ($SAFEMERGE_HOME/results.sqlite, else "
-                             "./.safemerge/results.sqlite in the current folder); run this where `safemerge eval` ran, "
-                             "set SAFEMERGE_HOME, or pass --store")
     if isinstance(store, (str, os.PathLike)):
-        with open(Path(store).expanduser(), "rb") as f:
+        given = Path(store).expanduser()
+        if not given.is_file():
+            raise SafemergeError(f"--store {store}: no results store there; pass the store that holds the evaluations "
+                                 "(the --store of `safemerge eval`, else $SAFEMERGE_HOME/results.sqlite or "
+                                 "./.safemerge/results.sqlite)")
+        with open(given, "rb") as f:
             if f.read(16) != b"SQLite format 3\0":  # an empty file would be made a store, even by a dry run
                 raise SafemergeError(f"--store {store}: not a results store (an SQLite file); pass the --store of "
                                      "`safemerge eval`")
+    elif need_store and store is None and not default_store_path().is_file():  # elsewhere: a card of no evaluations
+        raise SafemergeError(f"no results store at {default_store_path()} ($SAFEMERGE_HOME/results.sqlite, else "
+                             "./.safemerge/results.sqlite in the current folder); run this where `safemerge eval` ran, "
+                             "set SAFEMERGE_HOME, or pass --store")
     db = open_store(store)
     ref = model_ref(path, store=db, remember=remember)
     ident = ref.identity()

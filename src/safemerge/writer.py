@@ -245,8 +245,8 @@ def write_model_card(
     from safemerge._hf import hub_repo
 
     front: dict[str, Any] = {"tags": ["merge", "safemerge"], "library_name": "transformers"}
-    if base_model and hub_repo(base_model):
-        front["base_model"] = hub_repo(base_model)
+    if base_model and (repo := hub_repo(base_model)):
+        front["base_model"] = repo
     rows = "\n".join(f"| `{i['model']}` | `{i['fingerprint']}` |" for i in inputs)
     card = (
         f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n# {title}\n\n"

@@ -26,8 +26,8 @@ def write_card(out_dir: Path, run: dict[str, Any]) -> None:
     s, t, env = run["settings"], run["training"], run["environment"]
     method = s["method"]
     front = {"tags": ["safemerge", method, "lora"], "library_name": "transformers"}
-    if hub_repo(run["model"]):  # the hub reads base_model as a hub id; a local path is in the text below
-        front = {"base_model": hub_repo(run["model"]), **front}
+    if repo := hub_repo(run["model"]):  # the hub reads base_model as a hub id; a local path is in the text below
+        front = {"base_model": repo, **front}
     settings = {k: v for k, v in s.items() if k != "method"}
     card = (
         f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n"

@@ -337,6 +337,19 @@ def _read_file(path: Path, *, split: str | None) -> tuple[list[dict], str, str]:
     return rows, str(path), digest
 
 
+def jsonl_lines(path: Path, raw: bytes) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each non-blank line of a JSONL file's bytes, split at newlines only (bytes.splitlines:
+    str's also splits at U+2028, U+2029 and U+0085, which JSON may hold unescaped inside a string); a line that is
+    not UTF-8 is a DataError naming it."""
+    for i, line in enumerate(raw.splitlines()):
+        if not line.strip():
+            continue
+        try:
+            yield i + 1, line.decode("utf-8")
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: line {i + 1} is not UTF-8 text; save the file as UTF-8") from None
+
+
 def _json_rows(path: Path, raw: bytes, *, lines: bool) -> list[dict]:
     """A JSON array of objects, one object (one row), or (any JSON name, as `datasets` reads it) one object per
     line."""

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from safemerge._progress import transient_progress
 from safemerge.checkpoint import atomic_write, check_output_file
-from safemerge.data.loaders import DataError, load_prompts
+from safemerge.data.loaders import DataError, jsonl_lines, load_prompts
 from safemerge.evaluate.loading import check_batch_size, same_model_key
 from safemerge.naming import first_repeat
 
@@ -358,20 +358,14 @@ def _example_questions(path: str | os.PathLike) -> tuple[list[str], str]:
     if not p.is_file():
         raise DataError(f"{p}: no such file; pass the domain's validation JSONL (rows with a 'question' field)")
     out = []
-    for i, line in enumerate(p.read_bytes().splitlines()):  # at newlines only, as load_pairs reads
-        if not line.strip():
-            continue
-        try:
-            line = line.decode("utf-8")
-        except UnicodeDecodeError:
-            raise DataError(f"{p}: line {i + 1} is not UTF-8 text; save the file as UTF-8") from None
+    for n, line in jsonl_lines(p, p.read_bytes()):  # as load_pairs reads
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            raise DataError(f"{p}: line {i + 1} is not JSON; the file must be JSONL") from None
+            raise DataError(f"{p}: line {n} is not JSON; the file must be JSONL") from None
         text = row.get("question", row.get("prompt")) if isinstance(row, dict) else None
         if not isinstance(text, str) or not text.strip():
-            raise DataError(f"{p}: line {i + 1} has no 'question' (or 'prompt') text; every row needs one")
+            raise DataError(f"{p}: line {n} has no 'question' (or 'prompt') text; every row needs one")
         out.append(text.strip())
     if not out:
         raise DataError(f"{p}: the file has no rows")

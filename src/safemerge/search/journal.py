@@ -128,19 +128,14 @@ class Journal:
             held = held if held is not None else _lock(path)
             conn.execute("PRAGMA synchronous=FULL")
             conn.executescript(_SCHEMA)
-        except BaseException as e:
+            return cls._checked(path, conn, identity, free, created=created, lock=held)
+        except BaseException as e:  # another search's journal, a damaged one: neither connection nor lock is kept
             if conn is not None:
                 conn.close()
             _unlock(held)
             if isinstance(e, sqlite3.DatabaseError):
                 raise ConfigError(f"{path}: cannot be opened as a search journal ({e}); name another file with "
                                   "--journal") from None
-            raise
-        try:
-            return cls._checked(path, conn, identity, free, created=created, lock=held)
-        except BaseException:  # a damaged meta row, another search's journal: neither connection nor lock is kept
-            conn.close()
-            _unlock(held)
             raise
 
     @classmethod

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from safemerge.data.loaders import DataError
+from safemerge.data.loaders import DataError, jsonl_lines
 from safemerge.errors import ConfigError
 from safemerge.evaluate.loglik import last_logits
 
@@ -64,26 +64,18 @@ def load_pairs(path: str | os.PathLike, *, limit: int | None = None) -> PairSet:
         raise DataError(f"{p}: {what}; pass a JSONL file of {{\"prompt\", \"response\"}} rows")
     raw = p.read_bytes()
     pairs = []
-    # rows split at newlines only: bytes.splitlines, not str's, which also splits at U+2028, U+2029 and U+0085 —
-    # characters JSON may hold unescaped inside a string (`safemerge data` writes them as they are)
     body = raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw  # a UTF-8 byte-order mark, as the other readers skip it
     if body.lstrip().startswith(b"["):
         raise DataError(f"{p}: a JSON array; the search reads JSONL, one {{\"prompt\", \"response\"}} object per line "
                         "(`jq -c '.[]' FILE > FILE.jsonl` converts it)")
-    for i, line in enumerate(body.splitlines()):
-        try:
-            line = line.decode("utf-8")
-        except UnicodeDecodeError:  # was read with replacement characters, and scored so
-            raise DataError(f"{p}: line {i + 1} is not UTF-8 text; save the file as UTF-8") from None
-        if not line.strip():
-            continue
+    for n, line in jsonl_lines(p, body):  # (`safemerge data` writes U+2028 and the like unescaped)
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{p}: line {i + 1} is not JSON ({e.msg}); the file must be JSONL, one object per line") from None
+            raise DataError(f"{p}: line {n} is not JSON ({e.msg}); the file must be JSONL, one object per line") from None
         missing = [k for k in ("prompt", "response") if not isinstance(row, dict) or not isinstance(row.get(k), str)]
         if missing:
-            raise DataError(f"{p}: line {i + 1} has no text {' or '.join(map(repr, missing))} field; every row needs "
+            raise DataError(f"{p}: line {n} has no text {' or '.join(map(repr, missing))} field; every row needs "
                             "\"prompt\" and \"response\" strings (make them with `safemerge data safety|domain`)")
         pairs.append(Pair(row["prompt"], row["response"]))
     if not pairs:

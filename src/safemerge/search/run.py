@@ -11,7 +11,6 @@ run keeps it; `resume=True` replays it and continues.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -230,25 +229,21 @@ def _identity(cfg: MergeConfig, pool: dict[str, Checkpoint], *, optimizer, lam, 
     """What defines a run's sequence of candidates and scores (the journal checks it on resume).
 
     Not included: workers, Ray and threads, which do not change the scores."""
+    from safemerge.evaluate.loading import side_files_digest
+
+    used = _USES[optimizer]  # what an optimizer ignores must not block a resume
     return {
         "version": JOURNAL_VERSION, "config": cfg.to_yaml_dict(), "optimizer": optimizer, "lambda": lam,
-        "seed": seed if optimizer == "cmaes" else None,  # what an optimizer ignores must not block a resume
-        "steps": steps, "popsize": popsize if optimizer == "cmaes" else None,
-        "sigma0": sigma0 if optimizer == "cmaes" else None,
-        "temperature": temperature if optimizer == "cocktail" else None,
+        "seed": seed if "seed" in used else None, "steps": steps, "popsize": popsize if "popsize" in used else None,
+        "sigma0": sigma0 if "sigma0" in used else None, "temperature": temperature if "temperature" in used else None,
         "data": {k: v["fingerprint"] for k, v in data.items()}, "limit": spec.limit, "batch_size": spec.batch_size,
         "max_length": spec.max_length, "device": spec.device,
         "models": {m: pool[m].fingerprint() for m in cfg.input_models()},
-        "model_config": _config_identity(pool[cfg.base_model or cfg.models[0].model].path),
+        # the config.json the candidates are built as (an edited rms_norm_eps changes every score)
+        "model_config": side_files_digest(pool[cfg.base_model or cfg.models[0].model].path, ("config.json",)),
         "tokenizer": _tokenizer_identity(cfg, pool),
     }
 
-
-def _config_identity(folder: Path) -> str | None:
-    """A hash of the config.json the scored model is built from (an edited rms_norm_eps changes every score, and the
-    weights' fingerprints do not cover it)."""
-    f = folder / "config.json"
-    return hashlib.blake2b(f.read_bytes(), digest_size=16).hexdigest() if f.is_file() else None
 
 
 def _tokenizer_identity(cfg: MergeConfig, pool: dict[str, Checkpoint]) -> str:
@@ -417,8 +412,7 @@ def _ignored_options(optimizer: str, **given: Any) -> None:
     """Warn of each option given (or not at its default) that the optimizer does not use: review, --seed, --sigma0
     and --temperature were dropped without a word."""
     defaults = {"seed": 0, "sigma0": DEFAULT_SIGMA0, "temperature": DEFAULT_TEMPERATURE}
-    flags = [f"--{k}" for k, v in given.items()
-             if k not in _USES[optimizer] and v is not None and (k not in defaults or v != defaults[k])]
+    flags = [f"--{k}" for k, v in given.items() if k not in _USES[optimizer] and v not in (None, defaults.get(k))]
     if flags:
         one = len(flags) == 1
         dare = " (DARE's own seed is the config's `seed:`)" if "--seed" in flags else ""
